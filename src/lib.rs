@@ -1,0 +1,3 @@
+//! trainyard: declarative, fingerprinted language-model training pipelines.
+//!
+//! The library owns everything; `main.rs` is a thin clap layer over [`cli`].
