@@ -1,3 +1,15 @@
 //! trainyard: declarative, fingerprinted language-model training pipelines.
 //!
-//! The library owns everything; `main.rs` is a thin clap layer over [`cli`].
+//! Data flows `config` → `dag` → `fingerprint`/`hashing`/`store` → `executor` →
+//! `stages`, with `runs` recording each run; `cli` is a thin clap layer over all of it.
+
+pub mod cli;
+pub mod config;
+pub mod dag;
+pub mod executor;
+pub mod fingerprint;
+pub mod hashing;
+pub mod interrupt;
+pub mod runs;
+pub mod stages;
+pub mod store;

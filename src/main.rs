@@ -1,3 +1,3 @@
-fn main() {
-    println!("trainyard");
+fn main() -> std::process::ExitCode {
+    trainyard::cli::main()
 }

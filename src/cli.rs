@@ -1,0 +1,303 @@
+//! The command line: a thin clap layer over the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, LoadOptions, ResolvedPipeline};
+use crate::dag::{self, DagFormat};
+use crate::executor::{self, Outcome, RunOptions, StageStatus};
+use crate::interrupt::CancelFlag;
+use crate::store::Workspace;
+
+/// Declarative, fingerprinted language-model training pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "trainyard", version, about)]
+pub struct Cli {
+    /// Workspace root: holds `.trainyard/` (the store) and `runs/`. Defaults to the
+    /// current directory.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline; only stages whose fingerprint has no finished output run.
+    Run(RunArgs),
+    /// Show, per stage, `cached` or `will run` and why.
+    Status(PipelineArgs),
+    /// Print the stage graph.
+    Dag {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: DagFormat,
+    },
+    /// Print every resolved setting with where it came from.
+    Resolve {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Print JSON (`values` and `origins`) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the JSON schema of pipeline files.
+    Schema {
+        /// Write it to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// List the stage kinds.
+    Kinds,
+    /// List the profiles available to a pipeline, with their descriptions.
+    Profiles {
+        /// The pipeline file.
+        file: PathBuf,
+    },
+}
+
+/// A pipeline file and how to resolve it.
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// The pipeline file (YAML or TOML).
+    pub file: PathBuf,
+    /// Profiles to apply, in order (`--profile dev,cpu` or repeated).
+    #[arg(long, short, value_name = "NAME")]
+    pub profile: Vec<String>,
+    /// Override a setting: `--set stages.train.with.steps=100` (repeatable; wins over all).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// `trainyard run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Rerun this stage even if cached (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// Rerun every stage.
+    #[arg(long)]
+    pub force_all: bool,
+    /// Run only this stage; its upstream stages must already be cached.
+    #[arg(long, value_name = "STAGE", conflicts_with = "until")]
+    pub only: Option<String>,
+    /// Run this stage and what it depends on, nothing downstream.
+    #[arg(long, value_name = "STAGE")]
+    pub until: Option<String>,
+    /// Show what would run, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stages to run at the same time.
+    #[arg(long, short, default_value_t = 1)]
+    pub jobs: usize,
+    /// After a failure, keep running stages that do not depend on it.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Fail at once if another run holds the workspace lock, instead of waiting.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// Exit status for configuration errors (bad pipeline, bad flags).
+const EXIT_CONFIG: u8 = 2;
+/// Exit status after Ctrl-C / SIGTERM.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRAINYARD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn workspace(cli_workspace: &Option<PathBuf>) -> anyhow::Result<Workspace> {
+    let root = match cli_workspace {
+        Some(root) => root.clone(),
+        None => std::env::current_dir()?,
+    };
+    Ok(Workspace::new(&root)?)
+}
+
+fn load(args: &PipelineArgs, workspace: &Workspace) -> anyhow::Result<ResolvedPipeline> {
+    let options = LoadOptions {
+        profiles: args.profile.clone(),
+        overrides: args.set.clone(),
+        env: std::env::vars().collect(),
+        profile_dirs: vec![workspace.root.join("profiles")],
+    };
+    Ok(config::load(&args.file, &options)?)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let workspace = workspace(&cli.workspace)?;
+    match cli.command {
+        Command::Run(args) => run(args, &workspace),
+        Command::Status(args) => {
+            let pipeline = load(&args, &workspace)?;
+            let dag = dag::build(&pipeline)?;
+            let report = executor::status(&workspace, &pipeline, &dag)?;
+            print_header(&pipeline);
+            print_report(&report.stages, &pipeline);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag { pipeline: args, format } => {
+            let pipeline = load(&args, &workspace)?;
+            let dag = dag::build(&pipeline)?;
+            print!("{}", dag.render(&pipeline, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resolve { pipeline: args, json } => {
+            let pipeline = load(&args, &workspace)?;
+            if json {
+                let origins: std::collections::BTreeMap<&String, String> =
+                    pipeline.origins.iter().map(|(key, origin)| (key, origin.to_string())).collect();
+                let document = serde_json::json!({ "values": pipeline.values_json(), "origins": origins });
+                println!("{}", serde_json::to_string_pretty(&document)?);
+            } else {
+                print_resolved(&pipeline);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema { output } => {
+            let text = config::schema::pipeline_schema_text();
+            match output {
+                Some(path) => std::fs::write(&path, text).map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kinds => {
+            for kind in crate::stages::KINDS {
+                println!("{:<14} v{:<3} {}", kind.name, kind.version, kind.summary);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Profiles { file } => {
+            let profiles = config::available_profiles(&file, &[workspace.root.join("profiles")])?;
+            if profiles.is_empty() {
+                println!("no profiles for {}", file.display());
+            }
+            for profile in profiles {
+                let place = if profile.inline { "inline".to_string() } else { profile.file.path.display().to_string() };
+                println!("{:<10} {}  [{}]", profile.name, profile.description.unwrap_or_default(), place);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
+    let pipeline = load(&args.pipeline, workspace)?;
+    let dag = dag::build(&pipeline)?;
+    let cancel = CancelFlag::new();
+    cancel.install_signal_handlers()?;
+    let options = RunOptions {
+        force: args.force,
+        force_all: args.force_all,
+        only: args.only,
+        until: args.until,
+        dry_run: args.dry_run,
+        jobs: args.jobs,
+        keep_going: args.keep_going,
+        wait_for_lock: !args.no_wait,
+        progress: !args.dry_run,
+        command_line: std::env::args().collect(),
+    };
+    print_header(&pipeline);
+    let report = executor::run(workspace, &pipeline, &dag, &options, &cancel)?;
+    if args.dry_run {
+        print_report(&report.stages, &pipeline);
+    }
+    let executed = report.with_status(StageStatus::Executed).len();
+    let cached = report.with_status(StageStatus::Cached).len();
+    if let Some(run_dir) = &report.run_dir {
+        let shown = run_dir.strip_prefix(&workspace.root).unwrap_or(run_dir);
+        eprintln!("{executed} executed, {cached} cached; run recorded in {}", shown.display());
+    }
+    for stage in &report.stages {
+        if stage.status == StageStatus::Failed
+            && let Some(error) = &stage.error
+        {
+            eprintln!("error: stage `{}` ({}) failed: {error}", stage.name, stage.kind);
+        }
+    }
+    Ok(match report.outcome {
+        Outcome::Succeeded => ExitCode::SUCCESS,
+        Outcome::Failed => ExitCode::FAILURE,
+        Outcome::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
+    })
+}
+
+fn print_header(pipeline: &ResolvedPipeline) {
+    let profiles: Vec<&str> = pipeline.profiles.iter().map(|profile| profile.name.as_str()).collect();
+    let profiles = if profiles.is_empty() { String::new() } else { format!(", profile {}", profiles.join(",")) };
+    eprintln!("pipeline {} ({}{profiles})", pipeline.name, display(&pipeline.file.path));
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn print_report(stages: &[executor::StageReport], pipeline: &ResolvedPipeline) {
+    let width = stages.iter().map(|stage| stage.name.len()).max().unwrap_or(0);
+    for stage in stages {
+        let fingerprint = stage.fingerprint.as_deref().map(|fp| &fp[..12]).unwrap_or("");
+        println!("  {:<9} {:<width$}  {:<12} {fingerprint}", stage.status.as_str(), stage.name, format!("({})", stage.kind));
+        for reason in &stage.reasons {
+            let origin = match reason {
+                crate::fingerprint::Reason::SettingChanged { key, .. } => pipeline
+                    .origins
+                    .get(&format!("stages.{}.with.{key}", stage.name))
+                    .map(|origin| format!("   [{origin}]"))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            println!("  {:<9} {:<width$}    - {reason}{origin}", "", "");
+        }
+        if let Some(error) = &stage.error {
+            println!("  {:<9} {:<width$}    ! {error}", "", "");
+        }
+    }
+}
+
+fn print_resolved(pipeline: &ResolvedPipeline) {
+    let mut leaves = Vec::new();
+    flatten("", &pipeline.values_json(), &mut leaves);
+    let width = leaves.iter().map(|(key, value)| key.len() + value.len() + 3).max().unwrap_or(0);
+    for (key, value) in leaves {
+        let origin = pipeline.origins.get(&key).map(ToString::to_string).unwrap_or_else(|| "default".to_string());
+        let line = format!("{key} = {value}");
+        println!("{line:<width$}  # {origin}");
+    }
+}
+
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (key, child) in map {
+                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                flatten(&path, child, out);
+            }
+        }
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}

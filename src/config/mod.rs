@@ -1,0 +1,789 @@
+//! Pipeline configuration: reads a pipeline file (YAML or TOML), stacks profiles,
+//! `TRAINYARD_*` environment variables and `--set` overrides over it with figment
+//! (in that order: later wins), validates every stage's typed settings, and remembers
+//! where each resolved value came from (file:line, environment variable, CLI flag).
+
+pub mod diagnostic;
+pub mod schema;
+pub mod source;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+pub use diagnostic::{Diagnostic, Location};
+pub use source::SourceFile;
+
+use crate::stages::{self, KindEntry};
+use diagnostic::did_you_mean;
+
+/// Prefix of environment variables that override settings (`TRAINYARD_SEED=3`,
+/// `TRAINYARD_STAGES__BASE__WITH__STEPS=100`).
+pub const ENV_PREFIX: &str = "TRAINYARD_";
+/// Separator of key path components inside an environment variable name.
+pub const ENV_SEPARATOR: &str = "__";
+const TOP_LEVEL_KEYS: &[&str] = &["name", "seed", "description", "stages"];
+
+/// How to resolve a pipeline: which profiles, overrides and environment to apply.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Profile names, applied in order (`--profile dev,cpu` gives `["dev", "cpu"]`).
+    pub profiles: Vec<String>,
+    /// `key.path=value` overrides from `--set`, applied last, in order.
+    pub overrides: Vec<String>,
+    /// Environment variables to consider (only `TRAINYARD_*` settings keys are used).
+    pub env: Vec<(String, String)>,
+    /// Directories searched for `NAME.yaml|yml|toml` profile files, in order, after the
+    /// `profiles/` directory beside the pipeline file.
+    pub profile_dirs: Vec<PathBuf>,
+}
+
+/// Where a resolved value came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "source", rename_all = "snake_case")]
+pub enum Origin {
+    /// A pipeline or profile file.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the key, when known.
+        line: Option<usize>,
+        /// The profile the file (or inline section) belongs to, if any.
+        profile: Option<String>,
+    },
+    /// An environment variable.
+    Env {
+        /// Its name.
+        var: String,
+    },
+    /// A `--set` flag.
+    Cli {
+        /// The flag's argument as given.
+        arg: String,
+    },
+    /// The kind's default.
+    Default,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::File { path, line, profile } => {
+                write!(f, "{}", path.display())?;
+                if let Some(line) = line {
+                    write!(f, ":{line}")?;
+                }
+                if let Some(profile) = profile {
+                    write!(f, " (profile {profile})")?;
+                }
+                Ok(())
+            }
+            Origin::Env { var } => write!(f, "env {var}"),
+            Origin::Cli { arg } => write!(f, "--set {arg}"),
+            Origin::Default => write!(f, "default"),
+        }
+    }
+}
+
+/// A file that went into the resolution, with its content hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceRecord {
+    /// Path as given.
+    pub path: PathBuf,
+    /// blake3 of its bytes.
+    pub hash: String,
+}
+
+/// A profile that was applied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProfileRecord {
+    /// Its name.
+    pub name: String,
+    /// The file that defines it (the pipeline file itself for an inline profile).
+    pub file: SourceRecord,
+    /// Whether it sits under `profiles:` inside the pipeline file.
+    pub inline: bool,
+    /// Its `description`, if it has one.
+    pub description: Option<String>,
+}
+
+/// One stage after resolution.
+#[derive(Debug, Clone)]
+pub struct ResolvedStage {
+    /// Its name in the pipeline.
+    pub name: String,
+    /// Its kind.
+    pub kind: &'static KindEntry,
+    /// Declared inputs, name → path or stage reference, as written.
+    pub inputs: BTreeMap<String, String>,
+    /// Typed settings with defaults filled in, as canonical JSON.
+    pub settings: serde_json::Value,
+    /// Optional description.
+    pub description: Option<String>,
+}
+
+/// A fully resolved pipeline: everything needed to plan and run it, and to audit it.
+#[derive(Debug, Clone)]
+pub struct ResolvedPipeline {
+    /// `name:`.
+    pub name: String,
+    /// `seed:` (0 when not given).
+    pub seed: u64,
+    /// `description:`.
+    pub description: Option<String>,
+    /// The pipeline file.
+    pub file: SourceRecord,
+    /// Directory of the pipeline file; relative input paths resolve against it.
+    pub base_dir: PathBuf,
+    /// Profiles applied, in order.
+    pub profiles: Vec<ProfileRecord>,
+    /// Stages in file order.
+    pub stages: Vec<ResolvedStage>,
+    /// Origin of every resolved leaf value, by dotted key path.
+    pub origins: BTreeMap<String, Origin>,
+}
+
+impl ResolvedPipeline {
+    /// The stage called `name`.
+    pub fn stage(&self, name: &str) -> Option<&ResolvedStage> {
+        self.stages.iter().find(|stage| stage.name == name)
+    }
+
+    /// The resolved values as one JSON document (`name`, `seed`, `stages`), keys sorted.
+    pub fn values_json(&self) -> serde_json::Value {
+        let stages: serde_json::Map<String, serde_json::Value> = self
+            .stages
+            .iter()
+            .map(|stage| {
+                (
+                    stage.name.clone(),
+                    serde_json::json!({
+                        "kind": stage.kind.name,
+                        "inputs": stage.inputs,
+                        "with": stage.settings,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({ "name": self.name, "seed": self.seed, "stages": stages })
+    }
+}
+
+/// Names of the profiles available to a pipeline: inline ones, then files beside it and
+/// in `profile_dirs`, each with its description.
+pub fn available_profiles(pipeline: &Path, profile_dirs: &[PathBuf]) -> Result<Vec<ProfileRecord>, Diagnostic> {
+    let file = SourceFile::load(pipeline)?;
+    let mut found: Vec<ProfileRecord> = Vec::new();
+    if let Some(Value::Dict(_, inline)) = file.values.get("profiles") {
+        for (name, overlay) in inline {
+            found.push(ProfileRecord {
+                name: name.clone(),
+                file: SourceRecord {
+                    path: file.path.clone(),
+                    hash: file.hash.clone(),
+                },
+                inline: true,
+                description: overlay
+                    .as_dict()
+                    .and_then(|dict| dict.get("description"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            });
+        }
+    }
+    for dir in profile_search_dirs(pipeline, profile_dirs) {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|entry| Some(entry.ok()?.path())).collect();
+        paths.sort();
+        for path in paths {
+            let Some(name) = path.file_stem().and_then(|stem| stem.to_str()) else { continue };
+            if source::Format::from_path(&path).is_none() || found.iter().any(|record| record.name == name) {
+                continue;
+            }
+            let profile = SourceFile::load(&path)?;
+            found.push(ProfileRecord {
+                name: name.to_string(),
+                file: SourceRecord {
+                    path: path.clone(),
+                    hash: profile.hash.clone(),
+                },
+                inline: false,
+                description: profile.values.get("description").and_then(Value::as_str).map(str::to_string),
+            });
+        }
+    }
+    Ok(found)
+}
+
+fn profile_search_dirs(pipeline: &Path, profile_dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs = vec![parent_dir(pipeline).join("profiles")];
+    for dir in profile_dirs {
+        if !dirs.iter().any(|known| same_dir(known, dir)) {
+            dirs.push(dir.clone());
+        }
+    }
+    dirs
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// One layer of the merge, with enough to tell where each of its values came from.
+struct Layer {
+    name: String,
+    values: Dict,
+    source: LayerSource,
+}
+
+enum LayerSource {
+    File {
+        file: Arc<SourceFile>,
+        /// Key prefix of this layer inside the file (`profiles.dev` for an inline profile).
+        prefix: String,
+        profile: Option<String>,
+        /// Stage name → kind, for mapping `kinds.K.x` overlays back to their lines.
+        stage_kinds: HashMap<String, String>,
+    },
+    Env(BTreeMap<String, String>),
+    Cli(BTreeMap<String, String>),
+}
+
+impl Provider for &Layer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.values.clone()))
+    }
+}
+
+impl Layer {
+    /// Where `key_path` of this layer came from.
+    fn origin(&self, key_path: &str) -> Origin {
+        match &self.source {
+            LayerSource::File { file, profile, .. } => Origin::File {
+                path: file.path.clone(),
+                line: self.file_position(key_path).map(|(line, _)| line),
+                profile: profile.clone(),
+            },
+            LayerSource::Env(vars) => Origin::Env {
+                var: lookup_prefix(vars, key_path).unwrap_or_else(|| format!("{ENV_PREFIX}…")),
+            },
+            LayerSource::Cli(args) => Origin::Cli {
+                arg: lookup_prefix(args, key_path).unwrap_or_default(),
+            },
+        }
+    }
+
+    fn file_position(&self, key_path: &str) -> Option<(usize, usize)> {
+        let LayerSource::File {
+            file,
+            prefix,
+            stage_kinds,
+            ..
+        } = &self.source
+        else {
+            return None;
+        };
+        let in_file = |path: &str| if prefix.is_empty() { path.to_string() } else { format!("{prefix}.{path}") };
+        if let Some(position) = file.lines.exact(&in_file(key_path)) {
+            return Some(position);
+        }
+        let mut parts = key_path.splitn(4, '.');
+        if let (Some("stages"), Some(stage), Some("with")) = (parts.next(), parts.next(), parts.next())
+            && let Some(kind) = stage_kinds.get(stage)
+        {
+            let rest = parts.next().map(|rest| format!(".{rest}")).unwrap_or_default();
+            if let Some(position) = file.lines.find(&in_file(&format!("kinds.{kind}{rest}"))) {
+                return Some(position);
+            }
+        }
+        file.lines.find(&in_file(key_path))
+    }
+
+    /// A diagnostic location for `key_path`, with the file text to quote.
+    fn locate(&self, key_path: &str, diagnostic: Diagnostic) -> Diagnostic {
+        match &self.source {
+            LayerSource::File { file, .. } => match self.file_position(key_path) {
+                Some((line, column)) => diagnostic.at(Location::new(&file.path, line, column), Some(&file.text)),
+                None => diagnostic,
+            },
+            LayerSource::Env(_) | LayerSource::Cli(_) => {
+                let origin = self.origin(key_path);
+                Diagnostic {
+                    message: format!("{} (set by {origin})", diagnostic.message),
+                    ..diagnostic
+                }
+            }
+        }
+    }
+}
+
+fn lookup_prefix(map: &BTreeMap<String, String>, key_path: &str) -> Option<String> {
+    let mut candidate = key_path;
+    loop {
+        if let Some(found) = map.get(candidate) {
+            return Some(found.clone());
+        }
+        candidate = &candidate[..candidate.rfind('.')?];
+    }
+}
+
+/// Builds the nested dictionary `{a: {b: {c: value}}}` for the path `a.b.c`.
+fn nest(path: &[&str], value: Value) -> Dict {
+    let mut value = value;
+    for key in path[1..].iter().rev() {
+        let mut dict = Dict::new();
+        dict.insert(key.to_string(), value);
+        value = Value::from(dict);
+    }
+    let mut root = Dict::new();
+    root.insert(path[0].to_string(), value);
+    root
+}
+
+/// Deep-merges `overlay` into `base` (maps merge, everything else replaces).
+fn deep_merge(base: &mut Dict, overlay: Dict) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => deep_merge(existing, incoming),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Parses an override value the way YAML would (`100`, `true`, `[a, b]`, `text`).
+fn parse_scalar(raw: &str) -> Value {
+    if raw.is_empty() {
+        return Value::from(String::new());
+    }
+    match serde_norway::from_str::<Value>(raw) {
+        Ok(Value::Empty(..)) | Err(_) => Value::from(raw.to_string()),
+        Ok(value) => value,
+    }
+}
+
+fn valid_key_path(path: &str) -> bool {
+    !path.is_empty() && path.split('.').all(|part| !part.is_empty())
+}
+
+/// Resolves the pipeline at `path` with `options`.
+pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diagnostic> {
+    let mut file = SourceFile::load(path)?;
+    let inline_profiles = match file.values.remove("profiles") {
+        None => Dict::new(),
+        Some(Value::Dict(_, dict)) => dict,
+        Some(_) => {
+            return Err(Diagnostic::new("`profiles` must be a map of profile name → overlay")
+                .at(file.location_of("profiles").unwrap_or(Location::new(path, 1, 1)), Some(&file.text)));
+        }
+    };
+    let file = Arc::new(file);
+    let stage_kinds: HashMap<String, String> = file
+        .values
+        .get("stages")
+        .and_then(Value::as_dict)
+        .map(|stages| {
+            stages
+                .iter()
+                .filter_map(|(name, stage)| {
+                    let kind = stage.as_dict()?.get("kind")?.as_str()?;
+                    Some((name.clone(), kind.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let mut layers = vec![Layer {
+        name: format!("pipeline {}", file.path.display()),
+        values: file.values.clone(),
+        source: LayerSource::File {
+            file: Arc::clone(&file),
+            prefix: String::new(),
+            profile: None,
+            stage_kinds: stage_kinds.clone(),
+        },
+    }];
+    let mut profile_records = Vec::new();
+    for name in options.profiles.iter().flat_map(|list| list.split(',')).map(str::trim).filter(|name| !name.is_empty()) {
+        let (layer, record) = load_profile(name, &file, &inline_profiles, &stage_kinds, options)?;
+        layers.push(layer);
+        profile_records.push(record);
+    }
+    if let Some(layer) = env_layer(&options.env) {
+        layers.push(layer);
+    }
+    for (index, raw) in options.overrides.iter().enumerate() {
+        let (key, value) = raw.split_once('=').ok_or_else(|| {
+            Diagnostic::new(format!("--set {raw}: expected KEY=VALUE, e.g. --set stages.train.with.steps=100"))
+        })?;
+        let key = key.trim();
+        if !valid_key_path(key) {
+            return Err(Diagnostic::new(format!("--set {raw}: `{key}` is not a dotted key path")));
+        }
+        let parts: Vec<&str> = key.split('.').collect();
+        layers.push(Layer {
+            name: format!("--set #{index} {raw}"),
+            values: nest(&parts, parse_scalar(value)),
+            source: LayerSource::Cli(BTreeMap::from([(key.to_string(), raw.clone())])),
+        });
+    }
+
+    let mut figment = Figment::new();
+    for layer in &layers {
+        figment = figment.merge(layer);
+    }
+    let resolver = Resolver {
+        figment,
+        layers,
+        file: Arc::clone(&file),
+    };
+    resolver.resolve(profile_records, &stage_kinds)
+}
+
+fn load_profile(
+    name: &str,
+    pipeline: &Arc<SourceFile>,
+    inline_profiles: &Dict,
+    stage_kinds: &HashMap<String, String>,
+    options: &LoadOptions,
+) -> Result<(Layer, ProfileRecord), Diagnostic> {
+    let (file, prefix, overlay, inline) = if let Some(overlay) = inline_profiles.get(name) {
+        let Value::Dict(_, overlay) = overlay else {
+            return Err(Diagnostic::new(format!("profile `{name}` must be a map")).at(
+                pipeline.location_of(&format!("profiles.{name}")).unwrap_or(Location::new(&pipeline.path, 1, 1)),
+                Some(&pipeline.text),
+            ));
+        };
+        (Arc::clone(pipeline), format!("profiles.{name}"), overlay.clone(), true)
+    } else {
+        let dirs = profile_search_dirs(&pipeline.path, &options.profile_dirs);
+        let found = dirs.iter().find_map(|dir| {
+            ["yaml", "yml", "toml"]
+                .iter()
+                .map(|extension| dir.join(format!("{name}.{extension}")))
+                .find(|candidate| candidate.is_file())
+        });
+        let Some(path) = found else {
+            let known = available_profiles(&pipeline.path, &options.profile_dirs).unwrap_or_default();
+            let names: Vec<&str> = known.iter().map(|record| record.name.as_str()).collect();
+            let searched: Vec<String> = dirs.iter().map(|dir| dir.display().to_string()).collect();
+            let mut diagnostic = Diagnostic::new(format!(
+                "unknown profile `{name}`: not under `profiles:` in {} nor a file {name}.yaml|yml|toml in {}",
+                pipeline.path.display(),
+                searched.join(", ")
+            ));
+            diagnostic = match did_you_mean(name, names.iter().copied()) {
+                Some(help) => diagnostic.help(help),
+                None if names.is_empty() => diagnostic.help("this pipeline has no profiles"),
+                None => diagnostic.help(format!("available profiles: {}", names.join(", "))),
+            };
+            return Err(diagnostic);
+        };
+        let file = Arc::new(SourceFile::load(&path)?);
+        let overlay = file.values.clone();
+        (file, String::new(), overlay, false)
+    };
+    let mut overlay = overlay;
+    let description = match overlay.remove("description") {
+        Some(value) => Some(value.into_string().ok_or_else(|| {
+            Diagnostic::new(format!("profile `{name}`: `description` must be text"))
+        })?),
+        None => None,
+    };
+    if let Some(kinds) = overlay.remove("kinds") {
+        let Value::Dict(_, kinds) = kinds else {
+            return Err(Diagnostic::new(format!("profile `{name}`: `kinds` must be a map of stage kind → settings")));
+        };
+        let mut expanded = Dict::new();
+        for (kind, settings) in kinds {
+            if stages::kind(&kind).is_none() {
+                let names = stages::KINDS.iter().map(|entry| entry.name);
+                let key = if prefix.is_empty() { format!("kinds.{kind}") } else { format!("{prefix}.kinds.{kind}") };
+                let mut diagnostic = Diagnostic::new(format!("profile `{name}`: unknown stage kind `{kind}` under `kinds`"));
+                if let Some(location) = file.location_of(&key) {
+                    diagnostic = diagnostic.at(location, Some(&file.text));
+                }
+                if let Some(help) = did_you_mean(&kind, names) {
+                    diagnostic = diagnostic.help(help);
+                }
+                return Err(diagnostic);
+            }
+            // Applies to every stage of that kind, as if written under each one's `with`.
+            let mut stage_names: Vec<&String> = stage_kinds.iter().filter(|(_, k)| **k == kind).map(|(s, _)| s).collect();
+            stage_names.sort();
+            for stage in stage_names {
+                deep_merge(&mut expanded, nest(&["stages", stage, "with"], settings.clone()));
+            }
+        }
+        // Explicit per-stage entries in the same profile win over its `kinds` defaults.
+        deep_merge(&mut expanded, overlay);
+        overlay = expanded;
+    }
+    let record = ProfileRecord {
+        name: name.to_string(),
+        file: SourceRecord {
+            path: file.path.clone(),
+            hash: file.hash.clone(),
+        },
+        inline,
+        description,
+    };
+    let layer = Layer {
+        name: format!("profile {name} ({})", file.path.display()),
+        values: overlay,
+        source: LayerSource::File {
+            file,
+            prefix,
+            profile: Some(name.to_string()),
+            stage_kinds: stage_kinds.clone(),
+        },
+    };
+    Ok((layer, record))
+}
+
+fn env_layer(env: &[(String, String)]) -> Option<Layer> {
+    let mut values = Dict::new();
+    let mut vars = BTreeMap::new();
+    let mut sorted: Vec<&(String, String)> = env.iter().collect();
+    sorted.sort();
+    for (var, value) in sorted {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+        let key = rest.split(ENV_SEPARATOR).map(str::to_lowercase).collect::<Vec<_>>().join(".");
+        // Other TRAINYARD_* variables (TRAINYARD_LOG, …) configure the tool, not the pipeline.
+        let top = key.split('.').next().unwrap_or_default();
+        if !TOP_LEVEL_KEYS.contains(&top) || !valid_key_path(&key) {
+            continue;
+        }
+        let parts: Vec<&str> = key.split('.').collect();
+        deep_merge(&mut values, nest(&parts, parse_scalar(value)));
+        vars.insert(key, var.clone());
+    }
+    (!vars.is_empty()).then(|| Layer {
+        name: "environment".to_string(),
+        values,
+        source: LayerSource::Env(vars),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineSpec {
+    name: String,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    stages: BTreeMap<String, StageSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageSpec {
+    kind: String,
+    #[serde(default)]
+    inputs: BTreeMap<String, String>,
+    #[serde(default, rename = "with")]
+    _with: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+struct Resolver {
+    figment: Figment,
+    layers: Vec<Layer>,
+    file: Arc<SourceFile>,
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+impl Resolver {
+    fn layer_of(&self, key_path: &str) -> Option<&Layer> {
+        let metadata = self.figment.find_metadata(key_path)?;
+        self.layers.iter().find(|layer| layer.name == metadata.name)
+    }
+
+    fn origin(&self, key_path: &str) -> Origin {
+        self.layer_of(key_path).map_or(Origin::Default, |layer| layer.origin(key_path))
+    }
+
+    /// A diagnostic for `key_path`, located in whichever layer set it.
+    fn error_at(&self, key_path: &str, diagnostic: Diagnostic) -> Diagnostic {
+        match self.layer_of(key_path) {
+            Some(layer) => layer.locate(key_path, diagnostic),
+            None => diagnostic,
+        }
+    }
+
+    fn figment_error(&self, error: figment::Error, prefix: &str) -> Diagnostic {
+        use figment::error::Kind;
+        let mut path: Vec<String> = prefix.split('.').filter(|part| !part.is_empty()).map(str::to_string).collect();
+        path.extend(error.path.iter().cloned());
+        let at = path.join(".");
+        let within = if at.is_empty() { "the pipeline".to_string() } else { format!("`{at}`") };
+        let (message, key, help) = match &error.kind {
+            Kind::UnknownField(field, expected) => {
+                let key = if path.last() == Some(field) { at.clone() } else { format!("{at}.{field}").trim_start_matches('.').to_string() };
+                let within = if path.last() == Some(field) { format!("`{}`", path[..path.len() - 1].join(".")) } else { within };
+                let help = did_you_mean(field, expected.iter().copied()).or_else(|| Some(format!("expected one of: {}", expected.join(", "))));
+                (format!("unknown key `{field}` in {within}"), key, help)
+            }
+            Kind::MissingField(field) => (format!("missing key `{field}` in {within}"), at.clone(), None),
+            Kind::InvalidType(actual, expected) => (format!("{within} has the wrong type: found {actual}, expected {expected}"), at.clone(), None),
+            Kind::InvalidValue(actual, expected) => (format!("{within} has an invalid value: found {actual}, expected {expected}"), at.clone(), None),
+            Kind::UnknownVariant(variant, expected) => {
+                let help = did_you_mean(variant, expected.iter().copied()).or_else(|| Some(format!("expected one of: {}", expected.join(", "))));
+                (format!("{within}: unknown value `{variant}`"), at.clone(), help)
+            }
+            other => (format!("{within}: {other}"), at.clone(), None),
+        };
+        let mut diagnostic = Diagnostic::new(message);
+        if let Some(help) = help {
+            diagnostic = diagnostic.help(help);
+        }
+        let layer = error
+            .metadata
+            .as_ref()
+            .and_then(|metadata| self.layers.iter().find(|layer| layer.name == metadata.name))
+            .or_else(|| self.layer_of(&key));
+        match layer {
+            Some(layer) => layer.locate(&key, diagnostic),
+            None => diagnostic,
+        }
+    }
+
+    fn resolve(&self, profiles: Vec<ProfileRecord>, stage_kinds: &HashMap<String, String>) -> Result<ResolvedPipeline, Diagnostic> {
+        let spec: PipelineSpec = self.figment.extract().map_err(|error| self.figment_error(error, ""))?;
+        if spec.stages.is_empty() {
+            return Err(Diagnostic::new(format!("{}: the pipeline declares no stages", self.file.path.display())));
+        }
+        // Stage order is the pipeline file's; overlays may only change existing stages.
+        let order: Vec<String> = self.file.lines.children_in_order("stages").map(str::to_string).collect();
+        for name in spec.stages.keys() {
+            if !stage_kinds.contains_key(name) {
+                let names = stage_kinds.keys().map(String::as_str);
+                let mut diagnostic = Diagnostic::new(format!(
+                    "stage `{name}` is not in pipeline {}; profiles and overrides can only change existing stages",
+                    self.file.path.display()
+                ));
+                if let Some(help) = did_you_mean(name, names) {
+                    diagnostic = diagnostic.help(help);
+                }
+                return Err(self.error_at(&format!("stages.{name}"), diagnostic));
+            }
+        }
+        let mut ordered: Vec<&String> = order.iter().filter(|name| spec.stages.contains_key(*name)).collect();
+        for name in spec.stages.keys() {
+            if !ordered.contains(&name) {
+                ordered.push(name);
+            }
+        }
+
+        let mut origins = BTreeMap::new();
+        for key in ["name", "seed", "description"] {
+            if self.figment.contains(key) {
+                origins.insert(key.to_string(), self.origin(key));
+            }
+        }
+        let mut stages = Vec::new();
+        for name in ordered {
+            let spec_stage = &spec.stages[name];
+            let prefix = format!("stages.{name}");
+            if !is_name(name) {
+                return Err(self.error_at(
+                    &prefix,
+                    Diagnostic::new(format!("stage name `{name}` may only use letters, digits, `_` and `-`")),
+                ));
+            }
+            let kind = stages::kind(&spec_stage.kind).ok_or_else(|| {
+                let mut diagnostic = Diagnostic::new(format!("stage `{name}`: unknown kind `{}`", spec_stage.kind));
+                diagnostic = match did_you_mean(&spec_stage.kind, stages::KINDS.iter().map(|entry| entry.name)) {
+                    Some(help) => diagnostic.help(help),
+                    None => diagnostic.help(format!(
+                        "known kinds: {}",
+                        stages::KINDS.iter().map(|entry| entry.name).collect::<Vec<_>>().join(", ")
+                    )),
+                };
+                self.error_at(&format!("{prefix}.kind"), diagnostic)
+            })?;
+            for input in spec_stage.inputs.keys() {
+                if !is_name(input) {
+                    return Err(self.error_at(
+                        &format!("{prefix}.inputs.{input}"),
+                        Diagnostic::new(format!("stage `{name}`: input name `{input}` may only use letters, digits, `_` and `-`")),
+                    ));
+                }
+            }
+            let with_path = format!("{prefix}.with");
+            if let Ok(value) = self.figment.find_value(&with_path)
+                && !matches!(value, Value::Dict(..) | Value::Empty(..))
+            {
+                return Err(self.error_at(&with_path, Diagnostic::new(format!("`{with_path}` must be a map of settings"))));
+            }
+            let settings = kind
+                .extract(&self.figment.focus(&with_path))
+                .map_err(|error| self.figment_error(error, &with_path))?;
+            origins.insert(format!("{prefix}.kind"), self.origin(&format!("{prefix}.kind")));
+            for input in spec_stage.inputs.keys() {
+                let key = format!("{prefix}.inputs.{input}");
+                origins.insert(key.clone(), self.origin(&key));
+            }
+            collect_origins(&settings, &with_path, &mut |key| {
+                origins.insert(key.to_string(), self.origin(key));
+            });
+            stages.push(ResolvedStage {
+                name: name.clone(),
+                kind,
+                inputs: spec_stage.inputs.clone(),
+                settings,
+                description: spec_stage.description.clone(),
+            });
+        }
+        Ok(ResolvedPipeline {
+            name: spec.name,
+            seed: spec.seed,
+            description: spec.description,
+            file: SourceRecord {
+                path: self.file.path.clone(),
+                hash: self.file.hash.clone(),
+            },
+            base_dir: parent_dir(&self.file.path),
+            profiles,
+            stages,
+            origins,
+        })
+    }
+}
+
+/// Calls `visit` with the dotted path of every leaf of `value` (arrays count as leaves).
+fn collect_origins(value: &serde_json::Value, prefix: &str, visit: &mut dyn FnMut(&str)) {
+    match value {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (key, child) in map {
+                collect_origins(child, &format!("{prefix}.{key}"), visit);
+            }
+        }
+        _ => visit(prefix),
+    }
+}

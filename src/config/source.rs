@@ -1,0 +1,340 @@
+//! One pipeline or profile file, parsed: its values (as a figment dictionary), its
+//! content hash, and where every key sits in the text, so any later error or origin
+//! can point at `file:line`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use figment::value::{Dict, Value};
+
+use super::diagnostic::{Diagnostic, Location};
+
+/// The two pipeline file syntaxes; both map onto one schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `.yaml` / `.yml`
+    Yaml,
+    /// `.toml`
+    Toml,
+}
+
+impl Format {
+    /// The format a file name implies, or `None` for an unknown extension.
+    pub fn from_path(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()? {
+            "yaml" | "yml" => Some(Format::Yaml),
+            "toml" => Some(Format::Toml),
+            _ => None,
+        }
+    }
+}
+
+/// Positions of every key in a file, by dotted key path (`stages.tok.with.vocab_size`),
+/// plus the order in which the keys appear (maps lose it once merged by figment).
+#[derive(Debug, Default, Clone)]
+pub struct KeyLines {
+    positions: HashMap<String, (usize, usize)>,
+    order: Vec<String>,
+}
+
+impl KeyLines {
+    fn record(&mut self, path: String, line: usize, column: usize) {
+        if !self.positions.contains_key(&path) {
+            self.order.push(path.clone());
+        }
+        self.positions.insert(path, (line, column));
+    }
+
+    /// Line and column (1-based) of the key at `path`, or of its nearest recorded parent.
+    pub fn find(&self, path: &str) -> Option<(usize, usize)> {
+        let mut candidate = path;
+        loop {
+            if let Some(position) = self.positions.get(candidate) {
+                return Some(*position);
+            }
+            candidate = &candidate[..candidate.rfind('.')?];
+        }
+    }
+
+    /// Line and column of exactly this key, without falling back to a parent.
+    pub fn exact(&self, path: &str) -> Option<(usize, usize)> {
+        self.positions.get(path).copied()
+    }
+
+    /// Direct child keys of `prefix`, in file order.
+    pub fn children_in_order<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.order.iter().filter_map(move |path| {
+            let rest = path.strip_prefix(prefix)?.strip_prefix('.')?;
+            (!rest.contains('.')).then_some(rest)
+        })
+    }
+}
+
+/// A parsed pipeline or profile file.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// The path as given (relative paths stay relative, for readable messages).
+    pub path: PathBuf,
+    /// The raw text, kept for diagnostics that quote a line.
+    pub text: String,
+    /// blake3 of the raw bytes, recorded in every run for audits.
+    pub hash: String,
+    /// Syntax of the file.
+    pub format: Format,
+    /// The values, as figment's dictionary type.
+    pub values: Dict,
+    /// Where each key is in `text`.
+    pub lines: KeyLines,
+}
+
+impl SourceFile {
+    /// Reads and parses `path`; syntax errors name file, line and column.
+    pub fn load(path: &Path) -> Result<SourceFile, Diagnostic> {
+        let format = Format::from_path(path).ok_or_else(|| {
+            Diagnostic::new(format!(
+                "{}: unsupported file type; pipeline and profile files end in .yaml, .yml or .toml",
+                path.display()
+            ))
+        })?;
+        let bytes = std::fs::read(path).map_err(|error| {
+            Diagnostic::new(format!("cannot read {}: {error}", path.display()))
+        })?;
+        let text = String::from_utf8(bytes).map_err(|error| {
+            Diagnostic::new(format!("{} is not valid UTF-8: {error}", path.display()))
+        })?;
+        Self::parse(path, text, format)
+    }
+
+    /// Parses `text` as the content of `path` in `format`.
+    pub fn parse(path: &Path, text: String, format: Format) -> Result<SourceFile, Diagnostic> {
+        let hash = blake3::hash(text.as_bytes()).to_hex().to_string();
+        let (value, lines) = match format {
+            Format::Yaml => parse_yaml(path, &text)?,
+            Format::Toml => parse_toml(path, &text)?,
+        };
+        let values = match value {
+            Value::Dict(_, dict) => dict,
+            Value::Empty(..) => Dict::new(),
+            _ => {
+                return Err(Diagnostic::new(format!(
+                    "{}: the top level must be a map of keys (name, seed, stages, …)",
+                    path.display()
+                ))
+                .at(Location::new(path, 1, 1), Some(&text)));
+            }
+        };
+        Ok(SourceFile {
+            path: path.to_path_buf(),
+            text,
+            hash,
+            format,
+            values,
+            lines,
+        })
+    }
+
+    /// A location for the key at `path` (or its nearest parent) in this file.
+    pub fn location_of(&self, key_path: &str) -> Option<Location> {
+        let (line, column) = self.lines.find(key_path)?;
+        Some(Location::new(&self.path, line, column))
+    }
+}
+
+fn parse_yaml(path: &Path, text: &str) -> Result<(Value, KeyLines), Diagnostic> {
+    let value: Value = serde_norway::from_str(text).map_err(|error| {
+        let mut diagnostic = Diagnostic::new(format!(
+            "invalid YAML in {}: {}",
+            path.display(),
+            strip_yaml_location(&error.to_string())
+        ));
+        if let Some(location) = error.location() {
+            diagnostic = diagnostic.at(
+                Location::new(path, location.line(), location.column()),
+                Some(text),
+            );
+        }
+        diagnostic
+    })?;
+    let mut recorder = YamlKeyRecorder::default();
+    // Values come from serde_norway above; this second pass only learns positions, and a
+    // failure here can only lose line numbers, never values.
+    let _ = yaml_rust2::parser::Parser::new_from_str(text).load(&mut recorder, false);
+    Ok((value, recorder.lines))
+}
+
+fn strip_yaml_location(message: &str) -> &str {
+    message
+        .find(" at line ")
+        .map_or(message, |index| &message[..index])
+}
+
+#[derive(Default)]
+struct YamlKeyRecorder {
+    lines: KeyLines,
+    stack: Vec<YamlFrame>,
+}
+
+enum YamlFrame {
+    Map {
+        path: String,
+        pending_key: Option<String>,
+    },
+    Seq {
+        path: String,
+        index: usize,
+    },
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+impl YamlKeyRecorder {
+    fn child_path(&self) -> String {
+        match self.stack.last() {
+            Some(YamlFrame::Map {
+                path,
+                pending_key: Some(key),
+            }) => join(path, key),
+            Some(YamlFrame::Seq { path, index }) => join(path, &index.to_string()),
+            _ => String::new(),
+        }
+    }
+
+    fn value_done(&mut self) {
+        match self.stack.last_mut() {
+            Some(YamlFrame::Map { pending_key, .. }) => *pending_key = None,
+            Some(YamlFrame::Seq { index, .. }) => *index += 1,
+            None => {}
+        }
+    }
+}
+
+impl yaml_rust2::parser::MarkedEventReceiver for YamlKeyRecorder {
+    fn on_event(&mut self, event: yaml_rust2::Event, mark: yaml_rust2::scanner::Marker) {
+        use yaml_rust2::Event;
+        match event {
+            Event::Scalar(text, ..) => {
+                if let Some(YamlFrame::Map {
+                    path,
+                    pending_key: pending @ None,
+                }) = self.stack.last_mut()
+                {
+                    let key_path = join(path, &text);
+                    *pending = Some(text);
+                    self.lines.record(key_path, mark.line(), mark.col() + 1);
+                } else {
+                    self.value_done();
+                }
+            }
+            Event::Alias(_) => self.value_done(),
+            Event::MappingStart(..) => {
+                let path = self.child_path();
+                self.stack.push(YamlFrame::Map {
+                    path,
+                    pending_key: None,
+                });
+            }
+            Event::SequenceStart(..) => {
+                let path = self.child_path();
+                self.stack.push(YamlFrame::Seq { path, index: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+                self.value_done();
+            }
+            _ => {}
+        }
+    }
+}
+
+fn parse_toml(path: &Path, text: &str) -> Result<(Value, KeyLines), Diagnostic> {
+    let toml_error = |error: toml::de::Error| {
+        let message = error.message().trim().to_string();
+        let mut diagnostic = Diagnostic::new(format!("invalid TOML in {}: {message}", path.display()));
+        if let Some(span) = error.span() {
+            let (line, column) = line_column(text, span.start);
+            diagnostic = diagnostic.at(Location::new(path, line, column), Some(text));
+        }
+        diagnostic
+    };
+    let table = toml::de::DeTable::parse(text).map_err(toml_error)?;
+    let mut lines = KeyLines::default();
+    record_toml_table(text, "", table.get_ref(), &mut lines);
+    let value: Value = toml::from_str(text).map_err(toml_error)?;
+    Ok((value, lines))
+}
+
+fn record_toml_table(text: &str, prefix: &str, table: &toml::de::DeTable<'_>, lines: &mut KeyLines) {
+    for (key, value) in table.iter() {
+        let path = join(prefix, key.get_ref());
+        let (line, column) = line_column(text, key.span().start);
+        lines.record(path.clone(), line, column);
+        record_toml_value(text, &path, value.get_ref(), lines);
+    }
+}
+
+fn record_toml_value(text: &str, path: &str, value: &toml::de::DeValue<'_>, lines: &mut KeyLines) {
+    match value {
+        toml::de::DeValue::Table(table) => record_toml_table(text, path, table, lines),
+        toml::de::DeValue::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                record_toml_value(text, &join(path, &index.to_string()), item.get_ref(), lines);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |newline| before.len() - newline - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_keys_get_their_lines_in_file_order() {
+        let text = "name: demo\nstages:\n  b:\n    kind: command\n    with:\n      cmd: echo\n  a:\n    kind: command\n";
+        let file = SourceFile::parse(Path::new("p.yaml"), text.into(), Format::Yaml).unwrap();
+        assert_eq!(file.lines.exact("stages.b.with.cmd"), Some((6, 7)));
+        assert_eq!(file.lines.exact("stages.a.kind"), Some((8, 5)));
+        let order: Vec<_> = file.lines.children_in_order("stages").collect();
+        assert_eq!(order, ["b", "a"]);
+    }
+
+    #[test]
+    fn toml_keys_get_their_lines_in_file_order() {
+        let text = "name = \"demo\"\n[stages.b]\nkind = \"command\"\n[stages.b.with]\ncmd = \"echo\"\n[stages.a]\nkind = \"command\"\n";
+        let file = SourceFile::parse(Path::new("p.toml"), text.into(), Format::Toml).unwrap();
+        assert_eq!(file.lines.exact("stages.b.with.cmd"), Some((5, 1)));
+        let order: Vec<_> = file.lines.children_in_order("stages").collect();
+        assert_eq!(order, ["b", "a"]);
+    }
+
+    #[test]
+    fn yaml_syntax_error_names_line_and_column() {
+        let text = "name: demo\nstages:\n  a: [1, 2\n";
+        let error = SourceFile::parse(Path::new("bad.yaml"), text.into(), Format::Yaml).unwrap_err();
+        let rendered = error.to_string();
+        assert!(rendered.contains("bad.yaml:"), "{rendered}");
+        assert!(rendered.contains("invalid YAML"), "{rendered}");
+    }
+
+    #[test]
+    fn toml_syntax_error_names_line_and_column() {
+        let text = "name = \"demo\"\n[stages.a\nkind = 1\n";
+        let error = SourceFile::parse(Path::new("bad.toml"), text.into(), Format::Toml).unwrap_err();
+        let rendered = error.to_string();
+        assert!(rendered.contains("bad.toml:2:"), "{rendered}");
+    }
+}

@@ -1,0 +1,781 @@
+//! Runs a pipeline: stages in topological order, each one only if no finished output
+//! with its fingerprint exists, independent stages side by side (`--jobs`), under the
+//! workspace lock, recording everything in `runs/<run-id>/`.
+//!
+//! The same walk, without executing, answers `status` and `--dry-run`: a stage is
+//! `cached`, or `will run` with the reasons from [`crate::fingerprint::explain`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::config::ResolvedPipeline;
+use crate::config::diagnostic::did_you_mean;
+use crate::dag::{Binding, Dag};
+use crate::fingerprint::{self, InputRecord, InputSource, Reason, StageIdentity};
+use crate::hashing::{ContentHasher, dir_hash};
+use crate::interrupt::CancelFlag;
+use crate::runs::{self, RunRecord, RunRecorder, StageRunRecord};
+use crate::stages::{STAGE_LOG, StageContext, StageError};
+use crate::store::{LockError, MANIFEST, Manifest, Workspace};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stages to rerun even if cached.
+    pub force: Vec<String>,
+    /// Rerun every selected stage.
+    pub force_all: bool,
+    /// Run only this stage (its upstream stages must be cached).
+    pub only: Option<String>,
+    /// Run this stage and everything it depends on, nothing downstream.
+    pub until: Option<String>,
+    /// Report what would run, run nothing.
+    pub dry_run: bool,
+    /// Stages run at the same time, at most.
+    pub jobs: usize,
+    /// Keep running independent stages after a failure.
+    pub keep_going: bool,
+    /// Wait for the workspace lock instead of failing when another run holds it.
+    pub wait_for_lock: bool,
+    /// Print progress lines to stderr.
+    pub progress: bool,
+    /// The command line, for the run record.
+    pub command_line: Vec<String>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            force: Vec::new(),
+            force_all: false,
+            only: None,
+            until: None,
+            dry_run: false,
+            jobs: 1,
+            keep_going: false,
+            wait_for_lock: true,
+            progress: false,
+            command_line: Vec::new(),
+        }
+    }
+}
+
+/// What happened to (or would happen to) a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    /// Its output was already in the store.
+    Cached,
+    /// It ran and succeeded.
+    Executed,
+    /// It would run (status / dry run).
+    WillRun,
+    /// It ran and failed.
+    Failed,
+    /// It did not run because something upstream failed or the run stopped.
+    Skipped,
+    /// It was stopped by Ctrl-C / SIGTERM.
+    Interrupted,
+    /// Outside `--only` / `--until`.
+    NotSelected,
+}
+
+impl StageStatus {
+    /// Lower-case name as shown and recorded.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageStatus::Cached => "cached",
+            StageStatus::Executed => "executed",
+            StageStatus::WillRun => "will run",
+            StageStatus::Failed => "failed",
+            StageStatus::Skipped => "skipped",
+            StageStatus::Interrupted => "interrupted",
+            StageStatus::NotSelected => "not selected",
+        }
+    }
+}
+
+/// One stage's result.
+#[derive(Debug, Clone)]
+pub struct StageReport {
+    /// Stage name.
+    pub name: String,
+    /// Kind name.
+    pub kind: &'static str,
+    /// What happened.
+    pub status: StageStatus,
+    /// Its identity, once its inputs were known.
+    pub identity: Option<StageIdentity>,
+    /// Fingerprint of `identity`.
+    pub fingerprint: Option<String>,
+    /// Absolute paths of its external inputs.
+    pub input_paths: BTreeMap<String, PathBuf>,
+    /// Why it ran or would run.
+    pub reasons: Vec<Reason>,
+    /// Its store directory and manifest, when it has an output.
+    pub output: Option<(PathBuf, Manifest)>,
+    /// Seconds spent running.
+    pub duration_s: Option<f64>,
+    /// Why it failed or was skipped.
+    pub error: Option<String>,
+}
+
+impl StageReport {
+    fn new(name: &str, kind: &'static str, status: StageStatus) -> StageReport {
+        StageReport {
+            name: name.to_string(),
+            kind,
+            status,
+            identity: None,
+            fingerprint: None,
+            input_paths: BTreeMap::new(),
+            reasons: Vec::new(),
+            output: None,
+            duration_s: None,
+            error: None,
+        }
+    }
+
+    fn succeeded(&self) -> bool {
+        matches!(self.status, StageStatus::Cached | StageStatus::Executed)
+    }
+}
+
+/// How the whole run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every selected stage is cached or executed (or, for a dry run, planned).
+    Succeeded,
+    /// A stage failed.
+    Failed,
+    /// Ctrl-C / SIGTERM.
+    Interrupted,
+}
+
+/// The result of [`run`] or [`status`].
+#[derive(Debug)]
+pub struct RunReport {
+    /// `runs/<id>/`, for real runs.
+    pub run_dir: Option<PathBuf>,
+    /// Every stage, in topological order.
+    pub stages: Vec<StageReport>,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl RunReport {
+    /// The report of the stage called `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+        self.stages.iter().find(|stage| stage.name == name)
+    }
+
+    /// Names of the stages with `status`, in order.
+    pub fn with_status(&self, status: StageStatus) -> Vec<&str> {
+        self.stages.iter().filter(|stage| stage.status == status).map(|stage| stage.name.as_str()).collect()
+    }
+}
+
+/// Why a run could not start or continue.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The workspace lock.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// `--force` / `--only` / `--until` names no stage.
+    #[error("{flag} {name}: no such stage{}", .help.as_ref().map(|help| format!("; {help}")).unwrap_or_default())]
+    UnknownStage {
+        /// The flag.
+        flag: &'static str,
+        /// The name given.
+        name: String,
+        /// A suggestion.
+        help: Option<String>,
+    },
+    /// Workspace I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecError {
+    let context = context.into();
+    move |source| ExecError::Io { context, source }
+}
+
+/// Runs `pipeline` in `workspace`.
+pub fn run(
+    workspace: &Workspace,
+    pipeline: &ResolvedPipeline,
+    dag: &Dag,
+    options: &RunOptions,
+    cancel: &CancelFlag,
+) -> Result<RunReport, ExecError> {
+    let _lock = if options.dry_run {
+        None
+    } else {
+        let mut on_wait = |holder: &str| {
+            eprintln!("waiting for the workspace lock, held by {holder}");
+        };
+        Some(workspace.lock(options.wait_for_lock, &mut on_wait)?)
+    };
+    let recorder = if options.dry_run {
+        None
+    } else {
+        Some(RunRecorder::create(workspace, &pipeline.name).map_err(io_error("creating the run directory"))?)
+    };
+    let engine = Engine {
+        workspace,
+        pipeline,
+        dag,
+        options,
+        cancel,
+        hasher: ContentHasher::open(&workspace.stat_cache()),
+        recorder: recorder.as_ref(),
+    };
+    let started = SystemTime::now();
+    if let Some(recorder) = &recorder {
+        recorder.event("run_started", serde_json::json!({ "pipeline": pipeline.name, "run_id": recorder.id }));
+        let record = engine.run_record(&recorder.id, started, None, "running", &[]);
+        recorder.write_record(&record).map_err(io_error("writing resolved_settings.json"))?;
+    }
+    let reports = engine.walk()?;
+    engine.hasher.save().map_err(io_error("saving the stat cache"))?;
+    let outcome = if reports.iter().any(|report| report.status == StageStatus::Interrupted) || cancel.is_cancelled() {
+        Outcome::Interrupted
+    } else if reports.iter().any(|report| matches!(report.status, StageStatus::Failed | StageStatus::Skipped)) {
+        Outcome::Failed
+    } else {
+        Outcome::Succeeded
+    };
+    if let Some(recorder) = &recorder {
+        let status = match outcome {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
+        };
+        let record = engine.run_record(&recorder.id, started, Some(SystemTime::now()), status, &reports);
+        recorder.write_record(&record).map_err(io_error("writing resolved_settings.json"))?;
+        recorder.event("run_finished", serde_json::json!({ "status": status }));
+        recorder.mark_latest().map_err(io_error("updating runs/latest"))?;
+    }
+    Ok(RunReport {
+        run_dir: recorder.map(|recorder| recorder.dir),
+        stages: reports,
+        outcome,
+    })
+}
+
+/// What `run` would do, without the lock, a run directory, or executing anything.
+pub fn status(workspace: &Workspace, pipeline: &ResolvedPipeline, dag: &Dag) -> Result<RunReport, ExecError> {
+    let options = RunOptions {
+        dry_run: true,
+        ..RunOptions::default()
+    };
+    let cancel = CancelFlag::new();
+    let engine = Engine {
+        workspace,
+        pipeline,
+        dag,
+        options: &options,
+        cancel: &cancel,
+        hasher: ContentHasher::open(&workspace.stat_cache()),
+        recorder: None,
+    };
+    let stages = engine.walk()?;
+    // Saving is only an optimisation; a read-only workspace must not fail `status`.
+    let _ = engine.hasher.save();
+    Ok(RunReport {
+        run_dir: None,
+        stages,
+        outcome: Outcome::Succeeded,
+    })
+}
+
+struct Engine<'a> {
+    workspace: &'a Workspace,
+    pipeline: &'a ResolvedPipeline,
+    dag: &'a Dag,
+    options: &'a RunOptions,
+    cancel: &'a CancelFlag,
+    hasher: ContentHasher,
+    recorder: Option<&'a RunRecorder>,
+}
+
+enum Slot {
+    Pending,
+    Running,
+    Done(Box<StageReport>),
+}
+
+/// A stage ready to execute: its identity and where its inputs are.
+struct Job {
+    index: usize,
+    identity: StageIdentity,
+    fingerprint: String,
+    inputs: BTreeMap<String, PathBuf>,
+    report: StageReport,
+}
+
+impl Engine<'_> {
+    fn stage_index(&self, flag: &'static str, name: &str) -> Result<usize, ExecError> {
+        self.pipeline.stages.iter().position(|stage| stage.name == name).ok_or_else(|| ExecError::UnknownStage {
+            flag,
+            name: name.to_string(),
+            help: did_you_mean(name, self.pipeline.stages.iter().map(|stage| stage.name.as_str())),
+        })
+    }
+
+    fn progress(&self, line: std::fmt::Arguments<'_>) {
+        if self.options.progress {
+            eprintln!("{line}");
+        }
+    }
+
+    fn event(&self, event: &str, fields: serde_json::Value) {
+        if let Some(recorder) = self.recorder {
+            recorder.event(event, fields);
+        }
+    }
+
+    /// Visits every stage in order, deciding and (unless dry) executing.
+    fn walk(&self) -> Result<Vec<StageReport>, ExecError> {
+        let count = self.pipeline.stages.len();
+        let mut forced = BTreeSet::new();
+        for name in &self.options.force {
+            forced.insert(self.stage_index("--force", name)?);
+        }
+        if self.options.force_all {
+            forced.extend(0..count);
+        }
+        let selected: BTreeSet<usize> = match (&self.options.only, &self.options.until) {
+            (Some(only), _) => BTreeSet::from([self.stage_index("--only", only)?]),
+            (None, Some(until)) => self.dag.ancestors_and_self(self.stage_index("--until", until)?),
+            (None, None) => (0..count).collect(),
+        };
+        let needed: BTreeSet<usize> = selected.iter().flat_map(|&index| self.dag.ancestors_and_self(index)).collect();
+
+        let mut slots: Vec<Slot> = (0..count).map(|_| Slot::Pending).collect();
+        let mut stopped_by: Option<String> = None;
+        let jobs = self.options.jobs.max(1);
+        std::thread::scope(|scope| {
+            let (sender, receiver) = mpsc::channel::<(usize, StageReport)>();
+            let mut running = 0usize;
+            loop {
+                let mut launched_or_decided = true;
+                while launched_or_decided {
+                    launched_or_decided = false;
+                    for &index in &self.dag.order {
+                        if !matches!(slots[index], Slot::Pending) {
+                            continue;
+                        }
+                        let stage = &self.pipeline.stages[index];
+                        if !needed.contains(&index) {
+                            slots[index] = Slot::Done(Box::new(StageReport::new(&stage.name, stage.kind.name, StageStatus::NotSelected)));
+                            launched_or_decided = true;
+                            continue;
+                        }
+                        let upstream = self.dag.upstream(index);
+                        let upstream_reports: Option<Vec<(usize, &StageReport)>> = upstream
+                            .iter()
+                            .map(|&up| match &slots[up] {
+                                Slot::Done(report) => Some((up, report.as_ref())),
+                                _ => None,
+                            })
+                            .collect();
+                        let Some(upstream_reports) = upstream_reports else { continue };
+                        let decision = self.decide(index, &upstream_reports, &forced, &selected, stopped_by.as_deref());
+                        match decision {
+                            Decision::Done(report) => {
+                                if report.status == StageStatus::Failed && !self.options.keep_going {
+                                    stopped_by.get_or_insert_with(|| stage.name.clone());
+                                }
+                                slots[index] = Slot::Done(report);
+                                launched_or_decided = true;
+                            }
+                            Decision::Execute(job) => {
+                                if running >= jobs {
+                                    continue;
+                                }
+                                let sender = sender.clone();
+                                running += 1;
+                                slots[index] = Slot::Running;
+                                launched_or_decided = true;
+                                scope.spawn(move || {
+                                    let report = self.execute(*job);
+                                    let _ = sender.send((index, report));
+                                });
+                            }
+                        }
+                    }
+                }
+                if running == 0 {
+                    break;
+                }
+                let Ok((index, report)) = receiver.recv() else { break };
+                running -= 1;
+                if matches!(report.status, StageStatus::Failed | StageStatus::Interrupted) && !self.options.keep_going {
+                    stopped_by.get_or_insert_with(|| report.name.clone());
+                }
+                slots[index] = Slot::Done(Box::new(report));
+            }
+        });
+        let mut reports = Vec::with_capacity(count);
+        for &index in &self.dag.order {
+            let stage = &self.pipeline.stages[index];
+            match std::mem::replace(&mut slots[index], Slot::Pending) {
+                Slot::Done(report) => reports.push(*report),
+                _ => reports.push(StageReport::new(&stage.name, stage.kind.name, StageStatus::Skipped)),
+            }
+        }
+        Ok(reports)
+    }
+
+    fn decide(
+        &self,
+        index: usize,
+        upstream: &[(usize, &StageReport)],
+        forced: &BTreeSet<usize>,
+        selected: &BTreeSet<usize>,
+        stopped_by: Option<&str>,
+    ) -> Decision {
+        let stage = &self.pipeline.stages[index];
+        let mut report = StageReport::new(&stage.name, stage.kind.name, StageStatus::Skipped);
+        let will_run: Vec<String> = upstream
+            .iter()
+            .filter(|(_, report)| report.status == StageStatus::WillRun)
+            .map(|(_, report)| report.name.clone())
+            .collect();
+        if !will_run.is_empty() {
+            report.status = StageStatus::WillRun;
+            report.reasons.push(Reason::UpstreamWillRun { stages: will_run });
+            return Decision::Done(Box::new(report));
+        }
+        if let Some((_, failed)) = upstream.iter().find(|(_, report)| !report.succeeded()) {
+            report.error = Some(format!("upstream stage `{}` {}", failed.name, failed.status.as_str()));
+            self.progress(format_args!("  skipped  {} (upstream `{}` {})", stage.name, failed.name, failed.status.as_str()));
+            return Decision::Done(Box::new(report));
+        }
+        if self.cancel.is_cancelled() {
+            report.error = Some("the run was interrupted".to_string());
+            return Decision::Done(Box::new(report));
+        }
+        if let Some(failed) = stopped_by {
+            report.error = Some(format!("the run stopped after `{failed}` failed (use --keep-going to continue)"));
+            return Decision::Done(Box::new(report));
+        }
+        let (identity, inputs) = match self.identity_of(index, upstream) {
+            Ok(found) => found,
+            Err(message) => {
+                report.status = StageStatus::Failed;
+                self.progress(format_args!("  FAILED   {}: {message}", stage.name));
+                report.error = Some(message);
+                return Decision::Done(Box::new(report));
+            }
+        };
+        let fingerprint = identity.fingerprint();
+        report.input_paths = self.external_paths(index);
+        report.fingerprint = Some(fingerprint.clone());
+        let cached = self.workspace.lookup(&stage.name, &fingerprint);
+        let is_forced = forced.contains(&index) && selected.contains(&index);
+        if let Some(manifest) = cached.filter(|_| !is_forced) {
+            report.status = StageStatus::Cached;
+            report.output = Some((self.workspace.entry_dir(&stage.name, &fingerprint), manifest));
+            self.progress(format_args!("  cached   {} ({}) {}", stage.name, stage.kind.name, &fingerprint[..12]));
+            self.after_use(&report, &identity);
+            report.identity = Some(identity);
+            return Decision::Done(Box::new(report));
+        }
+        report.reasons = if is_forced {
+            vec![Reason::Forced]
+        } else {
+            match self.workspace.last_identity(&stage.name) {
+                None => vec![Reason::NeverRan],
+                Some(previous) => {
+                    let reasons = fingerprint::explain(&previous, &identity);
+                    if reasons.is_empty() { vec![Reason::OutputMissing] } else { reasons }
+                }
+            }
+        };
+        if !selected.contains(&index) {
+            report.status = StageStatus::Failed;
+            report.error = Some(format!(
+                "stage `{}` has no cached output for its current settings and inputs ({}); run it first, or drop --only",
+                stage.name,
+                report.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            ));
+            self.progress(format_args!("  FAILED   {}", report.error.as_deref().unwrap_or_default()));
+            return Decision::Done(Box::new(report));
+        }
+        report.identity = Some(identity.clone());
+        if self.options.dry_run {
+            report.status = StageStatus::WillRun;
+            return Decision::Done(Box::new(report));
+        }
+        Decision::Execute(Box::new(Job {
+            index,
+            identity,
+            fingerprint,
+            inputs,
+            report,
+        }))
+    }
+
+    /// Records that a run used `identity` for this stage (for `status` later) and
+    /// links the output into the run directory.
+    fn after_use(&self, report: &StageReport, identity: &StageIdentity) {
+        let Some(recorder) = self.recorder else { return };
+        if let Err(error) = self.workspace.record_last_identity(&report.name, identity) {
+            tracing::warn!("cannot record the last identity of `{}`: {error}", report.name);
+        }
+        if let Some((dir, _)) = &report.output
+            && let Err(error) = recorder.link_output(&report.name, dir)
+        {
+            tracing::warn!("cannot link the output of `{}`: {error}", report.name);
+        }
+        self.event(
+            if report.status == StageStatus::Cached { "stage_cached" } else { "stage_finished" },
+            serde_json::json!({
+                "stage": report.name,
+                "fingerprint": report.fingerprint,
+                "output_hash": report.output.as_ref().map(|(_, manifest)| &manifest.output_hash),
+                "duration_s": report.duration_s,
+            }),
+        );
+    }
+
+    fn external_paths(&self, index: usize) -> BTreeMap<String, PathBuf> {
+        self.dag.bindings[index]
+            .iter()
+            .filter_map(|(name, binding)| match binding {
+                Binding::External { path, .. } => Some((name.clone(), path.clone())),
+                Binding::Stage { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The identity of stage `index` and the absolute path of each input. Upstream
+    /// stages must already be done; their hashes come from their manifests.
+    fn identity_of(&self, index: usize, upstream: &[(usize, &StageReport)]) -> Result<(StageIdentity, BTreeMap<String, PathBuf>), String> {
+        let stage = &self.pipeline.stages[index];
+        let mut records = BTreeMap::new();
+        let mut paths = BTreeMap::new();
+        for (name, binding) in &self.dag.bindings[index] {
+            let (record, path) = match binding {
+                Binding::External { declared, path } => {
+                    let hash = self
+                        .hasher
+                        .hash_path(path)
+                        .map_err(|error| format!("input `{name}`: cannot hash {}: {error}", path.display()))?;
+                    let source = InputSource::Path { path: declared.clone() };
+                    (InputRecord { source, hash }, path.clone())
+                }
+                Binding::Stage { stage: upstream_index, subpath } => {
+                    let upstream_name = &self.pipeline.stages[*upstream_index].name;
+                    let (dir, manifest) = upstream
+                        .iter()
+                        .find(|(index, _)| index == upstream_index)
+                        .and_then(|(_, report)| report.output.as_ref())
+                        .ok_or_else(|| format!("input `{name}`: stage `{upstream_name}` has no output"))?;
+                    let hash = match subpath {
+                        None => manifest.output_hash.clone(),
+                        Some(subpath) => subpath_hash(&manifest, subpath).ok_or_else(|| {
+                            format!("input `{name}`: stage `{upstream_name}` produced no `{subpath}`")
+                        })?,
+                    };
+                    let path = subpath.as_ref().map_or_else(|| dir.clone(), |subpath| dir.join(subpath));
+                    let source = InputSource::Stage {
+                        stage: upstream_name.clone(),
+                        subpath: subpath.clone(),
+                    };
+                    (InputRecord { source, hash }, path)
+                }
+            };
+            records.insert(name.clone(), record);
+            paths.insert(name.clone(), path);
+        }
+        let identity = StageIdentity {
+            kind: stage.kind.name.to_string(),
+            kind_version: stage.kind.version,
+            seed: self.pipeline.seed,
+            settings: stage.settings.clone(),
+            inputs: records,
+        };
+        Ok((identity, paths))
+    }
+
+    /// Runs one stage into its scratch directory and publishes it.
+    fn execute(&self, mut job: Job) -> StageReport {
+        let stage = &self.pipeline.stages[job.index];
+        let mut report = std::mem::replace(&mut job.report, StageReport::new(&stage.name, stage.kind.name, StageStatus::Skipped));
+        let scratch = self.workspace.scratch_dir(&stage.name, &job.fingerprint);
+        let reasons: Vec<String> = report.reasons.iter().map(ToString::to_string).collect();
+        self.progress(format_args!("  running  {} ({}): {}", stage.name, stage.kind.name, reasons.join("; ")));
+        self.event("stage_started", serde_json::json!({ "stage": stage.name, "fingerprint": job.fingerprint, "reasons": reasons }));
+        let started_at = SystemTime::now();
+        let clock = Instant::now();
+        let result = self.execute_in(stage, &job, &scratch, started_at, &clock);
+        report.duration_s = Some(clock.elapsed().as_secs_f64());
+        match result {
+            Ok((dir, manifest)) => {
+                report.status = StageStatus::Executed;
+                self.progress(format_args!("  done     {} in {:.2}s", stage.name, clock.elapsed().as_secs_f64()));
+                report.output = Some((dir, manifest));
+                self.after_use(&report, &job.identity);
+            }
+            Err(StageError::Interrupted) => {
+                report.status = StageStatus::Interrupted;
+                report.error = Some("interrupted".to_string());
+                self.progress(format_args!("  stopped  {} (interrupted; nothing was published)", stage.name));
+                self.event("stage_interrupted", serde_json::json!({ "stage": stage.name }));
+            }
+            Err(error) => {
+                report.status = StageStatus::Failed;
+                let message = format!("{error}\n(log: {})", scratch.join(STAGE_LOG).display());
+                self.progress(format_args!("  FAILED   {} ({}): {message}", stage.name, stage.kind.name));
+                self.event("stage_failed", serde_json::json!({ "stage": stage.name, "error": error.to_string() }));
+                report.error = Some(message);
+            }
+        }
+        report.identity = Some(job.identity);
+        report
+    }
+
+    fn execute_in(
+        &self,
+        stage: &crate::config::ResolvedStage,
+        job: &Job,
+        scratch: &std::path::Path,
+        started_at: SystemTime,
+        clock: &Instant,
+    ) -> Result<(PathBuf, Manifest), StageError> {
+        if scratch.exists() && !stage.kind.resumable {
+            std::fs::remove_dir_all(scratch).map_err(|error| StageError::io(format!("clearing {}", scratch.display()), error))?;
+        }
+        std::fs::create_dir_all(scratch).map_err(|error| StageError::io(format!("creating {}", scratch.display()), error))?;
+        let log_path = scratch.join(STAGE_LOG);
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|error| StageError::io(format!("opening {}", log_path.display()), error))?;
+        let mut context = StageContext {
+            stage: &stage.name,
+            inputs: &job.inputs,
+            out_dir: scratch,
+            seed: self.pipeline.seed,
+            cancel: self.cancel,
+            log: &mut log,
+        };
+        let outcome = stage.kind.run(&stage.settings, &mut context)?;
+        if scratch.join(MANIFEST).exists() {
+            return Err(StageError::Invalid(format!("`{MANIFEST}` in the output directory is reserved for trainyard")));
+        }
+        let (_, files) = ContentHasher::uncached()
+            .hash_dir(scratch, &[MANIFEST])
+            .map_err(|error| StageError::io(format!("hashing the output in {}", scratch.display()), error))?;
+        let output_hash = dir_hash(
+            files
+                .iter()
+                .filter(|(path, _)| path.as_str() != STAGE_LOG)
+                .map(|(path, digest)| (path.as_str(), digest.hash.as_str())),
+        );
+        let manifest = Manifest {
+            format: 1,
+            stage: stage.name.clone(),
+            fingerprint: job.fingerprint.clone(),
+            identity: job.identity.clone(),
+            files,
+            output_hash,
+            started_at: runs::timestamp(started_at),
+            finished_at: runs::timestamp(SystemTime::now()),
+            duration_s: clock.elapsed().as_secs_f64(),
+            exit_status: "succeeded".to_string(),
+            metrics: outcome.metrics,
+            trainyard_version: runs::VERSION.to_string(),
+        };
+        let dir = self
+            .workspace
+            .publish(scratch, &manifest)
+            .map_err(|error| StageError::io(format!("publishing the output of `{}`", stage.name), error))?;
+        Ok((dir, manifest))
+    }
+
+    fn run_record(&self, run_id: &str, started: SystemTime, finished: Option<SystemTime>, status: &str, reports: &[StageReport]) -> RunRecord {
+        let stages = reports
+            .iter()
+            .map(|report| {
+                let stage = self.pipeline.stage(&report.name);
+                let record = StageRunRecord {
+                    kind: report.kind.to_string(),
+                    kind_version: stage.map_or(0, |stage| stage.kind.version),
+                    status: report.status.as_str().replace(' ', "_"),
+                    fingerprint: report.fingerprint.clone(),
+                    inputs: report.identity.as_ref().map(|identity| identity.inputs.clone()).unwrap_or_default(),
+                    input_paths: report.input_paths.clone(),
+                    output: report
+                        .output
+                        .as_ref()
+                        .map(|(dir, _)| dir.strip_prefix(&self.workspace.root).unwrap_or(dir).to_path_buf()),
+                    output_hash: report.output.as_ref().map(|(_, manifest)| manifest.output_hash.clone()),
+                    duration_s: report.duration_s,
+                    reasons: report.reasons.iter().map(ToString::to_string).collect(),
+                    error: report.error.clone(),
+                };
+                (report.name.clone(), record)
+            })
+            .collect();
+        RunRecord {
+            format: 1,
+            run_id: run_id.to_string(),
+            status: status.to_string(),
+            started_at: runs::timestamp(started),
+            finished_at: finished.map(runs::timestamp),
+            command_line: self.options.command_line.clone(),
+            trainyard: runs::ToolRecord {
+                version: runs::VERSION.to_string(),
+                git_commit: runs::BUILD_COMMIT.to_string(),
+            },
+            workspace: runs::WorkspaceRecord {
+                root: self.workspace.root.clone(),
+                git_commit: runs::git_commit(&self.workspace.root),
+            },
+            pipeline: runs::PipelineRecord {
+                name: self.pipeline.name.clone(),
+                file: self.pipeline.file.clone(),
+                absolute_path: std::path::absolute(&self.pipeline.file.path).unwrap_or_else(|_| self.pipeline.file.path.clone()),
+            },
+            profiles: self.pipeline.profiles.clone(),
+            settings: self.pipeline.values_json(),
+            origins: self.pipeline.origins.iter().map(|(key, origin)| (key.clone(), origin.to_string())).collect(),
+            stages,
+            machine: runs::MachineRecord::detect(),
+        }
+    }
+}
+
+enum Decision {
+    Done(Box<StageReport>),
+    Execute(Box<Job>),
+}
+
+/// Hash of a file or folder inside an output, from its manifest (no re-reading).
+fn subpath_hash(manifest: &Manifest, subpath: &str) -> Option<String> {
+    if let Some(digest) = manifest.files.get(subpath) {
+        return Some(digest.hash.clone());
+    }
+    let prefix = format!("{subpath}/");
+    let inside: Vec<(&str, &str)> = manifest
+        .files
+        .iter()
+        .filter_map(|(path, digest)| Some((path.strip_prefix(&prefix)?, digest.hash.as_str())))
+        .collect();
+    (!inside.is_empty()).then(|| dir_hash(inside))
+}

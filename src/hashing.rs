@@ -1,0 +1,248 @@
+//! Content hashing of files and directories with blake3, behind a stat cache.
+//!
+//! A file's hash is blake3 of its bytes. A directory's hash is blake3 over the sorted
+//! list of (relative path, file hash) of every file below it, so it changes exactly when
+//! a file is added, removed, renamed or edited. The stat cache maps (path, size, mtime in
+//! ns, inode) to the hash, so a no-op run never re-reads an unchanged file; touching a
+//! file (new mtime, same bytes) costs one re-read and still yields the same hash.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// A cached hash is trusted only if the file's mtime was at least this long before the
+/// hash was taken: a write within the same timestamp tick as the hashing could otherwise
+/// go unnoticed (git's "racy" problem).
+const RACY_WINDOW_NS: i128 = 1_000_000_000;
+
+/// Hash and size of one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// blake3 hex.
+    pub hash: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StatEntry {
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+    hashed_at_ns: i128,
+    hash: String,
+}
+
+/// Hashes files and directories, remembering what it has hashed across runs.
+#[derive(Debug)]
+pub struct ContentHasher {
+    cache_file: Option<PathBuf>,
+    entries: Mutex<BTreeMap<String, StatEntry>>,
+    changed: Mutex<bool>,
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as i128)
+}
+
+fn mtime_ns(metadata: &std::fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    metadata.mtime() as i128 * 1_000_000_000 + metadata.mtime_nsec() as i128
+}
+
+impl ContentHasher {
+    /// A hasher whose stat cache lives in `cache_file` (a missing or unreadable cache
+    /// just starts empty: it is only an optimisation).
+    pub fn open(cache_file: &Path) -> ContentHasher {
+        let entries = std::fs::read(cache_file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        ContentHasher {
+            cache_file: Some(cache_file.to_path_buf()),
+            entries: Mutex::new(entries),
+            changed: Mutex::new(false),
+        }
+    }
+
+    /// A hasher without a persistent cache.
+    pub fn uncached() -> ContentHasher {
+        ContentHasher {
+            cache_file: None,
+            entries: Mutex::new(BTreeMap::new()),
+            changed: Mutex::new(false),
+        }
+    }
+
+    /// Writes the stat cache back if anything changed (atomically: temp file + rename).
+    pub fn save(&self) -> io::Result<()> {
+        let Some(cache_file) = &self.cache_file else { return Ok(()) };
+        let changed = self.changed.lock().map(|changed| *changed).unwrap_or(true);
+        if !changed {
+            return Ok(());
+        }
+        let bytes = {
+            let entries = self.entries.lock().map_err(|_| io::Error::other("stat cache lock poisoned"))?;
+            serde_json::to_vec(&*entries).map_err(io::Error::other)?
+        };
+        crate::store::write_atomically(cache_file, &bytes)
+    }
+
+    /// Hash of a file or directory.
+    pub fn hash_path(&self, path: &Path) -> io::Result<String> {
+        let metadata = std::fs::metadata(path)
+            .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
+        if metadata.is_dir() {
+            Ok(self.hash_dir(path, &[])?.0)
+        } else {
+            Ok(self.hash_file(path)?.hash)
+        }
+    }
+
+    /// Hash and size of one file, from the stat cache when it is still valid.
+    pub fn hash_file(&self, path: &Path) -> io::Result<FileDigest> {
+        use std::os::unix::fs::MetadataExt;
+        let with_path = |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", path.display()));
+        let metadata = std::fs::metadata(path).map_err(with_path)?;
+        let key = std::path::absolute(path).map_err(with_path)?.to_string_lossy().into_owned();
+        let (size, mtime, inode) = (metadata.len(), mtime_ns(&metadata), metadata.ino());
+        if let Ok(entries) = self.entries.lock()
+            && let Some(entry) = entries.get(&key)
+            && entry.size == size
+            && entry.mtime_ns == mtime
+            && entry.inode == inode
+            && entry.hashed_at_ns - entry.mtime_ns >= RACY_WINDOW_NS
+        {
+            return Ok(FileDigest {
+                hash: entry.hash.clone(),
+                size,
+            });
+        }
+        let hashed_at_ns = now_ns();
+        let hash = hash_file_contents(path).map_err(with_path)?;
+        if let (Ok(mut entries), Ok(mut changed)) = (self.entries.lock(), self.changed.lock()) {
+            entries.insert(
+                key,
+                StatEntry {
+                    size,
+                    mtime_ns: mtime,
+                    inode,
+                    hashed_at_ns,
+                    hash: hash.clone(),
+                },
+            );
+            *changed = true;
+        }
+        Ok(FileDigest { hash, size })
+    }
+
+    /// Hash of a directory and the digest of every file below it (relative paths with
+    /// `/`), skipping top-level entries named in `exclude`.
+    pub fn hash_dir(&self, dir: &Path, exclude: &[&str]) -> io::Result<(String, BTreeMap<String, FileDigest>)> {
+        let mut files = Vec::new();
+        list_files(dir, "", exclude, &mut files)?;
+        let digests: Vec<(String, FileDigest)> = files
+            .into_par_iter()
+            .map(|relative| {
+                let digest = self.hash_file(&dir.join(&relative))?;
+                Ok((relative, digest))
+            })
+            .collect::<io::Result<_>>()?;
+        let digests: BTreeMap<String, FileDigest> = digests.into_iter().collect();
+        Ok((dir_hash(digests.iter().map(|(path, digest)| (path.as_str(), digest.hash.as_str()))), digests))
+    }
+}
+
+/// blake3 of a file's bytes (memory-mapped and multi-threaded for large files).
+pub fn hash_file_contents(path: &Path) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap_rayon(path)?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// The directory hash of a sorted list of (relative path, file hash).
+pub fn dir_hash<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"trainyard-dir-v1\n");
+    for (path, hash) in entries {
+        hasher.update(path.as_bytes());
+        hasher.update(b"\0");
+        hasher.update(hash.as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+fn list_files(dir: &Path, prefix: &str, exclude: &[&str], out: &mut Vec<String>) -> io::Result<()> {
+    let with_path = |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", dir.display()));
+    let mut entries: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(with_path)?
+        .map(|entry| {
+            let entry = entry.map_err(with_path)?;
+            Ok((entry.file_name().to_string_lossy().into_owned(), entry.path()))
+        })
+        .collect::<io::Result<_>>()?;
+    entries.sort();
+    for (name, path) in entries {
+        if prefix.is_empty() && exclude.contains(&name.as_str()) {
+            continue;
+        }
+        let relative = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+        // Follows symlinks: what matters is the content a stage would read.
+        let metadata = std::fs::metadata(&path).map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
+        if metadata.is_dir() {
+            list_files(&path, &relative, &[], out)?;
+        } else {
+            out.push(relative);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_hash_changes_with_content_names_and_membership() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a.txt"), "alpha").unwrap();
+        std::fs::write(dir.path().join("sub/b.txt"), "beta").unwrap();
+        let hasher = ContentHasher::uncached();
+        let (first, files) = hasher.hash_dir(dir.path(), &[]).unwrap();
+        assert_eq!(files.keys().collect::<Vec<_>>(), ["a.txt", "sub/b.txt"]);
+        std::fs::write(dir.path().join("sub/b.txt"), "BETA").unwrap();
+        let (edited, _) = hasher.hash_dir(dir.path(), &[]).unwrap();
+        assert_ne!(first, edited);
+        std::fs::rename(dir.path().join("a.txt"), dir.path().join("c.txt")).unwrap();
+        let (renamed, _) = hasher.hash_dir(dir.path(), &[]).unwrap();
+        assert_ne!(edited, renamed);
+        let (excluded, files) = hasher.hash_dir(dir.path(), &["c.txt"]).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_ne!(renamed, excluded);
+    }
+
+    #[test]
+    fn stat_cache_survives_a_reopen_and_notices_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data.bin");
+        std::fs::write(&file, vec![7u8; 1000]).unwrap();
+        let cache = dir.path().join("cache.json");
+        let hasher = ContentHasher::open(&cache);
+        let first = hasher.hash_file(&file).unwrap();
+        hasher.save().unwrap();
+        assert_eq!(first.hash, blake3::hash(&[7u8; 1000]).to_hex().to_string());
+        std::fs::write(&file, vec![8u8; 1000]).unwrap();
+        let reopened = ContentHasher::open(&cache);
+        let second = reopened.hash_file(&file).unwrap();
+        assert_eq!(second.hash, blake3::hash(&[8u8; 1000]).to_hex().to_string());
+    }
+}

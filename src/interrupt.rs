@@ -1,0 +1,38 @@
+//! Ctrl-C and SIGTERM: the first one asks every running stage to stop cleanly (a
+//! training stage writes a checkpoint, a command stage kills its process group); a
+//! second one exits at once. Nothing half-written is ever published, so both are safe.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A shared "please stop" flag, set by signals or by tests.
+#[derive(Clone, Debug, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    /// A flag that nothing has set yet.
+    pub fn new() -> CancelFlag {
+        CancelFlag::default()
+    }
+
+    /// Asks everything watching this flag to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Sets this flag on SIGINT and SIGTERM; a second signal terminates the process.
+    pub fn install_signal_handlers(&self) -> std::io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        for signal in [SIGINT, SIGTERM] {
+            // Registered first so that it only fires when the flag is already set.
+            signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&self.0))?;
+            signal_hook::flag::register(signal, Arc::clone(&self.0))?;
+        }
+        Ok(())
+    }
+}

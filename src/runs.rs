@@ -1,0 +1,279 @@
+//! Run records: every `trainyard run` leaves `runs/<run-id>/` with
+//! `resolved_settings.json` (enough to audit and reproduce the run), `logs.jsonl`
+//! (structured events) and `outputs/<stage>` links into the store; `runs/latest`
+//! points at the newest run.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ProfileRecord, SourceRecord};
+use crate::fingerprint::InputRecord;
+use crate::store::{Workspace, write_atomically};
+
+/// Version of trainyard, recorded in every run and manifest.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Git commit trainyard was built from (`unknown` outside a git checkout).
+pub const BUILD_COMMIT: &str = env!("TRAINYARD_GIT_COMMIT");
+
+/// RFC 3339 timestamp with milliseconds, UTC.
+pub fn timestamp(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The content of `resolved_settings.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Format version of this file.
+    pub format: u32,
+    /// The run's id (its directory name).
+    pub run_id: String,
+    /// `running`, `succeeded`, `failed` or `interrupted`.
+    pub status: String,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339, once finished.
+    pub finished_at: Option<String>,
+    /// The command line.
+    pub command_line: Vec<String>,
+    /// trainyard's version and build commit.
+    pub trainyard: ToolRecord,
+    /// The workspace root and its git commit, if it is a git checkout.
+    pub workspace: WorkspaceRecord,
+    /// Pipeline name and file (with hash).
+    pub pipeline: PipelineRecord,
+    /// Profiles applied, in order, with their files' hashes.
+    pub profiles: Vec<ProfileRecord>,
+    /// The resolved values (`name`, `seed`, `stages`).
+    pub settings: serde_json::Value,
+    /// Where each resolved value came from, by key path.
+    pub origins: BTreeMap<String, String>,
+    /// Per stage, in run order.
+    pub stages: BTreeMap<String, StageRunRecord>,
+    /// The machine it ran on.
+    pub machine: MachineRecord,
+}
+
+/// trainyard itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToolRecord {
+    /// Crate version.
+    pub version: String,
+    /// Build commit.
+    pub git_commit: String,
+}
+
+/// The workspace a run used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    /// Absolute root.
+    pub root: PathBuf,
+    /// HEAD commit of the git repository containing the root, if any.
+    pub git_commit: Option<String>,
+}
+
+/// The pipeline a run used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelineRecord {
+    /// `name:`.
+    pub name: String,
+    /// The file and its hash.
+    pub file: SourceRecord,
+    /// Absolute path of the file.
+    pub absolute_path: PathBuf,
+}
+
+/// What happened to one stage in a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRunRecord {
+    /// Kind name.
+    pub kind: String,
+    /// Kind implementation version.
+    pub kind_version: u32,
+    /// `cached`, `executed`, `failed`, `skipped`, `interrupted`, `will_run`, `not_selected`.
+    pub status: String,
+    /// Fingerprint, once its inputs were known.
+    pub fingerprint: Option<String>,
+    /// Inputs with their hashes.
+    pub inputs: BTreeMap<String, InputRecord>,
+    /// Absolute paths of external inputs, for audits.
+    pub input_paths: BTreeMap<String, PathBuf>,
+    /// Store directory of the output, relative to the workspace root.
+    pub output: Option<PathBuf>,
+    /// Hash of the output.
+    pub output_hash: Option<String>,
+    /// Seconds spent executing (0 when cached).
+    pub duration_s: Option<f64>,
+    /// Why it ran (or would run).
+    pub reasons: Vec<String>,
+    /// The error, if it failed.
+    pub error: Option<String>,
+}
+
+/// The machine a run used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineRecord {
+    /// Host name.
+    pub host: String,
+    /// OS family and release name.
+    pub os: String,
+    /// CPU architecture.
+    pub arch: String,
+    /// CPU model.
+    pub cpu: String,
+    /// Logical cores available.
+    pub cores: usize,
+    /// Total memory in bytes, if known.
+    pub memory_bytes: Option<u64>,
+}
+
+impl MachineRecord {
+    /// Describes this machine.
+    pub fn detect() -> MachineRecord {
+        let read = |path: &str| fs::read_to_string(path).unwrap_or_default();
+        let os_release = read("/etc/os-release");
+        let pretty = os_release
+            .lines()
+            .find_map(|line| line.strip_prefix("PRETTY_NAME="))
+            .map(|name| name.trim_matches('"').to_string());
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("model name").and_then(|rest| rest.split_once(':')).map(|(_, model)| model.trim().to_string()))
+            .unwrap_or_else(|| "unknown".to_string());
+        let memory_bytes = read("/proc/meminfo").lines().find_map(|line| {
+            let kib: u64 = line.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some(kib * 1024)
+        });
+        MachineRecord {
+            host: read("/proc/sys/kernel/hostname").trim().to_string(),
+            os: match pretty {
+                Some(name) => format!("{} ({name})", std::env::consts::OS),
+                None => std::env::consts::OS.to_string(),
+            },
+            arch: std::env::consts::ARCH.to_string(),
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            memory_bytes,
+        }
+    }
+}
+
+/// HEAD commit of the git repository containing `dir`, read from `.git` directly
+/// (spawning git would cost more than a whole no-op run).
+pub fn git_commit(dir: &Path) -> Option<String> {
+    let mut current = Some(dir);
+    while let Some(candidate) = current {
+        let dot_git = candidate.join(".git");
+        let git_dir = if dot_git.is_dir() {
+            Some(dot_git)
+        } else if dot_git.is_file() {
+            let pointer = fs::read_to_string(&dot_git).ok()?;
+            pointer.strip_prefix("gitdir:").map(|path| candidate.join(path.trim()))
+        } else {
+            None
+        };
+        if let Some(git_dir) = git_dir {
+            let head = fs::read_to_string(git_dir.join("HEAD")).ok()?;
+            let head = head.trim();
+            let Some(reference) = head.strip_prefix("ref:").map(str::trim) else {
+                return Some(head.to_string());
+            };
+            let common = fs::read_to_string(git_dir.join("commondir"))
+                .map(|common| git_dir.join(common.trim()))
+                .unwrap_or_else(|_| git_dir.clone());
+            for base in [&git_dir, &common] {
+                if let Ok(commit) = fs::read_to_string(base.join(reference)) {
+                    return Some(commit.trim().to_string());
+                }
+            }
+            let packed = fs::read_to_string(common.join("packed-refs")).ok()?;
+            return packed.lines().find_map(|line| {
+                let (commit, name) = line.split_once(' ')?;
+                (name == reference).then(|| commit.to_string())
+            });
+        }
+        current = candidate.parent();
+    }
+    None
+}
+
+/// An open run directory.
+#[derive(Debug)]
+pub struct RunRecorder {
+    /// The run id.
+    pub id: String,
+    /// `runs/<id>/`.
+    pub dir: PathBuf,
+    log: Mutex<File>,
+}
+
+impl RunRecorder {
+    /// Creates `runs/<id>/` with an id from the current time and the pipeline name.
+    pub fn create(workspace: &Workspace, pipeline_name: &str) -> io::Result<RunRecorder> {
+        let runs = workspace.runs_dir();
+        fs::create_dir_all(&runs)?;
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "-");
+        let safe_name: String = pipeline_name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        let base = format!("{stamp}-{safe_name}");
+        let mut attempt = 1;
+        let (id, dir) = loop {
+            let id = if attempt == 1 { base.clone() } else { format!("{base}-{attempt}") };
+            let dir = runs.join(&id);
+            match fs::create_dir(&dir) {
+                Ok(()) => break (id, dir),
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => attempt += 1,
+                Err(error) => return Err(error),
+            }
+        };
+        fs::create_dir(dir.join("outputs"))?;
+        let log = File::create(dir.join("logs.jsonl"))?;
+        Ok(RunRecorder {
+            id,
+            dir,
+            log: Mutex::new(log),
+        })
+    }
+
+    /// Appends one structured event to `logs.jsonl`.
+    pub fn event(&self, event: &str, fields: serde_json::Value) {
+        let mut line = serde_json::json!({ "time": timestamp(SystemTime::now()), "event": event });
+        if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
+            line.extend(fields);
+        }
+        if let Ok(mut log) = self.log.lock() {
+            // Losing a log line must not fail a run whose outputs are fine.
+            let _ = writeln!(log, "{line}");
+        }
+    }
+
+    /// Points `outputs/<stage>` at the stage's store directory.
+    pub fn link_output(&self, stage: &str, target: &Path) -> io::Result<()> {
+        let link = self.dir.join("outputs").join(stage);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, link)
+    }
+
+    /// Writes `resolved_settings.json` (atomically, so a crash leaves the previous one).
+    pub fn write_record(&self, record: &RunRecord) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_atomically(&self.dir.join("resolved_settings.json"), &bytes)
+    }
+
+    /// Points `runs/latest` at this run.
+    pub fn mark_latest(&self) -> io::Result<()> {
+        let runs = self.dir.parent().ok_or_else(|| io::Error::other("run directory has no parent"))?;
+        let temp = runs.join(format!(".latest.{}", std::process::id()));
+        let _ = fs::remove_file(&temp);
+        std::os::unix::fs::symlink(&self.id, &temp)?;
+        fs::rename(temp, runs.join("latest"))
+    }
+}

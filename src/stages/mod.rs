@@ -1,0 +1,235 @@
+//! Stage kinds: each is a pure function of (settings, inputs) → files in a scratch
+//! directory. This module owns the registry the rest of trainyard consults (names,
+//! settings types, implementation versions, input rules) and the context a stage runs in.
+
+pub mod command;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::interrupt::CancelFlag;
+
+/// What a stage's output is, so that the DAG can refuse a tokenizer where a token cache
+/// is expected before anything runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Artifact {
+    /// Arbitrary files (a `command` stage, or a path inside any output).
+    Files,
+    /// `train.jsonl` / `eval.jsonl` from `ingest`.
+    Corpus,
+    /// `tokenizer.json`.
+    Tokenizer,
+    /// Token shards.
+    TokenCache,
+    /// A Hugging Face-shaped checkpoint.
+    Model,
+    /// A LoRA adapter in PEFT layout.
+    Adapter,
+    /// An exported model directory.
+    Export,
+    /// `metrics.json`.
+    Metrics,
+}
+
+/// One named input a kind reads.
+#[derive(Debug)]
+pub struct InputSlot {
+    /// The key under `inputs:`.
+    pub name: &'static str,
+    /// Output kinds it accepts from an upstream stage; `Files` also admits plain paths.
+    pub accepts: &'static [Artifact],
+    /// Whether the stage cannot run without it.
+    pub required: bool,
+}
+
+/// Which inputs a kind takes.
+#[derive(Debug)]
+pub enum InputRules {
+    /// Any names, any artifacts (the `command` kind).
+    Any,
+    /// Exactly these slots.
+    Slots(&'static [InputSlot]),
+}
+
+/// Everything a stage may touch while it runs: its inputs, its scratch directory, and
+/// nothing else (that is what keeps the fingerprint honest).
+pub struct StageContext<'a> {
+    /// The stage's name in the pipeline.
+    pub stage: &'a str,
+    /// Absolute path of every input, by input name.
+    pub inputs: &'a BTreeMap<String, PathBuf>,
+    /// Scratch directory that becomes the output once the stage succeeds.
+    pub out_dir: &'a Path,
+    /// The pipeline seed.
+    pub seed: u64,
+    /// Set when the user asked to stop.
+    pub cancel: &'a CancelFlag,
+    /// The stage's log (also kept in the output as [`STAGE_LOG`]).
+    pub log: &'a mut (dyn Write + Send),
+}
+
+/// Name of the log file every stage leaves in its output directory. It is recorded in
+/// the manifest but not part of the output hash, so that timings in a log never make
+/// downstream stages rerun.
+pub const STAGE_LOG: &str = "stage.log";
+
+/// What a finished stage reports besides its files.
+#[derive(Debug, Default)]
+pub struct StageOutcome {
+    /// Metrics for the manifest (loss, throughput, …); an object.
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Why a stage did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The user asked to stop.
+    #[error("interrupted")]
+    Interrupted,
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the path.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// An external command exited unsuccessfully.
+    #[error("command {status}; last lines of its output:\n{tail}")]
+    CommandFailed {
+        /// `exited with status 3` or `killed by signal 9`.
+        status: String,
+        /// The last lines of its output.
+        tail: String,
+    },
+    /// The stage's settings or inputs do not allow it to run.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StageError {
+    /// An I/O error with the operation and path it concerned.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> StageError {
+        StageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A stage kind. Implementations live in one module each.
+pub trait StageKind {
+    /// The kind's `with:` settings; unknown keys must be rejected (`deny_unknown_fields`).
+    type Settings: DeserializeOwned + Serialize + JsonSchema;
+    /// The name used in `kind:`.
+    const NAME: &'static str;
+    /// Bumped whenever the kind's output for the same settings and inputs changes; part
+    /// of every fingerprint, so old outputs are never reused after such a change.
+    const VERSION: u32;
+    /// One line for `trainyard kinds` and the schema.
+    const SUMMARY: &'static str;
+    /// What the output is.
+    const OUTPUT: Artifact;
+    /// Which inputs it takes.
+    const INPUTS: InputRules;
+    /// Whether a rerun after a crash continues from what the scratch directory holds
+    /// (training checkpoints) instead of starting from an empty one.
+    const RESUMABLE: bool = false;
+    /// Does the work.
+    fn run(settings: &Self::Settings, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError>;
+}
+
+/// A type-erased [`StageKind`], as kept in [`KINDS`].
+pub struct KindEntry {
+    /// See [`StageKind::NAME`].
+    pub name: &'static str,
+    /// See [`StageKind::VERSION`].
+    pub version: u32,
+    /// See [`StageKind::SUMMARY`].
+    pub summary: &'static str,
+    /// See [`StageKind::OUTPUT`].
+    pub output: Artifact,
+    /// See [`StageKind::INPUTS`].
+    pub inputs: InputRules,
+    /// See [`StageKind::RESUMABLE`].
+    pub resumable: bool,
+    extract: fn(&Figment) -> Result<serde_json::Value, figment::Error>,
+    schema: fn(&mut SchemaGenerator) -> Schema,
+    run: fn(&serde_json::Value, &mut StageContext<'_>) -> Result<StageOutcome, StageError>,
+}
+
+impl std::fmt::Debug for KindEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KindEntry({} v{})", self.name, self.version)
+    }
+}
+
+impl KindEntry {
+    const fn of<K: StageKind>() -> KindEntry {
+        KindEntry {
+            name: K::NAME,
+            version: K::VERSION,
+            summary: K::SUMMARY,
+            output: K::OUTPUT,
+            inputs: K::INPUTS,
+            resumable: K::RESUMABLE,
+            extract: extract_settings::<K>,
+            schema: settings_schema::<K>,
+            run: run_erased::<K>,
+        }
+    }
+
+    /// Reads this kind's typed settings out of a figment focused on `stages.X.with`,
+    /// filling defaults, and returns them as canonical JSON.
+    pub fn extract(&self, figment: &Figment) -> Result<serde_json::Value, figment::Error> {
+        (self.extract)(figment)
+    }
+
+    /// The JSON schema of this kind's settings.
+    pub fn schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        (self.schema)(generator)
+    }
+
+    /// Runs the stage with settings previously produced by [`KindEntry::extract`].
+    pub fn run(&self, settings: &serde_json::Value, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
+        (self.run)(settings, context)
+    }
+
+    /// The input slot called `name`, if this kind has fixed slots.
+    pub fn slot(&self, name: &str) -> Option<&'static InputSlot> {
+        match self.inputs {
+            InputRules::Any => None,
+            InputRules::Slots(slots) => slots.iter().find(|slot| slot.name == name),
+        }
+    }
+}
+
+fn extract_settings<K: StageKind>(figment: &Figment) -> Result<serde_json::Value, figment::Error> {
+    let settings: K::Settings = figment.extract()?;
+    serde_json::to_value(&settings).map_err(|error| figment::Error::from(error.to_string()))
+}
+
+fn settings_schema<K: StageKind>(generator: &mut SchemaGenerator) -> Schema {
+    generator.subschema_for::<K::Settings>()
+}
+
+fn run_erased<K: StageKind>(settings: &serde_json::Value, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
+    let settings: K::Settings = serde_json::from_value(settings.clone())
+        .map_err(|error| StageError::Invalid(format!("settings of stage `{}`: {error}", context.stage)))?;
+    K::run(&settings, context)
+}
+
+/// Every stage kind trainyard knows.
+pub static KINDS: &[KindEntry] = &[KindEntry::of::<command::Command>()];
+
+/// The kind called `name`.
+pub fn kind(name: &str) -> Option<&'static KindEntry> {
+    KINDS.iter().find(|entry| entry.name == name)
+}

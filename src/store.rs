@@ -1,0 +1,248 @@
+//! The workspace on disk: the content-addressed store of finished stage outputs, the
+//! scratch directories stages write into, the record of each stage's last identity
+//! (for `status`), and the workspace lock.
+//!
+//! ```text
+//! .trainyard/
+//!   lock                      advisory lock; holds the pid and command of its owner
+//!   stat-cache.json           see crate::hashing
+//!   store/<stage>/<fp>/       finished outputs, immutable, manifest.json written last
+//!   work/<stage>-<fp>/        scratch; renamed into the store when the stage succeeds
+//!   last/<stage>.json         identity of the stage as last used by a run
+//! runs/<run-id>/              see crate::runs
+//! ```
+//!
+//! An output becomes visible only through `rename(work/…, store/…)` after its manifest
+//! is written and synced, so a crash at any moment leaves either nothing or a complete
+//! output: never a half-written one that looks finished.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fingerprint::StageIdentity;
+use crate::hashing::FileDigest;
+
+/// Name of the manifest in every store entry.
+pub const MANIFEST: &str = "manifest.json";
+/// Characters of the fingerprint used in directory names (128 bits).
+const FINGERPRINT_DIR_CHARS: usize = 32;
+
+/// The record written last into a finished output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format version.
+    pub format: u32,
+    /// Stage name that produced it.
+    pub stage: String,
+    /// The full fingerprint.
+    pub fingerprint: String,
+    /// What the fingerprint was computed from.
+    pub identity: StageIdentity,
+    /// Every output file (relative path) with its hash and size, the log included.
+    pub files: BTreeMap<String, FileDigest>,
+    /// Hash of the output as downstream stages see it (all files but the manifest and log).
+    pub output_hash: String,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// RFC 3339 end time.
+    pub finished_at: String,
+    /// Wall time in seconds.
+    pub duration_s: f64,
+    /// Always `succeeded`: failed stages never reach the store.
+    pub exit_status: String,
+    /// Metrics the stage reported.
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    /// trainyard version that produced it.
+    pub trainyard_version: String,
+}
+
+/// Paths of one workspace.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    /// The workspace root (holds `.trainyard/` and `runs/`).
+    pub root: PathBuf,
+}
+
+impl Workspace {
+    /// The workspace rooted at `root` (made absolute; nothing is created yet).
+    pub fn new(root: &Path) -> io::Result<Workspace> {
+        Ok(Workspace {
+            root: std::path::absolute(root)?,
+        })
+    }
+
+    /// `.trainyard/`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join(".trainyard")
+    }
+
+    /// `runs/`.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    /// The stat cache file.
+    pub fn stat_cache(&self) -> PathBuf {
+        self.state_dir().join("stat-cache.json")
+    }
+
+    /// Where the output of `stage` with `fingerprint` lives once finished.
+    pub fn entry_dir(&self, stage: &str, fingerprint: &str) -> PathBuf {
+        self.state_dir().join("store").join(stage).join(short(fingerprint))
+    }
+
+    /// The scratch directory of `stage` with `fingerprint`. Its name is fixed by the
+    /// fingerprint so that a resumable stage finds its checkpoints after a crash.
+    pub fn scratch_dir(&self, stage: &str, fingerprint: &str) -> PathBuf {
+        self.state_dir().join("work").join(format!("{stage}-{}", short(fingerprint)))
+    }
+
+    /// The manifest of a finished output, if there is one.
+    pub fn lookup(&self, stage: &str, fingerprint: &str) -> Option<Manifest> {
+        let bytes = fs::read(self.entry_dir(stage, fingerprint).join(MANIFEST)).ok()?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).ok()?;
+        (manifest.fingerprint == fingerprint).then_some(manifest)
+    }
+
+    /// Makes `scratch` the finished output for `manifest.fingerprint`: writes the
+    /// manifest, syncs, and renames it into the store. An existing entry (from `--force`)
+    /// is moved aside first and deleted afterwards.
+    pub fn publish(&self, scratch: &Path, manifest: &Manifest) -> io::Result<PathBuf> {
+        for relative in manifest.files.keys() {
+            File::open(scratch.join(relative))?.sync_all()?;
+        }
+        let bytes = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
+        write_synced(&scratch.join(MANIFEST), &bytes)?;
+        let target = self.entry_dir(&manifest.stage, &manifest.fingerprint);
+        let parent = target.parent().ok_or_else(|| io::Error::other("store entry has no parent"))?;
+        fs::create_dir_all(parent)?;
+        let replaced = if target.exists() {
+            let aside = self.state_dir().join("work").join(format!(
+                "replaced-{}-{}-{}",
+                manifest.stage,
+                short(&manifest.fingerprint),
+                std::process::id()
+            ));
+            fs::rename(&target, &aside)?;
+            Some(aside)
+        } else {
+            None
+        };
+        fs::rename(scratch, &target)?;
+        File::open(parent)?.sync_all()?;
+        if let Some(aside) = replaced {
+            fs::remove_dir_all(aside)?;
+        }
+        Ok(target)
+    }
+
+    /// The identity `stage` had when a run last used it.
+    pub fn last_identity(&self, stage: &str) -> Option<StageIdentity> {
+        let bytes = fs::read(self.last_path(stage)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Records the identity `stage` had in this run.
+    pub fn record_last_identity(&self, stage: &str, identity: &StageIdentity) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(identity).map_err(io::Error::other)?;
+        write_atomically(&self.last_path(stage), &bytes)
+    }
+
+    fn last_path(&self, stage: &str) -> PathBuf {
+        self.state_dir().join("last").join(format!("{stage}.json"))
+    }
+}
+
+fn short(fingerprint: &str) -> &str {
+    &fingerprint[..fingerprint.len().min(FINGERPRINT_DIR_CHARS)]
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Replaces `path` with `bytes` so that readers see the old or the new content, never
+/// a mix: write a sibling temp file, sync it, rename it over.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let parent = path.parent().ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
+    fs::create_dir_all(parent)?;
+    let file_name = path.file_name().map(|name| name.to_string_lossy()).unwrap_or_default();
+    let temp = parent.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    write_synced(&temp, bytes)?;
+    fs::rename(&temp, path)
+}
+
+/// Holds the workspace lock until dropped (the OS releases it if the process dies).
+#[derive(Debug)]
+pub struct WorkspaceLock {
+    _file: File,
+}
+
+/// Why the lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another live process holds it and we were told not to wait.
+    #[error("the workspace {workspace} is locked by another trainyard run ({holder}); wait for it to finish or stop it")]
+    Busy {
+        /// Workspace root.
+        workspace: String,
+        /// Who holds it: pid and command line, as it wrote them.
+        holder: String,
+    },
+    /// The lock file could not be opened or written.
+    #[error("cannot lock {path}: {source}")]
+    Io {
+        /// Lock file.
+        path: String,
+        /// Underlying error.
+        source: io::Error,
+    },
+}
+
+impl Workspace {
+    /// Takes the workspace lock. When another process holds it, either fails with
+    /// [`LockError::Busy`] naming that process, or (with `wait`) calls `on_wait` with its
+    /// description once and blocks until it is released. A lock whose owner died is
+    /// free: advisory locks die with their process.
+    pub fn lock(&self, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<WorkspaceLock, LockError> {
+        let path = self.state_dir().join("lock");
+        let io_error = |source: io::Error| LockError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        fs::create_dir_all(self.state_dir()).map_err(io_error)?;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_error)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+                let holder = if holder.is_empty() { "unknown process".to_string() } else { holder };
+                if !wait {
+                    return Err(LockError::Busy {
+                        workspace: self.root.display().to_string(),
+                        holder,
+                    });
+                }
+                on_wait(&holder);
+                file.lock().map_err(io_error)?;
+            }
+            Err(fs::TryLockError::Error(error)) => return Err(io_error(error)),
+        }
+        let command: Vec<String> = std::env::args().collect();
+        file.set_len(0).map_err(io_error)?;
+        writeln!(file, "pid {}: {}", std::process::id(), command.join(" ")).map_err(io_error)?;
+        Ok(WorkspaceLock { _file: file })
+    }
+}
