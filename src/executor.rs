@@ -536,7 +536,7 @@ impl Engine<'_> {
             tracing::warn!("cannot record the last identity of `{}`: {error}", report.name);
         }
         if let Some((dir, _)) = &report.output
-            && let Err(error) = recorder.link_output(&report.name, dir)
+            && let Err(error) = recorder.link_output(self.workspace, &report.name, dir)
         {
             tracing::warn!("cannot link the output of `{}`: {error}", report.name);
         }

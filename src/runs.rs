@@ -255,10 +255,15 @@ impl RunRecorder {
         }
     }
 
-    /// Points `outputs/<stage>` at the stage's store directory.
-    pub fn link_output(&self, stage: &str, target: &Path) -> io::Result<()> {
+    /// Points `outputs/<stage>` at the stage's store directory, relatively when the
+    /// store is inside the workspace, so a moved workspace keeps working links.
+    pub fn link_output(&self, workspace: &Workspace, stage: &str, target: &Path) -> io::Result<()> {
         let link = self.dir.join("outputs").join(stage);
         let _ = fs::remove_file(&link);
+        let target = match target.strip_prefix(&workspace.root) {
+            Ok(inside) => Path::new("../../..").join(inside),
+            Err(_) => target.to_path_buf(),
+        };
         std::os::unix::fs::symlink(target, link)
     }
 
