@@ -116,7 +116,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRAINYARD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("TRAINYARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -159,18 +160,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_report(&report.stages, &pipeline);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dag { pipeline: args, format } => {
+        Command::Dag {
+            pipeline: args,
+            format,
+        } => {
             let pipeline = load(&args, &workspace)?;
             let dag = dag::build(&pipeline)?;
             print!("{}", dag.render(&pipeline, format));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Resolve { pipeline: args, json } => {
+        Command::Resolve {
+            pipeline: args,
+            json,
+        } => {
             let pipeline = load(&args, &workspace)?;
             if json {
-                let origins: std::collections::BTreeMap<&String, String> =
-                    pipeline.origins.iter().map(|(key, origin)| (key, origin.to_string())).collect();
-                let document = serde_json::json!({ "values": pipeline.values_json(), "origins": origins });
+                let origins: std::collections::BTreeMap<&String, String> = pipeline
+                    .origins
+                    .iter()
+                    .map(|(key, origin)| (key, origin.to_string()))
+                    .collect();
+                let document =
+                    serde_json::json!({ "values": pipeline.values_json(), "origins": origins });
                 println!("{}", serde_json::to_string_pretty(&document)?);
             } else {
                 print_resolved(&pipeline);
@@ -180,7 +191,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schema { output } => {
             let text = config::schema::pipeline_schema_text();
             match output {
-                Some(path) => std::fs::write(&path, text).map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?,
+                Some(path) => std::fs::write(&path, text)
+                    .map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?,
                 None => print!("{text}"),
             }
             Ok(ExitCode::SUCCESS)
@@ -197,8 +209,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("no profiles for {}", file.display());
             }
             for profile in profiles {
-                let place = if profile.inline { "inline".to_string() } else { profile.file.path.display().to_string() };
-                println!("{:<10} {}  [{}]", profile.name, profile.description.unwrap_or_default(), place);
+                let place = if profile.inline {
+                    "inline".to_string()
+                } else {
+                    profile.file.path.display().to_string()
+                };
+                println!(
+                    "{:<10} {}  [{}]",
+                    profile.name,
+                    profile.description.unwrap_or_default(),
+                    place
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -231,13 +252,19 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
     let cached = report.with_status(StageStatus::Cached).len();
     if let Some(run_dir) = &report.run_dir {
         let shown = run_dir.strip_prefix(&workspace.root).unwrap_or(run_dir);
-        eprintln!("{executed} executed, {cached} cached; run recorded in {}", shown.display());
+        eprintln!(
+            "{executed} executed, {cached} cached; run recorded in {}",
+            shown.display()
+        );
     }
     for stage in &report.stages {
         if stage.status == StageStatus::Failed
             && let Some(error) = &stage.error
         {
-            eprintln!("error: stage `{}` ({}) failed: {error}", stage.name, stage.kind);
+            eprintln!(
+                "error: stage `{}` ({}) failed: {error}",
+                stage.name, stage.kind
+            );
         }
     }
     Ok(match report.outcome {
@@ -248,9 +275,21 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
 }
 
 fn print_header(pipeline: &ResolvedPipeline) {
-    let profiles: Vec<&str> = pipeline.profiles.iter().map(|profile| profile.name.as_str()).collect();
-    let profiles = if profiles.is_empty() { String::new() } else { format!(", profile {}", profiles.join(",")) };
-    eprintln!("pipeline {} ({}{profiles})", pipeline.name, display(&pipeline.file.path));
+    let profiles: Vec<&str> = pipeline
+        .profiles
+        .iter()
+        .map(|profile| profile.name.as_str())
+        .collect();
+    let profiles = if profiles.is_empty() {
+        String::new()
+    } else {
+        format!(", profile {}", profiles.join(","))
+    };
+    eprintln!(
+        "pipeline {} ({}{profiles})",
+        pipeline.name,
+        display(&pipeline.file.path)
+    );
 }
 
 fn display(path: &Path) -> String {
@@ -258,10 +297,23 @@ fn display(path: &Path) -> String {
 }
 
 fn print_report(stages: &[executor::StageReport], pipeline: &ResolvedPipeline) {
-    let width = stages.iter().map(|stage| stage.name.len()).max().unwrap_or(0);
+    let width = stages
+        .iter()
+        .map(|stage| stage.name.len())
+        .max()
+        .unwrap_or(0);
     for stage in stages {
-        let fingerprint = stage.fingerprint.as_deref().map(|fp| &fp[..12]).unwrap_or("");
-        println!("  {:<9} {:<width$}  {:<12} {fingerprint}", stage.status.as_str(), stage.name, format!("({})", stage.kind));
+        let fingerprint = stage
+            .fingerprint
+            .as_deref()
+            .map(|fp| &fp[..12])
+            .unwrap_or("");
+        println!(
+            "  {:<9} {:<width$}  {:<12} {fingerprint}",
+            stage.status.as_str(),
+            stage.name,
+            format!("({})", stage.kind)
+        );
         for reason in &stage.reasons {
             let origin = match reason {
                 crate::fingerprint::Reason::SettingChanged { key, .. } => pipeline
@@ -282,9 +334,17 @@ fn print_report(stages: &[executor::StageReport], pipeline: &ResolvedPipeline) {
 fn print_resolved(pipeline: &ResolvedPipeline) {
     let mut leaves = Vec::new();
     flatten("", &pipeline.values_json(), &mut leaves);
-    let width = leaves.iter().map(|(key, value)| key.len() + value.len() + 3).max().unwrap_or(0);
+    let width = leaves
+        .iter()
+        .map(|(key, value)| key.len() + value.len() + 3)
+        .max()
+        .unwrap_or(0);
     for (key, value) in leaves {
-        let origin = pipeline.origins.get(&key).map(ToString::to_string).unwrap_or_else(|| "default".to_string());
+        let origin = pipeline
+            .origins
+            .get(&key)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "default".to_string());
         let line = format!("{key} = {value}");
         println!("{line:<width$}  # {origin}");
     }
@@ -294,7 +354,11 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, Strin
     match value {
         serde_json::Value::Object(map) if !map.is_empty() => {
             for (key, child) in map {
-                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
                 flatten(&path, child, out);
             }
         }

@@ -6,8 +6,8 @@
 //! Cycles, missing files, unknown input names and type mismatches (a tokenizer where a
 //! token cache is expected) are errors naming the stages involved.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::path::{Component, Path, PathBuf};
 
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -51,7 +51,7 @@ pub struct Dag {
 #[derive(Debug, thiserror::Error)]
 pub enum DagError {
     /// Stages depend on each other in a circle.
-    #[error("dependency cycle: {}", .stages.join(" → "))]
+    #[error("dependency cycle: {} (each stage reads the output of the one before it)", .stages.join(" → "))]
     Cycle {
         /// The stages on the cycle, first one repeated at the end.
         stages: Vec<String>,
@@ -73,7 +73,9 @@ pub enum DagError {
         help: Option<String>,
     },
     /// A reference reaches outside the upstream output (`stage/../x`).
-    #[error("stage `{stage}`, input `{input}` ({at}): `{declared}` must stay inside the output of stage `{upstream}`")]
+    #[error(
+        "stage `{stage}`, input `{input}` ({at}): `{declared}` must stay inside the output of stage `{upstream}`"
+    )]
     EscapingReference {
         /// Stage that needs it.
         stage: String,
@@ -113,7 +115,9 @@ pub enum DagError {
         input: String,
     },
     /// An upstream stage produces the wrong kind of artifact for this input.
-    #[error("stage `{stage}`, input `{input}` ({at}): stage `{upstream}` ({upstream_kind}) produces {found:?}, but `{input}` expects {expected}")]
+    #[error(
+        "stage `{stage}`, input `{input}` ({at}): stage `{upstream}` ({upstream_kind}) produces {found:?}, but `{input}` expects {expected}"
+    )]
     TypeMismatch {
         /// Stage.
         stage: String,
@@ -133,25 +137,37 @@ pub enum DagError {
 }
 
 fn help_suffix(help: &Option<String>) -> String {
-    help.as_ref().map(|help| format!("; {help}")).unwrap_or_default()
+    help.as_ref()
+        .map(|help| format!("; {help}"))
+        .unwrap_or_default()
 }
 
 /// Splits a reference `stage/sub/path` into the stage name and the subpath, if the
 /// first component names a stage.
-fn as_reference<'a>(declared: &'a str, stage_names: &BTreeSet<&str>) -> Option<(&'a str, Option<&'a str>)> {
+fn as_reference<'a>(
+    declared: &'a str,
+    stage_names: &BTreeSet<&str>,
+) -> Option<(&'a str, Option<&'a str>)> {
     if declared.starts_with("./") || declared.starts_with("../") || declared.starts_with('/') {
         return None;
     }
     let (first, rest) = match declared.split_once('/') {
-        Some((first, rest)) => (first, Some(rest.trim_end_matches('/')).filter(|rest| !rest.is_empty())),
+        Some((first, rest)) => (
+            first,
+            Some(rest.trim_end_matches('/')).filter(|rest| !rest.is_empty()),
+        ),
         None => (declared, None),
     };
     stage_names.contains(first).then_some((first, rest))
 }
 
 /// Builds and checks the graph of `pipeline`.
-pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, DagError> {
-    let names: BTreeSet<&str> = pipeline.stages.iter().map(|stage| stage.name.as_str()).collect();
+pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
+    let names: BTreeSet<&str> = pipeline
+        .stages
+        .iter()
+        .map(|stage| stage.name.as_str())
+        .collect();
     let index_of: BTreeMap<&str, usize> = pipeline
         .stages
         .iter()
@@ -159,7 +175,9 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, DagError> {
         .map(|(index, stage)| (stage.name.as_str(), index))
         .collect();
     let mut graph = DiGraph::new();
-    let nodes: Vec<NodeIndex> = (0..pipeline.stages.len()).map(|index| graph.add_node(index)).collect();
+    let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
+        .map(|index| graph.add_node(index))
+        .collect();
     let mut bindings = Vec::with_capacity(pipeline.stages.len());
 
     for (index, stage) in pipeline.stages.iter().enumerate() {
@@ -167,11 +185,11 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, DagError> {
         if let InputRules::Slots(slots) = stage.kind.inputs {
             for slot in slots.iter().filter(|slot| slot.required) {
                 if !stage.inputs.contains_key(slot.name) {
-                    return Err(DagError::MissingRequiredInput {
+                    return Err(Box::new(DagError::MissingRequiredInput {
                         stage: stage.name.clone(),
                         kind: stage.kind.name.to_string(),
                         input: slot.name.to_string(),
-                    });
+                    }));
                 }
             }
         }
@@ -186,36 +204,46 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, DagError> {
                 && slot.is_none()
             {
                 let expected: Vec<&str> = slots.iter().map(|slot| slot.name).collect();
-                return Err(DagError::UnknownInput {
+                return Err(Box::new(DagError::UnknownInput {
                     stage: stage.name.clone(),
                     kind: stage.kind.name.to_string(),
                     input: input.clone(),
                     expected: expected.join(", "),
                     help: did_you_mean(input, expected.iter().copied()),
                     at,
-                });
+                }));
             }
             let binding = match as_reference(declared, &names) {
                 Some((upstream, subpath)) => {
                     let upstream_index = index_of[upstream];
                     if let Some(subpath) = subpath
-                        && Path::new(subpath).components().any(|component| !matches!(component, Component::Normal(_)))
+                        && Path::new(subpath)
+                            .components()
+                            .any(|component| !matches!(component, Component::Normal(_)))
                     {
-                        return Err(DagError::EscapingReference {
+                        return Err(Box::new(DagError::EscapingReference {
                             stage: stage.name.clone(),
                             input: input.clone(),
                             declared: declared.clone(),
                             upstream: upstream.to_string(),
                             at,
-                        });
+                        }));
                     }
                     let upstream_kind = pipeline.stages[upstream_index].kind;
-                    let produced = if subpath.is_some() { Artifact::Files } else { upstream_kind.output };
+                    let produced = if subpath.is_some() {
+                        Artifact::Files
+                    } else {
+                        upstream_kind.output
+                    };
                     if let Some(slot) = slot
                         && !slot.accepts.contains(&produced)
                     {
-                        let expected: Vec<String> = slot.accepts.iter().map(|artifact| format!("{artifact:?}")).collect();
-                        return Err(DagError::TypeMismatch {
+                        let expected: Vec<String> = slot
+                            .accepts
+                            .iter()
+                            .map(|artifact| format!("{artifact:?}"))
+                            .collect();
+                        return Err(Box::new(DagError::TypeMismatch {
                             stage: stage.name.clone(),
                             input: input.clone(),
                             upstream: upstream.to_string(),
@@ -223,7 +251,7 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, DagError> {
                             found: produced,
                             expected: expected.join(" or "),
                             at,
-                        });
+                        }));
                     }
                     graph.add_edge(nodes[upstream_index], nodes[index], ());
                     Binding::Stage {
@@ -232,23 +260,29 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, DagError> {
                     }
                 }
                 None => {
-                    let path = std::path::absolute(pipeline.base_dir.join(declared)).unwrap_or_else(|_| pipeline.base_dir.join(declared));
+                    let path = std::path::absolute(pipeline.base_dir.join(declared))
+                        .unwrap_or_else(|_| pipeline.base_dir.join(declared));
                     if !path.exists() {
                         let first = declared.split('/').next().unwrap_or(declared);
-                        return Err(DagError::MissingInput {
+                        return Err(Box::new(DagError::MissingInput {
                             stage: stage.name.clone(),
                             input: input.clone(),
                             declared: declared.clone(),
                             path: path.display().to_string(),
-                            help: did_you_mean(first, names.iter().copied()).map(|help| format!("{help} (a stage)")),
+                            help: did_you_mean(first, names.iter().copied())
+                                .map(|help| format!("{help} (a stage)")),
                             at,
-                        });
+                        }));
                     }
                     if let Some(slot) = slot
                         && !slot.accepts.contains(&Artifact::Files)
                     {
-                        let expected: Vec<String> = slot.accepts.iter().map(|artifact| format!("{artifact:?}")).collect();
-                        return Err(DagError::TypeMismatch {
+                        let expected: Vec<String> = slot
+                            .accepts
+                            .iter()
+                            .map(|artifact| format!("{artifact:?}"))
+                            .collect();
+                        return Err(Box::new(DagError::TypeMismatch {
                             stage: stage.name.clone(),
                             input: input.clone(),
                             upstream: declared.clone(),
@@ -256,7 +290,7 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, DagError> {
                             found: Artifact::Files,
                             expected: expected.join(" or "),
                             at,
-                        });
+                        }));
                     }
                     Binding::External {
                         declared: declared.clone(),
@@ -270,19 +304,30 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, DagError> {
     }
 
     if let Some(cycle) = find_cycle(&graph) {
-        let mut stages: Vec<String> = cycle.iter().map(|&index| pipeline.stages[index].name.clone()).collect();
+        let mut stages: Vec<String> = cycle
+            .iter()
+            .map(|&index| pipeline.stages[index].name.clone())
+            .collect();
         stages.push(stages[0].clone());
-        return Err(DagError::Cycle { stages });
+        return Err(Box::new(DagError::Cycle { stages }));
     }
     let order = stable_topological_order(&graph);
-    Ok(Dag { graph, order, bindings })
+    Ok(Dag {
+        graph,
+        order,
+        bindings,
+    })
 }
 
 /// Kahn's algorithm, always taking the ready stage that comes first in the file.
 fn stable_topological_order(graph: &DiGraph<usize, ()>) -> Vec<usize> {
     let mut in_degree: Vec<usize> = graph
         .node_indices()
-        .map(|node| graph.neighbors_directed(node, petgraph::Direction::Incoming).count())
+        .map(|node| {
+            graph
+                .neighbors_directed(node, petgraph::Direction::Incoming)
+                .count()
+        })
         .collect();
     let mut ready: BinaryHeap<Reverse<usize>> = graph
         .node_indices()
@@ -304,9 +349,9 @@ fn stable_topological_order(graph: &DiGraph<usize, ()>) -> Vec<usize> {
 
 /// A cycle as a list of stage indices in edge order, if the graph has one.
 fn find_cycle(graph: &DiGraph<usize, ()>) -> Option<Vec<usize>> {
-    let component = petgraph::algo::tarjan_scc(graph).into_iter().find(|component| {
-        component.len() > 1 || graph.contains_edge(component[0], component[0])
-    })?;
+    let component = petgraph::algo::tarjan_scc(graph)
+        .into_iter()
+        .find(|component| component.len() > 1 || graph.contains_edge(component[0], component[0]))?;
     let members: BTreeSet<NodeIndex> = component.iter().copied().collect();
     let start = *members.iter().next()?;
     // Depth-first walk inside the strongly connected component back to `start`.
@@ -319,8 +364,13 @@ fn find_cycle(graph: &DiGraph<usize, ()>) -> Option<Vec<usize>> {
         path: &mut Vec<NodeIndex>,
         visited: &mut BTreeSet<NodeIndex>,
     ) -> bool {
-        let Some(&current) = path.last() else { return false };
-        let mut next: Vec<NodeIndex> = graph.neighbors(current).filter(|node| members.contains(node)).collect();
+        let Some(&current) = path.last() else {
+            return false;
+        };
+        let mut next: Vec<NodeIndex> = graph
+            .neighbors(current)
+            .filter(|node| members.contains(node))
+            .collect();
         next.sort();
         for node in next {
             if node == start {
@@ -336,7 +386,8 @@ fn find_cycle(graph: &DiGraph<usize, ()>) -> Option<Vec<usize>> {
         }
         false
     }
-    walk(graph, &members, start, &mut path, &mut visited).then(|| path.iter().map(|&node| graph[node]).collect())
+    walk(graph, &members, start, &mut path, &mut visited)
+        .then(|| path.iter().map(|&node| graph[node]).collect())
 }
 
 impl Dag {
@@ -378,29 +429,55 @@ impl Dag {
                     if upstream.is_empty() {
                         out.push_str(&format!("{} ({})\n", stage.name, stage.kind.name));
                     } else {
-                        out.push_str(&format!("{} ({}) ← {}\n", stage.name, stage.kind.name, upstream.join(", ")));
+                        out.push_str(&format!(
+                            "{} ({}) ← {}\n",
+                            stage.name,
+                            stage.kind.name,
+                            upstream.join(", ")
+                        ));
                     }
                 }
             }
             DagFormat::Mermaid => {
                 out.push_str("graph TD\n");
                 for &index in &self.order {
-                    out.push_str(&format!("    {}[\"{} ({})\"]\n", mermaid_id(name(index)), name(index), pipeline.stages[index].kind.name));
+                    out.push_str(&format!(
+                        "    {}[\"{} ({})\"]\n",
+                        mermaid_id(name(index)),
+                        name(index),
+                        pipeline.stages[index].kind.name
+                    ));
                 }
                 for &index in &self.order {
                     for upstream in self.upstream(index) {
-                        out.push_str(&format!("    {} --> {}\n", mermaid_id(name(upstream)), mermaid_id(name(index))));
+                        out.push_str(&format!(
+                            "    {} --> {}\n",
+                            mermaid_id(name(upstream)),
+                            mermaid_id(name(index))
+                        ));
                     }
                 }
             }
             DagFormat::Dot => {
-                out.push_str(&format!("digraph \"{}\" {{\n    rankdir=LR;\n", pipeline.name.replace('"', "\\\"")));
+                out.push_str(&format!(
+                    "digraph \"{}\" {{\n    rankdir=LR;\n",
+                    pipeline.name.replace('"', "\\\"")
+                ));
                 for &index in &self.order {
-                    out.push_str(&format!("    \"{}\" [label=\"{}\\n({})\"];\n", name(index), name(index), pipeline.stages[index].kind.name));
+                    out.push_str(&format!(
+                        "    \"{}\" [label=\"{}\\n({})\"];\n",
+                        name(index),
+                        name(index),
+                        pipeline.stages[index].kind.name
+                    ));
                 }
                 for &index in &self.order {
                     for upstream in self.upstream(index) {
-                        out.push_str(&format!("    \"{}\" -> \"{}\";\n", name(upstream), name(index)));
+                        out.push_str(&format!(
+                            "    \"{}\" -> \"{}\";\n",
+                            name(upstream),
+                            name(index)
+                        ));
                     }
                 }
                 out.push_str("}\n");

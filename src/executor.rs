@@ -175,7 +175,11 @@ impl RunReport {
 
     /// Names of the stages with `status`, in order.
     pub fn with_status(&self, status: StageStatus) -> Vec<&str> {
-        self.stages.iter().filter(|stage| stage.status == status).map(|stage| stage.name.as_str()).collect()
+        self.stages
+            .iter()
+            .filter(|stage| stage.status == status)
+            .map(|stage| stage.name.as_str())
+            .collect()
     }
 }
 
@@ -229,7 +233,10 @@ pub fn run(
     let recorder = if options.dry_run {
         None
     } else {
-        Some(RunRecorder::create(workspace, &pipeline.name).map_err(io_error("creating the run directory"))?)
+        Some(
+            RunRecorder::create(workspace, &pipeline.name)
+                .map_err(io_error("creating the run directory"))?,
+        )
     };
     let engine = Engine {
         workspace,
@@ -242,15 +249,30 @@ pub fn run(
     };
     let started = SystemTime::now();
     if let Some(recorder) = &recorder {
-        recorder.event("run_started", serde_json::json!({ "pipeline": pipeline.name, "run_id": recorder.id }));
+        recorder.event(
+            "run_started",
+            serde_json::json!({ "pipeline": pipeline.name, "run_id": recorder.id }),
+        );
         let record = engine.run_record(&recorder.id, started, None, "running", &[]);
-        recorder.write_record(&record).map_err(io_error("writing resolved_settings.json"))?;
+        recorder
+            .write_record(&record)
+            .map_err(io_error("writing resolved_settings.json"))?;
     }
     let reports = engine.walk()?;
-    engine.hasher.save().map_err(io_error("saving the stat cache"))?;
-    let outcome = if reports.iter().any(|report| report.status == StageStatus::Interrupted) || cancel.is_cancelled() {
+    engine
+        .hasher
+        .save()
+        .map_err(io_error("saving the stat cache"))?;
+    let outcome = if reports
+        .iter()
+        .any(|report| report.status == StageStatus::Interrupted)
+        || cancel.is_cancelled()
+    {
         Outcome::Interrupted
-    } else if reports.iter().any(|report| matches!(report.status, StageStatus::Failed | StageStatus::Skipped)) {
+    } else if reports
+        .iter()
+        .any(|report| matches!(report.status, StageStatus::Failed | StageStatus::Skipped))
+    {
         Outcome::Failed
     } else {
         Outcome::Succeeded
@@ -261,10 +283,20 @@ pub fn run(
             Outcome::Failed => "failed",
             Outcome::Interrupted => "interrupted",
         };
-        let record = engine.run_record(&recorder.id, started, Some(SystemTime::now()), status, &reports);
-        recorder.write_record(&record).map_err(io_error("writing resolved_settings.json"))?;
+        let record = engine.run_record(
+            &recorder.id,
+            started,
+            Some(SystemTime::now()),
+            status,
+            &reports,
+        );
+        recorder
+            .write_record(&record)
+            .map_err(io_error("writing resolved_settings.json"))?;
         recorder.event("run_finished", serde_json::json!({ "status": status }));
-        recorder.mark_latest().map_err(io_error("updating runs/latest"))?;
+        recorder
+            .mark_latest()
+            .map_err(io_error("updating runs/latest"))?;
     }
     Ok(RunReport {
         run_dir: recorder.map(|recorder| recorder.dir),
@@ -274,7 +306,11 @@ pub fn run(
 }
 
 /// What `run` would do, without the lock, a run directory, or executing anything.
-pub fn status(workspace: &Workspace, pipeline: &ResolvedPipeline, dag: &Dag) -> Result<RunReport, ExecError> {
+pub fn status(
+    workspace: &Workspace,
+    pipeline: &ResolvedPipeline,
+    dag: &Dag,
+) -> Result<RunReport, ExecError> {
     let options = RunOptions {
         dry_run: true,
         ..RunOptions::default()
@@ -326,11 +362,18 @@ struct Job {
 
 impl Engine<'_> {
     fn stage_index(&self, flag: &'static str, name: &str) -> Result<usize, ExecError> {
-        self.pipeline.stages.iter().position(|stage| stage.name == name).ok_or_else(|| ExecError::UnknownStage {
-            flag,
-            name: name.to_string(),
-            help: did_you_mean(name, self.pipeline.stages.iter().map(|stage| stage.name.as_str())),
-        })
+        self.pipeline
+            .stages
+            .iter()
+            .position(|stage| stage.name == name)
+            .ok_or_else(|| ExecError::UnknownStage {
+                flag,
+                name: name.to_string(),
+                help: did_you_mean(
+                    name,
+                    self.pipeline.stages.iter().map(|stage| stage.name.as_str()),
+                ),
+            })
     }
 
     fn progress(&self, line: std::fmt::Arguments<'_>) {
@@ -357,10 +400,15 @@ impl Engine<'_> {
         }
         let selected: BTreeSet<usize> = match (&self.options.only, &self.options.until) {
             (Some(only), _) => BTreeSet::from([self.stage_index("--only", only)?]),
-            (None, Some(until)) => self.dag.ancestors_and_self(self.stage_index("--until", until)?),
+            (None, Some(until)) => self
+                .dag
+                .ancestors_and_self(self.stage_index("--until", until)?),
             (None, None) => (0..count).collect(),
         };
-        let needed: BTreeSet<usize> = selected.iter().flat_map(|&index| self.dag.ancestors_and_self(index)).collect();
+        let needed: BTreeSet<usize> = selected
+            .iter()
+            .flat_map(|&index| self.dag.ancestors_and_self(index))
+            .collect();
 
         let mut slots: Vec<Slot> = (0..count).map(|_| Slot::Pending).collect();
         let mut stopped_by: Option<String> = None;
@@ -378,7 +426,11 @@ impl Engine<'_> {
                         }
                         let stage = &self.pipeline.stages[index];
                         if !needed.contains(&index) {
-                            slots[index] = Slot::Done(Box::new(StageReport::new(&stage.name, stage.kind.name, StageStatus::NotSelected)));
+                            slots[index] = Slot::Done(Box::new(StageReport::new(
+                                &stage.name,
+                                stage.kind.name,
+                                StageStatus::NotSelected,
+                            )));
                             launched_or_decided = true;
                             continue;
                         }
@@ -390,11 +442,20 @@ impl Engine<'_> {
                                 _ => None,
                             })
                             .collect();
-                        let Some(upstream_reports) = upstream_reports else { continue };
-                        let decision = self.decide(index, &upstream_reports, &forced, &selected, stopped_by.as_deref());
+                        let Some(upstream_reports) = upstream_reports else {
+                            continue;
+                        };
+                        let decision = self.decide(
+                            index,
+                            &upstream_reports,
+                            &forced,
+                            &selected,
+                            stopped_by.as_deref(),
+                        );
                         match decision {
                             Decision::Done(report) => {
-                                if report.status == StageStatus::Failed && !self.options.keep_going {
+                                if report.status == StageStatus::Failed && !self.options.keep_going
+                                {
                                     stopped_by.get_or_insert_with(|| stage.name.clone());
                                 }
                                 slots[index] = Slot::Done(report);
@@ -419,9 +480,15 @@ impl Engine<'_> {
                 if running == 0 {
                     break;
                 }
-                let Ok((index, report)) = receiver.recv() else { break };
+                let Ok((index, report)) = receiver.recv() else {
+                    break;
+                };
                 running -= 1;
-                if matches!(report.status, StageStatus::Failed | StageStatus::Interrupted) && !self.options.keep_going {
+                if matches!(
+                    report.status,
+                    StageStatus::Failed | StageStatus::Interrupted
+                ) && !self.options.keep_going
+                {
                     stopped_by.get_or_insert_with(|| report.name.clone());
                 }
                 slots[index] = Slot::Done(Box::new(report));
@@ -432,7 +499,11 @@ impl Engine<'_> {
             let stage = &self.pipeline.stages[index];
             match std::mem::replace(&mut slots[index], Slot::Pending) {
                 Slot::Done(report) => reports.push(*report),
-                _ => reports.push(StageReport::new(&stage.name, stage.kind.name, StageStatus::Skipped)),
+                _ => reports.push(StageReport::new(
+                    &stage.name,
+                    stage.kind.name,
+                    StageStatus::Skipped,
+                )),
             }
         }
         Ok(reports)
@@ -455,12 +526,23 @@ impl Engine<'_> {
             .collect();
         if !will_run.is_empty() {
             report.status = StageStatus::WillRun;
-            report.reasons.push(Reason::UpstreamWillRun { stages: will_run });
+            report
+                .reasons
+                .push(Reason::UpstreamWillRun { stages: will_run });
             return Decision::Done(Box::new(report));
         }
         if let Some((_, failed)) = upstream.iter().find(|(_, report)| !report.succeeded()) {
-            report.error = Some(format!("upstream stage `{}` {}", failed.name, failed.status.as_str()));
-            self.progress(format_args!("  skipped  {} (upstream `{}` {})", stage.name, failed.name, failed.status.as_str()));
+            report.error = Some(format!(
+                "upstream stage `{}` {}",
+                failed.name,
+                failed.status.as_str()
+            ));
+            self.progress(format_args!(
+                "  skipped  {} (upstream `{}` {})",
+                stage.name,
+                failed.name,
+                failed.status.as_str()
+            ));
             return Decision::Done(Box::new(report));
         }
         if self.cancel.is_cancelled() {
@@ -468,7 +550,9 @@ impl Engine<'_> {
             return Decision::Done(Box::new(report));
         }
         if let Some(failed) = stopped_by {
-            report.error = Some(format!("the run stopped after `{failed}` failed (use --keep-going to continue)"));
+            report.error = Some(format!(
+                "the run stopped after `{failed}` failed (use --keep-going to continue)"
+            ));
             return Decision::Done(Box::new(report));
         }
         let (identity, inputs) = match self.identity_of(index, upstream) {
@@ -487,8 +571,16 @@ impl Engine<'_> {
         let is_forced = forced.contains(&index) && selected.contains(&index);
         if let Some(manifest) = cached.filter(|_| !is_forced) {
             report.status = StageStatus::Cached;
-            report.output = Some((self.workspace.entry_dir(&stage.name, &fingerprint), manifest));
-            self.progress(format_args!("  cached   {} ({}) {}", stage.name, stage.kind.name, &fingerprint[..12]));
+            report.output = Some((
+                self.workspace.entry_dir(&stage.name, &fingerprint),
+                manifest,
+            ));
+            self.progress(format_args!(
+                "  cached   {} ({}) {}",
+                stage.name,
+                stage.kind.name,
+                &fingerprint[..12]
+            ));
             self.after_use(&report, &identity);
             report.identity = Some(identity);
             return Decision::Done(Box::new(report));
@@ -500,7 +592,11 @@ impl Engine<'_> {
                 None => vec![Reason::NeverRan],
                 Some(previous) => {
                     let reasons = fingerprint::explain(&previous, &identity);
-                    if reasons.is_empty() { vec![Reason::OutputMissing] } else { reasons }
+                    if reasons.is_empty() {
+                        vec![Reason::OutputMissing]
+                    } else {
+                        reasons
+                    }
                 }
             }
         };
@@ -509,9 +605,17 @@ impl Engine<'_> {
             report.error = Some(format!(
                 "stage `{}` has no cached output for its current settings and inputs ({}); run it first, or drop --only",
                 stage.name,
-                report.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                report
+                    .reasons
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ));
-            self.progress(format_args!("  FAILED   {}", report.error.as_deref().unwrap_or_default()));
+            self.progress(format_args!(
+                "  FAILED   {}",
+                report.error.as_deref().unwrap_or_default()
+            ));
             return Decision::Done(Box::new(report));
         }
         report.identity = Some(identity.clone());
@@ -531,9 +635,14 @@ impl Engine<'_> {
     /// Records that a run used `identity` for this stage (for `status` later) and
     /// links the output into the run directory.
     fn after_use(&self, report: &StageReport, identity: &StageIdentity) {
-        let Some(recorder) = self.recorder else { return };
+        let Some(recorder) = self.recorder else {
+            return;
+        };
         if let Err(error) = self.workspace.record_last_identity(&report.name, identity) {
-            tracing::warn!("cannot record the last identity of `{}`: {error}", report.name);
+            tracing::warn!(
+                "cannot record the last identity of `{}`: {error}",
+                report.name
+            );
         }
         if let Some((dir, _)) = &report.output
             && let Err(error) = recorder.link_output(self.workspace, &report.name, dir)
@@ -541,7 +650,11 @@ impl Engine<'_> {
             tracing::warn!("cannot link the output of `{}`: {error}", report.name);
         }
         self.event(
-            if report.status == StageStatus::Cached { "stage_cached" } else { "stage_finished" },
+            if report.status == StageStatus::Cached {
+                "stage_cached"
+            } else {
+                "stage_finished"
+            },
             serde_json::json!({
                 "stage": report.name,
                 "fingerprint": report.fingerprint,
@@ -563,34 +676,48 @@ impl Engine<'_> {
 
     /// The identity of stage `index` and the absolute path of each input. Upstream
     /// stages must already be done; their hashes come from their manifests.
-    fn identity_of(&self, index: usize, upstream: &[(usize, &StageReport)]) -> Result<(StageIdentity, BTreeMap<String, PathBuf>), String> {
+    fn identity_of(
+        &self,
+        index: usize,
+        upstream: &[(usize, &StageReport)],
+    ) -> Result<(StageIdentity, BTreeMap<String, PathBuf>), String> {
         let stage = &self.pipeline.stages[index];
         let mut records = BTreeMap::new();
         let mut paths = BTreeMap::new();
         for (name, binding) in &self.dag.bindings[index] {
             let (record, path) = match binding {
                 Binding::External { declared, path } => {
-                    let hash = self
-                        .hasher
-                        .hash_path(path)
-                        .map_err(|error| format!("input `{name}`: cannot hash {}: {error}", path.display()))?;
-                    let source = InputSource::Path { path: declared.clone() };
+                    let hash = self.hasher.hash_path(path).map_err(|error| {
+                        format!("input `{name}`: cannot hash {}: {error}", path.display())
+                    })?;
+                    let source = InputSource::Path {
+                        path: declared.clone(),
+                    };
                     (InputRecord { source, hash }, path.clone())
                 }
-                Binding::Stage { stage: upstream_index, subpath } => {
+                Binding::Stage {
+                    stage: upstream_index,
+                    subpath,
+                } => {
                     let upstream_name = &self.pipeline.stages[*upstream_index].name;
                     let (dir, manifest) = upstream
                         .iter()
                         .find(|(index, _)| index == upstream_index)
                         .and_then(|(_, report)| report.output.as_ref())
-                        .ok_or_else(|| format!("input `{name}`: stage `{upstream_name}` has no output"))?;
+                        .ok_or_else(|| {
+                            format!("input `{name}`: stage `{upstream_name}` has no output")
+                        })?;
                     let hash = match subpath {
                         None => manifest.output_hash.clone(),
-                        Some(subpath) => subpath_hash(&manifest, subpath).ok_or_else(|| {
-                            format!("input `{name}`: stage `{upstream_name}` produced no `{subpath}`")
+                        Some(subpath) => subpath_hash(manifest, subpath).ok_or_else(|| {
+                            format!(
+                                "input `{name}`: stage `{upstream_name}` produced no `{subpath}`"
+                            )
                         })?,
                     };
-                    let path = subpath.as_ref().map_or_else(|| dir.clone(), |subpath| dir.join(subpath));
+                    let path = subpath
+                        .as_ref()
+                        .map_or_else(|| dir.clone(), |subpath| dir.join(subpath));
                     let source = InputSource::Stage {
                         stage: upstream_name.clone(),
                         subpath: subpath.clone(),
@@ -614,10 +741,18 @@ impl Engine<'_> {
     /// Runs one stage into its scratch directory and publishes it.
     fn execute(&self, mut job: Job) -> StageReport {
         let stage = &self.pipeline.stages[job.index];
-        let mut report = std::mem::replace(&mut job.report, StageReport::new(&stage.name, stage.kind.name, StageStatus::Skipped));
+        let mut report = std::mem::replace(
+            &mut job.report,
+            StageReport::new(&stage.name, stage.kind.name, StageStatus::Skipped),
+        );
         let scratch = self.workspace.scratch_dir(&stage.name, &job.fingerprint);
         let reasons: Vec<String> = report.reasons.iter().map(ToString::to_string).collect();
-        self.progress(format_args!("  running  {} ({}): {}", stage.name, stage.kind.name, reasons.join("; ")));
+        self.progress(format_args!(
+            "  running  {} ({}): {}",
+            stage.name,
+            stage.kind.name,
+            reasons.join("; ")
+        ));
         self.event("stage_started", serde_json::json!({ "stage": stage.name, "fingerprint": job.fingerprint, "reasons": reasons }));
         let started_at = SystemTime::now();
         let clock = Instant::now();
@@ -626,21 +761,37 @@ impl Engine<'_> {
         match result {
             Ok((dir, manifest)) => {
                 report.status = StageStatus::Executed;
-                self.progress(format_args!("  done     {} in {:.2}s", stage.name, clock.elapsed().as_secs_f64()));
+                self.progress(format_args!(
+                    "  done     {} in {:.2}s",
+                    stage.name,
+                    clock.elapsed().as_secs_f64()
+                ));
                 report.output = Some((dir, manifest));
                 self.after_use(&report, &job.identity);
             }
             Err(StageError::Interrupted) => {
                 report.status = StageStatus::Interrupted;
                 report.error = Some("interrupted".to_string());
-                self.progress(format_args!("  stopped  {} (interrupted; nothing was published)", stage.name));
-                self.event("stage_interrupted", serde_json::json!({ "stage": stage.name }));
+                self.progress(format_args!(
+                    "  stopped  {} (interrupted; nothing was published)",
+                    stage.name
+                ));
+                self.event(
+                    "stage_interrupted",
+                    serde_json::json!({ "stage": stage.name }),
+                );
             }
             Err(error) => {
                 report.status = StageStatus::Failed;
                 let message = format!("{error}\n(log: {})", scratch.join(STAGE_LOG).display());
-                self.progress(format_args!("  FAILED   {} ({}): {message}", stage.name, stage.kind.name));
-                self.event("stage_failed", serde_json::json!({ "stage": stage.name, "error": error.to_string() }));
+                self.progress(format_args!(
+                    "  FAILED   {} ({}): {message}",
+                    stage.name, stage.kind.name
+                ));
+                self.event(
+                    "stage_failed",
+                    serde_json::json!({ "stage": stage.name, "error": error.to_string() }),
+                );
                 report.error = Some(message);
             }
         }
@@ -657,9 +808,12 @@ impl Engine<'_> {
         clock: &Instant,
     ) -> Result<(PathBuf, Manifest), StageError> {
         if scratch.exists() && !stage.kind.resumable {
-            std::fs::remove_dir_all(scratch).map_err(|error| StageError::io(format!("clearing {}", scratch.display()), error))?;
+            std::fs::remove_dir_all(scratch).map_err(|error| {
+                StageError::io(format!("clearing {}", scratch.display()), error)
+            })?;
         }
-        std::fs::create_dir_all(scratch).map_err(|error| StageError::io(format!("creating {}", scratch.display()), error))?;
+        std::fs::create_dir_all(scratch)
+            .map_err(|error| StageError::io(format!("creating {}", scratch.display()), error))?;
         let log_path = scratch.join(STAGE_LOG);
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -676,11 +830,18 @@ impl Engine<'_> {
         };
         let outcome = stage.kind.run(&stage.settings, &mut context)?;
         if scratch.join(MANIFEST).exists() {
-            return Err(StageError::Invalid(format!("`{MANIFEST}` in the output directory is reserved for trainyard")));
+            return Err(StageError::Invalid(format!(
+                "`{MANIFEST}` in the output directory is reserved for trainyard"
+            )));
         }
         let (_, files) = ContentHasher::uncached()
             .hash_dir(scratch, &[MANIFEST])
-            .map_err(|error| StageError::io(format!("hashing the output in {}", scratch.display()), error))?;
+            .map_err(|error| {
+                StageError::io(
+                    format!("hashing the output in {}", scratch.display()),
+                    error,
+                )
+            })?;
         let output_hash = dir_hash(
             files
                 .iter()
@@ -704,11 +865,20 @@ impl Engine<'_> {
         let dir = self
             .workspace
             .publish(scratch, &manifest)
-            .map_err(|error| StageError::io(format!("publishing the output of `{}`", stage.name), error))?;
+            .map_err(|error| {
+                StageError::io(format!("publishing the output of `{}`", stage.name), error)
+            })?;
         Ok((dir, manifest))
     }
 
-    fn run_record(&self, run_id: &str, started: SystemTime, finished: Option<SystemTime>, status: &str, reports: &[StageReport]) -> RunRecord {
+    fn run_record(
+        &self,
+        run_id: &str,
+        started: SystemTime,
+        finished: Option<SystemTime>,
+        status: &str,
+        reports: &[StageReport],
+    ) -> RunRecord {
         let stages = reports
             .iter()
             .map(|report| {
@@ -718,13 +888,21 @@ impl Engine<'_> {
                     kind_version: stage.map_or(0, |stage| stage.kind.version),
                     status: report.status.as_str().replace(' ', "_"),
                     fingerprint: report.fingerprint.clone(),
-                    inputs: report.identity.as_ref().map(|identity| identity.inputs.clone()).unwrap_or_default(),
+                    inputs: report
+                        .identity
+                        .as_ref()
+                        .map(|identity| identity.inputs.clone())
+                        .unwrap_or_default(),
                     input_paths: report.input_paths.clone(),
-                    output: report
+                    output: report.output.as_ref().map(|(dir, _)| {
+                        dir.strip_prefix(&self.workspace.root)
+                            .unwrap_or(dir)
+                            .to_path_buf()
+                    }),
+                    output_hash: report
                         .output
                         .as_ref()
-                        .map(|(dir, _)| dir.strip_prefix(&self.workspace.root).unwrap_or(dir).to_path_buf()),
-                    output_hash: report.output.as_ref().map(|(_, manifest)| manifest.output_hash.clone()),
+                        .map(|(_, manifest)| manifest.output_hash.clone()),
                     duration_s: report.duration_s,
                     reasons: report.reasons.iter().map(ToString::to_string).collect(),
                     error: report.error.clone(),
@@ -750,11 +928,17 @@ impl Engine<'_> {
             pipeline: runs::PipelineRecord {
                 name: self.pipeline.name.clone(),
                 file: self.pipeline.file.clone(),
-                absolute_path: std::path::absolute(&self.pipeline.file.path).unwrap_or_else(|_| self.pipeline.file.path.clone()),
+                absolute_path: std::path::absolute(&self.pipeline.file.path)
+                    .unwrap_or_else(|_| self.pipeline.file.path.clone()),
             },
             profiles: self.pipeline.profiles.clone(),
             settings: self.pipeline.values_json(),
-            origins: self.pipeline.origins.iter().map(|(key, origin)| (key.clone(), origin.to_string())).collect(),
+            origins: self
+                .pipeline
+                .origins
+                .iter()
+                .map(|(key, origin)| (key.clone(), origin.to_string()))
+                .collect(),
             stages,
             machine: runs::MachineRecord::detect(),
         }

@@ -44,7 +44,10 @@ pub enum InputSource {
 impl fmt::Display for InputSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            InputSource::Stage { stage, subpath: None } => write!(f, "stage `{stage}`"),
+            InputSource::Stage {
+                stage,
+                subpath: None,
+            } => write!(f, "stage `{stage}`"),
             InputSource::Stage {
                 stage,
                 subpath: Some(subpath),
@@ -163,9 +166,13 @@ impl fmt::Display for Reason {
         match self {
             Reason::NeverRan => write!(f, "never ran with these settings and inputs"),
             Reason::Forced => write!(f, "forced"),
-            Reason::KindChanged { old, new } => write!(f, "stage implementation changed ({old} → {new})"),
+            Reason::KindChanged { old, new } => {
+                write!(f, "stage implementation changed ({old} → {new})")
+            }
             Reason::SeedChanged { old, new } => write!(f, "seed: {old} → {new}"),
-            Reason::SettingChanged { key, old, new } => write!(f, "with.{key}: {} → {}", show(old), show(new)),
+            Reason::SettingChanged { key, old, new } => {
+                write!(f, "with.{key}: {} → {}", show(old), show(new))
+            }
             Reason::InputChanged { name, source } => write!(f, "input `{name}` changed ({source})"),
             Reason::InputAdded { name } => write!(f, "input `{name}` added"),
             Reason::InputRemoved { name } => write!(f, "input `{name}` removed"),
@@ -223,9 +230,14 @@ fn diff_values(key: &str, old: &serde_json::Value, new: &serde_json::Value, out:
     use serde_json::Value;
     match (old, new) {
         (Value::Object(old_map), Value::Object(new_map)) => {
-            let keys: std::collections::BTreeSet<&String> = old_map.keys().chain(new_map.keys()).collect();
+            let keys: std::collections::BTreeSet<&String> =
+                old_map.keys().chain(new_map.keys()).collect();
             for child in keys {
-                let path = if key.is_empty() { child.clone() } else { format!("{key}.{child}") };
+                let path = if key.is_empty() {
+                    child.clone()
+                } else {
+                    format!("{key}.{child}")
+                };
                 diff_values(
                     &path,
                     old_map.get(child).unwrap_or(&Value::Null),
@@ -256,7 +268,9 @@ mod tests {
             inputs: BTreeMap::from([(
                 "data".to_string(),
                 InputRecord {
-                    source: InputSource::Path { path: "data.txt".into() },
+                    source: InputSource::Path {
+                        path: "data.txt".into(),
+                    },
                     hash: input_hash.into(),
                 },
             )]),
@@ -265,11 +279,22 @@ mod tests {
 
     #[test]
     fn fingerprint_depends_on_settings_and_input_content_only() {
-        assert_eq!(identity(10, "h1").fingerprint(), identity(10, "h1").fingerprint());
-        assert_ne!(identity(10, "h1").fingerprint(), identity(11, "h1").fingerprint());
-        assert_ne!(identity(10, "h1").fingerprint(), identity(10, "h2").fingerprint());
+        assert_eq!(
+            identity(10, "h1").fingerprint(),
+            identity(10, "h1").fingerprint()
+        );
+        assert_ne!(
+            identity(10, "h1").fingerprint(),
+            identity(11, "h1").fingerprint()
+        );
+        assert_ne!(
+            identity(10, "h1").fingerprint(),
+            identity(10, "h2").fingerprint()
+        );
         let mut moved = identity(10, "h1");
-        moved.inputs.get_mut("data").unwrap().source = InputSource::Path { path: "elsewhere.txt".into() };
+        moved.inputs.get_mut("data").unwrap().source = InputSource::Path {
+            path: "elsewhere.txt".into(),
+        };
         assert_eq!(moved.fingerprint(), identity(10, "h1").fingerprint());
     }
 
@@ -277,6 +302,9 @@ mod tests {
     fn explain_names_the_setting_with_old_and_new_value() {
         let reasons = explain(&identity(10, "h1"), &identity(20, "h2"));
         let rendered: Vec<String> = reasons.iter().map(ToString::to_string).collect();
-        assert_eq!(rendered, ["with.opt.steps: 10 → 20", "input `data` changed (data.txt)"]);
+        assert_eq!(
+            rendered,
+            ["with.opt.steps: 10 → 20", "input `data` changed (data.txt)"]
+        );
     }
 }

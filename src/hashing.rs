@@ -83,13 +83,18 @@ impl ContentHasher {
 
     /// Writes the stat cache back if anything changed (atomically: temp file + rename).
     pub fn save(&self) -> io::Result<()> {
-        let Some(cache_file) = &self.cache_file else { return Ok(()) };
+        let Some(cache_file) = &self.cache_file else {
+            return Ok(());
+        };
         let changed = self.changed.lock().map(|changed| *changed).unwrap_or(true);
         if !changed {
             return Ok(());
         }
         let bytes = {
-            let entries = self.entries.lock().map_err(|_| io::Error::other("stat cache lock poisoned"))?;
+            let entries = self
+                .entries
+                .lock()
+                .map_err(|_| io::Error::other("stat cache lock poisoned"))?;
             serde_json::to_vec(&*entries).map_err(io::Error::other)?
         };
         crate::store::write_atomically(cache_file, &bytes)
@@ -97,8 +102,9 @@ impl ContentHasher {
 
     /// Hash of a file or directory.
     pub fn hash_path(&self, path: &Path) -> io::Result<String> {
-        let metadata = std::fs::metadata(path)
-            .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
+        let metadata = std::fs::metadata(path).map_err(|error| {
+            io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+        })?;
         if metadata.is_dir() {
             Ok(self.hash_dir(path, &[])?.0)
         } else {
@@ -109,9 +115,13 @@ impl ContentHasher {
     /// Hash and size of one file, from the stat cache when it is still valid.
     pub fn hash_file(&self, path: &Path) -> io::Result<FileDigest> {
         use std::os::unix::fs::MetadataExt;
-        let with_path = |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", path.display()));
+        let with_path =
+            |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", path.display()));
         let metadata = std::fs::metadata(path).map_err(with_path)?;
-        let key = std::path::absolute(path).map_err(with_path)?.to_string_lossy().into_owned();
+        let key = std::path::absolute(path)
+            .map_err(with_path)?
+            .to_string_lossy()
+            .into_owned();
         let (size, mtime, inode) = (metadata.len(), mtime_ns(&metadata), metadata.ino());
         if let Ok(entries) = self.entries.lock()
             && let Some(entry) = entries.get(&key)
@@ -145,7 +155,11 @@ impl ContentHasher {
 
     /// Hash of a directory and the digest of every file below it (relative paths with
     /// `/`), skipping top-level entries named in `exclude`.
-    pub fn hash_dir(&self, dir: &Path, exclude: &[&str]) -> io::Result<(String, BTreeMap<String, FileDigest>)> {
+    pub fn hash_dir(
+        &self,
+        dir: &Path,
+        exclude: &[&str],
+    ) -> io::Result<(String, BTreeMap<String, FileDigest>)> {
         let mut files = Vec::new();
         list_files(dir, "", exclude, &mut files)?;
         let digests: Vec<(String, FileDigest)> = files
@@ -156,7 +170,14 @@ impl ContentHasher {
             })
             .collect::<io::Result<_>>()?;
         let digests: BTreeMap<String, FileDigest> = digests.into_iter().collect();
-        Ok((dir_hash(digests.iter().map(|(path, digest)| (path.as_str(), digest.hash.as_str()))), digests))
+        Ok((
+            dir_hash(
+                digests
+                    .iter()
+                    .map(|(path, digest)| (path.as_str(), digest.hash.as_str())),
+            ),
+            digests,
+        ))
     }
 }
 
@@ -181,12 +202,16 @@ pub fn dir_hash<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> St
 }
 
 fn list_files(dir: &Path, prefix: &str, exclude: &[&str], out: &mut Vec<String>) -> io::Result<()> {
-    let with_path = |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", dir.display()));
+    let with_path =
+        |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", dir.display()));
     let mut entries: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
         .map_err(with_path)?
         .map(|entry| {
             let entry = entry.map_err(with_path)?;
-            Ok((entry.file_name().to_string_lossy().into_owned(), entry.path()))
+            Ok((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            ))
         })
         .collect::<io::Result<_>>()?;
     entries.sort();
@@ -194,9 +219,15 @@ fn list_files(dir: &Path, prefix: &str, exclude: &[&str], out: &mut Vec<String>)
         if prefix.is_empty() && exclude.contains(&name.as_str()) {
             continue;
         }
-        let relative = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+        let relative = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
         // Follows symlinks: what matters is the content a stage would read.
-        let metadata = std::fs::metadata(&path).map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
+        let metadata = std::fs::metadata(&path).map_err(|error| {
+            io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+        })?;
         if metadata.is_dir() {
             list_files(&path, &relative, &[], out)?;
         } else {

@@ -144,10 +144,20 @@ impl MachineRecord {
         let cpuinfo = read("/proc/cpuinfo");
         let cpu = cpuinfo
             .lines()
-            .find_map(|line| line.strip_prefix("model name").and_then(|rest| rest.split_once(':')).map(|(_, model)| model.trim().to_string()))
+            .find_map(|line| {
+                line.strip_prefix("model name")
+                    .and_then(|rest| rest.split_once(':'))
+                    .map(|(_, model)| model.trim().to_string())
+            })
             .unwrap_or_else(|| "unknown".to_string());
         let memory_bytes = read("/proc/meminfo").lines().find_map(|line| {
-            let kib: u64 = line.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse().ok()?;
+            let kib: u64 = line
+                .strip_prefix("MemTotal:")?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
             Some(kib * 1024)
         });
         MachineRecord {
@@ -174,7 +184,9 @@ pub fn git_commit(dir: &Path) -> Option<String> {
             Some(dot_git)
         } else if dot_git.is_file() {
             let pointer = fs::read_to_string(&dot_git).ok()?;
-            pointer.strip_prefix("gitdir:").map(|path| candidate.join(path.trim()))
+            pointer
+                .strip_prefix("gitdir:")
+                .map(|path| candidate.join(path.trim()))
         } else {
             None
         };
@@ -218,15 +230,27 @@ impl RunRecorder {
     pub fn create(workspace: &Workspace, pipeline_name: &str) -> io::Result<RunRecorder> {
         let runs = workspace.runs_dir();
         fs::create_dir_all(&runs)?;
-        let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "-");
+        let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+            .to_string()
+            .replace(':', "-");
         let safe_name: String = pipeline_name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let base = format!("{stamp}-{safe_name}");
         let mut attempt = 1;
         let (id, dir) = loop {
-            let id = if attempt == 1 { base.clone() } else { format!("{base}-{attempt}") };
+            let id = if attempt == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{attempt}")
+            };
             let dir = runs.join(&id);
             match fs::create_dir(&dir) {
                 Ok(()) => break (id, dir),
@@ -275,7 +299,10 @@ impl RunRecorder {
 
     /// Points `runs/latest` at this run.
     pub fn mark_latest(&self) -> io::Result<()> {
-        let runs = self.dir.parent().ok_or_else(|| io::Error::other("run directory has no parent"))?;
+        let runs = self
+            .dir
+            .parent()
+            .ok_or_else(|| io::Error::other("run directory has no parent"))?;
         let temp = runs.join(format!(".latest.{}", std::process::id()));
         let _ = fs::remove_file(&temp);
         std::os::unix::fs::symlink(&self.id, &temp)?;

@@ -92,13 +92,18 @@ impl Workspace {
 
     /// Where the output of `stage` with `fingerprint` lives once finished.
     pub fn entry_dir(&self, stage: &str, fingerprint: &str) -> PathBuf {
-        self.state_dir().join("store").join(stage).join(short(fingerprint))
+        self.state_dir()
+            .join("store")
+            .join(stage)
+            .join(short(fingerprint))
     }
 
     /// The scratch directory of `stage` with `fingerprint`. Its name is fixed by the
     /// fingerprint so that a resumable stage finds its checkpoints after a crash.
     pub fn scratch_dir(&self, stage: &str, fingerprint: &str) -> PathBuf {
-        self.state_dir().join("work").join(format!("{stage}-{}", short(fingerprint)))
+        self.state_dir()
+            .join("work")
+            .join(format!("{stage}-{}", short(fingerprint)))
     }
 
     /// The manifest of a finished output, if there is one.
@@ -118,7 +123,9 @@ impl Workspace {
         let bytes = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
         write_synced(&scratch.join(MANIFEST), &bytes)?;
         let target = self.entry_dir(&manifest.stage, &manifest.fingerprint);
-        let parent = target.parent().ok_or_else(|| io::Error::other("store entry has no parent"))?;
+        let parent = target
+            .parent()
+            .ok_or_else(|| io::Error::other("store entry has no parent"))?;
         fs::create_dir_all(parent)?;
         let replaced = if target.exists() {
             let aside = self.state_dir().join("work").join(format!(
@@ -170,9 +177,14 @@ fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Replaces `path` with `bytes` so that readers see the old or the new content, never
 /// a mix: write a sibling temp file, sync it, rename it over.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let parent = path.parent().ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
+    let parent = path
+        .parent()
+        .ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
     fs::create_dir_all(parent)?;
-    let file_name = path.file_name().map(|name| name.to_string_lossy()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|name| name.to_string_lossy())
+        .unwrap_or_default();
     let temp = parent.join(format!(".{file_name}.{}.tmp", std::process::id()));
     write_synced(&temp, bytes)?;
     fs::rename(&temp, path)
@@ -188,7 +200,9 @@ pub struct WorkspaceLock {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another live process holds it and we were told not to wait.
-    #[error("the workspace {workspace} is locked by another trainyard run ({holder}); wait for it to finish or stop it")]
+    #[error(
+        "the workspace {workspace} is locked by another trainyard run ({holder}); wait for it to finish or stop it"
+    )]
     Busy {
         /// Workspace root.
         workspace: String,
@@ -210,7 +224,11 @@ impl Workspace {
     /// [`LockError::Busy`] naming that process, or (with `wait`) calls `on_wait` with its
     /// description once and blocks until it is released. A lock whose owner died is
     /// free: advisory locks die with their process.
-    pub fn lock(&self, wait: bool, on_wait: &mut dyn FnMut(&str)) -> Result<WorkspaceLock, LockError> {
+    pub fn lock(
+        &self,
+        wait: bool,
+        on_wait: &mut dyn FnMut(&str),
+    ) -> Result<WorkspaceLock, LockError> {
         let path = self.state_dir().join("lock");
         let io_error = |source: io::Error| LockError::Io {
             path: path.display().to_string(),
@@ -227,8 +245,15 @@ impl Workspace {
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read_to_string(&path).unwrap_or_default().trim().to_string();
-                let holder = if holder.is_empty() { "unknown process".to_string() } else { holder };
+                let holder = fs::read_to_string(&path)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                let holder = if holder.is_empty() {
+                    "unknown process".to_string()
+                } else {
+                    holder
+                };
                 if !wait {
                     return Err(LockError::Busy {
                         workspace: self.root.display().to_string(),

@@ -9,11 +9,23 @@ fn first_run_executes_every_stage_and_second_run_none() {
     let sandbox = branches();
     sandbox.ok(&["run", "p.yaml"]);
     assert_eq!(sandbox.executed(), ["join", "left", "right", "tail"]);
-    assert_eq!(sandbox.read("runs/latest/outputs/join/joined.txt"), "LEFT INPUT\ntupni thgir\n");
+    assert_eq!(
+        sandbox.read("runs/latest/outputs/join/joined.txt"),
+        "LEFT INPUT\ntupni thgir\n"
+    );
 
     sandbox.ok(&["run", "p.yaml"]);
-    assert!(sandbox.executed().is_empty(), "{:?}", sandbox.latest_statuses());
-    assert!(sandbox.latest_statuses().values().all(|status| status == "cached"));
+    assert!(
+        sandbox.executed().is_empty(),
+        "{:?}",
+        sandbox.latest_statuses()
+    );
+    assert!(
+        sandbox
+            .latest_statuses()
+            .values()
+            .all(|status| status == "cached")
+    );
 }
 
 #[test]
@@ -22,21 +34,35 @@ fn changing_one_input_reruns_exactly_that_stage_and_its_downstream() {
     sandbox.ok(&["run", "p.yaml"]);
     sandbox.write("data/x.txt", "changed left\n");
     let status = sandbox.ok(&["status", "p.yaml"]);
-    assert!(status.contains("input `src` changed (data/x.txt)"), "{status}");
+    assert!(
+        status.contains("input `src` changed (data/x.txt)"),
+        "{status}"
+    );
     sandbox.ok(&["run", "p.yaml"]);
     assert_eq!(sandbox.executed(), ["join", "left"]);
-    assert_eq!(sandbox.read("runs/latest/outputs/join/joined.txt"), "CHANGED LEFT\ntupni thgir\n");
+    assert_eq!(
+        sandbox.read("runs/latest/outputs/join/joined.txt"),
+        "CHANGED LEFT\ntupni thgir\n"
+    );
 }
 
 #[test]
 fn touching_a_file_without_changing_it_reruns_nothing() {
     let sandbox = branches();
     sandbox.ok(&["run", "p.yaml"]);
-    let file = std::fs::File::options().write(true).open(sandbox.path("data/y.txt")).unwrap();
-    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
+    let file = std::fs::File::options()
+        .write(true)
+        .open(sandbox.path("data/y.txt"))
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
     drop(file);
     sandbox.ok(&["run", "p.yaml"]);
-    assert!(sandbox.executed().is_empty(), "{:?}", sandbox.latest_statuses());
+    assert!(
+        sandbox.executed().is_empty(),
+        "{:?}",
+        sandbox.latest_statuses()
+    );
 }
 
 #[test]
@@ -53,7 +79,12 @@ fn upstream_rerun_with_identical_output_leaves_downstream_cached() {
 fn changed_setting_shows_in_status_with_old_and_new_value_and_origin() {
     let sandbox = branches();
     sandbox.ok(&["run", "p.yaml"]);
-    let status = sandbox.ok(&["status", "p.yaml", "--set", "stages.tail.with.cmd=wc -l < $TY_IN_R/out.txt > size.txt"]);
+    let status = sandbox.ok(&[
+        "status",
+        "p.yaml",
+        "--set",
+        "stages.tail.with.cmd=wc -l < $TY_IN_R/out.txt > size.txt",
+    ]);
     assert!(
         status.contains(r#"with.cmd: "wc -c < $TY_IN_R/out.txt > size.txt" → "wc -l < $TY_IN_R/out.txt > size.txt""#),
         "{status}"
@@ -69,9 +100,18 @@ fn changed_setting_shows_in_status_with_old_and_new_value_and_origin() {
 fn status_explains_never_run_and_upstream_changes() {
     let sandbox = branches();
     let status = sandbox.ok(&["status", "p.yaml"]);
-    assert!(status.contains("never ran with these settings and inputs"), "{status}");
-    assert!(status.contains("upstream `left`, `right` will run"), "{status}");
-    assert!(!sandbox.path("runs").exists(), "status must not record a run");
+    assert!(
+        status.contains("never ran with these settings and inputs"),
+        "{status}"
+    );
+    assert!(
+        status.contains("upstream `left`, `right` will run"),
+        "{status}"
+    );
+    assert!(
+        !sandbox.path("runs").exists(),
+        "status must not record a run"
+    );
 }
 
 #[test]
@@ -81,7 +121,11 @@ fn switching_profile_and_back_is_a_cache_hit() {
     sandbox.ok(&["run", "p.yaml"]);
     assert_eq!(sandbox.executed(), ["join"]);
     sandbox.ok(&["run", "p.yaml", "--profile", "dev"]);
-    assert!(sandbox.executed().is_empty(), "{:?}", sandbox.latest_statuses());
+    assert!(
+        sandbox.executed().is_empty(),
+        "{:?}",
+        sandbox.latest_statuses()
+    );
     assert_eq!(sandbox.store_entries("join").len(), 2);
 }
 
@@ -108,7 +152,10 @@ fn until_runs_ancestors_only_and_only_requires_cached_upstream() {
     assert_eq!(statuses["join"], "not_selected");
 
     let failure = sandbox.fails(&["run", "p.yaml", "--only", "join"]);
-    assert!(failure.contains("stage `left` has no cached output"), "{failure}");
+    assert!(
+        failure.contains("stage `left` has no cached output"),
+        "{failure}"
+    );
     sandbox.ok(&["run", "p.yaml", "--only", "left"]);
     sandbox.ok(&["run", "p.yaml", "--only", "join"]);
     assert_eq!(sandbox.executed(), ["join"]);
@@ -158,5 +205,8 @@ fn toml_pipelines_behave_like_yaml() {
     sandbox.ok(&["run", "p.toml"]);
     assert_eq!(sandbox.read("runs/latest/outputs/up/o.txt"), "HI\n");
     let resolved = sandbox.ok(&["resolve", "p.toml"]);
-    assert!(resolved.contains("stages.up.with.cmd = \"tr a-z A-Z < $TY_IN_SRC > o.txt\"  # p.toml:7"), "{resolved}");
+    assert!(
+        resolved.contains("stages.up.with.cmd = \"tr a-z A-Z < $TY_IN_SRC > o.txt\"  # p.toml:7"),
+        "{resolved}"
+    );
 }

@@ -72,7 +72,11 @@ pub enum Origin {
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Origin::File { path, line, profile } => {
+            Origin::File {
+                path,
+                line,
+                profile,
+            } => {
                 write!(f, "{}", path.display())?;
                 if let Some(line) = line {
                     write!(f, ":{line}")?;
@@ -175,7 +179,10 @@ impl ResolvedPipeline {
 
 /// Names of the profiles available to a pipeline: inline ones, then files beside it and
 /// in `profile_dirs`, each with its description.
-pub fn available_profiles(pipeline: &Path, profile_dirs: &[PathBuf]) -> Result<Vec<ProfileRecord>, Diagnostic> {
+pub fn available_profiles(
+    pipeline: &Path,
+    profile_dirs: &[PathBuf],
+) -> Result<Vec<ProfileRecord>, Diagnostic> {
     let file = SourceFile::load(pipeline)?;
     let mut found: Vec<ProfileRecord> = Vec::new();
     if let Some(Value::Dict(_, inline)) = file.values.get("profiles") {
@@ -196,12 +203,20 @@ pub fn available_profiles(pipeline: &Path, profile_dirs: &[PathBuf]) -> Result<V
         }
     }
     for dir in profile_search_dirs(pipeline, profile_dirs) {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        let mut paths: Vec<PathBuf> = entries.filter_map(|entry| Some(entry.ok()?.path())).collect();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|entry| Some(entry.ok()?.path()))
+            .collect();
         paths.sort();
         for path in paths {
-            let Some(name) = path.file_stem().and_then(|stem| stem.to_str()) else { continue };
-            if source::Format::from_path(&path).is_none() || found.iter().any(|record| record.name == name) {
+            let Some(name) = path.file_stem().and_then(|stem| stem.to_str()) else {
+                continue;
+            };
+            if source::Format::from_path(&path).is_none()
+                || found.iter().any(|record| record.name == name)
+            {
                 continue;
             }
             let profile = SourceFile::load(&path)?;
@@ -212,7 +227,11 @@ pub fn available_profiles(pipeline: &Path, profile_dirs: &[PathBuf]) -> Result<V
                     hash: profile.hash.clone(),
                 },
                 inline: false,
-                description: profile.values.get("description").and_then(Value::as_str).map(str::to_string),
+                description: profile
+                    .values
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
             });
         }
     }
@@ -230,7 +249,7 @@ fn profile_search_dirs(pipeline: &Path, profile_dirs: &[PathBuf]) -> Vec<PathBuf
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
+    match (std::path::absolute(a), std::path::absolute(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
     }
@@ -301,15 +320,25 @@ impl Layer {
         else {
             return None;
         };
-        let in_file = |path: &str| if prefix.is_empty() { path.to_string() } else { format!("{prefix}.{path}") };
+        let in_file = |path: &str| {
+            if prefix.is_empty() {
+                path.to_string()
+            } else {
+                format!("{prefix}.{path}")
+            }
+        };
         if let Some(position) = file.lines.exact(&in_file(key_path)) {
             return Some(position);
         }
         let mut parts = key_path.splitn(4, '.');
-        if let (Some("stages"), Some(stage), Some("with")) = (parts.next(), parts.next(), parts.next())
+        if let (Some("stages"), Some(stage), Some("with")) =
+            (parts.next(), parts.next(), parts.next())
             && let Some(kind) = stage_kinds.get(stage)
         {
-            let rest = parts.next().map(|rest| format!(".{rest}")).unwrap_or_default();
+            let rest = parts
+                .next()
+                .map(|rest| format!(".{rest}"))
+                .unwrap_or_default();
             if let Some(position) = file.lines.find(&in_file(&format!("kinds.{kind}{rest}"))) {
                 return Some(position);
             }
@@ -321,7 +350,9 @@ impl Layer {
     fn locate(&self, key_path: &str, diagnostic: Diagnostic) -> Diagnostic {
         match &self.source {
             LayerSource::File { file, .. } => match self.file_position(key_path) {
-                Some((line, column)) => diagnostic.at(Location::new(&file.path, line, column), Some(&file.text)),
+                Some((line, column)) => {
+                    diagnostic.at(Location::new(&file.path, line, column), Some(&file.text))
+                }
                 None => diagnostic,
             },
             LayerSource::Env(_) | LayerSource::Cli(_) => {
@@ -341,8 +372,16 @@ fn lookup_prefix(map: &BTreeMap<String, String>, key_path: &str) -> Option<Strin
         if let Some(found) = map.get(candidate) {
             return Some(found.clone());
         }
-        candidate = &candidate[..candidate.rfind('.')?];
+        let Some(dot) = candidate.rfind('.') else {
+            break;
+        };
+        candidate = &candidate[..dot];
     }
+    // An error about a map (`stages.x` lacks `kind`) comes from a variable below it.
+    let below = format!("{key_path}.");
+    map.iter()
+        .find(|(key, _)| key.starts_with(&below))
+        .map(|(_, found)| found.clone())
 }
 
 /// Builds the nested dictionary `{a: {b: {c: value}}}` for the path `a.b.c`.
@@ -362,7 +401,9 @@ fn nest(path: &[&str], value: Value) -> Dict {
 fn deep_merge(base: &mut Dict, overlay: Dict) {
     for (key, value) in overlay {
         match (base.get_mut(&key), value) {
-            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => deep_merge(existing, incoming),
+            (Some(Value::Dict(_, existing)), Value::Dict(_, incoming)) => {
+                deep_merge(existing, incoming)
+            }
             (_, value) => {
                 base.insert(key, value);
             }
@@ -392,8 +433,13 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
         None => Dict::new(),
         Some(Value::Dict(_, dict)) => dict,
         Some(_) => {
-            return Err(Diagnostic::new("`profiles` must be a map of profile name → overlay")
-                .at(file.location_of("profiles").unwrap_or(Location::new(path, 1, 1)), Some(&file.text)));
+            return Err(
+                Diagnostic::new("`profiles` must be a map of profile name → overlay").at(
+                    file.location_of("profiles")
+                        .unwrap_or(Location::new(path, 1, 1)),
+                    Some(&file.text),
+                ),
+            );
         }
     };
     let file = Arc::new(file);
@@ -423,21 +469,35 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
         },
     }];
     let mut profile_records = Vec::new();
-    for name in options.profiles.iter().flat_map(|list| list.split(',')).map(str::trim).filter(|name| !name.is_empty()) {
+    for name in options
+        .profiles
+        .iter()
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+    {
         let (layer, record) = load_profile(name, &file, &inline_profiles, &stage_kinds, options)?;
         layers.push(layer);
         profile_records.push(record);
     }
-    if let Some(layer) = env_layer(&options.env) {
+    let mut reference = Dict::new();
+    for layer in &layers {
+        deep_merge(&mut reference, layer.values.clone());
+    }
+    if let Some(layer) = env_layer(&options.env, &reference) {
         layers.push(layer);
     }
     for (index, raw) in options.overrides.iter().enumerate() {
         let (key, value) = raw.split_once('=').ok_or_else(|| {
-            Diagnostic::new(format!("--set {raw}: expected KEY=VALUE, e.g. --set stages.train.with.steps=100"))
+            Diagnostic::new(format!(
+                "--set {raw}: expected KEY=VALUE, e.g. --set stages.train.with.steps=100"
+            ))
         })?;
         let key = key.trim();
         if !valid_key_path(key) {
-            return Err(Diagnostic::new(format!("--set {raw}: `{key}` is not a dotted key path")));
+            return Err(Diagnostic::new(format!(
+                "--set {raw}: `{key}` is not a dotted key path"
+            )));
         }
         let parts: Vec<&str> = key.split('.').collect();
         layers.push(Layer {
@@ -456,7 +516,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
         layers,
         file: Arc::clone(&file),
     };
-    resolver.resolve(profile_records, &stage_kinds)
+    resolver.resolve(profile_records)
 }
 
 fn load_profile(
@@ -468,12 +528,21 @@ fn load_profile(
 ) -> Result<(Layer, ProfileRecord), Diagnostic> {
     let (file, prefix, overlay, inline) = if let Some(overlay) = inline_profiles.get(name) {
         let Value::Dict(_, overlay) = overlay else {
-            return Err(Diagnostic::new(format!("profile `{name}` must be a map")).at(
-                pipeline.location_of(&format!("profiles.{name}")).unwrap_or(Location::new(&pipeline.path, 1, 1)),
-                Some(&pipeline.text),
-            ));
+            return Err(
+                Diagnostic::new(format!("profile `{name}` must be a map")).at(
+                    pipeline
+                        .location_of(&format!("profiles.{name}"))
+                        .unwrap_or(Location::new(&pipeline.path, 1, 1)),
+                    Some(&pipeline.text),
+                ),
+            );
         };
-        (Arc::clone(pipeline), format!("profiles.{name}"), overlay.clone(), true)
+        (
+            Arc::clone(pipeline),
+            format!("profiles.{name}"),
+            overlay.clone(),
+            true,
+        )
     } else {
         let dirs = profile_search_dirs(&pipeline.path, &options.profile_dirs);
         let found = dirs.iter().find_map(|dir| {
@@ -483,7 +552,8 @@ fn load_profile(
                 .find(|candidate| candidate.is_file())
         });
         let Some(path) = found else {
-            let known = available_profiles(&pipeline.path, &options.profile_dirs).unwrap_or_default();
+            let known =
+                available_profiles(&pipeline.path, &options.profile_dirs).unwrap_or_default();
             let names: Vec<&str> = known.iter().map(|record| record.name.as_str()).collect();
             let searched: Vec<String> = dirs.iter().map(|dir| dir.display().to_string()).collect();
             let mut diagnostic = Diagnostic::new(format!(
@@ -511,14 +581,22 @@ fn load_profile(
     };
     if let Some(kinds) = overlay.remove("kinds") {
         let Value::Dict(_, kinds) = kinds else {
-            return Err(Diagnostic::new(format!("profile `{name}`: `kinds` must be a map of stage kind → settings")));
+            return Err(Diagnostic::new(format!(
+                "profile `{name}`: `kinds` must be a map of stage kind → settings"
+            )));
         };
         let mut expanded = Dict::new();
         for (kind, settings) in kinds {
             if stages::kind(&kind).is_none() {
                 let names = stages::KINDS.iter().map(|entry| entry.name);
-                let key = if prefix.is_empty() { format!("kinds.{kind}") } else { format!("{prefix}.kinds.{kind}") };
-                let mut diagnostic = Diagnostic::new(format!("profile `{name}`: unknown stage kind `{kind}` under `kinds`"));
+                let key = if prefix.is_empty() {
+                    format!("kinds.{kind}")
+                } else {
+                    format!("{prefix}.kinds.{kind}")
+                };
+                let mut diagnostic = Diagnostic::new(format!(
+                    "profile `{name}`: unknown stage kind `{kind}` under `kinds`"
+                ));
                 if let Some(location) = file.location_of(&key) {
                     diagnostic = diagnostic.at(location, Some(&file.text));
                 }
@@ -528,10 +606,17 @@ fn load_profile(
                 return Err(diagnostic);
             }
             // Applies to every stage of that kind, as if written under each one's `with`.
-            let mut stage_names: Vec<&String> = stage_kinds.iter().filter(|(_, k)| **k == kind).map(|(s, _)| s).collect();
+            let mut stage_names: Vec<&String> = stage_kinds
+                .iter()
+                .filter(|(_, k)| **k == kind)
+                .map(|(s, _)| s)
+                .collect();
             stage_names.sort();
             for stage in stage_names {
-                deep_merge(&mut expanded, nest(&["stages", stage, "with"], settings.clone()));
+                deep_merge(
+                    &mut expanded,
+                    nest(&["stages", stage, "with"], settings.clone()),
+                );
             }
         }
         // Explicit per-stage entries in the same profile win over its `kinds` defaults.
@@ -560,14 +645,38 @@ fn load_profile(
     Ok((layer, record))
 }
 
-fn env_layer(env: &[(String, String)]) -> Option<Layer> {
+/// Spells an environment key path the way the pipeline does: variable names are
+/// upper-case and cannot hold `-`, so `STAGES__MY_STAGE__WITH__LR` must find the stage
+/// `my-stage` and a key `LR` or `lr`, whichever exists.
+fn match_known_keys(reference: &Dict, parts: &[String]) -> Vec<String> {
+    let normalise = |key: &str| key.to_ascii_lowercase().replace('-', "_");
+    let mut level = Some(reference);
+    parts
+        .iter()
+        .map(|part| {
+            let known = level.and_then(|dict| {
+                dict.get_key_value(part.as_str()).or_else(|| {
+                    dict.iter()
+                        .find(|(key, _)| normalise(key) == normalise(part))
+                })
+            });
+            level = known.and_then(|(_, value)| value.as_dict());
+            known.map_or_else(|| part.to_ascii_lowercase(), |(key, _)| key.clone())
+        })
+        .collect()
+}
+
+fn env_layer(env: &[(String, String)], reference: &Dict) -> Option<Layer> {
     let mut values = Dict::new();
     let mut vars = BTreeMap::new();
     let mut sorted: Vec<&(String, String)> = env.iter().collect();
     sorted.sort();
     for (var, value) in sorted {
-        let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
-        let key = rest.split(ENV_SEPARATOR).map(str::to_lowercase).collect::<Vec<_>>().join(".");
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let parts: Vec<String> = rest.split(ENV_SEPARATOR).map(str::to_string).collect();
+        let key = match_known_keys(reference, &parts).join(".");
         // Other TRAINYARD_* variables (TRAINYARD_LOG, …) configure the tool, not the pipeline.
         let top = key.split('.').next().unwrap_or_default();
         if !TOP_LEVEL_KEYS.contains(&top) || !valid_key_path(&key) {
@@ -615,17 +724,34 @@ struct Resolver {
 }
 
 fn is_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 impl Resolver {
+    /// The layer that set `key_path`, or else its nearest ancestor that is set.
     fn layer_of(&self, key_path: &str) -> Option<&Layer> {
-        let metadata = self.figment.find_metadata(key_path)?;
+        let mut candidate = key_path;
+        let metadata = loop {
+            if let Some(metadata) = self.figment.find_metadata(candidate) {
+                break metadata;
+            }
+            candidate = &candidate[..candidate.rfind('.')?];
+        };
         self.layers.iter().find(|layer| layer.name == metadata.name)
     }
 
     fn origin(&self, key_path: &str) -> Origin {
-        self.layer_of(key_path).map_or(Origin::Default, |layer| layer.origin(key_path))
+        match self.figment.find_metadata(key_path) {
+            Some(metadata) => self
+                .layers
+                .iter()
+                .find(|layer| layer.name == metadata.name)
+                .map_or(Origin::Default, |layer| layer.origin(key_path)),
+            None => Origin::Default,
+        }
     }
 
     /// A diagnostic for `key_path`, located in whichever layer set it.
@@ -638,23 +764,57 @@ impl Resolver {
 
     fn figment_error(&self, error: figment::Error, prefix: &str) -> Diagnostic {
         use figment::error::Kind;
-        let mut path: Vec<String> = prefix.split('.').filter(|part| !part.is_empty()).map(str::to_string).collect();
+        let mut path: Vec<String> = prefix
+            .split('.')
+            .filter(|part| !part.is_empty())
+            .map(str::to_string)
+            .collect();
         path.extend(error.path.iter().cloned());
         let at = path.join(".");
-        let within = if at.is_empty() { "the pipeline".to_string() } else { format!("`{at}`") };
+        let within = if at.is_empty() {
+            "the pipeline".to_string()
+        } else {
+            format!("`{at}`")
+        };
         let (message, key, help) = match &error.kind {
             Kind::UnknownField(field, expected) => {
-                let key = if path.last() == Some(field) { at.clone() } else { format!("{at}.{field}").trim_start_matches('.').to_string() };
-                let within = if path.last() == Some(field) { format!("`{}`", path[..path.len() - 1].join(".")) } else { within };
-                let help = did_you_mean(field, expected.iter().copied()).or_else(|| Some(format!("expected one of: {}", expected.join(", "))));
+                let key = if path.last() == Some(field) {
+                    at.clone()
+                } else {
+                    format!("{at}.{field}").trim_start_matches('.').to_string()
+                };
+                let within = if path.last() == Some(field) {
+                    format!("`{}`", path[..path.len() - 1].join("."))
+                } else {
+                    within
+                };
+                let help = did_you_mean(field, expected.iter().copied())
+                    .or_else(|| Some(format!("expected one of: {}", expected.join(", "))));
                 (format!("unknown key `{field}` in {within}"), key, help)
             }
-            Kind::MissingField(field) => (format!("missing key `{field}` in {within}"), at.clone(), None),
-            Kind::InvalidType(actual, expected) => (format!("{within} has the wrong type: found {actual}, expected {expected}"), at.clone(), None),
-            Kind::InvalidValue(actual, expected) => (format!("{within} has an invalid value: found {actual}, expected {expected}"), at.clone(), None),
+            Kind::MissingField(field) => (
+                format!("missing key `{field}` in {within}"),
+                at.clone(),
+                None,
+            ),
+            Kind::InvalidType(actual, expected) => (
+                format!("{within} has the wrong type: found {actual}, expected {expected}"),
+                at.clone(),
+                None,
+            ),
+            Kind::InvalidValue(actual, expected) => (
+                format!("{within} has an invalid value: found {actual}, expected {expected}"),
+                at.clone(),
+                None,
+            ),
             Kind::UnknownVariant(variant, expected) => {
-                let help = did_you_mean(variant, expected.iter().copied()).or_else(|| Some(format!("expected one of: {}", expected.join(", "))));
-                (format!("{within}: unknown value `{variant}`"), at.clone(), help)
+                let help = did_you_mean(variant, expected.iter().copied())
+                    .or_else(|| Some(format!("expected one of: {}", expected.join(", "))));
+                (
+                    format!("{within}: unknown value `{variant}`"),
+                    at.clone(),
+                    help,
+                )
             }
             other => (format!("{within}: {other}"), at.clone(), None),
         };
@@ -668,21 +828,32 @@ impl Resolver {
             .and_then(|metadata| self.layers.iter().find(|layer| layer.name == metadata.name))
             .or_else(|| self.layer_of(&key));
         match layer {
-            Some(layer) => layer.locate(&key, diagnostic),
+            Some(layer) => {
+                if matches!(layer.source, LayerSource::Env(_) | LayerSource::Cli(_))
+                    && matches!(error.kind, Kind::InvalidType(..))
+                {
+                    diagnostic = diagnostic.help("values from --set and TRAINYARD_* variables are read as YAML; quote text that looks like a number or boolean, e.g. --set 'key=\"true\"'");
+                }
+                layer.locate(&key, diagnostic)
+            }
             None => diagnostic,
         }
     }
 
-    fn resolve(&self, profiles: Vec<ProfileRecord>, stage_kinds: &HashMap<String, String>) -> Result<ResolvedPipeline, Diagnostic> {
-        let spec: PipelineSpec = self.figment.extract().map_err(|error| self.figment_error(error, ""))?;
-        if spec.stages.is_empty() {
-            return Err(Diagnostic::new(format!("{}: the pipeline declares no stages", self.file.path.display())));
-        }
-        // Stage order is the pipeline file's; overlays may only change existing stages.
-        let order: Vec<String> = self.file.lines.children_in_order("stages").map(str::to_string).collect();
-        for name in spec.stages.keys() {
-            if !stage_kinds.contains_key(name) {
-                let names = stage_kinds.keys().map(String::as_str);
+    fn resolve(&self, profiles: Vec<ProfileRecord>) -> Result<ResolvedPipeline, Diagnostic> {
+        // Overlays may only change existing stages: a stage that only a profile, variable
+        // or flag names is a typo, reported before anything else about it.
+        let declared_in_file: Vec<String> = match self.file.values.get("stages") {
+            Some(Value::Dict(_, stages)) => stages.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let merged_stages: Vec<String> = match self.figment.find_value("stages") {
+            Ok(Value::Dict(_, stages)) => stages.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        for name in &merged_stages {
+            if !declared_in_file.contains(name) {
+                let names = declared_in_file.iter().map(String::as_str);
                 let mut diagnostic = Diagnostic::new(format!(
                     "stage `{name}` is not in pipeline {}; profiles and overrides can only change existing stages",
                     self.file.path.display()
@@ -693,7 +864,27 @@ impl Resolver {
                 return Err(self.error_at(&format!("stages.{name}"), diagnostic));
             }
         }
-        let mut ordered: Vec<&String> = order.iter().filter(|name| spec.stages.contains_key(*name)).collect();
+        let spec: PipelineSpec = self
+            .figment
+            .extract()
+            .map_err(|error| self.figment_error(error, ""))?;
+        if spec.stages.is_empty() {
+            return Err(Diagnostic::new(format!(
+                "{}: the pipeline declares no stages",
+                self.file.path.display()
+            )));
+        }
+        // Stage order is the pipeline file's.
+        let order: Vec<String> = self
+            .file
+            .lines
+            .children_in_order("stages")
+            .map(str::to_string)
+            .collect();
+        let mut ordered: Vec<&String> = order
+            .iter()
+            .filter(|name| spec.stages.contains_key(*name))
+            .collect();
         for name in spec.stages.keys() {
             if !ordered.contains(&name) {
                 ordered.push(name);
@@ -713,16 +904,28 @@ impl Resolver {
             if !is_name(name) {
                 return Err(self.error_at(
                     &prefix,
-                    Diagnostic::new(format!("stage name `{name}` may only use letters, digits, `_` and `-`")),
+                    Diagnostic::new(format!(
+                        "stage name `{name}` may only use letters, digits, `_` and `-`"
+                    )),
                 ));
             }
             let kind = stages::kind(&spec_stage.kind).ok_or_else(|| {
-                let mut diagnostic = Diagnostic::new(format!("stage `{name}`: unknown kind `{}`", spec_stage.kind));
-                diagnostic = match did_you_mean(&spec_stage.kind, stages::KINDS.iter().map(|entry| entry.name)) {
+                let mut diagnostic = Diagnostic::new(format!(
+                    "stage `{name}`: unknown kind `{}`",
+                    spec_stage.kind
+                ));
+                diagnostic = match did_you_mean(
+                    &spec_stage.kind,
+                    stages::KINDS.iter().map(|entry| entry.name),
+                ) {
                     Some(help) => diagnostic.help(help),
                     None => diagnostic.help(format!(
                         "known kinds: {}",
-                        stages::KINDS.iter().map(|entry| entry.name).collect::<Vec<_>>().join(", ")
+                        stages::KINDS
+                            .iter()
+                            .map(|entry| entry.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )),
                 };
                 self.error_at(&format!("{prefix}.kind"), diagnostic)
@@ -739,12 +942,18 @@ impl Resolver {
             if let Ok(value) = self.figment.find_value(&with_path)
                 && !matches!(value, Value::Dict(..) | Value::Empty(..))
             {
-                return Err(self.error_at(&with_path, Diagnostic::new(format!("`{with_path}` must be a map of settings"))));
+                return Err(self.error_at(
+                    &with_path,
+                    Diagnostic::new(format!("`{with_path}` must be a map of settings")),
+                ));
             }
             let settings = kind
                 .extract(&self.figment.focus(&with_path))
-                .map_err(|error| self.figment_error(error, &with_path))?;
-            origins.insert(format!("{prefix}.kind"), self.origin(&format!("{prefix}.kind")));
+                .map_err(|error| self.figment_error(*error, &with_path))?;
+            origins.insert(
+                format!("{prefix}.kind"),
+                self.origin(&format!("{prefix}.kind")),
+            );
             for input in spec_stage.inputs.keys() {
                 let key = format!("{prefix}.inputs.{input}");
                 origins.insert(key.clone(), self.origin(&key));

@@ -96,9 +96,8 @@ impl SourceFile {
                 path.display()
             ))
         })?;
-        let bytes = std::fs::read(path).map_err(|error| {
-            Diagnostic::new(format!("cannot read {}: {error}", path.display()))
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|error| Diagnostic::new(format!("cannot read {}: {error}", path.display())))?;
         let text = String::from_utf8(bytes).map_err(|error| {
             Diagnostic::new(format!("{} is not valid UTF-8: {error}", path.display()))
         })?;
@@ -255,7 +254,8 @@ impl yaml_rust2::parser::MarkedEventReceiver for YamlKeyRecorder {
 fn parse_toml(path: &Path, text: &str) -> Result<(Value, KeyLines), Diagnostic> {
     let toml_error = |error: toml::de::Error| {
         let message = error.message().trim().to_string();
-        let mut diagnostic = Diagnostic::new(format!("invalid TOML in {}: {message}", path.display()));
+        let mut diagnostic =
+            Diagnostic::new(format!("invalid TOML in {}: {message}", path.display()));
         if let Some(span) = error.span() {
             let (line, column) = line_column(text, span.start);
             diagnostic = diagnostic.at(Location::new(path, line, column), Some(text));
@@ -269,7 +269,12 @@ fn parse_toml(path: &Path, text: &str) -> Result<(Value, KeyLines), Diagnostic> 
     Ok((value, lines))
 }
 
-fn record_toml_table(text: &str, prefix: &str, table: &toml::de::DeTable<'_>, lines: &mut KeyLines) {
+fn record_toml_table(
+    text: &str,
+    prefix: &str,
+    table: &toml::de::DeTable<'_>,
+    lines: &mut KeyLines,
+) {
     for (key, value) in table.iter() {
         let path = join(prefix, key.get_ref());
         let (line, column) = line_column(text, key.span().start);
@@ -294,7 +299,10 @@ fn record_toml_value(text: &str, path: &str, value: &toml::de::DeValue<'_>, line
 pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |newline| before.len() - newline - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |newline| before.len() - newline - 1)
+        + 1;
     (line, column)
 }
 
@@ -324,7 +332,8 @@ mod tests {
     #[test]
     fn yaml_syntax_error_names_line_and_column() {
         let text = "name: demo\nstages:\n  a: [1, 2\n";
-        let error = SourceFile::parse(Path::new("bad.yaml"), text.into(), Format::Yaml).unwrap_err();
+        let error =
+            SourceFile::parse(Path::new("bad.yaml"), text.into(), Format::Yaml).unwrap_err();
         let rendered = error.to_string();
         assert!(rendered.contains("bad.yaml:"), "{rendered}");
         assert!(rendered.contains("invalid YAML"), "{rendered}");
@@ -333,7 +342,8 @@ mod tests {
     #[test]
     fn toml_syntax_error_names_line_and_column() {
         let text = "name = \"demo\"\n[stages.a\nkind = 1\n";
-        let error = SourceFile::parse(Path::new("bad.toml"), text.into(), Format::Toml).unwrap_err();
+        let error =
+            SourceFile::parse(Path::new("bad.toml"), text.into(), Format::Toml).unwrap_err();
         let rendered = error.to_string();
         assert!(rendered.contains("bad.toml:2:"), "{rendered}");
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome, STAGE_LOG};
+use super::{Artifact, InputRules, STAGE_LOG, StageContext, StageError, StageKind, StageOutcome};
 
 /// Settings of a `command` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -41,7 +41,10 @@ impl StageKind for Command {
     const OUTPUT: Artifact = Artifact::Files;
     const INPUTS: InputRules = InputRules::Any;
 
-    fn run(settings: &CommandSettings, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
+    fn run(
+        settings: &CommandSettings,
+        context: &mut StageContext<'_>,
+    ) -> Result<StageOutcome, StageError> {
         let log_path = context.out_dir.join(STAGE_LOG);
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -143,7 +143,10 @@ pub trait StageKind {
     /// (training checkpoints) instead of starting from an empty one.
     const RESUMABLE: bool = false;
     /// Does the work.
-    fn run(settings: &Self::Settings, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError>;
+    fn run(
+        settings: &Self::Settings,
+        context: &mut StageContext<'_>,
+    ) -> Result<StageOutcome, StageError>;
 }
 
 /// A type-erased [`StageKind`], as kept in [`KINDS`].
@@ -160,7 +163,7 @@ pub struct KindEntry {
     pub inputs: InputRules,
     /// See [`StageKind::RESUMABLE`].
     pub resumable: bool,
-    extract: fn(&Figment) -> Result<serde_json::Value, figment::Error>,
+    extract: fn(&Figment) -> Result<serde_json::Value, Box<figment::Error>>,
     schema: fn(&mut SchemaGenerator) -> Schema,
     run: fn(&serde_json::Value, &mut StageContext<'_>) -> Result<StageOutcome, StageError>,
 }
@@ -188,7 +191,7 @@ impl KindEntry {
 
     /// Reads this kind's typed settings out of a figment focused on `stages.X.with`,
     /// filling defaults, and returns them as canonical JSON.
-    pub fn extract(&self, figment: &Figment) -> Result<serde_json::Value, figment::Error> {
+    pub fn extract(&self, figment: &Figment) -> Result<serde_json::Value, Box<figment::Error>> {
         (self.extract)(figment)
     }
 
@@ -198,7 +201,11 @@ impl KindEntry {
     }
 
     /// Runs the stage with settings previously produced by [`KindEntry::extract`].
-    pub fn run(&self, settings: &serde_json::Value, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
+    pub fn run(
+        &self,
+        settings: &serde_json::Value,
+        context: &mut StageContext<'_>,
+    ) -> Result<StageOutcome, StageError> {
         (self.run)(settings, context)
     }
 
@@ -211,18 +218,25 @@ impl KindEntry {
     }
 }
 
-fn extract_settings<K: StageKind>(figment: &Figment) -> Result<serde_json::Value, figment::Error> {
+fn extract_settings<K: StageKind>(
+    figment: &Figment,
+) -> Result<serde_json::Value, Box<figment::Error>> {
     let settings: K::Settings = figment.extract()?;
-    serde_json::to_value(&settings).map_err(|error| figment::Error::from(error.to_string()))
+    serde_json::to_value(&settings)
+        .map_err(|error| Box::new(figment::Error::from(error.to_string())))
 }
 
 fn settings_schema<K: StageKind>(generator: &mut SchemaGenerator) -> Schema {
     generator.subschema_for::<K::Settings>()
 }
 
-fn run_erased<K: StageKind>(settings: &serde_json::Value, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
-    let settings: K::Settings = serde_json::from_value(settings.clone())
-        .map_err(|error| StageError::Invalid(format!("settings of stage `{}`: {error}", context.stage)))?;
+fn run_erased<K: StageKind>(
+    settings: &serde_json::Value,
+    context: &mut StageContext<'_>,
+) -> Result<StageOutcome, StageError> {
+    let settings: K::Settings = serde_json::from_value(settings.clone()).map_err(|error| {
+        StageError::Invalid(format!("settings of stage `{}`: {error}", context.stage))
+    })?;
     K::run(&settings, context)
 }
 

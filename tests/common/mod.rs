@@ -28,13 +28,17 @@ impl Sandbox {
     }
 
     pub fn read(&self, relative: &str) -> String {
-        std::fs::read_to_string(self.path(relative)).unwrap_or_else(|error| panic!("{relative}: {error}"))
+        std::fs::read_to_string(self.path(relative))
+            .unwrap_or_else(|error| panic!("{relative}: {error}"))
     }
 
     /// `trainyard ARGS` in the sandbox, with no TRAINYARD_* variables from the caller.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_trainyard"));
-        command.args(args).current_dir(self.dir.path()).stdin(Stdio::null());
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
         for (key, _) in std::env::vars() {
             if key.starts_with("TRAINYARD_") {
                 command.env_remove(key);
@@ -48,14 +52,21 @@ impl Sandbox {
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn trainyard")
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn trainyard")
     }
 
     /// Runs and asserts success; returns stdout + stderr.
     pub fn ok(&self, args: &[&str]) -> String {
         let output = self.trainyard(args);
         let text = text(&output);
-        assert!(output.status.success(), "trainyard {args:?} failed:\n{text}");
+        assert!(
+            output.status.success(),
+            "trainyard {args:?} failed:\n{text}"
+        );
         text
     }
 
@@ -63,13 +74,17 @@ impl Sandbox {
     pub fn fails(&self, args: &[&str]) -> String {
         let output = self.trainyard(args);
         let text = text(&output);
-        assert!(!output.status.success(), "trainyard {args:?} should have failed:\n{text}");
+        assert!(
+            !output.status.success(),
+            "trainyard {args:?} should have failed:\n{text}"
+        );
         text
     }
 
     /// The latest run's `resolved_settings.json`.
     pub fn latest_record(&self) -> serde_json::Value {
-        serde_json::from_str(&self.read("runs/latest/resolved_settings.json")).expect("resolved_settings.json is JSON")
+        serde_json::from_str(&self.read("runs/latest/resolved_settings.json"))
+            .expect("resolved_settings.json is JSON")
     }
 
     /// Stage name → status in the latest run.
@@ -79,18 +94,29 @@ impl Sandbox {
             .as_object()
             .expect("stages")
             .iter()
-            .map(|(name, stage)| (name.clone(), stage["status"].as_str().unwrap_or_default().to_string()))
+            .map(|(name, stage)| {
+                (
+                    name.clone(),
+                    stage["status"].as_str().unwrap_or_default().to_string(),
+                )
+            })
             .collect()
     }
 
     /// Stages executed by the latest run, sorted.
     pub fn executed(&self) -> Vec<String> {
-        self.latest_statuses().into_iter().filter(|(_, status)| status == "executed").map(|(name, _)| name).collect()
+        self.latest_statuses()
+            .into_iter()
+            .filter(|(_, status)| status == "executed")
+            .map(|(name, _)| name)
+            .collect()
     }
 
     /// Finished store entries of `stage` (directories with a manifest).
     pub fn store_entries(&self, stage: &str) -> Vec<PathBuf> {
-        let Ok(entries) = std::fs::read_dir(self.path(".trainyard/store").join(stage)) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(self.path(".trainyard/store").join(stage)) else {
+            return Vec::new();
+        };
         let mut dirs: Vec<PathBuf> = entries.map(|entry| entry.unwrap().path()).collect();
         dirs.sort();
         dirs
@@ -98,7 +124,11 @@ impl Sandbox {
 }
 
 pub fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// Waits up to 30 s for `path` to exist.

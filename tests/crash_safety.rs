@@ -1,0 +1,172 @@
+//! Crashes, interrupts and concurrent runs never leave a half-written output that
+//! looks finished, and never corrupt the store.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Sandbox, text, wait_for};
+
+/// A stage that writes part of its output, then blocks while `gate` exists.
+fn slow_pipeline(sandbox: &Sandbox) -> std::path::PathBuf {
+    let gate = sandbox.path("gate");
+    std::fs::write(&gate, "").unwrap();
+    sandbox.write(
+        "p.yaml",
+        &format!(
+            r#"name: slow
+stages:
+  first:
+    kind: command
+    with: {{ cmd: "echo one > one.txt" }}
+  slow:
+    kind: command
+    inputs: {{ one: first/one.txt }}
+    with:
+      cmd: "echo partial > out.txt; touch started; while [ -f {gate} ]; do sleep 0.05; done; echo complete >> out.txt"
+"#,
+            gate = gate.display()
+        ),
+    );
+    gate
+}
+
+fn scratch_file(sandbox: &Sandbox, name: &str) -> std::path::PathBuf {
+    // The scratch directory is named after the fingerprint; find it by prefix.
+    for _ in 0..600 {
+        if let Ok(entries) = std::fs::read_dir(sandbox.path(".trainyard/work")) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with("slow-") {
+                    return entry.path().join(name);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no scratch directory for `slow`");
+}
+
+#[test]
+fn stage_killed_with_sigkill_leaves_no_visible_output_and_next_run_redoes_it() {
+    let sandbox = Sandbox::new();
+    let gate = slow_pipeline(&sandbox);
+    let mut child = sandbox.spawn(&["run", "p.yaml"]);
+    wait_for(&scratch_file(&sandbox, "started"));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    assert!(
+        sandbox.store_entries("slow").is_empty(),
+        "a killed stage must not appear in the store"
+    );
+    assert_eq!(
+        sandbox.store_entries("first").len(),
+        1,
+        "finished work is kept"
+    );
+    let record = sandbox.read(&format!(
+        "runs/{}/resolved_settings.json",
+        std::fs::read_dir(sandbox.path("runs"))
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+    ));
+    assert!(
+        record.contains("\"status\": \"running\""),
+        "the crashed run's record says it never finished"
+    );
+
+    std::fs::remove_file(&gate).unwrap();
+    sandbox.ok(&["run", "p.yaml"]);
+    assert_eq!(sandbox.executed(), ["slow"]);
+    assert_eq!(
+        sandbox.read("runs/latest/outputs/slow/out.txt"),
+        "partial\ncomplete\n"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_publishes_nothing() {
+    let sandbox = Sandbox::new();
+    let _gate = slow_pipeline(&sandbox);
+    let child = sandbox.spawn(&["run", "p.yaml"]);
+    wait_for(&scratch_file(&sandbox, "started"));
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", text(&output));
+    assert!(sandbox.store_entries("slow").is_empty());
+    assert_eq!(sandbox.latest_record()["status"], "interrupted");
+    assert_eq!(sandbox.latest_statuses()["slow"], "interrupted");
+}
+
+#[test]
+fn a_second_run_waits_for_the_lock_and_then_finds_everything_cached() {
+    let sandbox = Sandbox::new();
+    let gate = slow_pipeline(&sandbox);
+    let first = sandbox.spawn(&["run", "p.yaml"]);
+    wait_for(&scratch_file(&sandbox, "started"));
+
+    let busy = sandbox.fails(&["run", "p.yaml", "--no-wait"]);
+    assert!(
+        busy.contains("is locked by another trainyard run (pid"),
+        "{busy}"
+    );
+    assert!(busy.contains(&format!("pid {}", first.id())), "{busy}");
+
+    let second = sandbox.spawn(&["run", "p.yaml"]);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(&gate).unwrap();
+    let first = first.wait_with_output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(second.status.success(), "{}", text(&second));
+    assert!(
+        text(&second).contains("waiting for the workspace lock"),
+        "{}",
+        text(&second)
+    );
+    assert!(
+        text(&second).contains("0 executed, 2 cached"),
+        "{}",
+        text(&second)
+    );
+    assert_eq!(sandbox.store_entries("slow").len(), 1);
+}
+
+#[test]
+fn many_concurrent_runs_never_corrupt_the_store() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: busy\nstages:\n  a:\n    kind: command\n    with: { cmd: 'seq 1 20000 > n.txt' }\n  b:\n    kind: command\n    inputs: { n: a/n.txt }\n    with: { cmd: 'sort -r $TY_IN_N > r.txt' }\n",
+    );
+    let children: Vec<_> = (0..4).map(|_| sandbox.spawn(&["run", "p.yaml"])).collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", text(&output));
+    }
+    for stage in ["a", "b"] {
+        let entries = sandbox.store_entries(stage);
+        assert_eq!(entries.len(), 1, "{stage}: {entries:?}");
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(entries[0].join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        for (file, digest) in manifest["files"].as_object().unwrap() {
+            let bytes = std::fs::read(entries[0].join(file)).unwrap();
+            assert_eq!(
+                digest["hash"],
+                blake3::hash(&bytes).to_hex().to_string(),
+                "{stage}/{file}"
+            );
+        }
+    }
+    let runs = std::fs::read_dir(sandbox.path("runs")).unwrap().count();
+    assert_eq!(runs, 5, "four runs and `latest`");
+}

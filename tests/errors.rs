@@ -1,0 +1,209 @@
+//! Every configuration and run error names what is wrong and where.
+
+mod common;
+
+use common::Sandbox;
+
+fn failing(pipeline: &str, args: &[&str]) -> String {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", pipeline);
+    let mut all = vec!["run", "p.yaml"];
+    all.extend_from_slice(args);
+    sandbox.fails(&all)
+}
+
+#[test]
+fn a_cycle_names_the_stages_on_it() {
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: command\n    inputs: { x: c }\n    with: { cmd: 'true' }\n  b:\n    kind: command\n    inputs: { x: a }\n    with: { cmd: 'true' }\n  c:\n    kind: command\n    inputs: { x: b/f.txt }\n    with: { cmd: 'true' }\n",
+        &[],
+    );
+    assert!(error.contains("dependency cycle: a → b → c → a"), "{error}");
+}
+
+#[test]
+fn an_unknown_reference_suggests_the_closest_stage() {
+    let error = failing(
+        "name: e\nstages:\n  tok:\n    kind: command\n    with: { cmd: 'true' }\n  cache:\n    kind: command\n    inputs: { t: tokz }\n    with: { cmd: 'true' }\n",
+        &[],
+    );
+    assert!(
+        error.contains("stage `cache`, input `t` (p.yaml:8): `tokz` is not a stage"),
+        "{error}"
+    );
+    assert!(error.contains("did you mean `tok`?"), "{error}");
+}
+
+#[test]
+fn a_missing_external_input_names_the_file_and_the_stage() {
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: command\n    inputs: { data: data/corpus.txt }\n    with: { cmd: 'true' }\n",
+        &[],
+    );
+    assert!(error.contains("stage `a`, input `data`"), "{error}");
+    assert!(error.contains("data/corpus.txt does not exist"), "{error}");
+}
+
+#[test]
+fn an_unknown_setting_names_file_line_and_suggests() {
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: command\n    with:\n      cmd: 'true'\n      outptus: [x]\n",
+        &[],
+    );
+    assert!(
+        error.contains("unknown key `outptus` in `stages.a.with`"),
+        "{error}"
+    );
+    assert!(error.contains("--> p.yaml:7:7"), "{error}");
+    assert!(error.contains("7 |       outptus: [x]"), "{error}");
+    assert!(error.contains("did you mean `outputs`?"), "{error}");
+}
+
+#[test]
+fn an_unknown_top_level_or_stage_key_is_rejected_with_a_suggestion() {
+    let error = failing(
+        "name: e\nsed: 3\nstages:\n  a:\n    kind: command\n    with: { cmd: 'true' }\n",
+        &[],
+    );
+    assert!(error.contains("unknown key `sed`"), "{error}");
+    assert!(error.contains("did you mean `seed`?"), "{error}");
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: command\n    inptus: {}\n    with: { cmd: 'true' }\n",
+        &[],
+    );
+    assert!(
+        error.contains("unknown key `inptus` in `stages.a`"),
+        "{error}"
+    );
+    assert!(error.contains("p.yaml:5:5"), "{error}");
+}
+
+#[test]
+fn a_wrong_type_names_the_key_path_and_file() {
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: command\n    with:\n      cmd: [1, 2]\n",
+        &[],
+    );
+    assert!(
+        error.contains("`stages.a.with.cmd` has the wrong type: found sequence, expected a string"),
+        "{error}"
+    );
+    assert!(error.contains("p.yaml:6:7"), "{error}");
+}
+
+#[test]
+fn a_missing_required_setting_names_the_stage() {
+    let error = failing("name: e\nstages:\n  a:\n    kind: command\n", &[]);
+    assert!(
+        error.contains("missing key `cmd` in `stages.a.with`"),
+        "{error}"
+    );
+    assert!(error.contains("p.yaml:3:3"), "{error}");
+}
+
+#[test]
+fn an_unknown_kind_suggests_the_closest() {
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: comand\n    with: { cmd: 'true' }\n",
+        &[],
+    );
+    assert!(
+        error.contains("stage `a`: unknown kind `comand`"),
+        "{error}"
+    );
+    assert!(error.contains("p.yaml:4:5"), "{error}");
+    assert!(error.contains("did you mean `command`?"), "{error}");
+}
+
+#[test]
+fn yaml_and_toml_syntax_errors_show_file_line_and_column() {
+    let error = failing("name: e\nstages:\n  a: [1, 2\n  b: 3\n", &[]);
+    assert!(error.contains("invalid YAML in p.yaml"), "{error}");
+    assert!(error.contains("--> p.yaml:4:"), "{error}");
+
+    let sandbox = Sandbox::new();
+    sandbox.write("p.toml", "name = \"e\"\n[stages.a\nkind = \"command\"\n");
+    let error = sandbox.fails(&["run", "p.toml"]);
+    assert!(error.contains("invalid TOML in p.toml"), "{error}");
+    assert!(error.contains("--> p.toml:2:"), "{error}");
+}
+
+#[test]
+fn overrides_and_profiles_that_do_not_fit_are_explained() {
+    let pipeline = "name: e\nstages:\n  train:\n    kind: command\n    with: { cmd: 'true' }\nprofiles:\n  dev: { stages: { train: { with: { cmd: 'false' } } } }\n";
+    let error = failing(pipeline, &["--set", "stages.trian.with.cmd=x"]);
+    assert!(
+        error.contains("stage `trian` is not in pipeline p.yaml"),
+        "{error}"
+    );
+    assert!(
+        error.contains("set by --set stages.trian.with.cmd=x"),
+        "{error}"
+    );
+    assert!(error.contains("did you mean `train`?"), "{error}");
+
+    let error = failing(pipeline, &["--profile", "deev"]);
+    assert!(error.contains("unknown profile `deev`"), "{error}");
+    assert!(error.contains("did you mean `dev`?"), "{error}");
+
+    let error = failing(pipeline, &["--set", "stages.train.with"]);
+    assert!(error.contains("expected KEY=VALUE"), "{error}");
+}
+
+#[test]
+fn a_failing_stage_shows_its_status_and_output_and_skips_dependents() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: e\nstages:\n  bad:\n    kind: command\n    with: { cmd: 'echo first line; echo last words >&2; exit 3' }\n  after:\n    kind: command\n    inputs: { x: bad }\n    with: { cmd: 'true' }\n  other:\n    kind: command\n    with: { cmd: 'echo ok > ok.txt' }\n",
+    );
+    let output = sandbox.trainyard(&["run", "p.yaml"]);
+    let error = common::text(&output);
+    assert_eq!(output.status.code(), Some(1), "{error}");
+    assert!(
+        error.contains("stage `bad` (command) failed: command exited with status 3"),
+        "{error}"
+    );
+    assert!(error.contains("first line\nlast words"), "{error}");
+    let statuses = sandbox.latest_statuses();
+    assert_eq!(statuses["bad"], "failed");
+    assert_eq!(statuses["after"], "skipped");
+    assert_eq!(
+        statuses["other"], "skipped",
+        "without --keep-going the run stops"
+    );
+    assert!(
+        sandbox.store_entries("bad").is_empty(),
+        "a failed stage leaves the store as it was"
+    );
+
+    sandbox.fails(&["run", "p.yaml", "--keep-going"]);
+    let statuses = sandbox.latest_statuses();
+    assert_eq!(statuses["after"], "skipped");
+    assert_eq!(statuses["other"], "executed");
+    assert_eq!(sandbox.latest_record()["status"], "failed");
+}
+
+#[test]
+fn a_command_that_forgets_a_declared_output_fails() {
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: command\n    with: { cmd: 'true', outputs: [model.bin] }\n",
+        &[],
+    );
+    assert!(
+        error.contains("did not create its declared outputs: model.bin"),
+        "{error}"
+    );
+}
+
+#[test]
+fn unknown_stage_names_in_flags_are_rejected() {
+    let error = failing(
+        "name: e\nstages:\n  train:\n    kind: command\n    with: { cmd: 'true' }\n",
+        &["--force", "trian"],
+    );
+    assert!(
+        error.contains("--force trian: no such stage; did you mean `train`?"),
+        "{error}"
+    );
+}
