@@ -2,10 +2,13 @@
 //!
 //! Data flows `config` → `dag` → `fingerprint`/`hashing`/`store` → `executor` →
 //! `stages`, with `runs` recording each run; `cli` is a thin clap layer over all of it.
+//! `data` (and later `tokenize`, `model`, `train`) are the machine-learning libraries
+//! the stages use; they know nothing of pipelines.
 
 pub mod cli;
 pub mod config;
 pub mod dag;
+pub mod data;
 pub mod executor;
 pub mod fingerprint;
 pub mod hashing;

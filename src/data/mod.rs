@@ -1,0 +1,3 @@
+//! Data sources and readers that the stages use; they know nothing of pipelines.
+
+pub mod synthetic;
