@@ -16,3 +16,4 @@ pub mod interrupt;
 pub mod runs;
 pub mod stages;
 pub mod store;
+pub mod tokenize;

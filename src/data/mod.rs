@@ -1,3 +1,4 @@
 //! Data sources and readers that the stages use; they know nothing of pipelines.
 
+pub mod records;
 pub mod synthetic;

@@ -1,0 +1,98 @@
+//! The record types of corpus files (`train.jsonl`, `eval.jsonl`): one JSON object per
+//! line, either a plain-text document or a chat conversation. Every stage that writes
+//! or reads corpora uses these types, so the formats cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+
+/// A plain-text document and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextRecord {
+    /// The text.
+    pub text: String,
+    /// Where it came from (a URL, a relative file path, `synthetic://…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
+    /// Position of the chunk within its source document, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_id: Option<String>,
+    /// Headings above the chunk, outermost first, joined with ` > `.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_path: Option<String>,
+}
+
+/// Who speaks a chat turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions that frame the conversation.
+    System,
+    /// The person.
+    User,
+    /// The model.
+    Assistant,
+    /// The result of a tool call.
+    Tool,
+}
+
+impl Role {
+    /// Lower-case name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+/// A tool call made by the assistant, normalised to a name and JSON arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments, as a JSON value (OpenAI's string-encoded form is parsed on ingest).
+    pub arguments: serde_json::Value,
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Who speaks.
+    pub role: Role,
+    /// What is said (may be empty for an assistant turn that only calls tools).
+    #[serde(default)]
+    pub content: String,
+    /// Tool calls of an assistant turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A conversation, one line of a chat corpus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRecord {
+    /// The turns, in order; validated conversations end on an assistant turn.
+    pub messages: Vec<ChatMessage>,
+    /// Where it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
+}
+
+/// A held-out question with its exact answer (`questions.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuestionRecord {
+    /// The question, as the user would ask it.
+    pub question: String,
+    /// The exact expected answer.
+    pub answer: String,
+}
+
+/// Any line of a corpus file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CorpusRecord {
+    /// A conversation (has `messages`).
+    Chat(ChatRecord),
+    /// A document (has `text`).
+    Text(TextRecord),
+}

@@ -1,0 +1,4 @@
+//! Tokenization: the special tokens every trainyard tokenizer carries, training and
+//! loading Hugging Face `tokenizer.json` files, and the chat template.
+
+pub mod special;
