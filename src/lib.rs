@@ -13,6 +13,7 @@ pub mod executor;
 pub mod fingerprint;
 pub mod hashing;
 pub mod interrupt;
+pub mod rng;
 pub mod runs;
 pub mod stages;
 pub mod store;
