@@ -2,3 +2,4 @@
 
 pub mod records;
 pub mod synthetic;
+pub mod token_cache;

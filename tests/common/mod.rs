@@ -179,3 +179,30 @@ pub fn branches() -> Sandbox {
     sandbox.write("data/y.txt", "right input\n");
     sandbox
 }
+
+/// Trains a small byte-level BPE tokenizer with trainyard's special tokens on `texts`
+/// and saves it to `path` (the `tokenizer` stage does the same at full size).
+pub fn write_test_tokenizer(path: &Path, texts: &[&str], vocab_size: usize) {
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, Tokenizer};
+    let specials: Vec<AddedToken> = trainyard::tokenize::special::SPECIAL_TOKENS
+        .iter()
+        .map(|token| AddedToken::from(token.to_string(), true))
+        .collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(1)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::new(false, true, true)));
+    tokenizer.train(&mut trainer, texts.iter()).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    tokenizer.save(path, false).unwrap();
+}

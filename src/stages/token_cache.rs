@@ -1,0 +1,544 @@
+//! The `token-cache` kind: tokenizes a corpus once into memory-mappable files that
+//! training reads ([`crate::data::token_cache`]). Pretrain caches hold token shards,
+//! documents separated by `<|endoftext|>`; SFT caches hold chat examples rendered with
+//! the chat template, with a loss mask over the assistant's tokens.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use crate::data::records::ChatMessage;
+use crate::data::token_cache::{
+    CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo,
+};
+use crate::tokenize::{chat, special};
+
+/// What to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeSetting {
+    /// `sft` if the first record of `train` is a conversation, else `pretrain`.
+    #[default]
+    Auto,
+    /// Token shards for pretraining.
+    Pretrain,
+    /// Chat examples with loss masks.
+    Sft,
+}
+
+/// What happens to an SFT example longer than `max_len` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Leave it out (counted in `meta.json` under `dropped.too_long`): never trains on a
+    /// conversation cut in the middle.
+    #[default]
+    Drop,
+    /// Keep its last `max_len` tokens: the final answer survives, early turns are lost.
+    KeepEnd,
+    /// Keep its first `max_len` tokens: the final answer may be cut.
+    KeepStart,
+}
+
+impl Truncation {
+    fn name(self) -> &'static str {
+        match self {
+            Truncation::Drop => "drop",
+            Truncation::KeepEnd => "keep_end",
+            Truncation::KeepStart => "keep_start",
+        }
+    }
+}
+
+/// Settings of a `token-cache` stage.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCacheSettings {
+    /// `pretrain`, `sft`, or `auto` (decided by the first record of `train`).
+    #[serde(default)]
+    pub mode: ModeSetting,
+    /// Pretrain: tokens per shard file.
+    #[serde(default = "default_shard_tokens")]
+    pub shard_tokens: u64,
+    /// Pretrain: the token placed after every document; by default `<|endoftext|>` (or
+    /// the tokenizer's `</s>` / `<|end_of_text|>` / `<eos>` when it has no such token).
+    #[serde(default)]
+    pub separator: Option<String>,
+    /// SFT: the longest example kept, in tokens.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    /// SFT: what to do with longer examples.
+    #[serde(default)]
+    pub truncation: Truncation,
+    /// Records tokenized together in parallel (bounds memory).
+    #[serde(default = "default_batch_records")]
+    pub batch_records: usize,
+}
+
+fn default_shard_tokens() -> u64 {
+    1 << 24
+}
+
+fn default_max_len() -> usize {
+    1024
+}
+
+fn default_batch_records() -> usize {
+    4096
+}
+
+/// The `token-cache` stage kind.
+pub struct TokenCacheStage;
+
+const TEXT_INPUTS: &[Artifact] = &[Artifact::Files, Artifact::Corpus];
+
+impl StageKind for TokenCacheStage {
+    type Settings = TokenCacheSettings;
+    const NAME: &'static str = "token-cache";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "tokenize a corpus into shards (pretrain) or masked chat examples (SFT)";
+    const OUTPUT: Artifact = Artifact::TokenCache;
+    const INPUTS: InputRules = InputRules::Slots(&[
+        InputSlot {
+            name: "train",
+            accepts: TEXT_INPUTS,
+            required: true,
+        },
+        InputSlot {
+            name: "eval",
+            accepts: TEXT_INPUTS,
+            required: false,
+        },
+        InputSlot {
+            name: "tokenizer",
+            accepts: &[
+                Artifact::Tokenizer,
+                Artifact::Files,
+                Artifact::Model,
+                Artifact::Export,
+            ],
+            required: true,
+        },
+    ]);
+
+    fn run(
+        settings: &TokenCacheSettings,
+        context: &mut StageContext<'_>,
+    ) -> Result<StageOutcome, StageError> {
+        let tokenizer_path = tokenizer_file(&context.inputs["tokenizer"]);
+        let tokenizer = load_tokenizer(&tokenizer_path)?;
+        let (train, eval) = corpus_files(context.inputs)?;
+        let mode = match settings.mode {
+            ModeSetting::Pretrain => CacheMode::Pretrain,
+            ModeSetting::Sft => CacheMode::Sft,
+            ModeSetting::Auto => detect_mode(&train)?,
+        };
+        let vocab_size = tokenizer.get_vocab_size(true) as u32;
+        let dtype = Dtype::for_vocab(vocab_size);
+        let eos_id = separator_id(&tokenizer, settings.separator.as_deref())?;
+        let pad_id = tokenizer.token_to_id(special::PAD).unwrap_or(eos_id);
+        if mode == CacheMode::Sft {
+            for token in special::SPECIAL_TOKENS {
+                if tokenizer.token_to_id(token).is_none() {
+                    return Err(StageError::Invalid(format!(
+                        "tokenizer {} has no `{token}` token; SFT caches use trainyard's chat template, which needs a tokenizer trained by a `tokenizer` stage",
+                        tokenizer_path.display()
+                    )));
+                }
+            }
+        }
+        let mut source_hasher = blake3::Hasher::new();
+        let mut splits = BTreeMap::new();
+        let mut metrics = serde_json::Map::new();
+        for (split, file) in [("train", Some(&train)), ("eval", eval.as_ref())] {
+            let Some(file) = file else { continue };
+            let hash = crate::hashing::hash_file_contents(file)
+                .map_err(|error| StageError::io(format!("hashing {}", file.display()), error))?;
+            source_hasher.update(format!("{split}\0{hash}\n").as_bytes());
+            let info = match mode {
+                CacheMode::Pretrain => build_pretrain(
+                    &tokenizer,
+                    settings,
+                    file,
+                    context.out_dir,
+                    split,
+                    dtype,
+                    eos_id,
+                    context,
+                )?,
+                CacheMode::Sft => build_sft(
+                    &tokenizer,
+                    settings,
+                    file,
+                    context.out_dir,
+                    split,
+                    dtype,
+                    context,
+                )?,
+            };
+            writeln!(
+                context.log,
+                "{split}: {} records, {} tokens, dropped {:?}",
+                info.documents, info.tokens, info.dropped
+            )
+            .map_err(|error| StageError::io("writing the stage log", error))?;
+            metrics.insert(format!("{split}_tokens"), info.tokens.into());
+            metrics.insert(format!("{split}_records"), info.documents.into());
+            splits.insert(split.to_string(), info);
+        }
+        let tokenizer_bytes = std::fs::read(&tokenizer_path).map_err(|error| {
+            StageError::io(format!("reading {}", tokenizer_path.display()), error)
+        })?;
+        let meta = CacheMeta {
+            format: FORMAT,
+            mode,
+            dtype,
+            vocab_size,
+            tokenizer_hash: blake3::hash(&tokenizer_bytes).to_hex().to_string(),
+            source_hash: source_hasher.finalize().to_hex().to_string(),
+            eos_id,
+            pad_id,
+            shard_tokens: (mode == CacheMode::Pretrain).then_some(settings.shard_tokens),
+            max_len: (mode == CacheMode::Sft).then_some(settings.max_len as u64),
+            truncation: (mode == CacheMode::Sft).then(|| settings.truncation.name().to_string()),
+            splits,
+        };
+        let meta_path = context.out_dir.join("meta.json");
+        let bytes = serde_json::to_vec_pretty(&meta)
+            .map_err(|error| StageError::Invalid(error.to_string()))?;
+        std::fs::write(&meta_path, bytes)
+            .map_err(|error| StageError::io(format!("writing {}", meta_path.display()), error))?;
+        Ok(StageOutcome { metrics })
+    }
+}
+
+/// `tokenizer.json` itself, or the one inside a model or tokenizer directory.
+pub fn tokenizer_file(input: &Path) -> PathBuf {
+    if input.is_dir() {
+        input.join("tokenizer.json")
+    } else {
+        input.to_path_buf()
+    }
+}
+
+fn load_tokenizer(path: &Path) -> Result<Tokenizer, StageError> {
+    Tokenizer::from_file(path).map_err(|error| {
+        StageError::Invalid(format!("cannot load tokenizer {}: {error}", path.display()))
+    })
+}
+
+/// The train and optional eval corpus files: given directly, or `train.jsonl` and
+/// `eval.jsonl` inside an `ingest` output.
+fn corpus_files(
+    inputs: &BTreeMap<String, PathBuf>,
+) -> Result<(PathBuf, Option<PathBuf>), StageError> {
+    let train_input = &inputs["train"];
+    let (train, implied_eval) = if train_input.is_dir() {
+        let eval = train_input.join("eval.jsonl");
+        (
+            train_input.join("train.jsonl"),
+            eval.is_file().then_some(eval),
+        )
+    } else {
+        (train_input.clone(), None)
+    };
+    if !train.is_file() {
+        return Err(StageError::Invalid(format!(
+            "no corpus file at {}",
+            train.display()
+        )));
+    }
+    let eval = match inputs.get("eval") {
+        Some(eval) if eval.is_dir() => Some(eval.join("eval.jsonl")),
+        Some(eval) => Some(eval.clone()),
+        None => implied_eval,
+    };
+    Ok((train, eval))
+}
+
+/// The fields of a corpus line this stage reads (others are ignored).
+#[derive(Deserialize)]
+struct Line {
+    text: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+}
+
+fn parse_line(file: &Path, number: usize, line: &str) -> Result<Line, StageError> {
+    let parsed: Line = serde_json::from_str(line)
+        .map_err(|error| StageError::Invalid(format!("{}:{number}: {error}", file.display())))?;
+    if parsed.text.is_none() && parsed.messages.is_none() {
+        return Err(StageError::Invalid(format!(
+            "{}:{number}: a record needs `text` or `messages`",
+            file.display()
+        )));
+    }
+    Ok(parsed)
+}
+
+fn detect_mode(file: &Path) -> Result<CacheMode, StageError> {
+    let reader = BufReader::new(
+        File::open(file)
+            .map_err(|error| StageError::io(format!("opening {}", file.display()), error))?,
+    );
+    for (index, line) in reader.lines().enumerate() {
+        let line =
+            line.map_err(|error| StageError::io(format!("reading {}", file.display()), error))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = parse_line(file, index + 1, &line)?;
+        return Ok(if parsed.messages.is_some() {
+            CacheMode::Sft
+        } else {
+            CacheMode::Pretrain
+        });
+    }
+    Ok(CacheMode::Pretrain)
+}
+
+fn separator_id(tokenizer: &Tokenizer, configured: Option<&str>) -> Result<u32, StageError> {
+    if let Some(token) = configured {
+        return tokenizer.token_to_id(token).ok_or_else(|| {
+            StageError::Invalid(format!(
+                "separator `{token}` is not a token of this tokenizer"
+            ))
+        });
+    }
+    [special::END_OF_TEXT, "</s>", "<|end_of_text|>", "<eos>"]
+        .iter()
+        .find_map(|token| tokenizer.token_to_id(token))
+        .ok_or_else(|| {
+            StageError::Invalid(
+                "the tokenizer has no end-of-text token; set `separator`".to_string(),
+            )
+        })
+}
+
+/// Reads `file` in batches of non-empty lines (with their 1-based line numbers) and
+/// hands each batch to `handle`, so memory is bounded by the batch size.
+fn for_each_batch(
+    file: &Path,
+    batch_records: usize,
+    context: &StageContext<'_>,
+    mut handle: impl FnMut(Vec<(usize, String)>) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let reader = BufReader::with_capacity(
+        1 << 20,
+        File::open(file)
+            .map_err(|error| StageError::io(format!("opening {}", file.display()), error))?,
+    );
+    let mut batch = Vec::with_capacity(batch_records);
+    for (index, line) in reader.lines().enumerate() {
+        let line =
+            line.map_err(|error| StageError::io(format!("reading {}", file.display()), error))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        batch.push((index + 1, line));
+        if batch.len() >= batch_records.max(1) {
+            if context.cancel.is_cancelled() {
+                return Err(StageError::Interrupted);
+            }
+            handle(std::mem::take(&mut batch))?;
+        }
+    }
+    if !batch.is_empty() {
+        handle(batch)?;
+    }
+    Ok(())
+}
+
+fn progress_bar(file: &Path) -> indicatif::ProgressBar {
+    let length = std::fs::metadata(file)
+        .map(|metadata| metadata.len())
+        .unwrap_or(0);
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(length)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "  tokenizing {msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(
+        file.file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    bar
+}
+
+fn encode_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
+    tokenizer
+        .encode_fast(text, false)
+        .map(|encoding| encoding.get_ids().to_vec())
+        .map_err(|error| error.to_string())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_pretrain(
+    tokenizer: &Tokenizer,
+    settings: &TokenCacheSettings,
+    file: &Path,
+    out_dir: &Path,
+    split: &str,
+    dtype: Dtype,
+    eos_id: u32,
+    context: &StageContext<'_>,
+) -> Result<SplitInfo, StageError> {
+    let mut writer = ShardWriter::new(out_dir, split, dtype, settings.shard_tokens)
+        .map_err(|error| StageError::io(format!("creating {split} shards"), error))?;
+    let mut info = SplitInfo::default();
+    let bar = progress_bar(file);
+    for_each_batch(file, settings.batch_records, context, |batch| {
+        let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();
+        let encoded: Vec<Vec<u32>> = batch
+            .par_iter()
+            .map(|(number, line)| {
+                let parsed = parse_line(file, *number, line)?;
+                let text = match (parsed.text, parsed.messages) {
+                    (Some(text), _) => text,
+                    // A conversation in a pretraining corpus is trained on as rendered text.
+                    (None, Some(messages)) => chat::render_text(&messages, false),
+                    (None, None) => String::new(),
+                };
+                let mut ids = encode_ids(tokenizer, &text).map_err(|error| {
+                    StageError::Invalid(format!(
+                        "{}:{number}: cannot tokenize: {error}",
+                        file.display()
+                    ))
+                })?;
+                ids.push(eos_id);
+                Ok(ids)
+            })
+            .collect::<Result<_, StageError>>()?;
+        for ids in &encoded {
+            writer
+                .push(ids)
+                .map_err(|error| StageError::io(format!("writing {split} shards"), error))?;
+            info.tokens += ids.len() as u64;
+        }
+        info.documents += encoded.len() as u64;
+        bar.inc(bytes);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    info.shards = writer
+        .finish()
+        .map_err(|error| StageError::io(format!("writing {split} shards"), error))?;
+    Ok(info)
+}
+
+/// Token ids and loss mask of one example, or the reason it is left out.
+type Example = Result<(Vec<u32>, Vec<u8>), &'static str>;
+
+/// Token ids and loss mask of one conversation, or why it is left out.
+fn encode_conversation(
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    max_len: usize,
+    truncation: Truncation,
+) -> Result<Example, String> {
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    // Segments meet at special tokens, which the tokenizer never merges across, so
+    // encoding them one by one gives exactly the ids of the whole rendered text.
+    for segment in chat::render(messages, false) {
+        let segment_ids = encode_ids(tokenizer, &segment.text)?;
+        mask.extend(std::iter::repeat_n(
+            u8::from(segment.trainable),
+            segment_ids.len(),
+        ));
+        ids.extend(segment_ids);
+    }
+    if !mask.contains(&1) {
+        return Ok(Err("no_assistant_turn"));
+    }
+    if ids.len() > max_len {
+        match truncation {
+            Truncation::Drop => return Ok(Err("too_long")),
+            Truncation::KeepStart => {
+                ids.truncate(max_len);
+                mask.truncate(max_len);
+            }
+            Truncation::KeepEnd => {
+                let cut = ids.len() - max_len;
+                ids.drain(..cut);
+                mask.drain(..cut);
+            }
+        }
+        if !mask.contains(&1) {
+            return Ok(Err("no_assistant_turn"));
+        }
+    }
+    Ok(Ok((ids, mask)))
+}
+
+fn build_sft(
+    tokenizer: &Tokenizer,
+    settings: &TokenCacheSettings,
+    file: &Path,
+    out_dir: &Path,
+    split: &str,
+    dtype: Dtype,
+    context: &StageContext<'_>,
+) -> Result<SplitInfo, StageError> {
+    let mut writer = SftWriter::new(out_dir, split, dtype)
+        .map_err(|error| StageError::io(format!("creating {split} files"), error))?;
+    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    let bar = progress_bar(file);
+    for_each_batch(file, settings.batch_records, context, |batch| {
+        let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();
+        let encoded: Vec<Example> = batch
+            .par_iter()
+            .map(|(number, line)| {
+                let parsed = parse_line(file, *number, line)?;
+                let messages = parsed.messages.ok_or_else(|| {
+                    StageError::Invalid(format!(
+                        "{}:{number}: an SFT corpus needs `messages` on every line",
+                        file.display()
+                    ))
+                })?;
+                encode_conversation(tokenizer, &messages, settings.max_len, settings.truncation)
+                    .map_err(|error| {
+                        StageError::Invalid(format!(
+                            "{}:{number}: cannot tokenize: {error}",
+                            file.display()
+                        ))
+                    })
+            })
+            .collect::<Result<_, StageError>>()?;
+        for example in encoded {
+            match example {
+                Ok((ids, mask)) => writer
+                    .push(&ids, &mask)
+                    .map_err(|error| StageError::io(format!("writing {split} examples"), error))?,
+                Err(reason) => *dropped.entry(reason.to_string()).or_default() += 1,
+            }
+        }
+        bar.inc(bytes);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let (examples, tokens, trainable) = writer
+        .finish()
+        .map_err(|error| StageError::io(format!("writing {split} examples"), error))?;
+    Ok(SplitInfo {
+        documents: examples,
+        tokens,
+        shards: Vec::new(),
+        trainable_tokens: Some(trainable),
+        dropped,
+    })
+}
