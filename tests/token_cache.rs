@@ -290,7 +290,7 @@ fn sft_batches_pad_or_pack_and_resume_from_their_position() {
     let batch = padded.next_batch().unwrap();
     for row in 0..2 {
         let weights = &batch.weights[row * 64..(row + 1) * 64];
-        assert!(weights.iter().any(|&w| w == 1.0));
+        assert!(weights.contains(&1.0));
         // Padding at the end of each row carries no loss.
         assert_eq!(weights[63], 0.0);
         assert_eq!(batch.inputs[row * 64 + 63], pad);
