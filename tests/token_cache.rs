@@ -324,3 +324,59 @@ fn sft_batches_pad_or_pack_and_resume_from_their_position() {
     let got: Vec<Batch> = (0..4).map(|_| resumed.next_batch().unwrap()).collect();
     assert_eq!(got, expected);
 }
+
+#[test]
+fn the_fast_encoder_gives_exactly_the_ids_of_tokenizers() {
+    let sandbox = corpus_sandbox();
+    let tokenizer = tokenizer(&sandbox);
+    let fast = trainyard::tokenize::fast::FastEncoder::new(&tokenizer)
+        .expect("a byte-level BPE tokenizer is supported");
+    let pieces = [
+        "a",
+        "Ardel",
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        " \n ",
+        "'s",
+        "'ll",
+        "'S",
+        "'",
+        "42",
+        " 7",
+        "1447.",
+        "river",
+        "é",
+        "天気",
+        "🌧️",
+        "\u{0301}",
+        "\u{00a0}",
+        "\u{2003}",
+        "!?",
+        " —",
+        "<|end|>",
+        "<|user",
+        "x<|pad|>y",
+        "\u{0}",
+        "Ⅻ",
+        "٣",
+    ];
+    let mut rng = Rng::new(11, 0);
+    for _ in 0..3000 {
+        let text: String = (0..rng.below(12))
+            .map(|_| pieces[rng.below(pieces.len() as u64) as usize])
+            .collect();
+        let mut ids = Vec::new();
+        fast.encode_into(&text, &mut ids).unwrap();
+        assert_eq!(
+            ids,
+            tokenizer
+                .encode_fast(text.as_str(), false)
+                .unwrap()
+                .get_ids(),
+            "text {text:?}"
+        );
+    }
+}

@@ -18,6 +18,7 @@ use crate::data::records::ChatMessage;
 use crate::data::token_cache::{
     CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo,
 };
+use crate::tokenize::fast::FastEncoder;
 use crate::tokenize::{chat, special};
 
 /// What to build.
@@ -379,11 +380,34 @@ fn progress_bar(file: &Path) -> indicatif::ProgressBar {
     bar
 }
 
-fn encode_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, String> {
-    tokenizer
-        .encode_fast(text, false)
-        .map(|encoding| encoding.get_ids().to_vec())
-        .map_err(|error| error.to_string())
+/// Encodes with the fast path when the tokenizer allows it, else with `tokenizers`.
+struct Encoder<'a> {
+    tokenizer: &'a Tokenizer,
+    fast: Option<FastEncoder<'a>>,
+}
+
+impl<'a> Encoder<'a> {
+    fn new(tokenizer: &'a Tokenizer) -> Encoder<'a> {
+        Encoder {
+            tokenizer,
+            fast: FastEncoder::new(tokenizer),
+        }
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        match &self.fast {
+            Some(fast) => {
+                let mut ids = Vec::with_capacity(text.len() / 3);
+                fast.encode_into(text, &mut ids)?;
+                Ok(ids)
+            }
+            None => self
+                .tokenizer
+                .encode_fast(text, false)
+                .map(|encoding| encoding.get_ids().to_vec())
+                .map_err(|error| error.to_string()),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -401,6 +425,7 @@ fn build_pretrain(
         .map_err(|error| StageError::io(format!("creating {split} shards"), error))?;
     let mut info = SplitInfo::default();
     let bar = progress_bar(file);
+    let encoder = Encoder::new(tokenizer);
     for_each_batch(file, settings.batch_records, context, |batch| {
         let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();
         let encoded: Vec<Vec<u32>> = batch
@@ -413,7 +438,7 @@ fn build_pretrain(
                     (None, Some(messages)) => chat::render_text(&messages, false),
                     (None, None) => String::new(),
                 };
-                let mut ids = encode_ids(tokenizer, &text).map_err(|error| {
+                let mut ids = encoder.encode(&text).map_err(|error| {
                     StageError::Invalid(format!(
                         "{}:{number}: cannot tokenize: {error}",
                         file.display()
@@ -445,7 +470,7 @@ type Example = Result<(Vec<u32>, Vec<u8>), &'static str>;
 
 /// Token ids and loss mask of one conversation, or why it is left out.
 fn encode_conversation(
-    tokenizer: &Tokenizer,
+    encoder: &Encoder<'_>,
     messages: &[ChatMessage],
     max_len: usize,
     truncation: Truncation,
@@ -455,7 +480,7 @@ fn encode_conversation(
     // Segments meet at special tokens, which the tokenizer never merges across, so
     // encoding them one by one gives exactly the ids of the whole rendered text.
     for segment in chat::render(messages, false) {
-        let segment_ids = encode_ids(tokenizer, &segment.text)?;
+        let segment_ids = encoder.encode(&segment.text)?;
         mask.extend(std::iter::repeat_n(
             u8::from(segment.trainable),
             segment_ids.len(),
@@ -498,6 +523,7 @@ fn build_sft(
         .map_err(|error| StageError::io(format!("creating {split} files"), error))?;
     let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
     let bar = progress_bar(file);
+    let encoder = Encoder::new(tokenizer);
     for_each_batch(file, settings.batch_records, context, |batch| {
         let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();
         let encoded: Vec<Example> = batch
@@ -510,7 +536,7 @@ fn build_sft(
                         file.display()
                     ))
                 })?;
-                encode_conversation(tokenizer, &messages, settings.max_len, settings.truncation)
+                encode_conversation(&encoder, &messages, settings.max_len, settings.truncation)
                     .map_err(|error| {
                         StageError::Invalid(format!(
                             "{}:{number}: cannot tokenize: {error}",

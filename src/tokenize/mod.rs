@@ -2,4 +2,5 @@
 //! loading Hugging Face `tokenizer.json` files, and the chat template.
 
 pub mod chat;
+pub mod fast;
 pub mod special;
