@@ -343,6 +343,17 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, TokenizeError> {
         path: file.clone(),
         message: error.to_string(),
     })?;
+    let load_error = |message: String| TokenizeError::Load {
+        path: file.clone(),
+        message,
+    };
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|error| load_error(format!("not JSON: {error}")))?;
+    if json.get("model").is_none() {
+        return Err(load_error(
+            "missing key `model`: not a Hugging Face tokenizer.json".to_string(),
+        ));
+    }
     Tokenizer::from_bytes(&bytes).map_err(|error| TokenizeError::Load {
         path: file.clone(),
         message: format!("not a usable Hugging Face tokenizer.json: {error}"),
