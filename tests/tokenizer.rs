@@ -458,3 +458,38 @@ fn a_file_without_a_model_is_rejected_with_its_path() {
         .to_string();
     assert!(error.contains("sub"), "{error}");
 }
+
+#[test]
+fn bpe_learns_the_same_merges_as_the_tokenizers_crate_trainer() {
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainer};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+    let mut texts = Vec::new();
+    corpus::for_each_text(&fixture().train, None, &CancelFlag::new(), &mut |text| {
+        texts.push(text.to_string())
+    })
+    .expect("read");
+    let mut reference = Tokenizer::new(BPE::default());
+    reference.with_pre_tokenizer(Some(ByteLevel::new(false, false, true)));
+    let mut trainer: TrainerWrapper = BpeTrainer::builder()
+        .vocab_size(700)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(train::special_added_tokens())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    reference
+        .train(&mut trainer, texts.iter())
+        .expect("reference training");
+    let model_of = |tokenizer: &Tokenizer| -> serde_json::Value {
+        let json: serde_json::Value =
+            serde_json::from_str(&tokenizer.to_string(false).expect("json")).expect("json");
+        json["model"].clone()
+    };
+    let ours = model_of(&train(Algorithm::Bpe, 700));
+    let theirs = model_of(&reference);
+    assert_eq!(ours["vocab"], theirs["vocab"]);
+    assert_eq!(ours["merges"], theirs["merges"]);
+}

@@ -77,6 +77,9 @@ pub enum CorpusError {
         /// The directory.
         path: PathBuf,
     },
+    /// A counting thread panicked.
+    #[error("a word-counting thread failed unexpectedly (this is a bug in trainyard)")]
+    WorkerFailed,
     /// The user asked to stop.
     #[error("interrupted")]
     Interrupted,
@@ -511,7 +514,7 @@ pub fn count_words(
                     loop {
                         let block = match receiver.lock() {
                             Ok(receiver) => receiver.recv(),
-                            Err(_) => return Err(CorpusError::Interrupted),
+                            Err(_) => return Err(CorpusError::WorkerFailed),
                         };
                         let Ok(block) = block else {
                             return Ok(counts);
@@ -546,7 +549,7 @@ pub fn count_words(
         drop(sender);
         let results: Vec<_> = workers
             .into_iter()
-            .map(|worker| worker.join().unwrap_or(Err(CorpusError::Interrupted)))
+            .map(|worker| worker.join().unwrap_or(Err(CorpusError::WorkerFailed)))
             .collect();
         (read_result, results)
     });
