@@ -75,12 +75,12 @@ pub fn train_bpe(
     // Pair counts and, per pair, the words it may occur in (possibly stale or repeated:
     // merging checks the word itself).
     let mut pair_counts: HashMap<Pair, i64, FastState> = HashMap::default();
-    let mut where_: HashMap<Pair, Vec<u32>, FastState> = HashMap::default();
+    let mut words_with: HashMap<Pair, Vec<u32>, FastState> = HashMap::default();
     for (index, word) in symbols.iter().enumerate() {
         for window in word.windows(2) {
             let pair = (window[0], window[1]);
             *pair_counts.entry(pair).or_insert(0) += counts[index];
-            let places = where_.entry(pair).or_default();
+            let places = words_with.entry(pair).or_default();
             if places.last() != Some(&(index as u32)) {
                 places.push(index as u32);
             }
@@ -122,7 +122,7 @@ pub fn train_bpe(
         };
         merges.push(pair);
 
-        let mut places = where_.remove(&pair).unwrap_or_default();
+        let mut places = words_with.remove(&pair).unwrap_or_default();
         places.sort_unstable();
         places.dedup();
         grown.clear();
@@ -140,7 +140,7 @@ pub fn train_bpe(
                 }
                 *pair_counts.entry(changed).or_insert(0) += delta * count;
                 if delta > 0 {
-                    let list = where_.entry(changed).or_default();
+                    let list = words_with.entry(changed).or_default();
                     if list.last() != Some(&index) {
                         list.push(index);
                     }
