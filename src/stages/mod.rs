@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod token_cache;
+pub mod tokenizer;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -245,6 +246,7 @@ fn run_erased<K: StageKind>(
 pub static KINDS: &[KindEntry] = &[
     KindEntry::of::<command::Command>(),
     KindEntry::of::<token_cache::TokenCacheStage>(),
+    KindEntry::of::<tokenizer::TokenizerStage>(),
 ];
 
 /// The kind called `name`.

@@ -19,7 +19,7 @@ use crate::data::token_cache::{
     CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo,
 };
 use crate::tokenize::fast::FastEncoder;
-use crate::tokenize::{chat, special};
+use crate::tokenize::{chat, special, train};
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -134,8 +134,10 @@ impl StageKind for TokenCacheStage {
         settings: &TokenCacheSettings,
         context: &mut StageContext<'_>,
     ) -> Result<StageOutcome, StageError> {
-        let tokenizer_path = tokenizer_file(&context.inputs["tokenizer"]);
-        let tokenizer = load_tokenizer(&tokenizer_path)?;
+        let tokenizer_path = train::tokenizer_file(&context.inputs["tokenizer"])
+            .map_err(|error| StageError::Invalid(error.to_string()))?;
+        let tokenizer = train::load_tokenizer(&tokenizer_path)
+            .map_err(|error| StageError::Invalid(error.to_string()))?;
         let (train, eval) = corpus_files(context.inputs)?;
         let mode = match settings.mode {
             ModeSetting::Pretrain => CacheMode::Pretrain,
@@ -219,21 +221,6 @@ impl StageKind for TokenCacheStage {
             .map_err(|error| StageError::io(format!("writing {}", meta_path.display()), error))?;
         Ok(StageOutcome { metrics })
     }
-}
-
-/// `tokenizer.json` itself, or the one inside a model or tokenizer directory.
-pub fn tokenizer_file(input: &Path) -> PathBuf {
-    if input.is_dir() {
-        input.join("tokenizer.json")
-    } else {
-        input.to_path_buf()
-    }
-}
-
-fn load_tokenizer(path: &Path) -> Result<Tokenizer, StageError> {
-    Tokenizer::from_file(path).map_err(|error| {
-        StageError::Invalid(format!("cannot load tokenizer {}: {error}", path.display()))
-    })
 }
 
 /// The train and optional eval corpus files: given directly, or `train.jsonl` and

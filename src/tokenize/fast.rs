@@ -3,9 +3,8 @@
 //!
 //! The `tokenizers` pipeline runs the GPT-2 split regex through `fancy-regex` (it needs
 //! a look-ahead) and keeps a small shared word cache. This encoder gives the same ids
-//! faster: it splits with the `regex` crate's DFA, emulating the look-ahead
-//! `\s+(?!\S)` by giving back the last whitespace character of a run that precedes a
-//! word, and memoises whole pre-tokens per thread. It only takes tokenizers whose
+//! faster: it splits with the hand-written [`crate::tokenize::pretokenize::split`] and
+//! memoises whole pre-tokens per thread. It only takes tokenizers whose
 //! pipeline is exactly: no normalizer, `ByteLevel { add_prefix_space: false,
 //! use_regex: true }`, a BPE model without dropout; and it hands any text containing
 //! an added (special) token to `tokenizers` itself. Tests and the token-cache benchmark
@@ -15,13 +14,11 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use regex::Regex;
 use tokenizers::models::ModelWrapper;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{Model, Tokenizer};
 
-/// The GPT-2 pre-tokenizer pattern without its look-ahead alternative.
-const SPLIT_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
+use crate::tokenize::pretokenize::{split, to_byte_level};
 
 /// Most distinct pre-tokens a cache keeps before it starts over (bounds memory).
 const CACHE_LIMIT: usize = 1 << 18;
@@ -42,31 +39,7 @@ pub struct FastEncoder<'a> {
     id: u64,
     tokenizer: &'a Tokenizer,
     model: &'a ModelWrapper,
-    splitter: Regex,
-    byte_chars: [char; 256],
     added: Vec<String>,
-}
-
-/// GPT-2's reversible byte → printable character table.
-fn byte_chars() -> [char; 256] {
-    let mut printable: Vec<u8> = (b'!'..=b'~')
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut chars: Vec<u32> = printable.iter().map(|&byte| u32::from(byte)).collect();
-    let mut next = 0;
-    for byte in 0..=255u8 {
-        if !printable.contains(&byte) {
-            printable.push(byte);
-            chars.push(256 + next);
-            next += 1;
-        }
-    }
-    let mut table = ['\0'; 256];
-    for (byte, code) in printable.into_iter().zip(chars) {
-        table[usize::from(byte)] = char::from_u32(code).unwrap_or('\0');
-    }
-    table
 }
 
 impl<'a> FastEncoder<'a> {
@@ -97,8 +70,6 @@ impl<'a> FastEncoder<'a> {
             id: NEXT_ENCODER_ID.fetch_add(1, Ordering::Relaxed),
             tokenizer,
             model,
-            splitter: Regex::new(SPLIT_PATTERN).ok()?,
-            byte_chars: byte_chars(),
             added,
         })
     }
@@ -133,50 +104,24 @@ impl<'a> FastEncoder<'a> {
         if cache.len() > CACHE_LIMIT {
             cache.clear();
         }
-        let mut position = 0;
-        let mut mapped = String::new();
-        while let Some(found) = self.splitter.find_at(text, position) {
-            let mut end = found.end();
-            let piece = found.as_str();
-            // `\s+(?!\S)`: a whitespace run followed by a word gives its last character
-            // to that word (as the optional leading space) — unless that leaves nothing.
-            if end < text.len() && piece.chars().all(char::is_whitespace) {
-                let last = piece.chars().next_back().map_or(0, char::len_utf8);
-                if piece.len() > last {
-                    end -= last;
-                }
+        let mut failure = None;
+        split(text, |word| {
+            if failure.is_some() {
+                return;
             }
-            let word = &text[found.start()..end];
             if let Some(ids) = cache.get(word) {
                 out.extend_from_slice(ids);
-            } else {
-                mapped.clear();
-                mapped.extend(word.bytes().map(|byte| self.byte_chars[usize::from(byte)]));
-                let tokens = self
-                    .model
-                    .tokenize(&mapped)
-                    .map_err(|error| error.to_string())?;
-                let ids: Vec<u32> = tokens.iter().map(|token| token.id).collect();
-                out.extend_from_slice(&ids);
-                cache.insert(word.to_string(), ids);
+                return;
             }
-            position = end;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_table_is_a_bijection_onto_printable_characters() {
-        let table = byte_chars();
-        let distinct: std::collections::BTreeSet<char> = table.iter().copied().collect();
-        assert_eq!(distinct.len(), 256);
-        assert_eq!(table[usize::from(b'A')], 'A');
-        assert_eq!(table[usize::from(b' ')], 'Ġ');
-        assert_eq!(table[usize::from(b'\n')], 'Ċ');
+            match self.model.tokenize(&to_byte_level(word)) {
+                Ok(tokens) => {
+                    let ids: Vec<u32> = tokens.iter().map(|token| token.id).collect();
+                    out.extend_from_slice(&ids);
+                    cache.insert(word.to_string(), ids);
+                }
+                Err(error) => failure = Some(error.to_string()),
+            }
+        });
+        failure.map_or(Ok(()), Err)
     }
 }
