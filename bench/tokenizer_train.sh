@@ -8,7 +8,7 @@
 #
 # Python is timed around `train_from_iterator` only, over texts already in memory (its
 # most favourable setting; `stream` mode, which parses the JSONL inside the timed call as
-# trainyard does, is shown too). trainyard's time is `training_seconds` from stats.json:
+# trainyard does, is shown too). trainyard's time is `training_seconds` from the stage manifest's metrics:
 # reading and parsing the JSONL, counting, and training.
 #
 # Environment knobs: BENCH_MB (corpus size, default 80), BENCH_REPEATS (runs of each,
@@ -52,6 +52,7 @@ if [[ ! -f "$corpus/done" ]]; then
 fi
 
 json_field() { "$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$@"; }
+json_metric() { "$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"][sys.argv[2]])' "$@"; }
 best() { printf '%s\n' "$@" | sort -g | head -1; }
 
 python_memory=()
@@ -81,7 +82,7 @@ trainyard_times=()
 for run in $(seq "$REPEATS"); do
     say "trainyard tokenizer stage (run $run/$REPEATS)"
     (cd "$pipeline_dir" && "$trainyard" run p.yaml --force-all >/dev/null 2>&1)
-    trainyard_times+=("$(json_field "$pipeline_dir/runs/latest/outputs/tok/stats.json" training_seconds)")
+    trainyard_times+=("$(json_metric "$pipeline_dir/runs/latest/outputs/tok/manifest.json" training_seconds)")
 done
 
 stats="$pipeline_dir/runs/latest/outputs/tok/stats.json"

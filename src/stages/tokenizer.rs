@@ -161,7 +161,10 @@ pub struct TokenizerStats {
     pub train_words: Option<usize>,
     /// Compression on the `eval` input, when given.
     pub eval: Option<EvalStats>,
-    /// Wall time of reading the corpus and training (trained tokenizers only).
+    /// Wall time of reading the corpus and training (trained tokenizers only). Kept in
+    /// the manifest's metrics, not in `stats.json`: a timing in the output would change
+    /// its hash on every rerun and make downstream stages rerun for nothing.
+    #[serde(skip)]
     pub training_seconds: Option<f64>,
 }
 
