@@ -3,6 +3,7 @@
 //! settings types, implementation versions, input rules) and the context a stage runs in.
 
 pub mod command;
+pub mod ingest;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -261,7 +262,10 @@ fn run_erased<K: StageKind>(
 }
 
 /// Every stage kind trainyard knows.
-pub static KINDS: &[KindEntry] = &[KindEntry::of::<command::Command>()];
+pub static KINDS: &[KindEntry] = &[
+    KindEntry::of::<command::Command>(),
+    KindEntry::of::<ingest::Ingest>(),
+];
 
 /// The kind called `name`.
 pub fn kind(name: &str) -> Option<&'static KindEntry> {
