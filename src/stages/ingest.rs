@@ -932,7 +932,8 @@ pub struct Chars {
 /// `documents_read - split_long.documents + split_long.pieces = kept + dropped (all reasons)`.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Counts {
-    /// Records read, including malformed ones.
+    /// Documents read (a chunked line with `chunks: split` counts once per chunk),
+    /// including malformed records.
     pub documents_read: u64,
     /// Over-long documents split into pieces (`long: split`).
     pub split_long: SplitLong,
@@ -1067,9 +1068,14 @@ impl Progress {
         let bar = if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new_spinner();
             if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{spinner} {msg}: {human_pos} documents ({per_sec}, {elapsed})",
+                "{spinner} {msg}: {human_pos} documents ({rate}, {elapsed})",
             ) {
-                bar.set_style(style);
+                bar.set_style(style.with_key(
+                    "rate",
+                    |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                        let _ = write!(out, "{:.0} documents/s", state.per_sec());
+                    },
+                ));
             }
             bar
         } else {
