@@ -950,6 +950,13 @@ impl Resolver {
             let settings = kind
                 .extract(&self.figment.focus(&with_path))
                 .map_err(|error| self.figment_error(*error, &with_path))?;
+            let input_names: Vec<&str> = spec_stage.inputs.keys().map(String::as_str).collect();
+            kind.check(&settings, &input_names).map_err(|message| {
+                self.error_at(
+                    &with_path,
+                    Diagnostic::new(format!("stage `{name}` ({}): {message}", kind.name)),
+                )
+            })?;
             origins.insert(
                 format!("{prefix}.kind"),
                 self.origin(&format!("{prefix}.kind")),

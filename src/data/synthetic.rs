@@ -17,7 +17,6 @@
 
 use std::collections::HashSet;
 
-use anyhow::{Result, bail};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +56,17 @@ impl SyntheticSettings {
         self.entities
             .unwrap_or_else(|| (self.documents / 100).clamp(16, 100_000) as u32)
     }
+}
+
+/// Why the settings cannot build a world.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorldError {
+    /// `entities` (given or derived from `documents`) is out of range.
+    #[error("`entities` must be between 4 and 1000000, got {0}")]
+    Entities(usize),
+    /// `facts_per_document` is zero.
+    #[error("`facts_per_document` must be at least 1")]
+    FactsPerDocument,
 }
 
 /// What an entity is.
@@ -393,13 +403,13 @@ fn fact(attribute: Attribute, answer: String) -> Fact {
 
 impl World {
     /// Builds the world for `seed` and `settings`; errors if the settings cannot make one.
-    pub fn new(seed: u64, settings: &SyntheticSettings) -> Result<World> {
+    pub fn new(seed: u64, settings: &SyntheticSettings) -> Result<World, WorldError> {
         let n = settings.entity_count() as usize;
         if !(4..=1_000_000).contains(&n) {
-            bail!("synthetic: `entities` must be between 4 and 1000000, got {n}");
+            return Err(WorldError::Entities(n));
         }
         if settings.facts_per_document == 0 {
-            bail!("synthetic: `facts_per_document` must be at least 1");
+            return Err(WorldError::FactsPerDocument);
         }
         let mut rng = Rng::for_item(seed, WORLD, 0);
         // Every invented word (town, river, first name, surname) is unique in the world.
@@ -856,9 +866,9 @@ mod tests {
         assert_eq!((s.documents, s.entity_count(), s.questions), (300, 16, 200));
         assert!(serde_json::from_str::<SyntheticSettings>(r#"{"documets": 3}"#).is_err());
         s.entities = Some(3);
-        assert!(World::new(0, &s).is_err());
+        assert_eq!(World::new(0, &s), Err(WorldError::Entities(3)));
         s.entities = None;
         s.facts_per_document = 0;
-        assert!(World::new(0, &s).is_err());
+        assert_eq!(World::new(0, &s), Err(WorldError::FactsPerDocument));
     }
 }

@@ -3,6 +3,7 @@
 //! settings types, implementation versions, input rules) and the context a stage runs in.
 
 pub mod command;
+pub mod ingest;
 pub mod token_cache;
 pub mod tokenizer;
 
@@ -144,6 +145,12 @@ pub trait StageKind {
     /// Whether a rerun after a crash continues from what the scratch directory holds
     /// (training checkpoints) instead of starting from an empty one.
     const RESUMABLE: bool = false;
+    /// Checks the settings against the names declared under `inputs:`, before anything
+    /// runs (e.g. that every input a setting names is declared); the message is shown
+    /// at the stage's `with:`.
+    fn check(_settings: &Self::Settings, _inputs: &[&str]) -> Result<(), String> {
+        Ok(())
+    }
     /// Does the work.
     fn run(
         settings: &Self::Settings,
@@ -167,6 +174,7 @@ pub struct KindEntry {
     pub resumable: bool,
     extract: fn(&Figment) -> Result<serde_json::Value, Box<figment::Error>>,
     schema: fn(&mut SchemaGenerator) -> Schema,
+    check: fn(&serde_json::Value, &[&str]) -> Result<(), String>,
     run: fn(&serde_json::Value, &mut StageContext<'_>) -> Result<StageOutcome, StageError>,
 }
 
@@ -187,6 +195,7 @@ impl KindEntry {
             resumable: K::RESUMABLE,
             extract: extract_settings::<K>,
             schema: settings_schema::<K>,
+            check: check_erased::<K>,
             run: run_erased::<K>,
         }
     }
@@ -200,6 +209,12 @@ impl KindEntry {
     /// The JSON schema of this kind's settings.
     pub fn schema(&self, generator: &mut SchemaGenerator) -> Schema {
         (self.schema)(generator)
+    }
+
+    /// Checks settings produced by [`KindEntry::extract`] against the declared input
+    /// names (see [`StageKind::check`]).
+    pub fn check(&self, settings: &serde_json::Value, inputs: &[&str]) -> Result<(), String> {
+        (self.check)(settings, inputs)
     }
 
     /// Runs the stage with settings previously produced by [`KindEntry::extract`].
@@ -232,6 +247,12 @@ fn settings_schema<K: StageKind>(generator: &mut SchemaGenerator) -> Schema {
     generator.subschema_for::<K::Settings>()
 }
 
+fn check_erased<K: StageKind>(settings: &serde_json::Value, inputs: &[&str]) -> Result<(), String> {
+    let settings: K::Settings =
+        serde_json::from_value(settings.clone()).map_err(|error| error.to_string())?;
+    K::check(&settings, inputs)
+}
+
 fn run_erased<K: StageKind>(
     settings: &serde_json::Value,
     context: &mut StageContext<'_>,
@@ -245,8 +266,9 @@ fn run_erased<K: StageKind>(
 /// Every stage kind trainyard knows.
 pub static KINDS: &[KindEntry] = &[
     KindEntry::of::<command::Command>(),
-    KindEntry::of::<token_cache::TokenCacheStage>(),
+    KindEntry::of::<ingest::Ingest>(),
     KindEntry::of::<tokenizer::TokenizerStage>(),
+    KindEntry::of::<token_cache::TokenCacheStage>(),
 ];
 
 /// The kind called `name`.
