@@ -314,6 +314,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = args.work.resolve()
+    args.trainyard, args.dvc = args.trainyard.resolve(), args.dvc.resolve()
     data, ty_dir, dvc_dir, dvc_site = work / "data", work / "ty", work / "dvc", work / "dvc-site"
     generator = ensure_data(data)
 
