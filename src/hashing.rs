@@ -181,10 +181,40 @@ impl ContentHasher {
     }
 }
 
-/// blake3 of a file's bytes (memory-mapped and multi-threaded for large files).
+/// Bytes read per step when hashing a file.
+const HASH_CHUNK: usize = 8 << 20;
+
+/// blake3 of a file's bytes, multi-threaded over fixed-size reads. Reading into one
+/// buffer (rather than memory-mapping) keeps the process's resident memory flat however
+/// large the inputs are.
 pub fn hash_file_contents(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let length = file.metadata()?.len();
+    let mut buffer = vec![0u8; HASH_CHUNK.min(length as usize).max(1)];
     let mut hasher = blake3::Hasher::new();
-    hasher.update_mmap_rayon(path)?;
+    loop {
+        let mut filled = 0;
+        while filled < buffer.len() {
+            match file.read(&mut buffer[filled..]) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        if filled >= 128 << 10 {
+            hasher.update_rayon(&buffer[..filled]);
+        } else {
+            hasher.update(&buffer[..filled]);
+        }
+        if filled < buffer.len() {
+            break;
+        }
+    }
     Ok(hasher.finalize().to_hex().to_string())
 }
 
