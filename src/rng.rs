@@ -27,6 +27,12 @@ impl Rng {
         }
     }
 
+    /// The generator of item `index` of `stream` under `seed`: items (documents,
+    /// conversations) can then be generated independently and in any order.
+    pub fn for_item(seed: u64, stream: u64, index: u64) -> Rng {
+        Rng::from_state(mix64(Rng::new(seed, stream).state.wrapping_add(index)))
+    }
+
     /// Restores a generator from [`Rng::state`].
     pub fn from_state(state: u64) -> Rng {
         Rng { state }
@@ -46,6 +52,23 @@ impl Rng {
     /// An integer in `0..n` (multiply-shift; bias below 2^-40 for n < 2^24), `n > 0`.
     pub fn below(&mut self, n: u64) -> u64 {
         ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+
+    /// An index in `0..n`, `n > 0`.
+    pub fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
+
+    /// A random element of a non-empty slice.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.index(items.len())]
+    }
+
+    /// Shuffles in place (Fisher–Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.index(i + 1));
+        }
     }
 
     /// A float in `[0, 1)` with 53 random bits.

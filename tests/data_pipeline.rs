@@ -36,10 +36,15 @@ fn synthetic_world_becomes_pretrain_and_sft_caches() {
 
     let pretrain = TokenCache::open(&sandbox.path("runs/latest/outputs/pretrain-cache")).unwrap();
     assert_eq!(pretrain.meta.mode, CacheMode::Pretrain);
-    pretrain.verify_tokenizer(&sandbox.path("runs/latest/outputs/tok/tokenizer.json")).unwrap();
+    pretrain
+        .verify_tokenizer(&sandbox.path("runs/latest/outputs/tok/tokenizer.json"))
+        .unwrap();
     let train = &pretrain.meta.splits["train"];
     let eval = &pretrain.meta.splits["eval"];
-    assert!(train.documents > 400 && eval.documents > 20, "{train:?} {eval:?}");
+    assert!(
+        train.documents > 400 && eval.documents > 20,
+        "{train:?} {eval:?}"
+    );
     assert_eq!(train.documents + eval.documents, 600);
     assert!(pretrain.stream("train").unwrap().len() > 10_000);
 

@@ -18,6 +18,8 @@
 use std::collections::HashSet;
 
 use schemars::JsonSchema;
+
+use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
 /// Settings of the synthetic source (`source: { synthetic: { ... } }`); the seed comes separately.
@@ -317,49 +319,6 @@ const WORLD: u64 = 1;
 const DOCUMENTS: u64 = 2;
 const CONVERSATIONS: u64 = 3;
 
-/// SplitMix64 (Steele, Lea, Flood 2014; Vigna's reference C). Hand-written rather than a
-/// crate so the streams are fixed by this file alone: 64-bit integer arithmetic only, the
-/// same on every platform and compiler version, and immune to a dependency changing its
-/// algorithm. Statistical quality is ample for picking templates and names.
-struct Rng(u64);
-
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-impl Rng {
-    /// The generator for item `index` of `stream` under `seed`.
-    fn for_item(seed: u64, stream: u64, index: u64) -> Rng {
-        Rng(mix(
-            mix(seed.wrapping_add(stream.wrapping_mul(GOLDEN))).wrapping_add(index)
-        ))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(GOLDEN);
-        mix(self.0)
-    }
-
-    /// Uniform-enough integer in `0..n` (multiply-shift; bias below 2^-40 for our sizes).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
-    }
-}
-
 fn fill(template: &str, entity: &str, answer: &str) -> String {
     template.replace("{e}", entity).replace("{a}", answer)
 }
@@ -369,7 +328,7 @@ fn fill(template: &str, entity: &str, answer: &str) -> String {
 fn invent_word(rng: &mut Rng, used: &mut HashSet<String>, endings: &[&str]) -> String {
     loop {
         let mut word = String::new();
-        for _ in 0..2 + usize::from(rng.below(4) == 0) {
+        for _ in 0..2 + usize::from(rng.index(4) == 0) {
             word.push_str(rng.pick(ONSETS));
             word.push_str(rng.pick(VOWELS));
         }
@@ -434,7 +393,7 @@ impl World {
             let facts = vec![
                 fact(Attribute::River, invent_word(&mut rng, &mut used, &[""])),
                 fact(Attribute::Founder, invent_person(&mut rng, &mut used)),
-                fact(Attribute::Founded, (1000 + rng.below(900)).to_string()),
+                fact(Attribute::Founded, (1000 + rng.index(900)).to_string()),
                 fact(Attribute::Export, rng.pick(EXPORTS).to_string()),
                 fact(Attribute::Neighbour, town_names[nearest[t]].clone()),
             ];
@@ -447,7 +406,7 @@ impl World {
         for _ in towns..n {
             let name = invent_person(&mut rng, &mut used);
             let facts = vec![
-                fact(Attribute::Home, town_names[rng.below(towns)].clone()),
+                fact(Attribute::Home, town_names[rng.index(towns)].clone()),
                 fact(Attribute::Profession, rng.pick(PROFESSIONS).to_string()),
                 fact(Attribute::Instrument, rng.pick(INSTRUMENTS).to_string()),
                 fact(Attribute::Colour, rng.pick(COLOURS).to_string()),
@@ -460,7 +419,7 @@ impl World {
         }
         let mut held_out = Vec::with_capacity(n);
         for (e, entity) in entities.iter_mut().enumerate() {
-            let f = rng.below(entity.facts.len());
+            let f = rng.index(entity.facts.len());
             entity.facts[f].held_out = true;
             held_out.push((e, f));
         }
@@ -510,12 +469,12 @@ impl World {
     /// answered with the bare answer, never about a held-out fact, always with `ask` phrasings.
     pub fn conversation(&self, index: u64) -> Conversation {
         let mut rng = Rng::for_item(self.seed, CONVERSATIONS, index);
-        let entity = &self.entities[rng.below(self.entities.len())];
+        let entity = &self.entities[rng.index(self.entities.len())];
         let mut askable: Vec<&Fact> = entity.facts.iter().filter(|f| !f.held_out).collect();
         rng.shuffle(&mut askable);
-        let turns = [1, 1, 1, 2, 3][rng.below(5)];
+        let turns = [1, 1, 1, 2, 3][rng.index(5)];
         let mut messages = Vec::new();
-        if rng.below(2) == 0 {
+        if rng.index(2) == 0 {
             let content = rng.pick(SYSTEM_PROMPTS).to_string();
             messages.push(Message {
                 role: Role::System,
@@ -659,7 +618,7 @@ mod tests {
     #[test]
     fn splitmix64_matches_the_reference_stream() {
         // First outputs of Vigna's splitmix64.c seeded with 1234567.
-        let mut rng = Rng(1234567);
+        let mut rng = Rng::from_state(1234567);
         assert_eq!(rng.next_u64(), 6457827717110365317);
         assert_eq!(rng.next_u64(), 3203168211198807973);
         assert_eq!(rng.next_u64(), 9817491932198370423);

@@ -722,11 +722,7 @@ impl<'a> SftBatcher<'a> {
 
     fn shuffle(&mut self) {
         self.order = (0..self.examples.len()).collect();
-        let mut rng = Rng::new(self.seed, 0x5f7_0000 + self.position.epoch);
-        for index in (1..self.order.len()).rev() {
-            let other = rng.below(index as u64 + 1) as usize;
-            self.order.swap(index, other);
-        }
+        Rng::new(self.seed, 0x5f7_0000 + self.position.epoch).shuffle(&mut self.order);
     }
 
     /// Where the next batch starts.
