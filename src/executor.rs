@@ -255,7 +255,7 @@ pub fn run(
         );
         let record = engine.run_record(&recorder.id, started, None, "running", &[]);
         recorder
-            .write_record(&record)
+            .write_record(&record, false)
             .map_err(io_error("writing resolved_settings.json"))?;
     }
     let reports = engine.walk()?;
@@ -291,7 +291,7 @@ pub fn run(
             &reports,
         );
         recorder
-            .write_record(&record)
+            .write_record(&record, true)
             .map_err(io_error("writing resolved_settings.json"))?;
         recorder.event("run_finished", serde_json::json!({ "status": status }));
         recorder

@@ -118,8 +118,7 @@ impl ContentHasher {
         let with_path =
             |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", path.display()));
         let metadata = std::fs::metadata(path).map_err(with_path)?;
-        let key = std::path::absolute(path)
-            .map_err(with_path)?
+        let key = normalize(&std::path::absolute(path).map_err(with_path)?)
             .to_string_lossy()
             .into_owned();
         let (size, mtime, inode) = (metadata.len(), mtime_ns(&metadata), metadata.ino());
@@ -183,6 +182,23 @@ impl ContentHasher {
 
 /// Bytes read per step when hashing a file.
 const HASH_CHUNK: usize = 8 << 20;
+
+/// `path` with `.` and `..` components resolved lexically, so one file reached through
+/// differently spelled paths shares one stat-cache entry.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
 
 /// blake3 of a file's bytes, multi-threaded over fixed-size reads. Reading into one
 /// buffer (rather than memory-mapping) keeps the process's resident memory flat however

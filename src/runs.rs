@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ProfileRecord, SourceRecord};
 use crate::fingerprint::InputRecord;
-use crate::store::{Workspace, write_atomically};
+use crate::store::{Workspace, replace_file};
 
 /// Version of trainyard, recorded in every run and manifest.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -273,9 +273,12 @@ impl RunRecorder {
         if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
             line.extend(fields);
         }
+        let mut text = line.to_string();
+        text.push('\n');
         if let Ok(mut log) = self.log.lock() {
-            // Losing a log line must not fail a run whose outputs are fine.
-            let _ = writeln!(log, "{line}");
+            // One write per event, so each line is a single append. Losing a log line
+            // must not fail a run whose outputs are fine.
+            let _ = log.write_all(text.as_bytes());
         }
     }
 
@@ -291,10 +294,12 @@ impl RunRecorder {
         std::os::unix::fs::symlink(target, link)
     }
 
-    /// Writes `resolved_settings.json` (atomically, so a crash leaves the previous one).
-    pub fn write_record(&self, record: &RunRecord) -> io::Result<()> {
+    /// Writes `resolved_settings.json` atomically, so a crash leaves the previous one;
+    /// `durable` also syncs it (the final record; the one written at the start only
+    /// has to exist if the run dies).
+    pub fn write_record(&self, record: &RunRecord, durable: bool) -> io::Result<()> {
         let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        write_atomically(&self.dir.join("resolved_settings.json"), &bytes)
+        replace_file(&self.dir.join("resolved_settings.json"), &bytes, durable)
     }
 
     /// Points `runs/latest` at this run.

@@ -153,10 +153,16 @@ impl Workspace {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Records the identity `stage` had in this run.
+    /// Records the identity `stage` had in this run. Unchanged records are not
+    /// rewritten, and none is synced: they only feed `status` explanations, so a no-op
+    /// run stays free of disk flushes.
     pub fn record_last_identity(&self, stage: &str, identity: &StageIdentity) -> io::Result<()> {
         let bytes = serde_json::to_vec_pretty(identity).map_err(io::Error::other)?;
-        write_atomically(&self.last_path(stage), &bytes)
+        let path = self.last_path(stage);
+        if fs::read(&path).is_ok_and(|existing| existing == bytes) {
+            return Ok(());
+        }
+        replace_file(&path, &bytes, false)
     }
 
     fn last_path(&self, stage: &str) -> PathBuf {
@@ -177,6 +183,12 @@ fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Replaces `path` with `bytes` so that readers see the old or the new content, never
 /// a mix: write a sibling temp file, sync it, rename it over.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, bytes, true)
+}
+
+/// [`write_atomically`], with the sync optional: without it a crash can lose the new
+/// content (the old stays), which is fine for records that are only conveniences.
+pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     let parent = path
         .parent()
         .ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
@@ -186,7 +198,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .map(|name| name.to_string_lossy())
         .unwrap_or_default();
     let temp = parent.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    write_synced(&temp, bytes)?;
+    if sync {
+        write_synced(&temp, bytes)?;
+    } else {
+        fs::write(&temp, bytes)?;
+    }
     fs::rename(&temp, path)
 }
 
