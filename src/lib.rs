@@ -18,3 +18,4 @@ pub mod runs;
 pub mod stages;
 pub mod store;
 pub mod tokenize;
+pub mod train;

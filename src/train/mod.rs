@@ -1,0 +1,5 @@
+//! The training library: optimizer, learning-rate schedules and (later) the training
+//! loop with checkpoints and exact resume. It knows nothing of pipelines.
+
+pub mod optim;
+pub mod schedule;
