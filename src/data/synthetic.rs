@@ -19,6 +19,7 @@ use std::collections::HashSet;
 
 use schemars::JsonSchema;
 
+use crate::data::records::{ChatMessage, ChatRecord, Role};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -150,34 +151,6 @@ pub struct Document {
     pub source_url: String,
     /// Ordinal of this document among the documents about the same entity.
     pub chunk_id: u64,
-}
-
-/// The speaker of a chat message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Instructions for the assistant.
-    System,
-    /// The person asking.
-    User,
-    /// The model's reply.
-    Assistant,
-}
-
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// Who speaks.
-    pub role: Role,
-    /// What they say.
-    pub content: String,
-}
-
-/// An SFT conversation; serialises to the chat JSONL shape `{"messages":[...]}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Conversation {
-    /// Optional system message, then alternating user/assistant turns.
-    pub messages: Vec<Message>,
 }
 
 /// A held-out evaluation question with its exact answer.
@@ -467,7 +440,7 @@ impl World {
 
     /// SFT conversation `index`: one to three questions about one random entity, each
     /// answered with the bare answer, never about a held-out fact, always with `ask` phrasings.
-    pub fn conversation(&self, index: u64) -> Conversation {
+    pub fn conversation(&self, index: u64) -> ChatRecord {
         let mut rng = Rng::for_item(self.seed, CONVERSATIONS, index);
         let entity = &self.entities[rng.index(self.entities.len())];
         let mut askable: Vec<&Fact> = entity.facts.iter().filter(|f| !f.held_out).collect();
@@ -476,23 +449,29 @@ impl World {
         let mut messages = Vec::new();
         if rng.index(2) == 0 {
             let content = rng.pick(SYSTEM_PROMPTS).to_string();
-            messages.push(Message {
+            messages.push(ChatMessage {
                 role: Role::System,
                 content,
+                tool_calls: Vec::new(),
             });
         }
         for f in askable.into_iter().take(turns) {
             let question = fill(rng.pick(phrasings(f.attribute).ask), &entity.name, "");
-            messages.push(Message {
+            messages.push(ChatMessage {
                 role: Role::User,
                 content: question,
+                tool_calls: Vec::new(),
             });
-            messages.push(Message {
+            messages.push(ChatMessage {
                 role: Role::Assistant,
                 content: f.answer.clone(),
+                tool_calls: Vec::new(),
             });
         }
-        Conversation { messages }
+        ChatRecord {
+            messages,
+            source_url: None,
+        }
     }
 
     /// How many questions [`questions`] yields: `settings.questions`, capped so none repeats.
@@ -554,7 +533,7 @@ pub fn pretrain_documents(world: &World) -> Items<'_, Document> {
 }
 
 /// All `settings.conversations` SFT conversations, generated lazily.
-pub fn conversations(world: &World) -> Items<'_, Conversation> {
+pub fn conversations(world: &World) -> Items<'_, ChatRecord> {
     let range = 0..world.settings.conversations;
     Items {
         world,

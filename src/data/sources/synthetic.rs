@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Document, SourceError};
-use crate::data::records::{ChatMessage, ChatRecord, QuestionRecord, Role, TextRecord};
+use crate::data::records::{QuestionRecord, TextRecord};
 use crate::data::synthetic::{self, SyntheticSettings, World};
 
 /// Which part of the synthetic world a source yields.
@@ -74,24 +74,9 @@ impl Iterator for SyntheticReader {
                 })
             }
             Part::Conversations => {
-                let conversation = self.world.conversation(index);
-                let messages = conversation
-                    .messages
-                    .into_iter()
-                    .map(|message| ChatMessage {
-                        role: match message.role {
-                            synthetic::Role::System => Role::System,
-                            synthetic::Role::User => Role::User,
-                            synthetic::Role::Assistant => Role::Assistant,
-                        },
-                        content: message.content,
-                        tool_calls: Vec::new(),
-                    })
-                    .collect();
-                Document::Chat(ChatRecord {
-                    messages,
-                    source_url: Some(format!("synthetic://conversation/{index}")),
-                })
+                let mut record = self.world.conversation(index);
+                record.source_url = Some(format!("synthetic://conversation/{index}"));
+                Document::Chat(record)
             }
         }))
     }
