@@ -1,5 +1,6 @@
 //! The training library: optimizer, learning-rate schedules and (later) the training
 //! loop with checkpoints and exact resume. It knows nothing of pipelines.
 
+pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
