@@ -2,5 +2,6 @@
 //! loop with checkpoints and exact resume. It knows nothing of pipelines.
 
 pub mod checkpoint;
+pub mod loss;
 pub mod optim;
 pub mod schedule;
