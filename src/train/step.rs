@@ -1,0 +1,232 @@
+//! One optimizer step: forward and backward over the micro-batches of a step
+//! (gradient accumulation), global-norm clipping, then AdamW.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+
+use super::loss::{batch_tensors, weighted_cross_entropy};
+use super::optim::AdamW;
+use crate::data::token_cache::Batch;
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// Mean loss over the micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens that counted in the loss.
+    pub tokens: u64,
+}
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The loss or the gradients are NaN or infinite.
+    #[error("the loss is not finite ({loss}); the weights were not updated")]
+    NotFinite {
+        /// The loss.
+        loss: f64,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Runs forward/backward on every micro-batch (each loss scaled by 1/n so the
+/// accumulated gradient is the mean), clips the global gradient norm to `clip` (if
+/// given), and applies one AdamW update at `lr`. Nothing is updated when the loss or
+/// the gradient norm is not finite.
+pub fn train_step(
+    forward: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    params: &[Var],
+    optimizer: &mut AdamW,
+    micro_batches: &[Batch],
+    lr: f64,
+    clip: Option<f64>,
+    device: &Device,
+) -> Result<StepOutcome, StepError> {
+    let scale = 1.0 / micro_batches.len().max(1) as f64;
+    let mut accumulated: Option<GradStore> = None;
+    let mut loss_sum = 0.0;
+    let mut tokens = 0u64;
+    for batch in micro_batches {
+        let (inputs, targets, weights) = batch_tensors(batch, device)?;
+        let loss = weighted_cross_entropy(&forward(&inputs)?, &targets, &weights)?;
+        loss_sum += f64::from(loss.to_scalar::<f32>()?);
+        tokens += batch.weights.iter().filter(|&&weight| weight > 0.0).count() as u64;
+        let grads = (loss * scale)?.backward()?;
+        accumulated = Some(match accumulated {
+            None => grads,
+            Some(mut total) => {
+                for param in params {
+                    let tensor = param.as_tensor();
+                    if let Some(grad) = grads.get(tensor) {
+                        let sum = match total.get(tensor) {
+                            Some(previous) => (previous + grad)?,
+                            None => grad.clone(),
+                        };
+                        total.insert(tensor, sum);
+                    }
+                }
+                total
+            }
+        });
+    }
+    let loss = loss_sum * scale;
+    let Some(grads) = accumulated else {
+        return Ok(StepOutcome {
+            loss: 0.0,
+            grad_norm: 0.0,
+            tokens: 0,
+        });
+    };
+    let grad_norm = optimizer.grad_norm(&grads)?;
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        return Err(StepError::NotFinite { loss });
+    }
+    let grad_scale = match clip {
+        Some(clip) if grad_norm > clip => clip / grad_norm,
+        _ => 1.0,
+    };
+    optimizer.step(&grads, lr, grad_scale)?;
+    Ok(StepOutcome {
+        loss,
+        grad_norm,
+        tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optim::AdamWConfig;
+
+    /// A bigram "model": logits are a row of a learned table.
+    fn bigram(vocab: usize) -> Var {
+        Var::from_tensor(
+            &Tensor::zeros((vocab, vocab), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn forward_of(table: &Var) -> impl Fn(&Tensor) -> candle_core::Result<Tensor> + '_ {
+        move |inputs: &Tensor| {
+            let (rows, cols) = inputs.dims2()?;
+            table
+                .as_tensor()
+                .index_select(&inputs.flatten_all()?, 0)?
+                .reshape((rows, cols, ()))
+        }
+    }
+
+    fn batch(rows: &[[u32; 5]]) -> Batch {
+        let windows: Vec<Vec<u32>> = rows.iter().map(|row| row.to_vec()).collect();
+        Batch::from_windows(&windows)
+    }
+
+    #[test]
+    fn loss_falls_on_a_learnable_sequence() {
+        let table = bigram(4);
+        let mut optimizer = AdamW::new(
+            vec![("table".into(), table.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        let data = [batch(&[[0, 1, 2, 3, 0], [1, 2, 3, 0, 1]])];
+        let forward = forward_of(&table);
+        let first = train_step(
+            &forward,
+            &[table.clone()],
+            &mut optimizer,
+            &data,
+            0.1,
+            Some(1.0),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut last = first;
+        for _ in 0..50 {
+            last = train_step(
+                &forward,
+                &[table.clone()],
+                &mut optimizer,
+                &data,
+                0.1,
+                Some(1.0),
+                &Device::Cpu,
+            )
+            .unwrap();
+        }
+        assert!(
+            (first.loss - 4f64.ln()).abs() < 1e-6,
+            "uniform start: {}",
+            first.loss
+        );
+        assert!(last.loss < 0.1 * first.loss, "{first:?} → {last:?}");
+        assert_eq!(first.tokens, 8);
+    }
+
+    #[test]
+    fn accumulating_two_micro_batches_equals_one_batch_of_both() {
+        let rows = [[0u32, 1, 2, 3, 0], [3, 2, 1, 0, 3]];
+        let run = |micro: Vec<Batch>| {
+            let table = bigram(4);
+            let mut optimizer = AdamW::new(
+                vec![("table".into(), table.clone())],
+                AdamWConfig::default(),
+            )
+            .unwrap();
+            let forward = forward_of(&table);
+            for _ in 0..3 {
+                train_step(
+                    &forward,
+                    &[table.clone()],
+                    &mut optimizer,
+                    &micro,
+                    0.05,
+                    None,
+                    &Device::Cpu,
+                )
+                .unwrap();
+            }
+            table
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let whole = run(vec![batch(&rows)]);
+        let split = run(vec![batch(&rows[..1]), batch(&rows[1..])]);
+        for (a, b) in whole.iter().zip(&split) {
+            assert!((a - b).abs() < 1e-6, "{whole:?} vs {split:?}");
+        }
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_without_touching_the_weights() {
+        let table = bigram(4);
+        table
+            .set(&Tensor::full(f32::NAN, (4, 4), &Device::Cpu).unwrap())
+            .unwrap();
+        let mut optimizer = AdamW::new(
+            vec![("table".into(), table.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        let forward = forward_of(&table);
+        let error = train_step(
+            &forward,
+            &[table.clone()],
+            &mut optimizer,
+            &[batch(&[[0, 1, 2, 3, 0]])],
+            0.1,
+            None,
+            &Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(matches!(error, StepError::NotFinite { .. }), "{error}");
+        assert_eq!(optimizer.step_count(), 0);
+    }
+}
