@@ -137,7 +137,7 @@ mod tests {
         let forward = forward_of(&table);
         let first = train_step(
             &forward,
-            &[table.clone()],
+            std::slice::from_ref(&table),
             &mut optimizer,
             &data,
             0.1,
@@ -149,7 +149,7 @@ mod tests {
         for _ in 0..50 {
             last = train_step(
                 &forward,
-                &[table.clone()],
+                std::slice::from_ref(&table),
                 &mut optimizer,
                 &data,
                 0.1,
@@ -181,7 +181,7 @@ mod tests {
             for _ in 0..3 {
                 train_step(
                     &forward,
-                    &[table.clone()],
+                    std::slice::from_ref(&table),
                     &mut optimizer,
                     &micro,
                     0.05,
@@ -218,7 +218,7 @@ mod tests {
         let forward = forward_of(&table);
         let error = train_step(
             &forward,
-            &[table.clone()],
+            std::slice::from_ref(&table),
             &mut optimizer,
             &[batch(&[[0, 1, 2, 3, 0]])],
             0.1,
