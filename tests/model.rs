@@ -440,3 +440,49 @@ fn init_follows_the_rules() {
         }
     }
 }
+
+#[test]
+fn gpt2_files_without_the_transformer_prefix_load() {
+    let config = gpt2();
+    let (model, varmap) = model::new_trainable(&config, DType::F32, &Device::Cpu, 4).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    config.save(dir.path()).unwrap();
+    // Rewrite the tensors the way openai-community/gpt2 names them, in bf16-free f32.
+    let renamed: std::collections::HashMap<String, Tensor> = model::sorted_vars(&varmap)
+        .into_iter()
+        .map(|(name, var)| {
+            let short = name.strip_prefix("transformer.").unwrap().to_string();
+            (short, var.as_tensor().clone())
+        })
+        .collect();
+    candle_core::safetensors::save(&renamed, dir.path().join("model.safetensors")).unwrap();
+    let input = ids(&tokens(1, 6, config.vocab_size(), 2), 1, 6);
+    let expected = model.forward(&input).unwrap().flatten_all().unwrap();
+    let expected = expected.to_vec1::<f32>().unwrap();
+    let (frozen, _) = model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let got = frozen.forward(&input).unwrap().flatten_all().unwrap();
+    assert_eq!(got.to_vec1::<f32>().unwrap(), expected);
+    let (trainable, _, _) = model::load_trainable(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let got = trainable.forward(&input).unwrap().flatten_all().unwrap();
+    assert_eq!(got.to_vec1::<f32>().unwrap(), expected);
+}
+
+#[test]
+fn a_checkpoint_missing_a_tensor_is_an_error_naming_it() {
+    let config = llama();
+    let (_, varmap) = model::new_trainable(&config, DType::F32, &Device::Cpu, 4).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    config.save(dir.path()).unwrap();
+    let kept: std::collections::HashMap<String, Tensor> = model::sorted_vars(&varmap)
+        .into_iter()
+        .filter(|(name, _)| name != "model.norm.weight")
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&kept, dir.path().join("model.safetensors")).unwrap();
+    let message = match model::load_trainable(dir.path(), DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("a tensor is missing"),
+        Err(error) => error.to_string(),
+    };
+    assert!(message.contains("model.norm.weight"), "{message}");
+    assert!(model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).is_err());
+}

@@ -306,3 +306,55 @@ impl Gpt2 {
         x.broadcast_matmul(&self.wte.embeddings().t()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn layer_norm_matches_candles_reference() {
+        let mut rng = crate::rng::Rng::new(5, 0);
+        let values: Vec<f64> = (0..96).map(|_| rng.next_f64() * 4.0 - 2.0).collect();
+        let x = Tensor::from_vec(values, (2, 3, 16), &Device::Cpu).unwrap();
+        let weight = Tensor::arange_step(0.5f64, 2.1, 0.1, &Device::Cpu)
+            .unwrap()
+            .narrow(0, 0, 16)
+            .unwrap();
+        let bias = (weight.clone() * 0.1).unwrap();
+        let norm = LayerNorm {
+            weight: weight.clone(),
+            bias: bias.clone(),
+            // Exactly representable in f32, which is what candle's reference takes.
+            eps: 1.0 / 65536.0,
+        };
+        let reference = candle_nn::ops::layer_norm_slow(&x, &weight, &bias, 1.0 / 65536.0).unwrap();
+        let diff = (norm.forward(&x).unwrap() - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-12, "{diff}");
+    }
+
+    #[test]
+    fn candles_gelu_is_hfs_gelu_new() {
+        let xs = [-3.0f64, -1.0, -0.25, 0.0, 0.5, 2.0];
+        let got = Tensor::new(&xs, &Device::Cpu)
+            .unwrap()
+            .gelu()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for (x, y) in xs.iter().zip(got) {
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3));
+            let want = 0.5 * x * (1.0 + inner.tanh());
+            assert!((y - want).abs() < 1e-12, "gelu({x}) = {y}, want {want}");
+        }
+    }
+}

@@ -467,3 +467,68 @@ impl Llama {
         self.lm_head.forward(&self.norm.forward(&x)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed, 0);
+        let count = shape.iter().product();
+        let values: Vec<f64> = (0..count).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn rms_norm_matches_candles_reference() {
+        let x = random(&[2, 3, 16], 1);
+        let weight = random(&[16], 2);
+        let norm = RmsNorm {
+            weight: weight.clone(),
+            eps: 1e-6,
+        };
+        let reference = candle_nn::ops::rms_norm_slow(&x, &weight, 1e-6).unwrap();
+        assert!(max_diff(&norm.forward(&x).unwrap(), &reference) < 1e-12);
+    }
+
+    #[test]
+    fn rope_matches_candles_rotate_half_reference() {
+        let (seq, head_dim) = (5, 8);
+        let x = random(&[2, 3, seq, head_dim], 3);
+        let (cos, sin) = rope_tables(seq, head_dim, 10_000.0, DType::F64, &Device::Cpu).unwrap();
+        // candle's reference takes the half tables and repeats them itself.
+        let half_cos = cos.narrow(1, 0, head_dim / 2).unwrap();
+        let half_sin = sin.narrow(1, 0, head_dim / 2).unwrap();
+        let reference = candle_nn::rotary_emb::rope_slow(&x, &half_cos, &half_sin).unwrap();
+        let ours = apply_rope(&x, &cos, &sin).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-12);
+        // Position 0 is the identity; rotation preserves each pair's norm.
+        let first = ours.narrow(2, 0, 1).unwrap();
+        assert!(max_diff(&first, &x.narrow(2, 0, 1).unwrap()) < 1e-15);
+    }
+
+    #[test]
+    fn repeat_kv_gives_consecutive_query_heads_the_same_kv_head() {
+        let x = random(&[1, 2, 3, 4], 4);
+        let repeated = repeat_kv(&x, 3).unwrap();
+        assert_eq!(repeated.dims(), [1, 6, 3, 4]);
+        for head in 0..6 {
+            let got = repeated.narrow(1, head, 1).unwrap();
+            let want = x.narrow(1, head / 3, 1).unwrap();
+            assert_eq!(max_diff(&got, &want), 0.0);
+        }
+    }
+}

@@ -633,7 +633,14 @@ pub fn load_pretrained(
     let files = safetensors_files(dir)?;
     // SAFETY: the files are mapped read-only; trainyard never writes to a model
     // directory it is reading, and candle copies each tensor out of the map on load.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    let mut vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    if matches!(config, ModelConfig::Gpt2(_))
+        && !vb.contains_tensor("transformer.wte.weight")
+        && vb.contains_tensor("wte.weight")
+    {
+        // The original GPT-2 files name the base model's tensors without `transformer.`.
+        vb = vb.rename_f(|name| strip_gpt2_prefix(name).to_string());
+    }
     let model = CausalLm::new(&config, vb)?;
     Ok((model, config))
 }
@@ -653,8 +660,14 @@ pub fn load_trainable(
     // SAFETY: as in `load_pretrained`.
     let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
     for (name, var) in sorted_vars(&varmap) {
+        // The original GPT-2 files name the base model's tensors without `transformer.`.
+        let file_name = if tensors.get(&name).is_err() {
+            strip_gpt2_prefix(&name)
+        } else {
+            &name
+        };
         let tensor = tensors
-            .load(&name, device)
+            .load(file_name, device)
             .map_err(|error| ModelError::Safetensors {
                 path: dir.to_path_buf(),
                 message: format!("tensor `{name}`: {error}"),
@@ -673,6 +686,12 @@ pub fn load_trainable(
         var.set(&tensor)?;
     }
     Ok((model, varmap, config))
+}
+
+/// `name` without GPT-2's `transformer.` prefix (the original OpenAI GPT-2 files on the
+/// Hub store `wte.weight`, `h.0.…` rather than `transformer.wte.weight`, …).
+fn strip_gpt2_prefix(name: &str) -> &str {
+    name.strip_prefix("transformer.").unwrap_or(name)
 }
 
 /// The `torch_dtype`/`dtype` pair and `architectures` shared by every written config.
