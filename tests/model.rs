@@ -486,3 +486,15 @@ fn a_checkpoint_missing_a_tensor_is_an_error_naming_it() {
     assert!(message.contains("model.norm.weight"), "{message}");
     assert!(model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).is_err());
 }
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_errors_not_panics() {
+    for (label, config) in all_configs() {
+        let (model, _) = model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
+        let input = ids(&[1, 2, config.vocab_size() as u32], 1, 3);
+        assert!(model.forward(&input).is_err(), "{label}");
+    }
+    let (model, _) = model::new_trainable(&gpt2(), DType::F32, &Device::Cpu, 1).unwrap();
+    let too_long = ids(&vec![0; 65], 1, 65);
+    assert!(model.forward(&too_long).is_err(), "longer than n_positions");
+}
