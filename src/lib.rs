@@ -2,7 +2,7 @@
 //!
 //! Data flows `config` → `dag` → `fingerprint`/`hashing`/`store` → `executor` →
 //! `stages`, with `runs` recording each run; `cli` is a thin clap layer over all of it.
-//! `data` (and later `tokenize`, `model`, `train`) are the machine-learning libraries
+//! `data`, `tokenize`, `model` (and later `train`) are the machine-learning libraries
 //! the stages use; they know nothing of pipelines.
 
 pub mod cli;
@@ -13,6 +13,7 @@ pub mod executor;
 pub mod fingerprint;
 pub mod hashing;
 pub mod interrupt;
+pub mod model;
 pub mod rng;
 pub mod runs;
 pub mod stages;

@@ -1,0 +1,360 @@
+//! GPT-2 (`GPT2LMHeadModel`), top to bottom.
+//!
+//! ```text
+//! ids ─ wte + wpe ─ [ x + attn(ln_1(x)) ; x + mlp(ln_2(x)) ] × L ─ ln_f ─ wteᵀ ─ logits
+//! attn: c_attn → q, k, v → causal softmax(qkᵀ/√d)·v → c_proj
+//! mlp:  c_proj(gelu_new(c_fc(x)))
+//! ```
+//!
+//! HF's GPT-2 uses `Conv1D` layers whose weight is `[in, out]` (the transpose of
+//! `nn.Linear`). trainyard keeps that layout in memory too and computes `x·W + b`, so a
+//! checkpoint loads and saves without any transposition and the parameters in a
+//! `VarMap` have exactly HF's names and shapes. LayerNorm is composed from
+//! differentiable primitives (`mean_keepdim`, `sqr`, `sqrt`, `broadcast_*`); GELU is
+//! candle's tanh approximation, which is HF's `gelu_new`.
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use serde_json::{Value, json};
+
+use super::ModelError;
+use super::llama::causal_mask;
+
+/// Hyper-parameters of a GPT-2 model (HF key names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gpt2Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub n_embd: usize,
+    /// Number of blocks.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Number of learned positions (longest sequence).
+    pub n_positions: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_epsilon: f64,
+    /// Width of the MLP hidden layer (HF's `n_inner`, default `4·n_embd`).
+    pub n_inner: usize,
+}
+
+impl Gpt2Config {
+    /// A tiny config for tests and smoke runs.
+    pub fn tiny() -> Gpt2Config {
+        Gpt2Config {
+            vocab_size: 64,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 4,
+            n_positions: 64,
+            layer_norm_epsilon: 1e-5,
+            n_inner: 128,
+        }
+    }
+
+    /// Checks that sizes are non-zero and heads divide the width.
+    pub fn validate(&self, path: &std::path::Path) -> std::result::Result<(), ModelError> {
+        let bad = |key: &str, message: &str| ModelError::Unsupported {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_positions", self.n_positions),
+            ("n_inner", self.n_inner),
+        ] {
+            if value == 0 {
+                return Err(bad(key, "must be positive"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(bad("n_head", "must divide n_embd"));
+        }
+        Ok(())
+    }
+
+    /// The HF `config.json`.
+    pub fn to_hf_json(&self) -> Value {
+        let mut map = super::hf_header("GPT2LMHeadModel", "gpt2");
+        let mut put = |key: &str, value: Value| {
+            map.insert(key.to_string(), value);
+        };
+        put("vocab_size", json!(self.vocab_size));
+        put("n_embd", json!(self.n_embd));
+        put("n_layer", json!(self.n_layer));
+        put("n_head", json!(self.n_head));
+        put("n_positions", json!(self.n_positions));
+        put("n_ctx", json!(self.n_positions));
+        put("n_inner", json!(self.n_inner));
+        put("layer_norm_epsilon", json!(self.layer_norm_epsilon));
+        put("activation_function", json!("gelu_new"));
+        put("scale_attn_weights", json!(true));
+        put("scale_attn_by_inverse_layer_idx", json!(false));
+        put("reorder_and_upcast_attn", json!(false));
+        put("tie_word_embeddings", json!(true));
+        put("use_cache", json!(true));
+        Value::Object(map)
+    }
+}
+
+/// LayerNorm with gain and bias: `(x - mean) / sqrt(var + eps) * weight + bias`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Fetches `{vb}.weight` and `{vb}.bias` of width `size`.
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// HF's `Conv1D`: `y = x·W + b` with `W: [in, out]`.
+#[derive(Debug, Clone)]
+pub struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    /// Fetches `{vb}.weight` `[in, out]` and `{vb}.bias` `[out]`.
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Conv1D> {
+        Ok(Conv1D {
+            weight: vb.get((in_dim, out_dim), "weight")?,
+            bias: vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+}
+
+impl Module for Conv1D {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Causal multi-head self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    n_head: usize,
+}
+
+impl Attention {
+    /// Fetches `{vb}.c_attn` and `{vb}.c_proj`.
+    pub fn new(config: &Gpt2Config, vb: VarBuilder) -> Result<Attention> {
+        let width = config.n_embd;
+        Ok(Attention {
+            c_attn: Conv1D::new(width, 3 * width, vb.pp("c_attn"))?,
+            c_proj: Conv1D::new(width, width, vb.pp("c_proj"))?,
+            n_head: config.n_head,
+        })
+    }
+
+    /// `x: [B, T, C]` → `[B, T, C]`, attending causally (`mask` as [`causal_mask`]).
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq, width) = x.dims3()?;
+        let head_dim = width / self.n_head;
+        let qkv = self.c_attn.forward(x)?;
+        // [B, T, C] slice → [B, H, T, D]
+        let heads = |index: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, index * width, width)?
+                .reshape((batch, seq, self.n_head, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let y = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, seq, width))?;
+        self.c_proj.forward(&y)
+    }
+}
+
+/// The feed-forward network: `c_proj(gelu_new(c_fc(x)))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    c_fc: Conv1D,
+    c_proj: Conv1D,
+}
+
+impl Mlp {
+    /// Fetches `{vb}.c_fc` and `{vb}.c_proj`.
+    pub fn new(config: &Gpt2Config, vb: VarBuilder) -> Result<Mlp> {
+        Ok(Mlp {
+            c_fc: Conv1D::new(config.n_embd, config.n_inner, vb.pp("c_fc"))?,
+            c_proj: Conv1D::new(config.n_inner, config.n_embd, vb.pp("c_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation, i.e. HF's `gelu_new`.
+        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+    }
+}
+
+/// One pre-norm GPT-2 block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// Fetches `{vb}.{ln_1,attn,ln_2,mlp}`.
+    pub fn new(config: &Gpt2Config, vb: VarBuilder) -> Result<Block> {
+        let (width, eps) = (config.n_embd, config.layer_norm_epsilon);
+        Ok(Block {
+            ln_1: LayerNorm::new(width, eps, vb.pp("ln_1"))?,
+            attn: Attention::new(config, vb.pp("attn"))?,
+            ln_2: LayerNorm::new(width, eps, vb.pp("ln_2"))?,
+            mlp: Mlp::new(config, vb.pp("mlp"))?,
+        })
+    }
+
+    /// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        x + mlp
+    }
+}
+
+/// A GPT-2 causal language model with `lm_head` tied to `wte`.
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    wte: Embedding,
+    wpe: Embedding,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    config: Gpt2Config,
+}
+
+impl Gpt2 {
+    /// Fetches `transformer.{wte,wpe,h.N,ln_f}` through `vb`.
+    pub fn new(config: &Gpt2Config, vb: VarBuilder) -> std::result::Result<Gpt2, ModelError> {
+        let vb = vb.pp("transformer");
+        let wte = candle_nn::embedding(config.vocab_size, config.n_embd, vb.pp("wte"))?;
+        let wpe = candle_nn::embedding(config.n_positions, config.n_embd, vb.pp("wpe"))?;
+        let h = (0..config.n_layer)
+            .map(|index| Block::new(config, vb.pp("h").pp(index)))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(config.n_embd, config.layer_norm_epsilon, vb.pp("ln_f"))?;
+        Ok(Gpt2 {
+            wte,
+            wpe,
+            h,
+            ln_f,
+            config: config.clone(),
+        })
+    }
+
+    /// The config the model was built with.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.config
+    }
+
+    /// Logits `[B, T, V]` for token ids `[B, T]` (`T ≤ n_positions`).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_batch, seq) = input_ids.dims2()?;
+        if seq > self.config.n_positions {
+            candle_core::bail!(
+                "sequence of {seq} tokens is longer than n_positions = {}",
+                self.config.n_positions
+            );
+        }
+        let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?;
+        let tokens = self.wte.forward(input_ids)?;
+        let mut x = tokens.broadcast_add(&self.wpe.forward(&positions)?)?;
+        let mask = causal_mask(seq, x.dtype(), x.device())?;
+        for block in &self.h {
+            x = block.forward(&x, &mask)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        // Tied head: logits = x · wteᵀ.
+        x.broadcast_matmul(&self.wte.embeddings().t()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn layer_norm_matches_candles_reference() {
+        let mut rng = crate::rng::Rng::new(5, 0);
+        let values: Vec<f64> = (0..96).map(|_| rng.next_f64() * 4.0 - 2.0).collect();
+        let x = Tensor::from_vec(values, (2, 3, 16), &Device::Cpu).unwrap();
+        let weight = Tensor::arange_step(0.5f64, 2.1, 0.1, &Device::Cpu)
+            .unwrap()
+            .narrow(0, 0, 16)
+            .unwrap();
+        let bias = (weight.clone() * 0.1).unwrap();
+        let norm = LayerNorm {
+            weight: weight.clone(),
+            bias: bias.clone(),
+            // Exactly representable in f32, which is what candle's reference takes.
+            eps: 1.0 / 65536.0,
+        };
+        let reference = candle_nn::ops::layer_norm_slow(&x, &weight, &bias, 1.0 / 65536.0).unwrap();
+        let diff = (norm.forward(&x).unwrap() - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-12, "{diff}");
+    }
+
+    #[test]
+    fn candles_gelu_is_hfs_gelu_new() {
+        let xs = [-3.0f64, -1.0, -0.25, 0.0, 0.5, 2.0];
+        let got = Tensor::new(&xs, &Device::Cpu)
+            .unwrap()
+            .gelu()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for (x, y) in xs.iter().zip(got) {
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3));
+            let want = 0.5 * x * (1.0 + inner.tanh());
+            assert!((y - want).abs() < 1e-12, "gelu({x}) = {y}, want {want}");
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! The llama family, top to bottom: Llama (`LlamaForCausalLM`) and Qwen2
+//! (`Qwen2ForCausalLM`, which is Llama with q/k/v biases).
+//!
+//! ```text
+//! ids ─ embed_tokens ─┬─ [ x + attn(rms_norm(x)) ; x + mlp(rms_norm(x)) ] × L ─ norm ─ lm_head ─ logits
+//! attn: q,k,v projections → RoPE on q,k → k,v heads repeated (GQA) → causal softmax(qkᵀ/√d)·v → o_proj
+//! mlp:  down_proj(silu(gate_proj(x)) * up_proj(x))   (SwiGLU)
+//! ```
+//!
+//! Everything is built from candle primitives that have a backward pass: RMSNorm is
+//! `x / sqrt(mean(x²) + eps) * w` from `sqr`/`mean_keepdim`/`sqrt`/`broadcast_div`;
+//! softmax is `candle_nn::ops::softmax` (max-subtract, `exp`, `sum`, divide); RoPE is HF's
+//! rotate-half form `x·cos + rotate_half(x)·sin` with `narrow`/`neg`/`cat`. Tensor names
+//! are exactly HF's.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use serde_json::{Value, json};
+
+use super::ModelError;
+
+/// Which HF architecture a llama-family config is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlamaFlavor {
+    /// `LlamaForCausalLM`, `model_type: llama`.
+    Llama,
+    /// `Qwen2ForCausalLM`, `model_type: qwen2` (q/k/v biases).
+    Qwen2,
+}
+
+impl LlamaFlavor {
+    /// The HF `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            LlamaFlavor::Llama => "llama",
+            LlamaFlavor::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The HF `architectures` entry.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            LlamaFlavor::Llama => "LlamaForCausalLM",
+            LlamaFlavor::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+/// Hyper-parameters of a llama-family model (HF key names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Llama or Qwen2.
+    pub flavor: LlamaFlavor,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU hidden layer.
+    pub intermediate_size: usize,
+    /// Number of blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one head (HF default `hidden_size / num_attention_heads`).
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    pub rope_theta: f64,
+    /// Longest sequence.
+    pub max_position_embeddings: usize,
+    /// `lm_head` shares `embed_tokens`' weight.
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v projections (always for Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on `o_proj` (Llama's `attention_bias`; never for Qwen2).
+    pub o_bias: bool,
+    /// Biases on the MLP projections (Llama's `mlp_bias`).
+    pub mlp_bias: bool,
+}
+
+impl LlamaConfig {
+    /// A tiny config for tests and smoke runs.
+    pub fn tiny(flavor: LlamaFlavor, tie_word_embeddings: bool) -> LlamaConfig {
+        LlamaConfig {
+            flavor,
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings,
+            qkv_bias: flavor == LlamaFlavor::Qwen2,
+            o_bias: false,
+            mlp_bias: false,
+        }
+    }
+
+    /// Checks that sizes are non-zero and heads divide evenly.
+    pub fn validate(&self, path: &std::path::Path) -> std::result::Result<(), ModelError> {
+        let bad = |key: &str, message: &str| ModelError::Unsupported {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if value == 0 {
+                return Err(bad(key, "must be positive"));
+            }
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(bad(
+                "num_key_value_heads",
+                "must divide num_attention_heads",
+            ));
+        }
+        let biases_fit = match self.flavor {
+            LlamaFlavor::Llama => self.qkv_bias == self.o_bias,
+            LlamaFlavor::Qwen2 => self.qkv_bias && !self.o_bias && !self.mlp_bias,
+        };
+        if !biases_fit {
+            return Err(bad(
+                "attention_bias",
+                "llama has biases on all of q/k/v/o or none; qwen2 on q/k/v only",
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(bad("head_dim", "must be even for rotary embeddings"));
+        }
+        Ok(())
+    }
+
+    /// The HF `config.json`, with the rotary base both as `rope_parameters.rope_theta`
+    /// (transformers 5) and top-level `rope_theta` (older readers).
+    pub fn to_hf_json(&self) -> Value {
+        let mut map = super::hf_header(self.flavor.architecture(), self.flavor.model_type());
+        let mut put = |key: &str, value: Value| {
+            map.insert(key.to_string(), value);
+        };
+        put("vocab_size", json!(self.vocab_size));
+        put("hidden_size", json!(self.hidden_size));
+        put("intermediate_size", json!(self.intermediate_size));
+        put("num_hidden_layers", json!(self.num_hidden_layers));
+        put("num_attention_heads", json!(self.num_attention_heads));
+        put("num_key_value_heads", json!(self.num_key_value_heads));
+        put("head_dim", json!(self.head_dim));
+        put("hidden_act", json!("silu"));
+        put("rms_norm_eps", json!(self.rms_norm_eps));
+        put("rope_theta", json!(self.rope_theta));
+        put(
+            "rope_parameters",
+            json!({"rope_type": "default", "rope_theta": self.rope_theta}),
+        );
+        put(
+            "max_position_embeddings",
+            json!(self.max_position_embeddings),
+        );
+        put("tie_word_embeddings", json!(self.tie_word_embeddings));
+        put("use_cache", json!(true));
+        match self.flavor {
+            LlamaFlavor::Llama => {
+                put("attention_bias", json!(self.qkv_bias));
+                put("mlp_bias", json!(self.mlp_bias));
+            }
+            LlamaFlavor::Qwen2 => {
+                put("use_sliding_window", json!(false));
+            }
+        }
+        Value::Object(map)
+    }
+}
+
+/// Root-mean-square norm with a learned gain: `x / sqrt(mean(x²) + eps) * weight`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Fetches `{vb}.weight` of width `size`.
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
+        x.broadcast_mul(&self.weight)
+    }
+}
+
+/// The rotary tables `cos, sin`, each `[T, head_dim]` in HF's layout (the `head_dim/2`
+/// frequencies repeated twice), for positions `0..seq_len`.
+pub fn rope_tables(
+    seq_len: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(seq_len * head_dim);
+    let mut sin = Vec::with_capacity(seq_len * head_dim);
+    for position in 0..seq_len {
+        for _ in 0..2 {
+            for i in 0..half {
+                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+                let angle = position as f64 * inv_freq;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    let cos = Tensor::from_vec(cos, (seq_len, head_dim), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (seq_len, head_dim), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// `[-x2, x1]` for `x = [x1, x2]` split in halves along the last dimension.
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Rotary position embedding of `x: [B, H, T, D]` with tables `[T, D]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+/// The additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)
+}
+
+/// A linear layer `[out, in]` with an optional bias, HF-named `{vb}.weight`/`{vb}.bias`.
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_b(in_dim, out_dim, bias, vb)
+}
+
+/// Grouped-query self-attention with RoPE.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Fetches `{vb}.{q,k,v,o}_proj`.
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Attention> {
+        let (hidden, head_dim) = (config.hidden_size, config.head_dim);
+        let q_width = config.num_attention_heads * head_dim;
+        let kv_width = config.num_key_value_heads * head_dim;
+        Ok(Attention {
+            q_proj: linear(hidden, q_width, config.qkv_bias, vb.pp("q_proj"))?,
+            k_proj: linear(hidden, kv_width, config.qkv_bias, vb.pp("k_proj"))?,
+            v_proj: linear(hidden, kv_width, config.qkv_bias, vb.pp("v_proj"))?,
+            o_proj: linear(q_width, hidden, config.o_bias, vb.pp("o_proj"))?,
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim,
+        })
+    }
+
+    /// `x: [B, T, C]` → `[B, T, C]`, attending causally.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        // [B, T, H·D] → [B, H, T, D]
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((batch, seq, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        // GQA: each kv head serves num_heads / num_kv_heads consecutive query heads.
+        let k = repeat_kv(&k, self.num_heads / self.num_kv_heads)?;
+        let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let y = probs.matmul(&v)?; // [B, H, T, D]
+        let y = y
+            .transpose(1, 2)?
+            .reshape((batch, seq, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// Repeats each of the kv heads of `x: [B, KV, T, D]` `n_rep` times → `[B, KV·n_rep, T, D]`
+/// (head `h` of the result is kv head `h / n_rep`, as HF's `repeat_kv`).
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (batch, kv_heads, seq, head_dim) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((batch, kv_heads, n_rep, seq, head_dim))?
+        .reshape((batch, kv_heads * n_rep, seq, head_dim))
+}
+
+/// The SwiGLU feed-forward network.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// Fetches `{vb}.{gate,up,down}_proj`.
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Mlp> {
+        let (hidden, inner, bias) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.mlp_bias,
+        );
+        Ok(Mlp {
+            gate_proj: linear(hidden, inner, bias, vb.pp("gate_proj"))?,
+            up_proj: linear(hidden, inner, bias, vb.pp("up_proj"))?,
+            down_proj: linear(inner, hidden, bias, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// One pre-norm transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// Fetches `{vb}.{input_layernorm,self_attn,post_attention_layernorm,mlp}`.
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Block> {
+        let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
+        Ok(Block {
+            input_layernorm: RmsNorm::new(hidden, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(config, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(hidden, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::new(config, vb.pp("mlp"))?,
+        })
+    }
+
+    /// `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + mlp
+    }
+}
+
+/// A Llama / Qwen2 causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    config: LlamaConfig,
+}
+
+impl Llama {
+    /// Fetches `model.embed_tokens`, `model.layers.N`, `model.norm` and (untied)
+    /// `lm_head` through `vb`.
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> std::result::Result<Llama, ModelError> {
+        let model = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(
+            config.vocab_size,
+            config.hidden_size,
+            model.pp("embed_tokens"),
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|index| Block::new(config, model.pp("layers").pp(index)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(config.hidden_size, config.rms_norm_eps, model.pp("norm"))?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear(
+                config.hidden_size,
+                config.vocab_size,
+                false,
+                vb.pp("lm_head"),
+            )?
+        };
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config: config.clone(),
+        })
+    }
+
+    /// The config the model was built with.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Logits `[B, T, V]` for token ids `[B, T]`.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_batch, seq) = input_ids.dims2()?;
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        let (dtype, device) = (x.dtype(), x.device().clone());
+        let (cos, sin) = rope_tables(
+            seq,
+            self.config.head_dim,
+            self.config.rope_theta,
+            dtype,
+            &device,
+        )?;
+        let mask = causal_mask(seq, dtype, &device)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &mask)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed, 0);
+        let count = shape.iter().product();
+        let values: Vec<f64> = (0..count).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn rms_norm_matches_candles_reference() {
+        let x = random(&[2, 3, 16], 1);
+        let weight = random(&[16], 2);
+        let norm = RmsNorm {
+            weight: weight.clone(),
+            eps: 1e-6,
+        };
+        let reference = candle_nn::ops::rms_norm_slow(&x, &weight, 1e-6).unwrap();
+        assert!(max_diff(&norm.forward(&x).unwrap(), &reference) < 1e-12);
+    }
+
+    #[test]
+    fn rope_matches_candles_rotate_half_reference() {
+        let (seq, head_dim) = (5, 8);
+        let x = random(&[2, 3, seq, head_dim], 3);
+        let (cos, sin) = rope_tables(seq, head_dim, 10_000.0, DType::F64, &Device::Cpu).unwrap();
+        // candle's reference takes the half tables and repeats them itself.
+        let half_cos = cos.narrow(1, 0, head_dim / 2).unwrap();
+        let half_sin = sin.narrow(1, 0, head_dim / 2).unwrap();
+        let reference = candle_nn::rotary_emb::rope_slow(&x, &half_cos, &half_sin).unwrap();
+        let ours = apply_rope(&x, &cos, &sin).unwrap();
+        assert!(max_diff(&ours, &reference) < 1e-12);
+        // Position 0 is the identity; rotation preserves each pair's norm.
+        let first = ours.narrow(2, 0, 1).unwrap();
+        assert!(max_diff(&first, &x.narrow(2, 0, 1).unwrap()) < 1e-15);
+    }
+
+    #[test]
+    fn repeat_kv_gives_consecutive_query_heads_the_same_kv_head() {
+        let x = random(&[1, 2, 3, 4], 4);
+        let repeated = repeat_kv(&x, 3).unwrap();
+        assert_eq!(repeated.dims(), [1, 6, 3, 4]);
+        for head in 0..6 {
+            let got = repeated.narrow(1, head, 1).unwrap();
+            let want = x.narrow(1, head / 3, 1).unwrap();
+            assert_eq!(max_diff(&got, &want), 0.0);
+        }
+    }
+}

@@ -1,0 +1,705 @@
+//! The transformer language models trainyard trains: the `llama` family (Llama and,
+//! with q/k/v biases, Qwen2) and the `gpt2` family, in candle.
+//!
+//! This module owns the Hugging Face side of a checkpoint: [`load_config`] reads a
+//! `config.json` (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `GPT2LMHeadModel`),
+//! [`ModelConfig::to_hf_json`] writes one, [`save_safetensors`] writes
+//! `model.safetensors` with HF tensor names, and [`load_pretrained`] loads a local HF
+//! directory. Parameters live in a [`VarMap`] under their HF names, so the same
+//! [`CausalLm::new`] builds a trainable model (from a `VarMap`) or a frozen one (from
+//! mmaped safetensors). [`init_weights`] initialises a fresh model bit-reproducibly
+//! from [`crate::rng::Rng`].
+//!
+//! Every op on the forward path has a backward pass in candle 0.11: norms, softmax and
+//! RoPE are written as compositions of differentiable primitives (see `llama.rs`); the
+//! fused `candle_nn` kernels (`ops::rms_norm`, `softmax_last_dim`, `rotary_emb::rope`,
+//! `sdpa`) are never used because they silently cut the gradient.
+//!
+//! GPT-2 weights stay in HF's Conv1D layout `[in, out]` in memory as well as on disk
+//! (the forward computes `x·W + b`), so neither load nor save transposes anything.
+
+pub mod gpt2;
+pub mod llama;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::rng::Rng;
+
+pub use gpt2::{Gpt2, Gpt2Config};
+pub use llama::{Llama, LlamaConfig, LlamaFlavor};
+
+/// The rotary base HF uses when a config names none (neither `rope_theta` nor
+/// `rope_parameters.rope_theta`).
+pub const DEFAULT_ROPE_THETA: f64 = 10_000.0;
+
+/// Standard deviation of the normal initialisation of weight matrices and embeddings.
+pub const INIT_STD: f64 = 0.02;
+
+/// The RNG stream of weight initialisation (see [`crate::rng::Rng::for_item`]).
+const INIT_STREAM: u64 = 0x6d6f_6465_6c69_6e69;
+
+/// Errors of building, loading and saving models.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A `config.json` is not valid JSON or has a value of the wrong type.
+    #[error("{path}: {message}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A `config.json` lacks a key this family needs.
+    #[error("{path}: missing key `{key}`")]
+    MissingKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// A `config.json` asks for something trainyard does not implement, or its values
+    /// are inconsistent.
+    #[error("{path}: key `{key}`: {message}")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// The offending key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+    /// A safetensors file could not be written.
+    #[error("{path}: {message}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A tensor operation failed (shape mismatch, missing tensor, …).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A model architecture with its hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    /// `LlamaForCausalLM` or `Qwen2ForCausalLM`.
+    Llama(LlamaConfig),
+    /// `GPT2LMHeadModel`.
+    Gpt2(Gpt2Config),
+}
+
+impl ModelConfig {
+    /// The HF `model_type`: `llama`, `qwen2` or `gpt2`.
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            ModelConfig::Llama(config) => config.flavor.model_type(),
+            ModelConfig::Gpt2(_) => "gpt2",
+        }
+    }
+
+    /// Vocabulary size (rows of the embedding, columns of the logits).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Llama(config) => config.vocab_size,
+            ModelConfig::Gpt2(config) => config.vocab_size,
+        }
+    }
+
+    /// Number of transformer blocks.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            ModelConfig::Llama(config) => config.num_hidden_layers,
+            ModelConfig::Gpt2(config) => config.n_layer,
+        }
+    }
+
+    /// Longest sequence the model is configured for.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            ModelConfig::Llama(config) => config.max_position_embeddings,
+            ModelConfig::Gpt2(config) => config.n_positions,
+        }
+    }
+
+    /// The HF `config.json` of this model (`torch_dtype: float32`; for the llama family
+    /// the rotary base in both the transformers 5 and the older form).
+    pub fn to_hf_json(&self) -> Value {
+        match self {
+            ModelConfig::Llama(config) => config.to_hf_json(),
+            ModelConfig::Gpt2(config) => config.to_hf_json(),
+        }
+    }
+
+    /// Checks the hyper-parameters fit together (head counts divide, sizes non-zero).
+    pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        match self {
+            ModelConfig::Llama(config) => config.validate(path),
+            ModelConfig::Gpt2(config) => config.validate(path),
+        }
+    }
+
+    /// Writes `config.json` into `dir` (pretty-printed, trailing newline).
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        let path = dir.join("config.json");
+        let mut text =
+            serde_json::to_string_pretty(&self.to_hf_json()).map_err(|error| ModelError::Json {
+                path: path.clone(),
+                message: error.to_string(),
+            })?;
+        text.push('\n');
+        std::fs::write(&path, text).map_err(|source| ModelError::Io { path, source })
+    }
+}
+
+/// The subset of HF config keys the three families use; everything optional so that a
+/// missing key can be reported by name (or defaulted the way transformers does).
+#[derive(Debug, Default, Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    // llama / qwen2
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RawRopeParameters>,
+    rope_scaling: Option<Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
+    // gpt2
+    n_embd: Option<usize>,
+    n_layer: Option<usize>,
+    n_head: Option<usize>,
+    n_positions: Option<usize>,
+    layer_norm_epsilon: Option<f64>,
+    n_inner: Option<usize>,
+    activation_function: Option<String>,
+    scale_attn_weights: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+    reorder_and_upcast_attn: Option<bool>,
+}
+
+/// transformers 5's `rope_parameters` object.
+#[derive(Debug, Default, Deserialize)]
+struct RawRopeParameters {
+    rope_theta: Option<f64>,
+    rope_type: Option<String>,
+}
+
+/// Reads `dir/config.json` (or `dir` itself when it is a file) as an HF config of the
+/// `llama`, `qwen2` or `gpt2` family.
+///
+/// Missing optional keys get transformers' defaults, except that the rotary base is
+/// read from `rope_parameters.rope_theta` (transformers 5) or top-level `rope_theta`
+/// (older files) and is [`DEFAULT_ROPE_THETA`] only when neither is present. Features
+/// trainyard does not implement (rope scaling, sliding windows, other activations) are
+/// errors, not silently ignored.
+pub fn load_config(dir: &Path) -> Result<ModelConfig, ModelError> {
+    let path = if dir.is_dir() {
+        dir.join("config.json")
+    } else {
+        dir.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    parse_config(&text, &path)
+}
+
+/// Parses the text of an HF `config.json`; `path` is only used in error messages.
+pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ModelError> {
+    let deserializer = &mut serde_json::Deserializer::from_str(text);
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(deserializer).map_err(|error| ModelError::Json {
+            path: path.to_path_buf(),
+            message: format!("key `{}`: {}", error.path(), error.inner()),
+        })?;
+    let missing = |key: &str| ModelError::MissingKey {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+    };
+    let unsupported = |key: &str, message: String| ModelError::Unsupported {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    let model_type = raw
+        .model_type
+        .as_deref()
+        .ok_or_else(|| missing("model_type"))?;
+    let config = match model_type {
+        "llama" | "qwen2" => {
+            let flavor = if model_type == "llama" {
+                LlamaFlavor::Llama
+            } else {
+                LlamaFlavor::Qwen2
+            };
+            if let Some(act) = raw.hidden_act.as_deref()
+                && act != "silu"
+            {
+                return Err(unsupported(
+                    "hidden_act",
+                    format!("`{act}` is not supported (only `silu`)"),
+                ));
+            }
+            if raw
+                .rope_scaling
+                .as_ref()
+                .is_some_and(|value| !value.is_null())
+            {
+                return Err(unsupported(
+                    "rope_scaling",
+                    "rotary scaling is not supported".to_string(),
+                ));
+            }
+            if let Some(kind) = raw
+                .rope_parameters
+                .as_ref()
+                .and_then(|rope| rope.rope_type.as_deref())
+                && kind != "default"
+            {
+                return Err(unsupported(
+                    "rope_parameters.rope_type",
+                    format!("`{kind}` is not supported (only `default`)"),
+                ));
+            }
+            if raw.use_sliding_window == Some(true) {
+                return Err(unsupported(
+                    "use_sliding_window",
+                    "sliding-window attention is not supported".to_string(),
+                ));
+            }
+            let num_attention_heads = raw
+                .num_attention_heads
+                .ok_or_else(|| missing("num_attention_heads"))?;
+            let hidden_size = raw.hidden_size.ok_or_else(|| missing("hidden_size"))?;
+            let rope_theta = raw
+                .rope_parameters
+                .as_ref()
+                .and_then(|rope| rope.rope_theta)
+                .or(raw.rope_theta)
+                .unwrap_or(DEFAULT_ROPE_THETA);
+            let attention_bias = raw.attention_bias.unwrap_or(false);
+            ModelConfig::Llama(LlamaConfig {
+                flavor,
+                vocab_size: raw.vocab_size.ok_or_else(|| missing("vocab_size"))?,
+                hidden_size,
+                intermediate_size: raw
+                    .intermediate_size
+                    .ok_or_else(|| missing("intermediate_size"))?,
+                num_hidden_layers: raw
+                    .num_hidden_layers
+                    .ok_or_else(|| missing("num_hidden_layers"))?,
+                num_attention_heads,
+                num_key_value_heads: raw.num_key_value_heads.unwrap_or(num_attention_heads),
+                head_dim: raw
+                    .head_dim
+                    .unwrap_or(hidden_size / num_attention_heads.max(1)),
+                rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+                rope_theta,
+                max_position_embeddings: raw.max_position_embeddings.unwrap_or(match flavor {
+                    LlamaFlavor::Llama => 2048,
+                    LlamaFlavor::Qwen2 => 32768,
+                }),
+                tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+                // Qwen2 always has q/k/v biases and never an o_proj bias; Llama's
+                // `attention_bias` puts a bias on all four projections.
+                qkv_bias: flavor == LlamaFlavor::Qwen2 || attention_bias,
+                o_bias: flavor == LlamaFlavor::Llama && attention_bias,
+                mlp_bias: flavor == LlamaFlavor::Llama && raw.mlp_bias.unwrap_or(false),
+            })
+        }
+        "gpt2" => {
+            if let Some(act) = raw.activation_function.as_deref()
+                && act != "gelu_new"
+            {
+                return Err(unsupported(
+                    "activation_function",
+                    format!("`{act}` is not supported (only `gelu_new`)"),
+                ));
+            }
+            for (key, value, wanted) in [
+                ("scale_attn_weights", raw.scale_attn_weights, true),
+                (
+                    "scale_attn_by_inverse_layer_idx",
+                    raw.scale_attn_by_inverse_layer_idx,
+                    false,
+                ),
+                (
+                    "reorder_and_upcast_attn",
+                    raw.reorder_and_upcast_attn,
+                    false,
+                ),
+            ] {
+                if value.is_some_and(|value| value != wanted) {
+                    return Err(unsupported(key, format!("only `{wanted}` is supported")));
+                }
+            }
+            if raw.tie_word_embeddings == Some(false) {
+                return Err(unsupported(
+                    "tie_word_embeddings",
+                    "GPT-2 models always tie lm_head to wte".to_string(),
+                ));
+            }
+            let n_embd = raw.n_embd.ok_or_else(|| missing("n_embd"))?;
+            ModelConfig::Gpt2(Gpt2Config {
+                vocab_size: raw.vocab_size.ok_or_else(|| missing("vocab_size"))?,
+                n_embd,
+                n_layer: raw.n_layer.ok_or_else(|| missing("n_layer"))?,
+                n_head: raw.n_head.ok_or_else(|| missing("n_head"))?,
+                n_positions: raw.n_positions.unwrap_or(1024),
+                layer_norm_epsilon: raw.layer_norm_epsilon.unwrap_or(1e-5),
+                n_inner: raw.n_inner.unwrap_or(4 * n_embd),
+            })
+        }
+        other => {
+            return Err(unsupported(
+                "model_type",
+                format!("`{other}` is not supported (expected llama, qwen2 or gpt2)"),
+            ));
+        }
+    };
+    config.validate(path)?;
+    Ok(config)
+}
+
+/// A causal language model of either family.
+#[derive(Debug, Clone)]
+pub enum CausalLm {
+    /// Llama or Qwen2.
+    Llama(Llama),
+    /// GPT-2.
+    Gpt2(Gpt2),
+}
+
+impl CausalLm {
+    /// Builds the model, fetching (or, from a `VarMap`, creating) every parameter under
+    /// its HF name through `vb`.
+    pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<CausalLm, ModelError> {
+        Ok(match config {
+            ModelConfig::Llama(config) => CausalLm::Llama(Llama::new(config, vb)?),
+            ModelConfig::Gpt2(config) => CausalLm::Gpt2(Gpt2::new(config, vb)?),
+        })
+    }
+
+    /// Logits `[B, T, V]` (the dtype of the parameters) for token ids `[B, T]` (u32).
+    pub fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            CausalLm::Llama(model) => model.forward(input_ids),
+            CausalLm::Gpt2(model) => model.forward(input_ids),
+        }
+    }
+}
+
+/// A fresh trainable model: its parameters are created in a new [`VarMap`] of `dtype`
+/// on `device` and initialised by [`init_weights`] with `seed`.
+pub fn new_trainable(
+    config: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<(CausalLm, VarMap), ModelError> {
+    let varmap = VarMap::new();
+    let model = CausalLm::new(config, VarBuilder::from_varmap(&varmap, dtype, device))?;
+    init_weights(&varmap, config, seed)?;
+    Ok((model, varmap))
+}
+
+/// How [`init_weights`] sets one parameter, decided by its HF name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InitRule {
+    /// Normal(0, std).
+    Normal(f64),
+    /// All ones (norm gains).
+    Ones,
+    /// All zeros (biases).
+    Zeros,
+}
+
+/// The initialisation of the parameter called `name` in a model of `num_layers`
+/// blocks: ones for norm gains, zeros for biases, normal(0, [`INIT_STD`]) for weight
+/// matrices and embeddings, with the residual output projections (`o_proj`,
+/// `down_proj`, `c_proj`) scaled by `1/sqrt(2·num_layers)` as in GPT-2.
+pub fn init_rule(name: &str, num_layers: usize) -> InitRule {
+    let is_norm = name.contains("norm.") || name.contains("ln_");
+    if name.ends_with(".bias") {
+        InitRule::Zeros
+    } else if is_norm {
+        InitRule::Ones
+    } else if name.contains("o_proj.") || name.contains("down_proj.") || name.contains("c_proj.") {
+        InitRule::Normal(INIT_STD / (2.0 * num_layers.max(1) as f64).sqrt())
+    } else {
+        InitRule::Normal(INIT_STD)
+    }
+}
+
+/// Initialises every parameter of `varmap` by [`init_rule`]. Each tensor draws from its
+/// own SplitMix64 stream keyed by `seed` and its name (normals by Box–Muller in f64), so
+/// the result is bit-identical across runs and independent of iteration order.
+pub fn init_weights(varmap: &VarMap, config: &ModelConfig, seed: u64) -> Result<(), ModelError> {
+    let vars = sorted_vars(varmap);
+    for (name, var) in vars {
+        let count = var.elem_count();
+        let values: Vec<f64> = match init_rule(&name, config.num_layers()) {
+            InitRule::Ones => vec![1.0; count],
+            InitRule::Zeros => vec![0.0; count],
+            InitRule::Normal(std) => {
+                let mut rng = Rng::for_item(seed, INIT_STREAM, name_key(&name));
+                normals(&mut rng, count)
+                    .into_iter()
+                    .map(|z| z * std)
+                    .collect()
+            }
+        };
+        let tensor = Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&tensor)?;
+    }
+    Ok(())
+}
+
+/// A stable 64-bit key of a parameter name (FNV-1a), to pick its RNG stream.
+fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// `count` standard normals by the Box–Muller transform.
+fn normals(rng: &mut Rng, count: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(count + 1);
+    while out.len() < count {
+        // 1 - u lies in (0, 1], so the logarithm is finite.
+        let radius = (-2.0 * (1.0 - rng.next_f64()).ln()).sqrt();
+        let angle = std::f64::consts::TAU * rng.next_f64();
+        out.push(radius * angle.cos());
+        out.push(radius * angle.sin());
+    }
+    out.truncate(count);
+    out
+}
+
+/// The variables of `varmap`, sorted by name.
+pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = match varmap.data().lock() {
+        Ok(data) => data,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let sorted: BTreeMap<String, Var> = data
+        .iter()
+        .map(|(name, var)| (name.clone(), var.clone()))
+        .collect();
+    sorted.into_iter().collect()
+}
+
+/// Writes every parameter of `varmap` to the safetensors file `path` under its HF name
+/// (tensors sorted by name, metadata `format: pt` as transformers expects), in the
+/// parameters' dtype. GPT-2 weights are already in Conv1D layout, so nothing is
+/// transposed. A tied `lm_head` is not a separate parameter and is not written, as in
+/// transformers' own files.
+pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<(), ModelError> {
+    let mut buffers: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, var) in sorted_vars(varmap) {
+        let tensor = var.as_tensor().flatten_all()?;
+        let (dtype, bytes) = match tensor.dtype() {
+            DType::F32 => (
+                safetensors::Dtype::F32,
+                tensor
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F64 => (
+                safetensors::Dtype::F64,
+                tensor
+                    .to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect(),
+            ),
+            _ => {
+                let tensor = tensor.to_dtype(DType::F32)?;
+                (
+                    safetensors::Dtype::F32,
+                    tensor
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .flat_map(|value| value.to_le_bytes())
+                        .collect(),
+                )
+            }
+        };
+        buffers.push((name, dtype, var.dims().to_vec(), bytes));
+    }
+    let mut views = Vec::with_capacity(buffers.len());
+    for (name, dtype, shape, bytes) in &buffers {
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map_err(
+            |error| ModelError::Safetensors {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: {error}"),
+            },
+        )?;
+        views.push((name.clone(), view));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|error| {
+        ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        }
+    })
+}
+
+/// Writes a checkpoint directory's model part: `config.json` and `model.safetensors`.
+pub fn save_pretrained(
+    varmap: &VarMap,
+    config: &ModelConfig,
+    dir: &Path,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    config.save(dir)?;
+    save_safetensors(varmap, &dir.join("model.safetensors"))
+}
+
+/// The safetensors files of an HF model directory: `model.safetensors`, or the shards
+/// listed in `model.safetensors.index.json`, in sorted order.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+        path: index.clone(),
+        source,
+    })?;
+    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
+        path: index.clone(),
+        message: error.to_string(),
+    })?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ModelError::MissingKey {
+            path: index.clone(),
+            key: "weight_map".to_string(),
+        })?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(Value::as_str)
+        .map(|file| dir.join(file))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Loads a local HF model directory (`config.json` + safetensors) as a frozen model:
+/// parameters are memory-mapped and converted to `dtype` on `device`.
+pub fn load_pretrained(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(CausalLm, ModelConfig), ModelError> {
+    let config = load_config(dir)?;
+    let files = safetensors_files(dir)?;
+    // SAFETY: the files are mapped read-only; trainyard never writes to a model
+    // directory it is reading, and candle copies each tensor out of the map on load.
+    let mut vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    if matches!(config, ModelConfig::Gpt2(_))
+        && !vb.contains_tensor("transformer.wte.weight")
+        && vb.contains_tensor("wte.weight")
+    {
+        // The original GPT-2 files name the base model's tensors without `transformer.`.
+        vb = vb.rename_f(|name| strip_gpt2_prefix(name).to_string());
+    }
+    let model = CausalLm::new(&config, vb)?;
+    Ok((model, config))
+}
+
+/// Loads a local HF model directory into a trainable [`VarMap`] (a base model for
+/// training): builds the model on the map, then overwrites every parameter from the
+/// files (converting their dtype). Returns the config too.
+pub fn load_trainable(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(CausalLm, VarMap, ModelConfig), ModelError> {
+    let config = load_config(dir)?;
+    let varmap = VarMap::new();
+    let model = CausalLm::new(&config, VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let files = safetensors_files(dir)?;
+    // SAFETY: as in `load_pretrained`.
+    let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+    for (name, var) in sorted_vars(&varmap) {
+        // The original GPT-2 files name the base model's tensors without `transformer.`.
+        let file_name = if tensors.get(&name).is_err() {
+            strip_gpt2_prefix(&name)
+        } else {
+            &name
+        };
+        let tensor = tensors
+            .load(file_name, device)
+            .map_err(|error| ModelError::Safetensors {
+                path: dir.to_path_buf(),
+                message: format!("tensor `{name}`: {error}"),
+            })?;
+        let tensor = tensor.to_dtype(dtype)?;
+        if tensor.dims() != var.dims() {
+            return Err(ModelError::Safetensors {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, the config needs {:?}",
+                    tensor.dims(),
+                    var.dims()
+                ),
+            });
+        }
+        var.set(&tensor)?;
+    }
+    Ok((model, varmap, config))
+}
+
+/// `name` without GPT-2's `transformer.` prefix (the original OpenAI GPT-2 files on the
+/// Hub store `wte.weight`, `h.0.…` rather than `transformer.wte.weight`, …).
+fn strip_gpt2_prefix(name: &str) -> &str {
+    name.strip_prefix("transformer.").unwrap_or(name)
+}
+
+/// The `torch_dtype`/`dtype` pair and `architectures` shared by every written config.
+fn hf_header(architecture: &str, model_type: &str) -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    map.insert("architectures".into(), json!([architecture]));
+    map.insert("model_type".into(), json!(model_type));
+    map.insert("torch_dtype".into(), json!("float32"));
+    map.insert("dtype".into(), json!("float32"));
+    map
+}
