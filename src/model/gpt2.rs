@@ -60,18 +60,17 @@ impl Gpt2Config {
             key: key.to_string(),
             message: message.to_string(),
         };
-        for (key, value) in [
-            ("vocab_size", self.vocab_size),
-            ("n_embd", self.n_embd),
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("n_positions", self.n_positions),
-            ("n_inner", self.n_inner),
-        ] {
-            if value == 0 {
-                return Err(bad(key, "must be positive"));
-            }
-        }
+        super::require_positive(
+            path,
+            &[
+                ("vocab_size", self.vocab_size),
+                ("n_embd", self.n_embd),
+                ("n_layer", self.n_layer),
+                ("n_head", self.n_head),
+                ("n_positions", self.n_positions),
+                ("n_inner", self.n_inner),
+            ],
+        )?;
         if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(bad("n_head", "must divide n_embd"));
         }

@@ -703,3 +703,19 @@ fn hf_header(architecture: &str, model_type: &str) -> serde_json::Map<String, Va
     map.insert("dtype".into(), json!("float32"));
     map
 }
+
+/// Fails with [`ModelError::Unsupported`] naming the first of `fields` (config key,
+/// value) that is zero.
+pub(crate) fn require_positive(
+    path: &std::path::Path,
+    fields: &[(&str, usize)],
+) -> std::result::Result<(), ModelError> {
+    match fields.iter().find(|(_, value)| *value == 0) {
+        Some((key, _)) => Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message: "must be positive".to_string(),
+        }),
+        None => Ok(()),
+    }
+}
