@@ -14,7 +14,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::config::diagnostic::did_you_mean;
 use crate::config::{Origin, ResolvedPipeline};
-use crate::stages::{Artifact, InputRules};
+use crate::stages::{Artifact, InputRules, InputSlot};
 
 /// What an input is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +142,31 @@ fn help_suffix(help: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// Fails with `mismatch()` when `slot` exists and does not accept `produced`.
+fn check_accepts(
+    slot: Option<&InputSlot>,
+    produced: Artifact,
+    mismatch: impl FnOnce() -> DagError,
+) -> Result<(), Box<DagError>> {
+    match slot {
+        Some(slot) if !slot.accepts.contains(&produced) => Err(Box::new(mismatch())),
+        _ => Ok(()),
+    }
+}
+
+/// What a slot accepts, for messages: `Files or Corpus`.
+fn accepted(slot: Option<&InputSlot>) -> String {
+    let names: Vec<String> = slot
+        .map(|slot| {
+            slot.accepts
+                .iter()
+                .map(|artifact| format!("{artifact:?}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.join(" or ")
+}
+
 /// Splits a reference `stage/sub/path` into the stage name and the subpath, if the
 /// first component names a stage.
 fn as_reference<'a>(
@@ -235,24 +260,15 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                     } else {
                         upstream_kind.output
                     };
-                    if let Some(slot) = slot
-                        && !slot.accepts.contains(&produced)
-                    {
-                        let expected: Vec<String> = slot
-                            .accepts
-                            .iter()
-                            .map(|artifact| format!("{artifact:?}"))
-                            .collect();
-                        return Err(Box::new(DagError::TypeMismatch {
-                            stage: stage.name.clone(),
-                            input: input.clone(),
-                            upstream: upstream.to_string(),
-                            upstream_kind: upstream_kind.name.to_string(),
-                            found: produced,
-                            expected: expected.join(" or "),
-                            at,
-                        }));
-                    }
+                    check_accepts(slot, produced, || DagError::TypeMismatch {
+                        stage: stage.name.clone(),
+                        input: input.clone(),
+                        upstream: upstream.to_string(),
+                        upstream_kind: upstream_kind.name.to_string(),
+                        found: produced,
+                        expected: accepted(slot),
+                        at: at.clone(),
+                    })?;
                     graph.add_edge(nodes[upstream_index], nodes[index], ());
                     Binding::Stage {
                         stage: upstream_index,
@@ -274,24 +290,15 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                             at,
                         }));
                     }
-                    if let Some(slot) = slot
-                        && !slot.accepts.contains(&Artifact::Files)
-                    {
-                        let expected: Vec<String> = slot
-                            .accepts
-                            .iter()
-                            .map(|artifact| format!("{artifact:?}"))
-                            .collect();
-                        return Err(Box::new(DagError::TypeMismatch {
-                            stage: stage.name.clone(),
-                            input: input.clone(),
-                            upstream: declared.clone(),
-                            upstream_kind: "file".to_string(),
-                            found: Artifact::Files,
-                            expected: expected.join(" or "),
-                            at,
-                        }));
-                    }
+                    check_accepts(slot, Artifact::Files, || DagError::TypeMismatch {
+                        stage: stage.name.clone(),
+                        input: input.clone(),
+                        upstream: declared.clone(),
+                        upstream_kind: "file".to_string(),
+                        found: Artifact::Files,
+                        expected: accepted(slot),
+                        at: at.clone(),
+                    })?;
                     Binding::External {
                         declared: declared.clone(),
                         path,
