@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
@@ -43,7 +44,7 @@ struct StatEntry {
 pub struct ContentHasher {
     cache_file: Option<PathBuf>,
     entries: Mutex<BTreeMap<String, StatEntry>>,
-    changed: Mutex<bool>,
+    changed: AtomicBool,
 }
 
 fn now_ns() -> i128 {
@@ -68,7 +69,7 @@ impl ContentHasher {
         ContentHasher {
             cache_file: Some(cache_file.to_path_buf()),
             entries: Mutex::new(entries),
-            changed: Mutex::new(false),
+            changed: AtomicBool::new(false),
         }
     }
 
@@ -77,7 +78,7 @@ impl ContentHasher {
         ContentHasher {
             cache_file: None,
             entries: Mutex::new(BTreeMap::new()),
-            changed: Mutex::new(false),
+            changed: AtomicBool::new(false),
         }
     }
 
@@ -86,8 +87,7 @@ impl ContentHasher {
         let Some(cache_file) = &self.cache_file else {
             return Ok(());
         };
-        let changed = self.changed.lock().map(|changed| *changed).unwrap_or(true);
-        if !changed {
+        if !self.changed.load(Ordering::Relaxed) {
             return Ok(());
         }
         let bytes = {
@@ -136,7 +136,7 @@ impl ContentHasher {
         }
         let hashed_at_ns = now_ns();
         let hash = hash_file_contents(path).map_err(with_path)?;
-        if let (Ok(mut entries), Ok(mut changed)) = (self.entries.lock(), self.changed.lock()) {
+        if let Ok(mut entries) = self.entries.lock() {
             entries.insert(
                 key,
                 StatEntry {
@@ -147,7 +147,7 @@ impl ContentHasher {
                     hash: hash.clone(),
                 },
             );
-            *changed = true;
+            self.changed.store(true, Ordering::Relaxed);
         }
         Ok(FileDigest { hash, size })
     }
