@@ -516,45 +516,49 @@ pub fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     sorted.into_iter().collect()
 }
 
-/// Writes every parameter of `varmap` to the safetensors file `path` under its HF name
-/// (tensors sorted by name, metadata `format: pt` as transformers expects), in the
-/// parameters' dtype. GPT-2 weights are already in Conv1D layout, so nothing is
-/// transposed. A tied `lm_head` is not a separate parameter and is not written, as in
-/// transformers' own files.
+/// The parameters of `varmap` with their HF names, sorted by name.
+pub fn named_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
+    sorted_vars(varmap)
+        .into_iter()
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect()
+}
+
+/// Writes every parameter of `varmap` to the safetensors file `path` (see
+/// [`save_tensors`]).
 pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<(), ModelError> {
-    let mut buffers: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, var) in sorted_vars(varmap) {
-        let tensor = var.as_tensor().flatten_all()?;
-        let (dtype, bytes) = match tensor.dtype() {
-            DType::F32 => (
+    save_tensors(&named_tensors(varmap), path)
+}
+
+/// Writes `tensors` to the safetensors file `path` under their names (sorted by name,
+/// metadata `format: pt` as transformers expects), f32 and f64 as they are, other
+/// dtypes as f32. GPT-2 weights are already in Conv1D layout, so nothing is transposed.
+/// A tied `lm_head` is not a separate parameter and is not written, as in
+/// transformers' own files.
+pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), ModelError> {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut buffers: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, tensor) in sorted {
+        let flat = tensor.flatten_all()?;
+        let (dtype, bytes) = match flat.dtype() {
+            DType::F64 => (
+                safetensors::Dtype::F64,
+                flat.to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect(),
+            ),
+            _ => (
                 safetensors::Dtype::F32,
-                tensor
+                flat.to_dtype(DType::F32)?
                     .to_vec1::<f32>()?
                     .iter()
                     .flat_map(|value| value.to_le_bytes())
                     .collect(),
             ),
-            DType::F64 => (
-                safetensors::Dtype::F64,
-                tensor
-                    .to_vec1::<f64>()?
-                    .iter()
-                    .flat_map(|value| value.to_le_bytes())
-                    .collect(),
-            ),
-            _ => {
-                let tensor = tensor.to_dtype(DType::F32)?;
-                (
-                    safetensors::Dtype::F32,
-                    tensor
-                        .to_vec1::<f32>()?
-                        .iter()
-                        .flat_map(|value| value.to_le_bytes())
-                        .collect(),
-                )
-            }
         };
-        buffers.push((name, dtype, var.dims().to_vec(), bytes));
+        buffers.push((name, dtype, tensor.dims().to_vec(), bytes));
     }
     let mut views = Vec::with_capacity(buffers.len());
     for (name, dtype, shape, bytes) in &buffers {
@@ -564,7 +568,7 @@ pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<(), ModelError> 
                 message: format!("tensor `{name}`: {error}"),
             },
         )?;
-        views.push((name.clone(), view));
+        views.push((name.to_string(), view));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|error| {
@@ -575,18 +579,29 @@ pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<(), ModelError> 
     })
 }
 
-/// Writes a checkpoint directory's model part: `config.json` and `model.safetensors`.
+/// Writes a checkpoint directory's model part from a `VarMap`: `config.json` and
+/// `model.safetensors`.
 pub fn save_pretrained(
     varmap: &VarMap,
     config: &ModelConfig,
     dir: &Path,
+) -> Result<(), ModelError> {
+    save_model_dir(dir, config, &named_tensors(varmap))
+}
+
+/// Writes an HF model directory: `config.json` and `model.safetensors` holding
+/// `weights` (HF names). The one writer of model directories in trainyard.
+pub fn save_model_dir(
+    dir: &Path,
+    config: &ModelConfig,
+    weights: &[(String, Tensor)],
 ) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
     config.save(dir)?;
-    save_safetensors(varmap, &dir.join("model.safetensors"))
+    save_tensors(weights, &dir.join("model.safetensors"))
 }
 
 /// The safetensors files of an HF model directory: `model.safetensors`, or the shards

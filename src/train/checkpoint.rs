@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::model::ModelConfig;
+
 /// The resumable state of a training run, besides weights and optimizer moments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -52,6 +54,14 @@ pub enum CheckpointError {
         /// The error.
         source: candle_core::Error,
     },
+    /// The model part could not be written.
+    #[error("{path}: {message}")]
+    Model {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// A malformed `trainer_state.json`.
     #[error("{path}: {reason}")]
     State {
@@ -71,8 +81,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
 
 /// Everything one checkpoint holds.
 pub struct Checkpoint<'a> {
-    /// HF `config.json` content.
-    pub config: &'a serde_json::Value,
+    /// The model's architecture (its `config.json`).
+    pub config: &'a ModelConfig,
     /// Model weights by HF tensor name.
     pub weights: &'a [(String, Tensor)],
     /// Optimizer moments by name.
@@ -133,27 +143,17 @@ pub fn save(root: &Path, checkpoint: &Checkpoint<'_>) -> Result<PathBuf, Checkpo
     Ok(target)
 }
 
-/// Writes an HF model directory: `config.json`, `model.safetensors`, `tokenizer.json`.
+/// Writes an HF model directory: `config.json`, `model.safetensors` (through
+/// [`crate::model::save_model_dir`]) and, when given, a copy of `tokenizer.json`.
 pub fn write_model(
     dir: &Path,
-    config: &serde_json::Value,
+    config: &ModelConfig,
     weights: &[(String, Tensor)],
     tokenizer: Option<&Path>,
 ) -> Result<(), CheckpointError> {
-    fs::create_dir_all(dir).map_err(io_at(dir))?;
-    let config_path = dir.join("config.json");
-    let text = serde_json::to_string_pretty(config).map_err(|error| CheckpointError::State {
-        path: config_path.clone(),
-        reason: error.to_string(),
-    })?;
-    fs::write(&config_path, text + "\n").map_err(io_at(&config_path))?;
-    let weights_path = dir.join("model.safetensors");
-    let weights: HashMap<String, Tensor> = weights.iter().cloned().collect();
-    candle_core::safetensors::save(&weights, &weights_path).map_err(|source| {
-        CheckpointError::Tensors {
-            path: weights_path.clone(),
-            source,
-        }
+    crate::model::save_model_dir(dir, config, weights).map_err(|error| CheckpointError::Model {
+        path: dir.to_path_buf(),
+        message: error.to_string(),
     })?;
     if let Some(tokenizer) = tokenizer {
         let copy = dir.join("tokenizer.json");
@@ -255,7 +255,10 @@ mod tests {
         let device = Device::Cpu;
         let weight = Tensor::new(&[[0.1f32, -0.2], [1e-30, 3.0]], &device).unwrap();
         let moment = Tensor::new(&[1e-12f32, 7.0], &device).unwrap();
-        let config = serde_json::json!({ "model_type": "llama" });
+        let config = ModelConfig::Llama(crate::model::LlamaConfig::tiny(
+            crate::model::LlamaFlavor::Llama,
+            false,
+        ));
         for step in [10, 20, 30] {
             save(
                 root.path(),
@@ -287,10 +290,7 @@ mod tests {
             bits(&loaded.optimizer["exp_avg.model.norm.weight"]),
             bits(&moment)
         );
-        let config_back: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(loaded.dir.join("config.json")).unwrap())
-                .unwrap();
-        assert_eq!(config_back, config);
+        assert_eq!(crate::model::load_config(&loaded.dir).unwrap(), config);
 
         prune(root.path(), 1, Some(10)).unwrap();
         assert_eq!(
