@@ -4,5 +4,6 @@
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod step;
