@@ -229,11 +229,18 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                 && slot.is_none()
             {
                 let expected: Vec<&str> = slots.iter().map(|slot| slot.name).collect();
+                let listed: Vec<String> = slots
+                    .iter()
+                    .map(|slot| match slot.many {
+                        true => format!("{0}, {0}_*", slot.name),
+                        false => slot.name.to_string(),
+                    })
+                    .collect();
                 return Err(Box::new(DagError::UnknownInput {
                     stage: stage.name.clone(),
                     kind: stage.kind.name.to_string(),
                     input: input.clone(),
-                    expected: expected.join(", "),
+                    expected: listed.join(", "),
                     help: did_you_mean(input, expected.iter().copied()),
                     at,
                 }));

@@ -19,7 +19,7 @@ use crate::fingerprint::{self, InputRecord, InputSource, Reason, StageIdentity};
 use crate::hashing::{ContentHasher, dir_hash};
 use crate::interrupt::CancelFlag;
 use crate::runs::{self, RunRecord, RunRecorder, StageRunRecord};
-use crate::stages::{STAGE_LOG, StageContext, StageError};
+use crate::stages::{STAGE_LOG, StageContext, StageError, UNHASHED_OUTPUTS};
 use crate::store::{LockError, MANIFEST, Manifest, Workspace};
 
 /// How to run.
@@ -772,10 +772,17 @@ impl Engine<'_> {
             Err(StageError::Interrupted) => {
                 report.status = StageStatus::Interrupted;
                 report.error = Some("interrupted".to_string());
-                self.progress(format_args!(
-                    "  stopped  {} (interrupted; nothing was published)",
-                    stage.name
-                ));
+                if stage.kind.resumable {
+                    self.progress(format_args!(
+                        "  stopped  {} (interrupted; its checkpoint is kept and the next run resumes from it)",
+                        stage.name
+                    ));
+                } else {
+                    self.progress(format_args!(
+                        "  stopped  {} (interrupted; nothing was published)",
+                        stage.name
+                    ));
+                }
                 self.event(
                     "stage_interrupted",
                     serde_json::json!({ "stage": stage.name }),
@@ -845,7 +852,7 @@ impl Engine<'_> {
         let output_hash = dir_hash(
             files
                 .iter()
-                .filter(|(path, _)| path.as_str() != STAGE_LOG)
+                .filter(|(path, _)| !UNHASHED_OUTPUTS.contains(&path.as_str()))
                 .map(|(path, digest)| (path.as_str(), digest.hash.as_str())),
         );
         let manifest = Manifest {

@@ -542,6 +542,30 @@ impl TokenStream {
         None
     }
 
+    /// How often each id below `vocab_size` occurs in the first `limit` tokens (ids at
+    /// or above `vocab_size` are not counted): the statistics of a unigram baseline.
+    pub fn counts(&self, vocab_size: usize, limit: u64) -> Vec<u64> {
+        let mut counts = vec![0u64; vocab_size];
+        let mut left = limit;
+        let mut chunk = Vec::new();
+        for shard in &self.shards {
+            let mut start = 0;
+            while start < shard.len && left > 0 {
+                let take = (shard.len - start).min(left).min(1 << 20);
+                chunk.clear();
+                shard.read(start, take as usize, &mut chunk);
+                for &id in &chunk {
+                    if let Some(count) = counts.get_mut(id as usize) {
+                        *count += 1;
+                    }
+                }
+                start += take;
+                left -= take;
+            }
+        }
+        counts
+    }
+
     /// Consecutive, non-overlapping windows of `length` tokens from the start, at most
     /// `limit` of them (for a deterministic evaluation set).
     pub fn sequential_windows(&self, length: usize, limit: usize) -> Vec<Vec<u32>> {

@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod ingest;
+pub mod pretrain;
 pub mod token_cache;
 pub mod tokenizer;
 
@@ -50,6 +51,20 @@ pub struct InputSlot {
     pub accepts: &'static [Artifact],
     /// Whether the stage cannot run without it.
     pub required: bool,
+    /// Whether further inputs named `<name>_<anything>` fill this slot too (several
+    /// token caches of a mixture: `data`, `data_wiki`, `data_chat`, …).
+    pub many: bool,
+}
+
+impl InputSlot {
+    /// Whether the input called `input` fills this slot.
+    pub fn admits(&self, input: &str) -> bool {
+        input == self.name
+            || (self.many
+                && input
+                    .strip_prefix(self.name)
+                    .is_some_and(|rest| rest.len() > 1 && rest.starts_with('_')))
+    }
 }
 
 /// Which inputs a kind takes.
@@ -82,6 +97,11 @@ pub struct StageContext<'a> {
 /// the manifest but not part of the output hash, so that timings in a log never make
 /// downstream stages rerun.
 pub const STAGE_LOG: &str = "stage.log";
+
+/// Output files recorded in the manifest but left out of the output hash because they
+/// hold timings: the stage log and training metrics. Everything else a stage writes
+/// must be a deterministic function of its settings and inputs.
+pub const UNHASHED_OUTPUTS: &[&str] = &[STAGE_LOG, crate::train::trainer::METRICS];
 
 /// What a finished stage reports besides its files.
 #[derive(Debug, Default)]
@@ -230,7 +250,7 @@ impl KindEntry {
     pub fn slot(&self, name: &str) -> Option<&'static InputSlot> {
         match self.inputs {
             InputRules::Any => None,
-            InputRules::Slots(slots) => slots.iter().find(|slot| slot.name == name),
+            InputRules::Slots(slots) => slots.iter().find(|slot| slot.admits(name)),
         }
     }
 }
@@ -269,6 +289,7 @@ pub static KINDS: &[KindEntry] = &[
     KindEntry::of::<ingest::Ingest>(),
     KindEntry::of::<tokenizer::TokenizerStage>(),
     KindEntry::of::<token_cache::TokenCacheStage>(),
+    KindEntry::of::<pretrain::Pretrain>(),
 ];
 
 /// The kind called `name`.

@@ -112,11 +112,13 @@ impl StageKind for TokenCacheStage {
             name: "train",
             accepts: TEXT_INPUTS,
             required: true,
+            many: false,
         },
         InputSlot {
             name: "eval",
             accepts: TEXT_INPUTS,
             required: false,
+            many: false,
         },
         InputSlot {
             name: "tokenizer",
@@ -127,6 +129,7 @@ impl StageKind for TokenCacheStage {
                 Artifact::Export,
             ],
             required: true,
+            many: false,
         },
     ]);
 

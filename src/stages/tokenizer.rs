@@ -75,11 +75,13 @@ impl StageKind for TokenizerStage {
             name: "text",
             accepts: &[Artifact::Files, Artifact::Corpus],
             required: false,
+            many: false,
         },
         InputSlot {
             name: "eval",
             accepts: &[Artifact::Files, Artifact::Corpus],
             required: false,
+            many: false,
         },
         InputSlot {
             name: "from",
@@ -90,6 +92,7 @@ impl StageKind for TokenizerStage {
                 Artifact::Export,
             ],
             required: false,
+            many: false,
         },
     ]);
 

@@ -1,5 +1,5 @@
-//! The training library: optimizer, learning-rate schedules and (later) the training
-//! loop with checkpoints and exact resume. It knows nothing of pipelines.
+//! The training library: optimizer, learning-rate schedules, the loss, checkpoints, the
+//! training loop with exact resume, and loss-curve plots. It knows nothing of pipelines.
 
 pub mod checkpoint;
 pub mod loss;
@@ -7,3 +7,4 @@ pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod step;
+pub mod trainer;

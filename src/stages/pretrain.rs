@@ -1,0 +1,722 @@
+//! The `pretrain` kind: trains a causal language model on token caches (a weighted
+//! mixture), from scratch or continuing a base model, with the loop of
+//! [`crate::train::trainer`]: evaluation, checkpoints, metrics and exact resume.
+//!
+//! Inputs: `data` (and `data_<name>` for more caches of a mixture), `tokenizer`, and
+//! optionally `base` (an upstream model or a local Hugging Face directory). The output
+//! is the final model as an HF directory, `best/`, `metrics.jsonl`, `training.json`
+//! and `loss_curve.svg`.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use crate::data::token_cache::{Batch, Mixture, TokenCache};
+use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
+use crate::rng::Rng;
+use crate::tokenize::train::tokenizer_file;
+use crate::train::optim::AdamWConfig;
+use crate::train::schedule::{Decay, Schedule};
+use crate::train::trainer::{self, BatchSource, LoopSettings, TrainError, TrainJob};
+
+/// The model families a new model can be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `LlamaForCausalLM`: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+    Llama,
+    /// `Qwen2ForCausalLM`: Llama with q/k/v biases.
+    Qwen2,
+    /// `GPT2LMHeadModel`: LayerNorm, learned positions, GELU.
+    Gpt2,
+}
+
+/// The architecture of a new model. The vocabulary size comes from the tokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// `llama`, `qwen2` or `gpt2`.
+    pub family: Family,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Attention (query) heads.
+    pub heads: usize,
+    /// Key/value heads (llama family; fewer than `heads` is grouped-query attention).
+    #[serde(default)]
+    pub kv_heads: Option<usize>,
+    /// Width of the residual stream (`hidden_size` / `n_embd`).
+    pub dim: usize,
+    /// Width of the MLP's hidden layer; by default 8/3·dim rounded up to a multiple of
+    /// 64 (llama family) or 4·dim (gpt2).
+    #[serde(default)]
+    pub intermediate: Option<usize>,
+    /// Longest sequence the model accepts; by default the stage's `context`.
+    #[serde(default)]
+    pub max_positions: Option<usize>,
+    /// Rotary base (llama family).
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Share the embedding and output matrices (always so for gpt2).
+    #[serde(default)]
+    pub tie_embeddings: Option<bool>,
+    /// Epsilon of the norms; by default 1e-6 (llama family) or 1e-5 (gpt2).
+    #[serde(default)]
+    pub norm_eps: Option<f64>,
+}
+
+fn default_rope_theta() -> f64 {
+    model::DEFAULT_ROPE_THETA
+}
+
+/// Where to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceSetting {
+    /// A CUDA or Metal GPU when trainyard was built with one and it is present, else CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+    /// The Metal GPU (needs a build with `--features metal`).
+    Metal,
+}
+
+impl DeviceSetting {
+    /// The candle device, or why it is not available.
+    pub fn device(self) -> Result<Device, String> {
+        match self {
+            DeviceSetting::Cpu => Ok(Device::Cpu),
+            DeviceSetting::Cuda => Device::new_cuda(0).map_err(|error| {
+                format!("device `cuda`: {error} (build trainyard with `--features cuda`)")
+            }),
+            DeviceSetting::Metal => Device::new_metal(0).map_err(|error| {
+                format!("device `metal`: {error} (build trainyard with `--features metal`)")
+            }),
+            DeviceSetting::Auto => {
+                if candle_core::utils::cuda_is_available()
+                    && let Ok(device) = Device::new_cuda(0)
+                {
+                    return Ok(device);
+                }
+                if candle_core::utils::metal_is_available()
+                    && let Ok(device) = Device::new_metal(0)
+                {
+                    return Ok(device);
+                }
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+/// Settings of a `pretrain` stage.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSettings {
+    /// The architecture of a new model; leave it out to continue from a `base` input.
+    #[serde(default)]
+    pub model: Option<ModelSettings>,
+    /// Optimizer steps. Give this or `tokens`.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Training tokens instead of `steps`: steps = ⌈tokens / (batch_size · grad_accum ·
+    /// context)⌉.
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    /// Sequences per micro-batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    /// Tokens per training sequence.
+    #[serde(default = "default_context")]
+    pub context: usize,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Final learning rate; by default lr/10.
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    /// Steps of linear warmup; by default 5% of the steps (at most 1000).
+    #[serde(default)]
+    pub warmup: Option<u64>,
+    /// Decay after warmup: `cosine`, `linear` or `constant`.
+    #[serde(default)]
+    pub schedule: Decay,
+    /// Decoupled AdamW weight decay (matrices only).
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Global gradient-norm limit; `null` turns clipping off.
+    #[serde(default = "default_clip")]
+    pub clip: Option<f64>,
+    /// Evaluate every this many steps (and after the last); by default a tenth of the
+    /// steps; 0 evaluates only at the end.
+    #[serde(default)]
+    pub eval_every: Option<u64>,
+    /// Batches of the eval split per evaluation (from each cache that has one).
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Write a resumable checkpoint every this many steps; by default as `eval_every`.
+    #[serde(default)]
+    pub save_every: Option<u64>,
+    /// Checkpoints kept while training.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// A line in the stage log every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Mixture weights by input name (`data`, `data_wiki`, …); missing ones weigh 1.
+    #[serde(default)]
+    pub mixture: BTreeMap<String, f64>,
+    /// `auto`, `cpu`, `cuda` or `metal`.
+    #[serde(default)]
+    pub device: DeviceSetting,
+}
+
+fn default_batch_size() -> usize {
+    8
+}
+fn default_one() -> usize {
+    1
+}
+fn default_context() -> usize {
+    256
+}
+fn default_lr() -> f64 {
+    3e-4
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_eval_batches() -> usize {
+    8
+}
+fn default_keep_last() -> usize {
+    2
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+/// The RNG stream of the training-data sampler.
+const DATA_STREAM: u64 = 0x7072_6574_7261_696e;
+/// At most this many training tokens are counted for the unigram baseline.
+const UNIGRAM_TOKENS: u64 = 50_000_000;
+/// The output's loss-curve picture.
+pub const LOSS_CURVE: &str = "loss_curve.svg";
+
+/// The `pretrain` stage kind.
+pub struct Pretrain;
+
+impl StageKind for Pretrain {
+    type Settings = PretrainSettings;
+    const NAME: &'static str = "pretrain";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "train a llama/qwen2/gpt2 model on token caches (resumable, bit-exact)";
+    const OUTPUT: Artifact = Artifact::Model;
+    const INPUTS: InputRules = InputRules::Slots(&[
+        DATA_SLOT,
+        InputSlot {
+            name: "tokenizer",
+            accepts: &[
+                Artifact::Tokenizer,
+                Artifact::Files,
+                Artifact::Model,
+                Artifact::Export,
+            ],
+            required: true,
+            many: false,
+        },
+        InputSlot {
+            name: "base",
+            accepts: &[Artifact::Model, Artifact::Export, Artifact::Files],
+            required: false,
+            many: false,
+        },
+    ]);
+    const RESUMABLE: bool = true;
+
+    fn check(settings: &PretrainSettings, inputs: &[&str]) -> Result<(), String> {
+        let has_base = inputs.contains(&"base");
+        match (&settings.model, has_base) {
+            (Some(_), true) => {
+                return Err(
+                    "give either `model` (a new model) or a `base` input, not both".to_string(),
+                );
+            }
+            (None, false) => {
+                return Err(
+                    "`model` is required (e.g. `model: { family: llama, layers: 4, heads: 4, dim: 256 }`) unless a `base` input is given"
+                        .to_string(),
+                );
+            }
+            _ => {}
+        }
+        match (settings.steps, settings.tokens) {
+            (Some(_), Some(_)) => return Err("give `steps` or `tokens`, not both".to_string()),
+            (None, None) => return Err("`steps` (or `tokens`) is required".to_string()),
+            (Some(0), _) | (_, Some(0)) => {
+                return Err("`steps`/`tokens` must be positive".to_string());
+            }
+            _ => {}
+        }
+        for (key, value) in [
+            ("batch_size", settings.batch_size),
+            ("grad_accum", settings.grad_accum),
+            ("context", settings.context),
+        ] {
+            if value == 0 {
+                return Err(format!("`{key}` must be positive"));
+            }
+        }
+        if !(settings.lr.is_finite() && settings.lr > 0.0) {
+            return Err(format!(
+                "`lr` must be a positive number, not {}",
+                settings.lr
+            ));
+        }
+        if let Some(clip) = settings.clip
+            && !(clip.is_finite() && clip > 0.0)
+        {
+            return Err(format!("`clip` must be positive (or null), not {clip}"));
+        }
+        for name in settings.mixture.keys() {
+            if !inputs.contains(&name.as_str()) {
+                let data: Vec<&str> = inputs
+                    .iter()
+                    .copied()
+                    .filter(|input| is_data_input(input))
+                    .collect();
+                return Err(format!(
+                    "`mixture` names `{name}`, which is not a data input (declared: {})",
+                    data.join(", ")
+                ));
+            }
+        }
+        if let Some(model) = &settings.model
+            && model.family == Family::Gpt2
+        {
+            if model.tie_embeddings == Some(false) {
+                return Err(
+                    "gpt2 always ties its embeddings (`tie_embeddings: false` is not possible)"
+                        .to_string(),
+                );
+            }
+            if model.kv_heads.is_some() {
+                return Err("`kv_heads` is for the llama family; gpt2 has none".to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn run(
+        settings: &PretrainSettings,
+        context: &mut StageContext<'_>,
+    ) -> Result<StageOutcome, StageError> {
+        run(settings, context)
+    }
+}
+
+/// The token caches: `data`, `data_wiki`, ….
+const DATA_SLOT: InputSlot = InputSlot {
+    name: "data",
+    accepts: &[Artifact::TokenCache, Artifact::Files],
+    required: true,
+    many: true,
+};
+
+fn is_data_input(name: &str) -> bool {
+    DATA_SLOT.admits(name)
+}
+
+fn invalid(message: impl std::fmt::Display) -> StageError {
+    StageError::Invalid(message.to_string())
+}
+
+/// The token caches of the mixture, opened and checked against the tokenizer.
+struct Caches {
+    /// (input name, cache), in input-name order.
+    caches: Vec<(String, TokenCache)>,
+    vocab_size: usize,
+}
+
+fn open_caches(context: &StageContext<'_>, tokenizer: &Path) -> Result<Caches, StageError> {
+    let mut caches = Vec::new();
+    for (name, path) in context.inputs {
+        if !is_data_input(name) {
+            continue;
+        }
+        let cache = TokenCache::open(path).map_err(invalid)?;
+        cache.verify_tokenizer(tokenizer).map_err(invalid)?;
+        caches.push((name.clone(), cache));
+    }
+    let vocab_size = caches
+        .first()
+        .map(|(_, cache)| cache.meta.vocab_size as usize)
+        .ok_or_else(|| invalid("no `data` input"))?;
+    Ok(Caches { caches, vocab_size })
+}
+
+/// Training batches: windows drawn from the mixture by a seeded RNG, whose state is the
+/// whole position.
+struct MixtureBatches {
+    mixture: Mixture,
+    rng: Rng,
+    batch_size: usize,
+    window: usize,
+}
+
+impl BatchSource for MixtureBatches {
+    fn next_batch(&mut self) -> Result<Batch, String> {
+        let windows = (0..self.batch_size)
+            .map(|_| self.mixture.sample(&mut self.rng, self.window))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Batch::from_windows(&windows))
+    }
+
+    fn position(&self) -> (u64, serde_json::Value) {
+        (self.rng.state(), serde_json::Value::Null)
+    }
+
+    fn restore(&mut self, rng_state: u64, _position: &serde_json::Value) -> Result<(), String> {
+        self.rng = Rng::from_state(rng_state);
+        Ok(())
+    }
+}
+
+/// The architecture of a new model from the settings.
+pub fn model_config(
+    settings: &ModelSettings,
+    vocab_size: usize,
+    context: usize,
+) -> Result<ModelConfig, String> {
+    let max_positions = settings.max_positions.unwrap_or(context);
+    let config = match settings.family {
+        Family::Llama | Family::Qwen2 => {
+            let flavor = match settings.family {
+                Family::Qwen2 => LlamaFlavor::Qwen2,
+                _ => LlamaFlavor::Llama,
+            };
+            if settings.heads == 0 || !settings.dim.is_multiple_of(settings.heads) {
+                return Err(format!(
+                    "`model.dim` ({}) must be a multiple of `model.heads` ({})",
+                    settings.dim, settings.heads
+                ));
+            }
+            ModelConfig::Llama(LlamaConfig {
+                flavor,
+                vocab_size,
+                hidden_size: settings.dim,
+                intermediate_size: settings
+                    .intermediate
+                    .unwrap_or_else(|| (settings.dim * 8 / 3).div_ceil(64) * 64),
+                num_hidden_layers: settings.layers,
+                num_attention_heads: settings.heads,
+                num_key_value_heads: settings.kv_heads.unwrap_or(settings.heads),
+                head_dim: settings.dim / settings.heads,
+                rms_norm_eps: settings.norm_eps.unwrap_or(1e-6),
+                rope_theta: settings.rope_theta,
+                max_position_embeddings: max_positions,
+                tie_word_embeddings: settings.tie_embeddings.unwrap_or(false),
+                qkv_bias: flavor == LlamaFlavor::Qwen2,
+                o_bias: false,
+                mlp_bias: false,
+            })
+        }
+        Family::Gpt2 => ModelConfig::Gpt2(Gpt2Config {
+            vocab_size,
+            n_embd: settings.dim,
+            n_layer: settings.layers,
+            n_head: settings.heads,
+            n_positions: max_positions,
+            layer_norm_epsilon: settings.norm_eps.unwrap_or(1e-5),
+            n_inner: settings.intermediate.unwrap_or(4 * settings.dim),
+        }),
+    };
+    config
+        .validate(Path::new("with.model"))
+        .map_err(|error| error.to_string().replace("with.model: key ", "model: "))?;
+    Ok(config)
+}
+
+fn run(
+    settings: &PretrainSettings,
+    context: &mut StageContext<'_>,
+) -> Result<StageOutcome, StageError> {
+    let tokenizer = tokenizer_file(&context.inputs["tokenizer"]).map_err(invalid)?;
+    let caches = open_caches(context, &tokenizer)?;
+    let device = settings.device.device().map_err(invalid)?;
+    let dtype = DType::F32;
+
+    let (model, varmap, config) = match (&settings.model, context.inputs.get("base")) {
+        (_, Some(base)) => {
+            let (model, varmap, config) =
+                model::load_trainable(base, dtype, &device).map_err(invalid)?;
+            if config.vocab_size() < caches.vocab_size {
+                return Err(invalid(format!(
+                    "the base model {} has {} token embeddings, the tokenizer {} tokens",
+                    base.display(),
+                    config.vocab_size(),
+                    caches.vocab_size
+                )));
+            }
+            (model, varmap, config)
+        }
+        (Some(model_settings), None) => {
+            let config = model_config(model_settings, caches.vocab_size, settings.context)
+                .map_err(invalid)?;
+            let (model, varmap) =
+                model::new_trainable(&config, dtype, &device, context.seed).map_err(invalid)?;
+            (model, varmap, config)
+        }
+        (None, None) => return Err(invalid("`model` or a `base` input is required")),
+    };
+    if settings.context > config.max_positions() {
+        return Err(invalid(format!(
+            "`context` {} is longer than the model's {} positions",
+            settings.context,
+            config.max_positions()
+        )));
+    }
+
+    let tokens_per_step = (settings.batch_size * settings.grad_accum * settings.context) as u64;
+    let steps = match (settings.steps, settings.tokens) {
+        (Some(steps), _) => steps,
+        (None, Some(tokens)) => tokens.div_ceil(tokens_per_step),
+        (None, None) => return Err(invalid("`steps` or `tokens` is required")),
+    };
+    let eval_every = settings.eval_every.unwrap_or((steps / 10).max(1));
+    let loop_settings = LoopSettings {
+        steps,
+        grad_accum: settings.grad_accum,
+        schedule: Schedule {
+            lr: settings.lr,
+            min_lr: settings.min_lr.unwrap_or(settings.lr / 10.0),
+            warmup: settings.warmup.unwrap_or((steps / 20).min(1000)),
+            total: steps,
+            decay: settings.schedule,
+        },
+        clip: settings.clip,
+        eval_every,
+        save_every: settings.save_every.unwrap_or(eval_every),
+        keep_last: settings.keep_last,
+        log_every: settings.log_every,
+    };
+
+    let window = settings.context + 1;
+    let mut sources = Vec::new();
+    let mut eval = Vec::new();
+    let mut unigram_counts = vec![0u64; caches.vocab_size];
+    for (name, cache) in &caches.caches {
+        let stream = cache.stream("train").map_err(invalid)?;
+        if stream.len() < window as u64 {
+            return Err(invalid(format!(
+                "token cache `{name}` ({}) holds {} training tokens, fewer than one sequence of `context` + 1 = {window}",
+                cache.dir.display(),
+                stream.len()
+            )));
+        }
+        for (total, count) in unigram_counts
+            .iter_mut()
+            .zip(stream.counts(caches.vocab_size, UNIGRAM_TOKENS))
+        {
+            *total += count;
+        }
+        let weight = settings.mixture.get(name).copied().unwrap_or(1.0);
+        sources.push((name.clone(), stream, weight));
+        if cache.meta.splits.contains_key("eval") {
+            let eval_stream = cache.stream("eval").map_err(invalid)?;
+            let windows =
+                eval_stream.sequential_windows(window, settings.eval_batches * settings.batch_size);
+            if windows.is_empty() {
+                log(
+                    context,
+                    format_args!(
+                        "note: the eval split of `{name}` is shorter than one sequence; it is not evaluated"
+                    ),
+                );
+            }
+            eval.extend(windows.chunks(settings.batch_size).map(Batch::from_windows));
+        }
+    }
+    let mixture = Mixture::new(sources).map_err(invalid)?;
+    let unigram = unigram_loss(&unigram_counts, &eval);
+    let parameters: usize = model::sorted_vars(&varmap)
+        .iter()
+        .map(|(_, var)| var.elem_count())
+        .sum();
+    log(
+        context,
+        format_args!(
+            "{} model, {} parameters, vocab {}; {steps} steps of {tokens_per_step} tokens on {:?}; {} eval batches{}",
+            config.model_type(),
+            parameters,
+            config.vocab_size(),
+            device,
+            eval.len(),
+            unigram
+                .map(|loss| format!(", unigram baseline eval loss {loss:.4}"))
+                .unwrap_or_default()
+        ),
+    );
+
+    let mut data = MixtureBatches {
+        mixture,
+        rng: Rng::new(context.seed, DATA_STREAM),
+        batch_size: settings.batch_size,
+        window,
+    };
+    let summary = trainer::train(
+        TrainJob {
+            model: &model,
+            config: &config,
+            varmap: &varmap,
+            optimizer: AdamWConfig {
+                weight_decay: settings.weight_decay,
+                ..AdamWConfig::default()
+            },
+            data: &mut data,
+            eval: &eval,
+            device: &device,
+            tokenizer: Some(&tokenizer),
+            dir: context.out_dir,
+            cancel: context.cancel,
+            log: &mut *context.log,
+            show_progress: std::io::stderr().is_terminal(),
+        },
+        &loop_settings,
+    )
+    .map_err(|error| match error {
+        TrainError::Interrupted { .. } => StageError::Interrupted,
+        other => invalid(other),
+    })?;
+    write_loss_curve(context.out_dir, unigram)?;
+
+    let mut metrics = serde_json::Map::new();
+    metrics.insert("steps".into(), json!(summary.steps));
+    metrics.insert("tokens".into(), json!(summary.tokens_seen));
+    metrics.insert("parameters".into(), json!(parameters));
+    metrics.insert("train_loss".into(), json!(summary.final_loss));
+    if let Some(loss) = summary.final_eval {
+        metrics.insert("eval_loss".into(), json!(loss));
+        metrics.insert("perplexity".into(), json!(loss.exp()));
+    }
+    if let Some((loss, step)) = summary.best_eval {
+        metrics.insert("best_eval_loss".into(), json!(loss));
+        metrics.insert("best_step".into(), json!(step));
+    }
+    if let Some(loss) = unigram {
+        metrics.insert("unigram_eval_loss".into(), json!(loss));
+    }
+    metrics.insert("tokens_per_s".into(), json!(summary.tokens_per_s.round()));
+    if let Some(step) = summary.resumed_from {
+        metrics.insert("resumed_from_step".into(), json!(step));
+    }
+    log(
+        context,
+        format_args!(
+            "done: {} steps, train loss {:.4}{}, {:.0} tokens/s",
+            summary.steps,
+            summary.final_loss,
+            summary
+                .final_eval
+                .map(|loss| format!(", eval loss {loss:.4} (perplexity {:.2})", loss.exp()))
+                .unwrap_or_default(),
+            summary.tokens_per_s
+        ),
+    );
+    Ok(StageOutcome { metrics })
+}
+
+/// Eval cross-entropy of the unigram model fitted on the training tokens (add-one
+/// smoothing): the loss a model that ignores context reaches, the baseline learning
+/// must beat.
+fn unigram_loss(counts: &[u64], eval: &[Batch]) -> Option<f64> {
+    let total: f64 = counts.iter().sum::<u64>() as f64 + counts.len() as f64;
+    let mut loss = 0.0;
+    let mut n = 0.0;
+    for batch in eval {
+        for (&target, &weight) in batch.targets.iter().zip(&batch.weights) {
+            if weight > 0.0 {
+                let count = counts.get(target as usize).copied().unwrap_or(0) as f64 + 1.0;
+                loss -= f64::from(weight) * (count / total).ln();
+                n += f64::from(weight);
+            }
+        }
+    }
+    (n > 0.0).then(|| loss / n)
+}
+
+/// Draws train and eval loss from `metrics.jsonl` into [`LOSS_CURVE`].
+fn write_loss_curve(dir: &Path, unigram: Option<f64>) -> Result<(), StageError> {
+    let metrics_path = dir.join(trainer::METRICS);
+    let text = std::fs::read_to_string(&metrics_path)
+        .map_err(|error| StageError::io(format!("reading {}", metrics_path.display()), error))?;
+    let mut train = Vec::new();
+    let mut eval = Vec::new();
+    for row in text
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    {
+        let step = row.get("step").and_then(serde_json::Value::as_f64);
+        match (row.get("type").and_then(serde_json::Value::as_str), step) {
+            (Some("train"), Some(step)) => {
+                if let Some(loss) = row.get("loss").and_then(serde_json::Value::as_f64) {
+                    train.push((step, loss));
+                }
+            }
+            (Some("eval"), Some(step)) => {
+                if let Some(loss) = row.get("eval_loss").and_then(serde_json::Value::as_f64) {
+                    eval.push((step, loss));
+                }
+            }
+            _ => {}
+        }
+    }
+    let baseline: Vec<(f64, f64)> = match (unigram, train.first(), train.last()) {
+        (Some(loss), Some(first), Some(last)) => vec![(first.0, loss), (last.0, loss)],
+        _ => Vec::new(),
+    };
+    let svg = crate::train::plot::line_chart_svg(
+        "Loss",
+        "step",
+        "cross-entropy (nats)",
+        &[
+            crate::train::plot::Series {
+                label: "train",
+                points: &train,
+                color: "#1f77b4",
+            },
+            crate::train::plot::Series {
+                label: "eval",
+                points: &eval,
+                color: "#d62728",
+            },
+            crate::train::plot::Series {
+                label: "unigram baseline",
+                points: &baseline,
+                color: "#7f7f7f",
+            },
+        ],
+    );
+    let path: PathBuf = dir.join(LOSS_CURVE);
+    std::fs::write(&path, svg)
+        .map_err(|error| StageError::io(format!("writing {}", path.display()), error))
+}
+
+fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(context.log, "{line}");
+}
