@@ -5,8 +5,10 @@
 pub mod command;
 pub mod ingest;
 pub mod pretrain;
+pub mod sft;
 pub mod token_cache;
 pub mod tokenizer;
+pub mod training;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -290,6 +292,7 @@ pub static KINDS: &[KindEntry] = &[
     KindEntry::of::<tokenizer::TokenizerStage>(),
     KindEntry::of::<token_cache::TokenCacheStage>(),
     KindEntry::of::<pretrain::Pretrain>(),
+    KindEntry::of::<sft::Sft>(),
 ];
 
 /// The kind called `name`.

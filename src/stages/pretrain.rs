@@ -9,21 +9,22 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::training::{self, DeviceSetting};
 use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
 use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
 use crate::rng::Rng;
 use crate::tokenize::train::tokenizer_file;
 use crate::train::optim::AdamWConfig;
-use crate::train::schedule::{Decay, Schedule};
-use crate::train::trainer::{self, BatchSource, LoopSettings, TrainError, TrainJob};
+use crate::train::schedule::Decay;
+use crate::train::trainer::{self, BatchSource, TrainJob};
 
 /// The model families a new model can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -72,49 +73,6 @@ pub struct ModelSettings {
 
 fn default_rope_theta() -> f64 {
     model::DEFAULT_ROPE_THETA
-}
-
-/// Where to train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceSetting {
-    /// A CUDA or Metal GPU when trainyard was built with one and it is present, else CPU.
-    #[default]
-    Auto,
-    /// The CPU.
-    Cpu,
-    /// The first CUDA GPU (needs a build with `--features cuda`).
-    Cuda,
-    /// The Metal GPU (needs a build with `--features metal`).
-    Metal,
-}
-
-impl DeviceSetting {
-    /// The candle device, or why it is not available.
-    pub fn device(self) -> Result<Device, String> {
-        match self {
-            DeviceSetting::Cpu => Ok(Device::Cpu),
-            DeviceSetting::Cuda => Device::new_cuda(0).map_err(|error| {
-                format!("device `cuda`: {error} (build trainyard with `--features cuda`)")
-            }),
-            DeviceSetting::Metal => Device::new_metal(0).map_err(|error| {
-                format!("device `metal`: {error} (build trainyard with `--features metal`)")
-            }),
-            DeviceSetting::Auto => {
-                if candle_core::utils::cuda_is_available()
-                    && let Ok(device) = Device::new_cuda(0)
-                {
-                    return Ok(device);
-                }
-                if candle_core::utils::metal_is_available()
-                    && let Ok(device) = Device::new_metal(0)
-                {
-                    return Ok(device);
-                }
-                Ok(Device::Cpu)
-            }
-        }
-    }
 }
 
 /// Settings of a `pretrain` stage.
@@ -214,8 +172,6 @@ fn default_log_every() -> u64 {
 const DATA_STREAM: u64 = 0x7072_6574_7261_696e;
 /// At most this many training tokens are counted for the unigram baseline.
 const UNIGRAM_TOKENS: u64 = 50_000_000;
-/// The output's loss-curve picture.
-pub const LOSS_CURVE: &str = "loss_curve.svg";
 
 /// The `pretrain` stage kind.
 pub struct Pretrain;
@@ -273,26 +229,15 @@ impl StageKind for Pretrain {
             }
             _ => {}
         }
-        for (key, value) in [
-            ("batch_size", settings.batch_size),
-            ("grad_accum", settings.grad_accum),
-            ("context", settings.context),
-        ] {
-            if value == 0 {
-                return Err(format!("`{key}` must be positive"));
-            }
-        }
-        if !(settings.lr.is_finite() && settings.lr > 0.0) {
-            return Err(format!(
-                "`lr` must be a positive number, not {}",
-                settings.lr
-            ));
-        }
-        if let Some(clip) = settings.clip
-            && !(clip.is_finite() && clip > 0.0)
-        {
-            return Err(format!("`clip` must be positive (or null), not {clip}"));
-        }
+        training::check_knobs(
+            settings.lr,
+            settings.clip,
+            &[
+                ("batch_size", settings.batch_size),
+                ("grad_accum", settings.grad_accum),
+                ("context", settings.context),
+            ],
+        )?;
         for name in settings.mixture.keys() {
             if !inputs.contains(&name.as_str()) {
                 let data: Vec<&str> = inputs
@@ -498,23 +443,20 @@ fn run(
         (None, Some(tokens)) => tokens.div_ceil(tokens_per_step),
         (None, None) => return Err(invalid("`steps` or `tokens` is required")),
     };
-    let eval_every = settings.eval_every.unwrap_or((steps / 10).max(1));
-    let loop_settings = LoopSettings {
+    let loop_settings = training::Knobs {
         steps,
         grad_accum: settings.grad_accum,
-        schedule: Schedule {
-            lr: settings.lr,
-            min_lr: settings.min_lr.unwrap_or(settings.lr / 10.0),
-            warmup: settings.warmup.unwrap_or((steps / 20).min(1000)),
-            total: steps,
-            decay: settings.schedule,
-        },
+        lr: settings.lr,
+        min_lr: settings.min_lr,
+        warmup: settings.warmup,
+        schedule: settings.schedule,
         clip: settings.clip,
-        eval_every,
-        save_every: settings.save_every.unwrap_or(eval_every),
+        eval_every: settings.eval_every,
+        save_every: settings.save_every,
         keep_last: settings.keep_last,
         log_every: settings.log_every,
-    };
+    }
+    .loop_settings();
 
     let window = settings.context + 1;
     let mut sources = Vec::new();
@@ -599,45 +541,13 @@ fn run(
         },
         &loop_settings,
     )
-    .map_err(|error| match error {
-        TrainError::Interrupted { .. } => StageError::Interrupted,
-        other => invalid(other),
-    })?;
-    write_loss_curve(context.out_dir, unigram)?;
-
-    let mut metrics = serde_json::Map::new();
-    metrics.insert("steps".into(), json!(summary.steps));
-    metrics.insert("tokens".into(), json!(summary.tokens_seen));
-    metrics.insert("parameters".into(), json!(parameters));
-    metrics.insert("train_loss".into(), json!(summary.final_loss));
-    if let Some(loss) = summary.final_eval {
-        metrics.insert("eval_loss".into(), json!(loss));
-        metrics.insert("perplexity".into(), json!(loss.exp()));
-    }
-    if let Some((loss, step)) = summary.best_eval {
-        metrics.insert("best_eval_loss".into(), json!(loss));
-        metrics.insert("best_step".into(), json!(step));
-    }
+    .map_err(training::stage_error)?;
+    training::write_loss_curve(context.out_dir, unigram)?;
+    let mut metrics = training::summary_metrics(&summary, parameters);
     if let Some(loss) = unigram {
         metrics.insert("unigram_eval_loss".into(), json!(loss));
     }
-    metrics.insert("tokens_per_s".into(), json!(summary.tokens_per_s.round()));
-    if let Some(step) = summary.resumed_from {
-        metrics.insert("resumed_from_step".into(), json!(step));
-    }
-    log(
-        context,
-        format_args!(
-            "done: {} steps, train loss {:.4}{}, {:.0} tokens/s",
-            summary.steps,
-            summary.final_loss,
-            summary
-                .final_eval
-                .map(|loss| format!(", eval loss {loss:.4} (perplexity {:.2})", loss.exp()))
-                .unwrap_or_default(),
-            summary.tokens_per_s
-        ),
-    );
+    training::log_summary(context, &summary);
     Ok(StageOutcome { metrics })
 }
 
@@ -658,63 +568,6 @@ fn unigram_loss(counts: &[u64], eval: &[Batch]) -> Option<f64> {
         }
     }
     (n > 0.0).then(|| loss / n)
-}
-
-/// Draws train and eval loss from `metrics.jsonl` into [`LOSS_CURVE`].
-fn write_loss_curve(dir: &Path, unigram: Option<f64>) -> Result<(), StageError> {
-    let metrics_path = dir.join(trainer::METRICS);
-    let text = std::fs::read_to_string(&metrics_path)
-        .map_err(|error| StageError::io(format!("reading {}", metrics_path.display()), error))?;
-    let mut train = Vec::new();
-    let mut eval = Vec::new();
-    for row in text
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-    {
-        let step = row.get("step").and_then(serde_json::Value::as_f64);
-        match (row.get("type").and_then(serde_json::Value::as_str), step) {
-            (Some("train"), Some(step)) => {
-                if let Some(loss) = row.get("loss").and_then(serde_json::Value::as_f64) {
-                    train.push((step, loss));
-                }
-            }
-            (Some("eval"), Some(step)) => {
-                if let Some(loss) = row.get("eval_loss").and_then(serde_json::Value::as_f64) {
-                    eval.push((step, loss));
-                }
-            }
-            _ => {}
-        }
-    }
-    let baseline: Vec<(f64, f64)> = match (unigram, train.first(), train.last()) {
-        (Some(loss), Some(first), Some(last)) => vec![(first.0, loss), (last.0, loss)],
-        _ => Vec::new(),
-    };
-    let svg = crate::train::plot::line_chart_svg(
-        "Loss",
-        "step",
-        "cross-entropy (nats)",
-        &[
-            crate::train::plot::Series {
-                label: "train",
-                points: &train,
-                color: "#1f77b4",
-            },
-            crate::train::plot::Series {
-                label: "eval",
-                points: &eval,
-                color: "#d62728",
-            },
-            crate::train::plot::Series {
-                label: "unigram baseline",
-                points: &baseline,
-                color: "#7f7f7f",
-            },
-        ],
-    );
-    let path: PathBuf = dir.join(LOSS_CURVE);
-    std::fs::write(&path, svg)
-        .map_err(|error| StageError::io(format!("writing {}", path.display()), error))
 }
 
 fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {

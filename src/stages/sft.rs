@@ -1,0 +1,385 @@
+//! The `sft` kind: supervised fine-tuning of a base model on an SFT token cache, with
+//! the loss on the assistant's tokens only (the cache's mask: answer, tool calls and
+//! `<|end|>`). It runs the training loop of [`crate::train::trainer`], so it has the
+//! same guarantees as pretraining: evaluation, checkpoints, metrics, exact resume.
+//!
+//! Inputs: `data` (an SFT token cache), `base` (an upstream model or a local Hugging
+//! Face directory) and optionally `tokenizer` (by default the base's `tokenizer.json`).
+//! The output is the fine-tuned model as an HF directory, like `pretrain`'s.
+
+use std::io::IsTerminal;
+
+use candle_core::DType;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::training::{self, DeviceSetting};
+use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use crate::data::token_cache::{Batch, SftBatcher, SftExamples, SftPosition, TokenCache};
+use crate::model;
+use crate::tokenize::train::tokenizer_file;
+use crate::train::optim::AdamWConfig;
+use crate::train::schedule::Decay;
+use crate::train::trainer::{self, BatchSource, TrainJob};
+
+/// Settings of an `sft` stage.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SftSettings {
+    /// Optimizer steps. Give this or `epochs`.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Passes over the training examples instead of `steps` (1 when neither is given).
+    #[serde(default)]
+    pub epochs: Option<f64>,
+    /// Rows per micro-batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    /// Tokens per row; by default the cache's `max_len`, at most the model's positions.
+    #[serde(default)]
+    pub context: Option<usize>,
+    /// Pack several whole examples into a row (faster); off: one padded example per row.
+    #[serde(default = "default_true")]
+    pub packing: bool,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Final learning rate; by default lr/10.
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    /// Steps of linear warmup; by default 5% of the steps.
+    #[serde(default)]
+    pub warmup: Option<u64>,
+    /// Decay after warmup: `cosine`, `linear` or `constant`.
+    #[serde(default)]
+    pub schedule: Decay,
+    /// Decoupled AdamW weight decay (matrices only).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm limit; `null` turns clipping off.
+    #[serde(default = "default_clip")]
+    pub clip: Option<f64>,
+    /// Evaluate every this many steps (and after the last); by default a tenth.
+    #[serde(default)]
+    pub eval_every: Option<u64>,
+    /// Batches of the eval split per evaluation.
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Write a resumable checkpoint every this many steps; by default as `eval_every`.
+    #[serde(default)]
+    pub save_every: Option<u64>,
+    /// Checkpoints kept while training.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// A line in the stage log every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// `auto`, `cpu`, `cuda` or `metal`.
+    #[serde(default)]
+    pub device: DeviceSetting,
+}
+
+fn default_batch_size() -> usize {
+    8
+}
+fn default_one() -> usize {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_eval_batches() -> usize {
+    8
+}
+fn default_keep_last() -> usize {
+    2
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+/// The seed stream of the training order (the eval order uses the next one).
+const ORDER_STREAM: u64 = 0x7366_745f_6f72_6465;
+
+/// The `sft` stage kind.
+pub struct Sft;
+
+impl StageKind for Sft {
+    type Settings = SftSettings;
+    const NAME: &'static str = "sft";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "fine-tune a model on chat examples, loss on the assistant's tokens (resumable)";
+    const OUTPUT: Artifact = Artifact::Model;
+    const INPUTS: InputRules = InputRules::Slots(&[
+        InputSlot {
+            name: "data",
+            accepts: &[Artifact::TokenCache, Artifact::Files],
+            required: true,
+            many: false,
+        },
+        InputSlot {
+            name: "base",
+            accepts: &[Artifact::Model, Artifact::Export, Artifact::Files],
+            required: true,
+            many: false,
+        },
+        InputSlot {
+            name: "tokenizer",
+            accepts: &[
+                Artifact::Tokenizer,
+                Artifact::Files,
+                Artifact::Model,
+                Artifact::Export,
+            ],
+            required: false,
+            many: false,
+        },
+    ]);
+    const RESUMABLE: bool = true;
+
+    fn check(settings: &SftSettings, _inputs: &[&str]) -> Result<(), String> {
+        match (settings.steps, settings.epochs) {
+            (Some(_), Some(_)) => return Err("give `steps` or `epochs`, not both".to_string()),
+            (Some(0), _) => return Err("`steps` must be positive".to_string()),
+            (_, Some(epochs)) if !(epochs.is_finite() && epochs > 0.0) => {
+                return Err(format!("`epochs` must be positive, not {epochs}"));
+            }
+            _ => {}
+        }
+        training::check_knobs(
+            settings.lr,
+            settings.clip,
+            &[
+                ("batch_size", settings.batch_size),
+                ("grad_accum", settings.grad_accum),
+                ("context", settings.context.unwrap_or(1)),
+            ],
+        )
+    }
+
+    fn run(
+        settings: &SftSettings,
+        context: &mut StageContext<'_>,
+    ) -> Result<StageOutcome, StageError> {
+        run(settings, context)
+    }
+}
+
+fn invalid(message: impl std::fmt::Display) -> StageError {
+    StageError::Invalid(message.to_string())
+}
+
+/// Training batches from an [`SftBatcher`]; its epoch and cursor are the position.
+struct ExampleBatches<'a> {
+    examples: &'a SftExamples,
+    batcher: SftBatcher<'a>,
+    seed: u64,
+    batch_size: usize,
+    seq: usize,
+    packing: bool,
+    pad_id: u32,
+}
+
+impl BatchSource for ExampleBatches<'_> {
+    fn next_batch(&mut self) -> Result<Batch, String> {
+        self.batcher
+            .next_batch()
+            .ok_or_else(|| "the SFT cache has no training examples".to_string())
+    }
+
+    fn position(&self) -> (u64, serde_json::Value) {
+        let position = self.batcher.position();
+        (
+            0,
+            serde_json::json!({ "epoch": position.epoch, "cursor": position.cursor }),
+        )
+    }
+
+    fn restore(&mut self, _rng_state: u64, position: &serde_json::Value) -> Result<(), String> {
+        let position: SftPosition = serde_json::from_value(position.clone())
+            .map_err(|error| format!("checkpoint data position: {error}"))?;
+        self.batcher = SftBatcher::new(
+            self.examples,
+            self.seed,
+            self.batch_size,
+            self.seq,
+            self.packing,
+            self.pad_id,
+            position,
+        );
+        Ok(())
+    }
+}
+
+/// Steps of `epochs` passes: examples (padded rows) or tokens (packed rows) over what
+/// one step consumes.
+fn steps_for_epochs(
+    examples: &SftExamples,
+    epochs: f64,
+    rows_per_step: usize,
+    seq: usize,
+    packing: bool,
+) -> u64 {
+    let per_epoch = if packing {
+        let tokens: usize = (0..examples.len())
+            .map(|index| examples.example(index).0.len().saturating_sub(1).min(seq))
+            .sum();
+        tokens as f64 / (rows_per_step * seq) as f64
+    } else {
+        examples.len() as f64 / rows_per_step as f64
+    };
+    (per_epoch * epochs).ceil().max(1.0) as u64
+}
+
+fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
+    let base = &context.inputs["base"];
+    let tokenizer =
+        tokenizer_file(context.inputs.get("tokenizer").unwrap_or(base)).map_err(invalid)?;
+    let cache = TokenCache::open(&context.inputs["data"]).map_err(invalid)?;
+    cache.verify_tokenizer(&tokenizer).map_err(invalid)?;
+    let examples = cache.examples("train").map_err(invalid)?;
+    if examples.is_empty() {
+        return Err(invalid(format!(
+            "the SFT cache {} has no training examples",
+            cache.dir.display()
+        )));
+    }
+    let eval_examples = match cache.meta.splits.contains_key("eval") {
+        true => Some(cache.examples("eval").map_err(invalid)?),
+        false => None,
+    };
+    let device = settings.device.device().map_err(invalid)?;
+    let (model, varmap, config) =
+        model::load_trainable(base, DType::F32, &device).map_err(invalid)?;
+    if (cache.meta.vocab_size as usize) > config.vocab_size() {
+        return Err(invalid(format!(
+            "the base model {} has {} token embeddings, the cache's tokenizer {} tokens",
+            base.display(),
+            config.vocab_size(),
+            cache.meta.vocab_size
+        )));
+    }
+    let seq = settings
+        .context
+        .or(cache.meta.max_len.map(|len| len as usize))
+        .unwrap_or(config.max_positions())
+        .min(config.max_positions());
+    let rows_per_step = settings.batch_size * settings.grad_accum;
+    let steps = match settings.steps {
+        Some(steps) => steps,
+        None => steps_for_epochs(
+            &examples,
+            settings.epochs.unwrap_or(1.0),
+            rows_per_step,
+            seq,
+            settings.packing,
+        ),
+    };
+    let loop_settings = training::Knobs {
+        steps,
+        grad_accum: settings.grad_accum,
+        lr: settings.lr,
+        min_lr: settings.min_lr,
+        warmup: settings.warmup,
+        schedule: settings.schedule,
+        clip: settings.clip,
+        eval_every: settings.eval_every,
+        save_every: settings.save_every,
+        keep_last: settings.keep_last,
+        log_every: settings.log_every,
+    }
+    .loop_settings();
+
+    let eval: Vec<Batch> = match &eval_examples {
+        Some(eval_examples) if !eval_examples.is_empty() => {
+            let mut batcher = SftBatcher::new(
+                eval_examples,
+                context.seed ^ ORDER_STREAM.wrapping_add(1),
+                settings.batch_size,
+                seq,
+                settings.packing,
+                cache.meta.pad_id,
+                SftPosition {
+                    epoch: 0,
+                    cursor: 0,
+                },
+            );
+            // At most one pass: evaluating an example twice would only weigh it double.
+            let batches = settings
+                .eval_batches
+                .min(eval_examples.len().div_ceil(settings.batch_size));
+            (0..batches).filter_map(|_| batcher.next_batch()).collect()
+        }
+        _ => Vec::new(),
+    };
+    let parameters: usize = model::sorted_vars(&varmap)
+        .iter()
+        .map(|(_, var)| var.elem_count())
+        .sum();
+    let _ = writeln!(
+        context.log,
+        "fine-tuning {} ({} parameters) on {} examples: {steps} steps of {rows_per_step} rows × {seq} tokens{}; {} eval batches",
+        base.display(),
+        parameters,
+        examples.len(),
+        if settings.packing { " (packed)" } else { "" },
+        eval.len()
+    );
+    let seed = context.seed ^ ORDER_STREAM;
+    let start = SftPosition {
+        epoch: 0,
+        cursor: 0,
+    };
+    let mut data = ExampleBatches {
+        examples: &examples,
+        batcher: SftBatcher::new(
+            &examples,
+            seed,
+            settings.batch_size,
+            seq,
+            settings.packing,
+            cache.meta.pad_id,
+            start,
+        ),
+        seed,
+        batch_size: settings.batch_size,
+        seq,
+        packing: settings.packing,
+        pad_id: cache.meta.pad_id,
+    };
+    let summary = trainer::train(
+        TrainJob {
+            model: &model,
+            config: &config,
+            varmap: &varmap,
+            optimizer: AdamWConfig {
+                weight_decay: settings.weight_decay,
+                ..AdamWConfig::default()
+            },
+            data: &mut data,
+            eval: &eval,
+            device: &device,
+            tokenizer: Some(&tokenizer),
+            dir: context.out_dir,
+            cancel: context.cancel,
+            log: &mut *context.log,
+            show_progress: std::io::stderr().is_terminal(),
+        },
+        &loop_settings,
+    )
+    .map_err(training::stage_error)?;
+    training::write_loss_curve(context.out_dir, None)?;
+    let metrics = training::summary_metrics(&summary, parameters);
+    training::log_summary(context, &summary);
+    Ok(StageOutcome { metrics })
+}

@@ -1,0 +1,146 @@
+//! The `sft` stage on the synthetic world: a small model pretrained on documents is
+//! fine-tuned on conversations; the loss on the assistant's answers falls below the
+//! base model's, and a run killed mid-way resumes to the same weights.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use common::Sandbox;
+use trainyard::data::token_cache::{SftBatcher, SftPosition, TokenCache};
+
+fn pipeline(sft_with: &str) -> String {
+    format!(
+        "name: chat
+seed: 11
+stages:
+  docs:
+    kind: ingest
+    with: {{ source: {{ synthetic: {{ part: documents, documents: 300 }} }}, eval_ratio: 0.1 }}
+  chats:
+    kind: ingest
+    with: {{ source: {{ synthetic: {{ part: conversations, documents: 300, conversations: 300 }} }}, eval_ratio: 0.1 }}
+  tok:
+    kind: tokenizer
+    inputs: {{ text: docs/train.jsonl }}
+    with: {{ vocab_size: 384 }}
+  text-cache:
+    kind: token-cache
+    inputs: {{ train: docs/train.jsonl, eval: docs/eval.jsonl, tokenizer: tok }}
+  chat-cache:
+    kind: token-cache
+    inputs: {{ train: chats/train.jsonl, eval: chats/eval.jsonl, tokenizer: tok }}
+    with: {{ max_len: 128 }}
+  base:
+    kind: pretrain
+    inputs: {{ data: text-cache, tokenizer: tok }}
+    with: {{ model: {{ family: llama, layers: 2, heads: 4, dim: 64 }}, context: 64, batch_size: 8, steps: 30, lr: 0.003, eval_every: 0 }}
+  tuned:
+    kind: sft
+    inputs: {{ data: chat-cache, base: base }}
+    with: {sft_with}
+"
+    )
+}
+
+fn output(sandbox: &Sandbox, stage: &str) -> PathBuf {
+    sandbox.path(&format!("runs/latest/outputs/{stage}"))
+}
+
+fn file_hash(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap())
+        .to_hex()
+        .to_string()
+}
+
+/// Mean assistant-token loss of the model in `dir` on the first eval batches.
+fn assistant_loss(sandbox: &Sandbox, dir: &Path) -> f64 {
+    let cache = TokenCache::open(&output(sandbox, "chat-cache")).unwrap();
+    let examples = cache.examples("eval").unwrap();
+    let mut batcher = SftBatcher::new(
+        &examples,
+        1,
+        8,
+        128,
+        false,
+        cache.meta.pad_id,
+        SftPosition {
+            epoch: 0,
+            cursor: 0,
+        },
+    );
+    let batches: Vec<_> = (0..3).filter_map(|_| batcher.next_batch()).collect();
+    let (model, _) = trainyard::model::load_pretrained(dir, DType::F32, &Device::Cpu).unwrap();
+    trainyard::train::trainer::evaluate(&model, &batches, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn full_fine_tuning_lowers_the_loss_on_assistant_answers() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        &pipeline("{ epochs: 2, batch_size: 8, lr: 0.002, eval_every: 10, context: 128 }"),
+    );
+    sandbox.ok(&["run", "p.yaml"]);
+    let tuned = output(&sandbox, "tuned");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "loss_curve.svg",
+    ] {
+        assert!(tuned.join(file).is_file(), "{file} missing");
+    }
+    let before = assistant_loss(&sandbox, &output(&sandbox, "base"));
+    let after = assistant_loss(&sandbox, &tuned);
+    assert!(
+        after < before - 0.5,
+        "assistant-token loss should fall clearly: base {before}, tuned {after}"
+    );
+    assert_eq!(
+        trainyard::model::load_config(&tuned).unwrap(),
+        trainyard::model::load_config(&output(&sandbox, "base")).unwrap()
+    );
+}
+
+#[test]
+fn sft_killed_mid_way_resumes_bit_identically() {
+    let with =
+        "{ steps: 24, batch_size: 4, lr: 0.002, eval_every: 8, save_every: 4, context: 128 }";
+    let straight = Sandbox::new();
+    straight.write("p.yaml", &pipeline(with));
+    straight.ok(&["run", "p.yaml"]);
+    let expected = file_hash(&output(&straight, "tuned").join("model.safetensors"));
+
+    let killed = Sandbox::new();
+    killed.write("p.yaml", &pipeline(with));
+    let mut child = killed.spawn(&["run", "p.yaml"]);
+    let checkpoint_seen = || {
+        std::fs::read_dir(killed.path(".trainyard/work"))
+            .ok()
+            .is_some_and(|entries| {
+                entries.flatten().any(|entry| {
+                    entry.file_name().to_string_lossy().starts_with("tuned-")
+                        && entry.path().join("checkpoints/step-00000008").exists()
+                })
+            })
+    };
+    for _ in 0..4800 {
+        if checkpoint_seen() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(checkpoint_seen(), "no checkpoint appeared");
+    child.kill().unwrap();
+    let _ = child.wait();
+    killed.ok(&["run", "p.yaml"]);
+    let log = killed.read("runs/latest/outputs/tuned/stage.log");
+    assert!(log.contains("resuming from"), "{log}");
+    assert_eq!(
+        file_hash(&output(&killed, "tuned").join("model.safetensors")),
+        expected
+    );
+}
