@@ -7,72 +7,26 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use common::Sandbox;
-use trainyard::data::token_cache::{SftBatcher, SftPosition, TokenCache};
+use common::{Sandbox, file_hash};
 
 fn pipeline(sft_with: &str) -> String {
-    format!(
-        "name: chat
-seed: 11
-stages:
-  docs:
-    kind: ingest
-    with: {{ source: {{ synthetic: {{ part: documents, documents: 300 }} }}, eval_ratio: 0.1 }}
-  chats:
-    kind: ingest
-    with: {{ source: {{ synthetic: {{ part: conversations, documents: 300, conversations: 300 }} }}, eval_ratio: 0.1 }}
-  tok:
-    kind: tokenizer
-    inputs: {{ text: docs/train.jsonl }}
-    with: {{ vocab_size: 384 }}
-  text-cache:
-    kind: token-cache
-    inputs: {{ train: docs/train.jsonl, eval: docs/eval.jsonl, tokenizer: tok }}
-  chat-cache:
-    kind: token-cache
-    inputs: {{ train: chats/train.jsonl, eval: chats/eval.jsonl, tokenizer: tok }}
-    with: {{ max_len: 128 }}
-  base:
-    kind: pretrain
-    inputs: {{ data: text-cache, tokenizer: tok }}
-    with: {{ model: {{ family: llama, layers: 2, heads: 4, dim: 64 }}, context: 64, batch_size: 8, steps: 30, lr: 0.003, eval_every: 0 }}
-  tuned:
+    common::chat_pipeline(&format!(
+        "  tuned:
     kind: sft
     inputs: {{ data: chat-cache, base: base }}
     with: {sft_with}
 "
-    )
+    ))
 }
 
 fn output(sandbox: &Sandbox, stage: &str) -> PathBuf {
     sandbox.path(&format!("runs/latest/outputs/{stage}"))
 }
 
-fn file_hash(path: &Path) -> String {
-    blake3::hash(&std::fs::read(path).unwrap())
-        .to_hex()
-        .to_string()
-}
-
-/// Mean assistant-token loss of the model in `dir` on the first eval batches.
+/// Mean assistant-token loss of the model in `dir` on held-out conversations.
 fn assistant_loss(sandbox: &Sandbox, dir: &Path) -> f64 {
-    let cache = TokenCache::open(&output(sandbox, "chat-cache")).unwrap();
-    let examples = cache.examples("eval").unwrap();
-    let mut batcher = SftBatcher::new(
-        &examples,
-        1,
-        8,
-        128,
-        false,
-        cache.meta.pad_id,
-        SftPosition {
-            epoch: 0,
-            cursor: 0,
-        },
-    );
-    let batches: Vec<_> = (0..3).filter_map(|_| batcher.next_batch()).collect();
     let (model, _) = trainyard::model::load_pretrained(dir, DType::F32, &Device::Cpu).unwrap();
-    trainyard::train::trainer::evaluate(&model, &batches, &Device::Cpu).unwrap()
+    common::assistant_loss(&model, &output(sandbox, "chat-cache"))
 }
 
 #[test]

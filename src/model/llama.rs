@@ -18,6 +18,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use serde_json::{Value, json};
 
 use super::ModelError;
+use super::lora::{Builders, Proj};
 
 /// Which HF architecture a llama-family config is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,34 +261,29 @@ pub fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> Result<Tens
     Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)
 }
 
-/// A linear layer `[out, in]` with an optional bias, HF-named `{vb}.weight`/`{vb}.bias`.
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_b(in_dim, out_dim, bias, vb)
-}
-
 /// Grouped-query self-attention with RoPE.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    /// Fetches `{vb}.{q,k,v,o}_proj`.
-    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Attention> {
+    /// Fetches `{vb}.{q,k,v,o}_proj` (with their adapters, if any).
+    pub fn new(config: &LlamaConfig, vb: &Builders) -> Result<Attention> {
         let (hidden, head_dim) = (config.hidden_size, config.head_dim);
         let q_width = config.num_attention_heads * head_dim;
         let kv_width = config.num_key_value_heads * head_dim;
         Ok(Attention {
-            q_proj: linear(hidden, q_width, config.qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear(hidden, kv_width, config.qkv_bias, vb.pp("k_proj"))?,
-            v_proj: linear(hidden, kv_width, config.qkv_bias, vb.pp("v_proj"))?,
-            o_proj: linear(q_width, hidden, config.o_bias, vb.pp("o_proj"))?,
+            q_proj: Proj::new(hidden, q_width, config.qkv_bias, vb, "q_proj")?,
+            k_proj: Proj::new(hidden, kv_width, config.qkv_bias, vb, "k_proj")?,
+            v_proj: Proj::new(hidden, kv_width, config.qkv_bias, vb, "v_proj")?,
+            o_proj: Proj::new(q_width, hidden, config.o_bias, vb, "o_proj")?,
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_key_value_heads,
             head_dim,
@@ -337,23 +333,23 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 /// The SwiGLU feed-forward network.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
-    /// Fetches `{vb}.{gate,up,down}_proj`.
-    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Mlp> {
+    /// Fetches `{vb}.{gate,up,down}_proj` (with their adapters, if any).
+    pub fn new(config: &LlamaConfig, vb: &Builders) -> Result<Mlp> {
         let (hidden, inner, bias) = (
             config.hidden_size,
             config.intermediate_size,
             config.mlp_bias,
         );
         Ok(Mlp {
-            gate_proj: linear(hidden, inner, bias, vb.pp("gate_proj"))?,
-            up_proj: linear(hidden, inner, bias, vb.pp("up_proj"))?,
-            down_proj: linear(inner, hidden, bias, vb.pp("down_proj"))?,
+            gate_proj: Proj::new(hidden, inner, bias, vb, "gate_proj")?,
+            up_proj: Proj::new(hidden, inner, bias, vb, "up_proj")?,
+            down_proj: Proj::new(inner, hidden, bias, vb, "down_proj")?,
         })
     }
 }
@@ -376,13 +372,17 @@ pub struct Block {
 
 impl Block {
     /// Fetches `{vb}.{input_layernorm,self_attn,post_attention_layernorm,mlp}`.
-    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Block> {
+    pub fn new(config: &LlamaConfig, vb: &Builders) -> Result<Block> {
         let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
         Ok(Block {
-            input_layernorm: RmsNorm::new(hidden, eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(config, vb.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(hidden, eps, vb.pp("post_attention_layernorm"))?,
-            mlp: Mlp::new(config, vb.pp("mlp"))?,
+            input_layernorm: RmsNorm::new(hidden, eps, vb.base.pp("input_layernorm"))?,
+            self_attn: Attention::new(config, &vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(
+                hidden,
+                eps,
+                vb.base.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::new(config, &vb.pp("mlp"))?,
         })
     }
 
@@ -413,6 +413,16 @@ impl Llama {
     /// Fetches `model.embed_tokens`, `model.layers.N`, `model.norm` and (untied)
     /// `lm_head` through `vb`.
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> std::result::Result<Llama, ModelError> {
+        Llama::with_adapters(config, Builders::plain(vb))
+    }
+
+    /// As [`Llama::new`], with LoRA adapters on the projections `builders` names.
+    pub fn with_adapters(
+        config: &LlamaConfig,
+        builders: Builders,
+    ) -> std::result::Result<Llama, ModelError> {
+        let vb = builders.base.clone();
+        let blocks = builders.pp("model");
         let model = vb.pp("model");
         let embed_tokens = candle_nn::embedding(
             config.vocab_size,
@@ -420,18 +430,13 @@ impl Llama {
             model.pp("embed_tokens"),
         )?;
         let layers = (0..config.num_hidden_layers)
-            .map(|index| Block::new(config, model.pp("layers").pp(index)))
+            .map(|index| Block::new(config, &blocks.pp("layers").pp(index)))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(config.hidden_size, config.rms_norm_eps, model.pp("norm"))?;
         let lm_head = if config.tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
-            linear(
-                config.hidden_size,
-                config.vocab_size,
-                false,
-                vb.pp("lm_head"),
-            )?
+            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
         };
         Ok(Llama {
             embed_tokens,

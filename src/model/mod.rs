@@ -20,6 +20,7 @@
 
 pub mod gpt2;
 pub mod llama;
+pub mod lora;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -430,6 +431,102 @@ pub fn new_trainable(
     Ok((model, varmap))
 }
 
+/// A frozen base model from the HF directory `dir` with a trainable LoRA adapter: the
+/// base weights are plain tensors (no gradient), the adapter's `lora_A`/`lora_B` live in
+/// the returned [`VarMap`] under PEFT's names, initialised from `seed` (llama family
+/// only).
+pub fn new_lora(
+    dir: &Path,
+    spec: &lora::LoraSpec,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<(CausalLm, VarMap, ModelConfig), ModelError> {
+    let config = load_config(dir)?;
+    let ModelConfig::Llama(llama_config) = &config else {
+        return Err(ModelError::Unsupported {
+            path: dir.join("config.json"),
+            key: "model_type".to_string(),
+            message: format!(
+                "LoRA adapters are implemented for the llama family (llama, qwen2), not {}",
+                config.model_type()
+            ),
+        });
+    };
+    if let Some(target) = spec
+        .targets
+        .iter()
+        .find(|target| !lora::LLAMA_TARGETS.contains(&target.as_str()))
+    {
+        return Err(ModelError::Unsupported {
+            path: dir.join("config.json"),
+            key: "targets".to_string(),
+            message: format!(
+                "`{target}` is not a projection of this model (expected some of {})",
+                lora::LLAMA_TARGETS.join(", ")
+            ),
+        });
+    }
+    let files = safetensors_files(dir)?;
+    // SAFETY: as in `load_pretrained`.
+    let base = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    let varmap = VarMap::new();
+    let adapter = VarBuilder::from_varmap(&varmap, dtype, device)
+        .pp("base_model")
+        .pp("model");
+    let builders = lora::Builders {
+        base,
+        lora: Some((adapter, std::sync::Arc::new(spec.clone()))),
+    };
+    let model = CausalLm::Llama(Llama::with_adapters(llama_config, builders)?);
+    lora::init_adapter(&varmap, seed)?;
+    Ok((model, varmap, config))
+}
+
+/// A base model from `base_dir` with the PEFT adapter in `adapter_dir` applied (not
+/// merged): the adapter's spec comes from its `adapter_config.json`.
+pub fn load_lora(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(CausalLm, ModelConfig), ModelError> {
+    let config_path = adapter_dir.join(lora::ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
+        path: config_path.clone(),
+        message: error.to_string(),
+    })?;
+    let spec = lora::LoraSpec::from_adapter_config(&value).map_err(|message| ModelError::Json {
+        path: config_path.clone(),
+        message,
+    })?;
+    let (model, varmap, config) = new_lora(base_dir, &spec, dtype, device, 0)?;
+    let weights_path = adapter_dir.join(lora::ADAPTER_WEIGHTS);
+    let saved = candle_core::safetensors::load(&weights_path, device)?;
+    for (name, var) in sorted_vars(&varmap) {
+        let tensor = saved.get(&name).ok_or_else(|| ModelError::Safetensors {
+            path: weights_path.clone(),
+            message: format!("no tensor `{name}`"),
+        })?;
+        if tensor.dims() != var.dims() {
+            return Err(ModelError::Safetensors {
+                path: weights_path.clone(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, the base model needs {:?}",
+                    tensor.dims(),
+                    var.dims()
+                ),
+            });
+        }
+        var.set(&tensor.to_dtype(dtype)?)?;
+    }
+    Ok((model, config))
+}
+
 /// How [`init_weights`] sets one parameter, decided by its HF name.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum InitRule {
@@ -483,7 +580,7 @@ pub fn init_weights(varmap: &VarMap, config: &ModelConfig, seed: u64) -> Result<
 }
 
 /// A stable 64-bit key of a parameter name (FNV-1a), to pick its RNG stream.
-fn name_key(name: &str) -> u64 {
+pub(crate) fn name_key(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })

@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod ingest;
+pub mod lora_merge;
 pub mod pretrain;
 pub mod sft;
 pub mod token_cache;
@@ -293,6 +294,7 @@ pub static KINDS: &[KindEntry] = &[
     KindEntry::of::<token_cache::TokenCacheStage>(),
     KindEntry::of::<pretrain::Pretrain>(),
     KindEntry::of::<sft::Sft>(),
+    KindEntry::of::<lora_merge::LoraMerge>(),
 ];
 
 /// The kind called `name`.

@@ -22,6 +22,7 @@ use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
 use crate::rng::Rng;
 use crate::tokenize::train::tokenizer_file;
+use crate::train::checkpoint::ModelFiles;
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::Decay;
 use crate::train::trainer::{self, BatchSource, TrainJob};
@@ -524,7 +525,7 @@ fn run(
     let summary = trainer::train(
         TrainJob {
             model: &model,
-            config: &config,
+            files: ModelFiles::Full(&config),
             varmap: &varmap,
             optimizer: AdamWConfig {
                 weight_decay: settings.weight_decay,

@@ -18,14 +18,129 @@ use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind
 use crate::data::token_cache::{Batch, SftBatcher, SftExamples, SftPosition, TokenCache};
 use crate::model;
 use crate::tokenize::train::tokenizer_file;
+use crate::train::checkpoint::ModelFiles;
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::Decay;
 use crate::train::trainer::{self, BatchSource, TrainJob};
+
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// Every weight of the model (full fine-tune).
+    #[default]
+    None,
+    /// A LoRA adapter on a frozen base.
+    Lora,
+}
+
+/// The `adapter` setting: `none`, `lora`, or `{ kind: lora, rank, alpha, dropout,
+/// targets }`.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSetting {
+    /// `none` (full fine-tune) or `lora`.
+    pub kind: AdapterKind,
+    /// LoRA rank r.
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    /// LoRA α: the update is scaled by α/r.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapter's input (only 0 is supported yet).
+    #[serde(default)]
+    pub dropout: f64,
+    /// The projections adapted.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+}
+
+impl Default for AdapterSetting {
+    fn default() -> Self {
+        AdapterSetting {
+            kind: AdapterKind::None,
+            rank: default_rank(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            targets: default_targets(),
+        }
+    }
+}
+
+fn default_rank() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> Vec<String> {
+    model::lora::LLAMA_TARGETS
+        .iter()
+        .map(|target| target.to_string())
+        .collect()
+}
+
+/// The object form of [`AdapterSetting`], read with its own error messages.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdapterFields {
+    kind: AdapterKind,
+    #[serde(default = "default_rank")]
+    rank: usize,
+    #[serde(default = "default_alpha")]
+    alpha: f64,
+    #[serde(default)]
+    dropout: f64,
+    #[serde(default = "default_targets")]
+    targets: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for AdapterSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let fields: AdapterFields = match value {
+            serde_json::Value::String(kind) => AdapterFields {
+                kind: serde_json::from_value(serde_json::Value::String(kind.clone())).map_err(
+                    |_| {
+                        D::Error::custom(format!(
+                            "unknown adapter `{kind}` (expected `none` or `lora`)"
+                        ))
+                    },
+                )?,
+                rank: default_rank(),
+                alpha: default_alpha(),
+                dropout: 0.0,
+                targets: default_targets(),
+            },
+            other => serde_json::from_value(other).map_err(D::Error::custom)?,
+        };
+        Ok(AdapterSetting {
+            kind: fields.kind,
+            rank: fields.rank,
+            alpha: fields.alpha,
+            dropout: fields.dropout,
+            targets: fields.targets,
+        })
+    }
+}
+
+fn adapter_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let object = generator.subschema_for::<AdapterSetting>();
+    schemars::json_schema!({
+        "description": "`none` (full fine-tune), `lora`, or `{ kind: lora, rank, alpha, dropout, targets }`",
+        "anyOf": [ { "enum": ["none", "lora"] }, object ]
+    })
+}
 
 /// Settings of an `sft` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SftSettings {
+    /// `none` (every weight is trained) or a LoRA adapter on the frozen base.
+    #[serde(default)]
+    #[schemars(schema_with = "adapter_schema")]
+    pub adapter: AdapterSetting,
     /// Optimizer steps. Give this or `epochs`.
     #[serde(default)]
     pub steps: Option<u64>,
@@ -148,6 +263,37 @@ impl StageKind for Sft {
     const RESUMABLE: bool = true;
 
     fn check(settings: &SftSettings, _inputs: &[&str]) -> Result<(), String> {
+        let adapter = &settings.adapter;
+        if adapter.kind == AdapterKind::Lora {
+            if adapter.rank == 0 {
+                return Err("`adapter.rank` must be positive".to_string());
+            }
+            if !(adapter.alpha.is_finite() && adapter.alpha > 0.0) {
+                return Err(format!(
+                    "`adapter.alpha` must be positive, not {}",
+                    adapter.alpha
+                ));
+            }
+            if adapter.dropout != 0.0 {
+                return Err(
+                    "`adapter.dropout` other than 0 is not supported yet (dropout masks must be reproducible for exact resume)"
+                        .to_string(),
+                );
+            }
+            if adapter.targets.is_empty() {
+                return Err("`adapter.targets` is empty".to_string());
+            }
+            if let Some(target) = adapter
+                .targets
+                .iter()
+                .find(|target| !model::lora::LLAMA_TARGETS.contains(&target.as_str()))
+            {
+                return Err(format!(
+                    "`adapter.targets`: unknown projection `{target}` (expected some of {})",
+                    model::lora::LLAMA_TARGETS.join(", ")
+                ));
+            }
+        }
         match (settings.steps, settings.epochs) {
             (Some(_), Some(_)) => return Err("give `steps` or `epochs`, not both".to_string()),
             (Some(0), _) => return Err("`steps` must be positive".to_string()),
@@ -259,8 +405,22 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         false => None,
     };
     let device = settings.device.device().map_err(invalid)?;
-    let (model, varmap, config) =
-        model::load_trainable(base, DType::F32, &device).map_err(invalid)?;
+    let spec = model::lora::LoraSpec {
+        rank: settings.adapter.rank,
+        alpha: settings.adapter.alpha,
+        targets: settings.adapter.targets.clone(),
+    };
+    let (model, varmap, config) = match settings.adapter.kind {
+        AdapterKind::None => model::load_trainable(base, DType::F32, &device).map_err(invalid)?,
+        AdapterKind::Lora => {
+            model::new_lora(base, &spec, DType::F32, &device, context.seed).map_err(invalid)?
+        }
+    };
+    let adapter_config = spec.adapter_config(&base.display().to_string());
+    let files = match settings.adapter.kind {
+        AdapterKind::None => ModelFiles::Full(&config),
+        AdapterKind::Lora => ModelFiles::Adapter(&adapter_config),
+    };
     if (cache.meta.vocab_size as usize) > config.vocab_size() {
         return Err(invalid(format!(
             "the base model {} has {} token embeddings, the cache's tokenizer {} tokens",
@@ -360,7 +520,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
     let summary = trainer::train(
         TrainJob {
             model: &model,
-            config: &config,
+            files,
             varmap: &varmap,
             optimizer: AdamWConfig {
                 weight_decay: settings.weight_decay,

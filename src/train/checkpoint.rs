@@ -16,7 +16,16 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, lora};
+
+/// What a checkpoint's weights are, which decides the files they are written to.
+#[derive(Debug, Clone, Copy)]
+pub enum ModelFiles<'a> {
+    /// A whole model: a Hugging Face directory with this `config.json`.
+    Full(&'a ModelConfig),
+    /// A LoRA adapter: a PEFT directory with this `adapter_config.json`.
+    Adapter(&'a serde_json::Value),
+}
 
 /// The resumable state of a training run, besides weights and optimizer moments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,8 +90,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
 
 /// Everything one checkpoint holds.
 pub struct Checkpoint<'a> {
-    /// The model's architecture (its `config.json`).
-    pub config: &'a ModelConfig,
+    /// What the weights are: a full model or an adapter.
+    pub files: ModelFiles<'a>,
     /// Model weights by HF tensor name.
     pub weights: &'a [(String, Tensor)],
     /// Optimizer moments by name.
@@ -108,7 +117,7 @@ pub fn save(root: &Path, checkpoint: &Checkpoint<'_>) -> Result<PathBuf, Checkpo
     fs::create_dir_all(&temp).map_err(io_at(&temp))?;
     write_model(
         &temp,
-        checkpoint.config,
+        checkpoint.files,
         checkpoint.weights,
         checkpoint.tokenizer,
     )?;
@@ -143,18 +152,37 @@ pub fn save(root: &Path, checkpoint: &Checkpoint<'_>) -> Result<PathBuf, Checkpo
     Ok(target)
 }
 
-/// Writes an HF model directory: `config.json`, `model.safetensors` (through
-/// [`crate::model::save_model_dir`]) and, when given, a copy of `tokenizer.json`.
+/// Writes the trained weights: an HF model directory (`config.json`,
+/// `model.safetensors`, through [`crate::model::save_model_dir`]) or a PEFT adapter
+/// directory (`adapter_config.json`, `adapter_model.safetensors`), plus a copy of
+/// `tokenizer.json` when given.
 pub fn write_model(
     dir: &Path,
-    config: &ModelConfig,
+    files: ModelFiles<'_>,
     weights: &[(String, Tensor)],
     tokenizer: Option<&Path>,
 ) -> Result<(), CheckpointError> {
-    crate::model::save_model_dir(dir, config, weights).map_err(|error| CheckpointError::Model {
+    let model_error = |error: crate::model::ModelError| CheckpointError::Model {
         path: dir.to_path_buf(),
         message: error.to_string(),
-    })?;
+    };
+    match files {
+        ModelFiles::Full(config) => {
+            crate::model::save_model_dir(dir, config, weights).map_err(model_error)?;
+        }
+        ModelFiles::Adapter(config) => {
+            fs::create_dir_all(dir).map_err(io_at(dir))?;
+            let config_path = dir.join(lora::ADAPTER_CONFIG);
+            let text =
+                serde_json::to_string_pretty(config).map_err(|error| CheckpointError::State {
+                    path: config_path.clone(),
+                    reason: error.to_string(),
+                })?;
+            fs::write(&config_path, text + "\n").map_err(io_at(&config_path))?;
+            crate::model::save_tensors(weights, &dir.join(lora::ADAPTER_WEIGHTS))
+                .map_err(model_error)?;
+        }
+    }
     if let Some(tokenizer) = tokenizer {
         let copy = dir.join("tokenizer.json");
         fs::copy(tokenizer, &copy).map_err(io_at(&copy))?;
@@ -189,7 +217,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, CheckpointError> {
     })?;
     Ok(Loaded {
         dir: dir.to_path_buf(),
-        weights: read_tensors("model.safetensors")?,
+        weights: if dir.join(lora::ADAPTER_WEIGHTS).is_file() {
+            read_tensors(lora::ADAPTER_WEIGHTS)?
+        } else {
+            read_tensors("model.safetensors")?
+        },
         optimizer: read_tensors("trainer_state.safetensors")?,
         state,
     })
@@ -263,7 +295,7 @@ mod tests {
             save(
                 root.path(),
                 &Checkpoint {
-                    config: &config,
+                    files: ModelFiles::Full(&config),
                     weights: &[("model.norm.weight".to_string(), weight.clone())],
                     optimizer: &[("exp_avg.model.norm.weight".to_string(), moment.clone())],
                     state: &state(step),

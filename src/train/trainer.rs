@@ -25,14 +25,14 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use serde_json::json;
 
-use super::checkpoint::{self, Checkpoint, CheckpointError, TrainerState};
+use super::checkpoint::{self, Checkpoint, CheckpointError, ModelFiles, TrainerState};
 use super::loss::{batch_tensors, weighted_cross_entropy};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::step::{StepError, train_step};
 use crate::data::token_cache::Batch;
 use crate::interrupt::CancelFlag;
-use crate::model::{CausalLm, ModelConfig, named_tensors, sorted_vars};
+use crate::model::{CausalLm, named_tensors, sorted_vars};
 
 /// Sub-directory of resumable checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
@@ -78,9 +78,9 @@ pub struct LoopSettings {
 pub struct TrainJob<'a> {
     /// The model (its parameters live in `varmap`).
     pub model: &'a CausalLm,
-    /// Its architecture, for `config.json`.
-    pub config: &'a ModelConfig,
-    /// Its parameters, all trained.
+    /// What is written: the whole model's `config.json`, or an adapter's.
+    pub files: ModelFiles<'a>,
+    /// The trained parameters (all of the model's, or an adapter's).
     pub varmap: &'a VarMap,
     /// AdamW hyper-parameters besides the learning rate.
     pub optimizer: AdamWConfig,
@@ -199,7 +199,7 @@ pub fn evaluate(model: &CausalLm, batches: &[Batch], device: &Device) -> candle_
 pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary, TrainError> {
     let TrainJob {
         model,
-        config,
+        files,
         varmap,
         optimizer: optimizer_config,
         data,
@@ -271,7 +271,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         if cancel.is_cancelled() {
             let checkpoint = if state.step > 0 && last_saved != Some(state.step) {
                 Some(save_checkpoint(
-                    &root, config, varmap, &optimizer, &state, tokenizer, settings,
+                    &root, files, varmap, &optimizer, &state, tokenizer, settings,
                 )?)
             } else {
                 checkpoint::latest(&root)
@@ -373,7 +373,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
             let improved = state.best_eval.is_none_or(|(best, _)| eval_loss < best);
             if eval_loss.is_finite() && improved {
                 state.best_eval = Some((eval_loss, state.step));
-                write_best(dir, config, varmap, tokenizer, eval_loss, state.step)?;
+                write_best(dir, files, varmap, tokenizer, eval_loss, state.step)?;
             }
             if last {
                 final_eval = Some(eval_loss);
@@ -381,7 +381,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         }
         if !last && settings.save_every > 0 && state.step.is_multiple_of(settings.save_every) {
             save_checkpoint(
-                &root, config, varmap, &optimizer, &state, tokenizer, settings,
+                &root, files, varmap, &optimizer, &state, tokenizer, settings,
             )?;
             last_saved = Some(state.step);
         }
@@ -394,7 +394,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
     }
     bar.finish_and_clear();
 
-    checkpoint::write_model(dir, config, &named_tensors(varmap), tokenizer)?;
+    checkpoint::write_model(dir, files, &named_tensors(varmap), tokenizer)?;
     let summary_path = dir.join(SUMMARY);
     let summary = json!({
         "steps": state.step,
@@ -420,7 +420,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
 
 fn save_checkpoint(
     root: &Path,
-    config: &ModelConfig,
+    files: ModelFiles<'_>,
     varmap: &VarMap,
     optimizer: &AdamW,
     state: &TrainerState,
@@ -430,7 +430,7 @@ fn save_checkpoint(
     let path = checkpoint::save(
         root,
         &Checkpoint {
-            config,
+            files,
             weights: &named_tensors(varmap),
             optimizer: &optimizer.state(),
             state,
@@ -444,7 +444,7 @@ fn save_checkpoint(
 /// Replaces `dir/best` with the current model, atomically.
 fn write_best(
     dir: &Path,
-    config: &ModelConfig,
+    files: ModelFiles<'_>,
     varmap: &VarMap,
     tokenizer: Option<&Path>,
     eval_loss: f64,
@@ -455,7 +455,7 @@ fn write_best(
     if temp.exists() {
         fs::remove_dir_all(&temp).map_err(io_at(&temp))?;
     }
-    checkpoint::write_model(&temp, config, &named_tensors(varmap), tokenizer)?;
+    checkpoint::write_model(&temp, files, &named_tensors(varmap), tokenizer)?;
     write_json(
         &temp.join("best.json"),
         &json!({ "step": step, "eval_loss": eval_loss }),

@@ -206,3 +206,64 @@ pub fn write_test_tokenizer(path: &Path, texts: &[&str], vocab_size: usize) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     tokenizer.save(path, false).unwrap();
 }
+
+/// The synthetic world's documents and conversations → tokenizer → text and chat
+/// caches → a small pretrained llama `base`, followed by the stages in `tail`.
+pub fn chat_pipeline(tail: &str) -> String {
+    format!(
+        "name: chat
+seed: 11
+stages:
+  docs:
+    kind: ingest
+    with: {{ source: {{ synthetic: {{ part: documents, documents: 300 }} }}, eval_ratio: 0.1 }}
+  chats:
+    kind: ingest
+    with: {{ source: {{ synthetic: {{ part: conversations, documents: 300, conversations: 300 }} }}, eval_ratio: 0.1 }}
+  tok:
+    kind: tokenizer
+    inputs: {{ text: docs/train.jsonl }}
+    with: {{ vocab_size: 384 }}
+  text-cache:
+    kind: token-cache
+    inputs: {{ train: docs/train.jsonl, eval: docs/eval.jsonl, tokenizer: tok }}
+  chat-cache:
+    kind: token-cache
+    inputs: {{ train: chats/train.jsonl, eval: chats/eval.jsonl, tokenizer: tok }}
+    with: {{ max_len: 128 }}
+  base:
+    kind: pretrain
+    inputs: {{ data: text-cache, tokenizer: tok }}
+    with: {{ model: {{ family: llama, layers: 2, heads: 4, dim: 64 }}, context: 64, batch_size: 8, steps: 30, lr: 0.003, eval_every: 0 }}
+{tail}"
+    )
+}
+
+/// blake3 of a file, hex.
+pub fn file_hash(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap_or_else(|error| panic!("{}: {error}", path.display())))
+        .to_hex()
+        .to_string()
+}
+
+/// Mean assistant-token loss of the model `model` on the first batches of the eval
+/// split of the SFT cache in `cache_dir`.
+pub fn assistant_loss(model: &trainyard::model::CausalLm, cache_dir: &Path) -> f64 {
+    use trainyard::data::token_cache::{SftBatcher, SftPosition, TokenCache};
+    let cache = TokenCache::open(cache_dir).unwrap();
+    let examples = cache.examples("eval").unwrap();
+    let mut batcher = SftBatcher::new(
+        &examples,
+        1,
+        8,
+        128,
+        false,
+        cache.meta.pad_id,
+        SftPosition {
+            epoch: 0,
+            cursor: 0,
+        },
+    );
+    let batches: Vec<_> = (0..3).filter_map(|_| batcher.next_batch()).collect();
+    trainyard::train::trainer::evaluate(model, &batches, &candle_core::Device::Cpu).unwrap()
+}

@@ -1,0 +1,252 @@
+//! LoRA adapters for the llama family, in PEFT's layout.
+//!
+//! A targeted projection `y = x·Wᵀ + b` becomes `y = x·Wᵀ + b + (α/r)·(x·Aᵀ)·Bᵀ` with
+//! `A: [r, in]` (uniform ±1/√in, as PEFT's Kaiming init) and `B: [out, r]` (zeros, so an
+//! untrained adapter changes nothing). The base weights are plain tensors — no
+//! gradient, no optimizer state — and only `A` and `B` live in a [`VarMap`] under
+//! PEFT's names (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`), so
+//! `adapter_model.safetensors` is written without renaming and other tools read it.
+//! [`merge`] folds an adapter into the base: `W' = W + (α/r)·B·A`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder, VarMap};
+use serde_json::{Value, json};
+
+use crate::rng::Rng;
+
+/// The prefix PEFT puts before the base model's parameter names.
+pub const PEFT_PREFIX: &str = "base_model.model";
+/// The adapter weights file of a PEFT adapter directory.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// The adapter config file of a PEFT adapter directory.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// Every projection of a llama-family block an adapter can target.
+pub const LLAMA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The RNG stream of adapter initialisation.
+const LORA_STREAM: u64 = 0x6c6f_7261_696e_6974;
+
+/// Shape of an adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// Rank `r`.
+    pub rank: usize,
+    /// Scale numerator `α` (the update is scaled by α/r).
+    pub alpha: f64,
+    /// Projection names adapted (`q_proj`, …).
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    /// α/r.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// PEFT's `adapter_config.json` for this adapter on the base model `base`.
+    pub fn adapter_config(&self, base: &str) -> Value {
+        json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": self.targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "use_rslora": false,
+            "use_dora": false,
+        })
+    }
+
+    /// Reads PEFT's `adapter_config.json` (`r`, `lora_alpha`, `target_modules`).
+    pub fn from_adapter_config(value: &Value) -> std::result::Result<LoraSpec, String> {
+        let rank = value
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or("missing or invalid key `r`")?;
+        let alpha = value
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or("missing or invalid key `lora_alpha`")?;
+        let targets = value
+            .get("target_modules")
+            .and_then(Value::as_array)
+            .ok_or("missing or invalid key `target_modules` (a list is expected)")?
+            .iter()
+            .map(|target| target.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("`target_modules` must be a list of names")?;
+        if rank == 0 {
+            return Err("`r` must be positive".to_string());
+        }
+        Ok(LoraSpec {
+            rank: rank as usize,
+            alpha,
+            targets,
+        })
+    }
+}
+
+/// Where a model's parameters come from: the base weights and, optionally, adapter
+/// variables (under PEFT's prefix) with their spec. Walked down the module tree in
+/// step, like a [`VarBuilder`].
+#[derive(Clone)]
+pub struct Builders<'a> {
+    /// Base weights.
+    pub base: VarBuilder<'a>,
+    /// Adapter variables and their spec.
+    pub lora: Option<(VarBuilder<'a>, Arc<LoraSpec>)>,
+}
+
+impl<'a> Builders<'a> {
+    /// Base weights only.
+    pub fn plain(base: VarBuilder<'a>) -> Builders<'a> {
+        Builders { base, lora: None }
+    }
+
+    /// Both builders one level down.
+    pub fn pp(&self, name: impl ToString) -> Builders<'a> {
+        let name = name.to_string();
+        Builders {
+            base: self.base.pp(&name),
+            lora: self
+                .lora
+                .as_ref()
+                .map(|(vb, spec)| (vb.pp(&name), spec.clone())),
+        }
+    }
+}
+
+/// A projection, with a LoRA branch when it is targeted.
+#[derive(Debug, Clone)]
+pub struct Proj {
+    linear: Linear,
+    lora: Option<(Tensor, Tensor, f64)>,
+}
+
+impl Proj {
+    /// `{name}.weight`/`{name}.bias` `[out, in]` from the base; `lora_A`/`lora_B` from
+    /// the adapter builder when `name` is a target.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        builders: &Builders<'_>,
+        name: &str,
+    ) -> Result<Proj> {
+        let linear = candle_nn::linear_b(in_dim, out_dim, bias, builders.base.pp(name))?;
+        let lora = match &builders.lora {
+            Some((vb, spec)) if spec.targets.iter().any(|target| target == name) => {
+                let vb = vb.pp(name);
+                let zeros = candle_nn::Init::Const(0.0);
+                let a = vb.get_with_hints((spec.rank, in_dim), "lora_A.weight", zeros)?;
+                let b = vb.get_with_hints((out_dim, spec.rank), "lora_B.weight", zeros)?;
+                Some((a, b, spec.scale()))
+            }
+            _ => None,
+        };
+        Ok(Proj { linear, lora })
+    }
+}
+
+impl Module for Proj {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.linear.forward(x)?;
+        match &self.lora {
+            None => Ok(y),
+            Some((a, b, scale)) => {
+                let update = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+                y + (update * *scale)?
+            }
+        }
+    }
+}
+
+/// Initialises a fresh adapter: every `lora_A` uniform in ±1/√in from a seeded stream
+/// per name, every `lora_B` zero.
+pub fn init_adapter(varmap: &VarMap, seed: u64) -> Result<()> {
+    for (name, var) in super::sorted_vars(varmap) {
+        let tensor = if name.ends_with("lora_A.weight") {
+            let (_, in_dim) = var.dims2()?;
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let mut rng = Rng::for_item(seed, LORA_STREAM, super::name_key(&name));
+            let values: Vec<f64> = (0..var.elem_count())
+                .map(|_| (rng.next_f64() * 2.0 - 1.0) * bound)
+                .collect();
+            Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?
+        } else {
+            var.as_tensor().zeros_like()?
+        };
+        var.set(&tensor)?;
+    }
+    Ok(())
+}
+
+/// The merged weights `W + (α/r)·B·A` of `base` (HF names) with `adapter` (PEFT
+/// names). Every adapter pair must match a base weight.
+pub fn merge(
+    base: &HashMap<String, Tensor>,
+    adapter: &HashMap<String, Tensor>,
+    spec: &LoraSpec,
+) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    let mut merged: HashMap<String, Tensor> = base.clone();
+    let mut pairs = 0;
+    let mut names: Vec<&String> = adapter.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(module) = name.strip_suffix(".lora_A.weight") else {
+            if name.ends_with(".lora_B.weight") {
+                continue;
+            }
+            return Err(format!("unexpected adapter tensor `{name}`"));
+        };
+        let b_name = format!("{module}.lora_B.weight");
+        let b = adapter
+            .get(&b_name)
+            .ok_or_else(|| format!("adapter has `{name}` but no `{b_name}`"))?;
+        let base_name = format!(
+            "{}.weight",
+            module
+                .strip_prefix(&format!("{PEFT_PREFIX}."))
+                .unwrap_or(module)
+        );
+        let weight = merged
+            .get(&base_name)
+            .ok_or_else(|| format!("the base model has no `{base_name}` for adapter `{name}`"))?;
+        let a = &adapter[name];
+        let delta = (b
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|b| b.matmul(&a.to_dtype(candle_core::DType::F32)?))
+            .and_then(|delta| delta * spec.scale()))
+        .map_err(|error| format!("`{module}`: {error}"))?;
+        let updated = (weight
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|weight| weight + delta)
+            .and_then(|sum| sum.to_dtype(weight.dtype())))
+        .map_err(|error| format!("`{module}`: {error}"))?;
+        merged.insert(base_name, updated);
+        pairs += 1;
+    }
+    if pairs == 0 {
+        return Err("the adapter holds no lora_A/lora_B pairs".to_string());
+    }
+    let mut merged: Vec<(String, Tensor)> = merged.into_iter().collect();
+    merged.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(merged)
+}

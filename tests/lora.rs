@@ -1,0 +1,211 @@
+//! LoRA end to end: `sft` with `adapter: lora` trains only a PEFT-layout adapter on a
+//! frozen base and lowers the loss on assistant answers; `lora-merge` folds it in, and
+//! the merged model's logits equal base + adapter.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use common::Sandbox;
+
+const TAIL: &str = "  adapter:
+    kind: sft
+    inputs: { data: chat-cache, base: base }
+    with: { adapter: { kind: lora, rank: 8, alpha: 16 }, epochs: 2, batch_size: 8, lr: 0.003, context: 128 }
+  merged:
+    kind: lora-merge
+    inputs: { base: base, adapter: adapter }
+";
+
+fn output(sandbox: &Sandbox, stage: &str) -> PathBuf {
+    sandbox.path(&format!("runs/latest/outputs/{stage}"))
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn lora_trains_a_peft_adapter_that_merges_into_identical_logits() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", &common::chat_pipeline(TAIL));
+    sandbox.ok(&["run", "p.yaml"]);
+
+    // The adapter is PEFT's layout and nothing else of the model.
+    let adapter = output(&sandbox, "adapter");
+    assert!(
+        !adapter.join("model.safetensors").exists(),
+        "the base is not copied"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&sandbox.read("runs/latest/outputs/adapter/adapter_config.json"))
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+    assert_eq!(config["lora_alpha"], 16.0);
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+    let tensors =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    // 2 layers × 7 projections × (A, B).
+    assert_eq!(tensors.len(), 28);
+    let q_a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let q_b = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"];
+    assert_eq!(q_a.dims(), [8, 64]);
+    assert_eq!(q_b.dims(), [64, 8]);
+    assert!(
+        q_b.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0,
+        "B starts at zero and must have been trained"
+    );
+
+    // It learned: the assistant-token loss falls below the base model's.
+    let base_dir = output(&sandbox, "base");
+    let (base, _) = trainyard::model::load_pretrained(&base_dir, DType::F32, &Device::Cpu).unwrap();
+    let (with_adapter, _) =
+        trainyard::model::load_lora(&base_dir, &adapter, DType::F32, &Device::Cpu).unwrap();
+    let cache = output(&sandbox, "chat-cache");
+    let before = common::assistant_loss(&base, &cache);
+    let after = common::assistant_loss(&with_adapter, &cache);
+    assert!(
+        after < before - 0.3,
+        "LoRA should lower the loss: {before} → {after}"
+    );
+
+    // Merged = base + adapter, logit for logit.
+    let merged_dir = output(&sandbox, "merged");
+    assert!(merged_dir.join("tokenizer.json").is_file());
+    assert_eq!(
+        trainyard::model::load_config(&merged_dir).unwrap(),
+        trainyard::model::load_config(&base_dir).unwrap()
+    );
+    let (merged, _) =
+        trainyard::model::load_pretrained(&merged_dir, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(
+        &[
+            [4u32, 30, 31, 200, 5, 17, 2],
+            [1, 9, 100, 101, 102, 103, 104],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let expected = with_adapter.forward(&ids).unwrap();
+    let got = merged.forward(&ids).unwrap();
+    let diff = max_diff(&expected, &got);
+    assert!(
+        diff < 1e-5,
+        "merged logits differ from base + adapter by {diff}"
+    );
+    assert!(
+        max_diff(&base.forward(&ids).unwrap(), &got) > 1e-3,
+        "the merge changed the model"
+    );
+}
+
+#[test]
+fn only_the_adapter_is_trainable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(
+        trainyard::model::LlamaFlavor::Qwen2,
+        true,
+    ));
+    let (_, varmap) =
+        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
+    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    let spec = trainyard::model::lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+    };
+    let (model, adapter, _) =
+        trainyard::model::new_lora(dir.path(), &spec, DType::F32, &Device::Cpu, 3).unwrap();
+    let vars = trainyard::model::sorted_vars(&adapter);
+    assert_eq!(vars.len(), 2 * 3 * 2, "A and B for 3 targets in 2 layers");
+    assert!(
+        vars.iter()
+            .all(|(name, _)| name.starts_with("base_model.model.model.layers."))
+    );
+    // An untrained adapter (B = 0) changes nothing.
+    let (plain, _) =
+        trainyard::model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    let logits = model.forward(&ids).unwrap();
+    assert_eq!(max_diff(&logits, &plain.forward(&ids).unwrap()), 0.0);
+    // Gradients reach every adapter tensor after B moves off zero, and nothing else
+    // is a variable at all.
+    for (name, var) in &vars {
+        if name.contains("lora_B") {
+            var.set(&(var.as_tensor().ones_like().unwrap() * 0.01).unwrap())
+                .unwrap();
+        }
+    }
+    let loss = model
+        .forward(&ids)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in &vars {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert!(
+            grad.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0,
+            "{name} has a zero gradient"
+        );
+    }
+}
+
+#[test]
+fn lora_settings_mistakes_are_reported() {
+    for (adapter, expected) in [
+        ("{ kind: lora, rank: 0 }", "`adapter.rank` must be positive"),
+        (
+            "{ kind: lora, targets: [qproj] }",
+            "unknown projection `qproj`",
+        ),
+        ("{ kind: lora, dropout: 0.1 }", "not supported yet"),
+        ("{ kind: lora, rnak: 4 }", "rnak"),
+        ("lorra", "unknown adapter `lorra`"),
+    ] {
+        let sandbox = Sandbox::new();
+        sandbox.write(
+            "p.yaml",
+            &common::chat_pipeline(&format!(
+                "  adapter:
+    kind: sft
+    inputs: {{ data: chat-cache, base: base }}
+    with: {{ adapter: {adapter}, steps: 2 }}
+"
+            )),
+        );
+        let out = sandbox.fails(&["run", "p.yaml"]);
+        assert!(
+            out.contains(expected),
+            "{adapter}: expected `{expected}` in\n{out}"
+        );
+    }
+}
