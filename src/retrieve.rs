@@ -63,8 +63,8 @@ pub const DEFAULT_THRESHOLD: f64 = 0.75;
 pub enum RetrieveError {
     /// A file could not be read, or one of its lines is not a usable document (the
     /// message names `file:line` and the field).
-    #[error(transparent)]
-    Source(#[from] SourceError),
+    #[error("{0}")]
+    Source(SourceError),
     /// A directory that is not an ingest output.
     #[error("{path}: a directory, but not an ingest output (it has no train.jsonl or eval.jsonl)")]
     NotADataset {
@@ -83,6 +83,14 @@ pub enum RetrieveError {
         /// How many there are.
         count: usize,
     },
+}
+
+impl From<SourceError> for RetrieveError {
+    // Written out rather than `#[from]`: `SourceError` already displays its cause
+    // (`path: No such file or directory`), and a source link would repeat it in `{:#}`.
+    fn from(error: SourceError) -> RetrieveError {
+        RetrieveError::Source(error)
+    }
 }
 
 /// One retrievable document.
@@ -336,10 +344,11 @@ pub fn is_stopword(word: &str) -> bool {
     STOPWORDS.binary_search(&word).is_ok()
 }
 
-/// Light plural stemming: Harman's S-stemmer (`ies` → `y`, `es` → `e`, `s` → ``, each
-/// with its exceptions) plus Porter's `sses` → `ss`, on words longer than three
-/// characters (so `gas`, `bus`, `yes` stay whole). It only has to map a plural and its
-/// singular to the same term; it does not have to produce words.
+/// Light plural stemming: Harman's S-stemmer (`ies` → `y` but not after `a` or `e`;
+/// `s` → `` but not after `u` or `s`; its `es` → `e` rule is the `s` rule again) plus
+/// Porter's `sses` → `ss`, on words longer than three characters (so `gas`, `bus`,
+/// `yes` stay whole). It only has to map a plural and its singular to the same term;
+/// it does not have to produce words.
 pub fn stem(word: &mut String) {
     if word.chars().count() <= 3 {
         return;
@@ -350,8 +359,6 @@ pub fn stem(word: &mut String) {
     } else if ends("ies") && !ends("eies") && !ends("aies") {
         word.truncate(word.len() - 3);
         word.push('y');
-    } else if ends("es") && !ends("aes") && !ends("ees") && !ends("oes") {
-        word.truncate(word.len() - 1);
     } else if ends("s") && !ends("us") && !ends("ss") {
         word.truncate(word.len() - 1);
     }
@@ -383,6 +390,11 @@ impl Analyzer {
     /// Calls `each` with every term of `text`, in order, repeats included. One buffer is
     /// reused for all of them: indexing allocates only for new vocabulary.
     pub fn for_each_term(&self, text: &str, mut each: impl FnMut(&str)) {
+        self.for_each_word(text, |term, _| each(term));
+    }
+
+    /// [`Analyzer::for_each_term`], with each term's word as written in `text`.
+    fn for_each_word(&self, text: &str, mut each: impl FnMut(&str, &str)) {
         let mut word = String::new();
         for piece in text.split(|c: char| !is_word_char(c)) {
             if piece.is_empty() {
@@ -401,7 +413,7 @@ impl Analyzer {
             if self.stem {
                 stem(&mut word);
             }
-            each(&word);
+            each(&word, piece);
         }
     }
 
@@ -414,10 +426,19 @@ impl Analyzer {
 
     /// The distinct terms of `text`, in order of first occurrence: a question's keywords.
     pub fn keywords(&self, text: &str) -> Vec<String> {
-        let mut keywords: Vec<String> = Vec::new();
-        self.for_each_term(text, |term| {
-            if !keywords.iter().any(|seen| seen == term) {
-                keywords.push(term.to_string());
+        self.keywords_with_words(text)
+            .into_iter()
+            .map(|(term, _)| term)
+            .collect()
+    }
+
+    /// [`Analyzer::keywords`], each with the word it was first written as (`Rivers` for
+    /// `river`): analyzed terms are for matching, the words are for people.
+    pub fn keywords_with_words(&self, text: &str) -> Vec<(String, String)> {
+        let mut keywords: Vec<(String, String)> = Vec::new();
+        self.for_each_word(text, |term, word| {
+            if !keywords.iter().any(|(seen, _)| seen == term) {
+                keywords.push((term.to_string(), word.to_string()));
             }
         });
         keywords
@@ -627,7 +648,11 @@ impl Index {
 
     /// How many of `question`'s keywords occur in the `hits` documents; see [`Coverage`].
     pub fn coverage(&self, question: &str, hits: &[Hit], threshold: f64) -> Coverage {
-        let keywords = self.analyzer.keywords(question);
+        let (keywords, words): (Vec<String>, Vec<String>) = self
+            .analyzer
+            .keywords_with_words(question)
+            .into_iter()
+            .unzip();
         let (covered, missing): (Vec<String>, Vec<String>) = keywords
             .iter()
             .cloned()
@@ -639,6 +664,7 @@ impl Index {
         };
         Coverage {
             keywords,
+            words,
             covered,
             missing,
             ratio,
@@ -680,6 +706,8 @@ pub struct Retrieval {
 pub struct Coverage {
     /// The question's keywords (analyzed: lower case, stemmed), in question order.
     pub keywords: Vec<String>,
+    /// Each keyword as the question first wrote it (`Rivers` for `river`).
+    pub words: Vec<String>,
     /// The keywords some retrieved document contains.
     pub covered: Vec<String>,
     /// The keywords no retrieved document contains.
@@ -1010,6 +1038,7 @@ mod tests {
         assert_eq!(retrieval.hits[0].doc, 0);
         let coverage = &retrieval.coverage;
         assert_eq!(coverage.keywords, ["river", "flow", "ardelwick"]);
+        assert_eq!(coverage.words, ["river", "flows", "Ardelwick"]);
         assert_eq!((coverage.missing.len(), coverage.ratio), (0, 1.0));
         assert!(coverage.passed());
         // 3 of 4 keywords is exactly the default threshold.
@@ -1146,6 +1175,8 @@ mod tests {
         ));
         let missing = load_documents(&dir.path().join("nope.jsonl")).unwrap_err();
         assert!(missing.to_string().contains("nope.jsonl"), "{missing}");
+        // The cause is displayed once, not again as a source.
+        assert!(std::error::Error::source(&missing).is_none());
 
         let out = dir.path().join("corpus");
         assert!(matches!(
