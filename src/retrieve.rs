@@ -484,7 +484,18 @@ pub struct Index {
 impl Index {
     /// Loads `path` (see [`load_documents`]) and indexes it with the default analyzer.
     pub fn open(path: &Path) -> Result<Index, RetrieveError> {
-        Index::build(load_documents(path)?, Analyzer::default())
+        let start = std::time::Instant::now();
+        let documents = load_documents(path)?;
+        let loaded = start.elapsed();
+        let index = Index::build(documents, Analyzer::default())?;
+        tracing::info!(
+            "{}: {} documents, {} terms; loaded in {loaded:.2?}, indexed in {:.2?}",
+            display_path(path),
+            index.len(),
+            index.vocabulary.len(),
+            start.elapsed() - loaded
+        );
+        Ok(index)
     }
 
     /// Indexes `documents`, in time linear in their total length.
