@@ -461,7 +461,7 @@ struct Posting {
     tf: u32,
 }
 
-type Vocabulary = HashMap<String, u32, foldhash::fast::FixedState>;
+type Vocabulary = HashMap<String, usize, foldhash::fast::FixedState>;
 
 /// An Okapi BM25 inverted index over a dataset's documents.
 ///
@@ -513,12 +513,9 @@ impl Index {
             let mut add = |term: &str| {
                 length += 1;
                 let id = match vocabulary.get(term) {
-                    Some(&id) => id as usize,
+                    Some(&id) => id,
                     None => {
-                        // Distinct terms never outnumber the terms of a corpus we could
-                        // hold in memory several times over; saturating keeps this total.
-                        let id = u32::try_from(postings.len()).unwrap_or(u32::MAX);
-                        vocabulary.insert(term.to_string(), id);
+                        vocabulary.insert(term.to_string(), postings.len());
                         postings.push(Vec::new());
                         postings.len() - 1
                     }
@@ -599,7 +596,7 @@ impl Index {
     fn postings_of(&self, term: &str) -> &[Posting] {
         self.vocabulary
             .get(term)
-            .map(|&id| self.postings[id as usize].as_slice())
+            .map(|&id| self.postings[id].as_slice())
             .unwrap_or(&[])
     }
 
@@ -619,6 +616,9 @@ impl Index {
 
     /// [`Index::search`] for terms already analyzed (and de-duplicated).
     pub fn search_terms(&self, terms: &[String], k: usize) -> Vec<Hit> {
+        if k == 0 {
+            return Vec::new();
+        }
         let mut scores = vec![0.0f64; self.documents.len()];
         let mut touched: Vec<u32> = Vec::new();
         for term in terms {
@@ -629,6 +629,8 @@ impl Index {
             let idf = self.idf(term);
             for posting in postings {
                 let score = &mut scores[posting.doc as usize];
+                // Every contribution is positive (idf > 0 as df <= N, tf >= 1), so a zero
+                // score means the document has not been seen yet.
                 if *score == 0.0 {
                     touched.push(posting.doc);
                 }
@@ -644,9 +646,6 @@ impl Index {
             })
             .collect();
         let order = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.doc.cmp(&b.doc));
-        if k == 0 {
-            return Vec::new();
-        }
         // Partial selection first: a query term such as "town" may match most of the
         // corpus, and only the best `k` need sorting.
         if hits.len() > k {
