@@ -9,6 +9,7 @@ use crate::config::{self, LoadOptions, ResolvedPipeline};
 use crate::dag::{self, DagFormat};
 use crate::executor::{self, Outcome, RunOptions, StageStatus};
 use crate::interrupt::CancelFlag;
+use crate::retrieve::{self, Index};
 use crate::store::Workspace;
 
 /// Declarative, fingerprinted language-model training pipelines.
@@ -60,6 +61,55 @@ pub enum Command {
         /// The pipeline file.
         file: PathBuf,
     },
+    /// Retrieve documents for a question with BM25 and run the coverage gate alone, as
+    /// `chat --retrieve` does before answering. Exit 0 when the gate passes, 1 when it
+    /// refuses, 2 when the dataset or the flags are bad.
+    VerifyQuestion(VerifyQuestionArgs),
+}
+
+/// Retrieval from a dataset: the flags `verify-question` and `chat` share.
+#[derive(Debug, Args)]
+pub struct RetrievalArgs {
+    /// The documents: a JSONL file (text from `text`, `body_text` or `chunks[].text`, as
+    /// ingest reads it) or an ingest output directory (its train.jsonl and eval.jsonl).
+    #[arg(long, value_name = "DATASET")]
+    pub retrieve: PathBuf,
+    /// How many of the best documents to retrieve and put before the question.
+    #[arg(long, value_name = "K", default_value_t = retrieve::DEFAULT_CONTEXT_DOCS, value_parser = parse_positive)]
+    pub context_docs: usize,
+    /// The fraction of the question's keywords the retrieved documents must contain for
+    /// the question to be answered (0 to 1).
+    #[arg(long, value_name = "RATIO", default_value_t = retrieve::DEFAULT_THRESHOLD, value_parser = parse_ratio)]
+    pub threshold: f64,
+}
+
+/// `trainyard verify-question`.
+#[derive(Debug, Args)]
+pub struct VerifyQuestionArgs {
+    /// Where to retrieve from, and how much.
+    #[command(flatten)]
+    pub retrieval: RetrievalArgs,
+    /// Print JSON (hits, coverage, verdict) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The question.
+    pub question: String,
+}
+
+fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(value) => Ok(value),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        Ok(_) => Err("must be between 0 and 1".to_string()),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// A pipeline file and how to resolve it.
@@ -222,6 +272,96 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::VerifyQuestion(args) => verify_question(&args),
+    }
+}
+
+/// How many characters of each retrieved document `verify-question` shows.
+const PREVIEW_CHARS: usize = 100;
+
+fn verify_question(args: &VerifyQuestionArgs) -> anyhow::Result<ExitCode> {
+    let retrieval = &args.retrieval;
+    let index = Index::open(&retrieval.retrieve)?;
+    let result = index.retrieve(&args.question, retrieval.context_docs, retrieval.threshold);
+    let refusal = result.coverage.refusal();
+    if args.json {
+        let hits: Vec<serde_json::Value> = result
+            .hits
+            .iter()
+            .enumerate()
+            .map(|(rank, hit)| {
+                let document = index.document(hit);
+                serde_json::json!({
+                    "rank": rank + 1,
+                    "doc": hit.doc,
+                    "id": document.id,
+                    "title": document.title,
+                    "score": hit.score,
+                    "preview": retrieve::preview(&document.text, PREVIEW_CHARS),
+                })
+            })
+            .collect();
+        let report = serde_json::json!({
+            "question": args.question,
+            "dataset": display(&retrieval.retrieve),
+            "documents": index.len(),
+            "hits": hits,
+            "coverage": result.coverage,
+            "passed": refusal.is_none(),
+            "refusal": refusal,
+            "message": refusal.as_ref().map(ToString::to_string),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_retrieval(&index, &result, &retrieval.retrieve);
+        match &refusal {
+            None => println!("verdict: pass"),
+            Some(refusal) => println!("verdict: refuse: {refusal}"),
+        }
+    }
+    Ok(match refusal {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::FAILURE,
+    })
+}
+
+fn print_retrieval(index: &Index, result: &retrieve::Retrieval, dataset: &Path) {
+    println!(
+        "retrieved {} of {} documents in {}",
+        result.hits.len(),
+        index.len(),
+        display(dataset)
+    );
+    for (rank, hit) in result.hits.iter().enumerate() {
+        let document = index.document(hit);
+        println!(
+            "  [{}] {}  score {:.4}  {}",
+            rank + 1,
+            document.id,
+            hit.score,
+            retrieve::preview(&document.text, PREVIEW_CHARS)
+        );
+    }
+    let coverage = &result.coverage;
+    println!(
+        "keywords: {} of {} covered (ratio {:.2}, threshold {:.2})",
+        coverage.covered.len(),
+        coverage.keywords.len(),
+        coverage.ratio,
+        coverage.threshold
+    );
+    for (keyword, word) in coverage.keywords.iter().zip(&coverage.words) {
+        let state = if coverage.covered.contains(keyword) {
+            "covered"
+        } else {
+            "missing"
+        };
+        // The analyzed term is what is matched; show the question's word when it differs.
+        if word.to_lowercase() == *keyword {
+            println!("  {state:<8} {keyword}");
+        } else {
+            println!("  {state:<8} {keyword} ({word})");
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Data flows `config` → `dag` → `fingerprint`/`hashing`/`store` → `executor` →
 //! `stages`, with `runs` recording each run; `cli` is a thin clap layer over all of it.
-//! `data`, `tokenize`, `model` (and later `train`) are the machine-learning libraries
+//! `data`, `tokenize`, `model`, `train` and `retrieve` are the machine-learning libraries
 //! the stages use; they know nothing of pipelines.
 
 pub mod cli;
@@ -14,6 +14,7 @@ pub mod fingerprint;
 pub mod hashing;
 pub mod interrupt;
 pub mod model;
+pub mod retrieve;
 pub mod rng;
 pub mod runs;
 pub mod stages;
