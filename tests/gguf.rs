@@ -7,10 +7,12 @@
 //! The models are random but not at their init values: every weight is uniform with
 //! variance 1/fan_in, norm gains are 1 ± 0.3 and biases ± 0.2, so the logits have a scale
 //! of a few units and a wrong permutation or a swapped tensor shows up as an O(1) error.
-//! `bench/gguf_llama_cpp.py` runs the same kind of export through llama.cpp itself.
+//! `bench/gguf_llama_cpp.sh` runs the same kind of export through llama.cpp itself (see
+//! [`exports_and_reference_logits_for_the_llama_cpp_check`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, gguf_file};
@@ -692,4 +694,95 @@ fn a_tensor_that_disagrees_with_the_config_fails_mid_write_and_leaves_no_file() 
     assert!(message.contains("[96, 64]"), "{message}");
     assert!(!out.exists());
     assert!(!checkpoint.path().join("model.gguf.partial").exists());
+}
+
+/// Writes what `bench/gguf_llama_cpp.py` checks llama.cpp against: three checkpoints
+/// (llama untied; llama with every bias, tied; qwen2 tied with [PAD] ids), each exported
+/// as f32, f16 and q8_0, and `reference.json` with trainyard's logits at every position
+/// of one input, the ids trainyard's tokenizer gives some texts, and a rendered chat.
+/// Into `$TRAINYARD_GGUF_EXPORT` when set, else a temporary directory (then it only
+/// checks that these exports succeed).
+#[test]
+fn exports_and_reference_logits_for_the_llama_cpp_check() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = std::env::var_os("TRAINYARD_GGUF_EXPORT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let mut llama_biases = config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB);
+    llama_biases.qkv_bias = true;
+    llama_biases.o_bias = true;
+    llama_biases.mlp_bias = true;
+    let models = [
+        ("llama", config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB)),
+        ("llama_biases", llama_biases),
+        (
+            "qwen2",
+            config(LlamaFlavor::Qwen2, true, TOKENIZER_VOCAB + 4),
+        ),
+    ];
+    let input_ids: Vec<u32> = vec![1, 17, 200, 45, 9, 123, 250, 3, 77, 64, 280, 5];
+    let input = Tensor::new(input_ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut reference_models = serde_json::Map::new();
+    for (seed, (name, config)) in models.into_iter().enumerate() {
+        let checkpoint = Checkpoint::new(config, 100 + seed as u64);
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(checkpoint.path().join(file), dir.join(file)).unwrap();
+        }
+        for dtype in [GgufDtype::F32, GgufDtype::F16, GgufDtype::Q8_0] {
+            let out = dir.join(format!("model-{dtype}.gguf"));
+            write_gguf(&dir, &dir.join("tokenizer.json"), &out, dtype).unwrap();
+        }
+        let (model, _) = model::load_pretrained(&dir, DType::F32, &Device::Cpu).unwrap();
+        let logits = model
+            .forward(&input)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        reference_models.insert(name.to_string(), serde_json::json!({ "logits": logits }));
+    }
+
+    let tokenizer = tokenizers::Tokenizer::from_str(tokenizer_text()).unwrap();
+    let texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "  rivers,\n\nand   the SEA's end — 42 foxes! ünïcödé 🦊",
+        "<|user|>Where does the river run?<|end|><|assistant|>To the sea.<|end|>",
+    ];
+    let encoded: Vec<serde_json::Value> = texts
+        .iter()
+        .map(|text| {
+            let ids = tokenizer.encode(*text, false).unwrap().get_ids().to_vec();
+            serde_json::json!({ "text": text, "ids": ids })
+        })
+        .collect();
+    let messages: Vec<trainyard::data::records::ChatMessage> =
+        serde_json::from_value(serde_json::json!([
+            { "role": "system", "content": "Be brief." },
+            { "role": "user", "content": "Where does the river run?" },
+            { "role": "assistant", "content": "", "tool_calls": [
+                { "name": "lookup", "arguments": { "river": "Ardel", "n": 2 } }
+            ] },
+            { "role": "tool", "content": "the sea" },
+            { "role": "assistant", "content": "To the sea." },
+            { "role": "user", "content": "Thanks." },
+        ]))
+        .unwrap();
+    let rendered = trainyard::tokenize::chat::render_text(&messages, true);
+    let reference = serde_json::json!({
+        "input_ids": input_ids,
+        "models": reference_models,
+        "texts": encoded,
+        "chat": { "messages": messages, "rendered": rendered },
+    });
+    std::fs::write(
+        root.join("reference.json"),
+        serde_json::to_string(&reference).unwrap(),
+    )
+    .unwrap();
 }
