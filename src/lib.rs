@@ -10,6 +10,7 @@ pub mod config;
 pub mod dag;
 pub mod data;
 pub mod executor;
+pub mod export;
 pub mod fingerprint;
 pub mod hashing;
 pub mod interrupt;

@@ -1,0 +1,1095 @@
+//! GGUF files for llama.cpp from a Hugging Face-shaped checkpoint of the llama family
+//! (`LlamaForCausalLM`, `Qwen2ForCausalLM`) and its byte-level BPE `tokenizer.json`.
+//!
+//! The file is what llama.cpp's own `convert_hf_to_gguf.py` would write for the same
+//! model, so llama.cpp, ollama and candle's quantized models read it as one of theirs:
+//!
+//! - **Metadata**: `general.architecture` is `llama` or `qwen2` and the hyper-parameters
+//!   sit under that prefix (`llama.context_length`, `qwen2.attention.head_count_kv`, …)
+//!   with the converter's value types (u32 counts, f32 rotary base and epsilon).
+//! - **Tokenizer**: `tokenizer.ggml.model = "gpt2"` (llama.cpp's name for byte-level
+//!   BPE), every token in id order with its type (1 normal, 3 control for the special
+//!   tokens, 4 user-defined for other added tokens, 5 unused for ids the tokenizer lacks
+//!   below the model's `vocab_size`), the merges as `"a b"` strings, and
+//!   `tokenizer.ggml.pre` read off the tokenizer's own pre-tokenizer: llama.cpp chooses its
+//!   split expression from that key alone and its converter only knows tokenizers by the
+//!   hash of their output, so a trainyard tokenizer must say `gpt-2` itself. BOS is
+//!   `<|endoftext|>`, EOS and EOT are `<|end|>` (the generation stop of the chat
+//!   template), padding is `<|pad|>`, and neither BOS nor EOS is added to prompts,
+//!   because trainyard never trained with them there. The chat template is
+//!   [`crate::tokenize::chat::JINJA_TEMPLATE`].
+//! - **Tensors**: llama.cpp's names (`token_embd.weight`, `blk.N.attn_q.weight`, …,
+//!   `output_norm.weight`, `output.weight` unless tied). For `llama` only, the rows of Q
+//!   and K (weights and biases) are permuted: Hugging Face rotates the two halves of
+//!   each head (`rotate_half`) while llama.cpp's `llama` architecture rotates adjacent
+//!   pairs, so row `j·d/2 + i` of a head moves to row `2i + j`. `qwen2` uses the
+//!   half-split ("NEOX") rotation in llama.cpp too, so its rows stay as they are.
+//! - **Types**: vectors (norm gains, biases) are always f32; matrices take the requested
+//!   type. A q8_0 matrix whose rows are not a multiple of 32 wide falls back to f16,
+//!   as in the converter.
+//!
+//! The file is GGUF version 3, little-endian, with 32-byte alignment. It is written to
+//! `<out>.partial` and renamed into place, so a failed export never leaves a truncated
+//! file under the final name.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::model::{self, LlamaConfig, LlamaFlavor, ModelConfig, ModelError};
+use crate::tokenize::chat::JINJA_TEMPLATE;
+use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD};
+
+/// The GGUF version written.
+pub const GGUF_VERSION: u32 = 3;
+
+/// Alignment of the tensor data section and of every tensor in it (GGUF's default, so
+/// no `general.alignment` key is needed).
+pub const ALIGNMENT: u64 = 32;
+
+/// `"GGUF"` read as a little-endian u32.
+const GGUF_MAGIC: u32 = 0x4655_4747;
+
+/// `general.quantization_version`: ggml's `GGML_QNT_VERSION`, which the converter
+/// writes into every file.
+const QUANTIZATION_VERSION: u32 = 2;
+
+/// Elements per q8_0 block.
+const Q8_0_BLOCK: usize = 32;
+
+/// llama.cpp's token types (`llama_token_type`).
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+const TOKEN_UNUSED: i32 = 5;
+
+/// Split expressions of pre-tokenizers llama.cpp implements, as they appear in a
+/// `tokenizer.json` `Split` pre-tokenizer, with the `tokenizer.ggml.pre` that selects
+/// the same expression in llama.cpp.
+const KNOWN_SPLITS: [(&str, &str); 2] = [
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "qwen2",
+    ),
+    (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "llama-bpe",
+    ),
+];
+
+/// The numeric type of the weight matrices in a GGUF file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum GgufDtype {
+    /// 32-bit floats: lossless.
+    #[serde(rename = "f32")]
+    F32,
+    /// 16-bit floats.
+    #[serde(rename = "f16")]
+    F16,
+    /// ggml's 8-bit blocks: 32 weights share one f16 scale (8.5 bits a weight).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl GgufDtype {
+    /// The lower-case name (`f32`, `f16`, `q8_0`), as in settings and file names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GgufDtype::F32 => "f32",
+            GgufDtype::F16 => "f16",
+            GgufDtype::Q8_0 => "q8_0",
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`llama_ftype`): `ALL_F32`, `MOSTLY_F16`,
+    /// `MOSTLY_Q8_0`.
+    pub fn file_type(self) -> u32 {
+        match self {
+            GgufDtype::F32 => 0,
+            GgufDtype::F16 => 1,
+            GgufDtype::Q8_0 => 7,
+        }
+    }
+
+    fn matrix_type(self) -> GgmlDType {
+        match self {
+            GgufDtype::F32 => GgmlDType::F32,
+            GgufDtype::F16 => GgmlDType::F16,
+            GgufDtype::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+}
+
+impl std::fmt::Display for GgufDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a GGUF file could not be written. Every variant names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The checkpoint's `config.json` or safetensors could not be read.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The checkpoint is of a kind GGUF export does not handle.
+    #[error("{path}: {message}")]
+    Unsupported {
+        /// The file that says so (usually `config.json`).
+        path: PathBuf,
+        /// What is not supported.
+        message: String,
+    },
+    /// The `tokenizer.json` cannot be expressed in GGUF.
+    #[error("{path}: {message}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A weight is missing, unexpected, or has the wrong shape.
+    #[error("{path}: tensor `{name}`: {message}")]
+    Tensor {
+        /// The model directory.
+        path: PathBuf,
+        /// The Hugging Face tensor name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Writing the output failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file being written.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// One tensor of a written GGUF file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GgufTensor {
+    /// llama.cpp's name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Shape in row-major order, as in the Hugging Face file (GGUF itself stores the
+    /// dimensions innermost first).
+    pub shape: Vec<usize>,
+    /// `f32`, `f16` or `q8_0`.
+    pub dtype: String,
+}
+
+/// What [`write_gguf`] wrote.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GgufSummary {
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// `general.architecture`: `llama` or `qwen2`.
+    pub architecture: String,
+    /// The requested matrix type.
+    pub dtype: GgufDtype,
+    /// `tokenizer.ggml.pre`.
+    pub tokenizer_pre: String,
+    /// Every metadata key, in file order.
+    pub metadata_keys: Vec<String>,
+    /// Every tensor, in file order (a q8_0 export lists its f16 fallbacks here).
+    pub tensors: Vec<GgufTensor>,
+    /// Size of the file in bytes.
+    pub bytes: u64,
+}
+
+/// Writes `out` as a GGUF file of the llama-family model in `model_dir` (`config.json`
+/// and safetensors with Hugging Face names) and the byte-level BPE tokenizer
+/// `tokenizer_json`, with weight matrices of type `dtype`.
+///
+/// Fails with [`GgufError::Unsupported`] for GPT-2 models and with
+/// [`GgufError::Tokenizer`] for tokenizers llama.cpp cannot reproduce (unigram, unknown
+/// pre-tokenizers, normalizers other than NFC).
+pub fn write_gguf(
+    model_dir: &Path,
+    tokenizer_json: &Path,
+    out: &Path,
+    dtype: GgufDtype,
+) -> Result<GgufSummary, GgufError> {
+    let config = match model::load_config(model_dir)? {
+        ModelConfig::Llama(config) => config,
+        ModelConfig::Gpt2(_) => {
+            return Err(GgufError::Unsupported {
+                path: model_dir.join("config.json"),
+                message: "GGUF export supports the llama and qwen2 families, not gpt2".to_string(),
+            });
+        }
+    };
+    let vocab = read_vocab(tokenizer_json, config.vocab_size)?;
+    let metadata = metadata(&config, &vocab, dtype);
+    let plans = tensor_plans(&config, dtype);
+    let files = model::safetensors_files(model_dir)?;
+    // SAFETY: the files are mapped read-only and never written while mapped; each tensor
+    // is copied out of the map before it is converted.
+    let weights = unsafe { MmapedSafetensors::multi(&files) }.map_err(ModelError::from)?;
+    check_tensor_names(model_dir, &config, &weights, &plans)?;
+
+    let partial = partial_path(out);
+    let result = write_file(&partial, &metadata, &plans, |plan| {
+        tensor_data(model_dir, &weights, plan)
+    });
+    let bytes = match result {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            // Best effort: the error being returned matters more than a leftover file.
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+    };
+    std::fs::rename(&partial, out).map_err(|source| GgufError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    Ok(GgufSummary {
+        path: out.to_path_buf(),
+        architecture: config.flavor.model_type().to_string(),
+        dtype,
+        tokenizer_pre: vocab.pre.to_string(),
+        metadata_keys: metadata.iter().map(|(key, _)| key.clone()).collect(),
+        tensors: plans
+            .iter()
+            .map(|plan| GgufTensor {
+                name: plan.gguf_name.clone(),
+                shape: plan.shape.clone(),
+                dtype: ggml_name(plan.ggml).to_string(),
+            })
+            .collect(),
+        bytes,
+    })
+}
+
+/// `out` with `.partial` appended to its file name.
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+/// Permutes the rows of a Hugging Face Q or K projection (`[heads·d, in]`, or a bias
+/// `[heads·d]`) from the half-split rotary layout to llama.cpp's adjacent-pair layout:
+/// within each head, row `j·d/2 + i` becomes row `2i + j`. This is the converter's
+/// `LlamaModel.permute`.
+pub fn permute_for_llama_rope(tensor: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = tensor.dims().to_vec();
+    let rows = dims.first().copied().unwrap_or(0);
+    let rest: usize = dims.iter().skip(1).product();
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        candle_core::bail!("{rows} rows do not split into {heads} heads of even width");
+    }
+    let half = rows / heads / 2;
+    tensor
+        .reshape((heads, 2, half, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+// ---------------------------------------------------------------------------------
+// Tokenizer
+
+/// The tokenizer as GGUF needs it.
+struct Vocab {
+    /// Token texts in id order, `vocab_size` of them.
+    tokens: Vec<String>,
+    /// llama.cpp token types, parallel to `tokens`.
+    types: Vec<i32>,
+    /// `"a b"` merges in rank order.
+    merges: Vec<String>,
+    /// `tokenizer.ggml.pre`.
+    pre: &'static str,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+}
+
+/// Reads a Hugging Face `tokenizer.json` of a byte-level BPE model, padded (as the
+/// converter does) to the model's `vocab_size`.
+fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
+    let error = |message: String| GgufError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| GgufError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let json: Json = serde_json::from_str(&text).map_err(|e| error(format!("not JSON: {e}")))?;
+    let model = json
+        .get("model")
+        .ok_or_else(|| error("missing key `model`".to_string()))?;
+    let kind = model.get("type").and_then(Json::as_str).unwrap_or("");
+    if kind != "BPE" {
+        return Err(error(format!(
+            "key `model.type`: GGUF export supports byte-level BPE tokenizers, not `{kind}`"
+        )));
+    }
+    for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
+        if model
+            .get(key)
+            .is_some_and(|value| !value.is_null() && value.as_str() != Some(""))
+        {
+            return Err(error(format!(
+                "key `model.{key}`: llama.cpp's BPE has no such option"
+            )));
+        }
+    }
+    if model.get("byte_fallback").and_then(Json::as_bool) == Some(true) {
+        return Err(error(
+            "key `model.byte_fallback`: byte-fallback BPE is not byte-level BPE".to_string(),
+        ));
+    }
+    let pre = pre_tokenizer_name(&json).map_err(error)?;
+    match json.get("normalizer") {
+        None | Some(Json::Null) => {}
+        // Qwen2's own tokenizer.json has NFC; llama.cpp's converter carries it over the
+        // same way (its byte-level BPE applies no normalizer).
+        Some(value) if value.get("type").and_then(Json::as_str) == Some("NFC") => {}
+        Some(value) => {
+            return Err(error(format!(
+                "key `normalizer`: llama.cpp cannot apply normalizer {value}"
+            )));
+        }
+    }
+
+    let mut slots: Vec<Option<(String, i32)>> = vec![None; vocab_size];
+    let mut put = |id: u64, token: &str, kind: i32, key: &str| -> Result<(), GgufError> {
+        match slots.get_mut(id as usize) {
+            Some(slot) => {
+                *slot = Some((token.to_string(), kind));
+                Ok(())
+            }
+            None => Err(error(format!(
+                "key `{key}`: token {token:?} has id {id}, but the model's vocab_size is {vocab_size}"
+            ))),
+        }
+    };
+    let vocab = model
+        .get("vocab")
+        .and_then(Json::as_object)
+        .ok_or_else(|| error("key `model.vocab`: missing or not an object".to_string()))?;
+    for (token, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| error(format!("key `model.vocab.{token}`: id is not an integer")))?;
+        put(id, token, TOKEN_NORMAL, "model.vocab")?;
+    }
+    // Added tokens come second: where one shares an id with the model's vocabulary (the
+    // special tokens do in trainyard tokenizers), its text and type are the ones the
+    // tokenizer acts on.
+    for (index, added) in json
+        .get("added_tokens")
+        .and_then(Json::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let key = format!("added_tokens[{index}]");
+        let id = added
+            .get("id")
+            .and_then(Json::as_u64)
+            .ok_or_else(|| error(format!("key `{key}.id`: missing or not an integer")))?;
+        let content = added
+            .get("content")
+            .and_then(Json::as_str)
+            .ok_or_else(|| error(format!("key `{key}.content`: missing or not a string")))?;
+        let special = added
+            .get("special")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
+        let kind = if special {
+            TOKEN_CONTROL
+        } else {
+            TOKEN_USER_DEFINED
+        };
+        put(id, content, kind, &key)?;
+    }
+    let (tokens, types): (Vec<String>, Vec<i32>) = slots
+        .into_iter()
+        .enumerate()
+        .map(|(id, slot)| slot.unwrap_or_else(|| (format!("[PAD{id}]"), TOKEN_UNUSED)))
+        .unzip();
+
+    let merges = model
+        .get("merges")
+        .and_then(Json::as_array)
+        .ok_or_else(|| error("key `model.merges`: missing or not a list".to_string()))?
+        .iter()
+        .enumerate()
+        .map(|(index, merge)| {
+            let bad = |why: &str| error(format!("key `model.merges[{index}]`: {why}"));
+            let (left, right) = match merge {
+                Json::String(text) => text
+                    .split_once(' ')
+                    .ok_or_else(|| bad("a merge string needs a space between its parts"))?,
+                Json::Array(pair) => match pair.as_slice() {
+                    [Json::String(left), Json::String(right)] => (left.as_str(), right.as_str()),
+                    _ => return Err(bad("a merge pair must be two strings")),
+                },
+                _ => return Err(bad("a merge must be \"a b\" or [\"a\", \"b\"]")),
+            };
+            // llama.cpp splits each merge at its first space after the first character.
+            if left.is_empty() || right.is_empty() || left.contains(' ') || right.contains(' ') {
+                return Err(bad("a part is empty or contains a space"));
+            }
+            Ok(format!("{left} {right}"))
+        })
+        .collect::<Result<Vec<String>, GgufError>>()?;
+
+    let id_of = |token: &str| -> Result<u32, GgufError> {
+        tokens
+            .iter()
+            .position(|text| text == token)
+            .map(|id| id as u32)
+            .ok_or_else(|| {
+                error(format!(
+                    "lacks the special token {token}, which the GGUF's bos/eos/padding ids name"
+                ))
+            })
+    };
+    let (bos, eos, pad) = (id_of(END_OF_TEXT)?, id_of(END_OF_TURN)?, id_of(PAD)?);
+    Ok(Vocab {
+        tokens,
+        types,
+        merges,
+        pre,
+        bos,
+        eos,
+        pad,
+    })
+}
+
+/// `tokenizer.ggml.pre` for the pre-tokenizer of a `tokenizer.json`: `gpt-2` for a
+/// byte-level pre-tokenizer with GPT-2's own expression (trainyard's), `qwen2` or
+/// `llama-bpe` for a `Split` with Qwen2's or Llama 3's expression followed by a
+/// regex-free byte-level step.
+fn pre_tokenizer_name(json: &Json) -> Result<&'static str, String> {
+    let pre = json.get("pre_tokenizer").unwrap_or(&Json::Null);
+    let kind = |value: &Json| value.get("type").and_then(Json::as_str).map(str::to_string);
+    let byte_level = |value: &Json, use_regex: bool| {
+        kind(value).as_deref() == Some("ByteLevel")
+            && value.get("add_prefix_space").and_then(Json::as_bool) != Some(true)
+            && value
+                .get("use_regex")
+                .and_then(Json::as_bool)
+                .unwrap_or(true)
+                == use_regex
+    };
+    if byte_level(pre, true) {
+        return Ok("gpt-2");
+    }
+    if kind(pre).as_deref() == Some("Sequence")
+        && let Some([split, last]) = pre
+            .get("pretokenizers")
+            .and_then(Json::as_array)
+            .map(Vec::as_slice)
+        && kind(split).as_deref() == Some("Split")
+        && byte_level(last, false)
+        && let Some(pattern) = split
+            .get("pattern")
+            .and_then(|pattern| pattern.get("Regex"))
+            .and_then(Json::as_str)
+        && let Some((_, name)) = KNOWN_SPLITS.iter().find(|(regex, _)| *regex == pattern)
+    {
+        return Ok(*name);
+    }
+    Err(format!(
+        "key `pre_tokenizer`: llama.cpp has no pre-tokenizer known to match {pre} \
+         (supported: byte-level with GPT-2's expression, or Qwen2's / Llama 3's split)"
+    ))
+}
+
+// ---------------------------------------------------------------------------------
+// Metadata
+
+/// A GGUF metadata value (only the types this writer needs).
+#[derive(Debug, Clone, PartialEq)]
+enum MetaValue {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    StringArray(Vec<String>),
+    I32Array(Vec<i32>),
+}
+
+/// The metadata of the file, in the order it is written.
+fn metadata(config: &LlamaConfig, vocab: &Vocab, dtype: GgufDtype) -> Vec<(String, MetaValue)> {
+    let arch = config.flavor.model_type();
+    let count = |value: usize| MetaValue::U32(u32::try_from(value).unwrap_or(u32::MAX));
+    let mut entries: Vec<(String, MetaValue)> = Vec::new();
+    let mut put = |key: String, value: MetaValue| entries.push((key, value));
+    put(
+        "general.architecture".into(),
+        MetaValue::String(arch.into()),
+    );
+    put(
+        "general.file_type".into(),
+        MetaValue::U32(dtype.file_type()),
+    );
+    put(
+        "general.quantization_version".into(),
+        MetaValue::U32(QUANTIZATION_VERSION),
+    );
+    put(format!("{arch}.vocab_size"), count(config.vocab_size));
+    put(
+        format!("{arch}.context_length"),
+        count(config.max_position_embeddings),
+    );
+    put(
+        format!("{arch}.embedding_length"),
+        count(config.hidden_size),
+    );
+    put(
+        format!("{arch}.feed_forward_length"),
+        count(config.intermediate_size),
+    );
+    put(
+        format!("{arch}.block_count"),
+        count(config.num_hidden_layers),
+    );
+    put(
+        format!("{arch}.attention.head_count"),
+        count(config.num_attention_heads),
+    );
+    put(
+        format!("{arch}.attention.head_count_kv"),
+        count(config.num_key_value_heads),
+    );
+    // Explicit head widths: llama.cpp would otherwise assume hidden_size / heads, which
+    // a config with its own `head_dim` need not satisfy.
+    put(
+        format!("{arch}.attention.key_length"),
+        count(config.head_dim),
+    );
+    put(
+        format!("{arch}.attention.value_length"),
+        count(config.head_dim),
+    );
+    put(
+        format!("{arch}.attention.layer_norm_rms_epsilon"),
+        MetaValue::F32(config.rms_norm_eps as f32),
+    );
+    put(
+        format!("{arch}.rope.dimension_count"),
+        count(config.head_dim),
+    );
+    put(
+        format!("{arch}.rope.freq_base"),
+        MetaValue::F32(config.rope_theta as f32),
+    );
+    put(
+        "tokenizer.ggml.model".into(),
+        MetaValue::String("gpt2".into()),
+    );
+    put(
+        "tokenizer.ggml.pre".into(),
+        MetaValue::String(vocab.pre.into()),
+    );
+    put(
+        "tokenizer.ggml.tokens".into(),
+        MetaValue::StringArray(vocab.tokens.clone()),
+    );
+    put(
+        "tokenizer.ggml.token_type".into(),
+        MetaValue::I32Array(vocab.types.clone()),
+    );
+    put(
+        "tokenizer.ggml.merges".into(),
+        MetaValue::StringArray(vocab.merges.clone()),
+    );
+    put(
+        "tokenizer.ggml.bos_token_id".into(),
+        MetaValue::U32(vocab.bos),
+    );
+    put(
+        "tokenizer.ggml.eos_token_id".into(),
+        MetaValue::U32(vocab.eos),
+    );
+    put(
+        "tokenizer.ggml.eot_token_id".into(),
+        MetaValue::U32(vocab.eos),
+    );
+    put(
+        "tokenizer.ggml.padding_token_id".into(),
+        MetaValue::U32(vocab.pad),
+    );
+    put(
+        "tokenizer.ggml.add_bos_token".into(),
+        MetaValue::Bool(false),
+    );
+    put(
+        "tokenizer.ggml.add_eos_token".into(),
+        MetaValue::Bool(false),
+    );
+    put(
+        "tokenizer.chat_template".into(),
+        MetaValue::String(JINJA_TEMPLATE.into()),
+    );
+    entries
+}
+
+// ---------------------------------------------------------------------------------
+// Tensors
+
+/// One tensor to write: where it comes from and how it is stored.
+#[derive(Debug, Clone)]
+struct TensorPlan {
+    hf_name: String,
+    gguf_name: String,
+    /// Row-major shape (the Hugging Face one).
+    shape: Vec<usize>,
+    ggml: GgmlDType,
+    /// For llama's Q and K: the head count of the rotary row permutation.
+    permute_heads: Option<usize>,
+}
+
+impl TensorPlan {
+    fn byte_size(&self) -> u64 {
+        let count: usize = self.shape.iter().product();
+        (count / self.ggml.block_size() * self.ggml.type_size()) as u64
+    }
+}
+
+/// The tensors of a llama-family model in file order: the embedding, each block, the
+/// final norm and (untied) the output projection.
+fn tensor_plans(config: &LlamaConfig, dtype: GgufDtype) -> Vec<TensorPlan> {
+    let (hidden, inner, head_dim) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim,
+    );
+    let q_width = config.num_attention_heads * head_dim;
+    let kv_width = config.num_key_value_heads * head_dim;
+    let llama = config.flavor == LlamaFlavor::Llama;
+    let mut plans = Vec::new();
+    let mut add = |hf: String, gguf: String, shape: Vec<usize>, permute: Option<usize>| {
+        let ggml = if shape.len() < 2 {
+            // ggml's kernels take norm gains and biases in f32 only.
+            GgmlDType::F32
+        } else if dtype == GgufDtype::Q8_0 && !shape[shape.len() - 1].is_multiple_of(Q8_0_BLOCK) {
+            GgmlDType::F16
+        } else {
+            dtype.matrix_type()
+        };
+        plans.push(TensorPlan {
+            hf_name: hf,
+            gguf_name: gguf,
+            shape,
+            ggml,
+            permute_heads: permute.filter(|_| llama),
+        });
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        "token_embd.weight".into(),
+        vec![config.vocab_size, hidden],
+        None,
+    );
+    for layer in 0..config.num_hidden_layers {
+        let hf = |name: &str| format!("model.layers.{layer}.{name}");
+        let gguf = |name: &str| format!("blk.{layer}.{name}");
+        add(
+            hf("input_layernorm.weight"),
+            gguf("attn_norm.weight"),
+            vec![hidden],
+            None,
+        );
+        let projections = [
+            (
+                "self_attn.q_proj",
+                "attn_q",
+                q_width,
+                hidden,
+                config.qkv_bias,
+                Some(config.num_attention_heads),
+            ),
+            (
+                "self_attn.k_proj",
+                "attn_k",
+                kv_width,
+                hidden,
+                config.qkv_bias,
+                Some(config.num_key_value_heads),
+            ),
+            (
+                "self_attn.v_proj",
+                "attn_v",
+                kv_width,
+                hidden,
+                config.qkv_bias,
+                None,
+            ),
+            (
+                "self_attn.o_proj",
+                "attn_output",
+                hidden,
+                q_width,
+                config.o_bias,
+                None,
+            ),
+        ];
+        for (hf_base, gguf_base, rows, cols, bias, permute) in projections {
+            add(
+                hf(&format!("{hf_base}.weight")),
+                gguf(&format!("{gguf_base}.weight")),
+                vec![rows, cols],
+                permute,
+            );
+            if bias {
+                add(
+                    hf(&format!("{hf_base}.bias")),
+                    gguf(&format!("{gguf_base}.bias")),
+                    vec![rows],
+                    permute,
+                );
+            }
+        }
+        add(
+            hf("post_attention_layernorm.weight"),
+            gguf("ffn_norm.weight"),
+            vec![hidden],
+            None,
+        );
+        let mlp = [
+            ("mlp.gate_proj", "ffn_gate", inner, hidden),
+            ("mlp.up_proj", "ffn_up", inner, hidden),
+            ("mlp.down_proj", "ffn_down", hidden, inner),
+        ];
+        for (hf_base, gguf_base, rows, cols) in mlp {
+            add(
+                hf(&format!("{hf_base}.weight")),
+                gguf(&format!("{gguf_base}.weight")),
+                vec![rows, cols],
+                None,
+            );
+            if config.mlp_bias {
+                add(
+                    hf(&format!("{hf_base}.bias")),
+                    gguf(&format!("{gguf_base}.bias")),
+                    vec![rows],
+                    None,
+                );
+            }
+        }
+    }
+    add(
+        "model.norm.weight".into(),
+        "output_norm.weight".into(),
+        vec![hidden],
+        None,
+    );
+    if !config.tie_word_embeddings {
+        add(
+            "lm_head.weight".into(),
+            "output.weight".into(),
+            vec![config.vocab_size, hidden],
+            None,
+        );
+    }
+    plans
+}
+
+/// Fails on a weight the plan lacks or the config does not explain, so that a
+/// checkpoint whose `config.json` disagrees with its tensors (say, biases the config
+/// does not declare) is not exported with those weights silently dropped.
+fn check_tensor_names(
+    model_dir: &Path,
+    config: &LlamaConfig,
+    weights: &MmapedSafetensors,
+    plans: &[TensorPlan],
+) -> Result<(), GgufError> {
+    let present: BTreeSet<String> = weights
+        .tensors()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let planned: BTreeSet<&str> = plans.iter().map(|plan| plan.hf_name.as_str()).collect();
+    if let Some(missing) = planned.iter().find(|name| !present.contains(**name)) {
+        return Err(GgufError::Tensor {
+            path: model_dir.to_path_buf(),
+            name: missing.to_string(),
+            message: "missing from the safetensors files".to_string(),
+        });
+    }
+    let ignorable = |name: &str| {
+        // Old checkpoints carry RoPE's inverse frequencies, which GGUF recomputes; a
+        // tied lm_head, when written at all, is the embedding again.
+        name.ends_with(".rotary_emb.inv_freq")
+            || (config.tie_word_embeddings && name == "lm_head.weight")
+    };
+    if let Some(extra) = present
+        .iter()
+        .find(|name| !planned.contains(name.as_str()) && !ignorable(name))
+    {
+        return Err(GgufError::Tensor {
+            path: model_dir.to_path_buf(),
+            name: extra.clone(),
+            message: format!(
+                "is not part of a {} model as config.json describes it",
+                config.flavor.model_type()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The stored bytes of one tensor: loaded as f32, checked against the planned shape,
+/// permuted when planned, and converted to the planned type.
+fn tensor_data(
+    model_dir: &Path,
+    weights: &MmapedSafetensors,
+    plan: &TensorPlan,
+) -> Result<Vec<u8>, GgufError> {
+    let error = |message: String| GgufError::Tensor {
+        path: model_dir.to_path_buf(),
+        name: plan.hf_name.clone(),
+        message,
+    };
+    let tensor = weights
+        .load(&plan.hf_name, &Device::Cpu)
+        .and_then(|tensor| tensor.to_dtype(DType::F32))
+        .map_err(|e| error(e.to_string()))?;
+    if tensor.dims() != plan.shape.as_slice() {
+        return Err(error(format!(
+            "has shape {:?}, config.json implies {:?}",
+            tensor.dims(),
+            plan.shape
+        )));
+    }
+    let tensor = match plan.permute_heads {
+        Some(heads) => permute_for_llama_rope(&tensor, heads),
+        None => Ok(tensor),
+    }
+    .map_err(|e| error(format!("permuting rows for llama.cpp's RoPE: {e}")))?;
+    let bytes: Vec<u8> = QTensor::quantize(&tensor, plan.ggml)
+        .and_then(|quantized| quantized.data().map(Cow::into_owned))
+        .map_err(|e| error(format!("converting to {}: {e}", ggml_name(plan.ggml))))?;
+    if bytes.len() as u64 != plan.byte_size() {
+        return Err(error(format!(
+            "converted to {} bytes, expected {}",
+            bytes.len(),
+            plan.byte_size()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// GGUF's name for a ggml type, as llama.cpp prints it.
+fn ggml_name(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::Q8_0 => "q8_0",
+        _ => "other",
+    }
+}
+
+/// ggml's type id (`enum ggml_type`).
+fn ggml_type_id(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        // Only the three types above are ever planned; q8_0 is 8.
+        _ => 8,
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The file format
+
+/// Counts the bytes written, so padding can be computed without seeking.
+struct Counting<W: Write> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> Counting<W> {
+    fn bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.inner.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn u32(&mut self, value: u32) -> std::io::Result<()> {
+        self.bytes(&value.to_le_bytes())
+    }
+
+    fn u64(&mut self, value: u64) -> std::io::Result<()> {
+        self.bytes(&value.to_le_bytes())
+    }
+
+    fn string(&mut self, text: &str) -> std::io::Result<()> {
+        self.u64(text.len() as u64)?;
+        self.bytes(text.as_bytes())
+    }
+
+    fn pad(&mut self) -> std::io::Result<()> {
+        let padding = self.written.next_multiple_of(ALIGNMENT) - self.written;
+        self.bytes(&vec![0u8; padding as usize])
+    }
+
+    fn value(&mut self, value: &MetaValue) -> std::io::Result<()> {
+        // gguf_type ids: 4 u32, 5 i32, 6 f32, 7 bool, 8 string, 9 array.
+        match value {
+            MetaValue::U32(v) => {
+                self.u32(4)?;
+                self.u32(*v)
+            }
+            MetaValue::F32(v) => {
+                self.u32(6)?;
+                self.bytes(&v.to_le_bytes())
+            }
+            MetaValue::Bool(v) => {
+                self.u32(7)?;
+                self.bytes(&[u8::from(*v)])
+            }
+            MetaValue::String(v) => {
+                self.u32(8)?;
+                self.string(v)
+            }
+            MetaValue::StringArray(items) => {
+                self.u32(9)?;
+                self.u32(8)?;
+                self.u64(items.len() as u64)?;
+                items.iter().try_for_each(|item| self.string(item))
+            }
+            MetaValue::I32Array(items) => {
+                self.u32(9)?;
+                self.u32(5)?;
+                self.u64(items.len() as u64)?;
+                items
+                    .iter()
+                    .try_for_each(|item| self.bytes(&item.to_le_bytes()))
+            }
+        }
+    }
+}
+
+/// Writes the whole file to `path` and returns its size: header, metadata, tensor
+/// infos, then each tensor's data (fetched one at a time by `data`, so only one tensor
+/// is in memory), every section aligned to [`ALIGNMENT`].
+fn write_file(
+    path: &Path,
+    metadata: &[(String, MetaValue)],
+    plans: &[TensorPlan],
+    mut data: impl FnMut(&TensorPlan) -> Result<Vec<u8>, GgufError>,
+) -> Result<u64, GgufError> {
+    let io = |source: std::io::Error| GgufError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut out = Counting {
+        inner: BufWriter::new(file),
+        written: 0,
+    };
+    out.u32(GGUF_MAGIC).map_err(io)?;
+    out.u32(GGUF_VERSION).map_err(io)?;
+    out.u64(plans.len() as u64).map_err(io)?;
+    out.u64(metadata.len() as u64).map_err(io)?;
+    for (key, value) in metadata {
+        out.string(key).map_err(io)?;
+        out.value(value).map_err(io)?;
+    }
+    let mut offset = 0u64;
+    for plan in plans {
+        out.string(&plan.gguf_name).map_err(io)?;
+        out.u32(plan.shape.len() as u32).map_err(io)?;
+        // GGUF lists dimensions innermost first (ggml's ne[0] is the row length).
+        for &dim in plan.shape.iter().rev() {
+            out.u64(dim as u64).map_err(io)?;
+        }
+        out.u32(ggml_type_id(plan.ggml)).map_err(io)?;
+        out.u64(offset).map_err(io)?;
+        offset = (offset + plan.byte_size()).next_multiple_of(ALIGNMENT);
+    }
+    out.pad().map_err(io)?;
+    for plan in plans {
+        let bytes = data(plan)?;
+        out.bytes(&bytes).map_err(io)?;
+        out.pad().map_err(io)?;
+    }
+    let Counting { inner, written } = out;
+    let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_interleaves_the_two_halves_of_each_head() {
+        // Two heads of width 4: rows [a0 a1 b0 b1 | c0 c1 d0 d1] → [a0 b0 a1 b1 | c0 d0 c1 d1].
+        let rows: Vec<f32> = (0..8).map(|row| row as f32).collect();
+        let tensor = Tensor::from_vec(rows, 8, &Device::Cpu).unwrap();
+        let permuted = permute_for_llama_rope(&tensor, 2).unwrap();
+        assert_eq!(
+            permuted.to_vec1::<f32>().unwrap(),
+            [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+        );
+        // A matrix moves whole rows.
+        let matrix = Tensor::arange(0f32, 16.0, &Device::Cpu)
+            .unwrap()
+            .reshape((4, 4))
+            .unwrap();
+        let permuted = permute_for_llama_rope(&matrix, 1).unwrap();
+        assert_eq!(
+            permuted.to_vec2::<f32>().unwrap()[1],
+            [8.0, 9.0, 10.0, 11.0]
+        );
+        assert!(permute_for_llama_rope(&tensor, 3).is_err());
+    }
+
+    #[test]
+    fn pre_tokenizer_names_follow_llama_cpp() {
+        let byte_level = serde_json::json!({"pre_tokenizer": {
+            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true
+        }});
+        assert_eq!(pre_tokenizer_name(&byte_level), Ok("gpt-2"));
+        let qwen2 = serde_json::json!({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": KNOWN_SPLITS[0].0}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+        ]}});
+        assert_eq!(pre_tokenizer_name(&qwen2), Ok("qwen2"));
+        let prefix_space = serde_json::json!({"pre_tokenizer": {
+            "type": "ByteLevel", "add_prefix_space": true, "use_regex": true
+        }});
+        assert!(pre_tokenizer_name(&prefix_space).is_err());
+        assert!(pre_tokenizer_name(&serde_json::json!({"pre_tokenizer": null})).is_err());
+    }
+
+    #[test]
+    fn q8_0_matrices_with_ragged_rows_fall_back_to_f16() {
+        let mut config = LlamaConfig::tiny(LlamaFlavor::Llama, true);
+        config.hidden_size = 64;
+        config.intermediate_size = 48;
+        let plans = tensor_plans(&config, GgufDtype::Q8_0);
+        let kind = |name: &str| {
+            plans
+                .iter()
+                .find(|plan| plan.gguf_name == name)
+                .map(|plan| plan.ggml)
+        };
+        assert_eq!(kind("blk.0.ffn_up.weight"), Some(GgmlDType::Q8_0));
+        assert_eq!(kind("blk.0.ffn_down.weight"), Some(GgmlDType::F16));
+        assert_eq!(kind("blk.0.attn_norm.weight"), Some(GgmlDType::F32));
+        assert_eq!(kind("output.weight"), None);
+    }
+}

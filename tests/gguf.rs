@@ -1,0 +1,788 @@
+//! GGUF export, checked from the outside: candle's GGUF reader (`gguf_file::Content`)
+//! reads back every metadata key and tensor, and candle-transformers' `quantized_llama`
+//! and `quantized_qwen2` — independent implementations of llama.cpp's conventions (tensor
+//! names, interleaved RoPE for `llama`, half-split RoPE for `qwen2`) — run the exported
+//! file and must give trainyard's own logits.
+//!
+//! The models are random but not at their init values: every weight is uniform with
+//! variance 1/fan_in, norm gains are 1 ± 0.3 and biases ± 0.2, so the logits have a scale
+//! of a few units and a wrong permutation or a swapped tensor shows up as an O(1) error.
+//! `bench/gguf_llama_cpp.sh` runs the same kind of export through llama.cpp itself (see
+//! [`exports_and_reference_logits_for_the_llama_cpp_check`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, gguf_file};
+use candle_core::{DType, Device, Tensor};
+use trainyard::export::gguf::{GgufDtype, GgufError, write_gguf};
+use trainyard::interrupt::CancelFlag;
+use trainyard::model::{self, LlamaConfig, LlamaFlavor, ModelConfig};
+use trainyard::rng::Rng;
+use trainyard::tokenize::chat::JINJA_TEMPLATE;
+use trainyard::tokenize::corpus::WordCounts;
+use trainyard::tokenize::train::{Algorithm, TrainOptions, tokenizer_json, train_tokenizer};
+use trainyard::tokenize::{pretokenize, special};
+
+/// Tokens the test tokenizer has: the 8 special tokens, 256 bytes, and 36 merges.
+const TOKENIZER_VOCAB: usize = 300;
+
+/// f32 export through candle's quantized models: only summation order differs.
+const F32_TOLERANCE: f32 = 1e-4;
+
+/// A trained byte-level BPE tokenizer's `tokenizer.json` text (trained once per run).
+fn tokenizer_text() -> &'static str {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(|| {
+        let corpus = "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox \
+                      runs to the river, and the river runs to the sea. Foxes and dogs and \
+                      rivers: the end of the story is the start of another one.";
+        let mut counts: BTreeMap<Box<str>, u64> = BTreeMap::new();
+        for _ in 0..20 {
+            pretokenize::split(corpus, |piece| {
+                *counts.entry(piece.into()).or_insert(0) += 1
+            });
+        }
+        let counts = WordCounts {
+            words: counts.into_iter().collect(),
+            ..WordCounts::default()
+        };
+        let options = TrainOptions {
+            algorithm: Algorithm::Bpe,
+            vocab_size: TOKENIZER_VOCAB,
+            min_frequency: 2,
+            show_progress: false,
+        };
+        let tokenizer = train_tokenizer(&counts, &options, &CancelFlag::new(), &mut |_| {})
+            .expect("train tokenizer");
+        tokenizer_json(&tokenizer).expect("serialize tokenizer")
+    })
+}
+
+/// A small llama-family config whose matrix rows are multiples of q8_0's 32-wide blocks.
+fn config(flavor: LlamaFlavor, tied: bool, vocab_size: usize) -> LlamaConfig {
+    LlamaConfig {
+        flavor,
+        vocab_size,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: match flavor {
+            LlamaFlavor::Llama => 50_000.0,
+            LlamaFlavor::Qwen2 => 1_000_000.0,
+        },
+        max_position_embeddings: 128,
+        tie_word_embeddings: tied,
+        qkv_bias: flavor == LlamaFlavor::Qwen2,
+        o_bias: false,
+        mlp_bias: false,
+    }
+}
+
+/// A checkpoint directory (`config.json`, `model.safetensors`, `tokenizer.json`) of a
+/// random model of `config`.
+struct Checkpoint {
+    dir: tempfile::TempDir,
+    config: LlamaConfig,
+}
+
+impl Checkpoint {
+    fn new(config: LlamaConfig, seed: u64) -> Checkpoint {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let model_config = ModelConfig::Llama(config.clone());
+        let (_, varmap) = model::new_trainable(&model_config, DType::F32, &Device::Cpu, seed)
+            .expect("build model");
+        for (index, (name, var)) in model::sorted_vars(&varmap).into_iter().enumerate() {
+            let mut rng = Rng::new(seed, index as u64);
+            let dims = var.dims().to_vec();
+            let fan_in = *dims.last().expect("no scalar parameters") as f64;
+            let (centre, half_width) = if name.ends_with(".bias") {
+                (0.0, 0.2)
+            } else if name.contains("norm") {
+                (1.0, 0.3)
+            } else {
+                (0.0, (3.0 / fan_in).sqrt())
+            };
+            let values: Vec<f32> = (0..var.elem_count())
+                .map(|_| (centre + half_width * (2.0 * rng.next_f64() - 1.0)) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(values, dims, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        model::save_pretrained(&varmap, &model_config, dir.path()).expect("save model");
+        std::fs::write(dir.path().join("tokenizer.json"), tokenizer_text()).unwrap();
+        Checkpoint { dir, config }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn tokenizer(&self) -> PathBuf {
+        self.dir.path().join("tokenizer.json")
+    }
+
+    /// Exports to `<dir>/model-<dtype>.gguf`.
+    fn export(&self, dtype: GgufDtype) -> PathBuf {
+        let out = self.dir.path().join(format!("model-{dtype}.gguf"));
+        write_gguf(self.path(), &self.tokenizer(), &out, dtype).expect("export succeeds");
+        out
+    }
+
+    /// The Hugging Face tensors as f32, by name.
+    fn hf_tensors(&self) -> BTreeMap<String, Tensor> {
+        candle_core::safetensors::load(self.path().join("model.safetensors"), &Device::Cpu)
+            .expect("load safetensors")
+            .into_iter()
+            .collect()
+    }
+}
+
+fn read_gguf(path: &Path) -> (gguf_file::Content, std::fs::File) {
+    let mut file = std::fs::File::open(path).expect("open gguf");
+    let content = gguf_file::Content::read(&mut file).expect("candle reads the file");
+    (content, file)
+}
+
+fn u32_of(content: &gguf_file::Content, key: &str) -> u32 {
+    content.metadata[key]
+        .to_u32()
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+}
+
+fn f32_of(content: &gguf_file::Content, key: &str) -> f32 {
+    content.metadata[key]
+        .to_f32()
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+}
+
+fn string_of<'a>(content: &'a gguf_file::Content, key: &str) -> &'a str {
+    content.metadata[key]
+        .to_string()
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+}
+
+fn strings_of(content: &gguf_file::Content, key: &str) -> Vec<String> {
+    content.metadata[key]
+        .to_vec()
+        .unwrap_or_else(|e| panic!("{key}: {e}"))
+        .iter()
+        .map(|value| value.to_string().expect("string element").clone())
+        .collect()
+}
+
+/// llama.cpp's GGUF name of a Hugging Face tensor name.
+fn gguf_name(hf: &str) -> String {
+    if hf == "model.embed_tokens.weight" {
+        return "token_embd.weight".into();
+    }
+    if hf == "model.norm.weight" {
+        return "output_norm.weight".into();
+    }
+    if hf == "lm_head.weight" {
+        return "output.weight".into();
+    }
+    let rest = hf.strip_prefix("model.layers.").expect("a layer tensor");
+    let (layer, rest) = rest.split_once('.').expect("layer index");
+    let renamed = [
+        ("input_layernorm.", "attn_norm."),
+        ("self_attn.q_proj.", "attn_q."),
+        ("self_attn.k_proj.", "attn_k."),
+        ("self_attn.v_proj.", "attn_v."),
+        ("self_attn.o_proj.", "attn_output."),
+        ("post_attention_layernorm.", "ffn_norm."),
+        ("mlp.gate_proj.", "ffn_gate."),
+        ("mlp.up_proj.", "ffn_up."),
+        ("mlp.down_proj.", "ffn_down."),
+    ]
+    .iter()
+    .find_map(|(from, to)| rest.strip_prefix(from).map(|tail| format!("{to}{tail}")))
+    .unwrap_or_else(|| panic!("unmapped tensor {hf}"));
+    format!("blk.{layer}.{renamed}")
+}
+
+/// Undoes llama.cpp's rotary row order by index arithmetic (independent of the
+/// writer's reshape): GGUF row `h·d + 2i + j` is Hugging Face row `h·d + j·d/2 + i`.
+fn unpermute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    let width = values.len() / rows;
+    let head_dim = rows / heads;
+    let mut out = vec![0f32; values.len()];
+    for head in 0..heads {
+        for i in 0..head_dim / 2 {
+            for j in 0..2 {
+                let gguf_row = head * head_dim + 2 * i + j;
+                let hf_row = head * head_dim + j * head_dim / 2 + i;
+                out[hf_row * width..(hf_row + 1) * width]
+                    .copy_from_slice(&values[gguf_row * width..(gguf_row + 1) * width]);
+            }
+        }
+    }
+    out
+}
+
+fn expected_keys(arch: &str) -> BTreeSet<String> {
+    let mut keys: BTreeSet<String> = [
+        "general.architecture",
+        "general.file_type",
+        "general.quantization_version",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_eos_token",
+        "tokenizer.chat_template",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    for key in [
+        "vocab_size",
+        "context_length",
+        "embedding_length",
+        "feed_forward_length",
+        "block_count",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.key_length",
+        "attention.value_length",
+        "attention.layer_norm_rms_epsilon",
+        "rope.dimension_count",
+        "rope.freq_base",
+    ] {
+        keys.insert(format!("{arch}.{key}"));
+    }
+    keys
+}
+
+/// Checks every metadata key and value of an export of `checkpoint`.
+fn check_metadata(checkpoint: &Checkpoint, path: &Path, dtype: GgufDtype) {
+    let config = &checkpoint.config;
+    let arch = config.flavor.model_type();
+    let (content, _) = read_gguf(path);
+    assert!(
+        matches!(content.magic, gguf_file::VersionedMagic::GgufV3),
+        "GGUF version 3"
+    );
+    let keys: BTreeSet<String> = content.metadata.keys().cloned().collect();
+    assert_eq!(keys, expected_keys(arch));
+
+    assert_eq!(string_of(&content, "general.architecture"), arch);
+    let file_type = match dtype {
+        GgufDtype::F32 => 0,
+        GgufDtype::F16 => 1,
+        GgufDtype::Q8_0 => 7,
+    };
+    assert_eq!(u32_of(&content, "general.file_type"), file_type);
+    assert_eq!(u32_of(&content, "general.quantization_version"), 2);
+    let hyper = [
+        ("vocab_size", config.vocab_size),
+        ("context_length", config.max_position_embeddings),
+        ("embedding_length", config.hidden_size),
+        ("feed_forward_length", config.intermediate_size),
+        ("block_count", config.num_hidden_layers),
+        ("attention.head_count", config.num_attention_heads),
+        ("attention.head_count_kv", config.num_key_value_heads),
+        ("attention.key_length", config.head_dim),
+        ("attention.value_length", config.head_dim),
+        ("rope.dimension_count", config.head_dim),
+    ];
+    for (key, value) in hyper {
+        assert_eq!(
+            u32_of(&content, &format!("{arch}.{key}")) as usize,
+            value,
+            "{key}"
+        );
+    }
+    assert_eq!(
+        f32_of(&content, &format!("{arch}.rope.freq_base")),
+        config.rope_theta as f32
+    );
+    assert_eq!(
+        f32_of(
+            &content,
+            &format!("{arch}.attention.layer_norm_rms_epsilon")
+        ),
+        config.rms_norm_eps as f32
+    );
+
+    // The vocabulary: the tokenizer's tokens in id order, padded to the model's size.
+    let tokenizer = tokenizers::Tokenizer::from_file(checkpoint.tokenizer()).unwrap();
+    assert_eq!(string_of(&content, "tokenizer.ggml.model"), "gpt2");
+    assert_eq!(string_of(&content, "tokenizer.ggml.pre"), "gpt-2");
+    let tokens = strings_of(&content, "tokenizer.ggml.tokens");
+    assert_eq!(tokens.len(), config.vocab_size);
+    let types: Vec<i32> = content.metadata["tokenizer.ggml.token_type"]
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|value| value.to_i32().expect("i32 token types"))
+        .collect();
+    assert_eq!(types.len(), config.vocab_size);
+    for (id, (token, kind)) in tokens.iter().zip(&types).enumerate() {
+        match tokenizer.id_to_token(id as u32) {
+            Some(expected) => {
+                assert_eq!(token, &expected, "token {id}");
+                let expected_kind = if id < special::SPECIAL_TOKENS.len() {
+                    3
+                } else {
+                    1
+                };
+                assert_eq!(*kind, expected_kind, "type of token {id} {token:?}");
+            }
+            None => {
+                assert_eq!(token, &format!("[PAD{id}]"));
+                assert_eq!(*kind, 5, "type of padding token {id}");
+            }
+        }
+    }
+    assert_eq!(&tokens[..8], special::SPECIAL_TOKENS);
+    let json: serde_json::Value = serde_json::from_str(tokenizer_text()).unwrap();
+    let merges: Vec<String> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|merge| match merge {
+            serde_json::Value::String(text) => text.clone(),
+            pair => format!(
+                "{} {}",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            ),
+        })
+        .collect();
+    assert_eq!(merges.len(), TOKENIZER_VOCAB - 264);
+    assert_eq!(strings_of(&content, "tokenizer.ggml.merges"), merges);
+    assert_eq!(u32_of(&content, "tokenizer.ggml.bos_token_id"), 1);
+    assert_eq!(u32_of(&content, "tokenizer.ggml.eos_token_id"), 2);
+    assert_eq!(u32_of(&content, "tokenizer.ggml.eot_token_id"), 2);
+    assert_eq!(u32_of(&content, "tokenizer.ggml.padding_token_id"), 0);
+    assert!(
+        !content.metadata["tokenizer.ggml.add_bos_token"]
+            .to_bool()
+            .unwrap()
+    );
+    assert!(
+        !content.metadata["tokenizer.ggml.add_eos_token"]
+            .to_bool()
+            .unwrap()
+    );
+    assert_eq!(
+        string_of(&content, "tokenizer.chat_template"),
+        JINJA_TEMPLATE
+    );
+}
+
+/// Checks every tensor's name, shape, type and placement; for f32, that each equals
+/// the Hugging Face tensor exactly once llama's q/k rows are put back.
+fn check_tensors(checkpoint: &Checkpoint, path: &Path, dtype: GgufDtype) {
+    let config = &checkpoint.config;
+    let (content, mut file) = read_gguf(path);
+    let hf = checkpoint.hf_tensors();
+    let expected_names: BTreeSet<String> = hf.keys().map(|name| gguf_name(name)).collect();
+    let names: BTreeSet<String> = content.tensor_infos.keys().cloned().collect();
+    assert_eq!(names, expected_names);
+    assert_eq!(
+        names.contains("output.weight"),
+        !config.tie_word_embeddings,
+        "output.weight exactly when untied"
+    );
+    assert_eq!(content.tensor_data_offset % 32, 0, "data section aligned");
+    for (hf_name, original) in &hf {
+        let name = gguf_name(hf_name);
+        let info = &content.tensor_infos[&name];
+        assert_eq!(info.shape.dims(), original.dims(), "{name} shape");
+        assert_eq!(info.offset % 32, 0, "{name} aligned");
+        let expected_type = match (original.rank(), dtype) {
+            (1, _) | (_, GgufDtype::F32) => GgmlDType::F32,
+            (_, GgufDtype::F16) => GgmlDType::F16,
+            (_, GgufDtype::Q8_0) => GgmlDType::Q8_0,
+        };
+        assert_eq!(info.ggml_dtype, expected_type, "{name} type");
+        let stored = content
+            .tensor(&mut file, &name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let heads = if config.flavor != LlamaFlavor::Llama {
+            None
+        } else if hf_name.contains("q_proj") {
+            Some(config.num_attention_heads)
+        } else if hf_name.contains("k_proj") {
+            Some(config.num_key_value_heads)
+        } else {
+            None
+        };
+        let restored = match heads {
+            Some(heads) => unpermute_rows(&stored, original.dims()[0], heads),
+            None => stored.clone(),
+        };
+        let original = original.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if heads.is_some() {
+            assert_ne!(stored, original, "{name} should be stored permuted");
+        }
+        match expected_type {
+            GgmlDType::F32 => assert!(
+                restored
+                    .iter()
+                    .zip(&original)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} differs from {hf_name}"
+            ),
+            // Round to nearest f16: relative error at most 2^-11, or half the spacing
+            // 2^-24 of f16's subnormals for tiny values.
+            GgmlDType::F16 => {
+                for (a, b) in restored.iter().zip(&original) {
+                    assert!(
+                        (a - b).abs() <= (b.abs() * 2f32.powi(-11)).max(2f32.powi(-25)),
+                        "{name}: {a} vs {b}"
+                    );
+                }
+            }
+            // q8_0: each block of 32 consecutive values shares d = max|x|/127, stored as
+            // f16; x is rounded to the nearest multiple q·d, so the error is at most
+            // d/2 plus |q| ≤ 127 times d's own f16 rounding (d·2^-11).
+            _ => {
+                for (block, (a, b)) in restored.chunks(32).zip(original.chunks(32)).enumerate() {
+                    let d = b.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                    let bound = d * (0.5 + 127.0 * 2f32.powi(-11)) * (1.0 + 1e-5);
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x - y).abs() <= bound, "{name} block {block}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn llama_export_has_every_llama_cpp_key_and_tensor() {
+    let checkpoint = Checkpoint::new(config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB), 1);
+    for dtype in [GgufDtype::F32, GgufDtype::F16, GgufDtype::Q8_0] {
+        let path = checkpoint.export(dtype);
+        check_metadata(&checkpoint, &path, dtype);
+        check_tensors(&checkpoint, &path, dtype);
+    }
+}
+
+#[test]
+fn qwen2_export_has_every_key_and_tensor_unpermuted_with_biases_and_padding() {
+    // Tied embeddings (no output.weight), and a model vocabulary larger than the
+    // tokenizer's: the extra ids become unused [PAD] tokens.
+    let checkpoint = Checkpoint::new(config(LlamaFlavor::Qwen2, true, TOKENIZER_VOCAB + 4), 2);
+    for dtype in [GgufDtype::F32, GgufDtype::Q8_0] {
+        let path = checkpoint.export(dtype);
+        check_metadata(&checkpoint, &path, dtype);
+        check_tensors(&checkpoint, &path, dtype);
+    }
+}
+
+#[test]
+fn llama_biases_are_permuted_like_their_rows() {
+    let mut config = config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB);
+    config.qkv_bias = true;
+    config.o_bias = true;
+    config.mlp_bias = true;
+    let checkpoint = Checkpoint::new(config, 3);
+    let path = checkpoint.export(GgufDtype::F32);
+    check_tensors(&checkpoint, &path, GgufDtype::F32);
+    let (content, _) = read_gguf(&path);
+    for name in [
+        "blk.1.attn_q.bias",
+        "blk.1.attn_output.bias",
+        "blk.1.ffn_down.bias",
+    ] {
+        assert!(content.tensor_infos.contains_key(name), "{name}");
+    }
+}
+
+#[test]
+fn export_is_byte_identical_across_runs_and_summarised() {
+    let checkpoint = Checkpoint::new(config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB), 4);
+    let first = checkpoint.path().join("a.gguf");
+    let second = checkpoint.path().join("b.gguf");
+    let summary = write_gguf(
+        checkpoint.path(),
+        &checkpoint.tokenizer(),
+        &first,
+        GgufDtype::Q8_0,
+    )
+    .unwrap();
+    write_gguf(
+        checkpoint.path(),
+        &checkpoint.tokenizer(),
+        &second,
+        GgufDtype::Q8_0,
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        std::fs::read(&second).unwrap()
+    );
+    assert_eq!(summary.bytes, std::fs::metadata(&first).unwrap().len());
+    assert_eq!(summary.architecture, "llama");
+    assert_eq!(summary.tokenizer_pre, "gpt-2");
+    assert_eq!(summary.tensors[0].name, "token_embd.weight");
+    assert_eq!(summary.tensors[0].shape, [TOKENIZER_VOCAB, 64]);
+    assert_eq!(summary.tensors[0].dtype, "q8_0");
+    assert_eq!(summary.tensors.len(), 1 + 2 * 9 + 2);
+    assert_eq!(summary.metadata_keys.len(), expected_keys("llama").len());
+    assert!(!checkpoint.path().join("a.gguf.partial").exists());
+}
+
+/// Largest absolute difference between trainyard's last-position logits and those of
+/// candle-transformers' quantized model run on the exported file, and the largest
+/// absolute logit (the scale the difference is judged against).
+fn logit_gap(checkpoint: &Checkpoint, dtype: GgufDtype) -> (f32, f32) {
+    let ids: Vec<u32> = vec![1, 17, 200, 45, 9, 123, 250, 3, 77, 64, 280, 5];
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let (ours, _) = model::load_pretrained(checkpoint.path(), DType::F32, &Device::Cpu).unwrap();
+    let ours = ours
+        .forward(&input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let path = checkpoint.export(dtype);
+    let (content, mut file) = read_gguf(&path);
+    let theirs = match checkpoint.config.flavor {
+        LlamaFlavor::Llama => {
+            use candle_transformers::models::quantized_llama::ModelWeights;
+            let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+            model.forward(&input, 0).unwrap()
+        }
+        LlamaFlavor::Qwen2 => {
+            use candle_transformers::models::quantized_qwen2::ModelWeights;
+            let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+            model.forward(&input, 0).unwrap()
+        }
+    };
+    let theirs = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(theirs.len(), ours.len());
+    let gap = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = ours.iter().map(|a| a.abs()).fold(0f32, f32::max);
+    eprintln!(
+        "{} {dtype}: max |logit diff| {gap:.3e}, max |logit| {scale:.3}",
+        checkpoint.config.flavor.model_type()
+    );
+    (gap, scale)
+}
+
+fn check_logits(flavor: LlamaFlavor, tied: bool) {
+    let checkpoint = Checkpoint::new(config(flavor, tied, TOKENIZER_VOCAB), 5);
+    let (gap, scale) = logit_gap(&checkpoint, GgufDtype::F32);
+    assert!(scale > 1.0, "logits of scale {scale} would hide errors");
+    assert!(gap <= F32_TOLERANCE, "f32: {gap}");
+    // f16 keeps 11 significant bits (relative error ≤ 2^-11 per weight); q8_0 keeps
+    // 8 bits per block of 32, and candle (like llama.cpp) also rounds the activations to
+    // q8_0 before each product. Both stay far below the O(scale) error of a wrong layout.
+    let (gap, _) = logit_gap(&checkpoint, GgufDtype::F16);
+    assert!(gap <= 0.01 * scale, "f16: {gap} against scale {scale}");
+    let (gap, _) = logit_gap(&checkpoint, GgufDtype::Q8_0);
+    assert!(gap <= 0.05 * scale, "q8_0: {gap} against scale {scale}");
+}
+
+#[test]
+fn candle_quantized_llama_reproduces_our_logits_from_the_export() {
+    check_logits(LlamaFlavor::Llama, false);
+}
+
+#[test]
+fn candle_quantized_qwen2_reproduces_our_logits_from_the_export() {
+    check_logits(LlamaFlavor::Qwen2, true);
+}
+
+#[test]
+fn gpt2_models_are_refused_naming_the_config() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gpt2");
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = dir.path().join("tokenizer.json");
+    std::fs::write(&tokenizer, tokenizer_text()).unwrap();
+    let out = dir.path().join("model.gguf");
+    let error = write_gguf(&fixture, &tokenizer, &out, GgufDtype::F32).unwrap_err();
+    assert!(matches!(error, GgufError::Unsupported { .. }), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("llama and qwen2"), "{message}");
+    assert!(message.contains("gpt2/config.json"), "{message}");
+    assert!(!out.exists());
+}
+
+/// A change to a `tokenizer.json`.
+type Edit = fn(&mut serde_json::Value);
+
+#[test]
+fn tokenizers_llama_cpp_cannot_reproduce_are_refused_by_key() {
+    let checkpoint = Checkpoint::new(config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB), 6);
+    let out = checkpoint.path().join("model.gguf");
+    let cases: [(&str, Edit); 4] = [
+        ("model.type", |json| {
+            json["model"]["type"] = "Unigram".into()
+        }),
+        ("pre_tokenizer", |json| {
+            json["pre_tokenizer"]["add_prefix_space"] = true.into()
+        }),
+        ("normalizer", |json| {
+            json["normalizer"] = serde_json::json!({"type": "Lowercase"})
+        }),
+        ("vocab_size", |json| {
+            json["model"]["vocab"]["extra"] = 999.into()
+        }),
+    ];
+    for (key, edit) in cases {
+        let mut json: serde_json::Value = serde_json::from_str(tokenizer_text()).unwrap();
+        edit(&mut json);
+        let path = checkpoint.path().join("edited.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let error = write_gguf(checkpoint.path(), &path, &out, GgufDtype::F32).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, GgufError::Tokenizer { .. }), "{message}");
+        assert!(message.contains("edited.json"), "{message}");
+        assert!(message.contains(key), "{key}: {message}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn a_tensor_that_disagrees_with_the_config_fails_mid_write_and_leaves_no_file() {
+    let checkpoint = Checkpoint::new(config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB), 7);
+    // The MLP shrinks in config.json but not in the weights: the writer only finds out
+    // when it reaches the first MLP matrix, after the header is written.
+    let path = checkpoint.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["intermediate_size"] = 64.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let out = checkpoint.path().join("model.gguf");
+    let error = write_gguf(
+        checkpoint.path(),
+        &checkpoint.tokenizer(),
+        &out,
+        GgufDtype::F32,
+    )
+    .unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, GgufError::Tensor { .. }), "{message}");
+    assert!(
+        message.contains("model.layers.0.mlp.gate_proj.weight"),
+        "{message}"
+    );
+    assert!(message.contains("[96, 64]"), "{message}");
+    assert!(!out.exists());
+    assert!(!checkpoint.path().join("model.gguf.partial").exists());
+}
+
+/// Writes what `bench/gguf_llama_cpp.py` checks llama.cpp against: three checkpoints
+/// (llama untied; llama with every bias, tied; qwen2 tied with [PAD] ids), each exported
+/// as f32, f16 and q8_0, and `reference.json` with trainyard's logits at every position
+/// of one input, the ids trainyard's tokenizer gives some texts, and a rendered chat.
+/// Into `$TRAINYARD_GGUF_EXPORT` when set, else a temporary directory (then it only
+/// checks that these exports succeed).
+#[test]
+fn exports_and_reference_logits_for_the_llama_cpp_check() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = std::env::var_os("TRAINYARD_GGUF_EXPORT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let mut llama_biases = config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB);
+    llama_biases.qkv_bias = true;
+    llama_biases.o_bias = true;
+    llama_biases.mlp_bias = true;
+    let models = [
+        ("llama", config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB)),
+        ("llama_biases", llama_biases),
+        (
+            "qwen2",
+            config(LlamaFlavor::Qwen2, true, TOKENIZER_VOCAB + 4),
+        ),
+    ];
+    let input_ids: Vec<u32> = vec![1, 17, 200, 45, 9, 123, 250, 3, 77, 64, 280, 5];
+    let input = Tensor::new(input_ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut reference_models = serde_json::Map::new();
+    for (seed, (name, config)) in models.into_iter().enumerate() {
+        let checkpoint = Checkpoint::new(config, 100 + seed as u64);
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(checkpoint.path().join(file), dir.join(file)).unwrap();
+        }
+        for dtype in [GgufDtype::F32, GgufDtype::F16, GgufDtype::Q8_0] {
+            let out = dir.join(format!("model-{dtype}.gguf"));
+            write_gguf(&dir, &dir.join("tokenizer.json"), &out, dtype).unwrap();
+        }
+        let (model, _) = model::load_pretrained(&dir, DType::F32, &Device::Cpu).unwrap();
+        let logits = model
+            .forward(&input)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        reference_models.insert(name.to_string(), serde_json::json!({ "logits": logits }));
+    }
+
+    let tokenizer = tokenizers::Tokenizer::from_str(tokenizer_text()).unwrap();
+    let texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "  rivers,\n\nand   the SEA's end — 42 foxes! ünïcödé 🦊",
+        "<|user|>Where does the river run?<|end|><|assistant|>To the sea.<|end|>",
+    ];
+    let encoded: Vec<serde_json::Value> = texts
+        .iter()
+        .map(|text| {
+            let ids = tokenizer.encode(*text, false).unwrap().get_ids().to_vec();
+            serde_json::json!({ "text": text, "ids": ids })
+        })
+        .collect();
+    let messages: Vec<trainyard::data::records::ChatMessage> =
+        serde_json::from_value(serde_json::json!([
+            { "role": "system", "content": "Be brief." },
+            { "role": "user", "content": "Where does the river run?" },
+            { "role": "assistant", "content": "", "tool_calls": [
+                { "name": "lookup", "arguments": { "river": "Ardel", "n": 2 } }
+            ] },
+            { "role": "tool", "content": "the sea" },
+            { "role": "assistant", "content": "To the sea." },
+            { "role": "user", "content": "Thanks." },
+        ]))
+        .unwrap();
+    let rendered = trainyard::tokenize::chat::render_text(&messages, true);
+    let reference = serde_json::json!({
+        "input_ids": input_ids,
+        "models": reference_models,
+        "texts": encoded,
+        "chat": { "messages": messages, "rendered": rendered },
+    });
+    std::fs::write(
+        root.join("reference.json"),
+        serde_json::to_string(&reference).unwrap(),
+    )
+    .unwrap();
+}
