@@ -3,7 +3,8 @@
 //! Data flows `config` → `dag` → `fingerprint`/`hashing`/`store` → `executor` →
 //! `stages`, with `runs` recording each run; `cli` is a thin clap layer over all of it.
 //! `data`, `tokenize`, `model` (and later `train`) are the machine-learning libraries
-//! the stages use; they know nothing of pipelines.
+//! the stages use; they know nothing of pipelines. `generate` runs a trained model
+//! (`trainyard generate`, `trainyard chat`).
 
 pub mod cli;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod dag;
 pub mod data;
 pub mod executor;
 pub mod fingerprint;
+pub mod generate;
 pub mod hashing;
 pub mod interrupt;
 pub mod model;
