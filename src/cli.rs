@@ -84,7 +84,7 @@ pub struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     pub system_file: Option<PathBuf>,
     /// Softmax temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample only among the K most likely tokens.
     #[arg(long, value_name = "K")]

@@ -485,10 +485,12 @@ impl Generator {
         })
     }
 
-    /// The text of `ids`, special tokens skipped.
+    /// The text of `ids`. Special tokens are written out, not skipped: generated text
+    /// never holds one (they are banned, and stop tokens end it), so one in the output
+    /// would show a bug rather than hide it.
     pub fn decode(&self, ids: &[u32]) -> Result<String, GenerateError> {
         self.tokenizer
-            .decode(ids, true)
+            .decode(ids, false)
             .map_err(|error| GenerateError::Tokenize(error.to_string()))
     }
 
@@ -527,7 +529,7 @@ impl<'a> TextStream<'a> {
 
     fn decode(&self, ids: &[u32]) -> Result<String, GenerateError> {
         self.tokenizer
-            .decode(ids, true)
+            .decode(ids, false)
             .map_err(|error| GenerateError::Tokenize(error.to_string()))
     }
 
