@@ -15,6 +15,10 @@ trainyard's special tokens at ids 0-7, then times, best of `--repeats`:
   `torch.inference_mode()` with `torch.set_num_threads(threads)`, timed the same way
   by a streamer that stamps each token: (tokens - 1) / (last token - first token).
 
+Each side runs with 2 threads (the task's setting) and with 1: on a 2-core machine that
+anything else is using, torch's 2-thread pool can be several times slower than its
+1-thread one, and the 1-thread row shows how much of a ratio that is.
+
 Both get the same prompt ids (`<|endoftext|>` then the prompt, as `generate --raw`
 builds them), both ban the special tokens other than `<|end|>`/`<|endoftext|>` and stop
 at those, so greedy decoding should produce the same text; the table says whether it
@@ -258,7 +262,8 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     parser.add_argument("--prompt", default="the quick brown fox")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="2,1",
+                        help="thread counts to run each side with, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
@@ -274,26 +279,27 @@ def main():
         directory = Path(args.work) / f"gen-{name}"
         print(f">> {name}: writing the model", file=sys.stderr)
         make_model(directory, spec, args.seed)
-        print(f">> {name}: trainyard", file=sys.stderr)
-        ours = time_trainyard(args.trainyard, directory, args.prompt, args.max_new_tokens,
-                              args.threads, args.repeats)
-        print(f">> {name}: transformers", file=sys.stderr)
-        theirs = time_transformers(directory, args.prompt, args.max_new_tokens, args.threads,
-                                   args.repeats)
-        rows.append(dict(model=name, parameters=parameter_count(directory), spec=spec,
-                         trainyard=ours, transformers=theirs,
-                         same_text=ours["text"] == theirs["text"]))
+        for threads in [int(count) for count in args.threads.split(",")]:
+            print(f">> {name}, {threads} thread(s): trainyard", file=sys.stderr)
+            ours = time_trainyard(args.trainyard, directory, args.prompt, args.max_new_tokens,
+                                  threads, args.repeats)
+            print(f">> {name}, {threads} thread(s): transformers", file=sys.stderr)
+            theirs = time_transformers(directory, args.prompt, args.max_new_tokens, threads,
+                                       args.repeats)
+            rows.append(dict(model=name, threads=threads, parameters=parameter_count(directory),
+                             spec=spec, trainyard=ours, transformers=theirs,
+                             same_text=ours["text"] == theirs["text"]))
 
     print()
     print(f"generation benchmark: greedy, batch 1, kv cache, prompt {args.prompt!r}, "
           f"max_new_tokens {args.max_new_tokens}, f32, best of {args.repeats}")
-    print(f"  machine       {cpu_model()}, {os.cpu_count()} cores; {args.threads} threads each "
-          f"(torch.set_num_threads, RAYON_NUM_THREADS)")
+    print(f"  machine       {cpu_model()}, {os.cpu_count()} cores; threads set by "
+          f"torch.set_num_threads and RAYON_NUM_THREADS")
     print(f"  reference     transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"  load average  {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
           f"(other work on the machine slows both sides, torch's thread pool most)")
     print()
-    header = (f"  {'model':<11} {'params':>7} {'tokens':>13} {'trainyard tok/s':>16} "
+    header = (f"  {'model':<11} {'params':>7} {'threads':>7} {'tokens':>9} {'trainyard tok/s':>16} "
               f"{'transformers tok/s':>19} {'ratio':>6}  {'prefill ms (ty/hf)':>18}  same text")
     print(header)
     for row in rows:
@@ -301,7 +307,7 @@ def main():
         ratio = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
         tokens = f"{ours['generated']}/{theirs['generated']}"
         prefill = f"{ours['prefill_s'] * 1e3:.1f}/{theirs['prefill_s'] * 1e3:.1f}"
-        print(f"  {row['model']:<11} {row['parameters'] / 1e6:>6.1f}M {tokens:>13} "
+        print(f"  {row['model']:<11} {row['parameters'] / 1e6:>6.1f}M {row['threads']:>7} {tokens:>9} "
               f"{ours['decode_tokens_per_s']:>16.1f} {theirs['decode_tokens_per_s']:>19.1f} "
               f"{ratio:>5.2f}x  {prefill:>18}  {'yes' if row['same_text'] else 'no'}")
     print()

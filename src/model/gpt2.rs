@@ -122,9 +122,7 @@ impl LayerNorm {
             eps,
         })
     }
-}
 
-impl LayerNorm {
     /// The same norm by candle's fused kernel (no gradient; inference only).
     pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
@@ -157,9 +155,7 @@ impl Conv1D {
             bias: vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?,
         })
     }
-}
 
-impl Conv1D {
     /// The same layer as one 2-D matmul over all positions (no broadcast; inference).
     pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, seq, width) = x.dims3()?;
@@ -267,9 +263,7 @@ impl Mlp {
             c_proj: Conv1D::new(config.n_inner, config.n_embd, vb.pp("c_proj"))?,
         })
     }
-}
 
-impl Mlp {
     /// The same network with 2-D matmuls (inference).
     pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
         self.c_proj

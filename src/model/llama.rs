@@ -208,9 +208,7 @@ impl RmsNorm {
             eps,
         })
     }
-}
 
-impl RmsNorm {
     /// The same norm by candle's fused kernel (no gradient; inference only).
     pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
