@@ -1,5 +1,6 @@
 //! The command line: a thin clap layer over the library.
 
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -8,8 +9,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{self, LoadOptions, ResolvedPipeline};
 use crate::dag::{self, DagFormat};
 use crate::executor::{self, Outcome, RunOptions, StageStatus};
+use crate::generate::{Conversation, Generation, Generator, SamplingOptions};
 use crate::interrupt::CancelFlag;
 use crate::retrieve::{self, Index};
+use crate::stages::training::DeviceSetting;
 use crate::store::Workspace;
 
 /// Declarative, fingerprinted language-model training pipelines.
@@ -65,6 +68,11 @@ pub enum Command {
     /// `chat --retrieve` does before answering. Exit 0 when the gate passes, 1 when it
     /// refuses, 2 when the dataset or the flags are bad.
     VerifyQuestion(VerifyQuestionArgs),
+    /// Generate text from a model: a chat answer, or with `--raw` a plain continuation.
+    Generate(GenerateArgs),
+    /// Chat with a model: a REPL over standard input that keeps the conversation
+    /// (`/reset` clears it, `/exit` or end of input quits), or one answer with `--prompt`.
+    Chat(ChatArgs),
 }
 
 /// Retrieval from a dataset: the flags `verify-question` and `chat` share.
@@ -110,6 +118,71 @@ fn parse_ratio(text: &str) -> Result<f64, String> {
         Ok(_) => Err("must be between 0 and 1".to_string()),
         Err(error) => Err(error.to_string()),
     }
+}
+
+/// The model and how to sample from it, shared by `generate` and `chat`.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A model directory: a checkpoint, an export, a pretrain output or a run's stage
+    /// output (`runs/latest/outputs/<stage>`).
+    #[arg(value_name = "MODEL_DIR")]
+    pub model: PathBuf,
+    /// System prompt.
+    #[arg(long, value_name = "TEXT", conflicts_with = "system_file")]
+    pub system: Option<String>,
+    /// Read the system prompt from a file.
+    #[arg(long, value_name = "FILE")]
+    pub system_file: Option<PathBuf>,
+    /// Softmax temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Seed of the sampler (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most tokens to generate per answer.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Where to run: auto, cpu, cuda or metal.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceSetting,
+    /// Print prompt length, generated tokens and decode speed (tokens/s after the first
+    /// token) to standard error.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// `trainyard generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt: the user's message, or with `--raw` the text to continue.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: String,
+    /// Continue plain text without the chat template (for pretrain-only models).
+    #[arg(long, conflicts_with_all = ["system", "system_file"])]
+    pub raw: bool,
+}
+
+/// `trainyard chat`.
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Answer this one message and exit instead of reading standard input.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+}
+
+fn parse_device(text: &str) -> Result<DeviceSetting, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string()))
+        .map_err(|_| format!("`{text}` is not one of auto, cpu, cuda, metal"))
 }
 
 /// A pipeline file and how to resolve it.
@@ -274,6 +347,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::VerifyQuestion(args) => verify_question(&args),
+        Command::Generate(args) => generate(args, &workspace),
+        Command::Chat(args) => chat_command(args, &workspace),
     }
 }
 
@@ -364,6 +439,130 @@ fn print_retrieval(index: &Index, result: &retrieve::Retrieval, dataset: &Path) 
             println!("  {state:<8} {keyword} ({word})");
         }
     }
+}
+
+/// The loaded model, the system prompt and the sampling options of `generate`/`chat`.
+struct Session {
+    generator: Generator,
+    system: Option<String>,
+    options: SamplingOptions,
+    stats: bool,
+}
+
+impl Session {
+    fn open(args: &ModelArgs, workspace: &Workspace) -> anyhow::Result<Session> {
+        let options = SamplingOptions {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+            max_new_tokens: args.max_new_tokens,
+        };
+        options.validate()?;
+        let system = match &args.system_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?
+                    .trim_end()
+                    .to_string(),
+            ),
+            None => args.system.clone(),
+        };
+        // A relative path is taken from the current directory, else from --workspace.
+        let mut model = args.model.clone();
+        if model.is_relative() && !model.exists() && workspace.root.join(&model).exists() {
+            model = workspace.root.join(&model);
+        }
+        let device = args.device.device().map_err(anyhow::Error::msg)?;
+        let generator = Generator::load(&model, &device)?;
+        Ok(Session {
+            generator,
+            system,
+            options,
+            stats: args.stats,
+        })
+    }
+
+    /// Prints the end of an answer (a newline) and, with `--stats`, its statistics.
+    fn finish(&self, generation: &Generation) -> anyhow::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout)?;
+        stdout.flush()?;
+        if self.stats {
+            eprintln!("{}", generation.stats_line());
+        }
+        Ok(())
+    }
+}
+
+/// Writes each streamed piece to standard output at once.
+fn print_piece(piece: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(piece.as_bytes())?;
+    stdout.flush()
+}
+
+fn generate(args: GenerateArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
+    let session = Session::open(&args.model, workspace)?;
+    let generator = &session.generator;
+    let generation = if args.raw {
+        let prompt = generator.raw_prompt(&args.prompt)?;
+        generator.generate(&prompt, &session.options, &mut print_piece)?
+    } else {
+        let conversation = Conversation::new(session.system.clone());
+        let prompt = generator.chat_prompt(&conversation.prompt_messages(&args.prompt))?;
+        generator.generate(&prompt, &session.options, &mut print_piece)?
+    };
+    session.finish(&generation)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn chat_command(args: ChatArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
+    let session = Session::open(&args.model, workspace)?;
+    let mut conversation = Conversation::new(session.system.clone());
+    let answer = |conversation: &mut Conversation, text: &str| -> anyhow::Result<()> {
+        let reply =
+            conversation.reply(&session.generator, text, &session.options, &mut print_piece)?;
+        session.finish(&reply.generation)?;
+        if reply.forgotten_turns > 0 {
+            eprintln!(
+                "(the oldest {} exchange(s) were dropped to fit the model's context)",
+                reply.forgotten_turns
+            );
+        }
+        Ok(())
+    };
+    if let Some(prompt) = &args.prompt {
+        answer(&mut conversation, prompt)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive {
+        eprintln!(
+            "chatting with {} — /reset clears the history, /exit or Ctrl-D quits",
+            args.model.model.display()
+        );
+    }
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                conversation.reset();
+                eprintln!("(history cleared)");
+            }
+            _ => answer(&mut conversation, text)?,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {

@@ -2,8 +2,9 @@
 //!
 //! Data flows `config` → `dag` → `fingerprint`/`hashing`/`store` → `executor` →
 //! `stages`, with `runs` recording each run; `cli` is a thin clap layer over all of it.
-//! `data`, `tokenize`, `model`, `train` and `retrieve` are the machine-learning libraries
-//! the stages use; they know nothing of pipelines.
+//! `data`, `tokenize`, `model`, `train`, `export` and `retrieve` are the
+//! machine-learning libraries the stages use; they know nothing of pipelines.
+//! `generate` runs a trained model (`trainyard generate`, `trainyard chat`).
 
 pub mod cli;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod data;
 pub mod executor;
 pub mod export;
 pub mod fingerprint;
+pub mod generate;
 pub mod hashing;
 pub mod interrupt;
 pub mod model;

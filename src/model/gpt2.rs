@@ -12,13 +12,17 @@
 //! `VarMap` have exactly HF's names and shapes. LayerNorm is composed from
 //! differentiable primitives (`mean_keepdim`, `sqr`, `sqrt`, `broadcast_*`); GELU is
 //! candle's tanh approximation, which is HF's `gelu_new`.
+//!
+//! Inference has its own path, [`Gpt2::forward_cached`]: the same layers with candle's
+//! fused `layer_norm` and `softmax_last_dim` and a [`KvCache`].
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde_json::{Value, json};
 
 use super::ModelError;
-use super::llama::causal_mask;
+use super::kv_cache::{KvCache, LayerKv};
+use super::llama::{causal_mask, causal_mask_with_past};
 
 /// Hyper-parameters of a GPT-2 model (HF key names).
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +122,11 @@ impl LayerNorm {
             eps,
         })
     }
+
+    /// The same norm by candle's fused kernel (no gradient; inference only).
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+    }
 }
 
 impl Module for LayerNorm {
@@ -145,6 +154,15 @@ impl Conv1D {
             weight: vb.get((in_dim, out_dim), "weight")?,
             bias: vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?,
         })
+    }
+
+    /// The same layer as one 2-D matmul over all positions (no broadcast; inference).
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, seq, width) = x.dims3()?;
+        x.reshape((batch * seq, width))?
+            .matmul(&self.weight)?
+            .broadcast_add(&self.bias)?
+            .reshape((batch, seq, ()))
     }
 }
 
@@ -195,6 +213,39 @@ impl Attention {
             .reshape((batch, seq, width))?;
         self.c_proj.forward(&y)
     }
+
+    /// Inference: `x: [B, T, C]` are the next `T` positions after those in `cache`
+    /// (`mask` from [`causal_mask_with_past`], or `None` for a single position).
+    /// Appends their keys and values to `cache`.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor> {
+        let (batch, seq, width) = x.dims3()?;
+        let head_dim = width / self.n_head;
+        let qkv = self.c_attn.forward_inference(x)?;
+        let heads = |index: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, index * width, width)?
+                .reshape((batch, seq, self.n_head, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let (k, v) = cache.append(&k, &v)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, seq, width))?;
+        self.c_proj.forward_inference(&y)
+    }
 }
 
 /// The feed-forward network: `c_proj(gelu_new(c_fc(x)))`.
@@ -211,6 +262,12 @@ impl Mlp {
             c_fc: Conv1D::new(config.n_embd, config.n_inner, vb.pp("c_fc"))?,
             c_proj: Conv1D::new(config.n_inner, config.n_embd, vb.pp("c_proj"))?,
         })
+    }
+
+    /// The same network with 2-D matmuls (inference).
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        self.c_proj
+            .forward_inference(&self.c_fc.forward_inference(x)?.gelu()?)
     }
 }
 
@@ -246,6 +303,23 @@ impl Block {
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
         let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
+        x + mlp
+    }
+
+    /// Inference: [`Block::forward`] over the next positions, through the kv cache.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor> {
+        let attn = self
+            .attn
+            .forward_cached(&self.ln_1.forward_inference(x)?, mask, cache)?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward_inference(&self.ln_2.forward_inference(&x)?)?;
         x + mlp
     }
 }
@@ -303,6 +377,38 @@ impl Gpt2 {
         let x = self.ln_f.forward(&x)?;
         // Tied head: logits = x · wteᵀ.
         x.broadcast_matmul(&self.wte.embeddings().t()?)
+    }
+
+    /// Inference: logits `[B, T, V]` of the next `T` positions (token ids `[B, T]`)
+    /// after the `cache.len()` positions already in `cache`, which then holds them too.
+    /// The logits equal those of [`Gpt2::forward`] over the whole sequence; positions
+    /// past `n_positions` are an error. After an error the cache must be cleared.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        let past = cache.len();
+        if past + seq > self.config.n_positions {
+            candle_core::bail!(
+                "position {} is past n_positions = {}",
+                past + seq,
+                self.config.n_positions
+            );
+        }
+        let positions = Tensor::arange(past as u32, (past + seq) as u32, input_ids.device())?;
+        let tokens = self.wte.forward(input_ids)?;
+        let mut x = tokens.broadcast_add(&self.wpe.forward(&positions)?)?;
+        let mask = match seq {
+            1 => None,
+            _ => Some(causal_mask_with_past(seq, past, x.dtype(), x.device())?),
+        };
+        for (index, block) in self.h.iter().enumerate() {
+            x = block.forward_cached(&x, mask.as_ref(), cache.layer(index)?)?;
+        }
+        cache.advance(seq);
+        let x = self.ln_f.forward_inference(&x)?;
+        let width = self.config.n_embd;
+        x.reshape((batch * seq, width))?
+            .matmul(&self.wte.embeddings().t()?)?
+            .reshape((batch, seq, ()))
     }
 }
 

@@ -12,12 +12,18 @@
 //! softmax is `candle_nn::ops::softmax` (max-subtract, `exp`, `sum`, divide); RoPE is HF's
 //! rotate-half form `x·cos + rotate_half(x)·sin` with `narrow`/`neg`/`cat`. Tensor names
 //! are exactly HF's.
+//!
+//! Inference has its own path, [`Llama::forward_cached`]: the same projections (so
+//! anything that wraps them, such as LoRA, applies to both), but the fused candle kernels
+//! (`rms_norm`, `rope`, `softmax_last_dim`) and a [`KvCache`], since no gradient is
+//! needed there.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use serde_json::{Value, json};
 
 use super::ModelError;
+use super::kv_cache::{KvCache, LayerKv};
 use super::lora::{Builders, Proj};
 
 /// Which HF architecture a llama-family config is.
@@ -203,6 +209,11 @@ impl RmsNorm {
             eps,
         })
     }
+
+    /// The same norm by candle's fused kernel (no gradient; inference only).
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
+    }
 }
 
 impl Module for RmsNorm {
@@ -228,8 +239,7 @@ pub fn rope_tables(
     for position in 0..seq_len {
         for _ in 0..2 {
             for i in 0..half {
-                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-                let angle = position as f64 * inv_freq;
+                let angle = rope_angle(position, i, head_dim, theta);
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
@@ -237,6 +247,34 @@ pub fn rope_tables(
     }
     let cos = Tensor::from_vec(cos, (seq_len, head_dim), device)?.to_dtype(dtype)?;
     let sin = Tensor::from_vec(sin, (seq_len, head_dim), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// The rotation angle of frequency `i` (of `head_dim / 2`) at `position`.
+fn rope_angle(position: usize, i: usize, head_dim: usize, theta: f64) -> f64 {
+    let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+    position as f64 * inv_freq
+}
+
+/// The half rotary tables `cos, sin`, each `[len, head_dim / 2]` (one column per
+/// frequency), for positions `start..start + len`: the layout of candle's fused
+/// `rotary_emb::rope`, which the inference path uses.
+pub fn rope_half_tables(
+    start: usize,
+    len: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let angles: Vec<f64> = (start..start + len)
+        .flat_map(|position| (0..half).map(move |i| rope_angle(position, i, head_dim, theta)))
+        .collect();
+    let cos: Vec<f64> = angles.iter().map(|angle| angle.cos()).collect();
+    let sin: Vec<f64> = angles.iter().map(|angle| angle.sin()).collect();
+    let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
     Ok((cos, sin))
 }
 
@@ -259,6 +297,22 @@ pub fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> Result<Tens
         .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)
+}
+
+/// The additive mask `[T, P + T]` of `T` new positions after `P` cached ones: new
+/// position `i` sees every cached position and the new ones up to itself.
+pub fn causal_mask_with_past(
+    new: usize,
+    past: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..new)
+        .flat_map(|i| {
+            (0..past + new).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Tensor::from_vec(mask, (new, past + new), device)?.to_dtype(dtype)
 }
 
 /// Grouped-query self-attention with RoPE.
@@ -314,6 +368,46 @@ impl Attention {
         let y = y
             .transpose(1, 2)?
             .reshape((batch, seq, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+
+    /// Inference: `x: [B, T, C]` are the next `T` positions after those in `cache`
+    /// (tables from [`rope_half_tables`] for those positions; `mask` from
+    /// [`causal_mask_with_past`], or `None` for a single position). Appends their keys
+    /// and values to `cache`.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((batch, seq, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let k = repeat_kv(&k, self.num_heads / self.num_kv_heads)?;
+        let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((
+            batch,
+            seq,
+            self.num_heads * self.head_dim,
+        ))?;
         self.o_proj.forward(&y)
     }
 }
@@ -397,6 +491,27 @@ impl Block {
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + mlp
     }
+
+    /// Inference: [`Block::forward`] over the next positions, through the kv cache (see
+    /// [`Attention::forward_cached`]).
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward_inference(x)?;
+        let attn = self
+            .self_attn
+            .forward_cached(&normed, cos, sin, mask, cache)?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward_inference(&x)?)?;
+        x + mlp
+    }
 }
 
 /// A Llama / Qwen2 causal language model.
@@ -469,6 +584,34 @@ impl Llama {
             x = layer.forward(&x, &cos, &sin, &mask)?;
         }
         self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+
+    /// Inference: logits `[B, T, V]` of the next `T` positions (token ids `[B, T]`)
+    /// after the `cache.len()` positions already in `cache`, which then holds them too.
+    /// The logits equal those of [`Llama::forward`] over the whole sequence. After an
+    /// error the cache is in an unknown state and must be cleared.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_batch, seq) = input_ids.dims2()?;
+        let past = cache.len();
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        let (dtype, device) = (x.dtype(), x.device().clone());
+        let (cos, sin) = rope_half_tables(
+            past,
+            seq,
+            self.config.head_dim,
+            self.config.rope_theta,
+            dtype,
+            &device,
+        )?;
+        let mask = match seq {
+            1 => None,
+            _ => Some(causal_mask_with_past(seq, past, dtype, &device)?),
+        };
+        for (index, layer) in self.layers.iter().enumerate() {
+            x = layer.forward_cached(&x, &cos, &sin, mask.as_ref(), cache.layer(index)?)?;
+        }
+        cache.advance(seq);
+        self.lm_head.forward(&self.norm.forward_inference(&x)?)
     }
 }
 

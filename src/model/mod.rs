@@ -10,15 +10,17 @@
 //! mmaped safetensors). [`init_weights`] initialises a fresh model bit-reproducibly
 //! from [`crate::rng::Rng`].
 //!
-//! Every op on the forward path has a backward pass in candle 0.11: norms, softmax and
-//! RoPE are written as compositions of differentiable primitives (see `llama.rs`); the
-//! fused `candle_nn` kernels (`ops::rms_norm`, `softmax_last_dim`, `rotary_emb::rope`,
-//! `sdpa`) are never used because they silently cut the gradient.
+//! Every op on the training forward path has a backward pass in candle 0.11: norms,
+//! softmax and RoPE are written as compositions of differentiable primitives (see
+//! `llama.rs`); the fused `candle_nn` kernels (`ops::rms_norm`, `softmax_last_dim`,
+//! `rotary_emb::rope`) silently cut the gradient and appear only on the inference path,
+//! [`CausalLm::forward_cached`], which feeds new tokens through a [`KvCache`].
 //!
 //! GPT-2 weights stay in HF's Conv1D layout `[in, out]` in memory as well as on disk
 //! (the forward computes `x·W + b`), so neither load nor save transposes anything.
 
 pub mod gpt2;
+pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 
@@ -33,6 +35,7 @@ use serde_json::{Value, json};
 use crate::rng::Rng;
 
 pub use gpt2::{Gpt2, Gpt2Config};
+pub use kv_cache::KvCache;
 pub use llama::{Llama, LlamaConfig, LlamaFlavor};
 
 /// The rotary base HF uses when a config names none (neither `rope_theta` nor
@@ -413,6 +416,29 @@ impl CausalLm {
         match self {
             CausalLm::Llama(model) => model.forward(input_ids),
             CausalLm::Gpt2(model) => model.forward(input_ids),
+        }
+    }
+
+    /// An empty [`KvCache`] for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(match self {
+            CausalLm::Llama(model) => model.config().num_hidden_layers,
+            CausalLm::Gpt2(model) => model.config().n_layer,
+        })
+    }
+
+    /// Inference with a kv cache: logits `[B, T, V]` for the next `T` token ids
+    /// `[B, T]` after the positions already in `cache`, which then holds these too.
+    /// Uses candle's fused kernels (no gradient). Feeding a sequence in pieces gives
+    /// the logits [`CausalLm::forward`] gives for it whole.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            CausalLm::Llama(model) => model.forward_cached(input_ids, cache),
+            CausalLm::Gpt2(model) => model.forward_cached(input_ids, cache),
         }
     }
 }

@@ -1,0 +1,771 @@
+//! Text generation from a model directory: what `trainyard generate` and `trainyard
+//! chat` run.
+//!
+//! [`resolve_model_dir`] finds the model (a checkpoint, an export, a pretrain output or a
+//! run's `outputs/<stage>` link); [`Generator`] loads it with its `tokenizer.json` and
+//! decodes with the kv cache ([`crate::model::CausalLm::forward_cached`]), sampling with
+//! candle-transformers' `LogitsProcessor` ([`SamplingOptions`]: temperature 0 is greedy,
+//! the seed makes sampling reproducible). Every special token except the two that end a
+//! generation (`<|end|>`, `<|endoftext|>`) is banned: its logit is set to -inf, so role
+//! tokens never appear in the output. Text is streamed as it decodes, whole UTF-8
+//! characters at a time. [`Conversation`] keeps a chat's history and renders it with the
+//! chat template ([`crate::tokenize::chat`]), ending with the open assistant turn.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use tokenizers::Tokenizer;
+
+use crate::data::records::{ChatMessage, Role};
+use crate::model::{self, CausalLm, ModelConfig, ModelError};
+use crate::tokenize::chat;
+use crate::tokenize::special::{ASSISTANT, END_OF_TEXT, END_OF_TURN, SYSTEM, USER};
+use crate::tokenize::train::{TokenizeError, load_tokenizer};
+
+/// Why a model could not be loaded or text not generated.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The model path does not exist.
+    #[error("{path}: no such model directory")]
+    NotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The model path is not a model directory.
+    #[error("{path}: not a model directory ({reason}){hint}")]
+    NotAModel {
+        /// The path given.
+        path: PathBuf,
+        /// What is missing.
+        reason: String,
+        /// Model directories found inside it, as a sentence (may be empty).
+        hint: String,
+    },
+    /// A file of the model directory could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The tokenizer could not be loaded.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizeError),
+    /// The tokenizer does not fit the model or the request.
+    #[error("{path}: {message}")]
+    TokenizerMismatch {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What does not fit.
+        message: String,
+    },
+    /// Encoding or decoding text failed.
+    #[error("tokenizer: {0}")]
+    Tokenize(String),
+    /// A sampling option is out of range.
+    #[error("{0}")]
+    Options(String),
+    /// The prompt does not fit the model's context.
+    #[error("the prompt is {tokens} tokens long; the model's context is {context} tokens")]
+    PromptTooLong {
+        /// Prompt length in tokens.
+        tokens: usize,
+        /// The model's longest sequence.
+        context: usize,
+    },
+    /// The prompt encodes to no tokens at all.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Writing the streamed text failed.
+    #[error("writing the output: {0}")]
+    Output(io::Error),
+}
+
+/// The model directory `path` names: `path` itself when it holds `config.json` (a
+/// checkpoint, an export, a pretrain output — its top level is the final model, `best/`
+/// beside it — or a run's `outputs/<stage>` link, which is followed). Otherwise an
+/// error naming `path` and the model directories found one or two levels below it
+/// (`best/`, a run's `outputs/*`).
+pub fn resolve_model_dir(path: &Path) -> Result<PathBuf, GenerateError> {
+    let metadata = std::fs::metadata(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => GenerateError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => GenerateError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let not_a_model = |reason: &str, hint: String| GenerateError::NotAModel {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+        hint,
+    };
+    if !metadata.is_dir() {
+        return Err(not_a_model("a file, not a directory", String::new()));
+    }
+    if path.join("config.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let mut found = Vec::new();
+    for dir in [path.to_path_buf(), path.join("outputs")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let candidate = entry.path();
+            if candidate.join("config.json").is_file() {
+                found.push(candidate.display().to_string());
+            }
+        }
+    }
+    found.sort();
+    let hint = if found.is_empty() {
+        "; give a checkpoint, an export or a run's stage output such as \
+         runs/latest/outputs/<stage>"
+            .to_string()
+    } else {
+        format!("; model directories inside it: {}", found.join(", "))
+    };
+    Err(not_a_model("no config.json", hint))
+}
+
+/// How to pick each next token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingOptions {
+    /// Softmax temperature; 0 is greedy (argmax).
+    pub temperature: f64,
+    /// Sample only among the `k` most likely tokens.
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to `p`.
+    pub top_p: Option<f64>,
+    /// Seed of the sampler: the same seed, prompt and model give the same text.
+    pub seed: u64,
+    /// Most tokens to generate (the end-of-turn token not counted).
+    pub max_new_tokens: usize,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> SamplingOptions {
+        SamplingOptions {
+            temperature: 0.7,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            max_new_tokens: 256,
+        }
+    }
+}
+
+impl SamplingOptions {
+    /// Checks the ranges: temperature ≥ 0, top-k ≥ 1, top-p in (0, 1].
+    pub fn validate(&self) -> Result<(), GenerateError> {
+        let bad = |message: String| Err(GenerateError::Options(message));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad(format!(
+                "temperature must be 0 (greedy) or positive, not {}",
+                self.temperature
+            ));
+        }
+        if self.top_k == Some(0) {
+            return bad("top-k must be at least 1".to_string());
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return bad(format!("top-p must be in (0, 1], not {p}"));
+        }
+        Ok(())
+    }
+
+    /// The candle-transformers sampling rule.
+    pub fn sampling(&self) -> Sampling {
+        let temperature = self.temperature;
+        if temperature == 0.0 {
+            return Sampling::ArgMax;
+        }
+        match (self.top_k, self.top_p) {
+            (None, None) => Sampling::All { temperature },
+            (Some(k), None) => Sampling::TopK { k, temperature },
+            (None, Some(p)) => Sampling::TopP { p, temperature },
+            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+        }
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model ended its turn (`<|end|>`).
+    EndOfTurn,
+    /// The model ended the document (`<|endoftext|>`).
+    EndOfText,
+    /// `max_new_tokens` were generated.
+    MaxNewTokens,
+    /// The model's context is full.
+    ContextFull,
+}
+
+impl StopReason {
+    /// Short name, as `--stats` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::EndOfTurn => "end-of-turn",
+            StopReason::EndOfText => "end-of-text",
+            StopReason::MaxNewTokens => "max-new-tokens",
+            StopReason::ContextFull => "context-full",
+        }
+    }
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The generated text (the stop token not included).
+    pub text: String,
+    /// The generated token ids (the stop token not included).
+    pub tokens: Vec<u32>,
+    /// Length of the prompt in tokens.
+    pub prompt_tokens: usize,
+    /// Why generation stopped.
+    pub stop: StopReason,
+    /// Time to process the prompt and sample the first token.
+    pub prefill: Duration,
+    /// Tokens sampled after the first one (each one forward pass of one token).
+    pub decode_steps: usize,
+    /// Time of those steps.
+    pub decode: Duration,
+}
+
+impl Generation {
+    /// Decode speed: tokens per second after the first token (`None` if there was no
+    /// decode step).
+    pub fn decode_tokens_per_s(&self) -> Option<f64> {
+        (self.decode_steps > 0 && !self.decode.is_zero())
+            .then(|| self.decode_steps as f64 / self.decode.as_secs_f64())
+    }
+
+    /// One line of statistics, `key=value` pairs, as `--stats` prints it.
+    pub fn stats_line(&self) -> String {
+        format!(
+            "stats: prompt_tokens={} generated_tokens={} stop={} prefill_s={:.4} decode_steps={} decode_s={:.4} decode_tokens_per_s={:.1}",
+            self.prompt_tokens,
+            self.tokens.len(),
+            self.stop.as_str(),
+            self.prefill.as_secs_f64(),
+            self.decode_steps,
+            self.decode.as_secs_f64(),
+            self.decode_tokens_per_s().unwrap_or(0.0)
+        )
+    }
+}
+
+/// A loaded model with its tokenizer, ready to generate.
+pub struct Generator {
+    model: CausalLm,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    tokenizer_path: PathBuf,
+    device: Device,
+    /// Token ids that end a generation.
+    stop: Vec<u32>,
+    /// Added to the logits before sampling: -inf at banned ids, 0 elsewhere (`[V]`, f32).
+    ban: Tensor,
+    /// The banned ids, sorted.
+    banned: Vec<u32>,
+}
+
+impl Generator {
+    /// Loads the model directory `path` (see [`resolve_model_dir`]): `config.json`,
+    /// the safetensors weights (as f32) and `tokenizer.json`.
+    pub fn load(path: &Path, device: &Device) -> Result<Generator, GenerateError> {
+        let dir = resolve_model_dir(path)?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.is_file() {
+            return Err(GenerateError::NotAModel {
+                path: path.to_path_buf(),
+                reason: "no tokenizer.json".to_string(),
+                hint: String::new(),
+            });
+        }
+        let tokenizer = load_tokenizer(&tokenizer_path)?;
+        let (model, config) = model::load_pretrained(&dir, DType::F32, device)?;
+        let vocab = config.vocab_size();
+        let tokenizer_vocab = tokenizer.get_vocab_size(true);
+        if tokenizer_vocab > vocab {
+            return Err(GenerateError::TokenizerMismatch {
+                path: tokenizer_path,
+                message: format!(
+                    "the tokenizer has {tokenizer_vocab} tokens, the model only {vocab} embeddings"
+                ),
+            });
+        }
+        let stop: Vec<u32> = [END_OF_TURN, END_OF_TEXT]
+            .iter()
+            .filter_map(|token| tokenizer.token_to_id(token))
+            .collect();
+        // Every special token but the stop tokens, and the model's rows the tokenizer
+        // has no token for.
+        let mut banned: Vec<u32> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(id, token)| token.special && !stop.contains(id))
+            .map(|(id, _)| id)
+            .chain(tokenizer_vocab as u32..vocab as u32)
+            .collect();
+        banned.sort_unstable();
+        banned.dedup();
+        let mut mask = vec![0f32; vocab];
+        for &id in &banned {
+            if let Some(slot) = mask.get_mut(id as usize) {
+                *slot = f32::NEG_INFINITY;
+            }
+        }
+        let ban = Tensor::from_vec(mask, vocab, device)?;
+        Ok(Generator {
+            model,
+            config,
+            tokenizer,
+            tokenizer_path,
+            device: device.clone(),
+            stop,
+            ban,
+            banned,
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The token ids that are never generated (special tokens other than the stop
+    /// tokens, and ids past the tokenizer's vocabulary), sorted.
+    pub fn banned_ids(&self) -> &[u32] {
+        &self.banned
+    }
+
+    /// The token ids that end a generation (`<|end|>`, `<|endoftext|>`).
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop
+    }
+
+    /// The ids of `text` (special-token text becomes special tokens).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|encoding| encoding.get_ids().to_vec())
+            .map_err(|error| GenerateError::Tokenize(error.to_string()))
+    }
+
+    /// The prompt of plain-text continuation: `<|endoftext|>` (a document starts after
+    /// it in pretraining streams, when the tokenizer has it) followed by `text`.
+    pub fn raw_prompt(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
+        let mut ids: Vec<u32> = self
+            .tokenizer
+            .token_to_id(END_OF_TEXT)
+            .into_iter()
+            .collect();
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// The prompt of a chat: `messages` rendered with the chat template, ending with
+    /// the open `<|assistant|>` turn. Fails if the tokenizer lacks the chat tokens.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, GenerateError> {
+        for token in [SYSTEM, USER, ASSISTANT, END_OF_TURN] {
+            if self.tokenizer.token_to_id(token).is_none() {
+                return Err(GenerateError::TokenizerMismatch {
+                    path: self.tokenizer_path.clone(),
+                    message: format!(
+                        "no {token} token: the chat template needs trainyard's special \
+                         tokens (use plain-text generation, `generate --raw`)"
+                    ),
+                });
+            }
+        }
+        self.encode(&chat::render_text(messages, true))
+    }
+
+    /// Generates after `prompt` until a stop token, `max_new_tokens` or the end of the
+    /// model's context, calling `sink` with each piece of text as soon as it decodes
+    /// to whole characters.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        options: &SamplingOptions,
+        sink: &mut dyn FnMut(&str) -> io::Result<()>,
+    ) -> Result<Generation, GenerateError> {
+        options.validate()?;
+        let context = self.config.max_positions();
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if prompt.len() > context {
+            return Err(GenerateError::PromptTooLong {
+                tokens: prompt.len(),
+                context,
+            });
+        }
+        // Every generated token but the last is fed back, one position each.
+        let room = context - prompt.len() + 1;
+        let budget = options.max_new_tokens.min(room);
+        let mut processor = LogitsProcessor::from_sampling(options.seed, options.sampling());
+        let mut cache = self.model.new_cache();
+        let mut stream = TextStream::new(&self.tokenizer);
+        let mut tokens = Vec::new();
+
+        let started = Instant::now();
+        let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
+        let logits = self.model.forward_cached(&input, &mut cache)?;
+        let mut last = logits.i((0, prompt.len() - 1))?;
+        let mut prefill = None;
+        let mut decode_started = started;
+        let stop = loop {
+            if tokens.len() == budget {
+                break if budget < options.max_new_tokens {
+                    StopReason::ContextFull
+                } else {
+                    StopReason::MaxNewTokens
+                };
+            }
+            let next = self.sample(&mut processor, &last)?;
+            if prefill.is_none() {
+                prefill = Some(started.elapsed());
+                decode_started = Instant::now();
+            }
+            if self.stop.contains(&next) {
+                break match self.tokenizer.id_to_token(next).as_deref() {
+                    Some(END_OF_TEXT) => StopReason::EndOfText,
+                    _ => StopReason::EndOfTurn,
+                };
+            }
+            tokens.push(next);
+            if let Some(piece) = stream.push(next)? {
+                sink(&piece).map_err(GenerateError::Output)?;
+            }
+            if tokens.len() < budget {
+                let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
+                last = self.model.forward_cached(&input, &mut cache)?.i((0, 0))?;
+            }
+        };
+        let decode = decode_started.elapsed();
+        if let Some(piece) = stream.finish()? {
+            sink(&piece).map_err(GenerateError::Output)?;
+        }
+        let text = self.decode(&tokens)?;
+        let sampled = tokens.len()
+            + usize::from(matches!(
+                stop,
+                StopReason::EndOfTurn | StopReason::EndOfText
+            ));
+        Ok(Generation {
+            text,
+            tokens,
+            prompt_tokens: prompt.len(),
+            stop,
+            prefill: prefill.unwrap_or_else(|| started.elapsed()),
+            decode_steps: sampled.saturating_sub(1),
+            decode: if sampled > 1 { decode } else { Duration::ZERO },
+        })
+    }
+
+    /// The text of `ids`. Special tokens are written out, not skipped: generated text
+    /// never holds one (they are banned, and stop tokens end it), so one in the output
+    /// would show a bug rather than hide it.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, GenerateError> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|error| GenerateError::Tokenize(error.to_string()))
+    }
+
+    /// Picks the next token from the logits `[V]` of the last position.
+    fn sample(
+        &self,
+        processor: &mut LogitsProcessor,
+        logits: &Tensor,
+    ) -> Result<u32, GenerateError> {
+        let logits = logits.to_dtype(DType::F32)?.add(&self.ban)?;
+        Ok(processor.sample(&logits)?)
+    }
+}
+
+/// Turns generated ids into text pieces that end on whole UTF-8 characters (a
+/// byte-level token may hold half a character), decoding a short window rather than
+/// everything each time.
+struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    tokens: Vec<u32>,
+    /// Start of the window decoded each time.
+    prefix: usize,
+    /// End of the part of the window already emitted.
+    read: usize,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(tokenizer: &'a Tokenizer) -> TextStream<'a> {
+        TextStream {
+            tokenizer,
+            tokens: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String, GenerateError> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|error| GenerateError::Tokenize(error.to_string()))
+    }
+
+    /// Adds a token; returns the new text once it ends on a whole character.
+    fn push(&mut self, id: u32) -> Result<Option<String>, GenerateError> {
+        self.tokens.push(id);
+        self.emit(false)
+    }
+
+    /// Whatever is left, complete or not.
+    fn finish(&mut self) -> Result<Option<String>, GenerateError> {
+        self.emit(true)
+    }
+
+    fn emit(&mut self, force: bool) -> Result<Option<String>, GenerateError> {
+        let before = self.decode(&self.tokens[self.prefix..self.read])?;
+        let now = self.decode(&self.tokens[self.prefix..])?;
+        if now.len() <= before.len() || (!force && now.ends_with(char::REPLACEMENT_CHARACTER)) {
+            return Ok(None);
+        }
+        let piece = match now.get(before.len()..) {
+            Some(piece) if now.starts_with(&before) => piece.to_string(),
+            // The window decodes differently with the new tokens: emit what is new
+            // after the longest common prefix.
+            _ => {
+                let common = now
+                    .char_indices()
+                    .zip(before.chars())
+                    .take_while(|((_, a), b)| a == b)
+                    .last()
+                    .map(|((index, c), _)| index + c.len_utf8())
+                    .unwrap_or(0);
+                now[common..].to_string()
+            }
+        };
+        self.prefix = self.read;
+        self.read = self.tokens.len();
+        Ok(Some(piece))
+    }
+}
+
+/// A chat: an optional system prompt and the turns so far.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    system: Option<String>,
+    history: Vec<ChatMessage>,
+    replies: u64,
+}
+
+/// The result of one chat turn.
+#[derive(Debug, Clone)]
+pub struct ChatReply {
+    /// The assistant's answer.
+    pub generation: Generation,
+    /// Oldest exchanges dropped from the history so that the prompt fits the context.
+    pub forgotten_turns: usize,
+}
+
+impl Conversation {
+    /// A new conversation with an optional system prompt.
+    pub fn new(system: Option<String>) -> Conversation {
+        Conversation {
+            system,
+            history: Vec::new(),
+            replies: 0,
+        }
+    }
+
+    /// The user and assistant turns so far.
+    pub fn history(&self) -> &[ChatMessage] {
+        &self.history
+    }
+
+    /// Forgets the turns (the system prompt stays).
+    pub fn reset(&mut self) {
+        self.history.clear();
+    }
+
+    /// The messages the model sees for the next turn: the system prompt, the history
+    /// and the user's `text`. This is the one place a turn's prompt is assembled (a
+    /// retrieval mode would add its documents here).
+    pub fn prompt_messages(&self, text: &str) -> Vec<ChatMessage> {
+        let message = |role: Role, content: &str| ChatMessage {
+            role,
+            content: content.to_string(),
+            tool_calls: Vec::new(),
+        };
+        self.system
+            .iter()
+            .map(|system| message(Role::System, system))
+            .chain(self.history.iter().cloned())
+            .chain(std::iter::once(message(Role::User, text)))
+            .collect()
+    }
+
+    /// Answers `text`: generates the assistant's turn (streamed to `sink`) and adds
+    /// both turns to the history. When the prompt and `max_new_tokens` do not fit the
+    /// model's context, the oldest exchanges are forgotten first. Turn `n` samples
+    /// with seed `options.seed + n`, so a replayed conversation is reproducible.
+    pub fn reply(
+        &mut self,
+        generator: &Generator,
+        text: &str,
+        options: &SamplingOptions,
+        sink: &mut dyn FnMut(&str) -> io::Result<()>,
+    ) -> Result<ChatReply, GenerateError> {
+        let context = generator.config().max_positions();
+        let mut forgotten_turns = 0;
+        let prompt = loop {
+            let prompt = generator.chat_prompt(&self.prompt_messages(text))?;
+            if prompt.len() + options.max_new_tokens <= context || self.history.is_empty() {
+                break prompt;
+            }
+            // Drop the oldest exchange: its user turn and what follows up to the next.
+            let end = self
+                .history
+                .iter()
+                .skip(1)
+                .position(|message| message.role == Role::User)
+                .map_or(self.history.len(), |index| index + 1);
+            self.history.drain(..end);
+            forgotten_turns += 1;
+        };
+        let turn_options = SamplingOptions {
+            seed: options.seed.wrapping_add(self.replies),
+            ..options.clone()
+        };
+        let generation = generator.generate(&prompt, &turn_options, sink)?;
+        self.replies += 1;
+        for (role, content) in [(Role::User, text), (Role::Assistant, &generation.text)] {
+            self.history.push(ChatMessage {
+                role,
+                content: content.to_string(),
+                tool_calls: Vec::new(),
+            });
+        }
+        Ok(ChatReply {
+            generation,
+            forgotten_turns,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temperature_zero_is_greedy_and_the_filters_combine() {
+        let mut options = SamplingOptions {
+            temperature: 0.0,
+            ..SamplingOptions::default()
+        };
+        assert_eq!(options.sampling(), Sampling::ArgMax);
+        options.temperature = 0.8;
+        options.top_k = Some(5);
+        options.top_p = Some(0.9);
+        assert_eq!(
+            options.sampling(),
+            Sampling::TopKThenTopP {
+                k: 5,
+                p: 0.9,
+                temperature: 0.8
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_range_options_are_refused() {
+        for options in [
+            SamplingOptions {
+                temperature: -1.0,
+                ..SamplingOptions::default()
+            },
+            SamplingOptions {
+                top_k: Some(0),
+                ..SamplingOptions::default()
+            },
+            SamplingOptions {
+                top_p: Some(1.5),
+                ..SamplingOptions::default()
+            },
+            SamplingOptions {
+                top_p: Some(0.0),
+                ..SamplingOptions::default()
+            },
+        ] {
+            assert!(options.validate().is_err(), "{options:?}");
+        }
+        assert!(SamplingOptions::default().validate().is_ok());
+    }
+
+    #[test]
+    fn a_path_without_config_json_names_the_models_inside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("outputs/lm");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("config.json"), "{}").unwrap();
+        assert_eq!(resolve_model_dir(&model).unwrap(), model);
+        let error = resolve_model_dir(dir.path()).unwrap_err().to_string();
+        assert!(error.contains(&dir.path().display().to_string()), "{error}");
+        assert!(error.contains("outputs/lm"), "{error}");
+        let missing = dir.path().join("nope");
+        let error = resolve_model_dir(&missing).unwrap_err().to_string();
+        assert!(
+            error.contains("nope") && error.contains("no such"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_turns_prompt_is_the_system_prompt_the_history_and_the_users_text() {
+        let mut conversation = Conversation::new(Some("Be brief.".into()));
+        for (role, content) in [
+            (Role::User, "a"),
+            (Role::Assistant, "b"),
+            (Role::User, "c"),
+            (Role::Assistant, "d"),
+        ] {
+            conversation.history.push(ChatMessage {
+                role,
+                content: content.into(),
+                tool_calls: Vec::new(),
+            });
+        }
+        let rendered = chat::render_text(&conversation.prompt_messages("e"), true);
+        assert_eq!(
+            rendered,
+            "<|system|>Be brief.<|end|><|user|>a<|end|><|assistant|>b<|end|>\
+             <|user|>c<|end|><|assistant|>d<|end|><|user|>e<|end|><|assistant|>"
+        );
+        conversation.reset();
+        assert!(conversation.history().is_empty());
+        assert_eq!(
+            chat::render_text(&conversation.prompt_messages("e"), true),
+            "<|system|>Be brief.<|end|><|user|>e<|end|><|assistant|>"
+        );
+    }
+}
