@@ -3,6 +3,8 @@
 //! settings types, implementation versions, input rules) and the context a stage runs in.
 
 pub mod command;
+pub mod evaluate;
+pub mod export;
 pub mod ingest;
 pub mod lora_merge;
 pub mod pretrain;
@@ -295,6 +297,8 @@ pub static KINDS: &[KindEntry] = &[
     KindEntry::of::<pretrain::Pretrain>(),
     KindEntry::of::<sft::Sft>(),
     KindEntry::of::<lora_merge::LoraMerge>(),
+    KindEntry::of::<export::Export>(),
+    KindEntry::of::<evaluate::Evaluate>(),
 ];
 
 /// The kind called `name`.
