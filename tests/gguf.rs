@@ -589,9 +589,10 @@ fn export_is_byte_identical_across_runs_and_summarised() {
         GgufDtype::Q8_0,
     )
     .unwrap();
+    // The tokenizer may also be named by the directory that holds it.
     write_gguf(
         checkpoint.path(),
-        &checkpoint.tokenizer(),
+        checkpoint.path(),
         &second,
         GgufDtype::Q8_0,
     )
@@ -760,10 +761,9 @@ fn tokenizers_llama_cpp_cannot_reproduce_are_refused_by_key() {
 }
 
 #[test]
-fn a_tensor_that_disagrees_with_the_config_fails_mid_write_and_leaves_no_file() {
+fn a_tensor_that_disagrees_with_the_config_fails_before_anything_is_written() {
     let checkpoint = Checkpoint::llama(config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB), 7);
-    // The MLP shrinks in config.json but not in the weights: the writer only finds out
-    // when it reaches the first MLP matrix, after the header is written.
+    // The MLP shrinks in config.json but not in the weights.
     let path = checkpoint.path().join("config.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -789,8 +789,8 @@ fn a_tensor_that_disagrees_with_the_config_fails_mid_write_and_leaves_no_file() 
 }
 
 /// Writes what `bench/gguf_llama_cpp.py` checks llama.cpp against: four checkpoints
-/// (llama untied; llama with every bias, tied; qwen2 tied with [PAD] ids; gpt2), each exported
-/// as f32, f16 and q8_0, and `reference.json` with trainyard's logits at every position
+/// (llama untied; llama with every bias, tied; qwen2 tied with [PAD] ids; gpt2), each
+/// exported as f32, f16 and q8_0, and `reference.json` with trainyard's logits at every position
 /// of one input, the ids trainyard's tokenizer gives some texts, and a rendered chat.
 /// Into `$TRAINYARD_GGUF_EXPORT` when set, else a temporary directory (then it only
 /// checks that these exports succeed).

@@ -51,6 +51,7 @@ use serde_json::Value as Json;
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig, ModelError};
 use crate::tokenize::chat::JINJA_TEMPLATE;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD};
+use crate::tokenize::train::tokenizer_file;
 
 /// The GGUF version written.
 pub const GGUF_VERSION: u32 = 3;
@@ -162,10 +163,10 @@ pub enum GgufError {
         /// What is wrong.
         message: String,
     },
-    /// Writing the output failed.
+    /// Reading the tokenizer or writing the output failed.
     #[error("{path}: {source}")]
     Io {
-        /// The file being written.
+        /// The file being read or written.
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
@@ -189,7 +190,7 @@ pub struct GgufTensor {
 pub struct GgufSummary {
     /// The GGUF file.
     pub path: PathBuf,
-    /// `general.architecture`: `llama` or `qwen2`.
+    /// `general.architecture`: `llama`, `qwen2` or `gpt2`.
     pub architecture: String,
     /// The requested matrix type.
     pub dtype: GgufDtype,
@@ -204,12 +205,14 @@ pub struct GgufSummary {
 }
 
 /// Writes `out` as a GGUF file of the llama, qwen2 or gpt2 model in `model_dir`
-/// (`config.json` and safetensors with Hugging Face names) and the byte-level BPE tokenizer
-/// `tokenizer_json`, with weight matrices of type `dtype`.
+/// (`config.json` and safetensors with Hugging Face names) and the byte-level BPE
+/// tokenizer `tokenizer_json` (a `tokenizer.json`, or a directory holding one), with
+/// weight matrices of type `dtype`.
 ///
 /// Fails with [`GgufError::Tokenizer`] for tokenizers llama.cpp cannot reproduce
 /// (unigram, unknown pre-tokenizers, normalizers other than NFC) and with
-/// [`GgufError::Tensor`] when the weights do not fit `config.json`.
+/// [`GgufError::Tensor`] when the weights do not fit `config.json`; both are found
+/// before anything is written.
 pub fn write_gguf(
     model_dir: &Path,
     tokenizer_json: &Path,
@@ -311,6 +314,10 @@ struct Vocab {
 /// Reads a Hugging Face `tokenizer.json` of a byte-level BPE model, padded (as the
 /// converter does) to the model's `vocab_size`.
 fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
+    let path = &tokenizer_file(path).map_err(|e| GgufError::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let error = |message: String| GgufError::Tokenizer {
         path: path.to_path_buf(),
         message,
@@ -931,9 +938,10 @@ fn gpt2_layout(config: &Gpt2Config, dtype: GgufDtype) -> Layout {
 }
 
 /// Points every plan at its name in the safetensors files and fails on a weight the
-/// files lack or the config does not explain, so that a checkpoint whose `config.json`
-/// disagrees with its tensors (say, biases the config does not declare) is not exported
-/// with weights silently dropped.
+/// files lack, the config does not explain, or whose shape the config contradicts, so
+/// that a checkpoint whose `config.json` disagrees with its tensors (say, biases the
+/// config does not declare) is neither exported with weights silently dropped nor found
+/// out only after gigabytes are written.
 fn resolve_tensor_names(
     model_dir: &Path,
     weights: &MmapedSafetensors,
@@ -964,6 +972,22 @@ fn resolve_tensor_names(
             name: missing.to_string(),
             message: "missing from the safetensors files".to_string(),
         });
+    }
+    for plan in &layout.plans {
+        let shape = weights
+            .get(&plan.hf_name)
+            .map(|view| view.shape().to_vec())
+            .unwrap_or_default();
+        if shape != plan.source_shape() {
+            return Err(GgufError::Tensor {
+                path: model_dir.to_path_buf(),
+                name: plan.hf_name.clone(),
+                message: format!(
+                    "has shape {shape:?}, config.json implies {:?}",
+                    plan.source_shape()
+                ),
+            });
+        }
     }
     if let Some(extra) = present
         .iter()
