@@ -354,8 +354,9 @@ fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
     let pre = pre_tokenizer_name(&json).map_err(error)?;
     match json.get("normalizer") {
         None | Some(Json::Null) => {}
-        // Qwen2's own tokenizer.json has NFC; llama.cpp's converter carries it over the
-        // same way (its byte-level BPE applies no normalizer).
+        // Qwen2's own tokenizer.json has NFC. llama.cpp applies no normalizer to
+        // byte-level BPE and its converter drops this one, so accepting it exports an
+        // imported Qwen2 tokenizer exactly as llama.cpp's own converter would.
         Some(value) if value.get("type").and_then(Json::as_str) == Some("NFC") => {}
         Some(value) => {
             return Err(error(format!(
