@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GGUF exports checked by llama.cpp itself: exports three tiny random models (llama,
-# llama with every bias, qwen2 with tied embeddings and [PAD] ids) as f32, f16 and q8_0,
+# GGUF exports checked by llama.cpp itself: exports four tiny random models (llama,
+# llama with every bias, qwen2 with tied embeddings and [PAD] ids, gpt2) as f32, f16 and q8_0,
 # then bench/gguf_llama_cpp.py has llama.cpp (through llama-cpp-python) run them against
 # trainyard's logits, tokenizer and chat template, and gguf-py re-check the file layout
 # and the f16/q8_0 bytes. Not part of `cargo test`: llama-cpp-python compiles llama.cpp

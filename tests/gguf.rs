@@ -19,7 +19,7 @@ use candle_core::quantized::{GgmlDType, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use trainyard::export::gguf::{GgufDtype, GgufError, write_gguf};
 use trainyard::interrupt::CancelFlag;
-use trainyard::model::{self, LlamaConfig, LlamaFlavor, ModelConfig};
+use trainyard::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
 use trainyard::rng::Rng;
 use trainyard::tokenize::chat::JINJA_TEMPLATE;
 use trainyard::tokenize::corpus::WordCounts;
@@ -85,26 +85,49 @@ fn config(flavor: LlamaFlavor, tied: bool, vocab_size: usize) -> LlamaConfig {
     }
 }
 
+/// A small GPT-2 config, q8_0-friendly like [`config`].
+fn gpt2_config(vocab_size: usize) -> Gpt2Config {
+    Gpt2Config {
+        vocab_size,
+        n_embd: 64,
+        n_layer: 2,
+        n_head: 4,
+        n_positions: 128,
+        layer_norm_epsilon: 1e-5,
+        n_inner: 160,
+    }
+}
+
+/// Whether a GPT-2 tensor is a Conv1D weight (`[in, out]`, transposed in GGUF).
+fn is_conv1d_weight(name: &str) -> bool {
+    [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
 /// A checkpoint directory (`config.json`, `model.safetensors`, `tokenizer.json`) of a
 /// random model of `config`.
 struct Checkpoint {
     dir: tempfile::TempDir,
-    config: LlamaConfig,
+    config: ModelConfig,
 }
 
 impl Checkpoint {
-    fn new(config: LlamaConfig, seed: u64) -> Checkpoint {
+    fn new(config: ModelConfig, seed: u64) -> Checkpoint {
         let dir = tempfile::tempdir().expect("temp dir");
-        let model_config = ModelConfig::Llama(config.clone());
-        let (_, varmap) = model::new_trainable(&model_config, DType::F32, &Device::Cpu, seed)
-            .expect("build model");
+        let (_, varmap) =
+            model::new_trainable(&config, DType::F32, &Device::Cpu, seed).expect("build model");
         for (index, (name, var)) in model::sorted_vars(&varmap).into_iter().enumerate() {
             let mut rng = Rng::new(seed, index as u64);
             let dims = var.dims().to_vec();
-            let fan_in = *dims.last().expect("no scalar parameters") as f64;
+            let fan_in = if is_conv1d_weight(&name) {
+                dims[0]
+            } else {
+                *dims.last().expect("no scalar parameters")
+            } as f64;
             let (centre, half_width) = if name.ends_with(".bias") {
                 (0.0, 0.2)
-            } else if name.contains("norm") {
+            } else if name.contains("norm") || name.contains(".ln_") {
                 (1.0, 0.3)
             } else {
                 (0.0, (3.0 / fan_in).sqrt())
@@ -115,13 +138,25 @@ impl Checkpoint {
             var.set(&Tensor::from_vec(values, dims, &Device::Cpu).unwrap())
                 .unwrap();
         }
-        model::save_pretrained(&varmap, &model_config, dir.path()).expect("save model");
+        model::save_pretrained(&varmap, &config, dir.path()).expect("save model");
         std::fs::write(dir.path().join("tokenizer.json"), tokenizer_text()).unwrap();
         Checkpoint { dir, config }
     }
 
+    fn llama(config: LlamaConfig, seed: u64) -> Checkpoint {
+        Checkpoint::new(ModelConfig::Llama(config), seed)
+    }
+
     fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The config of a llama-family checkpoint.
+    fn llama_config(&self) -> &LlamaConfig {
+        match &self.config {
+            ModelConfig::Llama(config) => config,
+            ModelConfig::Gpt2(_) => panic!("not a llama-family checkpoint"),
+        }
     }
 
     fn tokenizer(&self) -> PathBuf {
@@ -179,18 +214,30 @@ fn strings_of(content: &gguf_file::Content, key: &str) -> Vec<String> {
 
 /// llama.cpp's GGUF name of a Hugging Face tensor name.
 fn gguf_name(hf: &str) -> String {
-    if hf == "model.embed_tokens.weight" {
-        return "token_embd.weight".into();
+    let whole = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+        ("transformer.wte.weight", "token_embd.weight"),
+        ("transformer.wpe.weight", "position_embd.weight"),
+        ("transformer.ln_f.weight", "output_norm.weight"),
+        ("transformer.ln_f.bias", "output_norm.bias"),
+    ];
+    if let Some((_, name)) = whole.iter().find(|(from, _)| *from == hf) {
+        return name.to_string();
     }
-    if hf == "model.norm.weight" {
-        return "output_norm.weight".into();
-    }
-    if hf == "lm_head.weight" {
-        return "output.weight".into();
-    }
-    let rest = hf.strip_prefix("model.layers.").expect("a layer tensor");
+    let rest = hf
+        .strip_prefix("model.layers.")
+        .or_else(|| hf.strip_prefix("transformer.h."))
+        .expect("a layer tensor");
     let (layer, rest) = rest.split_once('.').expect("layer index");
     let renamed = [
+        ("ln_1.", "attn_norm."),
+        ("attn.c_attn.", "attn_qkv."),
+        ("attn.c_proj.", "attn_output."),
+        ("ln_2.", "ffn_norm."),
+        ("mlp.c_fc.", "ffn_up."),
+        ("mlp.c_proj.", "ffn_down."),
         ("input_layernorm.", "attn_norm."),
         ("self_attn.q_proj.", "attn_q."),
         ("self_attn.k_proj.", "attn_k."),
@@ -226,7 +273,52 @@ fn unpermute_rows(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
     out
 }
 
-fn expected_keys(arch: &str) -> BTreeSet<String> {
+/// An expected hyper-parameter value.
+#[derive(Debug, Clone, Copy)]
+enum Hyper {
+    Count(usize),
+    Float(f64),
+}
+
+/// `general.architecture` and the hyper-parameter keys (without that prefix) llama.cpp
+/// reads for `config`, with their values.
+fn hyper(config: &ModelConfig) -> (&'static str, Vec<(&'static str, Hyper)>) {
+    use Hyper::{Count, Float};
+    match config {
+        ModelConfig::Llama(c) => (
+            c.flavor.model_type(),
+            vec![
+                ("vocab_size", Count(c.vocab_size)),
+                ("context_length", Count(c.max_position_embeddings)),
+                ("embedding_length", Count(c.hidden_size)),
+                ("feed_forward_length", Count(c.intermediate_size)),
+                ("block_count", Count(c.num_hidden_layers)),
+                ("attention.head_count", Count(c.num_attention_heads)),
+                ("attention.head_count_kv", Count(c.num_key_value_heads)),
+                ("attention.key_length", Count(c.head_dim)),
+                ("attention.value_length", Count(c.head_dim)),
+                ("rope.dimension_count", Count(c.head_dim)),
+                ("rope.freq_base", Float(c.rope_theta)),
+                ("attention.layer_norm_rms_epsilon", Float(c.rms_norm_eps)),
+            ],
+        ),
+        ModelConfig::Gpt2(c) => (
+            "gpt2",
+            vec![
+                ("vocab_size", Count(c.vocab_size)),
+                ("context_length", Count(c.n_positions)),
+                ("embedding_length", Count(c.n_embd)),
+                ("feed_forward_length", Count(c.n_inner)),
+                ("block_count", Count(c.n_layer)),
+                ("attention.head_count", Count(c.n_head)),
+                ("attention.layer_norm_epsilon", Float(c.layer_norm_epsilon)),
+            ],
+        ),
+    }
+}
+
+fn expected_keys(config: &ModelConfig) -> BTreeSet<String> {
+    let (arch, hyper) = hyper(config);
     let mut keys: BTreeSet<String> = [
         "general.architecture",
         "general.file_type",
@@ -247,36 +339,21 @@ fn expected_keys(arch: &str) -> BTreeSet<String> {
     .into_iter()
     .map(String::from)
     .collect();
-    for key in [
-        "vocab_size",
-        "context_length",
-        "embedding_length",
-        "feed_forward_length",
-        "block_count",
-        "attention.head_count",
-        "attention.head_count_kv",
-        "attention.key_length",
-        "attention.value_length",
-        "attention.layer_norm_rms_epsilon",
-        "rope.dimension_count",
-        "rope.freq_base",
-    ] {
-        keys.insert(format!("{arch}.{key}"));
-    }
+    keys.extend(hyper.iter().map(|(key, _)| format!("{arch}.{key}")));
     keys
 }
 
 /// Checks every metadata key and value of an export of `checkpoint`.
 fn check_metadata(checkpoint: &Checkpoint, path: &Path, dtype: GgufDtype) {
     let config = &checkpoint.config;
-    let arch = config.flavor.model_type();
+    let (arch, hyper) = hyper(config);
     let (content, _) = read_gguf(path);
     assert!(
         matches!(content.magic, gguf_file::VersionedMagic::GgufV3),
         "GGUF version 3"
     );
     let keys: BTreeSet<String> = content.metadata.keys().cloned().collect();
-    assert_eq!(keys, expected_keys(arch));
+    assert_eq!(keys, expected_keys(config));
 
     assert_eq!(string_of(&content, "general.architecture"), arch);
     let file_type = match dtype {
@@ -286,50 +363,27 @@ fn check_metadata(checkpoint: &Checkpoint, path: &Path, dtype: GgufDtype) {
     };
     assert_eq!(u32_of(&content, "general.file_type"), file_type);
     assert_eq!(u32_of(&content, "general.quantization_version"), 2);
-    let hyper = [
-        ("vocab_size", config.vocab_size),
-        ("context_length", config.max_position_embeddings),
-        ("embedding_length", config.hidden_size),
-        ("feed_forward_length", config.intermediate_size),
-        ("block_count", config.num_hidden_layers),
-        ("attention.head_count", config.num_attention_heads),
-        ("attention.head_count_kv", config.num_key_value_heads),
-        ("attention.key_length", config.head_dim),
-        ("attention.value_length", config.head_dim),
-        ("rope.dimension_count", config.head_dim),
-    ];
     for (key, value) in hyper {
-        assert_eq!(
-            u32_of(&content, &format!("{arch}.{key}")) as usize,
-            value,
-            "{key}"
-        );
+        let key = format!("{arch}.{key}");
+        match value {
+            Hyper::Count(count) => assert_eq!(u32_of(&content, &key) as usize, count, "{key}"),
+            Hyper::Float(float) => assert_eq!(f32_of(&content, &key), float as f32, "{key}"),
+        }
     }
-    assert_eq!(
-        f32_of(&content, &format!("{arch}.rope.freq_base")),
-        config.rope_theta as f32
-    );
-    assert_eq!(
-        f32_of(
-            &content,
-            &format!("{arch}.attention.layer_norm_rms_epsilon")
-        ),
-        config.rms_norm_eps as f32
-    );
 
     // The vocabulary: the tokenizer's tokens in id order, padded to the model's size.
     let tokenizer = tokenizers::Tokenizer::from_file(checkpoint.tokenizer()).unwrap();
     assert_eq!(string_of(&content, "tokenizer.ggml.model"), "gpt2");
     assert_eq!(string_of(&content, "tokenizer.ggml.pre"), "gpt-2");
     let tokens = strings_of(&content, "tokenizer.ggml.tokens");
-    assert_eq!(tokens.len(), config.vocab_size);
+    assert_eq!(tokens.len(), config.vocab_size());
     let types: Vec<i32> = content.metadata["tokenizer.ggml.token_type"]
         .to_vec()
         .unwrap()
         .iter()
         .map(|value| value.to_i32().expect("i32 token types"))
         .collect();
-    assert_eq!(types.len(), config.vocab_size);
+    assert_eq!(types.len(), config.vocab_size());
     for (id, (token, kind)) in tokens.iter().zip(&types).enumerate() {
         match tokenizer.id_to_token(id as u32) {
             Some(expected) => {
@@ -393,19 +447,28 @@ fn check_tensors(checkpoint: &Checkpoint, path: &Path, dtype: GgufDtype) {
     let expected_names: BTreeSet<String> = hf.keys().map(|name| gguf_name(name)).collect();
     let names: BTreeSet<String> = content.tensor_infos.keys().cloned().collect();
     assert_eq!(names, expected_names);
+    let untied = matches!(config, ModelConfig::Llama(c) if !c.tie_word_embeddings);
     assert_eq!(
         names.contains("output.weight"),
-        !config.tie_word_embeddings,
+        untied,
         "output.weight exactly when untied"
     );
     assert_eq!(content.tensor_data_offset % 32, 0, "data section aligned");
     for (hf_name, original) in &hf {
         let name = gguf_name(hf_name);
         let info = &content.tensor_infos[&name];
+        // Conv1D weights are stored as [out, in]; everything else keeps its shape.
+        let transposed = is_conv1d_weight(hf_name);
+        let original = if transposed {
+            original.t().unwrap().contiguous().unwrap()
+        } else {
+            original.clone()
+        };
         assert_eq!(info.shape.dims(), original.dims(), "{name} shape");
         assert_eq!(info.offset % 32, 0, "{name} aligned");
         let expected_type = match (original.rank(), dtype) {
             (1, _) | (_, GgufDtype::F32) => GgmlDType::F32,
+            _ if name == "position_embd.weight" => GgmlDType::F32,
             (_, GgufDtype::F16) => GgmlDType::F16,
             (_, GgufDtype::Q8_0) => GgmlDType::Q8_0,
         };
@@ -419,14 +482,17 @@ fn check_tensors(checkpoint: &Checkpoint, path: &Path, dtype: GgufDtype) {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let heads = if config.flavor != LlamaFlavor::Llama {
-            None
-        } else if hf_name.contains("q_proj") {
-            Some(config.num_attention_heads)
-        } else if hf_name.contains("k_proj") {
-            Some(config.num_key_value_heads)
-        } else {
-            None
+        let heads = match config {
+            ModelConfig::Llama(c) if c.flavor == LlamaFlavor::Llama => {
+                if hf_name.contains("q_proj") {
+                    Some(c.num_attention_heads)
+                } else if hf_name.contains("k_proj") {
+                    Some(c.num_key_value_heads)
+                } else {
+                    None
+                }
+            }
+            _ => None,
         };
         let restored = match heads {
             Some(heads) => unpermute_rows(&stored, original.dims()[0], heads),
@@ -472,7 +538,7 @@ fn check_tensors(checkpoint: &Checkpoint, path: &Path, dtype: GgufDtype) {
 
 #[test]
 fn llama_export_has_every_llama_cpp_key_and_tensor() {
-    let checkpoint = Checkpoint::new(config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB), 1);
+    let checkpoint = Checkpoint::llama(config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB), 1);
     for dtype in [GgufDtype::F32, GgufDtype::F16, GgufDtype::Q8_0] {
         let path = checkpoint.export(dtype);
         check_metadata(&checkpoint, &path, dtype);
@@ -484,7 +550,7 @@ fn llama_export_has_every_llama_cpp_key_and_tensor() {
 fn qwen2_export_has_every_key_and_tensor_unpermuted_with_biases_and_padding() {
     // Tied embeddings (no output.weight), and a model vocabulary larger than the
     // tokenizer's: the extra ids become unused [PAD] tokens.
-    let checkpoint = Checkpoint::new(config(LlamaFlavor::Qwen2, true, TOKENIZER_VOCAB + 4), 2);
+    let checkpoint = Checkpoint::llama(config(LlamaFlavor::Qwen2, true, TOKENIZER_VOCAB + 4), 2);
     for dtype in [GgufDtype::F32, GgufDtype::Q8_0] {
         let path = checkpoint.export(dtype);
         check_metadata(&checkpoint, &path, dtype);
@@ -498,7 +564,7 @@ fn llama_biases_are_permuted_like_their_rows() {
     config.qkv_bias = true;
     config.o_bias = true;
     config.mlp_bias = true;
-    let checkpoint = Checkpoint::new(config, 3);
+    let checkpoint = Checkpoint::llama(config, 3);
     let path = checkpoint.export(GgufDtype::F32);
     check_tensors(&checkpoint, &path, GgufDtype::F32);
     let (content, _) = read_gguf(&path);
@@ -513,7 +579,7 @@ fn llama_biases_are_permuted_like_their_rows() {
 
 #[test]
 fn export_is_byte_identical_across_runs_and_summarised() {
-    let checkpoint = Checkpoint::new(config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB), 4);
+    let checkpoint = Checkpoint::llama(config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB), 4);
     let first = checkpoint.path().join("a.gguf");
     let second = checkpoint.path().join("b.gguf");
     let summary = write_gguf(
@@ -523,9 +589,10 @@ fn export_is_byte_identical_across_runs_and_summarised() {
         GgufDtype::Q8_0,
     )
     .unwrap();
+    // The tokenizer may also be named by the directory that holds it.
     write_gguf(
         checkpoint.path(),
-        &checkpoint.tokenizer(),
+        checkpoint.path(),
         &second,
         GgufDtype::Q8_0,
     )
@@ -541,7 +608,10 @@ fn export_is_byte_identical_across_runs_and_summarised() {
     assert_eq!(summary.tensors[0].shape, [TOKENIZER_VOCAB, 64]);
     assert_eq!(summary.tensors[0].dtype, "q8_0");
     assert_eq!(summary.tensors.len(), 1 + 2 * 9 + 2);
-    assert_eq!(summary.metadata_keys.len(), expected_keys("llama").len());
+    assert_eq!(
+        summary.metadata_keys.len(),
+        expected_keys(&checkpoint.config).len()
+    );
     assert!(!checkpoint.path().join("a.gguf.partial").exists());
 }
 
@@ -566,7 +636,7 @@ fn logit_gap(checkpoint: &Checkpoint, dtype: GgufDtype) -> (f32, f32) {
         .unwrap();
     let path = checkpoint.export(dtype);
     let (content, mut file) = read_gguf(&path);
-    let theirs = match checkpoint.config.flavor {
+    let theirs = match checkpoint.llama_config().flavor {
         LlamaFlavor::Llama => {
             use candle_transformers::models::quantized_llama::ModelWeights;
             let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
@@ -588,13 +658,13 @@ fn logit_gap(checkpoint: &Checkpoint, dtype: GgufDtype) -> (f32, f32) {
     let scale = ours.iter().map(|a| a.abs()).fold(0f32, f32::max);
     eprintln!(
         "{} {dtype}: max |logit diff| {gap:.3e}, max |logit| {scale:.3}",
-        checkpoint.config.flavor.model_type()
+        checkpoint.llama_config().flavor.model_type()
     );
     (gap, scale)
 }
 
 fn check_logits(flavor: LlamaFlavor, tied: bool) {
-    let checkpoint = Checkpoint::new(config(flavor, tied, TOKENIZER_VOCAB), 5);
+    let checkpoint = Checkpoint::llama(config(flavor, tied, TOKENIZER_VOCAB), 5);
     let (gap, scale) = logit_gap(&checkpoint, GgufDtype::F32);
     assert!(scale > 1.0, "logits of scale {scale} would hide errors");
     assert!(gap <= F32_TOLERANCE, "f32: {gap}");
@@ -618,18 +688,41 @@ fn candle_quantized_qwen2_reproduces_our_logits_from_the_export() {
 }
 
 #[test]
-fn gpt2_models_are_refused_naming_the_config() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gpt2");
-    let dir = tempfile::tempdir().unwrap();
-    let tokenizer = dir.path().join("tokenizer.json");
-    std::fs::write(&tokenizer, tokenizer_text()).unwrap();
-    let out = dir.path().join("model.gguf");
-    let error = write_gguf(&fixture, &tokenizer, &out, GgufDtype::F32).unwrap_err();
-    assert!(matches!(error, GgufError::Unsupported { .. }), "{error}");
-    let message = error.to_string();
-    assert!(message.contains("llama and qwen2"), "{message}");
-    assert!(message.contains("gpt2/config.json"), "{message}");
-    assert!(!out.exists());
+fn gpt2_export_has_every_key_and_tensor_with_conv1d_weights_transposed() {
+    let checkpoint = Checkpoint::new(ModelConfig::Gpt2(gpt2_config(TOKENIZER_VOCAB)), 8);
+    for dtype in [GgufDtype::F32, GgufDtype::F16, GgufDtype::Q8_0] {
+        let path = checkpoint.export(dtype);
+        check_metadata(&checkpoint, &path, dtype);
+        check_tensors(&checkpoint, &path, dtype);
+    }
+}
+
+#[test]
+fn original_gpt2_files_without_the_transformer_prefix_export_the_same_file() {
+    let checkpoint = Checkpoint::new(ModelConfig::Gpt2(gpt2_config(TOKENIZER_VOCAB)), 9);
+    let prefixed = checkpoint.export(GgufDtype::Q8_0);
+    // OpenAI's files name the tensors `wte.weight`, `h.0.attn.c_attn.weight`, … and carry
+    // the causal-mask buffers `h.N.attn.bias`.
+    let bare = tempfile::tempdir().unwrap();
+    let mut tensors: Vec<(String, Tensor)> = checkpoint
+        .hf_tensors()
+        .into_iter()
+        .map(|(name, tensor)| (name.trim_start_matches("transformer.").to_string(), tensor))
+        .collect();
+    let mask = Tensor::ones((1, 1, 128, 128), DType::F32, &Device::Cpu).unwrap();
+    tensors.push(("h.0.attn.bias".to_string(), mask));
+    model::save_tensors(&tensors, &bare.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        checkpoint.path().join("config.json"),
+        bare.path().join("config.json"),
+    )
+    .unwrap();
+    let out = bare.path().join("model.gguf");
+    write_gguf(bare.path(), &checkpoint.tokenizer(), &out, GgufDtype::Q8_0).unwrap();
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&prefixed).unwrap()
+    );
 }
 
 /// A change to a `tokenizer.json`.
@@ -637,7 +730,7 @@ type Edit = fn(&mut serde_json::Value);
 
 #[test]
 fn tokenizers_llama_cpp_cannot_reproduce_are_refused_by_key() {
-    let checkpoint = Checkpoint::new(config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB), 6);
+    let checkpoint = Checkpoint::llama(config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB), 6);
     let out = checkpoint.path().join("model.gguf");
     let cases: [(&str, Edit); 4] = [
         ("model.type", |json| {
@@ -668,10 +761,9 @@ fn tokenizers_llama_cpp_cannot_reproduce_are_refused_by_key() {
 }
 
 #[test]
-fn a_tensor_that_disagrees_with_the_config_fails_mid_write_and_leaves_no_file() {
-    let checkpoint = Checkpoint::new(config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB), 7);
-    // The MLP shrinks in config.json but not in the weights: the writer only finds out
-    // when it reaches the first MLP matrix, after the header is written.
+fn a_tensor_that_disagrees_with_the_config_fails_before_anything_is_written() {
+    let checkpoint = Checkpoint::llama(config(LlamaFlavor::Llama, true, TOKENIZER_VOCAB), 7);
+    // The MLP shrinks in config.json but not in the weights.
     let path = checkpoint.path().join("config.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -696,9 +788,9 @@ fn a_tensor_that_disagrees_with_the_config_fails_mid_write_and_leaves_no_file() 
     assert!(!checkpoint.path().join("model.gguf.partial").exists());
 }
 
-/// Writes what `bench/gguf_llama_cpp.py` checks llama.cpp against: three checkpoints
-/// (llama untied; llama with every bias, tied; qwen2 tied with [PAD] ids), each exported
-/// as f32, f16 and q8_0, and `reference.json` with trainyard's logits at every position
+/// Writes what `bench/gguf_llama_cpp.py` checks llama.cpp against: four checkpoints
+/// (llama untied; llama with every bias, tied; qwen2 tied with [PAD] ids; gpt2), each
+/// exported as f32, f16 and q8_0, and `reference.json` with trainyard's logits at every position
 /// of one input, the ids trainyard's tokenizer gives some texts, and a rendered chat.
 /// Into `$TRAINYARD_GGUF_EXPORT` when set, else a temporary directory (then it only
 /// checks that these exports succeed).
@@ -713,12 +805,16 @@ fn exports_and_reference_logits_for_the_llama_cpp_check() {
     llama_biases.o_bias = true;
     llama_biases.mlp_bias = true;
     let models = [
-        ("llama", config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB)),
-        ("llama_biases", llama_biases),
+        (
+            "llama",
+            ModelConfig::Llama(config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB)),
+        ),
+        ("llama_biases", ModelConfig::Llama(llama_biases)),
         (
             "qwen2",
-            config(LlamaFlavor::Qwen2, true, TOKENIZER_VOCAB + 4),
+            ModelConfig::Llama(config(LlamaFlavor::Qwen2, true, TOKENIZER_VOCAB + 4)),
         ),
+        ("gpt2", ModelConfig::Gpt2(gpt2_config(TOKENIZER_VOCAB))),
     ];
     let input_ids: Vec<u32> = vec![1, 17, 200, 45, 9, 123, 250, 3, 77, 64, 280, 5];
     let input = Tensor::new(input_ids.as_slice(), &Device::Cpu)

@@ -1,12 +1,13 @@
-//! GGUF files for llama.cpp from a Hugging Face-shaped checkpoint of the llama family
-//! (`LlamaForCausalLM`, `Qwen2ForCausalLM`) and its byte-level BPE `tokenizer.json`.
+//! GGUF files for llama.cpp from a Hugging Face-shaped checkpoint (`LlamaForCausalLM`,
+//! `Qwen2ForCausalLM`, `GPT2LMHeadModel`) and its byte-level BPE `tokenizer.json`.
 //!
 //! The file is what llama.cpp's own `convert_hf_to_gguf.py` would write for the same
 //! model, so llama.cpp, ollama and candle's quantized models read it as one of theirs:
 //!
-//! - **Metadata**: `general.architecture` is `llama` or `qwen2` and the hyper-parameters
-//!   sit under that prefix (`llama.context_length`, `qwen2.attention.head_count_kv`, …)
-//!   with the converter's value types (u32 counts, f32 rotary base and epsilon).
+//! - **Metadata**: `general.architecture` is `llama`, `qwen2` or `gpt2` and the
+//!   hyper-parameters sit under that prefix (`llama.context_length`,
+//!   `qwen2.attention.head_count_kv`, `gpt2.attention.layer_norm_epsilon`, …) with the
+//!   converter's value types (u32 counts, f32 rotary base and epsilons).
 //! - **Tokenizer**: `tokenizer.ggml.model = "gpt2"` (llama.cpp's name for byte-level
 //!   BPE), every token in id order with its type (1 normal, 3 control for the special
 //!   tokens, 4 user-defined for other added tokens, 5 unused for ids the tokenizer lacks
@@ -24,8 +25,11 @@
 //!   each head (`rotate_half`) while llama.cpp's `llama` architecture rotates adjacent
 //!   pairs, so row `j·d/2 + i` of a head moves to row `2i + j`. `qwen2` uses the
 //!   half-split ("NEOX") rotation in llama.cpp too, so its rows stay as they are.
-//! - **Types**: vectors (norm gains, biases) are always f32; matrices take the requested
-//!   type. A q8_0 matrix whose rows are not a multiple of 32 wide falls back to f16,
+//!   GPT-2's Conv1D weights (`[in, out]`) are transposed to `[out, in]`, its fused
+//!   `c_attn` becomes `attn_qkv`, its learned positions `position_embd.weight`, and its
+//!   output projection is always the embedding (no `output.weight`).
+//! - **Types**: vectors (norm gains, biases) and GPT-2's position table are always f32;
+//!   matrices take the requested type. A q8_0 matrix whose rows are not a multiple of 32 wide falls back to f16,
 //!   as in the converter.
 //!
 //! The file is GGUF version 3, little-endian, with 32-byte alignment. It is written to
@@ -44,9 +48,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::model::{self, LlamaConfig, LlamaFlavor, ModelConfig, ModelError};
+use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig, ModelError};
 use crate::tokenize::chat::JINJA_TEMPLATE;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD};
+use crate::tokenize::train::tokenizer_file;
 
 /// The GGUF version written.
 pub const GGUF_VERSION: u32 = 3;
@@ -140,14 +145,6 @@ pub enum GgufError {
     /// The checkpoint's `config.json` or safetensors could not be read.
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// The checkpoint is of a kind GGUF export does not handle.
-    #[error("{path}: {message}")]
-    Unsupported {
-        /// The file that says so (usually `config.json`).
-        path: PathBuf,
-        /// What is not supported.
-        message: String,
-    },
     /// The `tokenizer.json` cannot be expressed in GGUF.
     #[error("{path}: {message}")]
     Tokenizer {
@@ -166,10 +163,10 @@ pub enum GgufError {
         /// What is wrong.
         message: String,
     },
-    /// Writing the output failed.
+    /// Reading the tokenizer or writing the output failed.
     #[error("{path}: {source}")]
     Io {
-        /// The file being written.
+        /// The file being read or written.
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
@@ -193,7 +190,7 @@ pub struct GgufTensor {
 pub struct GgufSummary {
     /// The GGUF file.
     pub path: PathBuf,
-    /// `general.architecture`: `llama` or `qwen2`.
+    /// `general.architecture`: `llama`, `qwen2` or `gpt2`.
     pub architecture: String,
     /// The requested matrix type.
     pub dtype: GgufDtype,
@@ -207,39 +204,36 @@ pub struct GgufSummary {
     pub bytes: u64,
 }
 
-/// Writes `out` as a GGUF file of the llama-family model in `model_dir` (`config.json`
-/// and safetensors with Hugging Face names) and the byte-level BPE tokenizer
-/// `tokenizer_json`, with weight matrices of type `dtype`.
+/// Writes `out` as a GGUF file of the llama, qwen2 or gpt2 model in `model_dir`
+/// (`config.json` and safetensors with Hugging Face names) and the byte-level BPE
+/// tokenizer `tokenizer_json` (a `tokenizer.json`, or a directory holding one), with
+/// weight matrices of type `dtype`.
 ///
-/// Fails with [`GgufError::Unsupported`] for GPT-2 models and with
-/// [`GgufError::Tokenizer`] for tokenizers llama.cpp cannot reproduce (unigram, unknown
-/// pre-tokenizers, normalizers other than NFC).
+/// Fails with [`GgufError::Tokenizer`] for tokenizers llama.cpp cannot reproduce
+/// (unigram, unknown pre-tokenizers, normalizers other than NFC) and with
+/// [`GgufError::Tensor`] when the weights do not fit `config.json`; both are found
+/// before anything is written.
 pub fn write_gguf(
     model_dir: &Path,
     tokenizer_json: &Path,
     out: &Path,
     dtype: GgufDtype,
 ) -> Result<GgufSummary, GgufError> {
-    let config = match model::load_config(model_dir)? {
-        ModelConfig::Llama(config) => config,
-        ModelConfig::Gpt2(_) => {
-            return Err(GgufError::Unsupported {
-                path: model_dir.join("config.json"),
-                message: "GGUF export supports the llama and qwen2 families, not gpt2".to_string(),
-            });
-        }
+    let config = model::load_config(model_dir)?;
+    let vocab = read_vocab(tokenizer_json, config.vocab_size())?;
+    let mut layout = match &config {
+        ModelConfig::Llama(config) => llama_layout(config, dtype),
+        ModelConfig::Gpt2(config) => gpt2_layout(config, dtype),
     };
-    let vocab = read_vocab(tokenizer_json, config.vocab_size)?;
-    let metadata = metadata(&config, &vocab, dtype);
-    let plans = tensor_plans(&config, dtype);
     let files = model::safetensors_files(model_dir)?;
     // SAFETY: the files are mapped read-only and never written while mapped; each tensor
     // is copied out of the map before it is converted.
     let weights = unsafe { MmapedSafetensors::multi(&files) }.map_err(ModelError::from)?;
-    check_tensor_names(model_dir, &config, &weights, &plans)?;
+    resolve_tensor_names(model_dir, &weights, &mut layout)?;
+    let metadata = metadata(&layout, &vocab, dtype);
 
     let partial = partial_path(out);
-    let result = write_file(&partial, &metadata, &plans, |plan| {
+    let result = write_file(&partial, &metadata, &layout.plans, |plan| {
         tensor_data(model_dir, &weights, plan)
     });
     let bytes = match result {
@@ -256,11 +250,12 @@ pub fn write_gguf(
     })?;
     Ok(GgufSummary {
         path: out.to_path_buf(),
-        architecture: config.flavor.model_type().to_string(),
+        architecture: layout.arch.to_string(),
         dtype,
         tokenizer_pre: vocab.pre.to_string(),
         metadata_keys: metadata.iter().map(|(key, _)| key.clone()).collect(),
-        tensors: plans
+        tensors: layout
+            .plans
             .iter()
             .map(|plan| GgufTensor {
                 name: plan.gguf_name.clone(),
@@ -319,6 +314,10 @@ struct Vocab {
 /// Reads a Hugging Face `tokenizer.json` of a byte-level BPE model, padded (as the
 /// converter does) to the model's `vocab_size`.
 fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
+    let path = &tokenizer_file(path).map_err(|e| GgufError::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let error = |message: String| GgufError::Tokenizer {
         path: path.to_path_buf(),
         message,
@@ -355,8 +354,9 @@ fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
     let pre = pre_tokenizer_name(&json).map_err(error)?;
     match json.get("normalizer") {
         None | Some(Json::Null) => {}
-        // Qwen2's own tokenizer.json has NFC; llama.cpp's converter carries it over the
-        // same way (its byte-level BPE applies no normalizer).
+        // Qwen2's own tokenizer.json has NFC. llama.cpp applies no normalizer to
+        // byte-level BPE and its converter drops this one, so accepting it exports an
+        // imported Qwen2 tokenizer exactly as llama.cpp's own converter would.
         Some(value) if value.get("type").and_then(Json::as_str) == Some("NFC") => {}
         Some(value) => {
             return Err(error(format!(
@@ -527,118 +527,56 @@ enum MetaValue {
     I32Array(Vec<i32>),
 }
 
-/// The metadata of the file, in the order it is written.
-fn metadata(config: &LlamaConfig, vocab: &Vocab, dtype: GgufDtype) -> Vec<(String, MetaValue)> {
-    let arch = config.flavor.model_type();
-    let count = |value: usize| MetaValue::U32(u32::try_from(value).unwrap_or(u32::MAX));
-    let mut entries: Vec<(String, MetaValue)> = Vec::new();
-    let mut put = |key: String, value: MetaValue| entries.push((key, value));
-    put(
-        "general.architecture".into(),
-        MetaValue::String(arch.into()),
-    );
-    put(
-        "general.file_type".into(),
-        MetaValue::U32(dtype.file_type()),
-    );
-    put(
-        "general.quantization_version".into(),
-        MetaValue::U32(QUANTIZATION_VERSION),
-    );
-    put(format!("{arch}.vocab_size"), count(config.vocab_size));
-    put(
-        format!("{arch}.context_length"),
-        count(config.max_position_embeddings),
-    );
-    put(
-        format!("{arch}.embedding_length"),
-        count(config.hidden_size),
-    );
-    put(
-        format!("{arch}.feed_forward_length"),
-        count(config.intermediate_size),
-    );
-    put(
-        format!("{arch}.block_count"),
-        count(config.num_hidden_layers),
-    );
-    put(
-        format!("{arch}.attention.head_count"),
-        count(config.num_attention_heads),
-    );
-    put(
-        format!("{arch}.attention.head_count_kv"),
-        count(config.num_key_value_heads),
-    );
-    // Explicit head widths: llama.cpp would otherwise assume hidden_size / heads, which
-    // a config with its own `head_dim` need not satisfy.
-    put(
-        format!("{arch}.attention.key_length"),
-        count(config.head_dim),
-    );
-    put(
-        format!("{arch}.attention.value_length"),
-        count(config.head_dim),
-    );
-    put(
-        format!("{arch}.attention.layer_norm_rms_epsilon"),
-        MetaValue::F32(config.rms_norm_eps as f32),
-    );
-    put(
-        format!("{arch}.rope.dimension_count"),
-        count(config.head_dim),
-    );
-    put(
-        format!("{arch}.rope.freq_base"),
-        MetaValue::F32(config.rope_theta as f32),
-    );
-    put(
-        "tokenizer.ggml.model".into(),
-        MetaValue::String("gpt2".into()),
-    );
-    put(
-        "tokenizer.ggml.pre".into(),
-        MetaValue::String(vocab.pre.into()),
-    );
-    put(
-        "tokenizer.ggml.tokens".into(),
-        MetaValue::StringArray(vocab.tokens.clone()),
-    );
-    put(
-        "tokenizer.ggml.token_type".into(),
-        MetaValue::I32Array(vocab.types.clone()),
-    );
-    put(
-        "tokenizer.ggml.merges".into(),
-        MetaValue::StringArray(vocab.merges.clone()),
-    );
-    put(
-        "tokenizer.ggml.bos_token_id".into(),
-        MetaValue::U32(vocab.bos),
-    );
-    put(
-        "tokenizer.ggml.eos_token_id".into(),
-        MetaValue::U32(vocab.eos),
-    );
-    put(
-        "tokenizer.ggml.eot_token_id".into(),
-        MetaValue::U32(vocab.eos),
-    );
-    put(
-        "tokenizer.ggml.padding_token_id".into(),
-        MetaValue::U32(vocab.pad),
-    );
-    put(
-        "tokenizer.ggml.add_bos_token".into(),
-        MetaValue::Bool(false),
-    );
-    put(
-        "tokenizer.ggml.add_eos_token".into(),
-        MetaValue::Bool(false),
-    );
-    put(
-        "tokenizer.chat_template".into(),
-        MetaValue::String(JINJA_TEMPLATE.into()),
+/// A count as GGUF's u32 (model sizes never come near its limit).
+fn count(value: usize) -> MetaValue {
+    MetaValue::U32(u32::try_from(value).unwrap_or(u32::MAX))
+}
+
+/// The metadata of the file, in the order it is written: general keys, the
+/// architecture's hyper-parameters under its prefix, then the tokenizer.
+fn metadata(layout: &Layout, vocab: &Vocab, dtype: GgufDtype) -> Vec<(String, MetaValue)> {
+    let text = |value: &str| MetaValue::String(value.to_string());
+    let mut entries: Vec<(String, MetaValue)> = vec![
+        ("general.architecture".into(), text(layout.arch)),
+        (
+            "general.file_type".into(),
+            MetaValue::U32(dtype.file_type()),
+        ),
+        (
+            "general.quantization_version".into(),
+            MetaValue::U32(QUANTIZATION_VERSION),
+        ),
+    ];
+    for (key, value) in &layout.hyper {
+        entries.push((format!("{}.{key}", layout.arch), value.clone()));
+    }
+    let tokenizer = [
+        ("tokenizer.ggml.model", text("gpt2")),
+        ("tokenizer.ggml.pre", text(vocab.pre)),
+        (
+            "tokenizer.ggml.tokens",
+            MetaValue::StringArray(vocab.tokens.clone()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            MetaValue::I32Array(vocab.types.clone()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            MetaValue::StringArray(vocab.merges.clone()),
+        ),
+        ("tokenizer.ggml.bos_token_id", MetaValue::U32(vocab.bos)),
+        ("tokenizer.ggml.eos_token_id", MetaValue::U32(vocab.eos)),
+        ("tokenizer.ggml.eot_token_id", MetaValue::U32(vocab.eos)),
+        ("tokenizer.ggml.padding_token_id", MetaValue::U32(vocab.pad)),
+        ("tokenizer.ggml.add_bos_token", MetaValue::Bool(false)),
+        ("tokenizer.ggml.add_eos_token", MetaValue::Bool(false)),
+        ("tokenizer.chat_template", text(JINJA_TEMPLATE)),
+    ];
+    entries.extend(
+        tokenizer
+            .into_iter()
+            .map(|(key, value)| (key.to_string(), value)),
     );
     entries
 }
@@ -646,16 +584,27 @@ fn metadata(config: &LlamaConfig, vocab: &Vocab, dtype: GgufDtype) -> Vec<(Strin
 // ---------------------------------------------------------------------------------
 // Tensors
 
+/// How a Hugging Face tensor becomes its GGUF counterpart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transform {
+    /// Copied as it is.
+    None,
+    /// llama's Q or K: rows permuted for llama.cpp's RoPE, with this many heads.
+    PermuteRope(usize),
+    /// GPT-2's Conv1D weight `[in, out]`, transposed to `nn.Linear`'s `[out, in]`.
+    Transpose,
+}
+
 /// One tensor to write: where it comes from and how it is stored.
 #[derive(Debug, Clone)]
 struct TensorPlan {
+    /// The name in the safetensors files.
     hf_name: String,
     gguf_name: String,
-    /// Row-major shape (the Hugging Face one).
+    /// Row-major shape as stored (after any transposition).
     shape: Vec<usize>,
     ggml: GgmlDType,
-    /// For llama's Q and K: the head count of the rotary row permutation.
-    permute_heads: Option<usize>,
+    transform: Transform,
 }
 
 impl TensorPlan {
@@ -663,11 +612,109 @@ impl TensorPlan {
         let count: usize = self.shape.iter().product();
         (count / self.ggml.block_size() * self.ggml.type_size()) as u64
     }
+
+    /// The shape the tensor has in the safetensors files.
+    fn source_shape(&self) -> Vec<usize> {
+        match self.transform {
+            Transform::Transpose => self.shape.iter().rev().copied().collect(),
+            _ => self.shape.clone(),
+        }
+    }
 }
 
-/// The tensors of a llama-family model in file order: the embedding, each block, the
-/// final norm and (untied) the output projection.
-fn tensor_plans(config: &LlamaConfig, dtype: GgufDtype) -> Vec<TensorPlan> {
+/// What one model family looks like in GGUF.
+#[derive(Debug, Clone)]
+struct Layout {
+    /// `general.architecture`, also the prefix of the hyper-parameter keys.
+    arch: &'static str,
+    /// Hyper-parameters, keys without the architecture prefix.
+    hyper: Vec<(&'static str, MetaValue)>,
+    /// Every tensor in file order.
+    plans: Vec<TensorPlan>,
+    /// Tensors a checkpoint may hold that GGUF does without.
+    ignorable: fn(&str) -> bool,
+    /// Prefix some files of this family lack (the original GPT-2 files store `wte.weight`
+    /// rather than `transformer.wte.weight`).
+    optional_prefix: Option<&'static str>,
+}
+
+/// Collects tensor plans, choosing each tensor's stored type the way llama.cpp's
+/// converter does.
+struct Planner {
+    dtype: GgufDtype,
+    plans: Vec<TensorPlan>,
+}
+
+impl Planner {
+    fn add(&mut self, hf: String, gguf: String, shape: Vec<usize>, transform: Transform) {
+        self.add_typed(hf, gguf, shape, transform, None);
+    }
+
+    /// `forced`: a type this tensor always has (GPT-2's position table stays f32).
+    fn add_typed(
+        &mut self,
+        hf: String,
+        gguf: String,
+        shape: Vec<usize>,
+        transform: Transform,
+        forced: Option<GgmlDType>,
+    ) {
+        let row = shape.last().copied().unwrap_or(0);
+        let ggml = if shape.len() < 2 {
+            // ggml's kernels take norm gains and biases in f32 only.
+            GgmlDType::F32
+        } else if let Some(forced) = forced {
+            forced
+        } else if self.dtype == GgufDtype::Q8_0 && !row.is_multiple_of(Q8_0_BLOCK) {
+            GgmlDType::F16
+        } else {
+            self.dtype.matrix_type()
+        };
+        self.plans.push(TensorPlan {
+            hf_name: hf,
+            gguf_name: gguf,
+            shape,
+            ggml,
+            transform,
+        });
+    }
+
+    /// A weight `[rows, cols]` and, when `bias`, its bias `[rows]`; `base` names are
+    /// without the `.weight`/`.bias` suffix.
+    fn linear(
+        &mut self,
+        hf_base: &str,
+        gguf_base: &str,
+        (rows, cols): (usize, usize),
+        bias: bool,
+        transform: Transform,
+    ) {
+        let weight_shape = vec![rows, cols];
+        self.add(
+            format!("{hf_base}.weight"),
+            format!("{gguf_base}.weight"),
+            weight_shape,
+            transform,
+        );
+        if bias {
+            // A bias follows its weight's rows: permuted with them, never transposed.
+            let bias_transform = match transform {
+                Transform::PermuteRope(heads) => Transform::PermuteRope(heads),
+                _ => Transform::None,
+            };
+            self.add(
+                format!("{hf_base}.bias"),
+                format!("{gguf_base}.bias"),
+                vec![rows],
+                bias_transform,
+            );
+        }
+    }
+}
+
+/// The llama family (`llama`, `qwen2`): the embedding, each block, the final norm and
+/// (untied) the output projection.
+fn llama_layout(config: &LlamaConfig, dtype: GgufDtype) -> Layout {
     let (hidden, inner, head_dim) = (
         config.hidden_size,
         config.intermediate_size,
@@ -675,150 +722,251 @@ fn tensor_plans(config: &LlamaConfig, dtype: GgufDtype) -> Vec<TensorPlan> {
     );
     let q_width = config.num_attention_heads * head_dim;
     let kv_width = config.num_key_value_heads * head_dim;
-    let llama = config.flavor == LlamaFlavor::Llama;
-    let mut plans = Vec::new();
-    let mut add = |hf: String, gguf: String, shape: Vec<usize>, permute: Option<usize>| {
-        let ggml = if shape.len() < 2 {
-            // ggml's kernels take norm gains and biases in f32 only.
-            GgmlDType::F32
-        } else if dtype == GgufDtype::Q8_0 && !shape[shape.len() - 1].is_multiple_of(Q8_0_BLOCK) {
-            GgmlDType::F16
-        } else {
-            dtype.matrix_type()
-        };
-        plans.push(TensorPlan {
-            hf_name: hf,
-            gguf_name: gguf,
-            shape,
-            ggml,
-            permute_heads: permute.filter(|_| llama),
-        });
+    let rope = |heads: usize| match config.flavor {
+        LlamaFlavor::Llama => Transform::PermuteRope(heads),
+        LlamaFlavor::Qwen2 => Transform::None,
     };
-    add(
+    let mut planner = Planner {
+        dtype,
+        plans: Vec::new(),
+    };
+    planner.add(
         "model.embed_tokens.weight".into(),
         "token_embd.weight".into(),
         vec![config.vocab_size, hidden],
-        None,
+        Transform::None,
     );
     for layer in 0..config.num_hidden_layers {
         let hf = |name: &str| format!("model.layers.{layer}.{name}");
         let gguf = |name: &str| format!("blk.{layer}.{name}");
-        add(
+        planner.add(
             hf("input_layernorm.weight"),
             gguf("attn_norm.weight"),
             vec![hidden],
-            None,
+            Transform::None,
         );
-        let projections = [
+        let attention = [
             (
                 "self_attn.q_proj",
                 "attn_q",
-                q_width,
-                hidden,
+                (q_width, hidden),
                 config.qkv_bias,
-                Some(config.num_attention_heads),
+                rope(config.num_attention_heads),
             ),
             (
                 "self_attn.k_proj",
                 "attn_k",
-                kv_width,
-                hidden,
+                (kv_width, hidden),
                 config.qkv_bias,
-                Some(config.num_key_value_heads),
+                rope(config.num_key_value_heads),
             ),
             (
                 "self_attn.v_proj",
                 "attn_v",
-                kv_width,
-                hidden,
+                (kv_width, hidden),
                 config.qkv_bias,
-                None,
+                Transform::None,
             ),
             (
                 "self_attn.o_proj",
                 "attn_output",
-                hidden,
-                q_width,
+                (hidden, q_width),
                 config.o_bias,
-                None,
+                Transform::None,
             ),
         ];
-        for (hf_base, gguf_base, rows, cols, bias, permute) in projections {
-            add(
-                hf(&format!("{hf_base}.weight")),
-                gguf(&format!("{gguf_base}.weight")),
-                vec![rows, cols],
-                permute,
-            );
-            if bias {
-                add(
-                    hf(&format!("{hf_base}.bias")),
-                    gguf(&format!("{gguf_base}.bias")),
-                    vec![rows],
-                    permute,
-                );
-            }
+        for (hf_base, gguf_base, shape, bias, transform) in attention {
+            planner.linear(&hf(hf_base), &gguf(gguf_base), shape, bias, transform);
         }
-        add(
+        planner.add(
             hf("post_attention_layernorm.weight"),
             gguf("ffn_norm.weight"),
             vec![hidden],
-            None,
+            Transform::None,
         );
         let mlp = [
-            ("mlp.gate_proj", "ffn_gate", inner, hidden),
-            ("mlp.up_proj", "ffn_up", inner, hidden),
-            ("mlp.down_proj", "ffn_down", hidden, inner),
+            ("mlp.gate_proj", "ffn_gate", (inner, hidden)),
+            ("mlp.up_proj", "ffn_up", (inner, hidden)),
+            ("mlp.down_proj", "ffn_down", (hidden, inner)),
         ];
-        for (hf_base, gguf_base, rows, cols) in mlp {
-            add(
-                hf(&format!("{hf_base}.weight")),
-                gguf(&format!("{gguf_base}.weight")),
-                vec![rows, cols],
-                None,
+        for (hf_base, gguf_base, shape) in mlp {
+            planner.linear(
+                &hf(hf_base),
+                &gguf(gguf_base),
+                shape,
+                config.mlp_bias,
+                Transform::None,
             );
-            if config.mlp_bias {
-                add(
-                    hf(&format!("{hf_base}.bias")),
-                    gguf(&format!("{gguf_base}.bias")),
-                    vec![rows],
-                    None,
-                );
-            }
         }
     }
-    add(
+    planner.add(
         "model.norm.weight".into(),
         "output_norm.weight".into(),
         vec![hidden],
-        None,
+        Transform::None,
     );
     if !config.tie_word_embeddings {
-        add(
+        planner.add(
             "lm_head.weight".into(),
             "output.weight".into(),
             vec![config.vocab_size, hidden],
-            None,
+            Transform::None,
         );
     }
-    plans
+    let ignorable: fn(&str) -> bool = if config.tie_word_embeddings {
+        // Old checkpoints carry RoPE's inverse frequencies, which GGUF recomputes; a
+        // tied lm_head, when written at all, is the embedding again.
+        |name| name.ends_with(".rotary_emb.inv_freq") || name == "lm_head.weight"
+    } else {
+        |name| name.ends_with(".rotary_emb.inv_freq")
+    };
+    Layout {
+        arch: config.flavor.model_type(),
+        hyper: vec![
+            ("vocab_size", count(config.vocab_size)),
+            ("context_length", count(config.max_position_embeddings)),
+            ("embedding_length", count(hidden)),
+            ("feed_forward_length", count(inner)),
+            ("block_count", count(config.num_hidden_layers)),
+            ("attention.head_count", count(config.num_attention_heads)),
+            ("attention.head_count_kv", count(config.num_key_value_heads)),
+            // Explicit head widths: llama.cpp would otherwise assume hidden_size / heads,
+            // which a config with its own `head_dim` need not satisfy.
+            ("attention.key_length", count(head_dim)),
+            ("attention.value_length", count(head_dim)),
+            (
+                "attention.layer_norm_rms_epsilon",
+                MetaValue::F32(config.rms_norm_eps as f32),
+            ),
+            ("rope.dimension_count", count(head_dim)),
+            ("rope.freq_base", MetaValue::F32(config.rope_theta as f32)),
+        ],
+        plans: planner.plans,
+        ignorable,
+        optional_prefix: None,
+    }
 }
 
-/// Fails on a weight the plan lacks or the config does not explain, so that a
-/// checkpoint whose `config.json` disagrees with its tensors (say, biases the config
-/// does not declare) is not exported with those weights silently dropped.
-fn check_tensor_names(
+/// GPT-2 as llama.cpp's `gpt2` architecture: learned positions, LayerNorms with
+/// biases, the fused `c_attn` as `attn_qkv`, every Conv1D weight transposed to
+/// `[out, in]`, and the output projection always tied to the embedding.
+fn gpt2_layout(config: &Gpt2Config, dtype: GgufDtype) -> Layout {
+    let (width, inner) = (config.n_embd, config.n_inner);
+    let mut planner = Planner {
+        dtype,
+        plans: Vec::new(),
+    };
+    planner.add(
+        "transformer.wte.weight".into(),
+        "token_embd.weight".into(),
+        vec![config.vocab_size, width],
+        Transform::None,
+    );
+    // The converter keeps position embeddings in f32 whatever the file type.
+    planner.add_typed(
+        "transformer.wpe.weight".into(),
+        "position_embd.weight".into(),
+        vec![config.n_positions, width],
+        Transform::None,
+        Some(GgmlDType::F32),
+    );
+    let norm = |planner: &mut Planner, hf: &str, gguf: &str| {
+        for part in ["weight", "bias"] {
+            planner.add(
+                format!("{hf}.{part}"),
+                format!("{gguf}.{part}"),
+                vec![width],
+                Transform::None,
+            );
+        }
+    };
+    for layer in 0..config.n_layer {
+        let hf = |name: &str| format!("transformer.h.{layer}.{name}");
+        let gguf = |name: &str| format!("blk.{layer}.{name}");
+        norm(&mut planner, &hf("ln_1"), &gguf("attn_norm"));
+        let conv1d = [
+            ("attn.c_attn", "attn_qkv", (3 * width, width)),
+            ("attn.c_proj", "attn_output", (width, width)),
+        ];
+        for (hf_base, gguf_base, shape) in conv1d {
+            planner.linear(
+                &hf(hf_base),
+                &gguf(gguf_base),
+                shape,
+                true,
+                Transform::Transpose,
+            );
+        }
+        norm(&mut planner, &hf("ln_2"), &gguf("ffn_norm"));
+        let conv1d = [
+            ("mlp.c_fc", "ffn_up", (inner, width)),
+            ("mlp.c_proj", "ffn_down", (width, inner)),
+        ];
+        for (hf_base, gguf_base, shape) in conv1d {
+            planner.linear(
+                &hf(hf_base),
+                &gguf(gguf_base),
+                shape,
+                true,
+                Transform::Transpose,
+            );
+        }
+    }
+    norm(&mut planner, "transformer.ln_f", "output_norm");
+    Layout {
+        arch: "gpt2",
+        hyper: vec![
+            ("vocab_size", count(config.vocab_size)),
+            ("context_length", count(config.n_positions)),
+            ("embedding_length", count(width)),
+            ("feed_forward_length", count(inner)),
+            ("block_count", count(config.n_layer)),
+            ("attention.head_count", count(config.n_head)),
+            (
+                "attention.layer_norm_epsilon",
+                MetaValue::F32(config.layer_norm_epsilon as f32),
+            ),
+        ],
+        plans: planner.plans,
+        // transformers' GPT-2 files may carry the causal-mask buffers and a tied lm_head.
+        ignorable: |name| {
+            name.ends_with(".attn.bias")
+                || name.ends_with(".attn.masked_bias")
+                || name == "lm_head.weight"
+        },
+        optional_prefix: Some("transformer."),
+    }
+}
+
+/// Points every plan at its name in the safetensors files and fails on a weight the
+/// files lack, the config does not explain, or whose shape the config contradicts, so
+/// that a checkpoint whose `config.json` disagrees with its tensors (say, biases the
+/// config does not declare) is neither exported with weights silently dropped nor found
+/// out only after gigabytes are written.
+fn resolve_tensor_names(
     model_dir: &Path,
-    config: &LlamaConfig,
     weights: &MmapedSafetensors,
-    plans: &[TensorPlan],
+    layout: &mut Layout,
 ) -> Result<(), GgufError> {
     let present: BTreeSet<String> = weights
         .tensors()
         .into_iter()
         .map(|(name, _)| name)
         .collect();
-    let planned: BTreeSet<&str> = plans.iter().map(|plan| plan.hf_name.as_str()).collect();
+    if let Some(prefix) = layout.optional_prefix
+        && !present.iter().any(|name| name.starts_with(prefix))
+    {
+        for plan in &mut layout.plans {
+            if let Some(bare) = plan.hf_name.strip_prefix(prefix) {
+                plan.hf_name = bare.to_string();
+            }
+        }
+    }
+    let planned: BTreeSet<&str> = layout
+        .plans
+        .iter()
+        .map(|plan| plan.hf_name.as_str())
+        .collect();
     if let Some(missing) = planned.iter().find(|name| !present.contains(**name)) {
         return Err(GgufError::Tensor {
             path: model_dir.to_path_buf(),
@@ -826,22 +974,32 @@ fn check_tensor_names(
             message: "missing from the safetensors files".to_string(),
         });
     }
-    let ignorable = |name: &str| {
-        // Old checkpoints carry RoPE's inverse frequencies, which GGUF recomputes; a
-        // tied lm_head, when written at all, is the embedding again.
-        name.ends_with(".rotary_emb.inv_freq")
-            || (config.tie_word_embeddings && name == "lm_head.weight")
-    };
+    for plan in &layout.plans {
+        let shape = weights
+            .get(&plan.hf_name)
+            .map(|view| view.shape().to_vec())
+            .unwrap_or_default();
+        if shape != plan.source_shape() {
+            return Err(GgufError::Tensor {
+                path: model_dir.to_path_buf(),
+                name: plan.hf_name.clone(),
+                message: format!(
+                    "has shape {shape:?}, config.json implies {:?}",
+                    plan.source_shape()
+                ),
+            });
+        }
+    }
     if let Some(extra) = present
         .iter()
-        .find(|name| !planned.contains(name.as_str()) && !ignorable(name))
+        .find(|name| !planned.contains(name.as_str()) && !(layout.ignorable)(name))
     {
         return Err(GgufError::Tensor {
             path: model_dir.to_path_buf(),
             name: extra.clone(),
             message: format!(
                 "is not part of a {} model as config.json describes it",
-                config.flavor.model_type()
+                layout.arch
             ),
         });
     }
@@ -849,7 +1007,7 @@ fn check_tensor_names(
 }
 
 /// The stored bytes of one tensor: loaded as f32, checked against the planned shape,
-/// permuted when planned, and converted to the planned type.
+/// transformed when planned, and converted to the planned type.
 fn tensor_data(
     model_dir: &Path,
     weights: &MmapedSafetensors,
@@ -864,18 +1022,19 @@ fn tensor_data(
         .load(&plan.hf_name, &Device::Cpu)
         .and_then(|tensor| tensor.to_dtype(DType::F32))
         .map_err(|e| error(e.to_string()))?;
-    if tensor.dims() != plan.shape.as_slice() {
+    if tensor.dims() != plan.source_shape().as_slice() {
         return Err(error(format!(
             "has shape {:?}, config.json implies {:?}",
             tensor.dims(),
-            plan.shape
+            plan.source_shape()
         )));
     }
-    let tensor = match plan.permute_heads {
-        Some(heads) => permute_for_llama_rope(&tensor, heads),
-        None => Ok(tensor),
+    let tensor = match plan.transform {
+        Transform::None => Ok(tensor),
+        Transform::PermuteRope(heads) => permute_for_llama_rope(&tensor, heads),
+        Transform::Transpose => tensor.t().and_then(|t| t.contiguous()),
     }
-    .map_err(|e| error(format!("permuting rows for llama.cpp's RoPE: {e}")))?;
+    .map_err(|e| error(format!("rearranging for llama.cpp: {e}")))?;
     let bytes: Vec<u8> = QTensor::quantize(&tensor, plan.ggml)
         .and_then(|quantized| quantized.data().map(Cow::into_owned))
         .map_err(|e| error(format!("converting to {}: {e}", ggml_name(plan.ggml))))?;
@@ -1080,7 +1239,7 @@ mod tests {
         let mut config = LlamaConfig::tiny(LlamaFlavor::Llama, true);
         config.hidden_size = 64;
         config.intermediate_size = 48;
-        let plans = tensor_plans(&config, GgufDtype::Q8_0);
+        let plans = llama_layout(&config, GgufDtype::Q8_0).plans;
         let kind = |name: &str| {
             plans
                 .iter()

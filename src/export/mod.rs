@@ -1,5 +1,5 @@
 //! Turning a checkpoint into the files other tools run: [`gguf`] writes llama.cpp's
-//! GGUF format (f32, f16 or q8_0) for the llama and qwen2 families. The `export` stage
-//! calls it alongside the Hugging Face layout it writes itself.
+//! GGUF format (f32, f16 or q8_0) for the llama, qwen2 and gpt2 families, for the
+//! `export` stage to write beside the Hugging Face layout.
 
 pub mod gguf;
