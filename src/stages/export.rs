@@ -20,9 +20,8 @@ use crate::tokenize::train::{load_tokenizer, tokenizer_file};
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSettings {
-    /// GGUF files to write, by weight type (`f32`, `f16`, `q8_0`); by default `[q8_0]`
-    /// for the llama family and none for gpt2 (which llama.cpp's GGUF export here does
-    /// not cover). `[]` writes none.
+    /// GGUF files to write, by weight type (`f32`, `f16`, `q8_0`); by default `[q8_0]`.
+    /// `[]` writes none.
     #[serde(default)]
     pub gguf: Option<Vec<GgufDtype>>,
 }
@@ -181,11 +180,10 @@ fn run(
     };
     write_json(&out.join("generation_config.json"), &generation)?;
 
-    let gguf_types = match (&settings.gguf, &config) {
-        (Some(types), _) => types.clone(),
-        (None, ModelConfig::Llama(_)) => vec![GgufDtype::Q8_0],
-        (None, ModelConfig::Gpt2(_)) => Vec::new(),
-    };
+    let gguf_types = settings
+        .gguf
+        .clone()
+        .unwrap_or_else(|| vec![GgufDtype::Q8_0]);
     let mut metrics = serde_json::Map::new();
     for dtype in gguf_types {
         if context.cancel.is_cancelled() {
