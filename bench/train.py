@@ -231,6 +231,12 @@ def vm_rss_mib() -> float:
     return float("nan")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -250,7 +256,10 @@ def run(args) -> None:
     )
     batches = Batches(args.seed, args.vocab)
     losses, forward, backward, optim, steps = [], [], [], [], []
+    cpu_start = 0.0
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            cpu_start = cpu_seconds()
         inputs, targets = batches.next(args.batch, args.context)
         start = time.perf_counter()
         logits = model(inputs)
@@ -272,6 +281,7 @@ def run(args) -> None:
             backward.append((backward_end - forward_end) * 1e3)
             optim.append((end - backward_end) * 1e3)
             steps.append((end - start) * 1e3)
+    cpu_busy = (cpu_seconds() - cpu_start) / (sum(steps) / 1e3)
     tokens_per_step = args.batch * args.context
     report = {
         "impl": f"PyTorch {torch.__version__} eager ({args.attention} attention)",
@@ -292,6 +302,7 @@ def run(args) -> None:
             "backward": statistics.fmean(backward),
             "optimizer": statistics.fmean(optim),
         },
+        "cpu_cores_busy": cpu_busy,
         "losses": losses,
         "rss_baseline_mib": rss_baseline,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -324,6 +335,7 @@ def report(args) -> None:
         lines.append(
             row(label, [f"{r['phase_ms'][phase]:.1f} ({100 * r['phase_ms'][phase] / r['step_ms']['mean']:.0f}%)" for r in results])
         )
+    lines.append(row("CPU cores busy", [f"{r['cpu_cores_busy']:.2f}" for r in results]))
     lines.append(row("peak RSS MiB", [f"{r['peak_rss_mib']:.0f}" for r in results]))
     lines.append(row("  RSS before model MiB", [f"{r['rss_baseline_mib']:.0f}" for r in results]))
     lines.append(row("first loss", [f"{r['losses'][0]:.5f}" for r in results]))

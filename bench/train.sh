@@ -48,6 +48,8 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import numpy, torch
 fi
 
 load() { cut -d' ' -f1-3 /proc/loadavg; }
+busy="$(awk -v cores="$(nproc)" '$1 > 0.25 * cores { print $1 }' /proc/loadavg)"
+[[ -z "$busy" ]] || say "warning: load average $busy before the runs: other work shares the cores, figures will be noisy"
 say "trainyard: ${shape[*]} (load $(load))"
 RAYON_NUM_THREADS="$THREADS" "$driver" "${shape[@]}" >"$work/trainyard.json"
 results=("$work/trainyard.json")

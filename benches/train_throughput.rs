@@ -88,6 +88,22 @@ fn proc_status_mib(field: &str) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
+/// CPU seconds (user + system, all threads) this process has used so far, from
+/// `/proc/self/stat` (in USER_HZ ticks, 100 per second on Linux).
+fn cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("/proc/self/stat")?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |index: usize| -> Result<f64> {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<f64>().ok())
+            .with_context(|| format!("bad /proc/self/stat: {stat}"))
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
 /// One batch of `rows` windows of `context + 1` ids below `vocab`.
 fn random_batch(rng: &mut Rng, rows: usize, context: usize, vocab: usize) -> Batch {
     let windows: Vec<Vec<u32>> = (0..rows)
@@ -146,7 +162,11 @@ fn main() -> Result<()> {
     let mut losses = Vec::new();
     let (mut forward_ms, mut backward_ms, mut optimizer_ms, mut step_ms) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut cpu_start = cpu_seconds()?;
     for step in 0..args.warmup + args.steps {
+        if step == args.warmup {
+            cpu_start = cpu_seconds()?;
+        }
         let batch = random_batch(&mut rng, args.batch, args.context, args.vocab);
         let start = Instant::now();
         let (inputs, targets, weights) = batch_tensors(&batch, &device)?;
@@ -179,6 +199,7 @@ fn main() -> Result<()> {
         }
     }
 
+    let cpu_busy = (cpu_seconds()? - cpu_start) / (step_ms.iter().sum::<f64>() / 1e3);
     let tokens_per_step = args.batch * args.context;
     let report = json!({
         "impl": "trainyard (candle 0.11)",
@@ -199,6 +220,7 @@ fn main() -> Result<()> {
             "backward": mean(&backward_ms),
             "optimizer": mean(&optimizer_ms),
         },
+        "cpu_cores_busy": cpu_busy,
         "losses": losses,
         "rss_baseline_mib": rss_baseline_mib,
         "peak_rss_mib": proc_status_mib("VmHWM")?,
