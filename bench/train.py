@@ -314,6 +314,12 @@ def run(args) -> None:
 # Report
 
 
+def per_cpu_second(result: dict) -> float:
+    """Tokens per second of CPU time: less sensitive than tokens/s to other work on the
+    machine, but it also hides how well a side keeps its threads busy."""
+    return result["tokens_per_s"] / max(result["cpu_cores_busy"], 1e-9)
+
+
 def report(args) -> None:
     results = []
     for path in args.results:
@@ -336,6 +342,7 @@ def report(args) -> None:
             row(label, [f"{r['phase_ms'][phase]:.1f} ({100 * r['phase_ms'][phase] / r['step_ms']['mean']:.0f}%)" for r in results])
         )
     lines.append(row("CPU cores busy", [f"{r['cpu_cores_busy']:.2f}" for r in results]))
+    lines.append(row("tokens per CPU-second", [f"{per_cpu_second(r):,.0f}" for r in results]))
     lines.append(row("peak RSS MiB", [f"{r['peak_rss_mib']:.0f}" for r in results]))
     lines.append(row("  RSS before model MiB", [f"{r['rss_baseline_mib']:.0f}" for r in results]))
     lines.append(row("first loss", [f"{r['losses'][0]:.5f}" for r in results]))
@@ -344,6 +351,7 @@ def report(args) -> None:
         lines.append("")
         lines.append(f"trainyard / {name}:")
         lines.append(f"  throughput ratio        {ours['tokens_per_s'] / other['tokens_per_s']:.2f}x")
+        lines.append(f"  per CPU-second ratio    {per_cpu_second(ours) / per_cpu_second(other):.2f}x")
         for phase in ("forward", "backward", "optimizer"):
             lines.append(f"  {phase + ' time ratio':<24}{ours['phase_ms'][phase] / other['phase_ms'][phase]:.2f}x")
         lines.append(f"  peak RSS ratio          {ours['peak_rss_mib'] / other['peak_rss_mib']:.2f}x")
