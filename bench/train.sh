@@ -11,6 +11,9 @@
 # Reference model (the issue's): vocab 4096, 4 layers, 4 heads, d_model 256, SwiGLU 688,
 # f32. Knobs: BENCH_WARMUP (default 3), BENCH_STEPS (10), BENCH_BATCH (8), BENCH_CONTEXT
 # (256), BENCH_THREADS (2, both sides), TORCH_VERSION (default below), PYTHON.
+# On a machine that other work keeps busy, both sides lose far more with 2 threads
+# (OpenMP and candle's spinning pools wait on descheduled threads) than with 1:
+# BENCH_THREADS=1 then gives the steadier comparison.
 set -euo pipefail
 
 TORCH_VERSION="${TORCH_VERSION:-2.15.0}"
