@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Training throughput: trainyard's llama model (candle, benches/train_throughput.rs)
+# against the identical model in PyTorch eager on CPU (bench/train.py), same weights,
+# same batches, same AdamW. Prints tokens/s, the trainyard/PyTorch ratio, per-phase ms
+# (forward + loss / backward / optimizer), peak RSS and the CPU model. PyTorch runs twice:
+# with F.scaled_dot_product_attention (what HF transformers uses) and with matmul + mask +
+# softmax, the way trainyard computes attention.
+#
+#   bash bench/train.sh                # venv and results live in bench/.work/ (gitignored)
+#
+# Reference model (the issue's): vocab 4096, 4 layers, 4 heads, d_model 256, SwiGLU 688,
+# f32. Knobs: BENCH_WARMUP (default 3), BENCH_STEPS (10), BENCH_BATCH (8), BENCH_CONTEXT
+# (256), BENCH_THREADS (2, both sides), TORCH_VERSION (default below), PYTHON.
+# On a machine that other work keeps busy, both sides lose far more with 2 threads
+# (OpenMP and candle's spinning pools wait on descheduled threads) than with 1:
+# BENCH_THREADS=1 then gives the steadier comparison.
+set -euo pipefail
+
+TORCH_VERSION="${TORCH_VERSION:-2.15.0}"
+PYTHON="${PYTHON:-python3}"
+THREADS="${BENCH_THREADS:-2}"
+bench_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$bench_dir/.." && pwd)"
+work="$bench_dir/.work/train"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+mkdir -p "$work"
+say() { printf '>> %s\n' "$*" >&2; }
+shape=(--warmup "${BENCH_WARMUP:-3}" --steps "${BENCH_STEPS:-10}"
+       --batch "${BENCH_BATCH:-8}" --context "${BENCH_CONTEXT:-256}")
+
+say "building benches/train_throughput.rs (release)"
+driver="$(cd "$repo" && cargo bench --bench train_throughput --no-run --quiet --message-format=json \
+    | "$PYTHON" -c 'import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message["target"]["name"] == "train_throughput" and message.get("executable"):
+        print(message["executable"])')"
+[[ -x "$driver" ]] || { echo "no bench binary (got '$driver')" >&2; exit 1; }
+
+venv="$bench_dir/.work/venv-train"
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import numpy, torch; assert torch.__version__.split('+')[0] == '$TORCH_VERSION'" 2>/dev/null; then
+    say "installing torch==$TORCH_VERSION and numpy into $venv"
+    [[ -x "$venv/bin/python" ]] || "$PYTHON" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check numpy
+    # The CPU-only wheel when its index is reachable, else PyPI's (which pulls CUDA libraries).
+    if ! "$venv/bin/pip" install --quiet --disable-pip-version-check --retries 0 --timeout 20 \
+            --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION" 2>/dev/null; then
+        say "CPU wheel index unreachable: installing torch==$TORCH_VERSION from PyPI"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+    fi
+fi
+
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+busy="$(awk -v cores="$(nproc)" '$1 > 0.25 * cores { print $1 }' /proc/loadavg)"
+[[ -z "$busy" ]] || say "warning: load average $busy before the runs: other work shares the cores, figures will be noisy"
+say "trainyard: ${shape[*]} (load $(load))"
+RAYON_NUM_THREADS="$THREADS" "$driver" "${shape[@]}" >"$work/trainyard.json"
+results=("$work/trainyard.json")
+for attention in sdpa manual; do
+    say "PyTorch eager, $attention attention (load $(load))"
+    OMP_NUM_THREADS="$THREADS" "$venv/bin/python" "$bench_dir/train.py" run \
+        --attention "$attention" --threads "$THREADS" "${shape[@]}" >"$work/torch-$attention.json"
+    results+=("$work/torch-$attention.json")
+done
+
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores; load after: $(load)"
+"$venv/bin/python" "$bench_dir/train.py" report "${results[@]}"
