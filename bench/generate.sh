@@ -9,14 +9,14 @@
 #
 # The models are written by transformers (bench/generate.py), so trainyard loads files
 # it did not write. Environment knobs: BENCH_REPEATS (runs of each, best taken, default
-# 3), BENCH_THREADS (thread counts, default 2,1), BENCH_TOKENS (max new tokens, default 128),
+# 5), BENCH_THREADS (thread counts, default 2,1), BENCH_TOKENS (max new tokens, default 128),
 # TRANSFORMERS_VERSION (default below), TORCH_INDEX_URL (a pip index for torch, e.g. the
 # CPU-only wheels; default: the ordinary index), PYTHON (interpreter for the venv).
 set -euo pipefail
 
 TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.23.0}"
 PYTHON="${PYTHON:-python3}"
-REPEATS="${BENCH_REPEATS:-3}"
+REPEATS="${BENCH_REPEATS:-5}"
 THREADS="${BENCH_THREADS:-2,1}"
 TOKENS="${BENCH_TOKENS:-128}"
 

@@ -178,6 +178,8 @@ pub struct ChatArgs {
     /// Answer this one message and exit instead of reading standard input.
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,
+    // Flags of a retrieval mode (documents added to each turn) belong here; the
+    // documents join the prompt in `generate::Conversation::prompt_messages`.
 }
 
 fn parse_device(text: &str) -> Result<DeviceSetting, String> {

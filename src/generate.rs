@@ -298,6 +298,15 @@ impl Generator {
                 hint: String::new(),
             });
         }
+        if !dir.join("model.safetensors").is_file()
+            && !dir.join("model.safetensors.index.json").is_file()
+        {
+            return Err(GenerateError::NotAModel {
+                path: path.to_path_buf(),
+                reason: "no model.safetensors".to_string(),
+                hint: String::new(),
+            });
+        }
         let tokenizer = load_tokenizer(&tokenizer_path)?;
         let (model, config) = model::load_pretrained(&dir, DType::F32, device)?;
         let vocab = config.vocab_size();
@@ -626,9 +635,10 @@ impl Conversation {
     }
 
     /// Answers `text`: generates the assistant's turn (streamed to `sink`) and adds
-    /// both turns to the history. When the prompt and `max_new_tokens` do not fit the
-    /// model's context, the oldest exchanges are forgotten first. Turn `n` samples
-    /// with seed `options.seed + n`, so a replayed conversation is reproducible.
+    /// both turns to the history. When the prompt leaves less room in the model's
+    /// context than the answer may need (`max_new_tokens`, but at most half the
+    /// context), the oldest exchanges are forgotten first. Turn `n` samples with seed
+    /// `options.seed + n`, so a replayed conversation is reproducible.
     pub fn reply(
         &mut self,
         generator: &Generator,
@@ -637,10 +647,11 @@ impl Conversation {
         sink: &mut dyn FnMut(&str) -> io::Result<()>,
     ) -> Result<ChatReply, GenerateError> {
         let context = generator.config().max_positions();
+        let room = options.max_new_tokens.min(context / 2);
         let mut forgotten_turns = 0;
         let prompt = loop {
             let prompt = generator.chat_prompt(&self.prompt_messages(text))?;
-            if prompt.len() + options.max_new_tokens <= context || self.history.is_empty() {
+            if prompt.len() + room <= context || self.history.is_empty() {
                 break prompt;
             }
             // Drop the oldest exchange: its user turn and what follows up to the next.

@@ -255,6 +255,21 @@ fn a_chat_keeps_its_history_and_forgets_the_oldest_exchanges_to_fit_the_context(
     assert_eq!(conversation.history().len(), 2 * (5 - forgotten));
     conversation.reset();
     assert!(conversation.history().is_empty());
+
+    // A long answer budget reserves at most half the context: a short history is kept.
+    let mut generous = Conversation::new(None);
+    generous
+        .reply(&generator, "Where?", &options, &mut |_| Ok(()))
+        .unwrap();
+    let long_answers = SamplingOptions {
+        max_new_tokens: 1000,
+        ..options
+    };
+    let reply = generous
+        .reply(&generator, "Where?", &long_answers, &mut |_| Ok(()))
+        .unwrap();
+    assert_eq!(reply.forgotten_turns, 0);
+    assert_eq!(generous.history().len(), 4);
 }
 
 #[test]
@@ -276,6 +291,17 @@ fn a_missing_or_incomplete_model_directory_is_named_in_the_error() {
         .to_string();
     assert!(
         error.contains("no tokenizer.json") && error.contains("lm"),
+        "{error}"
+    );
+
+    random_model(&model_dir, llama(32), false);
+    std::fs::remove_file(model_dir.join("model.safetensors")).unwrap();
+    let error = Generator::load(&model_dir, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("no model.safetensors") && error.contains("lm"),
         "{error}"
     );
 }

@@ -32,17 +32,28 @@ stages:
 
 const MODEL: &str = "runs/latest/outputs/lm";
 
-/// The trained workspace, shared by every test of this file (trained on first use).
+/// The trained workspace, shared by every test of this file.
+static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+
+/// The trained workspace (trained on first use). A static is never dropped, so its
+/// directory is removed when the test process exits.
 fn trained() -> &'static Sandbox {
-    static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(|| {
-        let sandbox = Sandbox {
-            dir: tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir"),
-        };
+        let sandbox = Sandbox::new();
+        // SAFETY: registers a plain function with the C library, once.
+        unsafe {
+            libc::atexit(remove_trained);
+        }
         sandbox.write("p.yaml", PIPELINE);
         sandbox.ok(&["run", "p.yaml"]);
         sandbox
     })
+}
+
+extern "C" fn remove_trained() {
+    if let Some(sandbox) = SANDBOX.get() {
+        let _ = std::fs::remove_dir_all(sandbox.dir.path());
+    }
 }
 
 /// Runs trainyard and returns (stdout, stderr), asserting success.
