@@ -178,8 +178,46 @@ pub struct ChatArgs {
     /// Answer this one message and exit instead of reading standard input.
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,
-    // Flags of a retrieval mode (documents added to each turn) belong here; the
-    // documents join the prompt in `generate::Conversation::prompt_messages`.
+    /// Answer from documents: rank DATASET (JSONL or an ingest output) with BM25, put
+    /// the best `--context-docs` before each question, and refuse questions whose
+    /// keywords the retrieved documents do not cover (`--threshold`).
+    #[arg(long, value_name = "DATASET")]
+    pub retrieve: Option<PathBuf>,
+    /// Documents put before each question in retrieval mode.
+    #[arg(long, value_name = "K", default_value_t = retrieve::DEFAULT_CONTEXT_DOCS, value_parser = parse_positive)]
+    pub context_docs: usize,
+    /// The fraction of the question's keywords the documents must contain (0 to 1).
+    #[arg(long, value_name = "RATIO", default_value_t = retrieve::DEFAULT_THRESHOLD, value_parser = parse_ratio)]
+    pub threshold: f64,
+    /// Characters kept of each retrieved document, so that they fit a small context.
+    #[arg(long, value_name = "N", default_value_t = 400, value_parser = parse_positive)]
+    pub doc_chars: usize,
+}
+
+/// What retrieval mode does with one question: the prompt to answer, or why not.
+fn retrieval_prompt(
+    index: &Index,
+    args: &ChatArgs,
+    question: &str,
+) -> Result<String, retrieve::Refusal> {
+    let result = index.retrieve(question, args.context_docs, args.threshold);
+    if let Some(refusal) = result.coverage.refusal() {
+        return Err(refusal);
+    }
+    let trimmed: Vec<retrieve::Document> = result
+        .hits
+        .iter()
+        .map(|hit| {
+            let document = index.document(hit);
+            retrieve::Document {
+                id: document.id.clone(),
+                title: document.title.clone(),
+                text: document.text.chars().take(args.doc_chars).collect(),
+            }
+        })
+        .collect();
+    let documents: Vec<&retrieve::Document> = trimmed.iter().collect();
+    Ok(retrieve::context_prompt(question, &documents))
 }
 
 fn parse_device(text: &str) -> Result<DeviceSetting, String> {
@@ -521,10 +559,29 @@ fn generate(args: GenerateArgs, workspace: &Workspace) -> anyhow::Result<ExitCod
 
 fn chat_command(args: ChatArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
     let session = Session::open(&args.model, workspace)?;
+    let index = match &args.retrieve {
+        Some(dataset) => Some(Index::open(dataset)?),
+        None => None,
+    };
     let mut conversation = Conversation::new(session.system.clone());
-    let answer = |conversation: &mut Conversation, text: &str| -> anyhow::Result<()> {
-        let reply =
-            conversation.reply(&session.generator, text, &session.options, &mut print_piece)?;
+    // Ok(false): retrieval refused to answer.
+    let answer = |conversation: &mut Conversation, text: &str| -> anyhow::Result<bool> {
+        let prompt = match &index {
+            None => text.to_string(),
+            Some(index) => match retrieval_prompt(index, &args, text) {
+                Ok(prompt) => prompt,
+                Err(refusal) => {
+                    println!("I can't answer that from the documents: {refusal}");
+                    return Ok(false);
+                }
+            },
+        };
+        let reply = conversation.reply(
+            &session.generator,
+            &prompt,
+            &session.options,
+            &mut print_piece,
+        )?;
         session.finish(&reply.generation)?;
         if reply.forgotten_turns > 0 {
             eprintln!(
@@ -532,11 +589,14 @@ fn chat_command(args: ChatArgs, workspace: &Workspace) -> anyhow::Result<ExitCod
                 reply.forgotten_turns
             );
         }
-        Ok(())
+        Ok(true)
     };
     if let Some(prompt) = &args.prompt {
-        answer(&mut conversation, prompt)?;
-        return Ok(ExitCode::SUCCESS);
+        // A refusal in one-shot use exits 1, as `verify-question` does.
+        return Ok(match answer(&mut conversation, prompt)? {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::from(1),
+        });
     }
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
@@ -561,7 +621,9 @@ fn chat_command(args: ChatArgs, workspace: &Workspace) -> anyhow::Result<ExitCod
                 conversation.reset();
                 eprintln!("(history cleared)");
             }
-            _ => answer(&mut conversation, text)?,
+            _ => {
+                answer(&mut conversation, text)?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -303,3 +303,66 @@ fn bad_model_directories_and_flags_are_clear_errors() {
     ]);
     assert!(out.contains("missing.txt"), "{out}");
 }
+
+#[test]
+fn chat_with_retrieval_answers_covered_questions_and_refuses_the_rest() {
+    let sandbox = trained();
+    let corpus = "runs/latest/outputs/corpus";
+    let questions = sandbox.read("runs/latest/outputs/corpus/questions.jsonl");
+    // A question whose keywords the documents cover (the gate alone says so).
+    let covered = questions
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .map(|row| row["question"].as_str().unwrap().to_string())
+        .find(|question| {
+            sandbox
+                .trainyard(&[
+                    "verify-question",
+                    "--retrieve",
+                    corpus,
+                    "--context-docs",
+                    "1",
+                    question,
+                ])
+                .status
+                .success()
+        })
+        .expect("some synthetic question passes the coverage gate");
+    let flags = ["--temperature", "0", "--max-new-tokens", "5", "--stats"];
+    let with_documents = [
+        &[
+            "chat",
+            MODEL,
+            "--retrieve",
+            corpus,
+            "--context-docs",
+            "1",
+            "--doc-chars",
+            "150",
+        ][..],
+        &flags,
+        &["--prompt", &covered],
+    ]
+    .concat();
+    let (_, stderr) = run(&with_documents);
+    let plain = [&["chat", MODEL][..], &flags, &["--prompt", &covered]].concat();
+    let (_, plain_stderr) = run(&plain);
+    assert!(
+        stats(&stderr, "prompt_tokens")[0] > stats(&plain_stderr, "prompt_tokens")[0] + 10,
+        "the retrieved document is put before the question"
+    );
+
+    let made_up = [
+        &["chat", MODEL, "--retrieve", corpus][..],
+        &flags,
+        &["--prompt", "Who founded Zzqxville in Plorbania?"],
+    ]
+    .concat();
+    let output = sandbox.trainyard(&made_up);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("I can't answer that from the documents"),
+        "{}",
+        text(&output)
+    );
+}
