@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{Sandbox, text};
+use common::{Sandbox, file_hash, text};
 
 /// Synthetic corpus → tokenizer → token cache → a small llama, with the model part of
 /// the pretrain settings given by `with`.
@@ -45,12 +45,6 @@ fn sandbox_with(with: &str) -> Sandbox {
 
 fn output(sandbox: &Sandbox, stage: &str) -> PathBuf {
     sandbox.path(&format!("runs/latest/outputs/{stage}"))
-}
-
-fn file_hash(path: &Path) -> String {
-    blake3::hash(&std::fs::read(path).unwrap_or_else(|error| panic!("{}: {error}", path.display())))
-        .to_hex()
-        .to_string()
 }
 
 fn stage_metrics(sandbox: &Sandbox, stage: &str) -> serde_json::Value {

@@ -9,7 +9,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
+    TOKENIZER_SOURCES,
+};
 use crate::export::gguf::{self, GgufDtype};
 use crate::model::{self, ModelConfig};
 use crate::tokenize::chat::JINJA_TEMPLATE;
@@ -45,12 +48,7 @@ impl StageKind for Export {
         },
         InputSlot {
             name: "tokenizer",
-            accepts: &[
-                Artifact::Tokenizer,
-                Artifact::Files,
-                Artifact::Model,
-                Artifact::Export,
-            ],
+            accepts: TOKENIZER_SOURCES,
             required: false,
             many: false,
         },

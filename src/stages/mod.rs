@@ -47,6 +47,15 @@ pub enum Artifact {
     Metrics,
 }
 
+/// Where a `tokenizer` input may come from: a tokenizer stage, a file, or a model or
+/// export directory holding `tokenizer.json`.
+pub const TOKENIZER_SOURCES: &[Artifact] = &[
+    Artifact::Tokenizer,
+    Artifact::Files,
+    Artifact::Model,
+    Artifact::Export,
+];
+
 /// One named input a kind reads.
 #[derive(Debug)]
 pub struct InputSlot {

@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::training::{self, DeviceSetting};
-use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
+    TOKENIZER_SOURCES,
+};
 use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
 use crate::rng::Rng;
@@ -188,12 +191,7 @@ impl StageKind for Pretrain {
         DATA_SLOT,
         InputSlot {
             name: "tokenizer",
-            accepts: &[
-                Artifact::Tokenizer,
-                Artifact::Files,
-                Artifact::Model,
-                Artifact::Export,
-            ],
+            accepts: TOKENIZER_SOURCES,
             required: true,
             many: false,
         },

@@ -14,7 +14,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::training::{self, DeviceSetting};
-use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
+    TOKENIZER_SOURCES,
+};
 use crate::data::token_cache::{Batch, SftBatcher, SftExamples, SftPosition, TokenCache};
 use crate::model;
 use crate::tokenize::train::tokenizer_file;
@@ -250,12 +253,7 @@ impl StageKind for Sft {
         },
         InputSlot {
             name: "tokenizer",
-            accepts: &[
-                Artifact::Tokenizer,
-                Artifact::Files,
-                Artifact::Model,
-                Artifact::Export,
-            ],
+            accepts: TOKENIZER_SOURCES,
             required: false,
             many: false,
         },

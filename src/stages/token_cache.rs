@@ -13,7 +13,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
+    TOKENIZER_SOURCES,
+};
 use crate::data::records::ChatMessage;
 use crate::data::token_cache::{
     CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo,
@@ -122,12 +125,7 @@ impl StageKind for TokenCacheStage {
         },
         InputSlot {
             name: "tokenizer",
-            accepts: &[
-                Artifact::Tokenizer,
-                Artifact::Files,
-                Artifact::Model,
-                Artifact::Export,
-            ],
+            accepts: TOKENIZER_SOURCES,
             required: true,
             many: false,
         },
