@@ -152,7 +152,7 @@ fn synthetic_corpus() -> Sandbox {
     let sandbox = Sandbox::new();
     sandbox.write(
         "p.yaml",
-        "name: world\nseed: 1\nstages:\n  corpus:\n    kind: ingest\n    with:\n      source: { synthetic: { part: documents, documents: 200 } }\n",
+        "name: world\nseed: 1\nstages:\n  corpus:\n    kind: ingest\n    with:\n      source: { synthetic: { part: documents, documents: 200, entities: 24 } }\n",
     );
     sandbox.ok(&["run", "p.yaml"]);
     sandbox
@@ -169,12 +169,12 @@ fn synthetic_answers_are_retrieved_and_questions_about_nobody_refused() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert!(questions.len() >= 30);
+    assert!(questions.len() >= 40, "{}", questions.len());
     let field = |question: &Value, key: &str| question[key].as_str().unwrap().to_string();
 
     // Held-out questions are phrased unlike the documents on purpose, so lexical
     // retrieval misses a few: those that ask "founding" or "established" where the
-    // documents say "founded", which plural stemming cannot map (29 of 32 found).
+    // documents say "founded", which plural stemming cannot map (50 of 52 found).
     let mut found = 0;
     for question in &questions {
         let (entity, answer) = (field(question, "entity"), field(question, "answer"));

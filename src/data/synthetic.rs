@@ -6,9 +6,12 @@
 //! Held-out design (what evaluation relies on):
 //! - Each attribute has three template sets: `state` (documents), `ask` (SFT questions) and
 //!   `held_out` (evaluation questions). `ask` and `held_out` phrasings never overlap.
-//! - Each entity has exactly one held-out fact. Documents state it; SFT conversations never
-//!   ask about it; the question set asks only about held-out facts, with held-out phrasings.
-//!   A model that learned the facts in pretraining and the Q&A format in SFT can answer them.
+//! - One town and one person in [`HELD_OUT_EVERY`] are held out. Documents state their
+//!   facts like everyone else's; no SFT conversation asks about them (a held-out town can
+//!   still be named as where someone lives); the question set asks
+//!   only their facts, with held-out phrasings. A model that learned the facts in
+//!   pretraining and, in SFT, how a question maps to the fact it asks can answer them —
+//!   and SFT cannot have taught it anything about those entities in particular.
 //!
 //! Determinism: the world is built from (seed, settings); document, conversation and question
 //! `i` are each rebuilt from (seed, stream, i) alone, so output is byte-identical across runs
@@ -39,6 +42,21 @@ pub struct SyntheticSettings {
     pub conversations: u64,
     /// Number of held-out questions; capped at (held-out facts x held-out phrasings).
     pub questions: u64,
+    /// How SFT conversations answer: with a sentence stating the fact, or the bare answer.
+    pub answers: AnswerStyle,
+}
+
+/// How the assistant answers in synthetic SFT conversations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerStyle {
+    /// A sentence stating the fact ("Tarin Oskel plays the lute."), phrased like the
+    /// documents. This is what lets a small model answer held-out questions: it learns to
+    /// recite what pretraining stored, rather than to pull out a bare word.
+    #[default]
+    Sentence,
+    /// The bare answer ("lute").
+    Bare,
 }
 
 impl Default for SyntheticSettings {
@@ -49,6 +67,7 @@ impl Default for SyntheticSettings {
             facts_per_document: 3,
             conversations: 2_000,
             questions: 200,
+            answers: AnswerStyle::Sentence,
         }
     }
 }
@@ -113,7 +132,8 @@ pub struct Fact {
     pub attribute: Attribute,
     /// The exact answer.
     pub answer: String,
-    /// True for the one fact per entity that SFT never asks and the question set does.
+    /// True for the facts of held-out entities, which SFT never asks and the question set
+    /// does.
     pub held_out: bool,
 }
 
@@ -140,6 +160,8 @@ pub struct World {
     pub entities: Vec<Entity>,
     /// Held-out facts as (entity index, fact index), in a seeded shuffled order.
     held_out: Vec<(usize, usize)>,
+    /// The entities SFT conversations are about (all but the held-out ones).
+    asked: Vec<usize>,
 }
 
 /// A pretraining document with its metadata.
@@ -287,6 +309,9 @@ const TOWN_ENDINGS: &[&str] = &["", "", "", "ford", "holm", "by", "wick", "stead
 /// Held-out phrasings per attribute (the same for all, so questions cycle evenly).
 const HELD_OUT_PHRASINGS: usize = 2;
 
+/// One town in this many, and one person, is held out (at least one of each).
+pub const HELD_OUT_EVERY: usize = 4;
+
 /// Stream tags: each kind of output draws from its own independent random stream.
 const WORLD: u64 = 1;
 const DOCUMENTS: u64 = 2;
@@ -390,18 +415,27 @@ impl World {
                 facts,
             });
         }
-        let mut held_out = Vec::with_capacity(n);
-        for (e, entity) in entities.iter_mut().enumerate() {
-            let f = rng.index(entity.facts.len());
-            entity.facts[f].held_out = true;
-            held_out.push((e, f));
+        let mut held_out = Vec::new();
+        for mut group in [(0..towns).collect::<Vec<_>>(), (towns..n).collect()] {
+            rng.shuffle(&mut group);
+            // At least one of each kind is held out and at least one is left to SFT.
+            for &e in &group[..(group.len() / HELD_OUT_EVERY).max(1)] {
+                for (f, fact) in entities[e].facts.iter_mut().enumerate() {
+                    fact.held_out = true;
+                    held_out.push((e, f));
+                }
+            }
         }
         rng.shuffle(&mut held_out);
+        let asked = (0..n)
+            .filter(|&e| !entities[e].facts.iter().any(|f| f.held_out))
+            .collect();
         Ok(World {
             seed,
             settings: settings.clone(),
             entities,
             held_out,
+            asked,
         })
     }
 
@@ -438,11 +472,12 @@ impl World {
         }
     }
 
-    /// SFT conversation `index`: one to three questions about one random entity, each
-    /// answered with the bare answer, never about a held-out fact, always with `ask` phrasings.
+    /// SFT conversation `index`: one to three questions about one random entity that is not
+    /// held out, each answered with a sentence stating the fact (or the bare answer, by
+    /// `answers`), always with `ask` phrasings.
     pub fn conversation(&self, index: u64) -> ChatRecord {
         let mut rng = Rng::for_item(self.seed, CONVERSATIONS, index);
-        let entity = &self.entities[rng.index(self.entities.len())];
+        let entity = &self.entities[self.asked[rng.index(self.asked.len())]];
         let mut askable: Vec<&Fact> = entity.facts.iter().filter(|f| !f.held_out).collect();
         rng.shuffle(&mut askable);
         let turns = [1, 1, 1, 2, 3][rng.index(5)];
@@ -462,9 +497,17 @@ impl World {
                 content: question,
                 tool_calls: Vec::new(),
             });
+            let content = match self.settings.answers {
+                AnswerStyle::Sentence => fill(
+                    rng.pick(phrasings(f.attribute).state),
+                    &entity.name,
+                    &f.answer,
+                ),
+                AnswerStyle::Bare => f.answer.clone(),
+            };
             messages.push(ChatMessage {
                 role: Role::Assistant,
-                content: f.answer.clone(),
+                content,
                 tool_calls: Vec::new(),
             });
         }
@@ -625,7 +668,7 @@ mod tests {
             + &jsonl(questions(&world));
         assert_eq!(
             blake3::hash(text.as_bytes()).to_hex().as_str(),
-            "bc2e770a01a5b8614ed5837e1be8559f77d2b77aeff65ad10bda2b6680d5b151"
+            "59d21c5526261de1b3a061f4fe54961b52c0291706bc0b1ffbd8d3b72e199a43"
         );
     }
 
@@ -675,43 +718,67 @@ mod tests {
                 }
             }
         }
+        let user_turns: Vec<String> = conversations(&world)
+            .flat_map(|c| c.messages)
+            .filter(|m| m.role == Role::User)
+            .map(|m| m.content)
+            .collect();
         for q in questions(&world) {
             assert!(!sft.contains(&q.question), "{} asked in SFT", q.question);
+            assert!(
+                user_turns.iter().all(|m| !mentions(m, &q.entity)),
+                "held-out {} is asked about in SFT",
+                q.entity
+            );
         }
     }
 
     #[test]
     fn sft_answers_are_true_and_never_about_held_out_facts() {
-        let world = small(3);
-        let mut turns = 0;
-        let mut multi_turn = 0;
-        for conversation in conversations(&world) {
-            let m = &conversation.messages;
-            let users: Vec<usize> = (0..m.len()).filter(|&i| m[i].role == Role::User).collect();
-            multi_turn += usize::from(users.len() > 1);
-            for i in users {
-                assert_eq!(m[i + 1].role, Role::Assistant);
-                let (question, answer) = (&m[i].content, &m[i + 1].content);
-                let asked = world
-                    .entities
-                    .iter()
-                    .filter(|e| mentions(question, &e.name));
-                let facts: Vec<&Fact> = asked
-                    .flat_map(|e| &e.facts)
-                    .filter(|f| &f.answer == answer)
-                    .collect();
-                assert!(!facts.is_empty(), "{question} -> {answer} is not a fact");
-                assert!(
-                    facts.iter().all(|f| !f.held_out),
-                    "{question} asks a held-out fact"
-                );
-                turns += 1;
+        for style in [AnswerStyle::Sentence, AnswerStyle::Bare] {
+            let mut world = small(3);
+            world.settings.answers = style;
+            let mut turns = 0;
+            let mut multi_turn = 0;
+            for conversation in conversations(&world) {
+                let m = &conversation.messages;
+                let users: Vec<usize> = (0..m.len()).filter(|&i| m[i].role == Role::User).collect();
+                multi_turn += usize::from(users.len() > 1);
+                for i in users {
+                    assert_eq!(m[i + 1].role, Role::Assistant);
+                    let (question, answer) = (&m[i].content, &m[i + 1].content);
+                    let asked: Vec<&Entity> = world
+                        .entities
+                        .iter()
+                        .filter(|e| mentions(question, &e.name))
+                        .collect();
+                    let facts: Vec<&Fact> = asked
+                        .iter()
+                        .flat_map(|e| &e.facts)
+                        .filter(|f| match style {
+                            AnswerStyle::Bare => &f.answer == answer,
+                            AnswerStyle::Sentence => mentions(answer, &f.answer),
+                        })
+                        .collect();
+                    assert!(!facts.is_empty(), "{question} -> {answer} is not a fact");
+                    assert!(
+                        facts.iter().all(|f| !f.held_out),
+                        "{question} -> {answer} states a held-out fact"
+                    );
+                    if style == AnswerStyle::Sentence {
+                        assert!(
+                            asked.iter().any(|e| mentions(answer, &e.name)),
+                            "{answer} does not name whom {question} asks about"
+                        );
+                    }
+                    turns += 1;
+                }
             }
+            assert!(
+                turns > 3_000 && multi_turn > 500,
+                "{turns} turns, {multi_turn} multi-turn"
+            );
         }
-        assert!(
-            turns > 3_000 && multi_turn > 500,
-            "{turns} turns, {multi_turn} multi-turn"
-        );
     }
 
     #[test]
@@ -723,7 +790,10 @@ mod tests {
             .map(|e| (e.name.as_str(), e))
             .collect();
         let qs: Vec<Question> = questions(&world).collect();
-        assert_eq!(qs.len(), 120); // 60 held-out facts x 2 phrasings caps the default 200
+        // 20 towns and 40 people: 5 towns x 5 facts + 10 people x 4 facts, 2 phrasings each.
+        assert_eq!(qs.len(), 130);
+        let asked: HashSet<&str> = qs.iter().map(|q| q.entity.as_str()).collect();
+        assert_eq!(asked.len(), 15);
         for q in &qs {
             let fact = by_name[q.entity.as_str()]
                 .facts
@@ -790,12 +860,20 @@ mod tests {
         };
         let world = World::new(9, &settings).unwrap();
         let mut words = HashSet::new();
+        let mut held_out = [0, 0];
         for entity in &world.entities {
             for word in entity.name.split(' ') {
                 assert!(words.insert(word), "{word} reused");
             }
-            assert_eq!(entity.facts.iter().filter(|f| f.held_out).count(), 1);
+            let count = entity.facts.iter().filter(|f| f.held_out).count();
+            assert!(
+                count == 0 || count == entity.facts.len(),
+                "{count} held out"
+            );
+            held_out[usize::from(entity.kind == Kind::Person)] += usize::from(count > 0);
         }
+        // 10,000 towns and 20,000 people, one in four held out.
+        assert_eq!(held_out, [2_500, 5_000]);
     }
 
     #[test]

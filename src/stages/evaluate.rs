@@ -76,7 +76,7 @@ const QUESTIONS_FILE: &str = "questions.jsonl";
 impl StageKind for Evaluate {
     type Settings = EvaluateSettings;
     const NAME: &'static str = "evaluate";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "loss/perplexity on an eval cache and question accuracy from greedy answers";
     const OUTPUT: Artifact = Artifact::Metrics;
@@ -139,9 +139,27 @@ pub fn normalise(text: &str) -> String {
         .join(" ")
 }
 
-/// Whether the normalised `answer` occurs in the normalised `output` as whole words.
+/// The first line of `text`, cut after its first sentence (`.`, `!` or `?` followed by a
+/// space or the end).
+pub fn first_sentence(text: &str) -> &str {
+    let line = text.trim_start().lines().next().unwrap_or("");
+    let ends = line
+        .char_indices()
+        .filter(|(_, c)| matches!(c, '.' | '!' | '?'));
+    for (at, c) in ends {
+        let rest = &line[at + c.len_utf8()..];
+        if rest.is_empty() || rest.starts_with(char::is_whitespace) {
+            return &line[..at + c.len_utf8()];
+        }
+    }
+    line
+}
+
+/// Whether the normalised `answer` occurs as whole words in the normalised first sentence
+/// of `output`: an answer that rambles through many names only counts if it opens with
+/// the right one.
 pub fn contains_answer(output: &str, answer: &str) -> bool {
-    let (output, answer) = (normalise(output), normalise(answer));
+    let (output, answer) = (normalise(first_sentence(output)), normalise(answer));
     !answer.is_empty() && format!(" {output} ").contains(&format!(" {answer} "))
 }
 
@@ -347,6 +365,13 @@ mod tests {
     fn answers_match_after_normalising_case_punctuation_and_spacing() {
         assert_eq!(normalise("  Tebris, of   ARDEL! "), "tebris of ardel");
         assert!(contains_answer("It is Tebris.", "tebris"));
+        assert!(contains_answer("Founded in 1214. It grew.", "1214"));
+        assert!(
+            !contains_answer("It is Ardel. Tebris is near.", "Tebris"),
+            "only the first sentence counts"
+        );
+        assert!(!contains_answer("Ardel\nTebris", "Tebris"));
+        assert_eq!(first_sentence("  It is 3.5 km. Then"), "It is 3.5 km.");
         assert!(
             !contains_answer("It is Tebrisville.", "Tebris"),
             "whole words only"

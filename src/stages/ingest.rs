@@ -32,7 +32,7 @@ use crate::data::sources::synthetic::{Part, SyntheticReader};
 use crate::data::sources::{
     Document, DocumentStream, PerFile, SourceError, chat, compile_glob, dialogues, files, parquet,
 };
-use crate::data::synthetic::SyntheticSettings;
+use crate::data::synthetic::{AnswerStyle, SyntheticSettings};
 use crate::data::text::{self, Purpose};
 
 /// Settings of an `ingest` stage.
@@ -246,6 +246,9 @@ pub struct SyntheticSource {
     pub conversations: u64,
     /// Number of held-out questions (capped so that none repeats).
     pub questions: u64,
+    /// How conversations answer: `sentence` (a sentence stating the fact, phrased like the
+    /// documents) or `bare` (the answer alone).
+    pub answers: AnswerStyle,
 }
 
 impl Default for SyntheticSource {
@@ -258,6 +261,7 @@ impl Default for SyntheticSource {
             facts_per_document: defaults.facts_per_document,
             conversations: defaults.conversations,
             questions: defaults.questions,
+            answers: defaults.answers,
         }
     }
 }
@@ -271,6 +275,7 @@ impl SyntheticSource {
             facts_per_document: self.facts_per_document,
             conversations: self.conversations,
             questions: self.questions,
+            answers: self.answers,
         }
     }
 }
@@ -441,7 +446,7 @@ pub struct Ingest;
 impl StageKind for Ingest {
     type Settings = IngestSettings;
     const NAME: &'static str = "ingest";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "read text/chat corpora (JSONL, text files, dialogues, Parquet, synthetic), filter, de-duplicate and split into train/eval";
     const OUTPUT: Artifact = Artifact::Corpus;
     const INPUTS: InputRules = InputRules::Any;
