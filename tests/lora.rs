@@ -131,6 +131,7 @@ fn only_the_adapter_is_trainable() {
         rank: 4,
         alpha: 8.0,
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        modules_to_save: Vec::new(),
     };
     let (model, adapter, _) =
         trainyard::model::new_lora(dir.path(), &spec, DType::F32, &Device::Cpu, 3).unwrap();

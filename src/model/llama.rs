@@ -542,7 +542,7 @@ impl Llama {
         let embed_tokens = candle_nn::embedding(
             config.vocab_size,
             config.hidden_size,
-            model.pp("embed_tokens"),
+            blocks.module("embed_tokens"),
         )?;
         let layers = (0..config.num_hidden_layers)
             .map(|index| Block::new(config, &blocks.pp("layers").pp(index)))
@@ -551,7 +551,11 @@ impl Llama {
         let lm_head = if config.tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
-            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+            candle_nn::linear_no_bias(
+                config.hidden_size,
+                config.vocab_size,
+                builders.module("lm_head"),
+            )?
         };
         Ok(Llama {
             embed_tokens,

@@ -34,6 +34,11 @@ pub const LLAMA_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
+/// The whole modules an adapter may train and save alongside its LoRA pairs (PEFT's
+/// `modules_to_save`): the embeddings and the output head, which a chat fine-tune needs
+/// when the base never saw the chat template's special tokens.
+pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
+
 /// The RNG stream of adapter initialisation.
 const LORA_STREAM: u64 = 0x6c6f_7261_696e_6974;
 
@@ -46,6 +51,9 @@ pub struct LoraSpec {
     pub alpha: f64,
     /// Projection names adapted (`q_proj`, …).
     pub targets: Vec<String>,
+    /// Whole modules trained and saved with the adapter (some of [`SAVABLE_MODULES`]),
+    /// starting from the base's weights.
+    pub modules_to_save: Vec<String>,
 }
 
 impl LoraSpec {
@@ -68,13 +76,14 @@ impl LoraSpec {
             "fan_in_fan_out": false,
             "inference_mode": true,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": (!self.modules_to_save.is_empty()).then_some(&self.modules_to_save),
             "use_rslora": false,
             "use_dora": false,
         })
     }
 
-    /// Reads PEFT's `adapter_config.json` (`r`, `lora_alpha`, `target_modules`).
+    /// Reads PEFT's `adapter_config.json` (`r`, `lora_alpha`, `target_modules`,
+    /// `modules_to_save`).
     pub fn from_adapter_config(value: &Value) -> std::result::Result<LoraSpec, String> {
         let rank = value
             .get("r")
@@ -92,6 +101,15 @@ impl LoraSpec {
             .map(|target| target.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
             .ok_or("`target_modules` must be a list of names")?;
+        let modules_to_save = match value.get("modules_to_save") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| item.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("`modules_to_save` must be a list of names")?,
+            Some(_) => return Err("`modules_to_save` must be a list of names or null".to_string()),
+        };
         if rank == 0 {
             return Err("`r` must be positive".to_string());
         }
@@ -99,6 +117,7 @@ impl LoraSpec {
             rank: rank as usize,
             alpha,
             targets,
+            modules_to_save,
         })
     }
 }
@@ -118,6 +137,17 @@ impl<'a> Builders<'a> {
     /// Base weights only.
     pub fn plain(base: VarBuilder<'a>) -> Builders<'a> {
         Builders { base, lora: None }
+    }
+
+    /// The builder of the whole module `name`: the adapter's when the spec trains and saves
+    /// it (`modules_to_save`), else the base's.
+    pub fn module(&self, name: &str) -> VarBuilder<'a> {
+        match &self.lora {
+            Some((vb, spec)) if spec.modules_to_save.iter().any(|module| module == name) => {
+                vb.pp(name)
+            }
+            _ => self.base.pp(name),
+        }
     }
 
     /// Both builders one level down.
@@ -179,10 +209,12 @@ impl Module for Proj {
 }
 
 /// Initialises a fresh adapter: every `lora_A` uniform in ±1/√in from a seeded stream
-/// per name, every `lora_B` zero.
-pub fn init_adapter(varmap: &VarMap, seed: u64) -> Result<()> {
+/// per name, every `lora_B` zero, every saved whole module a copy of the base's weight.
+pub fn init_adapter(varmap: &VarMap, seed: u64, base: &VarBuilder) -> Result<()> {
     for (name, var) in super::sorted_vars(varmap) {
-        let tensor = if name.ends_with("lora_A.weight") {
+        let tensor = if name.ends_with("lora_B.weight") {
+            var.as_tensor().zeros_like()?
+        } else if name.ends_with("lora_A.weight") {
             let (_, in_dim) = var.dims2()?;
             let bound = 1.0 / (in_dim as f64).sqrt();
             let mut rng = Rng::for_item(seed, LORA_STREAM, super::name_key(&name));
@@ -191,7 +223,10 @@ pub fn init_adapter(varmap: &VarMap, seed: u64) -> Result<()> {
                 .collect();
             Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?
         } else {
-            var.as_tensor().zeros_like()?
+            let base_name = name
+                .strip_prefix(&format!("{PEFT_PREFIX}."))
+                .unwrap_or(&name);
+            base.get(var.shape(), base_name)?.copy()?
         };
         var.set(&tensor)?;
     }
@@ -199,7 +234,8 @@ pub fn init_adapter(varmap: &VarMap, seed: u64) -> Result<()> {
 }
 
 /// The merged weights `W + (α/r)·B·A` of `base` (HF names) with `adapter` (PEFT
-/// names). Every adapter pair must match a base weight.
+/// names); a saved whole module (`modules_to_save`) replaces the base's weight. Every
+/// adapter tensor must match a base weight.
 pub fn merge(
     base: &HashMap<String, Tensor>,
     adapter: &HashMap<String, Tensor>,
@@ -214,7 +250,25 @@ pub fn merge(
             if name.ends_with(".lora_B.weight") {
                 continue;
             }
-            return Err(format!("unexpected adapter tensor `{name}`"));
+            let base_name = name
+                .strip_prefix(&format!("{PEFT_PREFIX}."))
+                .ok_or_else(|| format!("unexpected adapter tensor `{name}`"))?;
+            let weight = merged.get(base_name).ok_or_else(|| {
+                format!("the base model has no `{base_name}` for adapter tensor `{name}`")
+            })?;
+            let saved = &adapter[name];
+            if saved.dims() != weight.dims() {
+                return Err(format!(
+                    "adapter tensor `{name}` has shape {:?}, the base's `{base_name}` {:?}",
+                    saved.dims(),
+                    weight.dims()
+                ));
+            }
+            let saved = saved
+                .to_dtype(weight.dtype())
+                .map_err(|error| format!("`{name}`: {error}"))?;
+            merged.insert(base_name.to_string(), saved);
+            continue;
         };
         let b_name = format!("{module}.lora_B.weight");
         let b = adapter

@@ -458,9 +458,9 @@ pub fn new_trainable(
 }
 
 /// A frozen base model from the HF directory `dir` with a trainable LoRA adapter: the
-/// base weights are plain tensors (no gradient), the adapter's `lora_A`/`lora_B` live in
-/// the returned [`VarMap`] under PEFT's names, initialised from `seed` (llama family
-/// only).
+/// base weights are plain tensors (no gradient), the adapter's `lora_A`/`lora_B` (and the
+/// whole modules of `modules_to_save`, copied from the base) live in the returned
+/// [`VarMap`] under PEFT's names, initialised from `seed` (llama family only).
 pub fn new_lora(
     dir: &Path,
     spec: &lora::LoraSpec,
@@ -493,6 +493,28 @@ pub fn new_lora(
             ),
         });
     }
+    if let Some(module) = spec
+        .modules_to_save
+        .iter()
+        .find(|module| !lora::SAVABLE_MODULES.contains(&module.as_str()))
+    {
+        return Err(ModelError::Unsupported {
+            path: dir.join("config.json"),
+            key: "modules_to_save".to_string(),
+            message: format!(
+                "`{module}` cannot be saved whole (expected some of {})",
+                lora::SAVABLE_MODULES.join(", ")
+            ),
+        });
+    }
+    if llama_config.tie_word_embeddings && spec.modules_to_save.iter().any(|m| m == "lm_head") {
+        return Err(ModelError::Unsupported {
+            path: dir.join("config.json"),
+            key: "modules_to_save".to_string(),
+            message: "this model's `lm_head` is tied to `embed_tokens`: list `embed_tokens` alone"
+                .to_string(),
+        });
+    }
     let files = safetensors_files(dir)?;
     // SAFETY: as in `load_pretrained`.
     let base = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
@@ -501,11 +523,11 @@ pub fn new_lora(
         .pp("base_model")
         .pp("model");
     let builders = lora::Builders {
-        base,
+        base: base.clone(),
         lora: Some((adapter, std::sync::Arc::new(spec.clone()))),
     };
     let model = CausalLm::Llama(Llama::with_adapters(llama_config, builders)?);
-    lora::init_adapter(&varmap, seed)?;
+    lora::init_adapter(&varmap, seed, &base)?;
     Ok((model, varmap, config))
 }
 

@@ -38,7 +38,7 @@ pub enum AdapterKind {
 }
 
 /// The `adapter` setting: `none`, `lora`, or `{ kind: lora, rank, alpha, dropout,
-/// targets }`.
+/// targets, modules_to_save }`.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterSetting {
@@ -56,6 +56,12 @@ pub struct AdapterSetting {
     /// The projections adapted.
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
+    /// Whole modules trained with the adapter and saved in it (PEFT's `modules_to_save`):
+    /// `embed_tokens`, `lm_head`. Needed when the base never saw the chat template's
+    /// special tokens (a base pretrained on plain text): their embeddings and output rows
+    /// are then untrained, and low-rank updates of the projections cannot fix them.
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for AdapterSetting {
@@ -66,6 +72,7 @@ impl Default for AdapterSetting {
             alpha: default_alpha(),
             dropout: 0.0,
             targets: default_targets(),
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -96,6 +103,8 @@ struct AdapterFields {
     dropout: f64,
     #[serde(default = "default_targets")]
     targets: Vec<String>,
+    #[serde(default)]
+    modules_to_save: Vec<String>,
 }
 
 impl<'de> Deserialize<'de> for AdapterSetting {
@@ -115,6 +124,7 @@ impl<'de> Deserialize<'de> for AdapterSetting {
                 alpha: default_alpha(),
                 dropout: 0.0,
                 targets: default_targets(),
+                modules_to_save: Vec::new(),
             },
             other => serde_json::from_value(other).map_err(D::Error::custom)?,
         };
@@ -124,6 +134,7 @@ impl<'de> Deserialize<'de> for AdapterSetting {
             alpha: fields.alpha,
             dropout: fields.dropout,
             targets: fields.targets,
+            modules_to_save: fields.modules_to_save,
         })
     }
 }
@@ -131,7 +142,7 @@ impl<'de> Deserialize<'de> for AdapterSetting {
 fn adapter_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let object = generator.subschema_for::<AdapterSetting>();
     schemars::json_schema!({
-        "description": "`none` (full fine-tune), `lora`, or `{ kind: lora, rank, alpha, dropout, targets }`",
+        "description": "`none` (full fine-tune), `lora`, or `{ kind: lora, rank, alpha, dropout, targets, modules_to_save }`",
         "anyOf": [ { "enum": ["none", "lora"] }, object ]
     })
 }
@@ -291,6 +302,16 @@ impl StageKind for Sft {
                     model::lora::LLAMA_TARGETS.join(", ")
                 ));
             }
+            if let Some(module) = adapter
+                .modules_to_save
+                .iter()
+                .find(|module| !model::lora::SAVABLE_MODULES.contains(&module.as_str()))
+            {
+                return Err(format!(
+                    "`adapter.modules_to_save`: unknown module `{module}` (expected some of {})",
+                    model::lora::SAVABLE_MODULES.join(", ")
+                ));
+            }
         }
         match (settings.steps, settings.epochs) {
             (Some(_), Some(_)) => return Err("give `steps` or `epochs`, not both".to_string()),
@@ -407,6 +428,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         rank: settings.adapter.rank,
         alpha: settings.adapter.alpha,
         targets: settings.adapter.targets.clone(),
+        modules_to_save: settings.adapter.modules_to_save.clone(),
     };
     let (model, varmap, config) = match settings.adapter.kind {
         AdapterKind::None => model::load_trainable(base, DType::F32, &device).map_err(invalid)?,
