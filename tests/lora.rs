@@ -12,7 +12,7 @@ use common::Sandbox;
 const TAIL: &str = "  adapter:
     kind: sft
     inputs: { data: chat-cache, base: base }
-    with: { adapter: { kind: lora, rank: 8, alpha: 16 }, epochs: 2, batch_size: 8, lr: 0.003, context: 128 }
+    with: { adapter: { kind: lora, rank: 8, alpha: 16, modules_to_save: [embed_tokens, lm_head] }, epochs: 2, batch_size: 8, lr: 0.003, context: 128 }
   merged:
     kind: lora-merge
     inputs: { base: base, adapter: adapter }
@@ -57,8 +57,14 @@ fn lora_trains_a_peft_adapter_that_merges_into_identical_logits() {
     let tensors =
         candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
-    // 2 layers × 7 projections × (A, B).
-    assert_eq!(tensors.len(), 28);
+    // 2 layers × 7 projections × (A, B), and the two saved modules.
+    assert_eq!(tensors.len(), 30);
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["embed_tokens", "lm_head"])
+    );
+    assert!(tensors.contains_key("base_model.model.model.embed_tokens.weight"));
+    assert!(tensors.contains_key("base_model.model.lm_head.weight"));
     let q_a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
     let q_b = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"];
     assert_eq!(q_a.dims(), [8, 64]);
@@ -132,6 +138,7 @@ fn only_the_adapter_is_trainable() {
         alpha: 8.0,
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         modules_to_save: Vec::new(),
+        dropout: 0.0,
     };
     let (model, adapter, _) =
         trainyard::model::new_lora(dir.path(), &spec, DType::F32, &Device::Cpu, 3).unwrap();
@@ -188,7 +195,14 @@ fn lora_settings_mistakes_are_reported() {
             "{ kind: lora, targets: [qproj] }",
             "unknown projection `qproj`",
         ),
-        ("{ kind: lora, dropout: 0.1 }", "not supported yet"),
+        (
+            "{ kind: lora, dropout: 1.0 }",
+            "`adapter.dropout` must be at least 0 and below 1",
+        ),
+        (
+            "{ kind: lora, modules_to_save: [norm] }",
+            "unknown module `norm`",
+        ),
         ("{ kind: lora, rnak: 4 }", "rnak"),
         ("lorra", "unknown adapter `lorra`"),
     ] {
@@ -209,4 +223,157 @@ fn lora_settings_mistakes_are_reported() {
             "{adapter}: expected `{expected}` in\n{out}"
         );
     }
+}
+
+/// `modules_to_save`: the embeddings and the head become adapter variables, starting
+/// from the base's weights, take gradients, and replace the base's in the merge.
+#[test]
+fn saved_modules_train_from_the_base_and_replace_it_when_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(
+        trainyard::model::LlamaFlavor::Llama,
+        false,
+    ));
+    let (_, varmap) =
+        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
+    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    let spec = trainyard::model::lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "up_proj".into()],
+        modules_to_save: vec!["embed_tokens".into(), "lm_head".into()],
+        dropout: 0.0,
+    };
+    let (model, adapter, _) =
+        trainyard::model::new_lora(dir.path(), &spec, DType::F32, &Device::Cpu, 3).unwrap();
+    let vars = trainyard::model::sorted_vars(&adapter);
+    let names: Vec<&str> = vars.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names.len(), 2 * 2 * 2 + 2, "{names:?}");
+    assert!(names.contains(&"base_model.model.model.embed_tokens.weight"));
+    assert!(names.contains(&"base_model.model.lm_head.weight"));
+
+    // Untrained, it is the base model exactly.
+    let (plain, _) =
+        trainyard::model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    assert_eq!(
+        max_diff(&model.forward(&ids).unwrap(), &plain.forward(&ids).unwrap()),
+        0.0
+    );
+
+    // Gradients reach the saved modules; a step on every variable changes the model.
+    let loss = model
+        .forward(&ids)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in &vars {
+        if name.contains("lora_A") {
+            continue; // B = 0 blocks A's gradient until B moves
+        }
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        var.set(&(var.as_tensor() - (grad * 0.01).unwrap()).unwrap())
+            .unwrap();
+    }
+    let trained = model.forward(&ids).unwrap();
+    assert!(max_diff(&trained, &plain.forward(&ids).unwrap()) > 1e-4);
+
+    // The merge writes the saved modules over the base's and folds the pairs in.
+    let base_weights =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let adapter_weights: std::collections::HashMap<String, Tensor> =
+        trainyard::model::named_tensors(&adapter)
+            .into_iter()
+            .collect();
+    let merged = trainyard::model::lora::merge(&base_weights, &adapter_weights, &spec).unwrap();
+    let merged_dir = tempfile::tempdir().unwrap();
+    trainyard::model::save_model_dir(merged_dir.path(), &config, &merged).unwrap();
+    let (merged, _) =
+        trainyard::model::load_pretrained(merged_dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let diff = max_diff(&merged.forward(&ids).unwrap(), &trained);
+    assert!(diff < 1e-5, "merged differs from base + adapter by {diff}");
+}
+
+#[test]
+fn a_tied_head_cannot_be_saved_apart_from_the_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(
+        trainyard::model::LlamaFlavor::Qwen2,
+        true,
+    ));
+    let (_, varmap) =
+        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
+    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    let spec = trainyard::model::lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into()],
+        modules_to_save: vec!["lm_head".into()],
+        dropout: 0.0,
+    };
+    let error = trainyard::model::new_lora(dir.path(), &spec, DType::F32, &Device::Cpu, 3)
+        .err()
+        .expect("a tied lm_head is refused")
+        .to_string();
+    assert!(error.contains("list `embed_tokens` alone"), "{error}");
+}
+
+/// Dropout is on only while a key is set, and the same key draws the same masks.
+#[test]
+fn lora_dropout_masks_are_keyed_and_off_outside_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(
+        trainyard::model::LlamaFlavor::Llama,
+        false,
+    ));
+    let (_, varmap) =
+        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
+    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    let spec = |dropout| trainyard::model::lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "down_proj".into()],
+        modules_to_save: Vec::new(),
+        dropout,
+    };
+    let build = |dropout| {
+        let (model, adapter, _) =
+            trainyard::model::new_lora(dir.path(), &spec(dropout), DType::F32, &Device::Cpu, 3)
+                .unwrap();
+        for (name, var) in trainyard::model::sorted_vars(&adapter) {
+            if name.contains("lora_B") {
+                var.set(&(var.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+                    .unwrap();
+            }
+        }
+        model
+    };
+    let (dropping, plain) = (build(0.3), build(0.0));
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
+    let reference = plain.forward(&ids).unwrap();
+    assert_eq!(max_diff(&dropping.forward(&ids).unwrap(), &reference), 0.0);
+    plain.set_dropout_key(Some(7));
+    assert_eq!(
+        max_diff(&plain.forward(&ids).unwrap(), &reference),
+        0.0,
+        "p = 0 never drops"
+    );
+    dropping.set_dropout_key(Some(7));
+    let first = dropping.forward(&ids).unwrap();
+    let again = dropping.forward(&ids).unwrap();
+    dropping.set_dropout_key(Some(8));
+    let other = dropping.forward(&ids).unwrap();
+    dropping.set_dropout_key(None);
+    assert_eq!(max_diff(&first, &again), 0.0, "same key, same masks");
+    assert!(
+        max_diff(&first, &reference) > 1e-4,
+        "dropout changed nothing"
+    );
+    assert!(max_diff(&first, &other) > 1e-4, "another key, other masks");
+    assert_eq!(max_diff(&dropping.forward(&ids).unwrap(), &reference), 0.0);
 }

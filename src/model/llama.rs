@@ -522,6 +522,7 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     config: LlamaConfig,
+    adapter: Option<std::sync::Arc<super::lora::Adapter>>,
 }
 
 impl Llama {
@@ -563,7 +564,13 @@ impl Llama {
             norm,
             lm_head,
             config: config.clone(),
+            adapter: builders.lora.as_ref().map(|(_, adapter)| adapter.clone()),
         })
+    }
+
+    /// The LoRA adapter the model was built with, if any.
+    pub fn adapter(&self) -> Option<&std::sync::Arc<super::lora::Adapter>> {
+        self.adapter.as_ref()
     }
 
     /// The config the model was built with.

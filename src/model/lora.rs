@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, VarMap};
@@ -41,6 +42,8 @@ pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
 
 /// The RNG stream of adapter initialisation.
 const LORA_STREAM: u64 = 0x6c6f_7261_696e_6974;
+/// Mixed into the seed of dropout masks.
+const DROPOUT_STREAM: u64 = 0x6472_6f70_6f75_7421;
 
 /// Shape of an adapter.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +57,9 @@ pub struct LoraSpec {
     /// Whole modules trained and saved with the adapter (some of [`SAVABLE_MODULES`]),
     /// starting from the base's weights.
     pub modules_to_save: Vec<String>,
+    /// Dropout probability on each adapter's input while training (PEFT's
+    /// `lora_dropout`); 0 turns it off.
+    pub dropout: f64,
 }
 
 impl LoraSpec {
@@ -70,7 +76,7 @@ impl LoraSpec {
             "base_model_name_or_path": base,
             "r": self.rank,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.dropout,
             "target_modules": self.targets,
             "bias": "none",
             "fan_in_fan_out": false,
@@ -110,6 +116,10 @@ impl LoraSpec {
                 .ok_or("`modules_to_save` must be a list of names")?,
             Some(_) => return Err("`modules_to_save` must be a list of names or null".to_string()),
         };
+        let dropout = match value.get("lora_dropout") {
+            None | Some(Value::Null) => 0.0,
+            Some(value) => value.as_f64().ok_or("`lora_dropout` must be a number")?,
+        };
         if rank == 0 {
             return Err("`r` must be positive".to_string());
         }
@@ -118,7 +128,51 @@ impl LoraSpec {
             alpha,
             targets,
             modules_to_save,
+            dropout,
         })
+    }
+}
+
+/// An adapter's spec and its dropout switch, shared by every adapted projection of one
+/// model.
+///
+/// Dropout masks are drawn from (seed, key, projection name) alone, so a training step
+/// draws the same masks whether or not the run was resumed in between: the trainer sets
+/// the key from the step and micro-batch before each training forward pass
+/// ([`Adapter::set_dropout_key`]) and clears it after, so evaluation never drops.
+#[derive(Debug)]
+pub struct Adapter {
+    /// The adapter's shape.
+    pub spec: LoraSpec,
+    /// Seed of the dropout masks.
+    pub seed: u64,
+    /// The current dropout key; [`NO_DROPOUT`] when off.
+    key: AtomicU64,
+}
+
+/// The value of [`Adapter`]'s key when dropout is off.
+const NO_DROPOUT: u64 = u64::MAX;
+
+impl Adapter {
+    /// An adapter with dropout off.
+    pub fn new(spec: LoraSpec, seed: u64) -> Adapter {
+        Adapter {
+            spec,
+            seed,
+            key: AtomicU64::new(NO_DROPOUT),
+        }
+    }
+
+    /// Turns dropout on with masks keyed by `key` (distinct per training micro-batch), or
+    /// off with `None`.
+    pub fn set_dropout_key(&self, key: Option<u64>) {
+        let key = key.map_or(NO_DROPOUT, |key| key.min(NO_DROPOUT - 1));
+        self.key.store(key, Ordering::Relaxed);
+    }
+
+    fn dropout_key(&self) -> Option<u64> {
+        let key = self.key.load(Ordering::Relaxed);
+        (key != NO_DROPOUT && self.spec.dropout > 0.0).then_some(key)
     }
 }
 
@@ -129,8 +183,8 @@ impl LoraSpec {
 pub struct Builders<'a> {
     /// Base weights.
     pub base: VarBuilder<'a>,
-    /// Adapter variables and their spec.
-    pub lora: Option<(VarBuilder<'a>, Arc<LoraSpec>)>,
+    /// Adapter variables and the adapter.
+    pub lora: Option<(VarBuilder<'a>, Arc<Adapter>)>,
 }
 
 impl<'a> Builders<'a> {
@@ -143,7 +197,7 @@ impl<'a> Builders<'a> {
     /// it (`modules_to_save`), else the base's.
     pub fn module(&self, name: &str) -> VarBuilder<'a> {
         match &self.lora {
-            Some((vb, spec)) if spec.modules_to_save.iter().any(|module| module == name) => {
+            Some((vb, adapter)) if adapter.spec.modules_to_save.iter().any(|m| m == name) => {
                 vb.pp(name)
             }
             _ => self.base.pp(name),
@@ -158,16 +212,26 @@ impl<'a> Builders<'a> {
             lora: self
                 .lora
                 .as_ref()
-                .map(|(vb, spec)| (vb.pp(&name), spec.clone())),
+                .map(|(vb, adapter)| (vb.pp(&name), adapter.clone())),
         }
     }
+}
+
+/// The LoRA branch of a projection.
+#[derive(Debug, Clone)]
+struct Branch {
+    a: Tensor,
+    b: Tensor,
+    adapter: Arc<Adapter>,
+    /// Hash of the projection's name: its dropout masks' stream.
+    name_key: u64,
 }
 
 /// A projection, with a LoRA branch when it is targeted.
 #[derive(Debug, Clone)]
 pub struct Proj {
     linear: Linear,
-    lora: Option<(Tensor, Tensor, f64)>,
+    lora: Option<Branch>,
 }
 
 impl Proj {
@@ -182,12 +246,16 @@ impl Proj {
     ) -> Result<Proj> {
         let linear = candle_nn::linear_b(in_dim, out_dim, bias, builders.base.pp(name))?;
         let lora = match &builders.lora {
-            Some((vb, spec)) if spec.targets.iter().any(|target| target == name) => {
+            Some((vb, adapter)) if adapter.spec.targets.iter().any(|target| target == name) => {
                 let vb = vb.pp(name);
                 let zeros = candle_nn::Init::Const(0.0);
-                let a = vb.get_with_hints((spec.rank, in_dim), "lora_A.weight", zeros)?;
-                let b = vb.get_with_hints((out_dim, spec.rank), "lora_B.weight", zeros)?;
-                Some((a, b, spec.scale()))
+                let rank = adapter.spec.rank;
+                Some(Branch {
+                    a: vb.get_with_hints((rank, in_dim), "lora_A.weight", zeros)?,
+                    b: vb.get_with_hints((out_dim, rank), "lora_B.weight", zeros)?,
+                    adapter: adapter.clone(),
+                    name_key: super::name_key(&vb.prefix()),
+                })
             }
             _ => None,
         };
@@ -198,14 +266,37 @@ impl Proj {
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.linear.forward(x)?;
-        match &self.lora {
-            None => Ok(y),
-            Some((a, b, scale)) => {
-                let update = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-                y + (update * *scale)?
-            }
-        }
+        let Some(branch) = &self.lora else {
+            return Ok(y);
+        };
+        let input = match branch.adapter.dropout_key() {
+            Some(key) => dropout(
+                x,
+                branch.adapter.spec.dropout,
+                &branch.adapter,
+                key,
+                branch.name_key,
+            )?,
+            None => x.clone(),
+        };
+        let update = input
+            .broadcast_matmul(&branch.a.t()?)?
+            .broadcast_matmul(&branch.b.t()?)?;
+        y + (update * branch.adapter.spec.scale())?
     }
+}
+
+/// Inverted dropout of `x` with probability `p`: each element is zeroed with
+/// probability `p`, the rest scaled by 1/(1-p). The mask depends on the adapter's seed,
+/// `key` and the projection alone.
+fn dropout(x: &Tensor, p: f64, adapter: &Adapter, key: u64, name_key: u64) -> Result<Tensor> {
+    let mut rng = Rng::for_item(adapter.seed ^ DROPOUT_STREAM, key, name_key);
+    let (keep, scale) = (1.0 - p, (1.0 / (1.0 - p)) as f32);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.next_f64() < keep { scale } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
 }
 
 /// Initialises a fresh adapter: every `lora_A` uniform in ±1/√in from a seeded stream

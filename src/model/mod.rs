@@ -402,6 +402,18 @@ pub enum CausalLm {
 }
 
 impl CausalLm {
+    /// Turns the LoRA adapters' dropout on with masks keyed by `key` (one key per training
+    /// micro-batch), or off with `None`. A model without adapters ignores it.
+    pub fn set_dropout_key(&self, key: Option<u64>) {
+        if let CausalLm::Llama(model) = self
+            && let Some(adapter) = model.adapter()
+        {
+            adapter.set_dropout_key(key);
+        }
+    }
+}
+
+impl CausalLm {
     /// Builds the model, fetching (or, from a `VarMap`, creating) every parameter under
     /// its HF name through `vb`.
     pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<CausalLm, ModelError> {
@@ -524,7 +536,10 @@ pub fn new_lora(
         .pp("model");
     let builders = lora::Builders {
         base: base.clone(),
-        lora: Some((adapter, std::sync::Arc::new(spec.clone()))),
+        lora: Some((
+            adapter,
+            std::sync::Arc::new(lora::Adapter::new(spec.clone(), seed)),
+        )),
     };
     let model = CausalLm::Llama(Llama::with_adapters(llama_config, builders)?);
     lora::init_adapter(&varmap, seed, &base)?;

@@ -50,7 +50,8 @@ pub struct AdapterSetting {
     /// LoRA α: the update is scaled by α/r.
     #[serde(default = "default_alpha")]
     pub alpha: f64,
-    /// Dropout on the adapter's input (only 0 is supported yet).
+    /// Dropout probability on each adapter's input while training (PEFT's
+    /// `lora_dropout`); masks are reproducible, so resume stays exact.
     #[serde(default)]
     pub dropout: f64,
     /// The projections adapted.
@@ -283,11 +284,11 @@ impl StageKind for Sft {
                     adapter.alpha
                 ));
             }
-            if adapter.dropout != 0.0 {
-                return Err(
-                    "`adapter.dropout` other than 0 is not supported yet (dropout masks must be reproducible for exact resume)"
-                        .to_string(),
-                );
+            if !(0.0..1.0).contains(&adapter.dropout) {
+                return Err(format!(
+                    "`adapter.dropout` must be at least 0 and below 1, not {}",
+                    adapter.dropout
+                ));
             }
             if adapter.targets.is_empty() {
                 return Err("`adapter.targets` is empty".to_string());
@@ -429,6 +430,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         alpha: settings.adapter.alpha,
         targets: settings.adapter.targets.clone(),
         modules_to_save: settings.adapter.modules_to_save.clone(),
+        dropout: settings.adapter.dropout,
     };
     let (model, varmap, config) = match settings.adapter.kind {
         AdapterKind::None => model::load_trainable(base, DType::F32, &device).map_err(invalid)?,

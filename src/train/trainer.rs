@@ -16,6 +16,7 @@
 //! point and continued from its latest checkpoint therefore ends with the same bytes as
 //! an uninterrupted run. Ctrl-C/SIGTERM write a checkpoint before stopping.
 
+use std::cell::Cell;
 use std::fs;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -260,7 +261,17 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
 
     let bar = progress_bar(settings.steps, show_progress);
     bar.set_position(state.step);
-    let forward = |ids: &Tensor| model.forward(ids);
+    // LoRA dropout masks are keyed by the micro-batch's index in the whole run, so a
+    // resumed run draws the same masks as an uninterrupted one; evaluation never drops.
+    let micro_batch = Cell::new(0u64);
+    let forward = |ids: &Tensor| {
+        let key = micro_batch.get();
+        micro_batch.set(key + 1);
+        model.set_dropout_key(Some(key));
+        let logits = model.forward(ids);
+        model.set_dropout_key(None);
+        logits
+    };
     let session = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut session_tokens = 0u64;
@@ -295,6 +306,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
             .collect::<Result<Vec<_>, _>>()
             .map_err(TrainError::Data)?;
         let lr = settings.schedule.lr_at(state.step);
+        micro_batch.set(state.step * settings.grad_accum.max(1) as u64);
         let started = Instant::now();
         let outcome = match train_step(
             &forward,
