@@ -59,10 +59,11 @@ pub enum Command {
     },
     /// List the stage kinds.
     Kinds,
-    /// List the profiles available to a pipeline, with their descriptions.
+    /// List the profiles available to a pipeline (or, without FILE, the workspace's
+    /// `profiles/` directory), with their descriptions.
     Profiles {
         /// The pipeline file.
-        file: PathBuf,
+        file: Option<PathBuf>,
     },
     /// Retrieve documents for a question with BM25 and run the coverage gate alone, as
     /// `chat --retrieve` does before answering. Exit 0 when the gate passes, 1 when it
@@ -367,9 +368,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Profiles { file } => {
-            let profiles = config::available_profiles(&file, &[workspace.root.join("profiles")])?;
+            let dirs = [workspace.root.join("profiles")];
+            let profiles = match &file {
+                Some(file) => config::available_profiles(file, &dirs)?,
+                None => config::profile_files(&dirs, &[])?,
+            };
             if profiles.is_empty() {
-                println!("no profiles for {}", file.display());
+                match &file {
+                    Some(file) => println!("no profiles for {}", file.display()),
+                    None => println!("no profiles in {}", dirs[0].display()),
+                }
             }
             for profile in profiles {
                 let place = if profile.inline {

@@ -131,6 +131,49 @@ fn profile_files_stack_in_order_and_kinds_apply_to_every_stage_of_a_kind() {
 }
 
 #[test]
+fn a_profiles_pipelines_section_tunes_one_pipeline_over_its_kinds_defaults() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "pipelines/p.yaml",
+        "name: p\nstages:\n  one:\n    kind: command\n    with: { cmd: one }\n  two:\n    kind: command\n    with: { cmd: two }\n",
+    );
+    // Beside the pipelines directory, as in a project with pipelines/ and profiles/.
+    sandbox.write(
+        "profiles/smoke.yaml",
+        "kinds:\n  command:\n    env: { SIZE: kind, MODE: kind }\npipelines:\n  p:\n    stages:\n      two:\n        with:\n          env: { SIZE: pipeline }\n  other:\n    stages:\n      absent: { with: { cmd: never } }\nstages:\n  two:\n    with:\n      env: { MODE: top }\n",
+    );
+    let pipeline = config::load(
+        &sandbox.path("pipelines/p.yaml"),
+        &options(&["smoke"], &[], &[]),
+    )
+    .unwrap();
+    let env = |stage: usize, key: &str| pipeline.stages[stage].settings["env"][key].clone();
+    assert_eq!(env(0, "SIZE"), "kind");
+    assert_eq!(env(1, "SIZE"), "pipeline", "pipelines.p wins over kinds");
+    assert_eq!(env(1, "MODE"), "top", "top-level stages win over both");
+    let origin = pipeline.origins["stages.two.with.env.SIZE"].to_string();
+    assert!(
+        origin.ends_with("profiles/smoke.yaml:9 (profile smoke)"),
+        "{origin}"
+    );
+    let origin = pipeline.origins["stages.one.with.env.SIZE"].to_string();
+    assert!(
+        origin.ends_with("profiles/smoke.yaml:3 (profile smoke)"),
+        "{origin}"
+    );
+
+    sandbox.write("profiles/bad.yaml", "pipelines: [p]\n");
+    let error = config::load(
+        &sandbox.path("pipelines/p.yaml"),
+        &options(&["bad"], &[], &[]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("`pipelines` must be a map"), "{error}");
+    assert!(error.contains("bad.yaml:1"), "{error}");
+}
+
+#[test]
 fn stage_order_follows_the_file_not_the_alphabet() {
     let sandbox = Sandbox::new();
     sandbox.write("p.yaml", "name: p\nstages:\n  zeta:\n    kind: command\n    with: { cmd: z }\n  alpha:\n    kind: command\n    with: { cmd: a }\n");

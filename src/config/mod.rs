@@ -184,26 +184,23 @@ pub fn available_profiles(
     profile_dirs: &[PathBuf],
 ) -> Result<Vec<ProfileRecord>, Diagnostic> {
     let file = SourceFile::load(pipeline)?;
+    let mut found = inline_profiles(&file);
+    found.extend(profile_files(
+        &profile_search_dirs(pipeline, profile_dirs),
+        &found,
+    )?);
+    Ok(found)
+}
+
+/// The profile files in `dirs` (`NAME.yaml|yml|toml`), each with its description; a
+/// name already in `known` or met in an earlier directory is skipped.
+pub fn profile_files(
+    dirs: &[PathBuf],
+    known: &[ProfileRecord],
+) -> Result<Vec<ProfileRecord>, Diagnostic> {
     let mut found: Vec<ProfileRecord> = Vec::new();
-    if let Some(Value::Dict(_, inline)) = file.values.get("profiles") {
-        for (name, overlay) in inline {
-            found.push(ProfileRecord {
-                name: name.clone(),
-                file: SourceRecord {
-                    path: file.path.clone(),
-                    hash: file.hash.clone(),
-                },
-                inline: true,
-                description: overlay
-                    .as_dict()
-                    .and_then(|dict| dict.get("description"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-            });
-        }
-    }
-    for dir in profile_search_dirs(pipeline, profile_dirs) {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
         let mut paths: Vec<PathBuf> = entries
@@ -215,7 +212,7 @@ pub fn available_profiles(
                 continue;
             };
             if source::Format::from_path(&path).is_none()
-                || found.iter().any(|record| record.name == name)
+                || known.iter().chain(&found).any(|record| record.name == name)
             {
                 continue;
             }
@@ -238,8 +235,39 @@ pub fn available_profiles(
     Ok(found)
 }
 
+/// The profiles written under `profiles:` in the pipeline `file`.
+fn inline_profiles(file: &SourceFile) -> Vec<ProfileRecord> {
+    let mut found: Vec<ProfileRecord> = Vec::new();
+    if let Some(Value::Dict(_, inline)) = file.values.get("profiles") {
+        for (name, overlay) in inline {
+            found.push(ProfileRecord {
+                name: name.clone(),
+                file: SourceRecord {
+                    path: file.path.clone(),
+                    hash: file.hash.clone(),
+                },
+                inline: true,
+                description: overlay
+                    .as_dict()
+                    .and_then(|dict| dict.get("description"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            });
+        }
+    }
+    found
+}
+
+/// Where profile files are looked for, in order: `profiles/` beside the pipeline file,
+/// `profiles/` beside its directory (a project with `pipelines/` and `profiles/` side by
+/// side), then `profile_dirs` (the workspace's `profiles/`).
 fn profile_search_dirs(pipeline: &Path, profile_dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let mut dirs = vec![parent_dir(pipeline).join("profiles")];
+    let dir = parent_dir(pipeline);
+    let beside_dir = match dir.parent() {
+        Some(parent) if dir != Path::new(".") => parent.join("profiles"),
+        _ => dir.join("..").join("profiles"),
+    };
+    let mut dirs = vec![dir.join("profiles"), beside_dir];
     for dir in profile_dirs {
         if !dirs.iter().any(|known| same_dir(known, dir)) {
             dirs.push(dir.clone());
@@ -277,6 +305,8 @@ enum LayerSource {
         profile: Option<String>,
         /// Stage name → kind, for mapping `kinds.K.x` overlays back to their lines.
         stage_kinds: HashMap<String, String>,
+        /// The pipeline's name, for mapping a profile's `pipelines.NAME.x` back to its lines.
+        pipeline_name: Option<String>,
     },
     Env(BTreeMap<String, String>),
     Cli(BTreeMap<String, String>),
@@ -315,6 +345,7 @@ impl Layer {
             file,
             prefix,
             stage_kinds,
+            pipeline_name,
             ..
         } = &self.source
         else {
@@ -328,6 +359,12 @@ impl Layer {
             }
         };
         if let Some(position) = file.lines.exact(&in_file(key_path)) {
+            return Some(position);
+        }
+        if let Some(position) = pipeline_name.as_deref().and_then(|name| {
+            file.lines
+                .exact(&in_file(&format!("pipelines.{name}.{key_path}")))
+        }) {
             return Some(position);
         }
         let mut parts = key_path.splitn(4, '.');
@@ -466,6 +503,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
             prefix: String::new(),
             profile: None,
             stage_kinds: stage_kinds.clone(),
+            pipeline_name: None,
         },
     }];
     let mut profile_records = Vec::new();
@@ -579,13 +617,13 @@ fn load_profile(
         })?),
         None => None,
     };
+    let mut expanded = Dict::new();
     if let Some(kinds) = overlay.remove("kinds") {
         let Value::Dict(_, kinds) = kinds else {
             return Err(Diagnostic::new(format!(
                 "profile `{name}`: `kinds` must be a map of stage kind → settings"
             )));
         };
-        let mut expanded = Dict::new();
         for (kind, settings) in kinds {
             if stages::kind(&kind).is_none() {
                 let names = stages::KINDS.iter().map(|entry| entry.name);
@@ -619,10 +657,42 @@ fn load_profile(
                 );
             }
         }
-        // Explicit per-stage entries in the same profile win over its `kinds` defaults.
-        deep_merge(&mut expanded, overlay);
-        overlay = expanded;
     }
+    if let Some(pipelines) = overlay.remove("pipelines") {
+        let key = |rest: &str| match prefix.is_empty() {
+            true => format!("pipelines{rest}"),
+            false => format!("{prefix}.pipelines{rest}"),
+        };
+        let at = |diagnostic: Diagnostic, key: &str| match file.location_of(key) {
+            Some(location) => diagnostic.at(location, Some(&file.text)),
+            None => diagnostic,
+        };
+        let Value::Dict(_, pipelines) = pipelines else {
+            return Err(at(
+                Diagnostic::new(format!(
+                    "profile `{name}`: `pipelines` must be a map of pipeline name → overlay"
+                )),
+                &key(""),
+            ));
+        };
+        let pipeline_name = pipeline.values.get("name").and_then(Value::as_str);
+        if let Some(own) = pipeline_name.and_then(|pipeline_name| pipelines.get(pipeline_name)) {
+            let Value::Dict(_, own) = own else {
+                return Err(at(
+                    Diagnostic::new(format!(
+                        "profile `{name}`: `pipelines.{}` must be a map",
+                        pipeline_name.unwrap_or_default()
+                    )),
+                    &key(&format!(".{}", pipeline_name.unwrap_or_default())),
+                ));
+            };
+            // This pipeline's own entries win over the profile's `kinds` defaults.
+            deep_merge(&mut expanded, own.clone());
+        }
+    }
+    // Top-level entries of the profile win over both.
+    deep_merge(&mut expanded, overlay);
+    let overlay = expanded;
     let record = ProfileRecord {
         name: name.to_string(),
         file: SourceRecord {
@@ -640,6 +710,11 @@ fn load_profile(
             prefix,
             profile: Some(name.to_string()),
             stage_kinds: stage_kinds.clone(),
+            pipeline_name: pipeline
+                .values
+                .get("name")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         },
     };
     Ok((layer, record))
