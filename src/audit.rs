@@ -185,16 +185,14 @@ impl Run {
 
     /// Stage names, upstream before downstream (ties by name).
     pub fn stage_order(&self) -> Vec<String> {
-        let stages = &self.record.stages;
-        let mut placed: Vec<String> = Vec::with_capacity(stages.len());
-        let mut left: BTreeSet<&str> = stages.keys().map(String::as_str).collect();
+        let upstream = self.upstream_stages();
+        let mut placed: Vec<String> = Vec::with_capacity(upstream.len());
+        let mut left: BTreeSet<&str> = upstream.keys().copied().collect();
         while !left.is_empty() {
             let ready: Vec<&str> = left
                 .iter()
                 .copied()
-                .filter(|name| {
-                    upstream_names(&stages[*name]).all(|up| up == *name || !left.contains(up))
-                })
+                .filter(|name| upstream[name].iter().all(|up| !left.contains(up)))
                 .collect();
             // A run cannot record a cycle; should a hand-edited record hold one, the
             // rest is listed by name rather than looping forever.
@@ -211,6 +209,39 @@ impl Run {
         placed
     }
 
+    /// Per recorded stage, the stages it reads: from its recorded inputs and, for
+    /// stages that never got that far (skipped, not selected), from the inputs the
+    /// recorded settings declare, read by the DAG's own rule.
+    fn upstream_stages(&self) -> BTreeMap<&str, BTreeSet<&str>> {
+        let stages = &self.record.stages;
+        let names: BTreeSet<&str> = stages.keys().map(String::as_str).collect();
+        stages
+            .iter()
+            .map(|(name, stage)| {
+                let recorded = stage
+                    .inputs
+                    .values()
+                    .filter_map(|input| match &input.source {
+                        InputSource::Stage { stage, .. } => Some(stage.as_str()),
+                        InputSource::Path { .. } => None,
+                    });
+                let declared = self.record.settings["stages"][name.as_str()]["inputs"]
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|inputs| inputs.values())
+                    .filter_map(serde_json::Value::as_str)
+                    .filter_map(|declared| dag::as_reference(declared, &names))
+                    .map(|(stage, _)| stage);
+                let upstream = recorded
+                    .chain(declared)
+                    .filter(|upstream| *upstream != name.as_str())
+                    .filter_map(|upstream| names.get(upstream).copied())
+                    .collect();
+                (name.as_str(), upstream)
+            })
+            .collect()
+    }
+
     /// The recorded identity of a stage: what its recorded fingerprint was computed from.
     fn recorded_identity(&self, name: &str, stage: &StageRunRecord) -> StageIdentity {
         let settings = &self.record.settings;
@@ -222,16 +253,6 @@ impl Run {
             inputs: stage.inputs.clone(),
         }
     }
-}
-
-fn upstream_names(stage: &StageRunRecord) -> impl Iterator<Item = &str> {
-    stage
-        .inputs
-        .values()
-        .filter_map(|input| match &input.source {
-            InputSource::Stage { stage, .. } => Some(stage.as_str()),
-            InputSource::Path { .. } => None,
-        })
 }
 
 fn is_audited(stage: &StageRunRecord) -> bool {
@@ -844,7 +865,8 @@ fn check_sources(run: &Run, hasher: &ContentHasher) -> Vec<SourceCheck> {
             continue;
         }
         let path = match (&cwd, profile.file.path.is_absolute()) {
-            (Some(cwd), false) => cwd.join(&profile.file.path),
+            // `components` drops the `./` a path may have been given with.
+            (Some(cwd), false) => cwd.join(&profile.file.path).components().collect(),
             _ => profile.file.path.clone(),
         };
         checks.push(check_source(

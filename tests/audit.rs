@@ -182,6 +182,42 @@ fn stages_without_output_in_the_run_are_listed_but_not_audited() {
 }
 
 #[test]
+fn failed_and_skipped_stages_are_listed_upstream_first_but_not_audited() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        r#"
+name: fails
+stages:
+  after:
+    kind: command
+    inputs: { b: bad }
+    with: { cmd: "true" }
+  bad:
+    kind: command
+    inputs: { g: good }
+    with: { cmd: "exit 3" }
+  good:
+    kind: command
+    with: { cmd: "echo hi > hi.txt" }
+"#,
+    );
+    sandbox.fails(&["run", "p.yaml"]);
+    let report = sandbox.ok(&["audit", "runs/latest"]);
+    let position = |stage: &str| report.find(stage_line(&report, stage)).unwrap();
+    assert!(position("good") < position("bad") && position("bad") < position("after"));
+    assert!(
+        stage_line(&report, "bad").contains("not audited (failed in the run)"),
+        "{report}"
+    );
+    assert!(
+        stage_line(&report, "after").contains("not audited (skipped in the run)"),
+        "{report}"
+    );
+    assert!(report.contains("audit passed: 1 stage(s)"), "{report}");
+}
+
+#[test]
 fn changed_pipeline_file_is_a_labelled_warning_only() {
     let sandbox = branches();
     sandbox.ok(&["run", "p.yaml", "--profile", "dev"]);
