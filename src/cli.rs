@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::audit::{self, ReproduceOptions};
+
 use crate::config::{self, LoadOptions, ResolvedPipeline};
 use crate::dag::{self, DagFormat};
 use crate::executor::{self, Outcome, RunOptions, StageStatus};
@@ -35,6 +37,14 @@ pub enum Command {
     Run(RunArgs),
     /// Show, per stage, `cached` or `will run` and why.
     Status(PipelineArgs),
+    /// Check a run's inputs and outputs against its record (`--reproduce`: and rerun it).
+    ///
+    /// Hashes every input and output that `RUN_DIR/resolved_settings.json` lists again and
+    /// reports, per stage, what is missing or differs: exit 1 if anything does, 2 if the
+    /// run directory is unreadable. A changed pipeline or profile file is only a warning.
+    /// `--reproduce` also runs the recorded settings again in a fresh workspace and
+    /// compares every stage's output with the record, bit for bit.
+    Audit(AuditArgs),
     /// Print the stage graph.
     Dag {
         #[command(flatten)]
@@ -270,6 +280,28 @@ pub struct RunArgs {
     pub no_wait: bool,
 }
 
+/// `trainyard audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The run directory: `runs/<run-id>` or `runs/latest`.
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// Also run the recorded settings again in a fresh workspace and compare each
+    /// stage's output hash with the record (the original store is only read).
+    #[arg(long)]
+    pub reproduce: bool,
+    /// Reproduce into this directory (it must not exist or be empty) and keep it; by
+    /// default a temporary directory is used and removed afterwards.
+    #[arg(long, value_name = "DIR", requires = "reproduce")]
+    pub into: Option<PathBuf>,
+    /// Stages to run at the same time while reproducing.
+    #[arg(long, short, default_value_t = 1)]
+    pub jobs: usize,
+    /// Print JSON (`audit`, `reproduction`, `passed`) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Exit status for configuration errors (bad pipeline, bad flags).
 const EXIT_CONFIG: u8 = 2;
 /// Exit status after Ctrl-C / SIGTERM.
@@ -324,6 +356,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_report(&report.stages, &pipeline);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit(args) => audit_command(&args, &workspace),
         Command::Dag {
             pipeline: args,
             format,
@@ -635,6 +668,60 @@ fn chat_command(args: ChatArgs, workspace: &Workspace) -> anyhow::Result<ExitCod
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn audit_command(args: &AuditArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
+    // A relative path is taken from the current directory, else from --workspace.
+    let mut run_dir = args.run_dir.clone();
+    if run_dir.is_relative() && !run_dir.exists() && workspace.root.join(&run_dir).exists() {
+        run_dir = workspace.root.join(&run_dir);
+    }
+    let run = audit::Run::open(&run_dir)?;
+    let report = audit::audit(&run);
+    if !args.json {
+        print!("{report}");
+    }
+    let reproduction = if args.reproduce {
+        let cancel = CancelFlag::new();
+        cancel.install_signal_handlers()?;
+        let options = ReproduceOptions {
+            into: args.into.clone(),
+            jobs: args.jobs,
+            progress: !args.json,
+            command_line: std::env::args().collect(),
+        };
+        let reproduction = audit::reproduce(&run, &options, &cancel)?;
+        if !args.json {
+            print!("{reproduction}");
+        }
+        Some(reproduction)
+    } else {
+        None
+    };
+    let passed = report.passed()
+        && reproduction
+            .as_ref()
+            .is_none_or(|reproduction| reproduction.passed());
+    if args.json {
+        let document = serde_json::json!({
+            "audit": report,
+            "reproduction": reproduction,
+            "passed": passed,
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    }
+    Ok(
+        if reproduction
+            .as_ref()
+            .is_some_and(|reproduction| reproduction.interrupted)
+        {
+            ExitCode::from(EXIT_INTERRUPTED)
+        } else if passed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {

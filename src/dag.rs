@@ -168,8 +168,8 @@ fn accepted(slot: Option<&InputSlot>) -> String {
 }
 
 /// Splits a reference `stage/sub/path` into the stage name and the subpath, if the
-/// first component names a stage.
-fn as_reference<'a>(
+/// first component names a stage (see the module doc for the rule).
+pub fn as_reference<'a>(
     declared: &'a str,
     stage_names: &BTreeSet<&str>,
 ) -> Option<(&'a str, Option<&'a str>)> {

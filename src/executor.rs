@@ -19,8 +19,8 @@ use crate::fingerprint::{self, InputRecord, InputSource, Reason, StageIdentity};
 use crate::hashing::{ContentHasher, dir_hash};
 use crate::interrupt::CancelFlag;
 use crate::runs::{self, RunRecord, RunRecorder, StageRunRecord};
-use crate::stages::{STAGE_LOG, StageContext, StageError, UNHASHED_OUTPUTS};
-use crate::store::{LockError, MANIFEST, Manifest, Workspace};
+use crate::stages::{STAGE_LOG, StageContext, StageError};
+use crate::store::{self, LockError, MANIFEST, Manifest, Workspace};
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -841,20 +841,13 @@ impl Engine<'_> {
                 "`{MANIFEST}` in the output directory is reserved for trainyard"
             )));
         }
-        let (_, files) = ContentHasher::uncached()
-            .hash_dir(scratch, &[MANIFEST])
+        let (output_hash, files) = store::hash_output(&ContentHasher::uncached(), scratch)
             .map_err(|error| {
                 StageError::io(
                     format!("hashing the output in {}", scratch.display()),
                     error,
                 )
             })?;
-        let output_hash = dir_hash(
-            files
-                .iter()
-                .filter(|(path, _)| !UNHASHED_OUTPUTS.contains(&path.as_str()))
-                .map(|(path, digest)| (path.as_str(), digest.hash.as_str())),
-        );
         let manifest = Manifest {
             format: 1,
             stage: stage.name.clone(),

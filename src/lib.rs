@@ -1,11 +1,13 @@
 //! trainyard: declarative, fingerprinted language-model training pipelines.
 //!
 //! Data flows `config` → `dag` → `fingerprint`/`hashing`/`store` → `executor` →
-//! `stages`, with `runs` recording each run; `cli` is a thin clap layer over all of it.
+//! `stages`, with `runs` recording each run and `audit` checking a run against its
+//! record; `cli` is a thin clap layer over all of it.
 //! `data`, `tokenize`, `model`, `train`, `export` and `retrieve` are the
 //! machine-learning libraries the stages use; they know nothing of pipelines.
 //! `generate` runs a trained model (`trainyard generate`, `trainyard chat`).
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dag;

@@ -21,6 +21,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Git commit trainyard was built from (`unknown` outside a git checkout).
 pub const BUILD_COMMIT: &str = env!("TRAINYARD_GIT_COMMIT");
 
+/// Name of the run record inside `runs/<run-id>/`.
+pub const RECORD_FILE: &str = "resolved_settings.json";
+
 /// RFC 3339 timestamp with milliseconds, UTC.
 pub fn timestamp(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
@@ -299,7 +302,7 @@ impl RunRecorder {
     /// has to exist if the run dies).
     pub fn write_record(&self, record: &RunRecord, durable: bool) -> io::Result<()> {
         let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        replace_file(&self.dir.join("resolved_settings.json"), &bytes, durable)
+        replace_file(&self.dir.join(RECORD_FILE), &bytes, durable)
     }
 
     /// Points `runs/latest` at this run.

@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::StageIdentity;
-use crate::hashing::FileDigest;
+use crate::hashing::{ContentHasher, FileDigest, dir_hash};
+use crate::stages::UNHASHED_OUTPUTS;
 
 /// Name of the manifest in every store entry.
 pub const MANIFEST: &str = "manifest.json";
@@ -58,6 +59,28 @@ pub struct Manifest {
     pub metrics: serde_json::Map<String, serde_json::Value>,
     /// trainyard version that produced it.
     pub trainyard_version: String,
+}
+
+/// Hashes the output in `dir` as its manifest records it: the digest of every file
+/// but `manifest.json`, and the output hash over them (see [`output_hash`]). The
+/// executor calls this before publishing; `trainyard audit` calls it again later.
+pub fn hash_output(
+    hasher: &ContentHasher,
+    dir: &Path,
+) -> io::Result<(String, BTreeMap<String, FileDigest>)> {
+    let (_, files) = hasher.hash_dir(dir, &[MANIFEST])?;
+    Ok((output_hash(&files), files))
+}
+
+/// The hash of an output as downstream stages see it: the directory hash of its files
+/// without those in [`UNHASHED_OUTPUTS`] (the log and training metrics hold timings).
+pub fn output_hash(files: &BTreeMap<String, FileDigest>) -> String {
+    dir_hash(
+        files
+            .iter()
+            .filter(|(path, _)| !UNHASHED_OUTPUTS.contains(&path.as_str()))
+            .map(|(path, digest)| (path.as_str(), digest.hash.as_str())),
+    )
 }
 
 /// Paths of one workspace.
