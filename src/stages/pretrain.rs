@@ -493,6 +493,17 @@ fn run(
             eval.extend(windows.chunks(settings.batch_size).map(Batch::from_windows));
         }
     }
+    let total_weight: f64 = sources.iter().map(|(_, _, weight)| weight).sum();
+    for (name, stream, weight) in &sources {
+        log(
+            context,
+            format_args!(
+                "data `{name}`: {} training tokens, weight {weight} ({:.0}% of batches)",
+                stream.len(),
+                100.0 * weight / total_weight
+            ),
+        );
+    }
     let mixture = Mixture::new(sources).map_err(invalid)?;
     let unigram = unigram_loss(&unigram_counts, &eval);
     let parameters: usize = model::sorted_vars(&varmap)

@@ -8,6 +8,7 @@
 //! The output is the fine-tuned model as an HF directory, like `pretrain`'s.
 
 use std::io::IsTerminal;
+use std::path::Path;
 
 use candle_core::DType;
 use schemars::JsonSchema;
@@ -148,6 +149,24 @@ fn adapter_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema
     })
 }
 
+/// `path` as recorded in an output: from `.trainyard/` on for a store entry (relative to
+/// the workspace root, so the same run in another workspace writes the same bytes), else
+/// as given.
+fn portable_path(path: &Path) -> String {
+    let components: Vec<_> = path.components().collect();
+    match components
+        .iter()
+        .position(|component| component.as_os_str() == ".trainyard")
+    {
+        Some(start) => components[start..]
+            .iter()
+            .map(|component| component.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/"),
+        None => path.display().to_string(),
+    }
+}
+
 /// Settings of an `sft` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -246,7 +265,7 @@ pub struct Sft;
 impl StageKind for Sft {
     type Settings = SftSettings;
     const NAME: &'static str = "sft";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "fine-tune a model on chat examples, loss on the assistant's tokens (resumable)";
     const OUTPUT: Artifact = Artifact::Model;
@@ -438,7 +457,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             model::new_lora(base, &spec, DType::F32, &device, context.seed).map_err(invalid)?
         }
     };
-    let adapter_config = spec.adapter_config(&base.display().to_string());
+    let adapter_config = spec.adapter_config(&portable_path(base));
     let files = match settings.adapter.kind {
         AdapterKind::None => ModelFiles::Full(&config),
         AdapterKind::Lora => ModelFiles::Adapter(&adapter_config),
@@ -564,4 +583,21 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
     let metrics = training::summary_metrics(&summary, parameters);
     training::log_summary(context, &summary);
     Ok(StageOutcome { metrics })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_paths_are_recorded_from_the_workspace_root() {
+        assert_eq!(
+            portable_path(Path::new("/tmp/ws/.trainyard/store/pretrain/ab12")),
+            ".trainyard/store/pretrain/ab12"
+        );
+        assert_eq!(
+            portable_path(Path::new("/models/tiny-llama")),
+            "/models/tiny-llama"
+        );
+    }
 }

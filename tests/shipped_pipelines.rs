@@ -1,0 +1,217 @@
+//! End-to-end: the pipelines and profiles shipped in `pipelines/` and `profiles/`, run as
+//! a newcomer would, each in a fresh workspace at the `smoke` profile.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Sandbox;
+
+const PIPELINES: [&str; 4] = ["quickstart", "wiki-finetune", "pretrain-sft", "lora-export"];
+const PROFILES: [&str; 3] = ["smoke", "dev", "prod"];
+
+fn repo(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn pipeline(name: &str) -> String {
+    repo(&format!("pipelines/{name}.yaml"))
+        .display()
+        .to_string()
+}
+
+fn metrics(sandbox: &Sandbox, stage: &str) -> serde_json::Value {
+    serde_json::from_str(&sandbox.read(&format!("runs/latest/outputs/{stage}/metrics.json")))
+        .expect("metrics.json is JSON")
+}
+
+#[test]
+fn every_shipped_pipeline_resolves_with_every_shipped_profile() {
+    let sandbox = Sandbox::new();
+    for name in PIPELINES {
+        for profile in PROFILES {
+            let text = sandbox.ok(&["resolve", &pipeline(name), "--profile", profile]);
+            assert!(text.contains("stages."), "{name} {profile}:\n{text}");
+            sandbox.ok(&["status", &pipeline(name), "--profile", profile]);
+        }
+    }
+    let listed = sandbox.ok(&["profiles", &pipeline("quickstart")]);
+    for profile in PROFILES {
+        let line = listed
+            .lines()
+            .find(|line| line.starts_with(profile))
+            .unwrap_or_else(|| panic!("{profile} not listed:\n{listed}"));
+        assert!(line.len() > profile.len() + 20, "no description: {line}");
+    }
+}
+
+#[test]
+fn smoke_profile_shrinks_the_quickstart_and_names_where_values_come_from() {
+    let sandbox = Sandbox::new();
+    let text = sandbox.ok(&["resolve", &pipeline("quickstart"), "--profile", "smoke"]);
+    let line = |key: &str| {
+        text.lines()
+            .find(|line| line.trim_start().starts_with(key))
+            .unwrap_or_else(|| panic!("no {key}:\n{text}"))
+            .to_string()
+    };
+    let steps = line("stages.pretrain.with.steps");
+    assert!(
+        steps.contains("30") && steps.contains("smoke.yaml"),
+        "{steps}"
+    );
+    let vocab = line("stages.tokenizer.with.vocab_size");
+    assert!(
+        vocab.contains("384") && vocab.contains("smoke.yaml"),
+        "{vocab}"
+    );
+    let epochs = line("stages.sft.with.epochs");
+    assert!(epochs.contains("null"), "{epochs}");
+}
+
+/// The quickstart at `smoke`: every stage runs, `audit` passes and a reproduction is
+/// bit-identical, a second run runs nothing, changing the SFT learning rate reruns SFT and
+/// only what is downstream of it, the exported model answers in `chat`, and `audit` fails
+/// once an artifact is altered.
+#[test]
+fn quickstart_smoke_runs_caches_and_reruns_only_downstream() {
+    let sandbox = Sandbox::new();
+    let quickstart = pipeline("quickstart");
+    sandbox.ok(&["run", &quickstart, "--profile", "smoke"]);
+    let all = [
+        "chat-cache",
+        "chats",
+        "docs",
+        "evaluate",
+        "evaluate-base",
+        "export",
+        "merge",
+        "pretrain",
+        "sft",
+        "text-cache",
+        "tokenizer",
+    ];
+    assert_eq!(sandbox.executed(), all);
+
+    let evaluation = metrics(&sandbox, "evaluate");
+    for key in ["eval_loss", "exact_match", "contains_accuracy"] {
+        assert!(evaluation[key].is_number(), "{key} missing: {evaluation}");
+    }
+    assert_eq!(evaluation["questions"], 16);
+    let export = sandbox.path("runs/latest/outputs/export");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "model-f16.gguf",
+        "model-q8_0.gguf",
+    ] {
+        assert!(export.join(file).is_file(), "export lacks {file}");
+    }
+
+    let audit = sandbox.ok(&["audit", "runs/latest"]);
+    assert!(audit.contains("audit passed: 11 stage(s)"), "{audit}");
+    let reproduction = sandbox.ok(&["audit", "runs/latest", "--reproduce"]);
+    assert!(
+        reproduction.contains("reproduction passed: 11 stage(s) bit-identical"),
+        "{reproduction}"
+    );
+
+    sandbox.ok(&["run", &quickstart, "--profile", "smoke"]);
+    assert!(
+        sandbox.executed().is_empty(),
+        "{:?}",
+        sandbox.latest_statuses()
+    );
+
+    sandbox.ok(&[
+        "run",
+        &quickstart,
+        "--profile",
+        "smoke",
+        "--set",
+        "stages.sft.with.lr=0.002",
+    ]);
+    assert_eq!(sandbox.executed(), ["evaluate", "export", "merge", "sft"]);
+
+    let answer = sandbox.ok(&[
+        "chat",
+        "runs/latest/outputs/export",
+        "--prompt",
+        "Which river flows through the town?",
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert!(!answer.trim().is_empty(), "no answer");
+
+    let config = sandbox.path("runs/latest/outputs/export/tokenizer_config.json");
+    let text = std::fs::read_to_string(&config).expect("tokenizer_config.json");
+    std::fs::write(&config, text.replace("<|end|>", "<|stop|>")).expect("alter the export");
+    let output = sandbox.trainyard(&["audit", "runs/latest"]);
+    let report = common::text(&output);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert!(report.contains("tokenizer_config.json"), "{report}");
+    let export_line = report
+        .lines()
+        .find(|line| line.contains(" export "))
+        .unwrap_or_else(|| panic!("no export line:\n{report}"));
+    assert!(export_line.contains("DIFFERS"), "{report}");
+}
+
+#[test]
+fn wiki_finetune_smoke_lowers_the_base_models_loss() {
+    let sandbox = Sandbox::new();
+    sandbox.ok(&["run", &pipeline("wiki-finetune"), "--profile", "smoke"]);
+    let before = metrics(&sandbox, "evaluate-base")["eval_loss"]
+        .as_f64()
+        .expect("base loss");
+    let after = metrics(&sandbox, "evaluate")["eval_loss"]
+        .as_f64()
+        .expect("tuned loss");
+    assert!(
+        after < before - 0.3,
+        "fine-tuning on the chunks should lower their loss: {before} → {after}"
+    );
+}
+
+#[test]
+fn pretrain_sft_smoke_mixes_three_sources_and_exports() {
+    let sandbox = Sandbox::new();
+    sandbox.ok(&["run", &pipeline("pretrain-sft"), "--profile", "smoke"]);
+    let log = sandbox.read("runs/latest/outputs/pretrain/stage.log");
+    for line in [
+        "data `data`: ",
+        "weight 2 (33% of batches)",
+        "data `data_dialogues`: ",
+        "weight 1 (17% of batches)",
+        "data `data_wiki`: ",
+        "weight 3 (50% of batches)",
+    ] {
+        assert!(log.contains(line), "{line} not in the log:\n{log}");
+    }
+    let export = sandbox.path("runs/latest/outputs/export");
+    assert!(export.join("model-q8_0.gguf").is_file());
+    assert!(export.join("tokenizer_config.json").is_file());
+}
+
+#[test]
+fn lora_export_smoke_trains_tool_calls_and_exports_the_merged_model() {
+    let sandbox = Sandbox::new();
+    sandbox.ok(&["run", &pipeline("lora-export"), "--profile", "smoke"]);
+    let adapter = sandbox.path("runs/latest/outputs/adapter");
+    let config: serde_json::Value =
+        serde_json::from_str(&sandbox.read("runs/latest/outputs/adapter/adapter_config.json"))
+            .expect("adapter_config.json");
+    assert_eq!(config["r"], 8);
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["embed_tokens", "lm_head"])
+    );
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let export = sandbox.path("runs/latest/outputs/export");
+    for file in ["model.safetensors", "model-f16.gguf", "model-q8_0.gguf"] {
+        assert!(export.join(file).is_file(), "export lacks {file}");
+    }
+}
