@@ -174,7 +174,7 @@ fn synthetic_answers_are_retrieved_and_questions_about_nobody_refused() {
 
     // Held-out questions are phrased unlike the documents on purpose, so lexical
     // retrieval misses a few: those that ask "founding" or "established" where the
-    // documents say "founded", which plural stemming cannot map (50 of 52 found).
+    // documents say "founded", which plural stemming cannot map.
     let mut found = 0;
     for question in &questions {
         let (entity, answer) = (field(question, "entity"), field(question, "answer"));

@@ -85,6 +85,10 @@ pub struct QuestionRecord {
     pub question: String,
     /// The exact expected answer.
     pub answer: String,
+    /// An optional group (`familiar`, `paraphrased`, …): `evaluate` reports accuracy per
+    /// category as well as overall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 /// Any line of a corpus file.

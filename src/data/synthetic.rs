@@ -5,13 +5,12 @@
 //!
 //! Held-out design (what evaluation relies on):
 //! - Each attribute has three template sets: `state` (documents), `ask` (SFT questions) and
-//!   `held_out` (evaluation questions). `ask` and `held_out` phrasings never overlap.
-//! - One town and one person in [`HELD_OUT_EVERY`] are held out. Documents state their
-//!   facts like everyone else's; no SFT conversation asks about them (a held-out town can
-//!   still be named as where someone lives); the question set asks
-//!   only their facts, with held-out phrasings. A model that learned the facts in
-//!   pretraining and, in SFT, how a question maps to the fact it asks can answer them —
-//!   and SFT cannot have taught it anything about those entities in particular.
+//!   `held_out` (paraphrased evaluation questions). `ask` and `held_out` never overlap.
+//! - Each entity has exactly one held-out fact. Documents state it; SFT conversations never
+//!   ask about it; the question set asks only held-out facts: first each one once with a
+//!   familiar (`ask`) phrasing, then with the paraphrases. A model that learned the facts
+//!   in pretraining and, in SFT, how a question maps to the fact it asks can answer the
+//!   familiar ones; the paraphrases also test whether it understood the question.
 //!
 //! Determinism: the world is built from (seed, settings); document, conversation and question
 //! `i` are each rebuilt from (seed, stream, i) alone, so output is byte-identical across runs
@@ -132,8 +131,7 @@ pub struct Fact {
     pub attribute: Attribute,
     /// The exact answer.
     pub answer: String,
-    /// True for the facts of held-out entities, which SFT never asks and the question set
-    /// does.
+    /// True for the one fact per entity that SFT never asks and the question set does.
     pub held_out: bool,
 }
 
@@ -160,8 +158,6 @@ pub struct World {
     pub entities: Vec<Entity>,
     /// Held-out facts as (entity index, fact index), in a seeded shuffled order.
     held_out: Vec<(usize, usize)>,
-    /// The entities SFT conversations are about (all but the held-out ones).
-    asked: Vec<usize>,
 }
 
 /// A pretraining document with its metadata.
@@ -186,6 +182,28 @@ pub struct Question {
     pub entity: String,
     /// The attribute asked about.
     pub attribute: Attribute,
+    /// Whether SFT used this phrasing (for other facts) or it is a paraphrase.
+    pub category: QuestionCategory,
+}
+
+/// How a held-out question is phrased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QuestionCategory {
+    /// A phrasing SFT conversations use for other facts.
+    Familiar,
+    /// A phrasing no SFT conversation uses.
+    Paraphrased,
+}
+
+impl QuestionCategory {
+    /// The category's name in `questions.jsonl`.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuestionCategory::Familiar => "familiar",
+            QuestionCategory::Paraphrased => "paraphrased",
+        }
+    }
 }
 
 /// The phrasings of one attribute. `{e}` is the entity name, `{a}` the answer.
@@ -309,9 +327,6 @@ const TOWN_ENDINGS: &[&str] = &["", "", "", "ford", "holm", "by", "wick", "stead
 /// Held-out phrasings per attribute (the same for all, so questions cycle evenly).
 const HELD_OUT_PHRASINGS: usize = 2;
 
-/// One town in this many, and one person, is held out (at least one of each).
-pub const HELD_OUT_EVERY: usize = 4;
-
 /// Stream tags: each kind of output draws from its own independent random stream.
 const WORLD: u64 = 1;
 const DOCUMENTS: u64 = 2;
@@ -415,27 +430,18 @@ impl World {
                 facts,
             });
         }
-        let mut held_out = Vec::new();
-        for mut group in [(0..towns).collect::<Vec<_>>(), (towns..n).collect()] {
-            rng.shuffle(&mut group);
-            // At least one of each kind is held out and at least one is left to SFT.
-            for &e in &group[..(group.len() / HELD_OUT_EVERY).max(1)] {
-                for (f, fact) in entities[e].facts.iter_mut().enumerate() {
-                    fact.held_out = true;
-                    held_out.push((e, f));
-                }
-            }
+        let mut held_out = Vec::with_capacity(n);
+        for (e, entity) in entities.iter_mut().enumerate() {
+            let f = rng.index(entity.facts.len());
+            entity.facts[f].held_out = true;
+            held_out.push((e, f));
         }
         rng.shuffle(&mut held_out);
-        let asked = (0..n)
-            .filter(|&e| !entities[e].facts.iter().any(|f| f.held_out))
-            .collect();
         Ok(World {
             seed,
             settings: settings.clone(),
             entities,
             held_out,
-            asked,
         })
     }
 
@@ -472,12 +478,12 @@ impl World {
         }
     }
 
-    /// SFT conversation `index`: one to three questions about one random entity that is not
-    /// held out, each answered with a sentence stating the fact (or the bare answer, by
-    /// `answers`), always with `ask` phrasings.
+    /// SFT conversation `index`: one to three questions about one random entity, never
+    /// about a held-out fact, always with `ask` phrasings, each answered with a sentence
+    /// stating the fact (or the bare answer, by `answers`).
     pub fn conversation(&self, index: u64) -> ChatRecord {
         let mut rng = Rng::for_item(self.seed, CONVERSATIONS, index);
-        let entity = &self.entities[self.asked[rng.index(self.asked.len())]];
+        let entity = &self.entities[rng.index(self.entities.len())];
         let mut askable: Vec<&Fact> = entity.facts.iter().filter(|f| !f.held_out).collect();
         rng.shuffle(&mut askable);
         let turns = [1, 1, 1, 2, 3][rng.index(5)];
@@ -521,22 +527,31 @@ impl World {
     pub fn question_count(&self) -> u64 {
         self.settings
             .questions
-            .min((self.held_out.len() * HELD_OUT_PHRASINGS) as u64)
+            .min((self.held_out.len() * (1 + HELD_OUT_PHRASINGS)) as u64)
     }
 
-    /// Held-out question `index`: held-out fact `index % facts`, phrased with a held-out
-    /// template that differs for each pass over the facts.
+    /// Held-out question `index`: held-out fact `index % facts`, asked in the first pass over
+    /// the facts with a familiar (`ask`) phrasing, in later passes with a paraphrase.
     pub fn question(&self, index: u64) -> Question {
         let n = self.held_out.len() as u64;
         let (e, f) = self.held_out[(index % n) as usize];
         let (entity, fact) = (&self.entities[e], &self.entities[e].facts[f]);
-        let templates = phrasings(fact.attribute).held_out;
-        let template = templates[(index / n + e as u64) as usize % templates.len()];
+        let pass = index / n;
+        let phrasings = phrasings(fact.attribute);
+        let (templates, turn, category) = match pass {
+            0 => (phrasings.ask, e as u64, QuestionCategory::Familiar),
+            _ => (
+                phrasings.held_out,
+                pass - 1 + e as u64,
+                QuestionCategory::Paraphrased,
+            ),
+        };
         Question {
-            question: fill(template, &entity.name, ""),
+            question: fill(templates[turn as usize % templates.len()], &entity.name, ""),
             answer: fact.answer.clone(),
             entity: entity.name.clone(),
             attribute: fact.attribute,
+            category,
         }
     }
 }
@@ -668,7 +683,7 @@ mod tests {
             + &jsonl(questions(&world));
         assert_eq!(
             blake3::hash(text.as_bytes()).to_hex().as_str(),
-            "59d21c5526261de1b3a061f4fe54961b52c0291706bc0b1ffbd8d3b72e199a43"
+            "f133df84bd4fb596c7d6a80879d77a9f0d57c501e692fe1a6a04c0455fd00f8c"
         );
     }
 
@@ -718,18 +733,8 @@ mod tests {
                 }
             }
         }
-        let user_turns: Vec<String> = conversations(&world)
-            .flat_map(|c| c.messages)
-            .filter(|m| m.role == Role::User)
-            .map(|m| m.content)
-            .collect();
         for q in questions(&world) {
             assert!(!sft.contains(&q.question), "{} asked in SFT", q.question);
-            assert!(
-                user_turns.iter().all(|m| !mentions(m, &q.entity)),
-                "held-out {} is asked about in SFT",
-                q.entity
-            );
         }
     }
 
@@ -790,10 +795,27 @@ mod tests {
             .map(|e| (e.name.as_str(), e))
             .collect();
         let qs: Vec<Question> = questions(&world).collect();
-        // 20 towns and 40 people: 5 towns x 5 facts + 10 people x 4 facts, 2 phrasings each.
-        assert_eq!(qs.len(), 130);
-        let asked: HashSet<&str> = qs.iter().map(|q| q.entity.as_str()).collect();
-        assert_eq!(asked.len(), 15);
+        // 60 held-out facts, each once familiar and twice paraphrased.
+        assert_eq!(qs.len(), 180);
+        for (index, q) in qs.iter().enumerate() {
+            let expected = match index < 60 {
+                true => QuestionCategory::Familiar,
+                false => QuestionCategory::Paraphrased,
+            };
+            assert_eq!(q.category, expected, "{}", q.question);
+            let phrasing = phrasings(q.attribute);
+            let templates = match q.category {
+                QuestionCategory::Familiar => phrasing.ask,
+                QuestionCategory::Paraphrased => phrasing.held_out,
+            };
+            assert!(
+                templates
+                    .iter()
+                    .any(|t| fill(t, &q.entity, "") == q.question),
+                "{}",
+                q.question
+            );
+        }
         for q in &qs {
             let fact = by_name[q.entity.as_str()]
                 .facts
@@ -860,20 +882,12 @@ mod tests {
         };
         let world = World::new(9, &settings).unwrap();
         let mut words = HashSet::new();
-        let mut held_out = [0, 0];
         for entity in &world.entities {
             for word in entity.name.split(' ') {
                 assert!(words.insert(word), "{word} reused");
             }
-            let count = entity.facts.iter().filter(|f| f.held_out).count();
-            assert!(
-                count == 0 || count == entity.facts.len(),
-                "{count} held out"
-            );
-            held_out[usize::from(entity.kind == Kind::Person)] += usize::from(count > 0);
+            assert_eq!(entity.facts.iter().filter(|f| f.held_out).count(), 1);
         }
-        // 10,000 towns and 20,000 people, one in four held out.
-        assert_eq!(held_out, [2_500, 5_000]);
     }
 
     #[test]

@@ -297,6 +297,8 @@ fn run(
             StageError::io(format!("creating {}", samples_path.display()), error)
         })?;
         let (mut exact, mut contains) = (0usize, 0usize);
+        // Per category: questions, exact matches, contained answers.
+        let mut by_category: std::collections::BTreeMap<&str, [usize; 3]> = Default::default();
         for (index, question) in questions.iter().enumerate() {
             if context.cancel.is_cancelled() {
                 return Err(StageError::Interrupted);
@@ -323,14 +325,23 @@ fn run(
             let is_contained = contains_answer(&answer, &question.answer);
             exact += usize::from(is_exact);
             contains += usize::from(is_contained);
+            if let Some(category) = &question.category {
+                let tally = by_category.entry(category).or_default();
+                tally[0] += 1;
+                tally[1] += usize::from(is_exact);
+                tally[2] += usize::from(is_contained);
+            }
             if index < settings.samples {
-                let row = json!({
+                let mut row = json!({
                     "question": question.question,
                     "expected": question.answer,
                     "answer": answer,
                     "exact_match": is_exact,
                     "contains": is_contained,
                 });
+                if let Some(category) = &question.category {
+                    row["category"] = json!(category);
+                }
                 writeln!(samples, "{row}").map_err(|error| {
                     StageError::io(format!("writing {}", samples_path.display()), error)
                 })?;
@@ -347,6 +358,27 @@ fn run(
         metrics.insert("questions".into(), json!(questions.len()));
         metrics.insert("exact_match".into(), json!(exact as f64 / total));
         metrics.insert("contains_accuracy".into(), json!(contains as f64 / total));
+        if !by_category.is_empty() {
+            let mut categories = serde_json::Map::new();
+            for (category, [count, exact, contains]) in by_category {
+                let share = |hits: usize| hits as f64 / count as f64;
+                let _ = writeln!(
+                    context.log,
+                    "  {category}: {count} questions, exact match {:.3}, contains {:.3}",
+                    share(exact),
+                    share(contains)
+                );
+                categories.insert(
+                    category.to_string(),
+                    json!({
+                        "questions": count,
+                        "exact_match": share(exact),
+                        "contains_accuracy": share(contains),
+                    }),
+                );
+            }
+            metrics.insert("by_category".into(), json!(categories));
+        }
     }
 
     let path = context.out_dir.join("metrics.json");

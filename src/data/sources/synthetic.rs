@@ -105,6 +105,8 @@ pub fn questions(world: &World) -> impl Iterator<Item = QuestionLine> + '_ {
         record: QuestionRecord {
             question: question.question,
             answer: question.answer,
+            // `familiar` (a phrasing SFT uses for other facts) or `paraphrased`.
+            category: Some(question.category.name().to_string()),
         },
         entity: question.entity,
         attribute: question.attribute,
