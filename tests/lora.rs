@@ -377,3 +377,26 @@ fn lora_dropout_masks_are_keyed_and_off_outside_training() {
     assert!(max_diff(&first, &other) > 1e-4, "another key, other masks");
     assert_eq!(max_diff(&dropping.forward(&ids).unwrap(), &reference), 0.0);
 }
+
+#[test]
+fn merging_a_whole_model_says_there_is_no_adapter() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        &common::chat_pipeline(
+            "  adapter:
+    kind: sft
+    inputs: { data: chat-cache, base: base }
+    with: { adapter: none, steps: 2, batch_size: 4, context: 128 }
+  merged:
+    kind: lora-merge
+    inputs: { base: base, adapter: adapter }
+",
+        ),
+    );
+    let text = sandbox.fails(&["run", "p.yaml"]);
+    assert!(
+        text.contains("is a whole model, not a LoRA adapter"),
+        "{text}"
+    );
+}

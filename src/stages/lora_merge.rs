@@ -50,6 +50,14 @@ impl StageKind for LoraMerge {
         let adapter = &context.inputs["adapter"];
         let config = model::load_config(base).map_err(|error| invalid(error.to_string()))?;
         let adapter_config_path = adapter.join(lora::ADAPTER_CONFIG);
+        if !adapter_config_path.exists() && adapter.join("config.json").is_file() {
+            return Err(invalid(format!(
+                "{} is a whole model, not a LoRA adapter (no {}): there is nothing to merge; \
+                 feed it to the next stage directly (was the sft stage's `adapter` set to `none`?)",
+                adapter.display(),
+                lora::ADAPTER_CONFIG
+            )));
+        }
         let text = std::fs::read_to_string(&adapter_config_path).map_err(|error| {
             StageError::io(format!("reading {}", adapter_config_path.display()), error)
         })?;
