@@ -22,6 +22,20 @@ fn output(sandbox: &Sandbox, stage: &str) -> PathBuf {
     sandbox.path(&format!("runs/latest/outputs/{stage}"))
 }
 
+/// A freshly initialised tiny llama-family model saved as a Hugging Face directory.
+fn tiny_base(
+    flavor: trainyard::model::LlamaFlavor,
+    tied: bool,
+) -> (tempfile::TempDir, trainyard::model::ModelConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(flavor, tied));
+    let (_, varmap) =
+        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
+    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    (dir, config)
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -125,14 +139,7 @@ fn lora_trains_a_peft_adapter_that_merges_into_identical_logits() {
 
 #[test]
 fn only_the_adapter_is_trainable() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(
-        trainyard::model::LlamaFlavor::Qwen2,
-        true,
-    ));
-    let (_, varmap) =
-        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
-    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    let (dir, _) = tiny_base(trainyard::model::LlamaFlavor::Qwen2, true);
     let spec = trainyard::model::lora::LoraSpec {
         rank: 4,
         alpha: 8.0,
@@ -229,14 +236,7 @@ fn lora_settings_mistakes_are_reported() {
 /// from the base's weights, take gradients, and replace the base's in the merge.
 #[test]
 fn saved_modules_train_from_the_base_and_replace_it_when_merged() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(
-        trainyard::model::LlamaFlavor::Llama,
-        false,
-    ));
-    let (_, varmap) =
-        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
-    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    let (dir, config) = tiny_base(trainyard::model::LlamaFlavor::Llama, false);
     let spec = trainyard::model::lora::LoraSpec {
         rank: 4,
         alpha: 8.0,
@@ -301,14 +301,7 @@ fn saved_modules_train_from_the_base_and_replace_it_when_merged() {
 
 #[test]
 fn a_tied_head_cannot_be_saved_apart_from_the_embeddings() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(
-        trainyard::model::LlamaFlavor::Qwen2,
-        true,
-    ));
-    let (_, varmap) =
-        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
-    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    let (dir, _) = tiny_base(trainyard::model::LlamaFlavor::Qwen2, true);
     let spec = trainyard::model::lora::LoraSpec {
         rank: 4,
         alpha: 8.0,
@@ -326,14 +319,7 @@ fn a_tied_head_cannot_be_saved_apart_from_the_embeddings() {
 /// Dropout is on only while a key is set, and the same key draws the same masks.
 #[test]
 fn lora_dropout_masks_are_keyed_and_off_outside_training() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = trainyard::model::ModelConfig::Llama(trainyard::model::LlamaConfig::tiny(
-        trainyard::model::LlamaFlavor::Llama,
-        false,
-    ));
-    let (_, varmap) =
-        trainyard::model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
-    trainyard::model::save_pretrained(&varmap, &config, dir.path()).unwrap();
+    let (dir, _) = tiny_base(trainyard::model::LlamaFlavor::Llama, false);
     let spec = |dropout| trainyard::model::lora::LoraSpec {
         rank: 4,
         alpha: 8.0,
