@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::training::DeviceSetting;
-use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
+    StageOutcome, TOKEN_CACHE_SOURCES,
+};
 use crate::data::records::{ChatMessage, QuestionRecord, Role};
 use crate::data::token_cache::{Batch, CacheMode, SftBatcher, SftPosition, TokenCache};
 use crate::generate::{Generator, SamplingOptions};
@@ -83,13 +86,13 @@ impl StageKind for Evaluate {
     const INPUTS: InputRules = InputRules::Slots(&[
         InputSlot {
             name: "model",
-            accepts: &[Artifact::Model, Artifact::Export, Artifact::Files],
+            accepts: MODEL_SOURCES,
             required: true,
             many: false,
         },
         InputSlot {
             name: "data",
-            accepts: &[Artifact::TokenCache, Artifact::Files],
+            accepts: TOKEN_CACHE_SOURCES,
             required: false,
             many: false,
         },

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
-    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
-    TOKENIZER_SOURCES,
+    Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
+    StageOutcome, TOKENIZER_SOURCES,
 };
 use crate::export::gguf::{self, GgufDtype};
 use crate::model::{self, ModelConfig};
@@ -42,7 +42,7 @@ impl StageKind for Export {
     const INPUTS: InputRules = InputRules::Slots(&[
         InputSlot {
             name: "model",
-            accepts: &[Artifact::Model, Artifact::Export, Artifact::Files],
+            accepts: MODEL_SOURCES,
             required: true,
             many: false,
         },

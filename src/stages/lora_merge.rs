@@ -8,7 +8,10 @@ use candle_core::{Device, Tensor};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
+    StageOutcome,
+};
 use crate::model::{self, lora};
 use crate::tokenize::train::tokenizer_file;
 
@@ -29,7 +32,7 @@ impl StageKind for LoraMerge {
     const INPUTS: InputRules = InputRules::Slots(&[
         InputSlot {
             name: "base",
-            accepts: &[Artifact::Model, Artifact::Export, Artifact::Files],
+            accepts: MODEL_SOURCES,
             required: true,
             many: false,
         },

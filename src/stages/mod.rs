@@ -47,6 +47,13 @@ pub enum Artifact {
     Metrics,
 }
 
+/// Where a model input (`model`, `base`) may come from: a model stage, an export, or a
+/// local Hugging Face directory.
+pub const MODEL_SOURCES: &[Artifact] = &[Artifact::Model, Artifact::Export, Artifact::Files];
+
+/// What a token-cache input accepts: a `token-cache` output or a directory holding one.
+pub const TOKEN_CACHE_SOURCES: &[Artifact] = &[Artifact::TokenCache, Artifact::Files];
+
 /// Where a `tokenizer` input may come from: a tokenizer stage, a file, or a model or
 /// export directory holding `tokenizer.json`.
 pub const TOKENIZER_SOURCES: &[Artifact] = &[

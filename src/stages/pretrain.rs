@@ -18,8 +18,8 @@ use serde_json::json;
 
 use super::training::{self, DeviceSetting};
 use super::{
-    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
-    TOKENIZER_SOURCES,
+    Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
+    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
 };
 use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
@@ -197,7 +197,7 @@ impl StageKind for Pretrain {
         },
         InputSlot {
             name: "base",
-            accepts: &[Artifact::Model, Artifact::Export, Artifact::Files],
+            accepts: MODEL_SOURCES,
             required: false,
             many: false,
         },
@@ -277,7 +277,7 @@ impl StageKind for Pretrain {
 /// The token caches: `data`, `data_wiki`, ….
 const DATA_SLOT: InputSlot = InputSlot {
     name: "data",
-    accepts: &[Artifact::TokenCache, Artifact::Files],
+    accepts: TOKEN_CACHE_SOURCES,
     required: true,
     many: true,
 };

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::training::{self, DeviceSetting};
 use super::{
-    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
-    TOKENIZER_SOURCES,
+    Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
+    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
 };
 use crate::data::token_cache::{Batch, SftBatcher, SftExamples, SftPosition, TokenCache};
 use crate::model;
@@ -272,13 +272,13 @@ impl StageKind for Sft {
     const INPUTS: InputRules = InputRules::Slots(&[
         InputSlot {
             name: "data",
-            accepts: &[Artifact::TokenCache, Artifact::Files],
+            accepts: TOKEN_CACHE_SOURCES,
             required: true,
             many: false,
         },
         InputSlot {
             name: "base",
-            accepts: &[Artifact::Model, Artifact::Export, Artifact::Files],
+            accepts: MODEL_SOURCES,
             required: true,
             many: false,
         },
