@@ -36,6 +36,24 @@ fn tiny_base(
     (dir, config)
 }
 
+/// A rank-4, α-8 adapter spec.
+fn rank4_spec(
+    targets: &[&str],
+    modules_to_save: &[&str],
+    dropout: f64,
+) -> trainyard::model::lora::LoraSpec {
+    trainyard::model::lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: targets.iter().map(|name| name.to_string()).collect(),
+        modules_to_save: modules_to_save
+            .iter()
+            .map(|name| name.to_string())
+            .collect(),
+        dropout,
+    }
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -140,13 +158,7 @@ fn lora_trains_a_peft_adapter_that_merges_into_identical_logits() {
 #[test]
 fn only_the_adapter_is_trainable() {
     let (dir, _) = tiny_base(trainyard::model::LlamaFlavor::Qwen2, true);
-    let spec = trainyard::model::lora::LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-        modules_to_save: Vec::new(),
-        dropout: 0.0,
-    };
+    let spec = rank4_spec(&["q_proj", "v_proj", "down_proj"], &[], 0.0);
     let (model, adapter, _) =
         trainyard::model::new_lora(dir.path(), &spec, DType::F32, &Device::Cpu, 3).unwrap();
     let vars = trainyard::model::sorted_vars(&adapter);
@@ -237,13 +249,7 @@ fn lora_settings_mistakes_are_reported() {
 #[test]
 fn saved_modules_train_from_the_base_and_replace_it_when_merged() {
     let (dir, config) = tiny_base(trainyard::model::LlamaFlavor::Llama, false);
-    let spec = trainyard::model::lora::LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        targets: vec!["q_proj".into(), "up_proj".into()],
-        modules_to_save: vec!["embed_tokens".into(), "lm_head".into()],
-        dropout: 0.0,
-    };
+    let spec = rank4_spec(&["q_proj", "up_proj"], &["embed_tokens", "lm_head"], 0.0);
     let (model, adapter, _) =
         trainyard::model::new_lora(dir.path(), &spec, DType::F32, &Device::Cpu, 3).unwrap();
     let vars = trainyard::model::sorted_vars(&adapter);
@@ -302,13 +308,7 @@ fn saved_modules_train_from_the_base_and_replace_it_when_merged() {
 #[test]
 fn a_tied_head_cannot_be_saved_apart_from_the_embeddings() {
     let (dir, _) = tiny_base(trainyard::model::LlamaFlavor::Qwen2, true);
-    let spec = trainyard::model::lora::LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        targets: vec!["q_proj".into()],
-        modules_to_save: vec!["lm_head".into()],
-        dropout: 0.0,
-    };
+    let spec = rank4_spec(&["q_proj"], &["lm_head"], 0.0);
     let error = trainyard::model::new_lora(dir.path(), &spec, DType::F32, &Device::Cpu, 3)
         .err()
         .expect("a tied lm_head is refused")
@@ -320,13 +320,7 @@ fn a_tied_head_cannot_be_saved_apart_from_the_embeddings() {
 #[test]
 fn lora_dropout_masks_are_keyed_and_off_outside_training() {
     let (dir, _) = tiny_base(trainyard::model::LlamaFlavor::Llama, false);
-    let spec = |dropout| trainyard::model::lora::LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        targets: vec!["q_proj".into(), "down_proj".into()],
-        modules_to_save: Vec::new(),
-        dropout,
-    };
+    let spec = |dropout| rank4_spec(&["q_proj", "down_proj"], &[], dropout);
     let build = |dropout| {
         let (model, adapter, _) =
             trainyard::model::new_lora(dir.path(), &spec(dropout), DType::F32, &Device::Cpu, 3)
