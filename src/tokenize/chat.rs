@@ -126,7 +126,7 @@ pub fn python_json(value: &serde_json::Value) -> String {
 }
 
 /// A float as Python's `repr` writes it (`1.0`, `0.1`, `1e-07`, `1e+16`).
-fn python_float(value: f64) -> String {
+pub(crate) fn python_float(value: f64) -> String {
     if value.is_finite() && value == value.trunc() && value.abs() < 1e16 {
         return format!("{value:.1}");
     }

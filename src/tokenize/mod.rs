@@ -11,4 +11,5 @@ pub mod corpus;
 pub mod fast;
 pub mod pretokenize;
 pub mod special;
+pub mod template;
 pub mod train;
