@@ -120,8 +120,21 @@ pub struct CacheMeta {
     /// SFT: what happened to longer examples.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncation: Option<String>,
+    /// SFT: the chat template the examples were rendered with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<TemplateRecord>,
     /// `train`, `eval`.
     pub splits: BTreeMap<String, SplitInfo>,
+}
+
+/// Which chat template rendered an SFT cache, so that training can refuse a base
+/// model whose own template differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    /// `model` (the tokenizer's own), `trainyard` or `file`.
+    pub source: String,
+    /// The template's hash (text and special tokens).
+    pub hash: String,
 }
 
 /// Why a cache cannot be read.

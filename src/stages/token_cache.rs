@@ -19,9 +19,13 @@ use super::{
 };
 use crate::data::records::ChatMessage;
 use crate::data::token_cache::{
-    CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo,
+    CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo, TemplateRecord,
 };
 use crate::tokenize::fast::FastEncoder;
+use crate::tokenize::template::{
+    ChatTemplate, Conversation, TemplateChoice, TemplateSource, TokenizerConfig, span_mask,
+    tokenizer_dir,
+};
 use crate::tokenize::{chat, special, train};
 
 /// What to build.
@@ -81,6 +85,16 @@ pub struct TokenCacheSettings {
     /// SFT: what to do with longer examples.
     #[serde(default)]
     pub truncation: Truncation,
+    /// SFT: which chat template renders the conversations: `auto` (the tokenizer's own
+    /// — `chat_template.jinja` or `tokenizer_config.json` beside it — when it has one,
+    /// else trainyard's for a tokenizer a `tokenizer` stage trained), `model` or
+    /// `trainyard`. A `.jinja` file of your own is given as the input `chat_template`.
+    #[serde(default)]
+    pub chat_template: TemplateChoice,
+    /// SFT: extra variables for the template, as keyword arguments to transformers'
+    /// `apply_chat_template` (`enable_thinking: false`, `date_string: "26 Jul 2024"`).
+    #[serde(default)]
+    pub template_kwargs: BTreeMap<String, serde_json::Value>,
     /// Records tokenized together in parallel (bounds memory).
     #[serde(default = "default_batch_records")]
     pub batch_records: usize,
@@ -106,7 +120,7 @@ const TEXT_INPUTS: &[Artifact] = &[Artifact::Files, Artifact::Corpus];
 impl StageKind for TokenCacheStage {
     type Settings = TokenCacheSettings;
     const NAME: &'static str = "token-cache";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "tokenize a corpus into shards (pretrain) or masked chat examples (SFT)";
     const OUTPUT: Artifact = Artifact::TokenCache;
@@ -129,7 +143,26 @@ impl StageKind for TokenCacheStage {
             required: true,
             many: false,
         },
+        InputSlot {
+            name: "chat_template",
+            accepts: &[Artifact::Files],
+            required: false,
+            many: false,
+        },
     ]);
+
+    fn check(settings: &TokenCacheSettings, inputs: &[&str]) -> Result<(), String> {
+        if inputs.contains(&"chat_template") && settings.chat_template != TemplateChoice::Auto {
+            return Err(format!(
+                "`chat_template: {}` contradicts the `chat_template` input; leave the setting `auto` to use the file",
+                serde_json::to_value(settings.chat_template)
+                    .ok()
+                    .and_then(|value| value.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(())
+    }
 
     fn run(
         settings: &TokenCacheSettings,
@@ -147,17 +180,34 @@ impl StageKind for TokenCacheStage {
         };
         let vocab_size = tokenizer.get_vocab_size(true) as u32;
         let dtype = Dtype::for_vocab(vocab_size);
-        let eos_id = separator_id(&tokenizer, settings.separator.as_deref())?;
-        let pad_id = tokenizer.token_to_id(special::PAD).unwrap_or(eos_id);
-        if mode == CacheMode::Sft {
-            for token in special::SPECIAL_TOKENS {
-                if tokenizer.token_to_id(token).is_none() {
-                    return Err(StageError::Invalid(format!(
-                        "tokenizer {} has no `{token}` token; SFT caches use trainyard's chat template, which needs a tokenizer trained by a `tokenizer` stage",
-                        tokenizer_path.display()
-                    )));
-                }
-            }
+        let tokenizer_config = TokenizerConfig::load(&tokenizer_dir(&tokenizer_path))
+            .map_err(|error| StageError::Invalid(error.to_string()))?;
+        let eos_id = separator_id(&tokenizer, settings.separator.as_deref(), &tokenizer_config)?;
+        let pad_id = tokenizer
+            .token_to_id(special::PAD)
+            .or_else(|| {
+                tokenizer_config
+                    .special("pad_token")
+                    .and_then(|token| tokenizer.token_to_id(token))
+            })
+            .unwrap_or(eos_id);
+        let template = match mode {
+            CacheMode::Sft => Some(chat_template(
+                settings,
+                &tokenizer,
+                &context.inputs["tokenizer"],
+                context.inputs.get("chat_template"),
+            )?),
+            CacheMode::Pretrain => None,
+        };
+        if let Some(template) = &template {
+            writeln!(
+                context.log,
+                "chat template: {} (hash {})",
+                template.source(),
+                &template.hash()[..16]
+            )
+            .map_err(|error| StageError::io("writing the stage log", error))?;
         }
         let mut source_hasher = blake3::Hasher::new();
         let mut splits = BTreeMap::new();
@@ -180,6 +230,7 @@ impl StageKind for TokenCacheStage {
                 )?,
                 CacheMode::Sft => build_sft(
                     &tokenizer,
+                    template.as_ref(),
                     settings,
                     file,
                     context.out_dir,
@@ -213,6 +264,15 @@ impl StageKind for TokenCacheStage {
             shard_tokens: (mode == CacheMode::Pretrain).then_some(settings.shard_tokens),
             max_len: (mode == CacheMode::Sft).then_some(settings.max_len as u64),
             truncation: (mode == CacheMode::Sft).then(|| settings.truncation.name().to_string()),
+            chat_template: template.as_ref().map(|template| TemplateRecord {
+                source: match template.source() {
+                    TemplateSource::Model(_) => "model",
+                    TemplateSource::Trainyard => "trainyard",
+                    TemplateSource::File(_) => "file",
+                }
+                .to_string(),
+                hash: template.hash(),
+            }),
             splits,
         };
         let meta_path = context.out_dir.join("meta.json");
@@ -222,6 +282,37 @@ impl StageKind for TokenCacheStage {
             .map_err(|error| StageError::io(format!("writing {}", meta_path.display()), error))?;
         Ok(StageOutcome { metrics })
     }
+}
+
+/// The template SFT examples are rendered with (see [`TokenCacheSettings::chat_template`]).
+fn chat_template(
+    settings: &TokenCacheSettings,
+    tokenizer: &Tokenizer,
+    tokenizer_input: &Path,
+    file: Option<&PathBuf>,
+) -> Result<ChatTemplate, StageError> {
+    let has_trainyard_tokens = special::SPECIAL_TOKENS
+        .iter()
+        .all(|token| tokenizer.token_to_id(token).is_some());
+    let extra = settings
+        .template_kwargs
+        .iter()
+        .map(|(key, value)| {
+            serde_json::from_value::<minijinja::Value>(value.clone())
+                .map(|value| (key.clone(), value))
+                .map_err(|error| {
+                    StageError::Invalid(format!("key `template_kwargs.{key}`: {error}"))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    ChatTemplate::for_tokenizer(
+        tokenizer_input,
+        settings.chat_template,
+        file.map(PathBuf::as_path),
+        has_trainyard_tokens,
+        extra,
+    )
+    .map_err(|error| StageError::Invalid(error.to_string()))
 }
 
 /// The train and optional eval corpus files: given directly, or `train.jsonl` and
@@ -257,7 +348,7 @@ fn corpus_files(
 #[derive(Deserialize)]
 struct Line {
     text: Option<String>,
-    messages: Option<Vec<ChatMessage>>,
+    messages: Option<serde_json::Value>,
 }
 
 fn parse_line(file: &Path, number: usize, line: &str) -> Result<Line, StageError> {
@@ -293,7 +384,11 @@ fn detect_mode(file: &Path) -> Result<CacheMode, StageError> {
     Ok(CacheMode::Pretrain)
 }
 
-fn separator_id(tokenizer: &Tokenizer, configured: Option<&str>) -> Result<u32, StageError> {
+fn separator_id(
+    tokenizer: &Tokenizer,
+    configured: Option<&str>,
+    config: &TokenizerConfig,
+) -> Result<u32, StageError> {
     if let Some(token) = configured {
         return tokenizer.token_to_id(token).ok_or_else(|| {
             StageError::Invalid(format!(
@@ -302,7 +397,8 @@ fn separator_id(tokenizer: &Tokenizer, configured: Option<&str>) -> Result<u32, 
         });
     }
     [special::END_OF_TEXT, "</s>", "<|end_of_text|>", "<eos>"]
-        .iter()
+        .into_iter()
+        .chain(config.special("eos_token"))
         .find_map(|token| tokenizer.token_to_id(token))
         .ok_or_else(|| {
             StageError::Invalid(
@@ -423,7 +519,16 @@ fn build_pretrain(
                 let text = match (parsed.text, parsed.messages) {
                     (Some(text), _) => text,
                     // A conversation in a pretraining corpus is trained on as rendered text.
-                    (None, Some(messages)) => chat::render_text(&messages, false),
+                    (None, Some(messages)) => {
+                        let messages: Vec<ChatMessage> = serde_json::from_value(messages)
+                            .map_err(|error| {
+                                StageError::Invalid(format!(
+                                    "{}:{number}: `messages`: {error}",
+                                    file.display()
+                                ))
+                            })?;
+                        chat::render_text(&messages, false)
+                    }
                     (None, None) => String::new(),
                 };
                 let mut ids = encoder.encode(&text).map_err(|error| {
@@ -456,25 +561,27 @@ fn build_pretrain(
 /// Token ids and loss mask of one example, or the reason it is left out.
 type Example = Result<(Vec<u32>, Vec<u8>), &'static str>;
 
-/// Token ids and loss mask of one conversation, or why it is left out.
+/// Token ids and loss mask of one conversation, or why it is left out: the text the
+/// template renders, tokenized whole without added special tokens (as transformers'
+/// `apply_chat_template` does), masked over the template's assistant spans.
 fn encode_conversation(
-    encoder: &Encoder<'_>,
-    messages: &[ChatMessage],
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    conversation: &Conversation,
     max_len: usize,
     truncation: Truncation,
 ) -> Result<Example, String> {
-    let mut ids = Vec::new();
-    let mut mask = Vec::new();
-    // Segments meet at special tokens, which the tokenizer never merges across, so
-    // encoding them one by one gives exactly the ids of the whole rendered text.
-    for segment in chat::render(messages, false) {
-        let segment_ids = encoder.encode(&segment.text)?;
-        mask.extend(std::iter::repeat_n(
-            u8::from(segment.trainable),
-            segment_ids.len(),
-        ));
-        ids.extend(segment_ids);
-    }
+    let rendered = template
+        .render(conversation, false)
+        .map_err(|error| error.to_string())?;
+    let spans = template
+        .trainable_spans(conversation, &rendered)
+        .map_err(|error| error.to_string())?;
+    let encoding = tokenizer
+        .encode(rendered.text.as_str(), false)
+        .map_err(|error| format!("cannot tokenize: {error}"))?;
+    let mut ids = encoding.get_ids().to_vec();
+    let mut mask = span_mask(encoding.get_offsets(), &spans);
     if !mask.contains(&1) {
         return Ok(Err("no_assistant_turn"));
     }
@@ -498,8 +605,10 @@ fn encode_conversation(
     Ok(Ok((ids, mask)))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_sft(
     tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
     settings: &TokenCacheSettings,
     file: &Path,
     out_dir: &Path,
@@ -510,27 +619,35 @@ fn build_sft(
     let mut writer = SftWriter::new(out_dir, split, dtype)
         .map_err(|error| StageError::io(format!("creating {split} files"), error))?;
     let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    let template = template.ok_or_else(|| {
+        StageError::Invalid("an SFT cache needs a chat template".to_string())
+    })?;
     let bar = progress_bar(file);
-    let encoder = Encoder::new(tokenizer);
     for_each_batch(file, settings.batch_records, context, |batch| {
         let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();
         let encoded: Vec<Example> = batch
             .par_iter()
             .map(|(number, line)| {
                 let parsed = parse_line(file, *number, line)?;
-                let messages = parsed.messages.ok_or_else(|| {
-                    StageError::Invalid(format!(
+                if parsed.messages.is_none() {
+                    return Err(StageError::Invalid(format!(
                         "{}:{number}: an SFT corpus needs `messages` on every line",
                         file.display()
-                    ))
-                })?;
-                encode_conversation(&encoder, &messages, settings.max_len, settings.truncation)
-                    .map_err(|error| {
-                        StageError::Invalid(format!(
-                            "{}:{number}: cannot tokenize: {error}",
-                            file.display()
-                        ))
-                    })
+                    )));
+                }
+                let at_line = |error: String| {
+                    StageError::Invalid(format!("{}:{number}: {error}", file.display()))
+                };
+                let conversation =
+                    Conversation::from_json(line).map_err(|error| at_line(error.to_string()))?;
+                encode_conversation(
+                    tokenizer,
+                    template,
+                    &conversation,
+                    settings.max_len,
+                    settings.truncation,
+                )
+                .map_err(at_line)
             })
             .collect::<Result<_, StageError>>()?;
         for example in encoded {

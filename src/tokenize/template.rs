@@ -149,7 +149,7 @@ impl Conversation {
             _ => Value::from(()),
         };
         let conversation = Conversation {
-            messages,
+            messages: with_openai_tool_calls(without_none_keys(messages)),
             tools: optional("tools"),
             documents: optional("documents"),
         };
@@ -202,6 +202,129 @@ impl Conversation {
             documents: self.documents.clone(),
         }
     }
+}
+
+/// `messages` without the keys whose value is null, as transformers drops them before
+/// rendering (`"content": null` is then undefined to the template, not none).
+fn without_none_keys(messages: Value) -> Value {
+    let Ok(items) = messages.try_iter() else {
+        return messages;
+    };
+    let items: Vec<Value> = items.collect();
+    let has_none = |message: &Value| {
+        message.kind() == ValueKind::Map
+            && message.try_iter().is_ok_and(|mut keys| {
+                keys.any(|key| message.get_item(&key).is_ok_and(|value| value.is_none()))
+            })
+    };
+    if !items.iter().any(has_none) {
+        return messages;
+    }
+    let rebuilt: Vec<Value> = items
+        .into_iter()
+        .map(|message| {
+            if !has_none(&message) {
+                return message;
+            }
+            let fields: Vec<(Value, Value)> = message
+                .try_iter()
+                .map(|keys| {
+                    keys.filter_map(|key| {
+                        let value = message.get_item(&key).ok()?;
+                        (!value.is_none()).then_some((key, value))
+                    })
+                    .collect()
+                })
+                .unwrap_or_default();
+            map_value(fields)
+        })
+        .collect();
+    Value::from(rebuilt)
+}
+
+/// `messages` with every tool call in the OpenAI shape transformers documents,
+/// `{"type": "function", "function": {"name", "arguments"}}`: trainyard's corpora store
+/// a call as `{"name", "arguments"}`, which templates such as Llama 3.1's do not read.
+/// Calls already in that shape, and everything else, are kept as they are.
+fn with_openai_tool_calls(messages: Value) -> Value {
+    let needs_change = |message: &Value| {
+        message.get_attr("tool_calls").ok().is_some_and(|calls| {
+            calls.try_iter().is_ok_and(|mut calls| {
+                calls.any(|call| {
+                    call.get_attr("function").is_ok_and(|f| f.is_undefined())
+                        && call.get_attr("name").is_ok_and(|n| !n.is_undefined())
+                })
+            })
+        })
+    };
+    let Ok(items) = messages.try_iter() else {
+        return messages;
+    };
+    let items: Vec<Value> = items.collect();
+    if !items.iter().any(needs_change) {
+        return messages;
+    }
+    let rebuilt: Vec<Value> = items
+        .into_iter()
+        .map(|message| {
+            if !needs_change(&message) {
+                return message;
+            }
+            let Ok(keys) = message.try_iter() else {
+                return message;
+            };
+            let fields: Vec<(Value, Value)> = keys
+                .map(|key| {
+                    let value = message.get_item(&key).unwrap_or_default();
+                    if key.as_str() == Some("tool_calls") {
+                        let calls: Vec<Value> = value
+                            .try_iter()
+                            .map(|calls| calls.map(openai_tool_call).collect())
+                            .unwrap_or_default();
+                        (key, Value::from(calls))
+                    } else {
+                        (key, value)
+                    }
+                })
+                .collect();
+            map_value(fields)
+        })
+        .collect();
+    Value::from(rebuilt)
+}
+
+fn openai_tool_call(call: Value) -> Value {
+    if !call.get_attr("function").is_ok_and(|f| f.is_undefined()) {
+        return call;
+    }
+    let function: Vec<(&str, Value)> = ["name", "arguments"]
+        .into_iter()
+        .filter_map(|key| {
+            call.get_attr(key)
+                .ok()
+                .filter(|value| !value.is_undefined())
+                .map(|value| (key, value))
+        })
+        .collect();
+    let mut fields: Vec<(&str, Value)> = Vec::new();
+    if let Ok(id) = call.get_attr("id")
+        && !id.is_undefined()
+    {
+        fields.push(("id", id));
+    }
+    fields.push(("type", Value::from("function")));
+    fields.push(("function", map_value(function)));
+    map_value(fields)
+}
+
+/// A map value keeping the order of `fields`.
+fn map_value<K: Into<Value>>(fields: Vec<(K, Value)>) -> Value {
+    Value::from(
+        fields
+            .into_iter()
+            .map(|(key, value)| (key.into(), value))
+            .collect::<indexmap::IndexMap<Value, Value>>(),
+    )
 }
 
 /// Rendered text and the byte spans the template marked as generated.
@@ -359,6 +482,78 @@ fn token_content(value: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Which template renders conversations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateChoice {
+    /// The tokenizer's own template when it has one (`chat_template.jinja` or
+    /// `tokenizer_config.json`), else trainyard's for a tokenizer with trainyard's role
+    /// tokens.
+    #[default]
+    Auto,
+    /// The tokenizer's own template; an error when it has none.
+    Model,
+    /// trainyard's template (`<|user|>…<|end|>`), for tokenizers a `tokenizer` stage
+    /// trained.
+    Trainyard,
+}
+
+/// The directory a tokenizer input names: the directory itself, or the one holding a
+/// `tokenizer.json` file.
+pub fn tokenizer_dir(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+}
+
+impl ChatTemplate {
+    /// The template for the tokenizer at `tokenizer_path` (a file or a directory):
+    /// `file` when given, else as `choice` says. `has_trainyard_tokens` tells whether
+    /// the tokenizer carries trainyard's role tokens (what `auto` falls back on).
+    pub fn for_tokenizer(
+        tokenizer_path: &Path,
+        choice: TemplateChoice,
+        file: Option<&Path>,
+        has_trainyard_tokens: bool,
+        extra: Vec<(String, Value)>,
+    ) -> Result<ChatTemplate, TemplateError> {
+        let dir = tokenizer_dir(tokenizer_path);
+        let config = TokenizerConfig::load(&dir)?;
+        if let Some(file) = file {
+            let text = std::fs::read_to_string(file).map_err(|source| TemplateError::Io {
+                path: file.to_path_buf(),
+                source,
+            })?;
+            return ChatTemplate::new(TemplateSource::File(file.to_path_buf()), &text, &config, extra);
+        }
+        let own = model_template_text(&dir, &config)?;
+        match (choice, own) {
+            (TemplateChoice::Auto | TemplateChoice::Model, Some((text, path))) => {
+                ChatTemplate::new(TemplateSource::Model(path), &text, &config, extra)
+            }
+            (TemplateChoice::Trainyard, _) | (TemplateChoice::Auto, None) if has_trainyard_tokens => {
+                let mut template = ChatTemplate::trainyard()?;
+                template.extra = extra;
+                Ok(template)
+            }
+            (TemplateChoice::Trainyard, _) => Err(TemplateError::Config {
+                path: tokenizer_path.to_path_buf(),
+                message: "`chat_template: trainyard` needs a tokenizer with trainyard's role tokens (`<|user|>`, `<|assistant|>`, `<|end|>`, …), as a `tokenizer` stage trains them".to_string(),
+            }),
+            (_, None) => Err(TemplateError::Config {
+                path: dir.clone(),
+                message: format!(
+                    "this tokenizer has no chat template (looked for {} and `chat_template` in {}); give one with `inputs: {{ chat_template: FILE.jinja }}`",
+                    dir.join(TEMPLATE_FILE).display(),
+                    config.path.display()
+                ),
+            }),
+        }
+    }
+}
+
 /// The template text of a model or tokenizer directory, as transformers finds it:
 /// `chat_template.jinja` first, then `tokenizer_config.json`'s `chat_template`.
 pub fn model_template_text(
@@ -476,12 +671,13 @@ impl ChatTemplate {
         self.has_generation
     }
 
-    /// A hash of everything that decides the rendering (template text, special tokens,
-    /// extra variables), recorded in chat caches.
+    /// A hash of the template text and the special tokens it is rendered with, recorded
+    /// in chat caches so that training can check the cache against its base model (the
+    /// extra variables are part of the cache stage's settings instead).
     pub fn hash(&self) -> String {
         let mut hasher = blake3::Hasher::new();
         hasher.update(self.text.as_bytes());
-        for (key, value) in self.special_tokens.iter().chain(&self.extra) {
+        for (key, value) in &self.special_tokens {
             hasher.update(b"\0");
             hasher.update(key.as_bytes());
             hasher.update(b"=");
@@ -1116,6 +1312,17 @@ mod tests {
             t.render(&c, false).unwrap().text,
             "{\"b\": [1, 2.5], \"a\": \"é<\"}|{\n  \"b\": [\n    1,\n    2.5\n  ],\n  \"a\": \"é<\"\n}|{\"a\": \"é<\", \"b\": [1, 2.5]}"
         );
+    }
+
+    #[test]
+    fn trainyard_tool_calls_are_passed_in_openai_shape() {
+        let t = template(
+            "{% for call in messages[0].tool_calls %}{{ call.type }} {{ call.function.name }} {{ call.function.arguments | tojson }}{% endfor %}",
+        );
+        let c = conversation(
+            r#"{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"z": 1, "a": 2}}]}]}"#,
+        );
+        assert_eq!(t.render(&c, false).unwrap().text, "function f {\"z\": 1, \"a\": 2}");
     }
 
     #[test]
