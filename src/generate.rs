@@ -21,8 +21,8 @@ use tokenizers::Tokenizer;
 
 use crate::data::records::{ChatMessage, Role};
 use crate::model::{self, CausalLm, ModelConfig, ModelError};
-use crate::tokenize::chat;
-use crate::tokenize::special::{ASSISTANT, END_OF_TEXT, END_OF_TURN, SYSTEM, USER};
+use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS};
+use crate::tokenize::template::{self, ChatTemplate, TemplateChoice, TokenizerConfig};
 use crate::tokenize::train::{TokenizeError, load_tokenizer};
 
 /// Why a model could not be loaded or text not generated.
@@ -283,6 +283,45 @@ pub struct Generator {
     ban: Tensor,
     /// The banned ids, sorted.
     banned: Vec<u32>,
+    /// The model's chat template (its own, or trainyard's for trainyard tokenizers).
+    template: Result<ChatTemplate, String>,
+    /// Whether the tokenizer is one a `tokenizer` stage trained (trainyard's role
+    /// tokens at their fixed ids): only then do prompts follow trainyard's conventions.
+    trainyard_tokenizer: bool,
+}
+
+/// The stop tokens of a model directory: `eos_token_id` of `generation_config.json`
+/// (a number or a list), then of `config.json`, and `tokenizer_config.json`'s
+/// `eos_token`, as transformers' `generate` gathers them.
+fn model_stop_ids(dir: &Path, tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut stop = Vec::new();
+    for file in ["generation_config.json", "config.json"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+            continue;
+        };
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        match value.get("eos_token_id") {
+            Some(serde_json::Value::Number(id)) => stop.extend(id.as_u64().map(|id| id as u32)),
+            Some(serde_json::Value::Array(ids)) => stop.extend(
+                ids.iter()
+                    .filter_map(serde_json::Value::as_u64)
+                    .map(|id| id as u32),
+            ),
+            _ => {}
+        }
+    }
+    if let Ok(config) = TokenizerConfig::load(dir)
+        && let Some(id) = config
+            .special("eos_token")
+            .and_then(|token| tokenizer.token_to_id(token))
+    {
+        stop.push(id);
+    }
+    let mut seen = std::collections::HashSet::new();
+    stop.retain(|id| seen.insert(*id));
+    stop
 }
 
 impl Generator {
@@ -319,16 +358,37 @@ impl Generator {
                 ),
             });
         }
-        let stop: Vec<u32> = [END_OF_TURN, END_OF_TEXT]
+        let trainyard_tokenizer = SPECIAL_TOKENS
             .iter()
-            .filter_map(|token| tokenizer.token_to_id(token))
-            .collect();
-        // Every special token but the stop tokens, and the model's rows the tokenizer
-        // has no token for.
+            .enumerate()
+            .all(|(id, token)| tokenizer.token_to_id(token) == Some(id as u32));
+        let mut stop = model_stop_ids(&dir, &tokenizer);
+        if trainyard_tokenizer {
+            for id in [END_OF_TURN, END_OF_TEXT]
+                .iter()
+                .filter_map(|token| tokenizer.token_to_id(token))
+            {
+                if !stop.contains(&id) {
+                    stop.push(id);
+                }
+            }
+        }
+        let template = ChatTemplate::for_tokenizer(
+            &dir,
+            TemplateChoice::Auto,
+            None,
+            trainyard_tokenizer,
+            Vec::new(),
+        )
+        .map_err(|error| error.to_string());
+        // Every special token but the stop tokens and tool-call markers (a chat shows a
+        // model's tool calls), and the model's rows the tokenizer has no token for.
         let mut banned: Vec<u32> = tokenizer
             .get_added_tokens_decoder()
             .into_iter()
-            .filter(|(id, token)| token.special && !stop.contains(id))
+            .filter(|(id, token)| {
+                token.special && !stop.contains(id) && !token.content.contains("tool_call")
+            })
             .map(|(id, _)| id)
             .chain(tokenizer_vocab as u32..vocab as u32)
             .collect();
@@ -350,6 +410,8 @@ impl Generator {
             stop,
             ban,
             banned,
+            template,
+            trainyard_tokenizer,
         })
     }
 
@@ -382,33 +444,44 @@ impl Generator {
             .map_err(|error| GenerateError::Tokenize(error.to_string()))
     }
 
-    /// The prompt of plain-text continuation: `<|endoftext|>` (a document starts after
-    /// it in pretraining streams, when the tokenizer has it) followed by `text`.
+    /// The prompt of plain-text continuation: `text` encoded as transformers encodes it
+    /// by default (`add_special_tokens=True`: exactly what the tokenizer's
+    /// post-processor adds, a BOS for Llama, nothing for GPT-2 or Qwen2). A tokenizer
+    /// trained by trainyard has no post-processor; its models saw every document after
+    /// `<|endoftext|>` in pretraining, so that token leads the prompt.
     pub fn raw_prompt(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
-        let mut ids: Vec<u32> = self
-            .tokenizer
-            .token_to_id(END_OF_TEXT)
-            .into_iter()
-            .collect();
-        ids.extend(self.encode(text)?);
-        Ok(ids)
+        if self.trainyard_tokenizer {
+            let mut ids: Vec<u32> = self
+                .tokenizer
+                .token_to_id(END_OF_TEXT)
+                .into_iter()
+                .collect();
+            ids.extend(self.encode(text)?);
+            return Ok(ids);
+        }
+        self.tokenizer
+            .encode_fast(text, true)
+            .map(|encoding| encoding.get_ids().to_vec())
+            .map_err(|error| GenerateError::Tokenize(error.to_string()))
     }
 
-    /// The prompt of a chat: `messages` rendered with the chat template, ending with
-    /// the open `<|assistant|>` turn. Fails if the tokenizer lacks the chat tokens.
+    /// The prompt of a chat: `messages` rendered with the model's chat template and its
+    /// generation prompt, tokenized as `apply_chat_template` does (the template writes
+    /// the special tokens). Fails if the model has no template.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, GenerateError> {
-        for token in [SYSTEM, USER, ASSISTANT, END_OF_TURN] {
-            if self.tokenizer.token_to_id(token).is_none() {
-                return Err(GenerateError::TokenizerMismatch {
-                    path: self.tokenizer_path.clone(),
-                    message: format!(
-                        "no {token} token: the chat template needs trainyard's special \
-                         tokens (use plain-text generation, `generate --raw`)"
-                    ),
-                });
-            }
-        }
-        self.encode(&chat::render_text(messages, true))
+        let template = self
+            .template
+            .as_ref()
+            .map_err(|message| GenerateError::TokenizerMismatch {
+                path: self.tokenizer_path.clone(),
+                message: format!("{message} (or use plain-text generation, `generate --raw`)"),
+            })?;
+        let messages = serde_json::to_value(messages)
+            .map_err(|error| GenerateError::Tokenize(error.to_string()))?;
+        let rendered = template::Conversation::from_messages(&messages)
+            .and_then(|conversation| template.render(&conversation, true))
+            .map_err(|error| GenerateError::Tokenize(error.to_string()))?;
+        self.encode(&rendered.text)
     }
 
     /// Generates after `prompt` until a stop token, `max_new_tokens` or the end of the
@@ -687,6 +760,7 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::chat;
 
     #[test]
     fn temperature_zero_is_greedy_and_the_filters_combine() {

@@ -50,6 +50,7 @@ use serde_json::Value as Json;
 
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig, ModelError};
 use crate::tokenize::chat::JINJA_TEMPLATE;
+use crate::tokenize::template;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD};
 use crate::tokenize::train::tokenizer_file;
 
@@ -306,9 +307,13 @@ struct Vocab {
     merges: Vec<String>,
     /// `tokenizer.ggml.pre`.
     pre: &'static str,
-    bos: u32,
+    bos: Option<u32>,
     eos: u32,
     pad: u32,
+    /// Whether the tokenizer's post-processor puts the BOS in front of a prompt.
+    add_bos: bool,
+    /// The chat template llama.cpp applies: the model's own, else trainyard's.
+    chat_template: String,
 }
 
 /// Reads a Hugging Face `tokenizer.json` of a byte-level BPE model, padded (as the
@@ -461,7 +466,37 @@ fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
                 ))
             })
     };
-    let (bos, eos, pad) = (id_of(END_OF_TEXT)?, id_of(END_OF_TURN)?, id_of(PAD)?);
+    // A model from elsewhere names its own special tokens and template beside its
+    // tokenizer.json; trainyard's tokenizers use trainyard's.
+    let dir = template::tokenizer_dir(path);
+    let config = template::TokenizerConfig::load(&dir).map_err(|e| error(e.to_string()))?;
+    let own_template =
+        template::model_template_text(&dir, &config).map_err(|e| error(e.to_string()))?;
+    let (bos, eos, pad, chat_template) = match (&own_template, config.special("eos_token")) {
+        (Some((text, _)), Some(eos)) => {
+            let eos = id_of(eos)?;
+            let bos = config.special("bos_token").map(&id_of).transpose()?;
+            let pad = config.special("pad_token").map(&id_of).transpose()?.unwrap_or(eos);
+            (bos, eos, pad, text.clone())
+        }
+        _ => (
+            Some(id_of(END_OF_TEXT)?),
+            id_of(END_OF_TURN)?,
+            id_of(PAD)?,
+            JINJA_TEMPLATE.to_string(),
+        ),
+    };
+    let add_bos = match bos {
+        Some(bos) => {
+            let tokenizer = tokenizers::Tokenizer::from_file(path)
+                .map_err(|e| error(format!("cannot load: {e}")))?;
+            let with = tokenizer
+                .encode("a", true)
+                .map_err(|e| error(format!("cannot encode: {e}")))?;
+            with.get_ids().first() == Some(&bos)
+        }
+        None => false,
+    };
     Ok(Vocab {
         tokens,
         types,
@@ -470,6 +505,8 @@ fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
         bos,
         eos,
         pad,
+        add_bos,
+        chat_template,
     })
 }
 
@@ -550,7 +587,7 @@ fn metadata(layout: &Layout, vocab: &Vocab, dtype: GgufDtype) -> Vec<(String, Me
     for (key, value) in &layout.hyper {
         entries.push((format!("{}.{key}", layout.arch), value.clone()));
     }
-    let tokenizer = [
+    let mut tokenizer = vec![
         ("tokenizer.ggml.model", text("gpt2")),
         ("tokenizer.ggml.pre", text(vocab.pre)),
         (
@@ -565,14 +602,16 @@ fn metadata(layout: &Layout, vocab: &Vocab, dtype: GgufDtype) -> Vec<(String, Me
             "tokenizer.ggml.merges",
             MetaValue::StringArray(vocab.merges.clone()),
         ),
-        ("tokenizer.ggml.bos_token_id", MetaValue::U32(vocab.bos)),
         ("tokenizer.ggml.eos_token_id", MetaValue::U32(vocab.eos)),
         ("tokenizer.ggml.eot_token_id", MetaValue::U32(vocab.eos)),
         ("tokenizer.ggml.padding_token_id", MetaValue::U32(vocab.pad)),
-        ("tokenizer.ggml.add_bos_token", MetaValue::Bool(false)),
+        ("tokenizer.ggml.add_bos_token", MetaValue::Bool(vocab.add_bos)),
         ("tokenizer.ggml.add_eos_token", MetaValue::Bool(false)),
-        ("tokenizer.chat_template", text(JINJA_TEMPLATE)),
+        ("tokenizer.chat_template", text(&vocab.chat_template)),
     ];
+    if let Some(bos) = vocab.bos {
+        tokenizer.push(("tokenizer.ggml.bos_token_id", MetaValue::U32(bos)));
+    }
     entries.extend(
         tokenizer
             .into_iter()

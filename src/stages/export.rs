@@ -17,6 +17,7 @@ use crate::export::gguf::{self, GgufDtype};
 use crate::model::{self, ModelConfig};
 use crate::tokenize::chat::JINJA_TEMPLATE;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD, SPECIAL_TOKENS};
+use crate::tokenize::template::{TOKENIZER_CONFIG, copy_companions};
 use crate::tokenize::train::{load_tokenizer, tokenizer_file};
 
 /// Settings of an `export` stage.
@@ -35,7 +36,7 @@ pub struct Export;
 impl StageKind for Export {
     type Settings = ExportSettings;
     const NAME: &'static str = "export";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "write a model as a Hugging Face directory (with chat template) and GGUF files";
     const OUTPUT: Artifact = Artifact::Export;
@@ -166,17 +167,25 @@ fn run(
         copy(&index, &out.join("model.safetensors.index.json"))?;
     }
     copy(&tokenizer_path, &out.join("tokenizer.json"))?;
-    write_json(
-        &out.join("tokenizer_config.json"),
-        &tokenizer_config(&tokenizer, &config),
-    )?;
-    let generation = if ours {
-        // Stop at the end of a turn, or at the end of a document for raw text.
-        json!({ "bos_token_id": 1, "eos_token_id": [2, 1], "pad_token_id": 0 })
-    } else {
-        json!({})
-    };
-    write_json(&out.join("generation_config.json"), &generation)?;
+    // A model from elsewhere keeps its own template, special tokens and stop tokens;
+    // trainyard writes them only for its own tokenizers.
+    let companions = copy_companions(&tokenizer_path, out)
+        .map_err(|error| StageError::io(format!("copying beside {}", out.display()), error))?;
+    if !companions.contains(&TOKENIZER_CONFIG) {
+        write_json(
+            &out.join("tokenizer_config.json"),
+            &tokenizer_config(&tokenizer, &config),
+        )?;
+    }
+    if !companions.contains(&"generation_config.json") {
+        let generation = if ours {
+            // Stop at the end of a turn, or at the end of a document for raw text.
+            json!({ "bos_token_id": 1, "eos_token_id": [2, 1], "pad_token_id": 0 })
+        } else {
+            json!({})
+        };
+        write_json(&out.join("generation_config.json"), &generation)?;
+    }
 
     let gguf_types = settings
         .gguf

@@ -26,7 +26,7 @@ pub struct LoraMerge;
 impl StageKind for LoraMerge {
     type Settings = LoraMergeSettings;
     const NAME: &'static str = "lora-merge";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "fold a LoRA adapter into its base model (W + α/r·B·A)";
     const OUTPUT: Artifact = Artifact::Model;
     const INPUTS: InputRules = InputRules::Slots(&[
@@ -91,6 +91,9 @@ impl StageKind for LoraMerge {
             let copy = context.out_dir.join("tokenizer.json");
             std::fs::copy(&tokenizer, &copy)
                 .map_err(|error| StageError::io(format!("writing {}", copy.display()), error))?;
+            crate::tokenize::template::copy_companions(&tokenizer, context.out_dir).map_err(
+                |error| StageError::io(format!("copying {}'s companions", tokenizer.display()), error),
+            )?;
         }
         let _ = writeln!(
             context.log,

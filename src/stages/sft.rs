@@ -265,7 +265,7 @@ pub struct Sft;
 impl StageKind for Sft {
     type Settings = SftSettings;
     const NAME: &'static str = "sft";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str =
         "fine-tune a model on chat examples, loss on the assistant's tokens (resumable)";
     const OUTPUT: Artifact = Artifact::Model;
@@ -432,6 +432,12 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         tokenizer_file(context.inputs.get("tokenizer").unwrap_or(base)).map_err(invalid)?;
     let cache = TokenCache::open(&context.inputs["data"]).map_err(invalid)?;
     cache.verify_tokenizer(&tokenizer).map_err(invalid)?;
+    if let Some(record) = &cache.meta.chat_template
+        && record.source == "model"
+    {
+        crate::tokenize::template::verify_model_template(&tokenizer, &record.hash, &cache.dir)
+            .map_err(invalid)?;
+    }
     let examples = cache.examples("train").map_err(invalid)?;
     if examples.is_empty() {
         return Err(invalid(format!(

@@ -111,6 +111,16 @@ pub enum TemplateError {
     /// A conversation is not a list of messages with roles.
     #[error("{0}")]
     Conversation(String),
+    /// A chat cache was rendered with another template than the model's own.
+    #[error(
+        "the chat cache {cache} was rendered with another chat template than the model's own ({template}); rebuild the cache with this model's tokenizer directory as its `tokenizer` input"
+    )]
+    Mismatch {
+        /// The cache directory.
+        cache: PathBuf,
+        /// The model's template file (or the directory without one).
+        template: PathBuf,
+    },
 }
 
 /// A conversation as the template sees it: the messages (and tool definitions) exactly
@@ -479,6 +489,59 @@ fn token_content(value: &serde_json::Value) -> Option<String> {
             .and_then(serde_json::Value::as_str)
             .map(str::to_string),
         _ => None,
+    }
+}
+
+/// Files that travel with a model's `tokenizer.json` from elsewhere: its template,
+/// special tokens and stop tokens. Every model directory trainyard writes from such a
+/// base carries them, so the model keeps speaking its own format after training.
+pub const COMPANION_FILES: &[&str] = &[
+    TOKENIZER_CONFIG,
+    TEMPLATE_FILE,
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// Copies the [`COMPANION_FILES`] that sit beside `tokenizer_file` into `dir`; returns
+/// the names copied.
+pub fn copy_companions(tokenizer_file: &Path, dir: &Path) -> std::io::Result<Vec<&'static str>> {
+    let from = tokenizer_dir(tokenizer_file);
+    let mut copied = Vec::new();
+    for name in COMPANION_FILES {
+        let source = from.join(name);
+        let target = dir.join(name);
+        if source.is_file() && source != target {
+            std::fs::copy(&source, &target)?;
+            copied.push(*name);
+        }
+    }
+    Ok(copied)
+}
+
+/// Checks that the model whose tokenizer is `tokenizer_file` has the template hashed
+/// as `expected` (a chat cache's record), so that training never teaches a model a
+/// format other than the one it will be prompted with.
+pub fn verify_model_template(
+    tokenizer_file: &Path,
+    expected: &str,
+    cache: &Path,
+) -> Result<(), TemplateError> {
+    let dir = tokenizer_dir(tokenizer_file);
+    let config = TokenizerConfig::load(&dir)?;
+    let mismatch = |template: PathBuf| TemplateError::Mismatch {
+        cache: cache.to_path_buf(),
+        template,
+    };
+    match model_template_text(&dir, &config)? {
+        Some((text, path)) => {
+            let template = ChatTemplate::new(TemplateSource::Model(path.clone()), &text, &config, Vec::new())?;
+            if template.hash() == expected {
+                Ok(())
+            } else {
+                Err(mismatch(path))
+            }
+        }
+        None => Err(mismatch(dir)),
     }
 }
 

@@ -155,7 +155,7 @@ pub fn save(root: &Path, checkpoint: &Checkpoint<'_>) -> Result<PathBuf, Checkpo
 /// Writes the trained weights: an HF model directory (`config.json`,
 /// `model.safetensors`, through [`crate::model::save_model_dir`]) or a PEFT adapter
 /// directory (`adapter_config.json`, `adapter_model.safetensors`), plus a copy of
-/// `tokenizer.json` when given.
+/// `tokenizer.json` when given, with the template and special-token files beside it.
 pub fn write_model(
     dir: &Path,
     files: ModelFiles<'_>,
@@ -186,6 +186,7 @@ pub fn write_model(
     if let Some(tokenizer) = tokenizer {
         let copy = dir.join("tokenizer.json");
         fs::copy(tokenizer, &copy).map_err(io_at(&copy))?;
+        crate::tokenize::template::copy_companions(tokenizer, dir).map_err(io_at(dir))?;
     }
     Ok(())
 }
