@@ -21,7 +21,7 @@ use tokenizers::Tokenizer;
 
 use crate::data::records::{ChatMessage, Role};
 use crate::model::{self, CausalLm, ModelConfig, ModelError};
-use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS};
+use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS, TOOL_CALL};
 use crate::tokenize::template::{self, ChatTemplate, TemplateChoice, TokenizerConfig};
 use crate::tokenize::train::{TokenizeError, load_tokenizer};
 
@@ -381,17 +381,23 @@ impl Generator {
             Vec::new(),
         )
         .map_err(|error| error.to_string());
-        // Every special token but the stop tokens and tool-call markers (a chat shows a
-        // model's tool calls), and the model's rows the tokenizer has no token for.
-        let mut banned: Vec<u32> = tokenizer
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(id, token)| {
-                token.special && !stop.contains(id) && !token.content.contains("tool_call")
-            })
-            .map(|(id, _)| id)
-            .chain(tokenizer_vocab as u32..vocab as u32)
-            .collect();
+        // trainyard's small models never produce role tokens mid-answer, so for its own
+        // tokenizers every special token but the stop tokens and the tool-call marker (a
+        // chat shows tool calls) is banned, and so are the rows the tokenizer has no
+        // token for. A model from elsewhere samples as transformers does: nothing banned.
+        let mut banned: Vec<u32> = if trainyard_tokenizer {
+            tokenizer
+                .get_added_tokens_decoder()
+                .into_iter()
+                .filter(|(id, token)| {
+                    token.special && !stop.contains(id) && token.content != TOOL_CALL
+                })
+                .map(|(id, _)| id)
+                .chain(tokenizer_vocab as u32..vocab as u32)
+                .collect()
+        } else {
+            Vec::new()
+        };
         banned.sort_unstable();
         banned.dedup();
         let mut mask = vec![0f32; vocab];

@@ -91,11 +91,12 @@ fn special_tokens_are_never_generated_and_stop_tokens_end_the_generation() {
         "<|user|>",
         "<|assistant|>",
         "<|tool|>",
-        "<|tool_call|>",
     ] {
         let id = special::id_of(token).unwrap();
         assert!(banned.contains(&id), "{token} is banned");
     }
+    // A chat shows the model's tool calls.
+    assert!(!banned.contains(&special::id_of("<|tool_call|>").unwrap()));
     let vocab = generator.config().vocab_size() as u32;
     for id in vocab - 4..vocab {
         assert!(banned.contains(&id), "id {id} has no token and is banned");
@@ -304,4 +305,46 @@ fn a_missing_or_incomplete_model_directory_is_named_in_the_error() {
         error.contains("no model.safetensors") && error.contains("lm"),
         "{error}"
     );
+}
+
+/// Models from elsewhere (tests/fixtures/prompts, made by transformers): a plain prompt
+/// gets exactly what the tokenizer's post-processor adds (a BOS for the Llama-3-style
+/// tokenizer, nothing for Qwen2 and GPT-2), and greedy decoding continues exactly as
+/// transformers' `generate(do_sample=False)` does — from bf16 (llama), f32 (qwen2) and
+/// f16 (gpt2) weights.
+#[test]
+fn prompt_ids_and_greedy_text_equal_transformers_for_llama_qwen2_and_gpt2() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/prompts");
+    for family in ["llama", "qwen2", "gpt2"] {
+        let dir = root.join(family);
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let generator = load(&dir);
+        let prompts = expected["prompts"].as_array().unwrap();
+        assert!(!prompts.is_empty());
+        for case in prompts {
+            let prompt = case["prompt"].as_str().unwrap();
+            let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            assert_eq!(generator.raw_prompt(prompt).unwrap(), ids, "{family}: {prompt:?}");
+            let mut new_ids: Vec<u32> = serde_json::from_value(case["new_ids"].clone()).unwrap();
+            let budget = new_ids.len();
+            // transformers keeps the stop token it ended on; trainyard reports it apart.
+            let stopped = new_ids
+                .last()
+                .is_some_and(|id| generator.stop_ids().contains(id));
+            if stopped {
+                new_ids.pop();
+            }
+            let generation = generator
+                .generate(&ids, &options(0.0, 1, budget), &mut |_| Ok(()))
+                .unwrap();
+            assert_eq!(generation.tokens, new_ids, "{family}: {prompt:?}");
+            if stopped {
+                assert_ne!(generation.stop, StopReason::MaxNewTokens, "{family}");
+            } else {
+                assert_eq!(generation.text, case["text"].as_str().unwrap(), "{family}");
+            }
+        }
+    }
 }
