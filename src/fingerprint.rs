@@ -91,8 +91,7 @@ impl StageIdentity {
         hasher.update(b"\0");
         hasher.update(&self.kind_version.to_le_bytes());
         let settings = serde_json::json!({ "seed": self.seed, "with": self.settings });
-        // serde_json's map is ordered by key, so this serialisation is canonical.
-        hasher.update(settings.to_string().as_bytes());
+        hasher.update(canonical_json(&settings).as_bytes());
         hasher.update(b"\0");
         for (name, input) in &self.inputs {
             hasher.update(name.as_bytes());
@@ -101,6 +100,44 @@ impl StageIdentity {
             hasher.update(b"\n");
         }
         hasher.finalize().to_hex().to_string()
+    }
+}
+
+/// `value` as compact JSON with every object's keys sorted (by bytes), whatever order
+/// they were built in: the one serialisation a fingerprint may hash.
+pub fn canonical_json(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &serde_json::Value, out: &mut String) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (index, key) in keys.into_iter().enumerate() {
+                if index > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[key], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 

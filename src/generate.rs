@@ -475,13 +475,13 @@ impl Generator {
     /// generation prompt, tokenized as `apply_chat_template` does (the template writes
     /// the special tokens). Fails if the model has no template.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, GenerateError> {
-        let template = self
-            .template
-            .as_ref()
-            .map_err(|message| GenerateError::TokenizerMismatch {
-                path: self.tokenizer_path.clone(),
-                message: format!("{message} (or use plain-text generation, `generate --raw`)"),
-            })?;
+        let template =
+            self.template
+                .as_ref()
+                .map_err(|message| GenerateError::TokenizerMismatch {
+                    path: self.tokenizer_path.clone(),
+                    message: format!("{message} (or use plain-text generation, `generate --raw`)"),
+                })?;
         let messages = serde_json::to_value(messages)
             .map_err(|error| GenerateError::Tokenize(error.to_string()))?;
         let rendered = template::Conversation::from_messages(&messages)
@@ -704,6 +704,7 @@ impl Conversation {
             role,
             content: content.to_string(),
             tool_calls: Vec::new(),
+            extra: Default::default(),
         };
         self.system
             .iter()
@@ -754,6 +755,7 @@ impl Conversation {
                 role,
                 content: content.to_string(),
                 tool_calls: Vec::new(),
+                extra: Default::default(),
             });
         }
         Ok(ChatReply {
@@ -844,6 +846,7 @@ mod tests {
                 role,
                 content: content.into(),
                 tool_calls: Vec::new(),
+                extra: Default::default(),
             });
         }
         let rendered = chat::render_text(&conversation.prompt_messages("e"), true);

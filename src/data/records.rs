@@ -49,6 +49,9 @@ impl Role {
 /// A tool call made by the assistant, normalised to a name and JSON arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
+    /// The call's id, when given (`call_0`); tool results refer to it as `tool_call_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// The function's name.
     pub name: String,
     /// Its arguments, as a JSON value (OpenAI's string-encoded form is parsed on ingest).
@@ -66,6 +69,10 @@ pub struct ChatMessage {
     /// Tool calls of an assistant turn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCall>,
+    /// The message's other keys as given (`tool_call_id`, `name`, `reasoning_content`,
+    /// …), in their order: a model's chat template may read them.
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A conversation, one line of a chat corpus.
@@ -73,6 +80,10 @@ pub struct ChatMessage {
 pub struct ChatRecord {
     /// The turns, in order; validated conversations end on an assistant turn.
     pub messages: Vec<ChatMessage>,
+    /// Tool definitions (JSON schemas) offered in the conversation, passed to the chat
+    /// template as `tools`, as transformers passes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<serde_json::Value>>,
     /// Where it came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_url: Option<String>,

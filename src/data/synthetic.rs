@@ -494,6 +494,7 @@ impl World {
                 role: Role::System,
                 content,
                 tool_calls: Vec::new(),
+                extra: Default::default(),
             });
         }
         for f in askable.into_iter().take(turns) {
@@ -502,6 +503,7 @@ impl World {
                 role: Role::User,
                 content: question,
                 tool_calls: Vec::new(),
+                extra: Default::default(),
             });
             let content = match self.settings.answers {
                 AnswerStyle::Sentence => fill(
@@ -515,10 +517,12 @@ impl World {
                 role: Role::Assistant,
                 content,
                 tool_calls: Vec::new(),
+                extra: Default::default(),
             });
         }
         ChatRecord {
             messages,
+            tools: None,
             source_url: None,
         }
     }

@@ -50,8 +50,8 @@ use serde_json::Value as Json;
 
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig, ModelError};
 use crate::tokenize::chat::JINJA_TEMPLATE;
-use crate::tokenize::template;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD};
+use crate::tokenize::template;
 use crate::tokenize::train::tokenizer_file;
 
 /// The GGUF version written.
@@ -476,7 +476,11 @@ fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
         (Some((text, _)), Some(eos)) => {
             let eos = id_of(eos)?;
             let bos = config.special("bos_token").map(&id_of).transpose()?;
-            let pad = config.special("pad_token").map(&id_of).transpose()?.unwrap_or(eos);
+            let pad = config
+                .special("pad_token")
+                .map(&id_of)
+                .transpose()?
+                .unwrap_or(eos);
             (bos, eos, pad, text.clone())
         }
         _ => (
@@ -605,7 +609,10 @@ fn metadata(layout: &Layout, vocab: &Vocab, dtype: GgufDtype) -> Vec<(String, Me
         ("tokenizer.ggml.eos_token_id", MetaValue::U32(vocab.eos)),
         ("tokenizer.ggml.eot_token_id", MetaValue::U32(vocab.eos)),
         ("tokenizer.ggml.padding_token_id", MetaValue::U32(vocab.pad)),
-        ("tokenizer.ggml.add_bos_token", MetaValue::Bool(vocab.add_bos)),
+        (
+            "tokenizer.ggml.add_bos_token",
+            MetaValue::Bool(vocab.add_bos),
+        ),
         ("tokenizer.ggml.add_eos_token", MetaValue::Bool(false)),
         ("tokenizer.chat_template", text(&vocab.chat_template)),
     ];

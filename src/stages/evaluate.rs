@@ -312,12 +312,14 @@ fn run(
                     role: Role::System,
                     content: system.clone(),
                     tool_calls: Vec::new(),
+                    extra: Default::default(),
                 });
             }
             messages.push(ChatMessage {
                 role: Role::User,
                 content: question.question.clone(),
                 tool_calls: Vec::new(),
+                extra: Default::default(),
             });
             let prompt = generator.chat_prompt(&messages).map_err(invalid)?;
             let generation = generator

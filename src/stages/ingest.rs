@@ -446,7 +446,7 @@ pub struct Ingest;
 impl StageKind for Ingest {
     type Settings = IngestSettings;
     const NAME: &'static str = "ingest";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "read text/chat corpora (JSONL, text files, dialogues, Parquet, synthetic), filter, de-duplicate and split into train/eval";
     const OUTPUT: Artifact = Artifact::Corpus;
     const INPUTS: InputRules = InputRules::Any;

@@ -92,7 +92,12 @@ impl StageKind for LoraMerge {
             std::fs::copy(&tokenizer, &copy)
                 .map_err(|error| StageError::io(format!("writing {}", copy.display()), error))?;
             crate::tokenize::template::copy_companions(&tokenizer, context.out_dir).map_err(
-                |error| StageError::io(format!("copying {}'s companions", tokenizer.display()), error),
+                |error| {
+                    StageError::io(
+                        format!("copying {}'s companions", tokenizer.display()),
+                        error,
+                    )
+                },
             )?;
         }
         let _ = writeln!(

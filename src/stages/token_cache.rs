@@ -520,8 +520,8 @@ fn build_pretrain(
                     (Some(text), _) => text,
                     // A conversation in a pretraining corpus is trained on as rendered text.
                     (None, Some(messages)) => {
-                        let messages: Vec<ChatMessage> = serde_json::from_value(messages)
-                            .map_err(|error| {
+                        let messages: Vec<ChatMessage> =
+                            serde_json::from_value(messages).map_err(|error| {
                                 StageError::Invalid(format!(
                                     "{}:{number}: `messages`: {error}",
                                     file.display()
@@ -619,9 +619,8 @@ fn build_sft(
     let mut writer = SftWriter::new(out_dir, split, dtype)
         .map_err(|error| StageError::io(format!("creating {split} files"), error))?;
     let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
-    let template = template.ok_or_else(|| {
-        StageError::Invalid("an SFT cache needs a chat template".to_string())
-    })?;
+    let template = template
+        .ok_or_else(|| StageError::Invalid("an SFT cache needs a chat template".to_string()))?;
     let bar = progress_bar(file);
     for_each_batch(file, settings.batch_records, context, |batch| {
         let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();

@@ -109,9 +109,10 @@ pub fn python_json(value: &serde_json::Value) -> String {
             format!("[{}]", items.join(", "))
         }
         Value::Object(map) => {
-            // serde_json's map (without `preserve_order`) iterates in sorted key order.
-            let entries: Vec<String> = map
-                .iter()
+            let mut sorted: Vec<(&String, &Value)> = map.iter().collect();
+            sorted.sort_by(|a, b| a.0.cmp(b.0));
+            let entries: Vec<String> = sorted
+                .into_iter()
                 .map(|(key, value)| {
                     format!("{}: {}", Value::String(key.clone()), python_json(value))
                 })
@@ -153,6 +154,7 @@ mod tests {
             role,
             content: content.to_string(),
             tool_calls: Vec::new(),
+            extra: Default::default(),
         }
     }
 
@@ -180,6 +182,7 @@ mod tests {
     fn tool_calls_render_like_python_json() {
         let mut call = message(Role::Assistant, "");
         call.tool_calls.push(ToolCall {
+ id: None,
             name: "weather".into(),
             arguments: serde_json::json!({ "unit": "°C", "city": "Ardel", "days": [1, 2], "p": 0.5, "n": null }),
         });

@@ -534,7 +534,12 @@ pub fn verify_model_template(
     };
     match model_template_text(&dir, &config)? {
         Some((text, path)) => {
-            let template = ChatTemplate::new(TemplateSource::Model(path.clone()), &text, &config, Vec::new())?;
+            let template = ChatTemplate::new(
+                TemplateSource::Model(path.clone()),
+                &text,
+                &config,
+                Vec::new(),
+            )?;
             if template.hash() == expected {
                 Ok(())
             } else {
@@ -546,7 +551,17 @@ pub fn verify_model_template(
 }
 
 /// Which template renders conversations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TemplateChoice {
     /// The tokenizer's own template when it has one (`chat_template.jinja` or
@@ -589,7 +604,12 @@ impl ChatTemplate {
                 path: file.to_path_buf(),
                 source,
             })?;
-            return ChatTemplate::new(TemplateSource::File(file.to_path_buf()), &text, &config, extra);
+            return ChatTemplate::new(
+                TemplateSource::File(file.to_path_buf()),
+                &text,
+                &config,
+                extra,
+            );
         }
         let own = model_template_text(&dir, &config)?;
         match (choice, own) {
@@ -767,13 +787,13 @@ impl ChatTemplate {
         context.extend(self.special_tokens.iter().cloned());
         context.extend(self.extra.iter().cloned());
         let context = Value::from(context.into_iter().collect::<BTreeMap<String, Value>>());
-        let template = self
-            .env
-            .get_template("chat_template")
-            .map_err(|error| TemplateError::Syntax {
-                origin: self.source.to_string(),
-                message: describe(&error),
-            })?;
+        let template =
+            self.env
+                .get_template("chat_template")
+                .map_err(|error| TemplateError::Syntax {
+                    origin: self.source.to_string(),
+                    message: describe(&error),
+                })?;
         let raw = template.render(context).map_err(|error| {
             if let Some(message) = raised_message(&error) {
                 TemplateError::Raised {
@@ -1358,7 +1378,8 @@ mod tests {
     #[test]
     fn values_print_as_python_prints_them() {
         let t = template("{{ messages[0].x }}|{{ none }}|{{ true }}|{{ 1.0 }}|{{ 1e-7 }}");
-        let c = conversation(r#"{"messages": [{"role": "user", "x": {"b": [1, "it's"], "a": null}}]}"#);
+        let c =
+            conversation(r#"{"messages": [{"role": "user", "x": {"b": [1, "it's"], "a": null}}]}"#);
         assert_eq!(
             t.render(&c, false).unwrap().text,
             "{'b': [1, \"it's\"], 'a': None}|None|True|1.0|1e-07"
@@ -1370,7 +1391,8 @@ mod tests {
         let t = template(
             "{{ messages[0].x | tojson }}|{{ messages[0].x | tojson(indent=2) }}|{{ messages[0].x | tojson(sort_keys=true) }}",
         );
-        let c = conversation(r#"{"messages": [{"role": "user", "x": {"b": [1, 2.5], "a": "é<"}}]}"#);
+        let c =
+            conversation(r#"{"messages": [{"role": "user", "x": {"b": [1, 2.5], "a": "é<"}}]}"#);
         assert_eq!(
             t.render(&c, false).unwrap().text,
             "{\"b\": [1, 2.5], \"a\": \"é<\"}|{\n  \"b\": [\n    1,\n    2.5\n  ],\n  \"a\": \"é<\"\n}|{\"a\": \"é<\", \"b\": [1, 2.5]}"
@@ -1385,7 +1407,10 @@ mod tests {
         let c = conversation(
             r#"{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"z": 1, "a": 2}}]}]}"#,
         );
-        assert_eq!(t.render(&c, false).unwrap().text, "function f {\"z\": 1, \"a\": 2}");
+        assert_eq!(
+            t.render(&c, false).unwrap().text,
+            "function f {\"z\": 1, \"a\": 2}"
+        );
     }
 
     #[test]

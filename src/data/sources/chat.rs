@@ -82,8 +82,20 @@ pub fn conversation(object: &Map<String, Value>) -> Result<ChatRecord, Problem> 
             });
         }
     };
+    let tools = match object.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(tools)) => Some(tools.clone()),
+        Some(other) => {
+            return Err(Problem::BadMetadata {
+                key: "tools".to_string(),
+                expected: "a list of tool definitions",
+                found: json_type(other),
+            });
+        }
+    };
     Ok(ChatRecord {
         messages,
+        tools,
         source_url,
     })
 }
@@ -175,10 +187,20 @@ fn message(index: usize, message: &Value) -> Result<ChatMessage, Problem> {
             )));
         }
     };
+    // Keys a chat template may read (`tool_call_id`, `name`, …) stay, in order; null
+    // ones go, as transformers drops them before rendering.
+    let extra = fields
+        .iter()
+        .filter(|(key, value)| {
+            !matches!(key.as_str(), "role" | "content" | "tool_calls") && !value.is_null()
+        })
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
     Ok(ChatMessage {
         role,
         content,
         tool_calls,
+        extra,
     })
 }
 
@@ -227,7 +249,12 @@ fn tool_call(index: usize, call: usize, value: &Value) -> Result<ToolCall, Probl
         })?,
         Some(other) => other.clone(),
     };
-    Ok(ToolCall { name, arguments })
+    let id = fields.get("id").and_then(Value::as_str).map(str::to_string);
+    Ok(ToolCall {
+        id,
+        name,
+        arguments,
+    })
 }
 
 #[cfg(test)]
@@ -260,10 +287,12 @@ mod tests {
             record.messages[2].tool_calls,
             [
                 ToolCall {
+                    id: Some("c1".to_string()),
                     name: "weather".to_string(),
                     arguments: serde_json::json!({"city": "Oslo"})
                 },
                 ToolCall {
+                    id: None,
                     name: "time".to_string(),
                     arguments: serde_json::json!({"tz": "UTC"})
                 }
