@@ -72,7 +72,7 @@ pub enum HfError {
     },
     /// The model, its revision or its snapshot is not in the cache.
     #[error(
-        "`{id}` is not in the local Hugging Face cache ({chosen_by} = {cache}): {missing} does not exist; download it with `{download}` (older huggingface_hub: `huggingface-cli {download_args}`); trainyard never downloads by itself"
+        "`{id}` is not in the local Hugging Face cache ({chosen_by} = {cache}): {missing} does not exist; download it with `hf {download_args}` (older huggingface_hub: `huggingface-cli {download_args}`); trainyard never downloads by itself"
     )]
     NotCached {
         /// As written.
@@ -83,9 +83,7 @@ pub enum HfError {
         chosen_by: &'static str,
         /// The exact path that is missing.
         missing: String,
-        /// `hf download org/name [--revision rev]`.
-        download: String,
-        /// `download org/name [--revision rev]`, for the older `huggingface-cli`.
+        /// `download org/name [--revision rev]`, after `hf` (or the older `huggingface-cli`).
         download_args: String,
     },
     /// A ref file exists but cannot be read or does not hold a commit hash.
@@ -236,7 +234,6 @@ pub fn resolve_in(id: &str, cache: &CacheDir) -> Result<Snapshot, HfError> {
         cache: cache.path.display().to_string(),
         chosen_by: cache.chosen_by,
         missing: missing.display().to_string(),
-        download: format!("hf {}", model.download_args()),
         download_args: model.download_args(),
     };
     if !repo_dir.is_dir() {

@@ -255,3 +255,255 @@ fn the_committed_schema_matches_the_code() {
         "schemas/pipeline.schema.json is stale: run `cargo run -- schema --output schemas/pipeline.schema.json`"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Pipeline variables: `vars:` and `${vars.NAME}`.
+
+const VARS: &str = "name: vars
+vars:
+  data: data/x.txt
+  tag: v2
+  vocab: 512
+  env: { A: one }
+stages:
+  copy:
+    kind: command
+    inputs:
+      src: ${vars.data}
+    with:
+      cmd: \"echo run-${vars.tag} $${HOME} ${HOME} > out.txt\"
+      env: ${vars.env}
+  tok:
+    kind: tokenizer
+    inputs: { text: \"${vars.data}\" }
+    with: { vocab_size: \"${vars.vocab}\" }
+";
+
+#[test]
+fn vars_substitute_into_inputs_and_settings() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", VARS);
+    sandbox.write(
+        "p.toml",
+        "name = \"vars\"\n[vars]\ndata = \"data/x.txt\"\nvocab = 512\n[stages.tok]\nkind = \"tokenizer\"\ninputs = { text = \"${vars.data}\" }\nwith = { vocab_size = \"${vars.vocab}\" }\n",
+    );
+    let pipeline = config::load(&sandbox.path("p.yaml"), &LoadOptions::default()).unwrap();
+    let copy = pipeline.stage("copy").unwrap();
+    assert_eq!(copy.inputs["src"], "data/x.txt");
+    // Inside text a variable is spliced in; `$${` is a literal `${`; other `${…}` stay.
+    assert_eq!(
+        copy.settings["cmd"],
+        "echo run-v2 ${HOME} ${HOME} > out.txt"
+    );
+    // A whole value keeps the variable's type: a map stays a map, a number a number.
+    assert_eq!(copy.settings["env"], serde_json::json!({ "A": "one" }));
+    let tok = pipeline.stage("tok").unwrap();
+    assert_eq!(tok.inputs["text"], "data/x.txt");
+    assert_eq!(tok.settings["vocab_size"], serde_json::json!(512));
+    assert_eq!(pipeline.values_json()["vars"]["vocab"], 512);
+
+    let toml = config::load(&sandbox.path("p.toml"), &LoadOptions::default()).unwrap();
+    assert_eq!(toml.stages[0].inputs["text"], "data/x.txt");
+    assert_eq!(
+        toml.stages[0].settings["vocab_size"],
+        serde_json::json!(512)
+    );
+
+    // A number cannot be text where text is expected, and says where.
+    let error = config::load(
+        &sandbox.path("p.yaml"),
+        &options(&[], &[], &["vars.tag={ a: 1 }"]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("`${vars.tag}` is a map"), "{error}");
+    assert!(error.contains("p.yaml:13"), "{error}");
+}
+
+#[test]
+fn set_vars_changes_every_use() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: p
+vars: { base: models/a }
+stages:
+  cache:
+    kind: command
+    inputs: { tokenizer: \"${vars.base}\" }
+    with: { cmd: \"echo ${vars.base}\" }
+  train:
+    kind: command
+    inputs: { base: \"${vars.base}\", tokenizer: \"${vars.base}\" }
+    with: { cmd: 'true' }
+profiles:
+  dev:
+    vars: { base: models/dev }
+",
+    );
+    let uses = |pipeline: &config::ResolvedPipeline| {
+        vec![
+            pipeline.stage("cache").unwrap().inputs["tokenizer"].clone(),
+            pipeline.stage("cache").unwrap().settings["cmd"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("echo ")
+                .to_string(),
+            pipeline.stage("train").unwrap().inputs["base"].clone(),
+            pipeline.stage("train").unwrap().inputs["tokenizer"].clone(),
+        ]
+    };
+    let load = |profiles: &[&str], env: &[(&str, &str)], set: &[&str]| {
+        config::load(&sandbox.path("p.yaml"), &options(profiles, env, set)).unwrap()
+    };
+    assert_eq!(uses(&load(&[], &[], &[])), ["models/a"; 4]);
+    assert_eq!(uses(&load(&["dev"], &[], &[])), ["models/dev"; 4]);
+    let env = [("TRAINYARD_VARS__BASE", "models/env")];
+    assert_eq!(uses(&load(&["dev"], &env, &[])), ["models/env"; 4]);
+    let set = ["vars.base=hf:Qwen/Qwen2.5-0.5B"];
+    assert_eq!(
+        uses(&load(&["dev"], &env, &set)),
+        ["hf:Qwen/Qwen2.5-0.5B"; 4]
+    );
+    // A stage's own override still wins over the variable for that one use.
+    let pipeline = load(&[], &[], &["vars.base=x", "stages.train.inputs.base=y"]);
+    assert_eq!(uses(&pipeline), ["x", "x", "y", "x"]);
+    assert_eq!(
+        pipeline.origins["stages.train.inputs.base"].to_string(),
+        "--set stages.train.inputs.base=y"
+    );
+}
+
+#[test]
+fn unknown_var_names_file_line_and_suggests() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: p\nvars:\n  base_model: m\nstages:\n  a:\n    kind: command\n    with:\n      cmd: \"echo ${vars.base_modle}\"\n",
+    );
+    let error = sandbox.fails(&["resolve", "p.yaml"]);
+    assert!(
+        error.contains("unknown variable `${vars.base_modle}` in `stages.a.with.cmd`"),
+        "{error}"
+    );
+    assert!(error.contains("--> p.yaml:8:7"), "{error}");
+    assert!(error.contains("did you mean `base_model`?"), "{error}");
+
+    // A use from --set is named by its flag; a variable's own value is checked too.
+    sandbox.write(
+        "ok.yaml",
+        "name: p\nvars:\n  base_model: m\nstages:\n  a:\n    kind: command\n    with:\n      cmd: \"echo ${vars.base_model}\"\n",
+    );
+    let error = sandbox.fails(&[
+        "resolve",
+        "ok.yaml",
+        "--set",
+        "stages.a.with.cmd=${vars.bse_model}",
+    ]);
+    assert!(
+        error.contains("(set by --set stages.a.with.cmd=${vars.bse_model})"),
+        "{error}"
+    );
+    assert!(error.contains("did you mean `base_model`?"), "{error}");
+    sandbox.write(
+        "q.yaml",
+        "name: q\nvars:\n  a: \"${vars.b}\"\n  b: \"x-${vars.a}\"\nstages:\n  s:\n    kind: command\n    with: { cmd: \"${vars.a}\" }\n",
+    );
+    let error = sandbox.fails(&["resolve", "q.yaml"]);
+    assert!(error.contains("refers to itself: a → b → a"), "{error}");
+    assert!(error.contains("q.yaml:"), "{error}");
+}
+
+#[test]
+fn var_origin_is_where_it_was_set() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: p
+vars:
+  base: models/a
+  tag: t
+stages:
+  a:
+    kind: command
+    inputs: { base: \"${vars.base}\" }
+    with: { cmd: \"echo ${vars.tag}-${vars.base}\" }
+profiles:
+  dev:
+    vars: { tag: dev }
+",
+    );
+    let pipeline = config::load(&sandbox.path("p.yaml"), &options(&["dev"], &[], &[])).unwrap();
+    let file = sandbox.path("p.yaml").display().to_string();
+    assert_eq!(
+        pipeline.origins["stages.a.inputs.base"].to_string(),
+        format!("from ${{vars.base}} set by {file}:3")
+    );
+    assert_eq!(
+        pipeline.origins["stages.a.with.cmd"].to_string(),
+        format!(
+            "from ${{vars.tag}} set by {file}:12 (profile dev); ${{vars.base}} set by {file}:3"
+        )
+    );
+    assert_eq!(
+        pipeline.origins["vars.tag"].to_string(),
+        format!("{file}:12 (profile dev)")
+    );
+
+    let shown = sandbox.ok(&["resolve", "p.yaml", "--set", "vars.base=hf:org/name"]);
+    let line = shown
+        .lines()
+        .find(|line| line.starts_with("stages.a.inputs.base"))
+        .unwrap();
+    assert!(line.contains("\"hf:org/name\""), "{shown}");
+    assert!(
+        line.ends_with("# from ${vars.base} set by --set vars.base=hf:org/name"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn fingerprint_sees_resolved_value() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: p\nvars: { word: alpha }\nstages:\n  say:\n    kind: command\n    with: { cmd: \"echo ${vars.word} > out.txt\" }\n",
+    );
+    sandbox.ok(&["run", "p.yaml"]);
+    let first = sandbox.latest_record();
+    let output = |record: &serde_json::Value| {
+        let dir = sandbox.path(record["stages"]["say"]["output"].as_str().unwrap());
+        std::fs::read_to_string(dir.join("out.txt")).unwrap()
+    };
+    assert_eq!(output(&first), "alpha\n");
+    assert_eq!(
+        first["settings"]["stages"]["say"]["with"]["cmd"],
+        "echo alpha > out.txt"
+    );
+
+    let status = sandbox.ok(&["status", "p.yaml", "--set", "vars.word=beta"]);
+    assert!(
+        status.contains("with.cmd: \"echo alpha > out.txt\" → \"echo beta > out.txt\""),
+        "{status}"
+    );
+    sandbox.ok(&["run", "p.yaml", "--set", "vars.word=beta"]);
+    let second = sandbox.latest_record();
+    assert_eq!(sandbox.executed(), ["say"]);
+    assert_ne!(
+        first["stages"]["say"]["fingerprint"],
+        second["stages"]["say"]["fingerprint"]
+    );
+    assert_eq!(output(&second), "beta\n");
+    assert_eq!(
+        second["origins"]["stages.say.with.cmd"],
+        "from ${vars.word} set by --set vars.word=beta"
+    );
+
+    // The same resolved value written without a variable is the same stage.
+    sandbox.write(
+        "q.yaml",
+        "name: p\nstages:\n  say:\n    kind: command\n    with: { cmd: \"echo alpha > out.txt\" }\n",
+    );
+    sandbox.ok(&["run", "q.yaml"]);
+    assert_eq!(sandbox.latest_statuses()["say"], "cached");
+}
