@@ -94,7 +94,7 @@ pub enum DagError {
         at: Origin,
     },
     /// An `hf:` id that does not resolve in the local Hugging Face cache.
-    #[error("stage `{stage}`, input `{input}` ({at}): {source}")]
+    #[error("stage `{stage}`, input `{input}` ({at}): {cause}")]
     HubModel {
         /// Stage that needs it.
         stage: String,
@@ -103,7 +103,7 @@ pub enum DagError {
         /// Where the input is declared.
         at: Origin,
         /// Why it does not resolve (names the missing path and the download command).
-        source: HfError,
+        cause: HfError,
     },
     /// An `hf:` id given to an input that does not read a model or tokenizer directory.
     #[error(
@@ -291,12 +291,12 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                             at,
                         }));
                     }
-                    let snapshot = hf_cache::resolve(declared).map_err(|source| {
+                    let snapshot = hf_cache::resolve(declared).map_err(|cause| {
                         Box::new(DagError::HubModel {
                             stage: stage.name.clone(),
                             input: input.clone(),
                             at: at.clone(),
-                            source,
+                            cause,
                         })
                     })?;
                     Binding::External {

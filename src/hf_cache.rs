@@ -72,7 +72,7 @@ pub enum HfError {
     },
     /// The model, its revision or its snapshot is not in the cache.
     #[error(
-        "`{id}` is not in the local Hugging Face cache ({chosen_by} = {cache}): {missing} does not exist; download it with `hf {download_args}` (older huggingface_hub: `huggingface-cli {download_args}`); trainyard never downloads by itself"
+        "`{id}` is not in the local Hugging Face cache: {missing} does not exist (the cache is {cache}, from {chosen_by}); trainyard never downloads, so download it first with `hf {download_args}` (older huggingface_hub: `huggingface-cli {download_args}`)"
     )]
     NotCached {
         /// As written.
@@ -211,7 +211,7 @@ pub fn cache_dir_with(var: impl Fn(&str) -> Option<OsString>) -> Option<CacheDir
     }
     home.map(|home| CacheDir {
         path: home.join(".cache").join("huggingface").join("hub"),
-        chosen_by: "~/.cache/huggingface/hub",
+        chosen_by: "the default ~/.cache/huggingface/hub",
     })
 }
 

@@ -507,3 +507,282 @@ fn fingerprint_sees_resolved_value() {
     sandbox.ok(&["run", "q.yaml"]);
     assert_eq!(sandbox.latest_statuses()["say"], "cached");
 }
+
+// ---------------------------------------------------------------------------------------
+// `hf:org/name[@revision]` inputs, from a fake Hugging Face cache (never the network).
+
+const MAIN_COMMIT: &str = "1111111111111111111111111111111111111111";
+const V1_COMMIT: &str = "2222222222222222222222222222222222222222";
+
+/// Lays out `models--org--tiny` under `hub` as huggingface_hub does: `refs/main` and
+/// `refs/v1` name commits, each snapshot's files are symlinks into `blobs/`. The
+/// snapshot of each commit holds `config.json` = `{label}-{commit prefix}`.
+fn fake_hub(hub: &std::path::Path, label: &str) {
+    let repo = hub.join("models--org--tiny");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::write(repo.join("refs/main"), MAIN_COMMIT).unwrap();
+    std::fs::write(repo.join("refs/v1"), V1_COMMIT).unwrap();
+    for commit in [MAIN_COMMIT, V1_COMMIT] {
+        let snapshot = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snapshot).unwrap();
+        for (file, content) in [
+            ("config.json", format!("{label}-{}", &commit[..4])),
+            ("tokenizer.json", "{}".to_string()),
+        ] {
+            let blob = blake3::hash(content.as_bytes()).to_hex().to_string();
+            std::fs::write(repo.join("blobs").join(&blob), content).unwrap();
+            std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snapshot.join(file)).unwrap();
+        }
+    }
+}
+
+const HUB_PIPELINE: &str = "name: hub
+stages:
+  other:
+    kind: command
+    with: { cmd: \"echo independent > o.txt\" }
+  peek:
+    kind: command
+    inputs: { model: \"hf:org/tiny\" }
+    with: { cmd: \"cat $TY_IN_MODEL/config.json > out.txt\" }
+";
+
+/// `trainyard ARGS` with exactly the given Hugging Face variables (and a HOME with no
+/// cache in it, so the machine's own cache never leaks in).
+fn with_hf(
+    sandbox: &Sandbox,
+    args: &[&str],
+    vars: &[(&str, &std::path::Path)],
+) -> std::process::Output {
+    let mut command = sandbox.command(args);
+    for var in [
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+    ] {
+        command.env_remove(var);
+    }
+    command.env("HOME", sandbox.path("home"));
+    for (var, value) in vars {
+        command.env(var, value);
+    }
+    command.output().expect("run trainyard")
+}
+
+fn hf_ok(sandbox: &Sandbox, args: &[&str], vars: &[(&str, &std::path::Path)]) -> String {
+    let output = with_hf(sandbox, args, vars);
+    let text = common::text(&output);
+    assert!(
+        output.status.success(),
+        "trainyard {args:?} failed:\n{text}"
+    );
+    text
+}
+
+fn peek_output(sandbox: &Sandbox) -> String {
+    let record = sandbox.latest_record();
+    let dir = sandbox.path(record["stages"]["peek"]["output"].as_str().unwrap());
+    std::fs::read_to_string(dir.join("out.txt")).unwrap()
+}
+
+#[test]
+fn hf_model_resolves_through_refs_main_and_is_recorded() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let hub = sandbox.path("hub");
+    fake_hub(&hub, "hub");
+    hf_ok(&sandbox, &["run", "p.yaml"], &[("HF_HUB_CACHE", &hub)]);
+    assert_eq!(peek_output(&sandbox), "hub-1111");
+
+    let record = sandbox.latest_record();
+    let peek = &record["stages"]["peek"];
+    let snapshot = hub.join("models--org--tiny/snapshots").join(MAIN_COMMIT);
+    assert_eq!(peek["inputs"]["model"]["path"], "hf:org/tiny");
+    assert_eq!(peek["input_paths"]["model"], snapshot.display().to_string());
+    let hub_model = &peek["hub_models"]["model"];
+    assert_eq!(hub_model["id"], "hf:org/tiny");
+    assert_eq!(hub_model["repo"], "org/tiny");
+    assert_eq!(hub_model["revision"], "main");
+    assert_eq!(hub_model["commit"], MAIN_COMMIT);
+    assert_eq!(hub_model["path"], snapshot.display().to_string());
+    // Hashed by content, through the symlinks, like any directory input.
+    let expected = trainyard::hashing::ContentHasher::uncached()
+        .hash_path(&snapshot)
+        .unwrap();
+    assert_eq!(peek["inputs"]["model"]["hash"], expected);
+    let blob_hash = blake3::hash(b"hub-1111").to_hex().to_string();
+    let (_, files) = trainyard::hashing::ContentHasher::uncached()
+        .hash_dir(&snapshot, &[])
+        .unwrap();
+    assert_eq!(files["config.json"].hash, blob_hash);
+
+    // Inputs that read a model take it; the audit re-hashes the snapshot.
+    sandbox.write(
+        "export.yaml",
+        "name: e\nstages:\n  out:\n    kind: export\n    inputs: { model: \"hf:org/tiny@v1\" }\n",
+    );
+    hf_ok(&sandbox, &["dag", "export.yaml"], &[("HF_HUB_CACHE", &hub)]);
+    hf_ok(
+        &sandbox,
+        &["audit", "runs/latest"],
+        &[("HF_HUB_CACHE", &hub)],
+    );
+}
+
+#[test]
+fn hf_revision_may_be_a_ref_or_a_commit_hash() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let hub = sandbox.path("hub");
+    fake_hub(&hub, "hub");
+    let env = [("HF_HUB_CACHE", hub.as_path())];
+    hf_ok(
+        &sandbox,
+        &[
+            "run",
+            "p.yaml",
+            "--set",
+            "stages.peek.inputs.model=hf:org/tiny@v1",
+        ],
+        &env,
+    );
+    assert_eq!(peek_output(&sandbox), "hub-2222");
+    let recorded = &sandbox.latest_record()["stages"]["peek"]["hub_models"]["model"];
+    assert_eq!(recorded["revision"], "v1");
+    assert_eq!(recorded["commit"], V1_COMMIT);
+
+    let pinned = format!("stages.peek.inputs.model=hf:org/tiny@{V1_COMMIT}");
+    hf_ok(&sandbox, &["run", "p.yaml", "--set", &pinned], &env);
+    assert_eq!(peek_output(&sandbox), "hub-2222");
+    // Same content, same fingerprint: it is the v1 run's output.
+    assert_eq!(sandbox.latest_statuses()["peek"], "cached");
+}
+
+#[test]
+fn hf_hub_cache_beats_hf_home() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let home = sandbox.path("hf-home");
+    fake_hub(&home.join("hub"), "home");
+    let hub = sandbox.path("hub");
+    fake_hub(&hub, "hub");
+    hf_ok(
+        &sandbox,
+        &["run", "p.yaml"],
+        &[("HF_HOME", &home), ("HF_HUB_CACHE", &hub)],
+    );
+    assert_eq!(peek_output(&sandbox), "hub-1111");
+    hf_ok(&sandbox, &["run", "p.yaml"], &[("HF_HOME", &home)]);
+    assert_eq!(peek_output(&sandbox), "home-1111");
+    // With neither, ~/.cache/huggingface/hub.
+    fake_hub(&sandbox.path("home/.cache/huggingface/hub"), "default");
+    hf_ok(&sandbox, &["run", "p.yaml"], &[]);
+    assert_eq!(peek_output(&sandbox), "default-1111");
+}
+
+#[test]
+fn missing_hf_model_names_the_path_and_the_download_command_and_nothing_runs() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let hub = sandbox.path("hub");
+    let env = [("HF_HUB_CACHE", hub.as_path())];
+    let fails = |args: &[&str]| {
+        let output = with_hf(&sandbox, args, &env);
+        assert!(!output.status.success(), "{args:?} should fail");
+        common::text(&output)
+    };
+    let error = fails(&["run", "p.yaml"]);
+    let missing = hub.join("models--org--tiny");
+    assert!(
+        error.contains("stage `peek`, input `model` (p.yaml:8)"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!("{} does not exist", missing.display())),
+        "{error}"
+    );
+    assert!(error.contains("`hf download org/tiny`"), "{error}");
+    assert!(
+        error.contains("`huggingface-cli download org/tiny`"),
+        "{error}"
+    );
+    assert!(sandbox.store_entries("other").is_empty(), "nothing ran");
+    assert!(!sandbox.path("runs/latest").exists(), "no run was recorded");
+
+    fake_hub(&hub, "hub");
+    let error = fails(&[
+        "run",
+        "p.yaml",
+        "--set",
+        "stages.peek.inputs.model=hf:org/tiny@v2",
+    ]);
+    assert!(
+        error.contains(&format!(
+            "{} does not exist",
+            hub.join("models--org--tiny/refs/v2").display()
+        )),
+        "{error}"
+    );
+    assert!(
+        error.contains("`hf download org/tiny --revision v2`"),
+        "{error}"
+    );
+    let absent = "3333333333333333333333333333333333333333";
+    let error = fails(&[
+        "status",
+        "p.yaml",
+        "--set",
+        &format!("stages.peek.inputs.model=hf:org/tiny@{absent}"),
+    ]);
+    assert!(
+        error.contains(&format!("snapshots/{absent} does not exist")),
+        "{error}"
+    );
+    assert!(sandbox.store_entries("other").is_empty(), "nothing ran");
+
+    // An id where no model is read is refused by name.
+    sandbox.write(
+        "tok.yaml",
+        "name: t\nstages:\n  tok:\n    kind: tokenizer\n    inputs: { text: \"hf:org/tiny\" }\n",
+    );
+    let error = fails(&["dag", "tok.yaml"]);
+    assert!(
+        error.contains("`hf:org/tiny` is a Hugging Face model, but `text` expects"),
+        "{error}"
+    );
+}
+
+#[test]
+fn hf_blob_content_change_changes_the_fingerprint() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let hub = sandbox.path("hub");
+    fake_hub(&hub, "hub");
+    let env = [("HF_HUB_CACHE", hub.as_path())];
+    hf_ok(&sandbox, &["run", "p.yaml"], &env);
+    let first = sandbox.latest_record()["stages"]["peek"]["fingerprint"].clone();
+    hf_ok(&sandbox, &["run", "p.yaml"], &env);
+    assert_eq!(sandbox.latest_statuses()["peek"], "cached");
+
+    // The snapshot's symlink is unchanged; the blob it points at is edited.
+    let config = hub
+        .join("models--org--tiny/snapshots")
+        .join(MAIN_COMMIT)
+        .join("config.json");
+    let blob = std::fs::canonicalize(&config).unwrap();
+    std::fs::write(&blob, "edited").unwrap();
+    let status = hf_ok(&sandbox, &["status", "p.yaml"], &env);
+    assert!(
+        status.contains("input `model` changed (hf:org/tiny)"),
+        "{status}"
+    );
+    hf_ok(&sandbox, &["run", "p.yaml"], &env);
+    assert_eq!(sandbox.executed(), ["peek"]);
+    assert_ne!(
+        sandbox.latest_record()["stages"]["peek"]["fingerprint"],
+        first
+    );
+    assert_eq!(peek_output(&sandbox), "edited");
+}
