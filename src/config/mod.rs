@@ -938,10 +938,10 @@ impl Resolver {
                 } else {
                     format!("{at}.{field}").trim_start_matches('.').to_string()
                 };
-                let within = if path.last() == Some(field) {
-                    format!("`{}`", path[..path.len() - 1].join("."))
-                } else {
-                    within
+                let within = match path.last() == Some(field) {
+                    true if path.len() == 1 => "the pipeline".to_string(),
+                    true => format!("`{}`", path[..path.len() - 1].join(".")),
+                    false => within,
                 };
                 let help = did_you_mean(field, expected.iter().copied())
                     .or_else(|| Some(format!("expected one of: {}", expected.join(", "))));
