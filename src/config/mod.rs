@@ -1413,7 +1413,6 @@ impl<'a> Variables<'a> {
 
     /// `layer`'s values with `${vars.…}` substituted under every stage's `with` and
     /// `inputs`, and the key paths that used variables.
-    #[allow(clippy::type_complexity)]
     fn substitute_layer(
         &mut self,
         layer: &'a Layer,
