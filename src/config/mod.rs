@@ -1,7 +1,9 @@
 //! Pipeline configuration: reads a pipeline file (YAML or TOML), stacks profiles,
 //! `TRAINYARD_*` environment variables and `--set` overrides over it with figment
-//! (in that order: later wins), validates every stage's typed settings, and remembers
-//! where each resolved value came from (file:line, environment variable, CLI flag).
+//! (in that order: later wins), substitutes pipeline variables (`${vars.NAME}`, see
+//! [`vars`]), validates every stage's typed settings, and remembers where each resolved
+//! value came from (file:line, environment variable, CLI flag, or the variable and where
+//! that was set).
 
 pub mod diagnostic;
 pub mod schema;
