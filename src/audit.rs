@@ -1305,6 +1305,23 @@ fn reproduction_values(run: &Run) -> Result<serde_json::Value, String> {
             *slot = serde_json::Value::String(path.to_string());
         }
     }
+    // The values are resolved: a `${` left in them is literal text and must not be read
+    // as a variable when the pipeline is loaded again.
+    if let Some(stages) = values
+        .get_mut("stages")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for stage in stages.values_mut() {
+            for section in ["with", "inputs"] {
+                if let Some(value) = stage.get_mut(section) {
+                    config::vars::escape_json(value);
+                }
+            }
+        }
+    }
+    if let Some(vars) = values.get_mut("vars") {
+        config::vars::escape_json(vars);
+    }
     Ok(values)
 }
 

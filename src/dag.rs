@@ -3,8 +3,10 @@
 //! An input value is a reference to an upstream stage when its first path component
 //! names a stage (`tok`, `corpus/train.jsonl`); otherwise, or when it starts with `./`,
 //! `../` or `/`, it is an external file or directory, relative to the pipeline file.
-//! Cycles, missing files, unknown input names and type mismatches (a tokenizer where a
-//! token cache is expected) are errors naming the stages involved.
+//! An input `hf:org/name[@revision]` is a model in the local Hugging Face cache
+//! ([`crate::hf_cache`]); it binds like an external directory (its snapshot).
+//! Cycles, missing files or cached models, unknown input names and type mismatches (a
+//! tokenizer where a token cache is expected) are errors naming the stages involved.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -14,6 +16,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::config::diagnostic::did_you_mean;
 use crate::config::{Origin, ResolvedPipeline};
+use crate::hf_cache::{self, HfError, Snapshot};
 use crate::stages::{Artifact, InputRules, InputSlot};
 
 /// What an input is bound to.
@@ -25,6 +28,8 @@ pub enum Binding {
         declared: String,
         /// Absolute path.
         path: PathBuf,
+        /// The Hugging Face cache snapshot, when `declared` is an `hf:` id.
+        hub: Option<Box<Snapshot>>,
     },
     /// The output of an upstream stage, or a path inside it.
     Stage {
@@ -85,6 +90,34 @@ pub enum DagError {
         declared: String,
         /// Upstream stage.
         upstream: String,
+        /// Where the input is declared.
+        at: Origin,
+    },
+    /// An `hf:` id that does not resolve in the local Hugging Face cache.
+    #[error("stage `{stage}`, input `{input}` ({at}): {cause}")]
+    HubModel {
+        /// Stage that needs it.
+        stage: String,
+        /// Input name.
+        input: String,
+        /// Where the input is declared.
+        at: Origin,
+        /// Why it does not resolve (names the missing path and the download command).
+        cause: HfError,
+    },
+    /// An `hf:` id given to an input that does not read a model or tokenizer directory.
+    #[error(
+        "stage `{stage}`, input `{input}` ({at}): `{declared}` is a Hugging Face model, but `{input}` expects {expected}"
+    )]
+    NotAModelInput {
+        /// Stage.
+        stage: String,
+        /// Input name.
+        input: String,
+        /// As written.
+        declared: String,
+        /// What the input accepts.
+        expected: String,
         /// Where the input is declared.
         at: Origin,
     },
@@ -246,6 +279,32 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                 }));
             }
             let binding = match as_reference(declared, &names) {
+                // Stage names cannot hold `:`, so an `hf:` id is never a reference.
+                None if hf_cache::is_model_id(declared) => {
+                    // Any input that takes a model takes its tokenizer directory too.
+                    if slot.is_some_and(|slot| !slot.accepts.contains(&Artifact::Model)) {
+                        return Err(Box::new(DagError::NotAModelInput {
+                            stage: stage.name.clone(),
+                            input: input.clone(),
+                            declared: declared.clone(),
+                            expected: accepted(slot),
+                            at,
+                        }));
+                    }
+                    let snapshot = hf_cache::resolve(declared).map_err(|cause| {
+                        Box::new(DagError::HubModel {
+                            stage: stage.name.clone(),
+                            input: input.clone(),
+                            at: at.clone(),
+                            cause,
+                        })
+                    })?;
+                    Binding::External {
+                        declared: declared.clone(),
+                        path: snapshot.path.clone(),
+                        hub: Some(Box::new(snapshot)),
+                    }
+                }
                 Some((upstream, subpath)) => {
                     let upstream_index = index_of[upstream];
                     if let Some(subpath) = subpath
@@ -309,6 +368,7 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                     Binding::External {
                         declared: declared.clone(),
                         path,
+                        hub: None,
                     }
                 }
             };

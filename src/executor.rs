@@ -17,6 +17,7 @@ use crate::config::diagnostic::did_you_mean;
 use crate::dag::{Binding, Dag};
 use crate::fingerprint::{self, InputRecord, InputSource, Reason, StageIdentity};
 use crate::hashing::{ContentHasher, dir_hash};
+use crate::hf_cache::Snapshot;
 use crate::interrupt::CancelFlag;
 use crate::runs::{self, RunRecord, RunRecorder, StageRunRecord};
 use crate::stages::{STAGE_LOG, StageContext, StageError};
@@ -674,6 +675,28 @@ impl Engine<'_> {
             .collect()
     }
 
+    /// The `hf:` inputs of the stage called `name`, with the snapshots they resolved to.
+    fn hub_models(&self, name: &str) -> BTreeMap<String, Snapshot> {
+        let Some(index) = self
+            .pipeline
+            .stages
+            .iter()
+            .position(|stage| stage.name == name)
+        else {
+            return BTreeMap::new();
+        };
+        self.dag.bindings[index]
+            .iter()
+            .filter_map(|(input, binding)| match binding {
+                Binding::External {
+                    hub: Some(snapshot),
+                    ..
+                } => Some((input.clone(), (**snapshot).clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The identity of stage `index` and the absolute path of each input. Upstream
     /// stages must already be done; their hashes come from their manifests.
     fn identity_of(
@@ -686,7 +709,7 @@ impl Engine<'_> {
         let mut paths = BTreeMap::new();
         for (name, binding) in &self.dag.bindings[index] {
             let (record, path) = match binding {
-                Binding::External { declared, path } => {
+                Binding::External { declared, path, .. } => {
                     let hash = self.hasher.hash_path(path).map_err(|error| {
                         format!("input `{name}`: cannot hash {}: {error}", path.display())
                     })?;
@@ -894,6 +917,7 @@ impl Engine<'_> {
                         .map(|identity| identity.inputs.clone())
                         .unwrap_or_default(),
                     input_paths: report.input_paths.clone(),
+                    hub_models: self.hub_models(&report.name),
                     output: report.output.as_ref().map(|(dir, _)| {
                         dir.strip_prefix(&self.workspace.root)
                             .unwrap_or(dir)

@@ -5,7 +5,8 @@
 //! record; `cli` is a thin clap layer over all of it.
 //! `data`, `tokenize`, `model`, `train`, `export` and `retrieve` are the
 //! machine-learning libraries the stages use; they know nothing of pipelines.
-//! `generate` runs a trained model (`trainyard generate`, `trainyard chat`).
+//! `generate` runs a trained model (`trainyard generate`, `trainyard chat`); `hf_cache`
+//! finds `hf:org/name` models in the local Hugging Face cache.
 
 pub mod audit;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod export;
 pub mod fingerprint;
 pub mod generate;
 pub mod hashing;
+pub mod hf_cache;
 pub mod interrupt;
 pub mod model;
 pub mod retrieve;

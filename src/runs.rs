@@ -106,6 +106,10 @@ pub struct StageRunRecord {
     pub inputs: BTreeMap<String, InputRecord>,
     /// Absolute paths of external inputs, for audits.
     pub input_paths: BTreeMap<String, PathBuf>,
+    /// The `hf:org/name[@revision]` inputs: the id, the revision and commit it resolved
+    /// to, and the snapshot directory read (also in `input_paths`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hub_models: BTreeMap<String, crate::hf_cache::Snapshot>,
     /// Store directory of the output, relative to the workspace root.
     pub output: Option<PathBuf>,
     /// Hash of the output.

@@ -383,3 +383,25 @@ fn reproduce_refuses_a_directory_that_is_not_empty() {
     assert_eq!(code, 2, "{report}");
     assert!(report.contains("not empty"), "{report}");
 }
+
+#[test]
+fn reproduce_of_a_pipeline_with_variables_keeps_literal_dollar_braces() {
+    let sandbox = Sandbox::new();
+    // The run records resolved values; a `${vars.…}` that was escaped in the pipeline is
+    // literal text there and must stay literal when the reproduction reads it back.
+    sandbox.write(
+        "p.yaml",
+        "name: v\nvars: { word: hi, src: data/in.txt }\nstages:\n  say:\n    kind: command\n    inputs: { src: \"${vars.src}\" }\n    with: { cmd: \"echo '${vars.word} $${vars.word}' > out.txt; cat $TY_IN_SRC >> out.txt\" }\n",
+    );
+    sandbox.write("data/in.txt", "input\n");
+    sandbox.ok(&["run", "p.yaml"]);
+    assert_eq!(
+        sandbox.read("runs/latest/outputs/say/out.txt"),
+        "hi ${vars.word}\ninput\n"
+    );
+    let report = sandbox.ok(&["audit", "runs/latest", "--reproduce", "--into", "repro"]);
+    assert!(
+        report.contains("reproduction passed: 1 stage(s) bit-identical"),
+        "{report}"
+    );
+}

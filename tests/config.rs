@@ -255,3 +255,534 @@ fn the_committed_schema_matches_the_code() {
         "schemas/pipeline.schema.json is stale: run `cargo run -- schema --output schemas/pipeline.schema.json`"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Pipeline variables: `vars:` and `${vars.NAME}`.
+
+const VARS: &str = "name: vars
+vars:
+  data: data/x.txt
+  tag: v2
+  vocab: 512
+  env: { A: one }
+stages:
+  copy:
+    kind: command
+    inputs:
+      src: ${vars.data}
+    with:
+      cmd: \"echo run-${vars.tag} $${HOME} ${HOME} > out.txt\"
+      env: ${vars.env}
+  tok:
+    kind: tokenizer
+    inputs: { text: \"${vars.data}\" }
+    with: { vocab_size: \"${vars.vocab}\" }
+";
+
+#[test]
+fn vars_substitute_into_inputs_and_settings() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", VARS);
+    sandbox.write(
+        "p.toml",
+        "name = \"vars\"\n[vars]\ndata = \"data/x.txt\"\nvocab = 512\n[stages.tok]\nkind = \"tokenizer\"\ninputs = { text = \"${vars.data}\" }\nwith = { vocab_size = \"${vars.vocab}\" }\n",
+    );
+    let pipeline = config::load(&sandbox.path("p.yaml"), &LoadOptions::default()).unwrap();
+    let copy = pipeline.stage("copy").unwrap();
+    assert_eq!(copy.inputs["src"], "data/x.txt");
+    // Inside text a variable is spliced in; `$${` is a literal `${`; other `${…}` stay.
+    assert_eq!(
+        copy.settings["cmd"],
+        "echo run-v2 ${HOME} ${HOME} > out.txt"
+    );
+    // A whole value keeps the variable's type: a map stays a map, a number a number.
+    assert_eq!(copy.settings["env"], serde_json::json!({ "A": "one" }));
+    let tok = pipeline.stage("tok").unwrap();
+    assert_eq!(tok.inputs["text"], "data/x.txt");
+    assert_eq!(tok.settings["vocab_size"], serde_json::json!(512));
+    assert_eq!(pipeline.values_json()["vars"]["vocab"], 512);
+
+    let toml = config::load(&sandbox.path("p.toml"), &LoadOptions::default()).unwrap();
+    assert_eq!(toml.stages[0].inputs["text"], "data/x.txt");
+    assert_eq!(
+        toml.stages[0].settings["vocab_size"],
+        serde_json::json!(512)
+    );
+
+    // A number cannot be text where text is expected, and says where.
+    let error = config::load(
+        &sandbox.path("p.yaml"),
+        &options(&[], &[], &["vars.tag={ a: 1 }"]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("`${vars.tag}` is a map"), "{error}");
+    assert!(error.contains("p.yaml:13"), "{error}");
+}
+
+#[test]
+fn set_vars_changes_every_use() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: p
+vars: { base: models/a }
+stages:
+  cache:
+    kind: command
+    inputs: { tokenizer: \"${vars.base}\" }
+    with: { cmd: \"echo ${vars.base}\" }
+  train:
+    kind: command
+    inputs: { base: \"${vars.base}\", tokenizer: \"${vars.base}\" }
+    with: { cmd: 'true' }
+profiles:
+  dev:
+    vars: { base: models/dev }
+",
+    );
+    let uses = |pipeline: &config::ResolvedPipeline| {
+        vec![
+            pipeline.stage("cache").unwrap().inputs["tokenizer"].clone(),
+            pipeline.stage("cache").unwrap().settings["cmd"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("echo ")
+                .to_string(),
+            pipeline.stage("train").unwrap().inputs["base"].clone(),
+            pipeline.stage("train").unwrap().inputs["tokenizer"].clone(),
+        ]
+    };
+    let load = |profiles: &[&str], env: &[(&str, &str)], set: &[&str]| {
+        config::load(&sandbox.path("p.yaml"), &options(profiles, env, set)).unwrap()
+    };
+    assert_eq!(uses(&load(&[], &[], &[])), ["models/a"; 4]);
+    assert_eq!(uses(&load(&["dev"], &[], &[])), ["models/dev"; 4]);
+    let env = [("TRAINYARD_VARS__BASE", "models/env")];
+    assert_eq!(uses(&load(&["dev"], &env, &[])), ["models/env"; 4]);
+    let set = ["vars.base=hf:Qwen/Qwen2.5-0.5B"];
+    assert_eq!(
+        uses(&load(&["dev"], &env, &set)),
+        ["hf:Qwen/Qwen2.5-0.5B"; 4]
+    );
+    // A stage's own override still wins over the variable for that one use.
+    let pipeline = load(&[], &[], &["vars.base=x", "stages.train.inputs.base=y"]);
+    assert_eq!(uses(&pipeline), ["x", "x", "y", "x"]);
+    assert_eq!(
+        pipeline.origins["stages.train.inputs.base"].to_string(),
+        "--set stages.train.inputs.base=y"
+    );
+}
+
+#[test]
+fn unknown_var_names_file_line_and_suggests() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: p\nvars:\n  base_model: m\nstages:\n  a:\n    kind: command\n    with:\n      cmd: \"echo ${vars.base_modle}\"\n",
+    );
+    let error = sandbox.fails(&["resolve", "p.yaml"]);
+    assert!(
+        error.contains("unknown variable `${vars.base_modle}` in `stages.a.with.cmd`"),
+        "{error}"
+    );
+    assert!(error.contains("--> p.yaml:8:7"), "{error}");
+    assert!(error.contains("did you mean `base_model`?"), "{error}");
+
+    // A use from --set is named by its flag; a variable's own value is checked too.
+    sandbox.write(
+        "ok.yaml",
+        "name: p\nvars:\n  base_model: m\nstages:\n  a:\n    kind: command\n    with:\n      cmd: \"echo ${vars.base_model}\"\n",
+    );
+    let error = sandbox.fails(&[
+        "resolve",
+        "ok.yaml",
+        "--set",
+        "stages.a.with.cmd=${vars.bse_model}",
+    ]);
+    assert!(
+        error.contains("(set by --set stages.a.with.cmd=${vars.bse_model})"),
+        "{error}"
+    );
+    assert!(error.contains("did you mean `base_model`?"), "{error}");
+    sandbox.write(
+        "q.yaml",
+        "name: q\nvars:\n  a: \"${vars.b}\"\n  b: \"x-${vars.a}\"\nstages:\n  s:\n    kind: command\n    with: { cmd: \"${vars.a}\" }\n",
+    );
+    let error = sandbox.fails(&["resolve", "q.yaml"]);
+    assert!(error.contains("refers to itself: a → b → a"), "{error}");
+    assert!(error.contains("q.yaml:"), "{error}");
+}
+
+#[test]
+fn var_origin_is_where_it_was_set() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: p
+vars:
+  base: models/a
+  tag: t
+stages:
+  a:
+    kind: command
+    inputs: { base: \"${vars.base}\" }
+    with: { cmd: \"echo ${vars.tag}-${vars.base}\" }
+profiles:
+  dev:
+    vars: { tag: dev }
+",
+    );
+    let pipeline = config::load(&sandbox.path("p.yaml"), &options(&["dev"], &[], &[])).unwrap();
+    let file = sandbox.path("p.yaml").display().to_string();
+    assert_eq!(
+        pipeline.origins["stages.a.inputs.base"].to_string(),
+        format!("from ${{vars.base}} set by {file}:3")
+    );
+    assert_eq!(
+        pipeline.origins["stages.a.with.cmd"].to_string(),
+        format!(
+            "from ${{vars.tag}} set by {file}:12 (profile dev); ${{vars.base}} set by {file}:3"
+        )
+    );
+    assert_eq!(
+        pipeline.origins["vars.tag"].to_string(),
+        format!("{file}:12 (profile dev)")
+    );
+
+    let shown = sandbox.ok(&["resolve", "p.yaml", "--set", "vars.base=hf:org/name"]);
+    let line = shown
+        .lines()
+        .find(|line| line.starts_with("stages.a.inputs.base"))
+        .unwrap();
+    assert!(line.contains("\"hf:org/name\""), "{shown}");
+    assert!(
+        line.ends_with("# from ${vars.base} set by --set vars.base=hf:org/name"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn fingerprint_sees_resolved_value() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: p\nvars: { word: alpha }\nstages:\n  say:\n    kind: command\n    with: { cmd: \"echo ${vars.word} > out.txt\" }\n",
+    );
+    sandbox.ok(&["run", "p.yaml"]);
+    let first = sandbox.latest_record();
+    let output = |record: &serde_json::Value| {
+        let dir = sandbox.path(record["stages"]["say"]["output"].as_str().unwrap());
+        std::fs::read_to_string(dir.join("out.txt")).unwrap()
+    };
+    assert_eq!(output(&first), "alpha\n");
+    assert_eq!(
+        first["settings"]["stages"]["say"]["with"]["cmd"],
+        "echo alpha > out.txt"
+    );
+
+    let status = sandbox.ok(&["status", "p.yaml", "--set", "vars.word=beta"]);
+    assert!(
+        status.contains("with.cmd: \"echo alpha > out.txt\" → \"echo beta > out.txt\""),
+        "{status}"
+    );
+    sandbox.ok(&["run", "p.yaml", "--set", "vars.word=beta"]);
+    let second = sandbox.latest_record();
+    assert_eq!(sandbox.executed(), ["say"]);
+    assert_ne!(
+        first["stages"]["say"]["fingerprint"],
+        second["stages"]["say"]["fingerprint"]
+    );
+    assert_eq!(output(&second), "beta\n");
+    assert_eq!(
+        second["origins"]["stages.say.with.cmd"],
+        "from ${vars.word} set by --set vars.word=beta"
+    );
+
+    // The same resolved value written without a variable is the same stage.
+    sandbox.write(
+        "q.yaml",
+        "name: p\nstages:\n  say:\n    kind: command\n    with: { cmd: \"echo alpha > out.txt\" }\n",
+    );
+    sandbox.ok(&["run", "q.yaml"]);
+    assert_eq!(sandbox.latest_statuses()["say"], "cached");
+}
+
+// ---------------------------------------------------------------------------------------
+// `hf:org/name[@revision]` inputs, from a fake Hugging Face cache (never the network).
+
+const MAIN_COMMIT: &str = "1111111111111111111111111111111111111111";
+const V1_COMMIT: &str = "2222222222222222222222222222222222222222";
+
+/// Lays out `models--org--tiny` under `hub` as huggingface_hub does: `refs/main` and
+/// `refs/v1` name commits, each snapshot's files are symlinks into `blobs/`. The
+/// snapshot of each commit holds `config.json` = `{label}-{commit prefix}`.
+fn fake_hub(hub: &std::path::Path, label: &str) {
+    let repo = hub.join("models--org--tiny");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::write(repo.join("refs/main"), MAIN_COMMIT).unwrap();
+    std::fs::write(repo.join("refs/v1"), V1_COMMIT).unwrap();
+    for commit in [MAIN_COMMIT, V1_COMMIT] {
+        let snapshot = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snapshot).unwrap();
+        for (file, content) in [
+            ("config.json", format!("{label}-{}", &commit[..4])),
+            ("tokenizer.json", "{}".to_string()),
+        ] {
+            let blob = blake3::hash(content.as_bytes()).to_hex().to_string();
+            std::fs::write(repo.join("blobs").join(&blob), content).unwrap();
+            std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snapshot.join(file)).unwrap();
+        }
+    }
+}
+
+const HUB_PIPELINE: &str = "name: hub
+stages:
+  other:
+    kind: command
+    with: { cmd: \"echo independent > o.txt\" }
+  peek:
+    kind: command
+    inputs: { model: \"hf:org/tiny\" }
+    with: { cmd: \"cat $TY_IN_MODEL/config.json > out.txt\" }
+";
+
+/// `trainyard ARGS` with exactly the given Hugging Face variables (and a HOME with no
+/// cache in it, so the machine's own cache never leaks in).
+fn with_hf(
+    sandbox: &Sandbox,
+    args: &[&str],
+    vars: &[(&str, &std::path::Path)],
+) -> std::process::Output {
+    let mut command = sandbox.command(args);
+    for var in [
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+    ] {
+        command.env_remove(var);
+    }
+    command.env("HOME", sandbox.path("home"));
+    for (var, value) in vars {
+        command.env(var, value);
+    }
+    command.output().expect("run trainyard")
+}
+
+fn hf_ok(sandbox: &Sandbox, args: &[&str], vars: &[(&str, &std::path::Path)]) -> String {
+    let output = with_hf(sandbox, args, vars);
+    let text = common::text(&output);
+    assert!(
+        output.status.success(),
+        "trainyard {args:?} failed:\n{text}"
+    );
+    text
+}
+
+fn peek_output(sandbox: &Sandbox) -> String {
+    let record = sandbox.latest_record();
+    let dir = sandbox.path(record["stages"]["peek"]["output"].as_str().unwrap());
+    std::fs::read_to_string(dir.join("out.txt")).unwrap()
+}
+
+#[test]
+fn hf_model_resolves_through_refs_main_and_is_recorded() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let hub = sandbox.path("hub");
+    fake_hub(&hub, "hub");
+    hf_ok(&sandbox, &["run", "p.yaml"], &[("HF_HUB_CACHE", &hub)]);
+    assert_eq!(peek_output(&sandbox), "hub-1111");
+
+    let record = sandbox.latest_record();
+    let peek = &record["stages"]["peek"];
+    let snapshot = hub.join("models--org--tiny/snapshots").join(MAIN_COMMIT);
+    assert_eq!(peek["inputs"]["model"]["path"], "hf:org/tiny");
+    assert_eq!(peek["input_paths"]["model"], snapshot.display().to_string());
+    let hub_model = &peek["hub_models"]["model"];
+    assert_eq!(hub_model["id"], "hf:org/tiny");
+    assert_eq!(hub_model["repo"], "org/tiny");
+    assert_eq!(hub_model["revision"], "main");
+    assert_eq!(hub_model["commit"], MAIN_COMMIT);
+    assert_eq!(hub_model["path"], snapshot.display().to_string());
+    // Hashed by content, through the symlinks, like any directory input.
+    let expected = trainyard::hashing::ContentHasher::uncached()
+        .hash_path(&snapshot)
+        .unwrap();
+    assert_eq!(peek["inputs"]["model"]["hash"], expected);
+    let blob_hash = blake3::hash(b"hub-1111").to_hex().to_string();
+    let (_, files) = trainyard::hashing::ContentHasher::uncached()
+        .hash_dir(&snapshot, &[])
+        .unwrap();
+    assert_eq!(files["config.json"].hash, blob_hash);
+
+    // Inputs that read a model take it; the audit re-hashes the snapshot.
+    sandbox.write(
+        "export.yaml",
+        "name: e\nstages:\n  out:\n    kind: export\n    inputs: { model: \"hf:org/tiny@v1\" }\n",
+    );
+    hf_ok(&sandbox, &["dag", "export.yaml"], &[("HF_HUB_CACHE", &hub)]);
+    hf_ok(
+        &sandbox,
+        &["audit", "runs/latest"],
+        &[("HF_HUB_CACHE", &hub)],
+    );
+}
+
+#[test]
+fn hf_revision_may_be_a_ref_or_a_commit_hash() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let hub = sandbox.path("hub");
+    fake_hub(&hub, "hub");
+    let env = [("HF_HUB_CACHE", hub.as_path())];
+    hf_ok(
+        &sandbox,
+        &[
+            "run",
+            "p.yaml",
+            "--set",
+            "stages.peek.inputs.model=hf:org/tiny@v1",
+        ],
+        &env,
+    );
+    assert_eq!(peek_output(&sandbox), "hub-2222");
+    let recorded = &sandbox.latest_record()["stages"]["peek"]["hub_models"]["model"];
+    assert_eq!(recorded["revision"], "v1");
+    assert_eq!(recorded["commit"], V1_COMMIT);
+
+    let pinned = format!("stages.peek.inputs.model=hf:org/tiny@{V1_COMMIT}");
+    hf_ok(&sandbox, &["run", "p.yaml", "--set", &pinned], &env);
+    assert_eq!(peek_output(&sandbox), "hub-2222");
+    // Same content, same fingerprint: it is the v1 run's output.
+    assert_eq!(sandbox.latest_statuses()["peek"], "cached");
+}
+
+#[test]
+fn hf_hub_cache_beats_hf_home() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let home = sandbox.path("hf-home");
+    fake_hub(&home.join("hub"), "home");
+    let hub = sandbox.path("hub");
+    fake_hub(&hub, "hub");
+    hf_ok(
+        &sandbox,
+        &["run", "p.yaml"],
+        &[("HF_HOME", &home), ("HF_HUB_CACHE", &hub)],
+    );
+    assert_eq!(peek_output(&sandbox), "hub-1111");
+    hf_ok(&sandbox, &["run", "p.yaml"], &[("HF_HOME", &home)]);
+    assert_eq!(peek_output(&sandbox), "home-1111");
+    // With neither, ~/.cache/huggingface/hub.
+    fake_hub(&sandbox.path("home/.cache/huggingface/hub"), "default");
+    hf_ok(&sandbox, &["run", "p.yaml"], &[]);
+    assert_eq!(peek_output(&sandbox), "default-1111");
+}
+
+#[test]
+fn missing_hf_model_names_the_path_and_the_download_command_and_nothing_runs() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let hub = sandbox.path("hub");
+    let env = [("HF_HUB_CACHE", hub.as_path())];
+    let fails = |args: &[&str]| {
+        let output = with_hf(&sandbox, args, &env);
+        assert!(!output.status.success(), "{args:?} should fail");
+        common::text(&output)
+    };
+    let error = fails(&["run", "p.yaml"]);
+    let missing = hub.join("models--org--tiny");
+    assert!(
+        error.contains("stage `peek`, input `model` (p.yaml:8)"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!("{} does not exist", missing.display())),
+        "{error}"
+    );
+    assert!(error.contains("`hf download org/tiny`"), "{error}");
+    assert!(
+        error.contains("`huggingface-cli download org/tiny`"),
+        "{error}"
+    );
+    assert!(sandbox.store_entries("other").is_empty(), "nothing ran");
+    assert!(!sandbox.path("runs/latest").exists(), "no run was recorded");
+
+    fake_hub(&hub, "hub");
+    let error = fails(&[
+        "run",
+        "p.yaml",
+        "--set",
+        "stages.peek.inputs.model=hf:org/tiny@v2",
+    ]);
+    assert!(
+        error.contains(&format!(
+            "{} does not exist",
+            hub.join("models--org--tiny/refs/v2").display()
+        )),
+        "{error}"
+    );
+    assert!(
+        error.contains("`hf download org/tiny --revision v2`"),
+        "{error}"
+    );
+    let absent = "3333333333333333333333333333333333333333";
+    let error = fails(&[
+        "status",
+        "p.yaml",
+        "--set",
+        &format!("stages.peek.inputs.model=hf:org/tiny@{absent}"),
+    ]);
+    assert!(
+        error.contains(&format!("snapshots/{absent} does not exist")),
+        "{error}"
+    );
+    assert!(sandbox.store_entries("other").is_empty(), "nothing ran");
+
+    // An id where no model is read is refused by name.
+    sandbox.write(
+        "tok.yaml",
+        "name: t\nstages:\n  tok:\n    kind: tokenizer\n    inputs: { text: \"hf:org/tiny\" }\n",
+    );
+    let error = fails(&["dag", "tok.yaml"]);
+    assert!(
+        error.contains("`hf:org/tiny` is a Hugging Face model, but `text` expects"),
+        "{error}"
+    );
+}
+
+#[test]
+fn hf_blob_content_change_changes_the_fingerprint() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", HUB_PIPELINE);
+    let hub = sandbox.path("hub");
+    fake_hub(&hub, "hub");
+    let env = [("HF_HUB_CACHE", hub.as_path())];
+    hf_ok(&sandbox, &["run", "p.yaml"], &env);
+    let first = sandbox.latest_record()["stages"]["peek"]["fingerprint"].clone();
+    hf_ok(&sandbox, &["run", "p.yaml"], &env);
+    assert_eq!(sandbox.latest_statuses()["peek"], "cached");
+
+    // The snapshot's symlink is unchanged; the blob it points at is edited.
+    let config = hub
+        .join("models--org--tiny/snapshots")
+        .join(MAIN_COMMIT)
+        .join("config.json");
+    let blob = std::fs::canonicalize(&config).unwrap();
+    std::fs::write(&blob, "edited").unwrap();
+    let status = hf_ok(&sandbox, &["status", "p.yaml"], &env);
+    assert!(
+        status.contains("input `model` changed (hf:org/tiny)"),
+        "{status}"
+    );
+    hf_ok(&sandbox, &["run", "p.yaml"], &env);
+    assert_eq!(sandbox.executed(), ["peek"]);
+    assert_ne!(
+        sandbox.latest_record()["stages"]["peek"]["fingerprint"],
+        first
+    );
+    assert_eq!(peek_output(&sandbox), "edited");
+}

@@ -1,11 +1,14 @@
 //! Pipeline configuration: reads a pipeline file (YAML or TOML), stacks profiles,
 //! `TRAINYARD_*` environment variables and `--set` overrides over it with figment
-//! (in that order: later wins), validates every stage's typed settings, and remembers
-//! where each resolved value came from (file:line, environment variable, CLI flag).
+//! (in that order: later wins), substitutes pipeline variables (`${vars.NAME}`, see
+//! [`vars`]), validates every stage's typed settings, and remembers where each resolved
+//! value came from (file:line, environment variable, CLI flag, or the variable and where
+//! that was set).
 
 pub mod diagnostic;
 pub mod schema;
 pub mod source;
+pub mod vars;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,7 +29,7 @@ use diagnostic::did_you_mean;
 pub const ENV_PREFIX: &str = "TRAINYARD_";
 /// Separator of key path components inside an environment variable name.
 pub const ENV_SEPARATOR: &str = "__";
-const TOP_LEVEL_KEYS: &[&str] = &["name", "seed", "description", "stages"];
+const TOP_LEVEL_KEYS: &[&str] = &["name", "seed", "description", "vars", "stages"];
 
 /// How to resolve a pipeline: which profiles, overrides and environment to apply.
 #[derive(Debug, Clone, Default)]
@@ -67,6 +70,20 @@ pub enum Origin {
     },
     /// The kind's default.
     Default,
+    /// A value that came through `${vars.NAME}`: where each variable it used was set.
+    Var {
+        /// The variables, in order of use.
+        uses: Vec<VarOrigin>,
+    },
+}
+
+/// One variable behind a value, and where it was set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VarOrigin {
+    /// Its name after `vars.` (dotted for a key inside a map variable).
+    pub name: String,
+    /// Where `vars.NAME` was set.
+    pub set_by: Origin,
 }
 
 impl std::fmt::Display for Origin {
@@ -89,6 +106,13 @@ impl std::fmt::Display for Origin {
             Origin::Env { var } => write!(f, "env {var}"),
             Origin::Cli { arg } => write!(f, "--set {arg}"),
             Origin::Default => write!(f, "default"),
+            Origin::Var { uses } => {
+                for (index, used) in uses.iter().enumerate() {
+                    let lead = if index == 0 { "from" } else { ";" };
+                    write!(f, "{lead} ${{vars.{}}} set by {}", used.name, used.set_by)?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -147,6 +171,8 @@ pub struct ResolvedPipeline {
     pub profiles: Vec<ProfileRecord>,
     /// Stages in file order.
     pub stages: Vec<ResolvedStage>,
+    /// `vars:` after merging and resolving (an empty object when there are none).
+    pub vars: serde_json::Value,
     /// Origin of every resolved leaf value, by dotted key path.
     pub origins: BTreeMap<String, Origin>,
 }
@@ -157,7 +183,8 @@ impl ResolvedPipeline {
         self.stages.iter().find(|stage| stage.name == name)
     }
 
-    /// The resolved values as one JSON document (`name`, `seed`, `stages`), keys sorted.
+    /// The resolved values as one JSON document (`name`, `seed`, `stages`, and `vars`
+    /// when there are any), keys sorted.
     pub fn values_json(&self) -> serde_json::Value {
         let stages: serde_json::Map<String, serde_json::Value> = self
             .stages
@@ -173,7 +200,12 @@ impl ResolvedPipeline {
                 )
             })
             .collect();
-        serde_json::json!({ "name": self.name, "seed": self.seed, "stages": stages })
+        let mut values =
+            serde_json::json!({ "name": self.name, "seed": self.seed, "stages": stages });
+        if self.vars.as_object().is_some_and(|vars| !vars.is_empty()) {
+            values["vars"] = self.vars.clone();
+        }
+        values
     }
 }
 
@@ -295,6 +327,9 @@ struct Layer {
     name: String,
     values: Dict,
     source: LayerSource,
+    /// Key paths of this layer whose value came through `${vars.…}`, with the
+    /// variables used, so their origin can name where each variable was set.
+    through_vars: BTreeMap<String, Vec<String>>,
 }
 
 enum LayerSource {
@@ -505,6 +540,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
             stage_kinds: stage_kinds.clone(),
             pipeline_name: None,
         },
+        through_vars: BTreeMap::new(),
     }];
     let mut profile_records = Vec::new();
     for name in options
@@ -542,7 +578,20 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
             name: format!("--set #{index} {raw}"),
             values: nest(&parts, parse_scalar(value)),
             source: LayerSource::Cli(BTreeMap::from([(key.to_string(), raw.clone())])),
+            through_vars: BTreeMap::new(),
         });
+    }
+
+    let mut variables = Variables::collect(&layers)?;
+    let substituted = layers
+        .iter()
+        .map(|layer| variables.substitute_layer(layer))
+        .collect::<Result<Vec<_>, _>>()?;
+    let resolved_vars = variables.resolve_all()?;
+    let var_origins = variables.used_origins();
+    for (layer, (values, through_vars)) in layers.iter_mut().zip(substituted) {
+        layer.values = values;
+        layer.through_vars = through_vars;
     }
 
     let mut figment = Figment::new();
@@ -553,6 +602,8 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
         figment,
         layers,
         file: Arc::clone(&file),
+        var_origins,
+        vars: serde_json::to_value(&resolved_vars).unwrap_or_default(),
     };
     resolver.resolve(profile_records)
 }
@@ -716,6 +767,7 @@ fn load_profile(
                 .and_then(Value::as_str)
                 .map(str::to_string),
         },
+        through_vars: BTreeMap::new(),
     };
     Ok((layer, record))
 }
@@ -765,6 +817,7 @@ fn env_layer(env: &[(String, String)], reference: &Dict) -> Option<Layer> {
         name: "environment".to_string(),
         values,
         source: LayerSource::Env(vars),
+        through_vars: BTreeMap::new(),
     })
 }
 
@@ -776,6 +829,9 @@ struct PipelineSpec {
     seed: u64,
     #[serde(default)]
     description: Option<String>,
+    // Already substituted into the stages; only its shape is checked here.
+    #[serde(default, rename = "vars")]
+    _vars: Option<Dict>,
     #[serde(default)]
     stages: BTreeMap<String, StageSpec>,
 }
@@ -796,6 +852,10 @@ struct Resolver {
     figment: Figment,
     layers: Vec<Layer>,
     file: Arc<SourceFile>,
+    /// Where each variable that was used was set.
+    var_origins: BTreeMap<String, Origin>,
+    /// Every variable, resolved.
+    vars: serde_json::Value,
 }
 
 fn is_name(name: &str) -> bool {
@@ -819,13 +879,35 @@ impl Resolver {
     }
 
     fn origin(&self, key_path: &str) -> Origin {
-        match self.figment.find_metadata(key_path) {
-            Some(metadata) => self
-                .layers
-                .iter()
-                .find(|layer| layer.name == metadata.name)
-                .map_or(Origin::Default, |layer| layer.origin(key_path)),
-            None => Origin::Default,
+        let Some(layer) = self
+            .figment
+            .find_metadata(key_path)
+            .and_then(|metadata| self.layers.iter().find(|layer| layer.name == metadata.name))
+        else {
+            return Origin::Default;
+        };
+        // A value that came through variables (itself, or a map it sits in) is shown by
+        // where the variables were set: that is where a user would change it.
+        let mut candidate = key_path;
+        loop {
+            if let Some(names) = layer.through_vars.get(candidate) {
+                let uses = names
+                    .iter()
+                    .map(|name| VarOrigin {
+                        name: name.clone(),
+                        set_by: self
+                            .var_origins
+                            .get(name)
+                            .cloned()
+                            .unwrap_or(Origin::Default),
+                    })
+                    .collect();
+                return Origin::Var { uses };
+            }
+            match candidate.rfind('.') {
+                Some(dot) => candidate = &candidate[..dot],
+                None => return layer.origin(key_path),
+            }
         }
     }
 
@@ -858,10 +940,10 @@ impl Resolver {
                 } else {
                     format!("{at}.{field}").trim_start_matches('.').to_string()
                 };
-                let within = if path.last() == Some(field) {
-                    format!("`{}`", path[..path.len() - 1].join("."))
-                } else {
-                    within
+                let within = match path.last() == Some(field) {
+                    true if path.len() == 1 => "the pipeline".to_string(),
+                    true => format!("`{}`", path[..path.len() - 1].join(".")),
+                    false => within,
                 };
                 let help = did_you_mean(field, expected.iter().copied())
                     .or_else(|| Some(format!("expected one of: {}", expected.join(", "))));
@@ -972,6 +1054,11 @@ impl Resolver {
                 origins.insert(key.to_string(), self.origin(key));
             }
         }
+        collect_origins(&self.vars, "vars", &mut |key| {
+            if key != "vars" {
+                origins.insert(key.to_string(), self.origin(key));
+            }
+        });
         let mut stages = Vec::new();
         for name in ordered {
             let spec_stage = &spec.stages[name];
@@ -1062,6 +1149,7 @@ impl Resolver {
             base_dir: parent_dir(&self.file.path),
             profiles,
             stages,
+            vars: self.vars.clone(),
             origins,
         })
     }
@@ -1076,5 +1164,310 @@ fn collect_origins(value: &serde_json::Value, prefix: &str, visit: &mut dyn FnMu
             }
         }
         _ => visit(prefix),
+    }
+}
+
+/// The merged `vars:` of all layers, resolved on demand, and the substitution of
+/// `${vars.NAME}` into each layer's stage settings and inputs (see [`vars`]).
+///
+/// Substitution happens per layer, before the final merge, so that every value keeps
+/// the layer (and so the file line or flag) where it was written; only the variables'
+/// values come from the merge of all layers, so `--set vars.x=…` reaches every use.
+struct Variables<'a> {
+    layers: &'a [Layer],
+    /// All layers merged, only to learn which layer set each variable.
+    figment: Figment,
+    /// The merged `vars` map, as written (untagged, so figment tags a substituted value
+    /// with the layer it is substituted into).
+    raw: Dict,
+    /// Variables resolved so far.
+    resolved: BTreeMap<String, Value>,
+    /// Variables used by some stage, in name order.
+    used: std::collections::BTreeSet<String>,
+    /// The layer being substituted, where errors about a use are located.
+    current: Option<&'a Layer>,
+}
+
+/// Why a variable could not be given a value.
+enum VarFailure {
+    /// No such variable; to be reported where it is used.
+    Unknown,
+    /// Anything else, already located.
+    Located(Diagnostic),
+}
+
+impl<'a> Variables<'a> {
+    fn collect(layers: &'a [Layer]) -> Result<Variables<'a>, Diagnostic> {
+        let mut figment = Figment::new();
+        for layer in layers {
+            figment = figment.merge(layer);
+        }
+        let mut raw = Dict::new();
+        for layer in layers {
+            match layer.values.get("vars") {
+                None => {}
+                Some(Value::Dict(_, vars)) => deep_merge(&mut raw, vars.clone()),
+                Some(_) => {
+                    return Err(layer.locate(
+                        "vars",
+                        Diagnostic::new("`vars` must be a map of variable name → value")
+                            .help("e.g. `vars: { base_model: ../models/base }`, used as `${vars.base_model}`"),
+                    ));
+                }
+            }
+        }
+        Ok(Variables {
+            layers,
+            figment,
+            raw,
+            resolved: BTreeMap::new(),
+            used: std::collections::BTreeSet::new(),
+            current: None,
+        })
+    }
+
+    /// The layer that set `key_path` (or its nearest set ancestor).
+    fn layer_of(&self, key_path: &str) -> Option<&'a Layer> {
+        let mut candidate = key_path;
+        let metadata = loop {
+            if let Some(metadata) = self.figment.find_metadata(candidate) {
+                break metadata;
+            }
+            candidate = &candidate[..candidate.rfind('.')?];
+        };
+        self.layers.iter().find(|layer| layer.name == metadata.name)
+    }
+
+    /// Every dotted name a `${vars.…}` could use, for suggestions.
+    fn known_names(&self) -> Vec<String> {
+        fn walk(dict: &Dict, prefix: &str, out: &mut Vec<String>) {
+            for (key, value) in dict {
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                if let Value::Dict(_, inner) = value {
+                    walk(inner, &name, out);
+                }
+                out.push(name);
+            }
+        }
+        let mut names = Vec::new();
+        walk(&self.raw, "", &mut names);
+        names
+    }
+
+    /// The resolved value of `vars.NAME`; `stack` holds the variables being resolved,
+    /// to catch a variable that refers to itself.
+    fn value(&mut self, name: &str, stack: &mut Vec<String>) -> Result<Value, VarFailure> {
+        if let Some(value) = self.resolved.get(name) {
+            return Ok(value.clone());
+        }
+        let key = format!("vars.{name}");
+        if let Some(start) = stack.iter().position(|entry| entry == name) {
+            let mut cycle: Vec<String> = stack[start..].to_vec();
+            cycle.push(name.to_string());
+            let diagnostic = Diagnostic::new(format!(
+                "variable `{}` refers to itself: {}",
+                stack[start],
+                cycle.join(" → ")
+            ));
+            return Err(VarFailure::Located(self.locate(&key, diagnostic)));
+        }
+        let raw = vars::lookup(&self.raw, name)
+            .cloned()
+            .ok_or(VarFailure::Unknown)?;
+        stack.push(name.to_string());
+        // A variable's value may use other variables; errors in it are located at the
+        // variable, in whichever layer set it.
+        let current = self.current.take();
+        let result = self.substitute(&raw, &key, stack, &mut BTreeMap::new());
+        self.current = current;
+        stack.pop();
+        let value = result.map_err(VarFailure::Located)?;
+        self.resolved.insert(name.to_string(), value.clone());
+        Ok(value)
+    }
+
+    fn locate(&self, key_path: &str, diagnostic: Diagnostic) -> Diagnostic {
+        match self.layer_of(key_path) {
+            Some(layer) => layer.locate(key_path, diagnostic),
+            None => diagnostic,
+        }
+    }
+
+    /// `value` (found at `key_path`) with every `${vars.…}` replaced; records in
+    /// `through` the key paths that used variables.
+    fn substitute(
+        &mut self,
+        value: &Value,
+        key_path: &str,
+        stack: &mut Vec<String>,
+        through: &mut BTreeMap<String, Vec<String>>,
+    ) -> Result<Value, Diagnostic> {
+        match value {
+            Value::Dict(tag, dict) => {
+                let mut out = Dict::new();
+                for (key, child) in dict {
+                    let child =
+                        self.substitute(child, &format!("{key_path}.{key}"), stack, through)?;
+                    out.insert(key.clone(), child);
+                }
+                Ok(Value::Dict(*tag, out))
+            }
+            Value::Array(tag, items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (index, item) in items.iter().enumerate() {
+                    out.push(self.substitute(
+                        item,
+                        &format!("{key_path}.{index}"),
+                        stack,
+                        through,
+                    )?);
+                }
+                Ok(Value::Array(*tag, out))
+            }
+            Value::String(_, text) if vars::mentions(text) => {
+                let located = |this: &Self, message: String| {
+                    this.locate_use(key_path, Diagnostic::new(message))
+                };
+                let pieces = vars::parse(text).map_err(|message| located(self, message))?;
+                let mut names = Vec::new();
+                let mut values = Vec::with_capacity(pieces.len());
+                for piece in &pieces {
+                    values.push(match piece {
+                        vars::Piece::Text(_) => None,
+                        vars::Piece::Var(name) => {
+                            names.push(name.clone());
+                            let value =
+                                self.value(name, stack).map_err(|failure| match failure {
+                                    VarFailure::Located(diagnostic) => diagnostic,
+                                    VarFailure::Unknown => self.unknown(name, key_path),
+                                })?;
+                            Some(value)
+                        }
+                    });
+                }
+                if stack.is_empty() {
+                    self.used.extend(names.iter().cloned());
+                }
+                if !names.is_empty() {
+                    through.insert(key_path.to_string(), names);
+                }
+                // The whole value is one variable: it keeps the variable's type.
+                if let [vars::Piece::Var(_)] = pieces.as_slice()
+                    && let Some(Some(value)) = values.pop()
+                {
+                    return Ok(value);
+                }
+                let mut joined = String::new();
+                for (piece, value) in pieces.iter().zip(&values) {
+                    match (piece, value) {
+                        (vars::Piece::Text(text), _) => joined.push_str(text),
+                        (vars::Piece::Var(name), Some(value)) => {
+                            let text = vars::as_text(value).ok_or_else(|| {
+                                located(
+                                    self,
+                                    format!(
+                                        "`${{vars.{name}}}` is {} and cannot be part of the text \"{text}\"; use it as the whole value",
+                                        vars::type_name(value)
+                                    ),
+                                )
+                            })?;
+                            joined.push_str(&text);
+                        }
+                        (vars::Piece::Var(_), None) => {}
+                    }
+                }
+                Ok(Value::from(joined))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+
+    /// A diagnostic at the use `key_path`: the layer being substituted is the one that
+    /// wrote it, and `layer_of` finds it unless a later layer replaced the value.
+    fn locate_use(&self, key_path: &str, diagnostic: Diagnostic) -> Diagnostic {
+        match self.current {
+            Some(layer) => layer.locate(key_path, diagnostic),
+            None => self.locate(key_path, diagnostic),
+        }
+    }
+
+    fn unknown(&self, name: &str, key_path: &str) -> Diagnostic {
+        let known = self.known_names();
+        let mut diagnostic = Diagnostic::new(format!(
+            "unknown variable `${{vars.{name}}}` in `{key_path}`"
+        ));
+        diagnostic = match did_you_mean(name, known.iter().map(String::as_str)) {
+            Some(help) => diagnostic.help(help),
+            None if known.is_empty() => diagnostic.help(
+                "no variables are defined: add `vars: { NAME: value }` at the top of the pipeline, or --set vars.NAME=value",
+            ),
+            None => diagnostic.help(format!(
+                "defined variables: {}",
+                self.raw.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+        };
+        self.locate_use(key_path, diagnostic)
+    }
+
+    /// `layer`'s values with `${vars.…}` substituted under every stage's `with` and
+    /// `inputs`, and the key paths that used variables.
+    fn substitute_layer(
+        &mut self,
+        layer: &'a Layer,
+    ) -> Result<(Dict, BTreeMap<String, Vec<String>>), Diagnostic> {
+        let mut values = layer.values.clone();
+        let mut through = BTreeMap::new();
+        self.current = Some(layer);
+        if let Some(Value::Dict(_, stages)) = values.get_mut("stages") {
+            for (name, stage) in stages.iter_mut() {
+                let Value::Dict(_, stage) = stage else {
+                    continue;
+                };
+                for section in ["with", "inputs"] {
+                    if let Some(value) = stage.get(section) {
+                        let key = format!("stages.{name}.{section}");
+                        let replaced =
+                            self.substitute(value, &key, &mut Vec::new(), &mut through)?;
+                        stage.insert(section.to_string(), replaced);
+                    }
+                }
+            }
+        }
+        self.current = None;
+        Ok((values, through))
+    }
+
+    /// Every variable resolved (so that a broken one is reported even when unused).
+    fn resolve_all(&mut self) -> Result<Dict, Diagnostic> {
+        let names: Vec<String> = self.raw.keys().cloned().collect();
+        let mut out = Dict::new();
+        for name in names {
+            let value = self
+                .value(&name, &mut Vec::new())
+                .map_err(|failure| match failure {
+                    VarFailure::Located(diagnostic) => diagnostic,
+                    VarFailure::Unknown => Diagnostic::new(format!("variable `{name}` vanished")),
+                })?;
+            out.insert(name, value);
+        }
+        Ok(out)
+    }
+
+    /// Where each variable that a stage used was set.
+    fn used_origins(&self) -> BTreeMap<String, Origin> {
+        self.used
+            .iter()
+            .map(|name| {
+                let key = format!("vars.{name}");
+                let origin = self
+                    .layer_of(&key)
+                    .map_or(Origin::Default, |layer| layer.origin(&key));
+                (name.clone(), origin)
+            })
+            .collect()
     }
 }

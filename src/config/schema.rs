@@ -42,11 +42,18 @@ pub fn pipeline_schema() -> Value {
         "Inputs".to_string(),
         json!({
             "type": "object",
-            "description": "Input name → a stage reference (`STAGE` or `STAGE/path/inside`) or a file or directory path relative to the pipeline file (`./x` forces a path).",
+            "description": "Input name → a stage reference (`STAGE` or `STAGE/path/inside`), a file or directory path relative to the pipeline file (`./x` forces a path), or, for a model or tokenizer, `hf:org/name[@revision]` from the local Hugging Face cache. `${vars.NAME}` uses a variable.",
             "additionalProperties": { "type": "string" },
         }),
     );
     defs.insert("Stage".to_string(), json!({ "oneOf": variants }));
+    defs.insert(
+        "Vars".to_string(),
+        json!({
+            "type": "object",
+            "description": "Pipeline variables: `${vars.NAME}` in any stage's `with:` or `inputs:` is replaced by the value (keeping its type when it is the whole value); `$${` is a literal `${`. Set or change them in profiles, TRAINYARD_VARS__NAME or --set vars.NAME=value.",
+        }),
+    );
     defs.insert(
         "Overlay".to_string(),
         json!({
@@ -55,6 +62,7 @@ pub fn pipeline_schema() -> Value {
             "properties": {
                 "description": { "type": "string" },
                 "seed": { "type": "integer", "minimum": 0 },
+                "vars": { "$ref": "#/$defs/Vars" },
                 "stages": { "type": "object", "additionalProperties": { "type": "object" } },
                 "kinds": { "type": "object", "additionalProperties": { "type": "object" } },
             },
@@ -69,6 +77,7 @@ pub fn pipeline_schema() -> Value {
             "name": { "type": "string" },
             "description": { "type": "string" },
             "seed": { "type": "integer", "minimum": 0 },
+            "vars": { "$ref": "#/$defs/Vars" },
             "stages": { "type": "object", "additionalProperties": { "$ref": "#/$defs/Stage" } },
             "profiles": { "type": "object", "additionalProperties": { "$ref": "#/$defs/Overlay" } },
         },

@@ -152,6 +152,17 @@ fn parse_yaml(path: &Path, text: &str) -> Result<(Value, KeyLines), Diagnostic> 
                 Some(text),
             );
         }
+        // `{ base: ${vars.x} }` is the likeliest way to meet this: braces end an unquoted
+        // value inside a `{ … }` map, so YAML stops at the `{` of `${`.
+        if diagnostic
+            .quoted_line
+            .as_deref()
+            .is_some_and(|line| line.contains("${"))
+        {
+            diagnostic = diagnostic.help(
+                "inside `{ … }` or `[ … ]`, quote a value that uses a variable: \"${vars.NAME}\"",
+            );
+        }
         diagnostic
     })?;
     let mut recorder = YamlKeyRecorder::default();
@@ -337,6 +348,18 @@ mod tests {
         let rendered = error.to_string();
         assert!(rendered.contains("bad.yaml:"), "{rendered}");
         assert!(rendered.contains("invalid YAML"), "{rendered}");
+    }
+
+    #[test]
+    fn an_unquoted_variable_in_a_flow_map_gets_a_hint_to_quote_it() {
+        let text = "name: demo\nstages:\n  a:\n    inputs: { src: ${vars.base} }\n";
+        let error = SourceFile::parse(Path::new("p.yaml"), text.into(), Format::Yaml).unwrap_err();
+        let rendered = error.to_string();
+        assert!(rendered.contains("p.yaml:4:"), "{rendered}");
+        assert!(
+            rendered.contains("quote a value that uses a variable"),
+            "{rendered}"
+        );
     }
 
     #[test]
