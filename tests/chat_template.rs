@@ -19,6 +19,7 @@ fn message_from_hf(value: &serde_json::Value) -> ChatMessage {
                         call
                     };
                     ToolCall {
+                        id: None,
                         name: function["name"].as_str().unwrap().to_string(),
                         arguments: function["arguments"].clone(),
                     }
@@ -30,6 +31,7 @@ fn message_from_hf(value: &serde_json::Value) -> ChatMessage {
         role,
         content: value["content"].as_str().unwrap_or_default().to_string(),
         tool_calls,
+        extra: Default::default(),
     }
 }
 
@@ -165,7 +167,13 @@ mod apply_chat_template_parity {
             assert_eq!(ids.get_ids(), expected.as_slice(), "{name}");
             families.insert(case["template"].as_str().unwrap().to_string());
         }
-        for family in ["qwen2_5", "llama3_1", "mistral_v0_1", "mistral_v0_3_tools", "trainyard"] {
+        for family in [
+            "qwen2_5",
+            "llama3_1",
+            "mistral_v0_1",
+            "mistral_v0_3_tools",
+            "trainyard",
+        ] {
             assert!(families.contains(family), "no case for {family}");
         }
     }
@@ -183,7 +191,10 @@ mod apply_chat_template_parity {
             assert!(template.has_generation_blocks(), "{name}");
             let conversation = conversation(case);
             let rendered = template
-                .render(&conversation, case["add_generation_prompt"].as_bool().unwrap())
+                .render(
+                    &conversation,
+                    case["add_generation_prompt"].as_bool().unwrap(),
+                )
                 .unwrap();
             let spans = template.trainable_spans(&conversation, &rendered).unwrap();
             let expected_spans: Vec<std::ops::Range<usize>> = case["generation_spans"]
@@ -276,7 +287,10 @@ mod apply_chat_template_parity {
                     "{name}: {error}"
                 );
             } else {
-                assert!(matches!(error, TemplateError::Render { .. }), "{name}: {error}");
+                assert!(
+                    matches!(error, TemplateError::Render { .. }),
+                    "{name}: {error}"
+                );
             }
         }
     }

@@ -326,7 +326,11 @@ fn prompt_ids_and_greedy_text_equal_transformers_for_llama_qwen2_and_gpt2() {
         for case in prompts {
             let prompt = case["prompt"].as_str().unwrap();
             let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-            assert_eq!(generator.raw_prompt(prompt).unwrap(), ids, "{family}: {prompt:?}");
+            assert_eq!(
+                generator.raw_prompt(prompt).unwrap(),
+                ids,
+                "{family}: {prompt:?}"
+            );
             let mut new_ids: Vec<u32> = serde_json::from_value(case["new_ids"].clone()).unwrap();
             let budget = new_ids.len();
             // transformers keeps the stop token it ended on; trainyard reports it apart.

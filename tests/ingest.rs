@@ -142,7 +142,7 @@ fn jsonl_chunks_split_gives_one_document_per_chunk_and_a_named_text_field() {
 }
 
 #[test]
-fn chat_jsonl_normalises_openai_tool_calls() {
+fn chat_jsonl_normalises_openai_tool_calls_keeping_ids_tools_and_key_order() {
     let sandbox = sandbox_with(
         "{ chats: data/chats.jsonl }",
         "{ source: { chat_jsonl: { input: chats } }, eval_ratio: 0 }",
@@ -165,8 +165,8 @@ fn chat_jsonl_normalises_openai_tool_calls() {
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Weather in Oslo?"},
             {"role": "assistant", "content": "",
-             "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]},
-            {"role": "tool", "content": "rain"},
+             "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]},
+            {"role": "tool", "content": "rain", "tool_call_id": "call_1"},
             {"role": "assistant", "content": "Rain."}
         ], "source_url": "chat://1"})]
     );
@@ -175,6 +175,20 @@ fn chat_jsonl_normalises_openai_tool_calls() {
         serde_json::from_value(records[0].clone()).unwrap();
     assert_eq!(parsed.messages[2].tool_calls[0].arguments["days"], 2);
     assert_eq!(stats(&sandbox)["records"], "chat");
+    // Tool definitions pass through, and every object keeps its author's key order (a
+    // chat template prints them with tojson, in order).
+    let line = r#"{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{\"z\": 1, \"a\": {\"y\": 2, \"b\": 3}}"}}]}, {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "Rain."}], "tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {"z": {}, "a": {}}}}}]}"#;
+    sandbox.write("data/chats.jsonl", &format!("{line}\n"));
+    sandbox.ok(&["run", "p.yaml"]);
+    let written = sandbox.read("runs/latest/outputs/corpus/train.jsonl");
+    assert!(
+        written.contains(r#""arguments":{"z":1,"a":{"y":2,"b":3}}"#),
+        "{written}"
+    );
+    assert!(
+        written.contains(r#""tools":[{"type":"function","function":{"name":"w","parameters":{"type":"object","properties":{"z":{},"a":{}}}}}]"#),
+        "{written}"
+    );
 }
 
 #[test]

@@ -7,7 +7,13 @@ use std::path::{Path, PathBuf};
 
 use common::Sandbox;
 
-const PIPELINES: [&str; 4] = ["quickstart", "wiki-finetune", "pretrain-sft", "lora-export"];
+const PIPELINES: [&str; 5] = [
+    "quickstart",
+    "wiki-finetune",
+    "pretrain-sft",
+    "lora-export",
+    "chat-lora",
+];
 const PROFILES: [&str; 3] = ["smoke", "dev", "prod"];
 
 fn repo(relative: &str) -> PathBuf {
@@ -214,4 +220,76 @@ fn lora_export_smoke_trains_tool_calls_and_exports_the_merged_model() {
     for file in ["model.safetensors", "model-f16.gguf", "model-q8_0.gguf"] {
         assert!(export.join(file).is_file(), "export lacks {file}");
     }
+}
+
+#[test]
+fn chat_lora_smoke_trains_a_chatml_base_in_its_own_template_and_exports_it() {
+    let sandbox = Sandbox::new();
+    sandbox.ok(&["run", &pipeline("chat-lora"), "--profile", "smoke"]);
+    assert_eq!(
+        sandbox.executed(),
+        ["adapter", "chat-cache", "chats", "export", "merge"]
+    );
+    // The cache holds ChatML, rendered by Qwen2.5's template from the base's
+    // tokenizer_config.json, trained on the answers and their <|im_end|> only.
+    let cache_dir = sandbox.path("runs/latest/outputs/chat-cache");
+    let cache = trainyard::data::token_cache::TokenCache::open(&cache_dir).expect("cache");
+    let examples = cache.examples("train").expect("train split");
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(repo("data/models/tiny-qwen2/tokenizer.json")).unwrap();
+    let im_end = tokenizer.token_to_id("<|im_end|>").unwrap();
+    let (ids, mask) = examples.example(0);
+    let text = tokenizer.decode(&ids, false).unwrap();
+    assert!(text.starts_with("<|im_start|>system\n"), "{text}");
+    assert!(
+        !text.contains("<|user|>"),
+        "trainyard's template leaked in: {text}"
+    );
+    let trained: Vec<u32> = ids
+        .iter()
+        .zip(mask)
+        .filter(|(_, flag)| **flag == 1)
+        .map(|(id, _)| *id)
+        .collect();
+    let trained_text = tokenizer.decode(&trained, false).unwrap();
+    assert!(!trained_text.contains("<|im_start|>"), "{trained_text}");
+    assert_eq!(trained.last(), Some(&im_end), "{trained_text}");
+    // Tool calls are trained in the model's own <tool_call> format.
+    let with_tools = (0..examples.len())
+        .map(|index| tokenizer.decode(&examples.example(index).0, false).unwrap())
+        .find(|text| text.contains("<tool_call>"))
+        .expect("a conversation with a tool call");
+    assert!(with_tools.contains("\"name\": \""), "{with_tools}");
+    // The export keeps the base's template and stop tokens, in HF and in GGUF.
+    let export = sandbox.path("runs/latest/outputs/export");
+    let base_config =
+        std::fs::read_to_string(repo("data/models/tiny-qwen2/tokenizer_config.json")).unwrap();
+    assert_eq!(
+        sandbox.read("runs/latest/outputs/export/tokenizer_config.json"),
+        base_config
+    );
+    let generation: serde_json::Value =
+        serde_json::from_str(&sandbox.read("runs/latest/outputs/export/generation_config.json"))
+            .unwrap();
+    assert!(
+        generation["eos_token_id"]
+            .as_array()
+            .is_some_and(|ids| ids.contains(&im_end.into()))
+    );
+    let gguf = std::fs::read(export.join("model-f16.gguf")).unwrap();
+    let needle = b"<|im_start|>assistant";
+    assert!(
+        gguf.windows(needle.len()).any(|window| window == needle),
+        "the GGUF lacks the ChatML template"
+    );
+    // The merged model chats in ChatML and stops at <|im_end|>.
+    let answer = sandbox.ok(&[
+        "chat",
+        "runs/latest/outputs/export",
+        "--prompt",
+        "What's the weather on Varro tomorrow?",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(!answer.contains("<|im_start|>"), "{answer}");
 }
