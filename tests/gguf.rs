@@ -74,9 +74,11 @@ fn config(flavor: LlamaFlavor, tied: bool, vocab_size: usize) -> LlamaConfig {
         head_dim: 16,
         rms_norm_eps: 1e-5,
         rope_theta: match flavor {
-            LlamaFlavor::Llama => 50_000.0,
             LlamaFlavor::Qwen2 => 1_000_000.0,
+            _ => 50_000.0,
         },
+        rope_scaling: None,
+        sliding_window: None,
         max_position_embeddings: 128,
         tie_word_embeddings: tied,
         qkv_bias: flavor == LlamaFlavor::Qwen2,
@@ -637,7 +639,7 @@ fn logit_gap(checkpoint: &Checkpoint, dtype: GgufDtype) -> (f32, f32) {
     let path = checkpoint.export(dtype);
     let (content, mut file) = read_gguf(&path);
     let theirs = match checkpoint.llama_config().flavor {
-        LlamaFlavor::Llama => {
+        LlamaFlavor::Llama | LlamaFlavor::Mistral => {
             use candle_transformers::models::quantized_llama::ModelWeights;
             let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
             model.forward(&input, 0).unwrap()
