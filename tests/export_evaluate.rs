@@ -328,3 +328,50 @@ fn file_tensor_count(file: &std::path::Path) -> usize {
     let bytes = std::fs::read(file).unwrap();
     safetensors::SafeTensors::deserialize(&bytes).unwrap().len()
 }
+
+#[test]
+fn a_model_input_trainyard_cannot_load_is_refused_before_anything_runs() {
+    let sandbox = Sandbox::new();
+    let base = bf16_sharded_base(&sandbox);
+    sandbox.write(
+        "p.yaml",
+        "name: release
+stages:
+  first:
+    kind: command
+    with: { cmd: 'echo ran > out.txt', outputs: [out.txt] }
+  release:
+    kind: export
+    inputs: { model: models/base }
+    with: { gguf: [] }
+",
+    );
+    // Another architecture, named with the file, before the first stage runs.
+    let config = base.join("config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        original.replace("\"model_type\": \"llama\"", "\"model_type\": \"phi3\""),
+    )
+    .unwrap();
+    let text = sandbox.fails(&["run", "p.yaml"]);
+    assert!(
+        text.contains(&format!(
+            "{}: key `model_type`: `phi3` is not supported (trainyard supports llama, qwen2, mistral, gpt2)",
+            config.display()
+        )),
+        "{text}"
+    );
+    assert!(sandbox.store_entries("first").is_empty(), "{text}");
+
+    // A shard the index lists but the directory lacks, named with the index.
+    std::fs::write(&config, original).unwrap();
+    std::fs::remove_file(base.join("model-00003-of-00003.safetensors")).unwrap();
+    let text = sandbox.fails(&["run", "p.yaml"]);
+    assert!(
+        text.contains("model.safetensors.index.json")
+            && text.contains("model-00003-of-00003.safetensors"),
+        "{text}"
+    );
+    assert!(sandbox.store_entries("first").is_empty(), "{text}");
+}

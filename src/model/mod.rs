@@ -302,6 +302,14 @@ pub fn check_architecture(dir: &Path) -> Result<(), ModelError> {
     architecture_of(&value, &path).map(|_| ())
 }
 
+/// What can be checked of a model directory without reading its weights: the
+/// architecture ([`check_architecture`], config.json alone) and that every shard the
+/// index lists exists. For model inputs when a pipeline is planned.
+pub fn check_model_dir(dir: &Path) -> Result<(), ModelError> {
+    check_architecture(dir)?;
+    safetensors_files(dir).map(|_| ())
+}
+
 /// The supported `model_type` of a parsed `config.json`, or the error naming what is
 /// not supported.
 fn architecture_of<'a>(value: &'a Value, path: &Path) -> Result<&'a str, ModelError> {
