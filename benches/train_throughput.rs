@@ -146,6 +146,8 @@ fn main() -> Result<()> {
         head_dim: args.hidden / args.heads.max(1),
         rms_norm_eps: 1e-6,
         rope_theta: 10_000.0,
+        rope_scaling: None,
+        sliding_window: None,
         max_position_embeddings: args.context,
         tie_word_embeddings: false,
         qkv_bias: false,

@@ -147,6 +147,19 @@ pub enum DagError {
         /// The missing input.
         input: String,
     },
+    /// A model directory given as a model input is one trainyard cannot load (another
+    /// architecture, a shard missing), found before anything runs.
+    #[error("stage `{stage}`, input `{input}` ({at}): {message}")]
+    UnusableModel {
+        /// Stage.
+        stage: String,
+        /// Input name.
+        input: String,
+        /// What is wrong, naming the file.
+        message: String,
+        /// Where the input is declared.
+        at: Origin,
+    },
     /// An upstream stage produces the wrong kind of artifact for this input.
     #[error(
         "stage `{stage}`, input `{input}` ({at}): stage `{upstream}` ({upstream_kind}) produces {found:?}, but `{input}` expects {expected}"
@@ -365,6 +378,17 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                         expected: accepted(slot),
                         at: at.clone(),
                     })?;
+                    if slot.is_some_and(|slot| slot.accepts == crate::stages::MODEL_SOURCES)
+                        && path.join("config.json").is_file()
+                        && let Err(error) = crate::model::check_model_dir(&path)
+                    {
+                        return Err(Box::new(DagError::UnusableModel {
+                            stage: stage.name.clone(),
+                            input: input.clone(),
+                            message: error.to_string(),
+                            at,
+                        }));
+                    }
                     Binding::External {
                         declared: declared.clone(),
                         path,

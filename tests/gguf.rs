@@ -74,9 +74,11 @@ fn config(flavor: LlamaFlavor, tied: bool, vocab_size: usize) -> LlamaConfig {
         head_dim: 16,
         rms_norm_eps: 1e-5,
         rope_theta: match flavor {
-            LlamaFlavor::Llama => 50_000.0,
             LlamaFlavor::Qwen2 => 1_000_000.0,
+            _ => 50_000.0,
         },
+        rope_scaling: None,
+        sliding_window: None,
         max_position_embeddings: 128,
         tie_word_embeddings: tied,
         qkv_bias: flavor == LlamaFlavor::Qwen2,
@@ -637,7 +639,7 @@ fn logit_gap(checkpoint: &Checkpoint, dtype: GgufDtype) -> (f32, f32) {
     let path = checkpoint.export(dtype);
     let (content, mut file) = read_gguf(&path);
     let theirs = match checkpoint.llama_config().flavor {
-        LlamaFlavor::Llama => {
+        LlamaFlavor::Llama | LlamaFlavor::Mistral => {
             use candle_transformers::models::quantized_llama::ModelWeights;
             let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
             model.forward(&input, 0).unwrap()
@@ -881,4 +883,98 @@ fn exports_and_reference_logits_for_the_llama_cpp_check() {
         serde_json::to_string(&reference).unwrap(),
     )
     .unwrap();
+}
+
+/// A copy of `checkpoint`'s directory with every tensor converted to `dtype`.
+fn converted(checkpoint: &Checkpoint, dtype: DType) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let tensors: Vec<(String, Tensor)> = checkpoint
+        .hf_tensors()
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.to_dtype(dtype).unwrap()))
+        .collect();
+    model::save_model_dir(dir.path(), &checkpoint.config, &tensors).unwrap();
+    std::fs::copy(checkpoint.tokenizer(), dir.path().join("tokenizer.json")).unwrap();
+    dir
+}
+
+#[test]
+fn a_bf16_checkpoint_exports_the_gguf_of_its_f32_widening() {
+    // bf16 → f32 is exact, so a bf16 source and the same weights widened to f32 must give
+    // byte-identical GGUF files of every type.
+    let checkpoint = Checkpoint::llama(config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB), 9);
+    let bf16 = converted(&checkpoint, DType::BF16);
+    let rounded = tempfile::tempdir().unwrap();
+    let widened: Vec<(String, Tensor)> =
+        candle_core::safetensors::load(bf16.path().join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(name, tensor)| {
+                assert_eq!(tensor.dtype(), DType::BF16);
+                (name, tensor.to_dtype(DType::F32).unwrap())
+            })
+            .collect();
+    model::save_model_dir(rounded.path(), &checkpoint.config, &widened).unwrap();
+    for dtype in [GgufDtype::F32, GgufDtype::F16, GgufDtype::Q8_0] {
+        let a = bf16.path().join("a.gguf");
+        let b = rounded.path().join("b.gguf");
+        write_gguf(bf16.path(), &checkpoint.tokenizer(), &a, dtype).unwrap();
+        write_gguf(rounded.path(), &checkpoint.tokenizer(), &b, dtype).unwrap();
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{dtype}: the bf16 source exports differently"
+        );
+    }
+}
+
+#[test]
+fn llama3_rope_scaling_is_exported_as_llama_cpp_rope_freqs() {
+    let mut llama = config(LlamaFlavor::Llama, false, TOKENIZER_VOCAB);
+    llama.rope_scaling = Some(model::Llama3RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 256,
+    });
+    let checkpoint = Checkpoint::llama(llama.clone(), 10);
+    let path = checkpoint.export(GgufDtype::F16);
+    let (content, mut file) = read_gguf(&path);
+    let freqs = content
+        .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    // llama.cpp divides frequency i by rope_freqs[i]: llama.cpp's converter's factors.
+    assert_eq!(freqs.len(), llama.head_dim / 2);
+    let plain = |i: usize| {
+        1.0 / llama
+            .rope_theta
+            .powf((2 * i) as f64 / llama.head_dim as f64)
+    };
+    for (i, factor) in freqs.iter().enumerate() {
+        let want = (plain(i) / llama.inv_freq(i)) as f32;
+        assert!(
+            (factor - want).abs() <= 1e-6 * want,
+            "{i}: {factor} vs {want}"
+        );
+        assert!((1.0..=8.0).contains(factor));
+    }
+    assert_eq!(freqs[0], 1.0);
+    assert_eq!(*freqs.last().unwrap(), 8.0);
+    assert!(freqs.iter().any(|f| *f > 1.0 && *f < 8.0), "{freqs:?}");
+
+    // Mistral is llama to llama.cpp.
+    let mut mistral = config(LlamaFlavor::Mistral, false, TOKENIZER_VOCAB);
+    mistral.sliding_window = Some(4096);
+    let checkpoint = Checkpoint::llama(mistral, 11);
+    let path = checkpoint.export(GgufDtype::F16);
+    let (content, _) = read_gguf(&path);
+    assert_eq!(
+        content.metadata["general.architecture"]
+            .to_string()
+            .unwrap(),
+        "llama"
+    );
 }

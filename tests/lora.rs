@@ -380,3 +380,132 @@ fn merging_a_whole_model_says_there_is_no_adapter() {
         "{text}"
     );
 }
+
+/// Copies the directory `from` into `to`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn lora_merge_of_sharded_bf16_base_streams_and_matches() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models/llama-bf16-sharded");
+    let sandbox = Sandbox::new();
+    let base = sandbox.path("models/base");
+    copy_dir(&fixture, &base);
+    // An adapter on every projection, with B far from zero so that the merge matters,
+    // and a saved lm_head (it lives in the last shard).
+    let spec = rank4_spec(&trainyard::model::lora::LLAMA_TARGETS, &["lm_head"], 0.0);
+    let (_, varmap, _) =
+        trainyard::model::new_lora(&base, &spec, DType::F32, &Device::Cpu, 5).unwrap();
+    for (name, var) in trainyard::model::sorted_vars(&varmap) {
+        if name.ends_with("lora_B.weight") {
+            let noise = Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu).unwrap();
+            var.set(&noise).unwrap();
+        } else if name.ends_with("lm_head.weight") {
+            var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+        }
+    }
+    let adapter = sandbox.path("models/adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    trainyard::model::save_safetensors(&varmap, &adapter.join("adapter_model.safetensors"))
+        .unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        spec.adapter_config("../base").to_string(),
+    )
+    .unwrap();
+    sandbox.write(
+        "p.yaml",
+        "name: merge
+stages:
+  merged:
+    kind: lora-merge
+    inputs: { base: models/base, adapter: models/adapter }
+",
+    );
+    sandbox.ok(&["run", "p.yaml"]);
+
+    // The output mirrors the base: the same three shards and an index, in bf16.
+    let merged = output(&sandbox, "merged");
+    let shard_names = |dir: &std::path::Path| {
+        let mut names: Vec<String> = trainyard::model::safetensors_files(dir)
+            .unwrap()
+            .iter()
+            .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(shard_names(&merged), shard_names(&base));
+    assert_eq!(shard_names(&merged).len(), 3);
+    let index = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(index(&merged)["weight_map"], index(&base)["weight_map"]);
+    assert_eq!(
+        index(&merged)["metadata"]["total_size"],
+        index(&base)["metadata"]["total_size"]
+    );
+    let files = trainyard::model::safetensors_files(&merged).unwrap();
+    let headers = trainyard::model::shards::read_headers(&files).unwrap();
+    assert!(headers.iter().all(|header| header.dtype == DType::BF16));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    assert_eq!(config["dtype"], "bfloat16");
+
+    // Each merged weight is bf16(W + (α/r)·B·A) computed in f32.
+    let load = |dir: &std::path::Path| {
+        let files = trainyard::model::safetensors_files(dir).unwrap();
+        let tensors =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.unwrap();
+        move |name: &str| tensors.load(name, &Device::Cpu).unwrap()
+    };
+    let (base_tensor, merged_tensor) = (load(&base), load(&merged));
+    let adapter_tensors =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let module = "model.layers.1.mlp.down_proj";
+    let a = &adapter_tensors[&format!("base_model.model.{module}.lora_A.weight")];
+    let b = &adapter_tensors[&format!("base_model.model.{module}.lora_B.weight")];
+    let want = (base_tensor(&format!("{module}.weight"))
+        .to_dtype(DType::F32)
+        .unwrap()
+        + (b.matmul(a).unwrap() * spec.scale()).unwrap())
+    .unwrap()
+    .to_dtype(DType::BF16)
+    .unwrap();
+    let got = merged_tensor(&format!("{module}.weight"));
+    assert_eq!(got.dtype(), DType::BF16);
+    assert_eq!(
+        max_diff(
+            &got.to_dtype(DType::F32).unwrap(),
+            &want.to_dtype(DType::F32).unwrap()
+        ),
+        0.0
+    );
+
+    // Merged logits are base + adapter's, up to rounding the merged weights to bf16.
+    let ids = Tensor::new(&[[1u32, 17, 127, 0, 64, 5, 17]], &Device::Cpu).unwrap();
+    let (with_adapter, _) =
+        trainyard::model::load_lora(&base, &adapter, DType::F32, &Device::Cpu).unwrap();
+    let (base_model, _) =
+        trainyard::model::load_pretrained(&base, DType::F32, &Device::Cpu).unwrap();
+    let (merged_model, _) =
+        trainyard::model::load_pretrained(&merged, DType::F32, &Device::Cpu).unwrap();
+    let expected = with_adapter.forward(&ids).unwrap();
+    let change = max_diff(&base_model.forward(&ids).unwrap(), &expected);
+    let error = max_diff(&merged_model.forward(&ids).unwrap(), &expected);
+    println!("adapter moves logits by {change}, merged differs from base + adapter by {error}");
+    assert!(change > 1.0, "the adapter changes the model: {change}");
+    assert!(error < 0.02 * change, "merged {error} vs change {change}");
+}

@@ -498,3 +498,156 @@ fn token_ids_outside_the_vocabulary_are_errors_not_panics() {
     let too_long = ids(&vec![0; 65], 1, 65);
     assert!(model.forward(&too_long).is_err(), "longer than n_positions");
 }
+
+/// The bf16 sharded parity fixture.
+fn bf16_sharded_fixture() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama-bf16-sharded")
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(bf16_sharded_fixture()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+    let index = dir.path().join("model.safetensors.index.json");
+    for result in [
+        model::safetensors_files(dir.path()).map(|_| ()),
+        model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).map(|_| ()),
+        model::load_trainable(dir.path(), DType::F32, &Device::Cpu).map(|_| ()),
+    ] {
+        let error = result.unwrap_err();
+        assert!(matches!(error, ModelError::MissingShard { .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&index.display().to_string())
+                && message.contains("model-00002-of-00003.safetensors"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_architecture_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    // Only config.json is read: there are no weights at all here.
+    std::fs::write(
+        &config,
+        r#"{"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_size": 3072}"#,
+    )
+    .unwrap();
+    let message = model::check_architecture(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        message,
+        format!(
+            "{}: key `model_type`: `phi3` is not supported (trainyard supports llama, qwen2, mistral, gpt2)",
+            config.display()
+        )
+    );
+    assert_eq!(
+        model::load_config(dir.path()).unwrap_err().to_string(),
+        message
+    );
+    // A supported model_type with a head trainyard does not have is refused by that name.
+    std::fs::write(
+        &config,
+        r#"{"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}"#,
+    )
+    .unwrap();
+    let message = model::check_architecture(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("key `architectures`: `LlamaForSequenceClassification` is not supported")
+            && message.contains("MistralForCausalLM"),
+        "{message}"
+    );
+    for (model_type, architecture) in model::SUPPORTED_ARCHITECTURES {
+        std::fs::write(
+            &config,
+            format!(r#"{{"model_type": "{model_type}", "architectures": ["{architecture}"]}}"#),
+        )
+        .unwrap();
+        model::check_architecture(dir.path()).unwrap();
+    }
+}
+
+#[test]
+fn a_mistral_window_shorter_than_the_positions_limits_them() {
+    let config = |window: &str| {
+        model::parse_config(
+            &format!(
+                r#"{{"model_type": "mistral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                    "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 4096,
+                    "sliding_window": {window}}}"#
+            ),
+            Path::new("config.json"),
+        )
+        .unwrap()
+    };
+    assert_eq!(config("null").max_positions(), 4096);
+    assert_eq!(config("8192").max_positions(), 4096);
+    // Within the window Mistral's attention is plain causal attention: that far, and no
+    // further, trainyard runs it exactly.
+    assert_eq!(config("1024").max_positions(), 1024);
+    assert_eq!(config("null").model_type(), "mistral");
+}
+
+#[test]
+fn lora_on_a_bf16_base_gets_the_gradients_of_its_f32_widening() {
+    // Gradients flow through the mapped bf16 projections to every adapter, and they are
+    // those of the same adapter on the base widened to f32 tensors.
+    let dir = bf16_sharded_fixture();
+    let spec = model::lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: model::lora::LLAMA_TARGETS
+            .iter()
+            .map(|t| t.to_string())
+            .collect(),
+        modules_to_save: Vec::new(),
+        dropout: 0.0,
+    };
+    let widened = tempfile::tempdir().unwrap();
+    let (_, varmap, config) = model::load_trainable(&dir, DType::F32, &Device::Cpu).unwrap();
+    model::save_pretrained(&varmap, &config, widened.path()).unwrap();
+    let gradients = |base: &Path| {
+        let (lora, varmap, _) = model::new_lora(base, &spec, DType::F32, &Device::Cpu, 3).unwrap();
+        // B starts at zero, which would leave A without a gradient.
+        for (name, var) in model::sorted_vars(&varmap) {
+            if name.ends_with("lora_B.weight") {
+                var.set(&(var.ones_like().unwrap() * 0.05).unwrap())
+                    .unwrap();
+            }
+        }
+        let ids = Tensor::new(&[[1u32, 17, 127, 0, 64, 5, 17]], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[[17u32, 127, 0, 64, 5, 17, 3]], &Device::Cpu).unwrap();
+        let grads = loss(&lora, &ids, &targets).backward().unwrap();
+        model::sorted_vars(&varmap)
+            .into_iter()
+            .map(|(name, var)| {
+                let grad = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                (name, grad.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let mapped = gradients(&dir);
+    let dense = gradients(widened.path());
+    assert_eq!(mapped.len(), 2 * 7 * 2);
+    for ((name, a), (_, b)) in mapped.iter().zip(&dense) {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{name}: zero gradient");
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{name}: {diff:e} (scale {scale:e})"
+        );
+    }
+}

@@ -2,7 +2,9 @@
 //! by transformers itself (tests/fixtures/models/generate.py, versions pinned there and
 //! recorded in each `logits.json`), load with trainyard's loader and give transformers'
 //! logits for the same token ids; exporting such a model and loading it back changes no
-//! bit of the logits.
+//! bit of the logits. generate_dtypes.py adds bf16/f16 weights (one model sharded), Llama
+//! 3 rotary scaling and Mistral: a half-precision base is kept in its dtype and must give
+//! the logits transformers computes in f32 from the same weights.
 //!
 //! Set `TRAINYARD_PARITY_EXPORT=DIR` to keep the exported checkpoints in `DIR/<family>`;
 //! `generate.py --check-export DIR` then has transformers load them and compare.
@@ -72,9 +74,15 @@ fn bits(values: &[f32]) -> Vec<u32> {
 
 /// Loads the fixture, compares its logits with transformers' and returns them.
 fn check_parity(family: &str) -> Vec<f32> {
+    check_fixture(family, family)
+}
+
+/// As [`check_parity`] for the fixture directory `name`, a `model_type` model.
+fn check_fixture(name: &str, model_type: &str) -> Vec<f32> {
+    let family = name;
     let expected = expected(family);
     let (model, config) = load(&fixture(family));
-    assert_eq!(config.model_type(), family);
+    assert_eq!(config.model_type(), model_type);
     let got = logits(&model, &input_ids(&expected), config.vocab_size());
     let want: Vec<f32> = expected
         .logits
@@ -296,4 +304,158 @@ fn the_fixture_would_catch_a_wrong_rotary_base() {
     let diff = max_abs_diff(&got, &want);
     println!("llama with rope_theta 10000 instead of 50000: max diff {diff:e}");
     assert!(diff > 1e-2, "{diff:e}");
+}
+
+/// The dtype of every tensor in a fixture's safetensors files.
+fn stored_dtypes(name: &str) -> Vec<DType> {
+    let files = model::safetensors_files(&fixture(name)).unwrap();
+    model::shards::read_headers(&files)
+        .unwrap()
+        .into_iter()
+        .map(|header| header.dtype)
+        .collect()
+}
+
+#[test]
+fn bf16_base_logits_match_transformers() {
+    // Three bf16 shards with an index; transformers computed in f32 from the same weights.
+    assert_eq!(
+        model::safetensors_files(&fixture("llama-bf16-sharded"))
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(
+        stored_dtypes("llama-bf16-sharded")
+            .iter()
+            .all(|d| *d == DType::BF16)
+    );
+    check_fixture("llama-bf16-sharded", "llama");
+}
+
+#[test]
+fn f16_base_with_tied_head_matches_transformers() {
+    assert!(stored_dtypes("qwen2-f16").iter().all(|d| *d == DType::F16));
+    check_fixture("qwen2-f16", "qwen2");
+}
+
+#[test]
+fn bf16_gpt2_conv1d_weights_match_transformers() {
+    assert!(stored_dtypes("gpt2-bf16").iter().all(|d| *d == DType::BF16));
+    check_fixture("gpt2-bf16", "gpt2");
+}
+
+#[test]
+fn a_bf16_base_gives_the_logits_of_its_f32_widening() {
+    // The mapped bf16 path and the tensor path over the widened weights are the same model.
+    let name = "llama-bf16-sharded";
+    let expected = expected(name);
+    let ids = input_ids(&expected);
+    let (mapped, config) = load(&fixture(name));
+    let (widened, _, _) = model::load_trainable(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+    let a = logits(&mapped, &ids, config.vocab_size());
+    let b = logits(&widened, &ids, config.vocab_size());
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff < 1e-5, "mapped vs widened: {diff:e}");
+    // The kv-cache inference path reads the mapped weights too.
+    let mut cache = mapped.new_cache();
+    let cached = mapped.forward_cached(&ids, &mut cache).unwrap();
+    let cached: Vec<f32> = cached.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(max_abs_diff(&cached, &a) < 1e-4);
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    let ModelConfig::Llama(config) = model::load_config(&fixture("llama3-rope")).unwrap() else {
+        panic!("llama3-rope is not a llama config");
+    };
+    let scaling = config.rope_scaling.expect("llama3 scaling is read");
+    assert_eq!(
+        (
+            scaling.factor,
+            scaling.low_freq_factor,
+            scaling.high_freq_factor,
+            scaling.original_max_position_embeddings
+        ),
+        (8.0, 1.0, 4.0, 256)
+    );
+    // The four frequencies of the fixture's 8-wide heads fall in all three bands:
+    // kept, interpolated, divided by the factor.
+    let plain = |i: usize| 1.0 / 50_000f64.powf((2 * i) as f64 / 8.0);
+    assert_eq!(config.inv_freq(0), plain(0));
+    assert!(config.inv_freq(1) < plain(1) && config.inv_freq(1) > plain(1) / 8.0);
+    assert!((config.inv_freq(2) - plain(2) / 8.0).abs() < 1e-15);
+    check_fixture("llama3-rope", "llama");
+
+    // Without the scaling the logits are far off, so the test above can tell.
+    let expected = expected("llama3-rope");
+    let temp = tempfile::tempdir().unwrap();
+    let mut json = config_json("llama3-rope");
+    json.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_type": "default", "rope_theta": 50000.0}),
+    );
+    std::fs::write(
+        temp.path().join("config.json"),
+        serde_json::to_string(&json).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("llama3-rope").join("model.safetensors"),
+        temp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let (unscaled, config) = load(temp.path());
+    let got = logits(&unscaled, &input_ids(&expected), config.vocab_size());
+    let want: Vec<f32> = expected
+        .logits
+        .iter()
+        .flatten()
+        .flatten()
+        .copied()
+        .collect();
+    let diff = max_abs_diff(&got, &want);
+    println!("llama3-rope without its scaling: max diff {diff:e}");
+    assert!(diff > 1e-2, "{diff:e}");
+}
+
+#[test]
+fn the_older_rope_scaling_key_is_read_the_same() {
+    // Files from before transformers 5 say `rope_scaling` (with `type` or `rope_type`)
+    // and a top-level `rope_theta`.
+    let mut json = config_json("llama3-rope");
+    let parameters = json.remove("rope_parameters").unwrap();
+    json.insert("rope_theta".into(), parameters["rope_theta"].clone());
+    let mut legacy = parameters.as_object().unwrap().clone();
+    legacy.remove("rope_theta");
+    legacy.remove("rope_type");
+    legacy.insert("type".into(), "llama3".into());
+    json.insert("rope_scaling".into(), serde_json::Value::Object(legacy));
+    let text = serde_json::to_string(&json).unwrap();
+    let old = model::parse_config(&text, Path::new("config.json")).unwrap();
+    assert_eq!(old, model::load_config(&fixture("llama3-rope")).unwrap());
+    // And trainyard writes both forms back.
+    let written = old.to_hf_json();
+    assert_eq!(written["rope_parameters"]["rope_type"], "llama3");
+    assert_eq!(written["rope_scaling"]["factor"], 8.0);
+    assert_eq!(
+        model::parse_config(&written.to_string(), Path::new("config.json")).unwrap(),
+        old
+    );
+}
+
+#[test]
+fn mistral_matches_transformers() {
+    let ModelConfig::Llama(config) = model::load_config(&fixture("mistral")).unwrap() else {
+        panic!("mistral is not a llama-family config");
+    };
+    assert_eq!(config.flavor, model::LlamaFlavor::Mistral);
+    assert_eq!(config.sliding_window, Some(4096));
+    // A window wider than the positions does not limit them.
+    assert_eq!(config.max_positions(), 64);
+    assert_eq!(
+        config.to_hf_json()["architectures"][0],
+        "MistralForCausalLM"
+    );
+    check_fixture("mistral", "mistral");
 }

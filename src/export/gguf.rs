@@ -651,6 +651,9 @@ struct TensorPlan {
     shape: Vec<usize>,
     ggml: GgmlDType,
     transform: Transform,
+    /// Values computed from the config rather than read from the files (Llama 3's
+    /// `rope_freqs`).
+    generated: Option<Vec<f32>>,
 }
 
 impl TensorPlan {
@@ -722,6 +725,7 @@ impl Planner {
             shape,
             ggml,
             transform,
+            generated: None,
         });
     }
 
@@ -769,7 +773,7 @@ fn llama_layout(config: &LlamaConfig, dtype: GgufDtype) -> Layout {
     let q_width = config.num_attention_heads * head_dim;
     let kv_width = config.num_key_value_heads * head_dim;
     let rope = |heads: usize| match config.flavor {
-        LlamaFlavor::Llama => Transform::PermuteRope(heads),
+        LlamaFlavor::Llama | LlamaFlavor::Mistral => Transform::PermuteRope(heads),
         LlamaFlavor::Qwen2 => Transform::None,
     };
     let mut planner = Planner {
@@ -866,11 +870,34 @@ fn llama_layout(config: &LlamaConfig, dtype: GgufDtype) -> Layout {
     } else {
         |name| name.ends_with(".rotary_emb.inv_freq")
     };
+    if let Some(scaling) = &config.rope_scaling {
+        // llama.cpp divides each rotary frequency by `rope_freqs[i]` (its converter's
+        // factors for Llama 3), so the table is the unscaled over the scaled frequency.
+        let factors: Vec<f32> = (0..head_dim / 2)
+            .map(|i| {
+                let plain = 1.0 / config.rope_theta.powf((2 * i) as f64 / head_dim as f64);
+                (plain / scaling.scale(plain)) as f32
+            })
+            .collect();
+        planner.plans.push(TensorPlan {
+            hf_name: "rope_freqs".into(),
+            gguf_name: "rope_freqs.weight".into(),
+            shape: vec![head_dim / 2],
+            ggml: GgmlDType::F32,
+            transform: Transform::None,
+            generated: Some(factors),
+        });
+    }
     Layout {
-        arch: config.flavor.model_type(),
+        // llama.cpp runs Mistral (without a sliding window shorter than the context) as
+        // llama, as its own converter writes it.
+        arch: match config.flavor {
+            LlamaFlavor::Mistral => "llama",
+            flavor => flavor.model_type(),
+        },
         hyper: vec![
             ("vocab_size", count(config.vocab_size)),
-            ("context_length", count(config.max_position_embeddings)),
+            ("context_length", count(config.max_positions())),
             ("embedding_length", count(hidden)),
             ("feed_forward_length", count(inner)),
             ("block_count", count(config.num_hidden_layers)),
@@ -1011,6 +1038,7 @@ fn resolve_tensor_names(
     let planned: BTreeSet<&str> = layout
         .plans
         .iter()
+        .filter(|plan| plan.generated.is_none())
         .map(|plan| plan.hf_name.as_str())
         .collect();
     if let Some(missing) = planned.iter().find(|name| !present.contains(**name)) {
@@ -1020,7 +1048,7 @@ fn resolve_tensor_names(
             message: "missing from the safetensors files".to_string(),
         });
     }
-    for plan in &layout.plans {
+    for plan in layout.plans.iter().filter(|plan| plan.generated.is_none()) {
         let shape = weights
             .get(&plan.hf_name)
             .map(|view| view.shape().to_vec())
@@ -1064,10 +1092,13 @@ fn tensor_data(
         name: plan.hf_name.clone(),
         message,
     };
-    let tensor = weights
-        .load(&plan.hf_name, &Device::Cpu)
-        .and_then(|tensor| tensor.to_dtype(DType::F32))
-        .map_err(|e| error(e.to_string()))?;
+    let tensor = match &plan.generated {
+        Some(values) => Tensor::from_slice(values, values.len(), &Device::Cpu),
+        None => weights
+            .load(&plan.hf_name, &Device::Cpu)
+            .and_then(|tensor| tensor.to_dtype(DType::F32)),
+    }
+    .map_err(|e| error(e.to_string()))?;
     if tensor.dims() != plan.source_shape().as_slice() {
         return Err(error(format!(
             "has shape {:?}, config.json implies {:?}",

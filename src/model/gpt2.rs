@@ -17,12 +17,14 @@
 //! fused `layer_norm` and `softmax_last_dim` and a [`KvCache`].
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::VarBuilder;
 use serde_json::{Value, json};
 
 use super::ModelError;
 use super::kv_cache::{KvCache, LayerKv};
 use super::llama::{causal_mask, causal_mask_with_past};
+use super::lora::Builders;
+use super::weight::{Embedding, Matrix};
 
 /// Hyper-parameters of a GPT-2 model (HF key names).
 #[derive(Debug, Clone, PartialEq)]
@@ -143,24 +145,29 @@ impl Module for LayerNorm {
 /// HF's `Conv1D`: `y = x·W + b` with `W: [in, out]`.
 #[derive(Debug, Clone)]
 pub struct Conv1D {
-    weight: Tensor,
+    weight: Matrix,
     bias: Tensor,
 }
 
 impl Conv1D {
     /// Fetches `{vb}.weight` `[in, out]` and `{vb}.bias` `[out]`.
-    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Conv1D> {
+    pub fn new(in_dim: usize, out_dim: usize, vb: &Builders) -> Result<Conv1D> {
         Ok(Conv1D {
-            weight: vb.get((in_dim, out_dim), "weight")?,
-            bias: vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?,
+            weight: Matrix::load(vb, &vb.base, "weight", (in_dim, out_dim))?,
+            bias: vb
+                .base
+                .get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?,
         })
     }
 
     /// The same layer as one 2-D matmul over all positions (no broadcast; inference).
     pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let Matrix::Tensor(weight) = &self.weight else {
+            return self.forward(x);
+        };
         let (batch, seq, width) = x.dims3()?;
         x.reshape((batch * seq, width))?
-            .matmul(&self.weight)?
+            .matmul(weight)?
             .broadcast_add(&self.bias)?
             .reshape((batch, seq, ()))
     }
@@ -168,7 +175,10 @@ impl Conv1D {
 
 impl Module for Conv1D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_matmul(&self.weight)?.broadcast_add(&self.bias)
+        match &self.weight {
+            Matrix::Tensor(weight) => x.broadcast_matmul(weight)?.broadcast_add(&self.bias),
+            Matrix::Mapped(weight) => weight.matmul(x)?.broadcast_add(&self.bias),
+        }
     }
 }
 
@@ -182,11 +192,11 @@ pub struct Attention {
 
 impl Attention {
     /// Fetches `{vb}.c_attn` and `{vb}.c_proj`.
-    pub fn new(config: &Gpt2Config, vb: VarBuilder) -> Result<Attention> {
+    pub fn new(config: &Gpt2Config, vb: &Builders) -> Result<Attention> {
         let width = config.n_embd;
         Ok(Attention {
-            c_attn: Conv1D::new(width, 3 * width, vb.pp("c_attn"))?,
-            c_proj: Conv1D::new(width, width, vb.pp("c_proj"))?,
+            c_attn: Conv1D::new(width, 3 * width, &vb.pp("c_attn"))?,
+            c_proj: Conv1D::new(width, width, &vb.pp("c_proj"))?,
             n_head: config.n_head,
         })
     }
@@ -257,10 +267,10 @@ pub struct Mlp {
 
 impl Mlp {
     /// Fetches `{vb}.c_fc` and `{vb}.c_proj`.
-    pub fn new(config: &Gpt2Config, vb: VarBuilder) -> Result<Mlp> {
+    pub fn new(config: &Gpt2Config, vb: &Builders) -> Result<Mlp> {
         Ok(Mlp {
-            c_fc: Conv1D::new(config.n_embd, config.n_inner, vb.pp("c_fc"))?,
-            c_proj: Conv1D::new(config.n_inner, config.n_embd, vb.pp("c_proj"))?,
+            c_fc: Conv1D::new(config.n_embd, config.n_inner, &vb.pp("c_fc"))?,
+            c_proj: Conv1D::new(config.n_inner, config.n_embd, &vb.pp("c_proj"))?,
         })
     }
 
@@ -289,13 +299,13 @@ pub struct Block {
 
 impl Block {
     /// Fetches `{vb}.{ln_1,attn,ln_2,mlp}`.
-    pub fn new(config: &Gpt2Config, vb: VarBuilder) -> Result<Block> {
+    pub fn new(config: &Gpt2Config, vb: &Builders) -> Result<Block> {
         let (width, eps) = (config.n_embd, config.layer_norm_epsilon);
         Ok(Block {
-            ln_1: LayerNorm::new(width, eps, vb.pp("ln_1"))?,
-            attn: Attention::new(config, vb.pp("attn"))?,
-            ln_2: LayerNorm::new(width, eps, vb.pp("ln_2"))?,
-            mlp: Mlp::new(config, vb.pp("mlp"))?,
+            ln_1: LayerNorm::new(width, eps, vb.base.pp("ln_1"))?,
+            attn: Attention::new(config, &vb.pp("attn"))?,
+            ln_2: LayerNorm::new(width, eps, vb.base.pp("ln_2"))?,
+            mlp: Mlp::new(config, &vb.pp("mlp"))?,
         })
     }
 
@@ -337,13 +347,23 @@ pub struct Gpt2 {
 impl Gpt2 {
     /// Fetches `transformer.{wte,wpe,h.N,ln_f}` through `vb`.
     pub fn new(config: &Gpt2Config, vb: VarBuilder) -> std::result::Result<Gpt2, ModelError> {
-        let vb = vb.pp("transformer");
-        let wte = candle_nn::embedding(config.vocab_size, config.n_embd, vb.pp("wte"))?;
-        let wpe = candle_nn::embedding(config.n_positions, config.n_embd, vb.pp("wpe"))?;
+        Gpt2::with_builders(config, &Builders::plain(vb))
+    }
+
+    /// As [`Gpt2::new`], reading a frozen base's bf16/f16 matrices in place when
+    /// `builders` maps them.
+    pub fn with_builders(
+        config: &Gpt2Config,
+        builders: &Builders,
+    ) -> std::result::Result<Gpt2, ModelError> {
+        let vb = builders.pp("transformer");
+        let (width, eps) = (config.n_embd, config.layer_norm_epsilon);
+        let wte = Embedding::load(config.vocab_size, width, &vb, vb.base.pp("wte"))?;
+        let wpe = Embedding::load(config.n_positions, width, &vb, vb.base.pp("wpe"))?;
         let h = (0..config.n_layer)
-            .map(|index| Block::new(config, vb.pp("h").pp(index)))
+            .map(|index| Block::new(config, &vb.pp("h").pp(index)))
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = LayerNorm::new(config.n_embd, config.layer_norm_epsilon, vb.pp("ln_f"))?;
+        let ln_f = LayerNorm::new(width, eps, vb.base.pp("ln_f"))?;
         Ok(Gpt2 {
             wte,
             wpe,
@@ -376,7 +396,10 @@ impl Gpt2 {
         }
         let x = self.ln_f.forward(&x)?;
         // Tied head: logits = x · wteᵀ.
-        x.broadcast_matmul(&self.wte.embeddings().t()?)
+        match self.wte.matrix() {
+            Matrix::Tensor(wte) => x.broadcast_matmul(&wte.t()?),
+            Matrix::Mapped(wte) => wte.matmul_t(&x),
+        }
     }
 
     /// Inference: logits `[B, T, V]` of the next `T` positions (token ids `[B, T]`)
@@ -406,9 +429,13 @@ impl Gpt2 {
         cache.advance(seq);
         let x = self.ln_f.forward_inference(&x)?;
         let width = self.config.n_embd;
-        x.reshape((batch * seq, width))?
-            .matmul(&self.wte.embeddings().t()?)?
-            .reshape((batch, seq, ()))
+        match self.wte.matrix() {
+            Matrix::Tensor(wte) => x
+                .reshape((batch * seq, width))?
+                .matmul(&wte.t()?)?
+                .reshape((batch, seq, ())),
+            Matrix::Mapped(wte) => wte.matmul_t(&x),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! The llama family, top to bottom: Llama (`LlamaForCausalLM`) and Qwen2
-//! (`Qwen2ForCausalLM`, which is Llama with q/k/v biases).
+//! The llama family, top to bottom: Llama (`LlamaForCausalLM`, with Llama 3's rotary
+//! scaling), Mistral (`MistralForCausalLM`, Llama under another name as long as its
+//! sliding window covers the context) and Qwen2 (`Qwen2ForCausalLM`, which is Llama
+//! with q/k/v biases).
 //!
 //! ```text
 //! ids ─ embed_tokens ─┬─ [ x + attn(rms_norm(x)) ; x + mlp(rms_norm(x)) ] × L ─ norm ─ lm_head ─ logits
@@ -19,12 +21,13 @@
 //! needed there.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde_json::{Value, json};
 
 use super::ModelError;
 use super::kv_cache::{KvCache, LayerKv};
 use super::lora::{Builders, Proj};
+use super::weight::{Embedding, Linear};
 
 /// Which HF architecture a llama-family config is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +36,8 @@ pub enum LlamaFlavor {
     Llama,
     /// `Qwen2ForCausalLM`, `model_type: qwen2` (q/k/v biases).
     Qwen2,
+    /// `MistralForCausalLM`, `model_type: mistral` (Llama's layers and rotary layout).
+    Mistral,
 }
 
 impl LlamaFlavor {
@@ -41,6 +46,7 @@ impl LlamaFlavor {
         match self {
             LlamaFlavor::Llama => "llama",
             LlamaFlavor::Qwen2 => "qwen2",
+            LlamaFlavor::Mistral => "mistral",
         }
     }
 
@@ -49,7 +55,59 @@ impl LlamaFlavor {
         match self {
             LlamaFlavor::Llama => "LlamaForCausalLM",
             LlamaFlavor::Qwen2 => "Qwen2ForCausalLM",
+            LlamaFlavor::Mistral => "MistralForCausalLM",
         }
+    }
+}
+
+/// Llama 3's rotary scaling (`rope_type: llama3`): low frequencies are divided by
+/// `factor`, high ones kept, and those in between interpolated, so that a model trained
+/// on `original_max_position_embeddings` positions reads longer contexts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// How much longer the context became (8 for Llama 3.1).
+    pub factor: f64,
+    /// Wavelengths longer than `original / low_freq_factor` are fully scaled.
+    pub low_freq_factor: f64,
+    /// Wavelengths shorter than `original / high_freq_factor` are kept.
+    pub high_freq_factor: f64,
+    /// The context length the model was first trained on.
+    pub original_max_position_embeddings: usize,
+}
+
+impl Llama3RopeScaling {
+    /// transformers' `_compute_llama3_parameters` applied to one inverse frequency.
+    pub fn scale(&self, inv_freq: f64) -> f64 {
+        let old_context = self.original_max_position_embeddings as f64;
+        let low_freq_wavelen = old_context / self.low_freq_factor;
+        let high_freq_wavelen = old_context / self.high_freq_factor;
+        let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+        let scaled = if wavelen > low_freq_wavelen {
+            inv_freq / self.factor
+        } else {
+            inv_freq
+        };
+        // transformers: `~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)`.
+        if wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen {
+            let smooth = (old_context / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * scaled / self.factor + smooth * scaled
+        } else {
+            scaled
+        }
+    }
+
+    /// The `rope_parameters` entries besides `rope_type` and `rope_theta`.
+    fn to_json(self) -> serde_json::Map<String, Value> {
+        let mut map = serde_json::Map::new();
+        map.insert("factor".into(), json!(self.factor));
+        map.insert("low_freq_factor".into(), json!(self.low_freq_factor));
+        map.insert("high_freq_factor".into(), json!(self.high_freq_factor));
+        map.insert(
+            "original_max_position_embeddings".into(),
+            json!(self.original_max_position_embeddings),
+        );
+        map
     }
 }
 
@@ -76,6 +134,11 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// Rotary base.
     pub rope_theta: f64,
+    /// Llama 3's rotary scaling, if any.
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Mistral's attention window; never shorter than the context trainyard runs
+    /// (see [`LlamaConfig::max_positions`]).
+    pub sliding_window: Option<usize>,
     /// Longest sequence.
     pub max_position_embeddings: usize,
     /// `lm_head` shares `embed_tokens`' weight.
@@ -102,11 +165,33 @@ impl LlamaConfig {
             head_dim: 8,
             rms_norm_eps: 1e-6,
             rope_theta: 10_000.0,
+            rope_scaling: None,
+            sliding_window: None,
             max_position_embeddings: 64,
             tie_word_embeddings,
             qkv_bias: flavor == LlamaFlavor::Qwen2,
             o_bias: false,
             mlp_bias: false,
+        }
+    }
+
+    /// The longest sequence trainyard runs: `max_position_embeddings`, or a shorter
+    /// sliding window (attention within the window is plain causal attention, so the
+    /// model is exact up to there).
+    pub fn max_positions(&self) -> usize {
+        self.sliding_window
+            .map_or(self.max_position_embeddings, |window| {
+                window.min(self.max_position_embeddings)
+            })
+    }
+
+    /// The inverse frequency of rotary pair `i` of `head_dim / 2`, scaled when the
+    /// config says so.
+    pub fn inv_freq(&self, i: usize) -> f64 {
+        let inv_freq = 1.0 / self.rope_theta.powf((2 * i) as f64 / self.head_dim as f64);
+        match &self.rope_scaling {
+            Some(scaling) => scaling.scale(inv_freq),
+            None => inv_freq,
         }
     }
 
@@ -139,7 +224,7 @@ impl LlamaConfig {
             ));
         }
         let biases_fit = match self.flavor {
-            LlamaFlavor::Llama => self.qkv_bias == self.o_bias,
+            LlamaFlavor::Llama | LlamaFlavor::Mistral => self.qkv_bias == self.o_bias,
             LlamaFlavor::Qwen2 => self.qkv_bias && !self.o_bias && !self.mlp_bias,
         };
         if !biases_fit {
@@ -171,10 +256,22 @@ impl LlamaConfig {
         put("hidden_act", json!("silu"));
         put("rms_norm_eps", json!(self.rms_norm_eps));
         put("rope_theta", json!(self.rope_theta));
-        put(
-            "rope_parameters",
-            json!({"rope_type": "default", "rope_theta": self.rope_theta}),
-        );
+        match self.rope_scaling {
+            None => put(
+                "rope_parameters",
+                json!({"rope_type": "default", "rope_theta": self.rope_theta}),
+            ),
+            Some(scaling) => {
+                let mut parameters = scaling.to_json();
+                // Older readers take `rope_scaling` with `type`/`rope_type`.
+                let mut legacy = parameters.clone();
+                legacy.insert("rope_type".into(), json!("llama3"));
+                put("rope_scaling", Value::Object(legacy));
+                parameters.insert("rope_type".into(), json!("llama3"));
+                parameters.insert("rope_theta".into(), json!(self.rope_theta));
+                put("rope_parameters", Value::Object(parameters));
+            }
+        }
         put(
             "max_position_embeddings",
             json!(self.max_position_embeddings),
@@ -188,6 +285,9 @@ impl LlamaConfig {
             }
             LlamaFlavor::Qwen2 => {
                 put("use_sliding_window", json!(false));
+            }
+            LlamaFlavor::Mistral => {
+                put("sliding_window", json!(self.sliding_window));
             }
         }
         Value::Object(map)
@@ -224,22 +324,30 @@ impl Module for RmsNorm {
     }
 }
 
+/// The inverse frequencies `1 / theta^(2i / head_dim)` of the `head_dim / 2` rotary
+/// pairs (unscaled).
+pub fn default_inv_freqs(head_dim: usize, theta: f64) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect()
+}
+
 /// The rotary tables `cos, sin`, each `[T, head_dim]` in HF's layout (the `head_dim/2`
-/// frequencies repeated twice), for positions `0..seq_len`.
+/// frequencies repeated twice), for positions `0..seq_len` and the inverse frequencies
+/// `inv_freqs` (see [`LlamaConfig::inv_freq`]).
 pub fn rope_tables(
     seq_len: usize,
-    head_dim: usize,
-    theta: f64,
+    inv_freqs: &[f64],
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
+    let head_dim = 2 * inv_freqs.len();
     let mut cos = Vec::with_capacity(seq_len * head_dim);
     let mut sin = Vec::with_capacity(seq_len * head_dim);
     for position in 0..seq_len {
         for _ in 0..2 {
-            for i in 0..half {
-                let angle = rope_angle(position, i, head_dim, theta);
+            for inv_freq in inv_freqs {
+                let angle = position as f64 * inv_freq;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
@@ -250,26 +358,19 @@ pub fn rope_tables(
     Ok((cos, sin))
 }
 
-/// The rotation angle of frequency `i` (of `head_dim / 2`) at `position`.
-fn rope_angle(position: usize, i: usize, head_dim: usize, theta: f64) -> f64 {
-    let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-    position as f64 * inv_freq
-}
-
 /// The half rotary tables `cos, sin`, each `[len, head_dim / 2]` (one column per
 /// frequency), for positions `start..start + len`: the layout of candle's fused
 /// `rotary_emb::rope`, which the inference path uses.
 pub fn rope_half_tables(
     start: usize,
     len: usize,
-    head_dim: usize,
-    theta: f64,
+    inv_freqs: &[f64],
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
+    let half = inv_freqs.len();
     let angles: Vec<f64> = (start..start + len)
-        .flat_map(|position| (0..half).map(move |i| rope_angle(position, i, head_dim, theta)))
+        .flat_map(|position| inv_freqs.iter().map(move |f| position as f64 * f))
         .collect();
     let cos: Vec<f64> = angles.iter().map(|angle| angle.cos()).collect();
     let sin: Vec<f64> = angles.iter().map(|angle| angle.sin()).collect();
@@ -522,6 +623,8 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     config: LlamaConfig,
+    /// The rotary inverse frequencies, scaled as the config says.
+    inv_freqs: Vec<f64>,
     adapter: Option<std::sync::Arc<super::lora::Adapter>>,
 }
 
@@ -540,9 +643,10 @@ impl Llama {
         let vb = builders.base.clone();
         let blocks = builders.pp("model");
         let model = vb.pp("model");
-        let embed_tokens = candle_nn::embedding(
+        let embed_tokens = Embedding::load(
             config.vocab_size,
             config.hidden_size,
+            &builders,
             blocks.module("embed_tokens"),
         )?;
         let layers = (0..config.num_hidden_layers)
@@ -550,11 +654,13 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(config.hidden_size, config.rms_norm_eps, model.pp("norm"))?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            Linear::new(embed_tokens.matrix().clone())
         } else {
-            candle_nn::linear_no_bias(
+            Linear::load(
                 config.hidden_size,
                 config.vocab_size,
+                false,
+                &builders,
                 builders.module("lm_head"),
             )?
         };
@@ -564,6 +670,9 @@ impl Llama {
             norm,
             lm_head,
             config: config.clone(),
+            inv_freqs: (0..config.head_dim / 2)
+                .map(|i| config.inv_freq(i))
+                .collect(),
             adapter: builders.lora.as_ref().map(|(_, adapter)| adapter.clone()),
         })
     }
@@ -583,13 +692,7 @@ impl Llama {
         let (_batch, seq) = input_ids.dims2()?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         let (dtype, device) = (x.dtype(), x.device().clone());
-        let (cos, sin) = rope_tables(
-            seq,
-            self.config.head_dim,
-            self.config.rope_theta,
-            dtype,
-            &device,
-        )?;
+        let (cos, sin) = rope_tables(seq, &self.inv_freqs, dtype, &device)?;
         let mask = causal_mask(seq, dtype, &device)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &mask)?;
@@ -606,14 +709,7 @@ impl Llama {
         let past = cache.len();
         let mut x = self.embed_tokens.forward(input_ids)?;
         let (dtype, device) = (x.dtype(), x.device().clone());
-        let (cos, sin) = rope_half_tables(
-            past,
-            seq,
-            self.config.head_dim,
-            self.config.rope_theta,
-            dtype,
-            &device,
-        )?;
+        let (cos, sin) = rope_half_tables(past, seq, &self.inv_freqs, dtype, &device)?;
         let mask = match seq {
             1 => None,
             _ => Some(causal_mask_with_past(seq, past, dtype, &device)?),
@@ -666,7 +762,8 @@ mod tests {
     fn rope_matches_candles_rotate_half_reference() {
         let (seq, head_dim) = (5, 8);
         let x = random(&[2, 3, seq, head_dim], 3);
-        let (cos, sin) = rope_tables(seq, head_dim, 10_000.0, DType::F64, &Device::Cpu).unwrap();
+        let inv_freqs = default_inv_freqs(head_dim, 10_000.0);
+        let (cos, sin) = rope_tables(seq, &inv_freqs, DType::F64, &Device::Cpu).unwrap();
         // candle's reference takes the half tables and repeats them itself.
         let half_cos = cos.narrow(1, 0, head_dim / 2).unwrap();
         let half_sin = sin.narrow(1, 0, head_dim / 2).unwrap();

@@ -13,9 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use serde_json::{Value, json};
 
+use super::mapped::MappedSafetensors;
+use super::weight::Linear;
 use crate::rng::Rng;
 
 /// The prefix PEFT puts before the base model's parameter names.
@@ -176,13 +178,17 @@ impl Adapter {
     }
 }
 
-/// Where a model's parameters come from: the base weights and, optionally, adapter
-/// variables (under PEFT's prefix) with their spec. Walked down the module tree in
-/// step, like a [`VarBuilder`].
+/// Where a model's parameters come from: the base weights, the frozen base's bf16/f16
+/// matrices read in place (when it has any), and, optionally, adapter variables (under
+/// PEFT's prefix) with their spec. Walked down the module tree in step, like a
+/// [`VarBuilder`].
 #[derive(Clone)]
 pub struct Builders<'a> {
     /// Base weights.
     pub base: VarBuilder<'a>,
+    /// A frozen base's mapped files: its bf16/f16 matrices are read from there, not
+    /// through `base`.
+    pub mapped: Option<Arc<MappedSafetensors>>,
     /// Adapter variables and the adapter.
     pub lora: Option<(VarBuilder<'a>, Arc<Adapter>)>,
 }
@@ -190,7 +196,11 @@ pub struct Builders<'a> {
 impl<'a> Builders<'a> {
     /// Base weights only.
     pub fn plain(base: VarBuilder<'a>) -> Builders<'a> {
-        Builders { base, lora: None }
+        Builders {
+            base,
+            mapped: None,
+            lora: None,
+        }
     }
 
     /// The builder of the whole module `name`: the adapter's when the spec trains and saves
@@ -209,6 +219,7 @@ impl<'a> Builders<'a> {
         let name = name.to_string();
         Builders {
             base: self.base.pp(&name),
+            mapped: self.mapped.clone(),
             lora: self
                 .lora
                 .as_ref()
@@ -244,7 +255,7 @@ impl Proj {
         builders: &Builders<'_>,
         name: &str,
     ) -> Result<Proj> {
-        let linear = candle_nn::linear_b(in_dim, out_dim, bias, builders.base.pp(name))?;
+        let linear = Linear::load(in_dim, out_dim, bias, builders, builders.base.pp(name))?;
         let lora = match &builders.lora {
             Some((vb, adapter)) if adapter.spec.targets.iter().any(|target| target == name) => {
                 let vb = vb.pp(name);
@@ -324,29 +335,93 @@ pub fn init_adapter(varmap: &VarMap, seed: u64, base: &VarBuilder) -> Result<()>
     Ok(())
 }
 
-/// The merged weights `W + (α/r)·B·A` of `base` (HF names) with `adapter` (PEFT
-/// names); a saved whole module (`modules_to_save`) replaces the base's weight. Every
-/// adapter tensor must match a base weight.
-pub fn merge(
-    base: &HashMap<String, Tensor>,
+/// The base tensor an adapter tensor changes: `Some((base name, true))` for a LoRA pair
+/// (named by its `lora_A`), `Some((base name, false))` for a saved whole module, `None`
+/// for a `lora_B` (handled with its `lora_A`).
+fn merge_target(name: &str) -> std::result::Result<Option<(String, bool)>, String> {
+    if let Some(module) = name.strip_suffix(".lora_A.weight") {
+        let module = module
+            .strip_prefix(&format!("{PEFT_PREFIX}."))
+            .unwrap_or(module);
+        return Ok(Some((format!("{module}.weight"), true)));
+    }
+    if name.ends_with(".lora_B.weight") {
+        return Ok(None);
+    }
+    let base_name = name
+        .strip_prefix(&format!("{PEFT_PREFIX}."))
+        .ok_or_else(|| format!("unexpected adapter tensor `{name}`"))?;
+    Ok(Some((base_name.to_string(), false)))
+}
+
+/// Checks, before anything is merged, that every tensor of `adapter` (PEFT names) has
+/// its base weight among `base_names` (HF names) and a partner (`lora_A` with
+/// `lora_B`), and that there is at least one LoRA pair.
+pub fn check_merge<'n>(
+    base_names: impl Fn(&str) -> bool + 'n,
     adapter: &HashMap<String, Tensor>,
-    spec: &LoraSpec,
-) -> std::result::Result<Vec<(String, Tensor)>, String> {
-    let mut merged: HashMap<String, Tensor> = base.clone();
-    let mut pairs = 0;
+) -> std::result::Result<(), String> {
     let mut names: Vec<&String> = adapter.keys().collect();
     names.sort();
+    let mut pairs = 0;
     for name in names {
-        let Some(module) = name.strip_suffix(".lora_A.weight") else {
-            if name.ends_with(".lora_B.weight") {
-                continue;
+        let Some((base_name, pair)) = merge_target(name)? else {
+            continue;
+        };
+        if !base_names(&base_name) {
+            return Err(format!(
+                "the base model has no `{base_name}` for adapter tensor `{name}`"
+            ));
+        }
+        if pair {
+            let module = name.trim_end_matches(".lora_A.weight");
+            let b_name = format!("{module}.lora_B.weight");
+            if !adapter.contains_key(&b_name) {
+                return Err(format!("adapter has `{name}` but no `{b_name}`"));
             }
-            let base_name = name
-                .strip_prefix(&format!("{PEFT_PREFIX}."))
-                .ok_or_else(|| format!("unexpected adapter tensor `{name}`"))?;
-            let weight = merged.get(base_name).ok_or_else(|| {
-                format!("the base model has no `{base_name}` for adapter tensor `{name}`")
-            })?;
+            pairs += 1;
+        }
+    }
+    if pairs == 0 {
+        return Err("the adapter holds no lora_A/lora_B pairs".to_string());
+    }
+    Ok(())
+}
+
+/// Merges `adapter` into the base tensors of one shard, in place: `W + (α/r)·B·A`
+/// computed in f32 and stored back in `W`'s dtype, and saved whole modules
+/// (`modules_to_save`) replacing the base's weight. Adapter tensors whose base weight is
+/// in another shard are left for that shard. Returns how many base tensors changed.
+pub fn merge_shard(
+    shard: &mut HashMap<String, Tensor>,
+    adapter: &HashMap<String, Tensor>,
+    spec: &LoraSpec,
+) -> std::result::Result<usize, String> {
+    let mut names: Vec<&String> = adapter.keys().collect();
+    names.sort();
+    let mut changed = 0;
+    for name in names {
+        let Some((base_name, pair)) = merge_target(name)? else {
+            continue;
+        };
+        let Some(weight) = shard.get(&base_name) else {
+            continue;
+        };
+        let updated = if pair {
+            let module = name.trim_end_matches(".lora_A.weight");
+            let b_name = format!("{module}.lora_B.weight");
+            let b = adapter
+                .get(&b_name)
+                .ok_or_else(|| format!("adapter has `{name}` but no `{b_name}`"))?;
+            let a = &adapter[name];
+            let f32 = candle_core::DType::F32;
+            (b.to_dtype(f32)
+                .and_then(|b| b.matmul(&a.to_dtype(f32)?))
+                .and_then(|delta| delta * spec.scale())
+                .and_then(|delta| weight.to_dtype(f32)? + delta)
+                .and_then(|sum| sum.to_dtype(weight.dtype())))
+            .map_err(|error| format!("`{module}`: {error}"))?
+        } else {
             let saved = &adapter[name];
             if saved.dims() != weight.dims() {
                 return Err(format!(
@@ -355,42 +430,28 @@ pub fn merge(
                     weight.dims()
                 ));
             }
-            let saved = saved
+            saved
                 .to_dtype(weight.dtype())
-                .map_err(|error| format!("`{name}`: {error}"))?;
-            merged.insert(base_name.to_string(), saved);
-            continue;
+                .map_err(|error| format!("`{name}`: {error}"))?
         };
-        let b_name = format!("{module}.lora_B.weight");
-        let b = adapter
-            .get(&b_name)
-            .ok_or_else(|| format!("adapter has `{name}` but no `{b_name}`"))?;
-        let base_name = format!(
-            "{}.weight",
-            module
-                .strip_prefix(&format!("{PEFT_PREFIX}."))
-                .unwrap_or(module)
-        );
-        let weight = merged
-            .get(&base_name)
-            .ok_or_else(|| format!("the base model has no `{base_name}` for adapter `{name}`"))?;
-        let a = &adapter[name];
-        let delta = (b
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|b| b.matmul(&a.to_dtype(candle_core::DType::F32)?))
-            .and_then(|delta| delta * spec.scale()))
-        .map_err(|error| format!("`{module}`: {error}"))?;
-        let updated = (weight
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|weight| weight + delta)
-            .and_then(|sum| sum.to_dtype(weight.dtype())))
-        .map_err(|error| format!("`{module}`: {error}"))?;
-        merged.insert(base_name, updated);
-        pairs += 1;
+        shard.insert(base_name, updated);
+        changed += 1;
     }
-    if pairs == 0 {
-        return Err("the adapter holds no lora_A/lora_B pairs".to_string());
-    }
+    Ok(changed)
+}
+
+/// The merged weights `W + (α/r)·B·A` of `base` (HF names) with `adapter` (PEFT
+/// names); a saved whole module (`modules_to_save`) replaces the base's weight. Every
+/// adapter tensor must match a base weight. (The whole model at once; `lora-merge`
+/// goes shard by shard with [`check_merge`] and [`merge_shard`].)
+pub fn merge(
+    base: &HashMap<String, Tensor>,
+    adapter: &HashMap<String, Tensor>,
+    spec: &LoraSpec,
+) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    check_merge(|name| base.contains_key(name), adapter)?;
+    let mut merged = base.clone();
+    merge_shard(&mut merged, adapter, spec)?;
     let mut merged: Vec<(String, Tensor)> = merged.into_iter().collect();
     merged.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(merged)

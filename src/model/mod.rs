@@ -1,14 +1,18 @@
-//! The transformer language models trainyard trains: the `llama` family (Llama and,
-//! with q/k/v biases, Qwen2) and the `gpt2` family, in candle.
+//! The transformer language models trainyard trains: the `llama` family (Llama with
+//! Llama 3 rotary scaling, Mistral and, with q/k/v biases, Qwen2) and the `gpt2`
+//! family, in candle.
 //!
 //! This module owns the Hugging Face side of a checkpoint: [`load_config`] reads a
-//! `config.json` (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `GPT2LMHeadModel`),
+//! `config.json` (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`,
+//! `GPT2LMHeadModel`; anything else is refused by name, see [`check_architecture`]),
 //! [`ModelConfig::to_hf_json`] writes one, [`save_safetensors`] writes
-//! `model.safetensors` with HF tensor names, and [`load_pretrained`] loads a local HF
-//! directory. Parameters live in a [`VarMap`] under their HF names, so the same
-//! [`CausalLm::new`] builds a trainable model (from a `VarMap`) or a frozen one (from
-//! mmaped safetensors). [`init_weights`] initialises a fresh model bit-reproducibly
-//! from [`crate::rng::Rng`].
+//! `model.safetensors` with HF tensor names, [`shards`] reads and writes sharded
+//! weights, and [`load_pretrained`] loads a local HF directory. Parameters live in a
+//! [`VarMap`] under their HF names, so the same [`CausalLm::new`] builds a trainable
+//! model (from a `VarMap`, always f32) or a frozen one. A frozen base keeps its dtype:
+//! f32 weights are loaded as tensors, bf16/f16 matrices are read in place from the
+//! mapped files and multiplied in f32 ([`mapped`]). [`init_weights`] initialises a
+//! fresh model bit-reproducibly from [`crate::rng::Rng`].
 //!
 //! Every op on the training forward path has a backward pass in candle 0.11: norms,
 //! softmax and RoPE are written as compositions of differentiable primitives (see
@@ -23,6 +27,9 @@ pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
+pub mod mapped;
+pub mod shards;
+pub mod weight;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -36,7 +43,9 @@ use crate::rng::Rng;
 
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LlamaConfig, LlamaFlavor};
+pub use llama::{Llama, Llama3RopeScaling, LlamaConfig, LlamaFlavor};
+pub use mapped::MappedSafetensors;
+pub use shards::safetensors_files;
 
 /// The rotary base HF uses when a config names none (neither `rope_theta` nor
 /// `rope_parameters.rope_theta`).
@@ -86,7 +95,15 @@ pub enum ModelError {
         /// Why.
         message: String,
     },
-    /// A safetensors file could not be written.
+    /// A shard listed in `model.safetensors.index.json` is not there.
+    #[error("{index}: lists `{shard}`, which does not exist ({})", .index.with_file_name(.shard).display())]
+    MissingShard {
+        /// The index file.
+        index: PathBuf,
+        /// The shard's file name as the index gives it.
+        shard: String,
+    },
+    /// A safetensors file could not be read or written.
     #[error("{path}: {message}")]
     Safetensors {
         /// The file.
@@ -99,17 +116,25 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+/// The HF `model_type`s trainyard implements, with their `architectures` entry.
+pub const SUPPORTED_ARCHITECTURES: [(&str, &str); 4] = [
+    ("llama", "LlamaForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("mistral", "MistralForCausalLM"),
+    ("gpt2", "GPT2LMHeadModel"),
+];
+
 /// A model architecture with its hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
-    /// `LlamaForCausalLM` or `Qwen2ForCausalLM`.
+    /// `LlamaForCausalLM`, `Qwen2ForCausalLM` or `MistralForCausalLM`.
     Llama(LlamaConfig),
     /// `GPT2LMHeadModel`.
     Gpt2(Gpt2Config),
 }
 
 impl ModelConfig {
-    /// The HF `model_type`: `llama`, `qwen2` or `gpt2`.
+    /// The HF `model_type`: `llama`, `qwen2`, `mistral` or `gpt2`.
     pub fn model_type(&self) -> &'static str {
         match self {
             ModelConfig::Llama(config) => config.flavor.model_type(),
@@ -136,7 +161,7 @@ impl ModelConfig {
     /// Longest sequence the model is configured for.
     pub fn max_positions(&self) -> usize {
         match self {
-            ModelConfig::Llama(config) => config.max_position_embeddings,
+            ModelConfig::Llama(config) => config.max_positions(),
             ModelConfig::Gpt2(config) => config.n_positions,
         }
     }
@@ -158,20 +183,46 @@ impl ModelConfig {
         }
     }
 
-    /// Writes `config.json` into `dir` (pretty-printed, trailing newline).
+    /// Writes `config.json` into `dir` (pretty-printed, trailing newline), saying the
+    /// weights are f32.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        self.save_with_dtype(dir, DType::F32)
+    }
+
+    /// Writes `config.json` into `dir` with `torch_dtype`/`dtype` naming `dtype`, the
+    /// dtype of the weights beside it.
+    pub fn save_with_dtype(&self, dir: &Path, dtype: DType) -> Result<(), ModelError> {
         let path = dir.join("config.json");
-        let mut text =
-            serde_json::to_string_pretty(&self.to_hf_json()).map_err(|error| ModelError::Json {
-                path: path.clone(),
-                message: error.to_string(),
-            })?;
+        let mut value = self.to_hf_json();
+        set_torch_dtype(&mut value, dtype);
+        let mut text = serde_json::to_string_pretty(&value).map_err(|error| ModelError::Json {
+            path: path.clone(),
+            message: error.to_string(),
+        })?;
         text.push('\n');
         std::fs::write(&path, text).map_err(|source| ModelError::Io { path, source })
     }
 }
 
-/// The subset of HF config keys the three families use; everything optional so that a
+/// transformers' name of a dtype (`torch_dtype` in `config.json`).
+pub fn torch_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// Sets `torch_dtype` (transformers 4) and `dtype` (transformers 5) of an HF config.
+pub fn set_torch_dtype(config: &mut Value, dtype: DType) {
+    if let Some(map) = config.as_object_mut() {
+        map.insert("torch_dtype".into(), json!(torch_dtype_name(dtype)));
+        map.insert("dtype".into(), json!(torch_dtype_name(dtype)));
+    }
+}
+
+/// The subset of HF config keys the families use; everything optional so that a
 /// missing key can be reported by name (or defaulted the way transformers does).
 #[derive(Debug, Default, Deserialize)]
 struct RawConfig {
@@ -186,8 +237,9 @@ struct RawConfig {
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
-    rope_parameters: Option<RawRopeParameters>,
+    rope_parameters: Option<Value>,
     rope_scaling: Option<Value>,
+    sliding_window: Option<usize>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -207,27 +259,25 @@ struct RawConfig {
     reorder_and_upcast_attn: Option<bool>,
 }
 
-/// transformers 5's `rope_parameters` object.
-#[derive(Debug, Default, Deserialize)]
-struct RawRopeParameters {
-    rope_theta: Option<f64>,
-    rope_type: Option<String>,
+/// The `config.json` of a model directory (or `dir` itself when it is a file).
+fn config_path(dir: &Path) -> PathBuf {
+    if dir.is_dir() {
+        dir.join("config.json")
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Reads `dir/config.json` (or `dir` itself when it is a file) as an HF config of the
-/// `llama`, `qwen2` or `gpt2` family.
+/// `llama`, `qwen2`, `mistral` or `gpt2` family.
 ///
 /// Missing optional keys get transformers' defaults, except that the rotary base is
 /// read from `rope_parameters.rope_theta` (transformers 5) or top-level `rope_theta`
 /// (older files) and is [`DEFAULT_ROPE_THETA`] only when neither is present. Features
-/// trainyard does not implement (rope scaling, sliding windows, other activations) are
-/// errors, not silently ignored.
+/// trainyard does not implement (rope scaling other than Llama 3's, Qwen2's sliding
+/// windows, other activations) are errors, not silently ignored.
 pub fn load_config(dir: &Path) -> Result<ModelConfig, ModelError> {
-    let path = if dir.is_dir() {
-        dir.join("config.json")
-    } else {
-        dir.to_path_buf()
-    };
+    let path = config_path(dir);
     let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
         path: path.clone(),
         source,
@@ -235,8 +285,142 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig, ModelError> {
     parse_config(&text, &path)
 }
 
+/// Refuses, by name, a model whose `config.json` declares an architecture trainyard does
+/// not implement (`model_type` or an `architectures` entry), reading nothing but
+/// `config.json`: cheap enough to call when a pipeline is planned, before any stage
+/// runs. [`load_config`] makes the same check first.
+pub fn check_architecture(dir: &Path) -> Result<(), ModelError> {
+    let path = config_path(dir);
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
+        path: path.clone(),
+        message: error.to_string(),
+    })?;
+    architecture_of(&value, &path).map(|_| ())
+}
+
+/// What can be checked of a model directory without reading its weights: the
+/// architecture ([`check_architecture`], config.json alone) and that every shard the
+/// index lists exists. For model inputs when a pipeline is planned.
+pub fn check_model_dir(dir: &Path) -> Result<(), ModelError> {
+    check_architecture(dir)?;
+    safetensors_files(dir).map(|_| ())
+}
+
+/// The supported `model_type` of a parsed `config.json`, or the error naming what is
+/// not supported.
+fn architecture_of<'a>(value: &'a Value, path: &Path) -> Result<&'a str, ModelError> {
+    let unsupported = |key: &str, name: &str, supported: Vec<&str>| ModelError::Unsupported {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message: format!(
+            "`{name}` is not supported (trainyard supports {})",
+            supported.join(", ")
+        ),
+    };
+    let model_type = match value.get("model_type") {
+        Some(Value::String(model_type)) => model_type.as_str(),
+        Some(_) => {
+            return Err(ModelError::Json {
+                path: path.to_path_buf(),
+                message: "key `model_type`: expected a string".to_string(),
+            });
+        }
+        None => {
+            return Err(ModelError::MissingKey {
+                path: path.to_path_buf(),
+                key: "model_type".to_string(),
+            });
+        }
+    };
+    if !SUPPORTED_ARCHITECTURES
+        .iter()
+        .any(|(known, _)| *known == model_type)
+    {
+        let names = SUPPORTED_ARCHITECTURES
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        return Err(unsupported("model_type", model_type, names));
+    }
+    if let Some(Value::Array(architectures)) = value.get("architectures") {
+        for architecture in architectures.iter().filter_map(Value::as_str) {
+            if !SUPPORTED_ARCHITECTURES
+                .iter()
+                .any(|(_, known)| *known == architecture)
+            {
+                let names = SUPPORTED_ARCHITECTURES
+                    .iter()
+                    .map(|(_, name)| *name)
+                    .collect();
+                return Err(unsupported("architectures", architecture, names));
+            }
+        }
+    }
+    Ok(model_type)
+}
+
+/// Llama 3 rotary scaling from `rope_parameters` (transformers 5) or `rope_scaling`
+/// (older files, `type` or `rope_type`); `None` for the default rotation. Any other
+/// rotary type is refused.
+fn rope_scaling_of(raw: &RawConfig, path: &Path) -> Result<Option<Llama3RopeScaling>, ModelError> {
+    let (key, object) = match (&raw.rope_parameters, &raw.rope_scaling) {
+        (Some(Value::Object(object)), _) => ("rope_parameters", object),
+        (_, Some(Value::Object(object))) => ("rope_scaling", object),
+        _ => return Ok(None),
+    };
+    let kind = object
+        .get("rope_type")
+        .or_else(|| object.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => return Ok(None),
+        "llama3" => {}
+        other => {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                key: format!("{key}.rope_type"),
+                message: format!("`{other}` is not supported (only `default` and `llama3`)"),
+            });
+        }
+    }
+    let number = |field: &str| {
+        object
+            .get(field)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| ModelError::MissingKey {
+                path: path.to_path_buf(),
+                key: format!("{key}.{field}"),
+            })
+    };
+    let scaling = Llama3RopeScaling {
+        factor: number("factor")?,
+        low_freq_factor: number("low_freq_factor")?,
+        high_freq_factor: number("high_freq_factor")?,
+        original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
+    };
+    if scaling.high_freq_factor <= scaling.low_freq_factor || scaling.factor <= 0.0 {
+        return Err(ModelError::Unsupported {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message: "llama3 scaling needs factor > 0 and high_freq_factor > low_freq_factor"
+                .to_string(),
+        });
+    }
+    Ok(Some(scaling))
+}
+
 /// Parses the text of an HF `config.json`; `path` is only used in error messages.
 pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ModelError> {
+    let value: Value = serde_json::from_str(text).map_err(|error| ModelError::Json {
+        path: path.to_path_buf(),
+        message: error.to_string(),
+    })?;
+    architecture_of(&value, path)?;
     let deserializer = &mut serde_json::Deserializer::from_str(text);
     let raw: RawConfig =
         serde_path_to_error::deserialize(deserializer).map_err(|error| ModelError::Json {
@@ -257,11 +441,11 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ModelError> 
         .as_deref()
         .ok_or_else(|| missing("model_type"))?;
     let config = match model_type {
-        "llama" | "qwen2" => {
-            let flavor = if model_type == "llama" {
-                LlamaFlavor::Llama
-            } else {
-                LlamaFlavor::Qwen2
+        "llama" | "qwen2" | "mistral" => {
+            let flavor = match model_type {
+                "llama" => LlamaFlavor::Llama,
+                "qwen2" => LlamaFlavor::Qwen2,
+                _ => LlamaFlavor::Mistral,
             };
             if let Some(act) = raw.hidden_act.as_deref()
                 && act != "silu"
@@ -271,28 +455,8 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ModelError> 
                     format!("`{act}` is not supported (only `silu`)"),
                 ));
             }
-            if raw
-                .rope_scaling
-                .as_ref()
-                .is_some_and(|value| !value.is_null())
-            {
-                return Err(unsupported(
-                    "rope_scaling",
-                    "rotary scaling is not supported".to_string(),
-                ));
-            }
-            if let Some(kind) = raw
-                .rope_parameters
-                .as_ref()
-                .and_then(|rope| rope.rope_type.as_deref())
-                && kind != "default"
-            {
-                return Err(unsupported(
-                    "rope_parameters.rope_type",
-                    format!("`{kind}` is not supported (only `default`)"),
-                ));
-            }
-            if raw.use_sliding_window == Some(true) {
+            let rope_scaling = rope_scaling_of(&raw, path)?;
+            if raw.use_sliding_window == Some(true) && flavor == LlamaFlavor::Qwen2 {
                 return Err(unsupported(
                     "use_sliding_window",
                     "sliding-window attention is not supported".to_string(),
@@ -305,7 +469,8 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ModelError> 
             let rope_theta = raw
                 .rope_parameters
                 .as_ref()
-                .and_then(|rope| rope.rope_theta)
+                .and_then(|rope| rope.get("rope_theta"))
+                .and_then(Value::as_f64)
                 .or(raw.rope_theta)
                 .unwrap_or(DEFAULT_ROPE_THETA);
             let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -326,9 +491,17 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ModelError> 
                     .unwrap_or(hidden_size / num_attention_heads.max(1)),
                 rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
                 rope_theta,
+                rope_scaling,
+                // Qwen2's `sliding_window` only applies with `use_sliding_window`,
+                // refused above.
+                sliding_window: match flavor {
+                    LlamaFlavor::Mistral => raw.sliding_window,
+                    _ => None,
+                },
                 max_position_embeddings: raw.max_position_embeddings.unwrap_or(match flavor {
                     LlamaFlavor::Llama => 2048,
                     LlamaFlavor::Qwen2 => 32768,
+                    LlamaFlavor::Mistral => 131_072,
                 }),
                 tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
                 // Qwen2 always has q/k/v biases and never an o_proj bias; Llama's
@@ -384,7 +557,9 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ModelError> 
         other => {
             return Err(unsupported(
                 "model_type",
-                format!("`{other}` is not supported (expected llama, qwen2 or gpt2)"),
+                format!(
+                    "`{other}` is not supported (trainyard supports llama, qwen2, mistral, gpt2)"
+                ),
             ));
         }
     };
@@ -417,9 +592,18 @@ impl CausalLm {
     /// Builds the model, fetching (or, from a `VarMap`, creating) every parameter under
     /// its HF name through `vb`.
     pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<CausalLm, ModelError> {
+        CausalLm::with_builders(config, lora::Builders::plain(vb))
+    }
+
+    /// As [`CausalLm::new`], reading the bf16/f16 matrices of a frozen base in place
+    /// when `builders` maps them.
+    pub fn with_builders(
+        config: &ModelConfig,
+        builders: lora::Builders,
+    ) -> Result<CausalLm, ModelError> {
         Ok(match config {
-            ModelConfig::Llama(config) => CausalLm::Llama(Llama::new(config, vb)?),
-            ModelConfig::Gpt2(config) => CausalLm::Gpt2(Gpt2::new(config, vb)?),
+            ModelConfig::Llama(config) => CausalLm::Llama(Llama::with_adapters(config, builders)?),
+            ModelConfig::Gpt2(config) => CausalLm::Gpt2(Gpt2::with_builders(config, &builders)?),
         })
     }
 
@@ -470,9 +654,10 @@ pub fn new_trainable(
 }
 
 /// A frozen base model from the HF directory `dir` with a trainable LoRA adapter: the
-/// base weights are plain tensors (no gradient), the adapter's `lora_A`/`lora_B` (and the
-/// whole modules of `modules_to_save`, copied from the base) live in the returned
-/// [`VarMap`] under PEFT's names, initialised from `seed` (llama family only).
+/// base weights are plain tensors (no gradient) or, stored as bf16/f16, read in place
+/// (see [`frozen_builders`]); the adapter's `lora_A`/`lora_B` (and the whole modules of
+/// `modules_to_save`, copied from the base) live in the returned [`VarMap`] under PEFT's
+/// names in `dtype`, initialised from `seed` (llama family only).
 pub fn new_lora(
     dir: &Path,
     spec: &lora::LoraSpec,
@@ -528,14 +713,15 @@ pub fn new_lora(
         });
     }
     let files = safetensors_files(dir)?;
-    // SAFETY: as in `load_pretrained`.
-    let base = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    let frozen = frozen_builders(&files, dtype, device, false)?;
+    let base = frozen.base.clone();
     let varmap = VarMap::new();
     let adapter = VarBuilder::from_varmap(&varmap, dtype, device)
         .pp("base_model")
         .pp("model");
     let builders = lora::Builders {
         base: base.clone(),
+        mapped: frozen.mapped,
         lora: Some((
             adapter,
             std::sync::Arc::new(lora::Adapter::new(spec.clone(), seed)),
@@ -691,8 +877,9 @@ pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<(), ModelError> 
 }
 
 /// Writes `tensors` to the safetensors file `path` under their names (sorted by name,
-/// metadata `format: pt` as transformers expects), f32 and f64 as they are, other
-/// dtypes as f32. GPT-2 weights are already in Conv1D layout, so nothing is transposed.
+/// metadata `format: pt` as transformers expects), f32, f64, bf16 and f16 as they are,
+/// other dtypes as f32. GPT-2 weights are already in Conv1D layout, so nothing is
+/// transposed.
 /// A tied `lm_head` is not a separate parameter and is not written, as in
 /// transformers' own files.
 pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), ModelError> {
@@ -705,6 +892,20 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), Mod
             DType::F64 => (
                 safetensors::Dtype::F64,
                 flat.to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                safetensors::Dtype::BF16,
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                safetensors::Dtype::F16,
+                flat.to_vec1::<half::f16>()?
                     .iter()
                     .flat_map(|value| value.to_le_bytes())
                     .collect(),
@@ -750,7 +951,8 @@ pub fn save_pretrained(
 }
 
 /// Writes an HF model directory: `config.json` and `model.safetensors` holding
-/// `weights` (HF names). The one writer of model directories in trainyard.
+/// `weights` (HF names), with `torch_dtype` the weights' dtype. The one writer of
+/// single-file model directories in trainyard (sharded ones: [`shards`]).
 pub fn save_model_dir(
     dir: &Path,
     config: &ModelConfig,
@@ -760,45 +962,52 @@ pub fn save_model_dir(
         path: dir.to_path_buf(),
         source,
     })?;
-    config.save(dir)?;
+    let dtype = shards::main_dtype(weights.iter().map(|(_, tensor)| {
+        (
+            tensor.dtype(),
+            tensor.elem_count() * tensor.dtype().size_in_bytes(),
+        )
+    }));
+    config.save_with_dtype(dir, dtype)?;
     save_tensors(weights, &dir.join("model.safetensors"))
 }
 
-/// The safetensors files of an HF model directory: `model.safetensors`, or the shards
-/// listed in `model.safetensors.index.json`, in sorted order.
-pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
+/// Where a frozen base's parameters come from: a `VarBuilder` over the files in
+/// `dtype` (f32 weights, norms, biases) and, when computing in f32 on the CPU, the
+/// files' bf16/f16 matrices mapped in place ([`mapped`]) so that they are neither
+/// widened nor copied. `gpt2_unprefixed` makes the files' `wte.weight`, … answer to
+/// `transformer.wte.weight`, … (the original GPT-2 files on the Hub).
+pub fn frozen_builders(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    gpt2_unprefixed: bool,
+) -> Result<lora::Builders<'static>, ModelError> {
+    // SAFETY: the files are mapped read-only; trainyard never writes to a model
+    // directory it is reading, and candle copies each tensor out of the map on load.
+    let mut vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? };
+    let mut mapped = None;
+    if dtype == DType::F32 && device.is_cpu() {
+        let files = MappedSafetensors::open(files)?;
+        if files.has_half_tensors() {
+            mapped = Some(files);
+        }
     }
-    let index = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-        path: index.clone(),
-        source,
-    })?;
-    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
-        path: index.clone(),
-        message: error.to_string(),
-    })?;
-    let map = value
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| ModelError::MissingKey {
-            path: index.clone(),
-            key: "weight_map".to_string(),
-        })?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(Value::as_str)
-        .map(|file| dir.join(file))
-        .collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
+    if gpt2_unprefixed {
+        vb = vb.rename_f(|name| strip_gpt2_prefix(name).to_string());
+        mapped = mapped.map(|files| files.with_prefix_aliases("transformer."));
+    }
+    Ok(lora::Builders {
+        base: vb,
+        mapped: mapped.map(std::sync::Arc::new),
+        lora: None,
+    })
 }
 
-/// Loads a local HF model directory (`config.json` + safetensors) as a frozen model:
-/// parameters are memory-mapped and converted to `dtype` on `device`.
+/// Loads a local HF model directory (`config.json` + safetensors) as a frozen model
+/// computing in `dtype` on `device`. Computing in f32 on the CPU, bf16/f16 matrices stay
+/// in their dtype, read in place from the mapped files (see [`frozen_builders`]); every
+/// other parameter is converted to `dtype`.
 pub fn load_pretrained(
     dir: &Path,
     dtype: DType,
@@ -806,17 +1015,12 @@ pub fn load_pretrained(
 ) -> Result<(CausalLm, ModelConfig), ModelError> {
     let config = load_config(dir)?;
     let files = safetensors_files(dir)?;
-    // SAFETY: the files are mapped read-only; trainyard never writes to a model
-    // directory it is reading, and candle copies each tensor out of the map on load.
-    let mut vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
-    if matches!(config, ModelConfig::Gpt2(_))
-        && !vb.contains_tensor("transformer.wte.weight")
-        && vb.contains_tensor("wte.weight")
-    {
-        // The original GPT-2 files name the base model's tensors without `transformer.`.
-        vb = vb.rename_f(|name| strip_gpt2_prefix(name).to_string());
-    }
-    let model = CausalLm::new(&config, vb)?;
+    let unprefixed = matches!(config, ModelConfig::Gpt2(_)) && {
+        let names = shards::tensor_names(&files)?;
+        !names.contains("transformer.wte.weight") && names.contains("wte.weight")
+    };
+    let builders = frozen_builders(&files, dtype, device, unprefixed)?;
+    let model = CausalLm::with_builders(&config, builders)?;
     Ok((model, config))
 }
 
@@ -869,7 +1073,8 @@ fn strip_gpt2_prefix(name: &str) -> &str {
     name.strip_prefix("transformer.").unwrap_or(name)
 }
 
-/// The `torch_dtype`/`dtype` pair and `architectures` shared by every written config.
+/// The `torch_dtype`/`dtype` pair (f32 until [`set_torch_dtype`] says otherwise) and
+/// `architectures` shared by every written config.
 fn hf_header(architecture: &str, model_type: &str) -> serde_json::Map<String, Value> {
     let mut map = serde_json::Map::new();
     map.insert("architectures".into(), json!([architecture]));

@@ -1,10 +1,19 @@
 //! The `export` kind: a model as other tools run it. The Hugging Face directory
-//! (`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` with
-//! the chat template and special tokens, `generation_config.json`) loads in
-//! `transformers` as it is; GGUF files (f32, f16, q8_0) load in llama.cpp.
+//! (`config.json`, `model.safetensors` or shards with their index, `tokenizer.json`,
+//! `tokenizer_config.json` with the chat template and special tokens,
+//! `generation_config.json`) loads in `transformers` as it is; GGUF files (f32, f16,
+//! q8_0) load in llama.cpp.
+//!
+//! The weights keep the source's dtype unless `dtype:` says otherwise, and its shards:
+//! a sharded source is written with the same shards, a single file is split as
+//! transformers' `save_pretrained` splits it when bigger than `max_shard_size`. Files
+//! that need no change are copied; otherwise one shard at a time is converted and
+//! written.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device, Tensor};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -14,7 +23,7 @@ use super::{
     StageOutcome, TOKENIZER_SOURCES,
 };
 use crate::export::gguf::{self, GgufDtype};
-use crate::model::{self, ModelConfig};
+use crate::model::{self, ModelConfig, shards};
 use crate::tokenize::chat::JINJA_TEMPLATE;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD, SPECIAL_TOKENS};
 use crate::tokenize::template::{TOKENIZER_CONFIG, copy_companions};
@@ -28,6 +37,78 @@ pub struct ExportSettings {
     /// `[]` writes none.
     #[serde(default)]
     pub gguf: Option<Vec<GgufDtype>>,
+    /// The dtype of the Hugging Face weights (`f32`, `bf16`, `f16`); by default the
+    /// source's.
+    #[serde(default)]
+    pub dtype: Option<WeightDtype>,
+    /// The largest shard of the Hugging Face weights, in bytes or as transformers writes
+    /// it (`"5GB"`, `"500MB"`, `"2GiB"`); by default transformers' 50GB.
+    #[serde(default)]
+    pub max_shard_size: Option<ShardSize>,
+}
+
+/// A dtype of exported weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+impl WeightDtype {
+    fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::F16 => DType::F16,
+        }
+    }
+}
+
+/// A shard size: bytes, or a number with a unit as transformers reads it (`KB`, `MB`,
+/// `GB` decimal; `KiB`, `MiB`, `GiB` binary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ShardSize {
+    /// Bytes.
+    Bytes(u64),
+    /// `"5GB"` and the like.
+    Text(String),
+}
+
+impl ShardSize {
+    /// The size in bytes.
+    pub fn bytes(&self) -> Result<u64, String> {
+        let text = match self {
+            ShardSize::Bytes(0) => return Err("`max_shard_size` must be positive".to_string()),
+            ShardSize::Bytes(bytes) => return Ok(*bytes),
+            ShardSize::Text(text) => text.trim(),
+        };
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "KIB" => 1 << 10,
+            "MIB" => 1 << 20,
+            "GIB" => 1 << 30,
+            _ => 0,
+        };
+        match number.parse::<u64>() {
+            Ok(number) if number > 0 && scale > 0 => Ok(number * scale),
+            _ => Err(format!(
+                "`max_shard_size`: `{text}` is not a size (bytes, or a number with KB, MB, GB, KiB, MiB or GiB)"
+            )),
+        }
+    }
 }
 
 /// The `export` stage kind.
@@ -54,6 +135,13 @@ impl StageKind for Export {
             many: false,
         },
     ]);
+
+    fn check(settings: &ExportSettings, _inputs: &[&str]) -> Result<(), String> {
+        match &settings.max_shard_size {
+            Some(size) => size.bytes().map(|_| ()),
+            None => Ok(()),
+        }
+    }
 
     fn run(
         settings: &ExportSettings,
@@ -146,8 +234,22 @@ fn run(
     let tokenizer = load_tokenizer(&tokenizer_path).map_err(invalid)?;
     let out = context.out_dir;
 
-    // config.json with the special-token ids transformers' generate() reads.
+    let max_shard_size = match &settings.max_shard_size {
+        Some(size) => size.bytes().map_err(invalid)?,
+        None => shards::DEFAULT_MAX_SHARD_SIZE,
+    };
+    let weights = write_weights(
+        source,
+        out,
+        settings.dtype.map(WeightDtype::dtype),
+        max_shard_size,
+        context,
+    )?;
+
+    // config.json with the weights' dtype and the special-token ids transformers'
+    // generate() reads.
     let mut hf_config = config.to_hf_json();
+    model::set_torch_dtype(&mut hf_config, weights.dtype);
     let ours = has_trainyard_specials(&tokenizer);
     if ours && let Some(map) = hf_config.as_object_mut() {
         map.insert("bos_token_id".into(), json!(1));
@@ -155,17 +257,7 @@ fn run(
         map.insert("pad_token_id".into(), json!(0));
     }
     write_json(&out.join("config.json"), &hf_config)?;
-    let files = model::safetensors_files(source).map_err(invalid)?;
-    let mut copied: Vec<PathBuf> = Vec::new();
-    for file in &files {
-        let name = file.file_name().map(PathBuf::from).unwrap_or_default();
-        copy(file, &out.join(&name))?;
-        copied.push(name);
-    }
-    let index = source.join("model.safetensors.index.json");
-    if files.len() > 1 && index.is_file() {
-        copy(&index, &out.join("model.safetensors.index.json"))?;
-    }
+    let copied = weights.files;
     copy(&tokenizer_path, &out.join("tokenizer.json"))?;
     // A model from elsewhere keeps its own template, special tokens and stop tokens;
     // trainyard writes them only for its own tokenizers.
@@ -213,9 +305,10 @@ fn run(
     }
     let _ = writeln!(
         context.log,
-        "exported {} ({}) with {}",
+        "exported {} ({}, {}) with {}",
         source.display(),
         config.model_type(),
+        model::torch_dtype_name(weights.dtype),
         copied
             .iter()
             .map(|name| name.display().to_string())
@@ -223,4 +316,103 @@ fn run(
             .join(", ")
     );
     Ok(StageOutcome { metrics })
+}
+
+/// The Hugging Face weights an export wrote.
+struct WrittenWeights {
+    /// File names, in order.
+    files: Vec<PathBuf>,
+    /// The dtype most of the weights are in (`torch_dtype`).
+    dtype: DType,
+}
+
+/// Writes the weights of `source` into `out` in `dtype` (each tensor's own when
+/// `None`): copied when nothing changes, else converted one shard at a time. A sharded
+/// source keeps its shards; a single file is split at `max_shard_size`.
+fn write_weights(
+    source: &Path,
+    out: &Path,
+    dtype: Option<DType>,
+    max_shard_size: u64,
+    context: &StageContext<'_>,
+) -> Result<WrittenWeights, StageError> {
+    let files = model::safetensors_files(source).map_err(invalid)?;
+    let headers = shards::read_headers(&files).map_err(invalid)?;
+    let target = |header: &shards::TensorHeader| dtype.unwrap_or(header.dtype);
+    let sizes: Vec<(String, u64)> = headers
+        .iter()
+        .map(|header| (header.name.clone(), header.bytes_in(target(header))))
+        .collect();
+    let written_dtype = shards::main_dtype(
+        headers
+            .iter()
+            .map(|header| (target(header), header.bytes_in(target(header)) as usize)),
+    );
+    let total: u64 = sizes.iter().map(|(_, bytes)| bytes).sum();
+    let unchanged = headers.iter().all(|header| target(header) == header.dtype);
+    let name_of = |path: &Path| path.file_name().map(PathBuf::from).unwrap_or_default();
+    if unchanged && (files.len() > 1 || total <= max_shard_size) {
+        let mut copied = Vec::new();
+        for file in &files {
+            copy(file, &out.join(name_of(file)))?;
+            copied.push(name_of(file));
+        }
+        let index = source.join(shards::INDEX_FILE);
+        if files.len() > 1 && index.is_file() {
+            copy(&index, &out.join(shards::INDEX_FILE))?;
+        }
+        return Ok(WrittenWeights {
+            files: copied,
+            dtype: written_dtype,
+        });
+    }
+    // The groups of tensor names, one per output file, and the files' names.
+    let (groups, names): (Vec<Vec<String>>, Vec<PathBuf>) = if files.len() > 1 {
+        let mut groups = vec![Vec::new(); files.len()];
+        for header in &headers {
+            groups[header.file].push(header.name.clone());
+        }
+        (groups, files.iter().map(|file| name_of(file)).collect())
+    } else {
+        let groups = shards::plan_shards(&sizes, max_shard_size);
+        let count = groups.len();
+        let names = match count {
+            1 => vec![PathBuf::from(shards::SINGLE_FILE)],
+            _ => (1..=count)
+                .map(|k| PathBuf::from(shards::shard_name(k, count)))
+                .collect(),
+        };
+        (groups, names)
+    };
+    // SAFETY: the source files are mapped read-only and not written while mapped.
+    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|error| invalid(format!("{}: {error}", source.display())))?;
+    let mut weight_map = BTreeMap::new();
+    for (group, name) in groups.iter().zip(&names) {
+        if context.cancel.is_cancelled() {
+            return Err(StageError::Interrupted);
+        }
+        let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(group.len());
+        for tensor_name in group {
+            let tensor = mapped
+                .load(tensor_name, &Device::Cpu)
+                .and_then(|tensor| match dtype {
+                    Some(dtype) => tensor.to_dtype(dtype),
+                    None => Ok(tensor),
+                })
+                .map_err(|error| {
+                    invalid(format!("{}: `{tensor_name}`: {error}", source.display()))
+                })?;
+            tensors.push((tensor_name.clone(), tensor));
+            weight_map.insert(tensor_name.clone(), name.display().to_string());
+        }
+        model::save_tensors(&tensors, &out.join(name)).map_err(invalid)?;
+    }
+    if names.len() > 1 {
+        shards::write_index(out, total, &weight_map).map_err(invalid)?;
+    }
+    Ok(WrittenWeights {
+        files: names,
+        dtype: written_dtype,
+    })
 }

@@ -1,8 +1,11 @@
 //! The `lora-merge` kind: folds a LoRA adapter (PEFT layout, from an `sft` stage with
 //! `adapter: lora` or any PEFT directory) into its base model, `W' = W + (α/r)·B·A`,
-//! and writes a full checkpoint in the base's Hugging Face layout.
+//! and writes a full checkpoint in the base's Hugging Face layout: the same shards
+//! (`model.safetensors`, or `model-0000k-of-0000n.safetensors` with the index), each in
+//! the base's dtype. It streams: one base shard is loaded, merged (in f32), written and
+//! freed before the next, so memory holds one shard and the adapter, never the model.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{Device, Tensor};
 use schemars::JsonSchema;
@@ -12,7 +15,7 @@ use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome,
 };
-use crate::model::{self, lora};
+use crate::model::{self, lora, shards};
 use crate::tokenize::train::tokenizer_file;
 
 /// Settings of a `lora-merge` stage (none yet; the adapter carries its own spec).
@@ -69,18 +72,50 @@ impl StageKind for LoraMerge {
         let spec = lora::LoraSpec::from_adapter_config(&value)
             .map_err(|message| invalid(format!("{}: {message}", adapter_config_path.display())))?;
         let device = Device::Cpu;
-        let mut base_weights: HashMap<String, Tensor> = HashMap::new();
-        for file in model::safetensors_files(base).map_err(|error| invalid(error.to_string()))? {
-            let tensors = candle_core::safetensors::load(&file, &device)
-                .map_err(|error| invalid(format!("{}: {error}", file.display())))?;
-            base_weights.extend(tensors);
-        }
+        let files = model::safetensors_files(base).map_err(|error| invalid(error.to_string()))?;
+        let headers = shards::read_headers(&files).map_err(|error| invalid(error.to_string()))?;
+        let names: BTreeSet<&str> = headers.iter().map(|header| header.name.as_str()).collect();
         let adapter_path = adapter.join(lora::ADAPTER_WEIGHTS);
         let adapter_weights = candle_core::safetensors::load(&adapter_path, &device)
             .map_err(|error| invalid(format!("{}: {error}", adapter_path.display())))?;
-        let merged = lora::merge(&base_weights, &adapter_weights, &spec)
+        // Every adapter tensor must find its base weight before the first shard is written.
+        lora::check_merge(|name| names.contains(name), &adapter_weights)
             .map_err(|message| invalid(format!("{}: {message}", adapter_path.display())))?;
-        model::save_model_dir(context.out_dir, &config, &merged)
+        let file_name = |index: usize| {
+            files[index]
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let mut changed = 0;
+        for (index, file) in files.iter().enumerate() {
+            if context.cancel.is_cancelled() {
+                return Err(StageError::Interrupted);
+            }
+            let mut tensors = candle_core::safetensors::load(file, &device)
+                .map_err(|error| invalid(format!("{}: {error}", file.display())))?;
+            changed += lora::merge_shard(&mut tensors, &adapter_weights, &spec)
+                .map_err(|message| invalid(format!("{}: {message}", adapter_path.display())))?;
+            let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+            model::save_tensors(&tensors, &context.out_dir.join(file_name(index)))
+                .map_err(|error| invalid(error.to_string()))?;
+        }
+        if files.len() > 1 {
+            let weight_map: BTreeMap<String, String> = headers
+                .iter()
+                .map(|header| (header.name.clone(), file_name(header.file)))
+                .collect();
+            let total = headers.iter().map(|h| h.bytes_in(h.dtype)).sum();
+            shards::write_index(context.out_dir, total, &weight_map)
+                .map_err(|error| invalid(error.to_string()))?;
+        }
+        let dtype = shards::main_dtype(
+            headers
+                .iter()
+                .map(|h| (h.dtype, h.bytes_in(h.dtype) as usize)),
+        );
+        config
+            .save_with_dtype(context.out_dir, dtype)
             .map_err(|error| invalid(error.to_string()))?;
         // The tokenizer travels with the model: the adapter's (what SFT used), else the base's.
         let tokenizer = tokenizer_file(adapter)
@@ -102,11 +137,13 @@ impl StageKind for LoraMerge {
         }
         let _ = writeln!(
             context.log,
-            "merged a rank-{} adapter (α {}) on {} into {} tensors",
+            "merged a rank-{} adapter (α {}) on {} into {changed} tensors of {} ({} shard(s), {})",
             spec.rank,
             spec.alpha,
             spec.targets.join(", "),
-            merged.len()
+            headers.len(),
+            files.len(),
+            model::torch_dtype_name(dtype)
         );
         let mut metrics = serde_json::Map::new();
         metrics.insert("rank".into(), serde_json::json!(spec.rank));

@@ -373,6 +373,8 @@ pub fn model_config(
                 head_dim: settings.dim / settings.heads,
                 rms_norm_eps: settings.norm_eps.unwrap_or(1e-6),
                 rope_theta: settings.rope_theta,
+                rope_scaling: None,
+                sliding_window: None,
                 max_position_embeddings: max_positions,
                 tie_word_embeddings: settings.tie_embeddings.unwrap_or(false),
                 qkv_bias: flavor == LlamaFlavor::Qwen2,

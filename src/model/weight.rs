@@ -1,0 +1,144 @@
+//! The weight matrices of the model's layers: a candle tensor (trainable, or a frozen
+//! f32 base) or a frozen bf16/f16 matrix read in place from its file
+//! ([`super::mapped`]). [`Linear`] and [`Embedding`] hide which, so the families' code
+//! reads the same either way; on tensors they compute exactly as `candle_nn`'s layers.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::lora::Builders;
+use super::mapped::MappedMatrix;
+
+/// A weight matrix: a tensor, or a mapped bf16/f16 matrix (always computed in f32).
+#[derive(Debug, Clone)]
+pub enum Matrix {
+    /// A candle tensor (a `Var`'s when trainable).
+    Tensor(Tensor),
+    /// Read in place from a safetensors file.
+    Mapped(MappedMatrix),
+}
+
+impl Matrix {
+    /// `{vb}.{name}` of shape `[rows, cols]`: mapped when the builders hold a mapped file
+    /// with that tensor in bf16/f16, else through the `VarBuilder`.
+    pub fn load(
+        builders: &Builders<'_>,
+        vb: &VarBuilder<'_>,
+        name: &str,
+        shape: (usize, usize),
+    ) -> Result<Matrix> {
+        if let Some(mapped) = &builders.mapped {
+            let full = match vb.prefix() {
+                prefix if prefix.is_empty() => name.to_string(),
+                prefix => format!("{prefix}.{name}"),
+            };
+            if let Some(matrix) = mapped
+                .matrix(&full, shape)
+                .map_err(|error| candle_core::Error::Msg(error.to_string()))?
+            {
+                return Ok(Matrix::Mapped(matrix));
+            }
+        }
+        Ok(Matrix::Tensor(vb.get(shape, name)?))
+    }
+
+    /// The matrix as a tensor (a copy when mapped).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        match self {
+            Matrix::Tensor(tensor) => Ok(tensor.clone()),
+            Matrix::Mapped(matrix) => matrix.to_tensor(),
+        }
+    }
+}
+
+/// `y = x·Wᵀ + b` with `W: [out, in]` (`nn.Linear`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Matrix,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `{vb}.weight` `[out, in]` and, with `bias`, `{vb}.bias` `[out]` (biases are
+    /// small and always loaded as tensors of the compute dtype).
+    pub fn load(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        builders: &Builders<'_>,
+        vb: VarBuilder<'_>,
+    ) -> Result<Linear> {
+        let weight = Matrix::load(builders, &vb, "weight", (out_dim, in_dim))?;
+        let bias = match bias {
+            true => Some(vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?),
+            false => None,
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// A bias-free layer over an existing matrix (a head tied to the embeddings).
+    pub fn new(weight: Matrix) -> Linear {
+        Linear { weight, bias: None }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Matrix::Tensor(weight) => {
+                candle_nn::Linear::new(weight.clone(), self.bias.clone()).forward(x)
+            }
+            Matrix::Mapped(matrix) => {
+                let y = matrix.matmul_t(x)?;
+                match &self.bias {
+                    Some(bias) => y.broadcast_add(bias),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+/// A lookup table `[vocab, hidden]`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Matrix,
+    hidden: usize,
+}
+
+impl Embedding {
+    /// `{vb}.weight` `[count, hidden]`.
+    pub fn load(
+        count: usize,
+        hidden: usize,
+        builders: &Builders<'_>,
+        vb: VarBuilder<'_>,
+    ) -> Result<Embedding> {
+        Ok(Embedding {
+            weight: Matrix::load(builders, &vb, "weight", (count, hidden))?,
+            hidden,
+        })
+    }
+
+    /// The table itself.
+    pub fn matrix(&self) -> &Matrix {
+        &self.weight
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Matrix::Tensor(weight) => {
+                candle_nn::Embedding::new(weight.clone(), self.hidden).forward(ids)
+            }
+            Matrix::Mapped(matrix) => {
+                let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let rows = matrix.gather_rows(&flat)?;
+                let mut shape = ids.dims().to_vec();
+                shape.push(self.hidden);
+                Tensor::from_vec(rows, shape, ids.device())
+            }
+        }
+    }
+}
