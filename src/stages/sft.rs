@@ -154,6 +154,22 @@ fn adapter_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema
 /// as given.
 fn portable_path(path: &Path) -> String {
     let components: Vec<_> = path.components().collect();
+    // A base from the Hugging Face cache (`…/models--org--name/snapshots/<commit>`) is
+    // named by its hub id, as PEFT records it, so the adapter loads with
+    // `PeftModel.from_pretrained` on any machine.
+    if let Some(repo) = components.iter().rev().nth(2).and_then(|component| {
+        component
+            .as_os_str()
+            .to_str()
+            .and_then(|name| name.strip_prefix("models--"))
+            .filter(|_| {
+                components.iter().rev().nth(1).map(|c| c.as_os_str()) == Some("snapshots".as_ref())
+            })
+            .and_then(|name| name.split_once("--"))
+            .map(|(org, name)| format!("{org}/{name}"))
+    }) {
+        return repo;
+    }
     match components
         .iter()
         .position(|component| component.as_os_str() == ".trainyard")
@@ -604,6 +620,12 @@ mod tests {
         assert_eq!(
             portable_path(Path::new("/models/tiny-llama")),
             "/models/tiny-llama"
+        );
+        assert_eq!(
+            portable_path(Path::new(
+                "/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abc"
+            )),
+            "Qwen/Qwen2.5-0.5B"
         );
     }
 }

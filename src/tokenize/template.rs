@@ -1455,8 +1455,16 @@ mod tests {
     #[test]
     fn span_mask_covers_tokens_holding_first_to_last_byte() {
         let offsets = [(0, 2), (2, 5), (5, 6), (6, 9)];
-        assert_eq!(span_mask(&offsets, &[3..6]), [0, 1, 1, 0]);
-        assert_eq!(span_mask(&offsets, &[6..9]), [0, 0, 0, 1]);
+        let (middle, last) = (3..6, 6..9);
+        assert_eq!(
+            span_mask(&offsets, std::slice::from_ref(&middle)),
+            [0, 1, 1, 0]
+        );
+        assert_eq!(
+            span_mask(&offsets, std::slice::from_ref(&last)),
+            [0, 0, 0, 1]
+        );
+        assert_eq!(span_mask(&offsets, &[middle, last]), [0, 1, 1, 1]);
     }
 
     #[test]
