@@ -313,9 +313,9 @@ fn a_missing_or_incomplete_model_directory_is_named_in_the_error() {
 /// transformers' `generate(do_sample=False)` does — from bf16 (llama), f32 (qwen2) and
 /// f16 (gpt2) weights.
 #[test]
-fn prompt_ids_and_greedy_text_equal_transformers_for_llama_qwen2_and_gpt2() {
+fn prompt_ids_and_greedy_text_equal_transformers_for_llama_qwen2_gpt2_and_mistral() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/prompts");
-    for family in ["llama", "qwen2", "gpt2"] {
+    for family in ["llama", "qwen2", "gpt2", "mistral"] {
         let dir = root.join(family);
         let expected: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())

@@ -191,14 +191,17 @@ impl StageKind for TokenCacheStage {
                     .and_then(|token| tokenizer.token_to_id(token))
             })
             .unwrap_or(eos_id);
-        let template = match mode {
-            CacheMode::Sft => Some(chat_template(
-                settings,
-                &tokenizer,
-                &context.inputs["tokenizer"],
-                context.inputs.get("chat_template"),
-            )?),
-            CacheMode::Pretrain => None,
+        let template = chat_template(
+            settings,
+            &tokenizer,
+            &context.inputs["tokenizer"],
+            context.inputs.get("chat_template"),
+        );
+        let template = match (mode, template) {
+            (CacheMode::Sft, template) => Some(template?),
+            // Conversations in a pretraining corpus are rendered with the model's own
+            // template too; a text-only corpus needs none.
+            (CacheMode::Pretrain, template) => template.ok(),
         };
         if let Some(template) = &template {
             writeln!(
@@ -220,6 +223,7 @@ impl StageKind for TokenCacheStage {
             let info = match mode {
                 CacheMode::Pretrain => build_pretrain(
                     &tokenizer,
+                    template.as_ref(),
                     settings,
                     file,
                     context.out_dir,
@@ -497,6 +501,7 @@ impl<'a> Encoder<'a> {
 #[allow(clippy::too_many_arguments)]
 fn build_pretrain(
     tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
     settings: &TokenCacheSettings,
     file: &Path,
     out_dir: &Path,
@@ -520,14 +525,25 @@ fn build_pretrain(
                     (Some(text), _) => text,
                     // A conversation in a pretraining corpus is trained on as rendered text.
                     (None, Some(messages)) => {
-                        let messages: Vec<ChatMessage> =
-                            serde_json::from_value(messages).map_err(|error| {
-                                StageError::Invalid(format!(
-                                    "{}:{number}: `messages`: {error}",
-                                    file.display()
-                                ))
-                            })?;
-                        chat::render_text(&messages, false)
+                        let at_line = |error: String| {
+                            StageError::Invalid(format!("{}:{number}: {error}", file.display()))
+                        };
+                        match template {
+                            Some(template) => {
+                                let conversation = Conversation::from_json(line)
+                                    .map_err(|error| at_line(error.to_string()))?;
+                                template
+                                    .render(&conversation, false)
+                                    .map_err(|error| at_line(error.to_string()))?
+                                    .text
+                            }
+                            None => {
+                                let messages: Vec<ChatMessage> =
+                                    serde_json::from_value(messages)
+                                        .map_err(|error| at_line(format!("`messages`: {error}")))?;
+                                chat::render_text(&messages, false)
+                            }
+                        }
                     }
                     (None, None) => String::new(),
                 };
