@@ -475,7 +475,17 @@ fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
     let (bos, eos, pad, chat_template) = match (&own_template, config.special("eos_token")) {
         (Some((text, _)), Some(eos)) => {
             let eos = id_of(eos)?;
-            let bos = config.special("bos_token").map(&id_of).transpose()?;
+            // Without a `bos_token` (Qwen2), the id generation_config.json names, as
+            // llama.cpp's own converter takes it.
+            let bos = match config.special("bos_token") {
+                Some(token) => Some(id_of(token)?),
+                None => std::fs::read_to_string(dir.join("generation_config.json"))
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<Json>(&text).ok())
+                    .and_then(|value| value.get("bos_token_id").and_then(Json::as_u64))
+                    .map(|id| id as u32)
+                    .filter(|id| (*id as usize) < tokens.len()),
+            };
             let pad = config
                 .special("pad_token")
                 .map(&id_of)

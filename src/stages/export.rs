@@ -256,6 +256,28 @@ fn run(
         map.insert("eos_token_id".into(), json!(2));
         map.insert("pad_token_id".into(), json!(0));
     }
+    if !ours && let Some(map) = hf_config.as_object_mut() {
+        // A model from elsewhere keeps its special-token ids: from its own config.json,
+        // else from the generation_config.json that travels with its tokenizer.
+        for file in [
+            source.join("config.json"),
+            source.join("generation_config.json"),
+        ] {
+            let Some(value) = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            else {
+                continue;
+            };
+            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+                if let Some(id) = value.get(key).filter(|id| !id.is_null())
+                    && !map.contains_key(key)
+                {
+                    map.insert(key.into(), id.clone());
+                }
+            }
+        }
+    }
     write_json(&out.join("config.json"), &hf_config)?;
     let copied = weights.files;
     copy(&tokenizer_path, &out.join("tokenizer.json"))?;
