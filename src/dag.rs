@@ -184,16 +184,19 @@ pub enum DagError {
 
 /// Refuses a model directory bound to a model input (`model`, `base`) that trainyard
 /// cannot load — another architecture, a missing shard — from its config.json and index
-/// alone, so that nothing runs first. `site` names the stage, the input and where it is
-/// declared.
+/// alone, so that nothing runs first. Other faults (a config.json that does not parse, no
+/// weights at all) are left to the stage, which names them the same way when it loads
+/// the model. `site` names the stage, the input and where it is declared.
 fn check_model_input(
     slot: Option<&InputSlot>,
     path: &Path,
     site: impl FnOnce() -> (String, String, Origin),
 ) -> Result<(), Box<DagError>> {
+    use crate::model::ModelError;
     if slot.is_some_and(|slot| slot.accepts == crate::stages::MODEL_SOURCES)
         && path.join("config.json").is_file()
-        && let Err(error) = crate::model::check_model_dir(path)
+        && let Err(error @ (ModelError::Unsupported { .. } | ModelError::MissingShard { .. })) =
+            crate::model::check_model_dir(path)
     {
         let (stage, input, at) = site();
         return Err(Box::new(DagError::UnusableModel {
