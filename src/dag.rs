@@ -182,6 +182,33 @@ pub enum DagError {
     },
 }
 
+/// Refuses a model directory bound to a model input (`model`, `base`) that trainyard
+/// cannot load — another architecture, a missing shard — from its config.json and index
+/// alone, so that nothing runs first. Other faults (a config.json that does not parse, no
+/// weights at all) are left to the stage, which names them the same way when it loads
+/// the model. `site` names the stage, the input and where it is declared.
+fn check_model_input(
+    slot: Option<&InputSlot>,
+    path: &Path,
+    site: impl FnOnce() -> (String, String, Origin),
+) -> Result<(), Box<DagError>> {
+    use crate::model::ModelError;
+    if slot.is_some_and(|slot| slot.accepts == crate::stages::MODEL_SOURCES)
+        && path.join("config.json").is_file()
+        && let Err(error @ (ModelError::Unsupported { .. } | ModelError::MissingShard { .. })) =
+            crate::model::check_model_dir(path)
+    {
+        let (stage, input, at) = site();
+        return Err(Box::new(DagError::UnusableModel {
+            stage,
+            input,
+            message: error.to_string(),
+            at,
+        }));
+    }
+    Ok(())
+}
+
 fn help_suffix(help: &Option<String>) -> String {
     help.as_ref()
         .map(|help| format!("; {help}"))
@@ -312,6 +339,9 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                             cause,
                         })
                     })?;
+                    check_model_input(slot, &snapshot.path, || {
+                        (stage.name.clone(), input.clone(), at)
+                    })?;
                     Binding::External {
                         declared: declared.clone(),
                         path: snapshot.path.clone(),
@@ -378,17 +408,7 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
                         expected: accepted(slot),
                         at: at.clone(),
                     })?;
-                    if slot.is_some_and(|slot| slot.accepts == crate::stages::MODEL_SOURCES)
-                        && path.join("config.json").is_file()
-                        && let Err(error) = crate::model::check_model_dir(&path)
-                    {
-                        return Err(Box::new(DagError::UnusableModel {
-                            stage: stage.name.clone(),
-                            input: input.clone(),
-                            message: error.to_string(),
-                            at,
-                        }));
-                    }
+                    check_model_input(slot, &path, || (stage.name.clone(), input.clone(), at))?;
                     Binding::External {
                         declared: declared.clone(),
                         path,

@@ -375,3 +375,47 @@ stages:
     );
     assert!(sandbox.store_entries("first").is_empty(), "{text}");
 }
+
+#[test]
+fn an_hf_model_of_another_architecture_is_refused_before_anything_runs() {
+    // A snapshot in a local Hugging Face cache is checked like a local directory.
+    let sandbox = Sandbox::new();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = sandbox.path("hf/hub/models--acme--tiny-phi");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::write(
+        snapshot.join("config.json"),
+        r#"{"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}"#,
+    )
+    .unwrap();
+    sandbox.write(
+        "p.yaml",
+        "name: release
+stages:
+  first:
+    kind: command
+    with: { cmd: 'echo ran > out.txt', outputs: [out.txt] }
+  release:
+    kind: export
+    inputs: { model: 'hf:acme/tiny-phi' }
+    with: { gguf: [] }
+",
+    );
+    let output = sandbox
+        .command(&["run", "p.yaml"])
+        .env("HF_HOME", sandbox.path("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    let text = common::text(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("config.json: key `model_type`: `phi3` is not supported")
+            && text.contains("models--acme--tiny-phi"),
+        "{text}"
+    );
+    assert!(sandbox.store_entries("first").is_empty(), "{text}");
+}

@@ -459,3 +459,25 @@ fn mistral_matches_transformers() {
     );
     check_fixture("mistral", "mistral");
 }
+
+#[test]
+fn llama31_rope_scaling_of_the_prompt_fixtures_matches_transformers() {
+    // An independent fixture (tests/fixtures/prompts, another generator): Llama 3.1's own
+    // scaling parameters (θ 500000, original context 8192) over 64 positions.
+    let name = "../prompts/llama-rope-scaling";
+    let ModelConfig::Llama(config) = model::load_config(&fixture(name)).unwrap() else {
+        panic!("{name} is not a llama config");
+    };
+    assert_eq!(
+        config
+            .rope_scaling
+            .map(|s| s.original_max_position_embeddings),
+        Some(8192)
+    );
+    check_fixture(name, "llama");
+}
+
+#[test]
+fn mistral_of_the_prompt_fixtures_matches_transformers() {
+    check_fixture("../prompts/mistral", "mistral");
+}

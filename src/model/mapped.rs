@@ -65,6 +65,29 @@ pub struct MappedMatrix {
 /// stay in cache and never matter next to the weights.
 const TILE_ELEMENTS: usize = 1 << 18;
 
+/// Elements per tile when every thread widens and multiplies its own tiles: small
+/// enough that a tile stays in a core's L2 cache.
+const PARALLEL_TILE_ELEMENTS: usize = 1 << 16;
+
+/// The output of a parallel product, written by disjoint tiles from several threads.
+struct OutPtr(*mut f32);
+
+// SAFETY: each thread writes only its own tile's columns (see `product_t`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Up to this many input rows (generation feeds one token at a time), `x · Wᵀ` reads each
+/// weight row once and takes its dot products directly: widening whole tiles for a
+/// product that small would cost more than the product.
+const SMALL_M: usize = 8;
+
 impl MappedMatrix {
     /// `[rows, cols]`.
     pub fn dims(&self) -> (usize, usize) {
@@ -87,11 +110,28 @@ impl MappedMatrix {
             &self.map[self.offset + start * cols * 2..self.offset + (start + count) * cols * 2];
         out.par_chunks_mut(cols)
             .zip(bytes.par_chunks(cols * 2))
-            .for_each(|(row, source)| {
-                for (value, pair) in row.iter_mut().zip(source.chunks_exact(2)) {
-                    *value = self.kind.widen([pair[0], pair[1]]);
+            .for_each(|(row, source)| self.widen(source, row));
+    }
+
+    /// One run of stored values widened to f32.
+    fn widen(&self, source: &[u8], out: &mut [f32]) {
+        // SAFETY: any two bytes are a valid u16; the aligned middle is used only when
+        // it is the whole slice.
+        let (head, values, tail) = unsafe { source.align_to::<u16>() };
+        if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+            match self.kind {
+                HalfType::Bf16 => kernels::widen_bf16(values, out),
+                HalfType::F16 => {
+                    for (value, bits) in out.iter_mut().zip(values) {
+                        *value = half::f16::from_bits(*bits).to_f32();
+                    }
                 }
-            });
+            }
+        } else {
+            for (value, pair) in out.iter_mut().zip(source.chunks_exact(2)) {
+                *value = self.kind.widen([pair[0], pair[1]]);
+            }
+        }
     }
 
     /// The rows `ids` widened to f32, `[ids.len(), cols]` row-major (an embedding
@@ -137,44 +177,83 @@ impl MappedMatrix {
         })
     }
 
-    /// `y[m, rows] = x[m, cols] · Wᵀ`, one block of output columns per tile.
+    /// `y[m, rows] = x[m, cols] · Wᵀ` for a few rows `m`: one dot product per weight row
+    /// and input row, the weight row widened once, rows spread over threads.
+    fn product_t_small(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.rows, self.cols);
+        let bytes = &self.map[self.offset..self.offset + n * k * 2];
+        let mut transposed = vec![0f32; n * m];
+        transposed
+            .par_chunks_mut(m)
+            .zip(bytes.par_chunks(k * 2))
+            .for_each_init(
+                || vec![0f32; k],
+                |row, (out, source)| {
+                    self.widen(source, row);
+                    for (i, y) in out.iter_mut().enumerate() {
+                        *y = kernels::dot(&x[i * k..(i + 1) * k], row);
+                    }
+                },
+            );
+        let mut y = vec![0f32; m * n];
+        for (r, column) in transposed.chunks(m).enumerate() {
+            for (i, value) in column.iter().enumerate() {
+                y[i * n + r] = *value;
+            }
+        }
+        y
+    }
+
+    /// `y[m, rows] = x[m, cols] · Wᵀ`, one block of output columns per tile. Tiles are
+    /// independent (disjoint columns of `y`), so each thread widens its own into a
+    /// cache-sized buffer and multiplies it there.
     fn product_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        if m <= SMALL_M {
+            return self.product_t_small(x, m);
+        }
         let (n, k) = (self.rows, self.cols);
         let mut y = vec![0f32; m * n];
-        let tile = self.tile_rows();
-        let mut buffer = vec![0f32; tile * k];
-        let mut start = 0;
-        while start < n {
-            let count = tile.min(n - start);
-            self.widen_rows(start, count, &mut buffer[..count * k]);
-            // SAFETY: dst is y's columns start..start+count of m rows with row stride n;
-            // lhs is x (m × k, row stride k); rhs is the tile read transposed (k × count:
-            // element (r, c) at c·k + r). All three lie inside their buffers.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    count,
-                    k,
-                    y.as_mut_ptr().add(start),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buffer.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
-                );
-            }
-            start += count;
-        }
+        let tile = (PARALLEL_TILE_ELEMENTS / k.max(1)).clamp(1, n.max(1));
+        let out = OutPtr(y.as_mut_ptr());
+        (0..n.div_ceil(tile)).into_par_iter().for_each_init(
+            || vec![0f32; tile * k],
+            |buffer, index| {
+                let start = index * tile;
+                let count = tile.min(n - start);
+                let bytes =
+                    &self.map[self.offset + start * k * 2..self.offset + (start + count) * k * 2];
+                for (row, source) in buffer.chunks_mut(k).zip(bytes.chunks(k * 2)) {
+                    self.widen(source, row);
+                }
+                // SAFETY: dst is y's columns start..start+count of m rows with row stride
+                // n, written by this tile alone; lhs is x (m × k, row stride k); rhs is the
+                // tile read transposed (k × count: element (r, c) at c·k + r). All three
+                // lie inside their buffers, and y outlives the parallel loop.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        count,
+                        k,
+                        out.get().add(start),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        buffer.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
         y
     }
 
@@ -218,6 +297,95 @@ impl MappedMatrix {
         }
         y
     }
+}
+
+/// The two inner loops of the mapped products, compiled for the vector instructions
+/// the CPU has, detected at run time (the crate is built for baseline x86-64, which
+/// would leave them to SSE2). Both compute exactly in f32; bf16 dot-product instructions
+/// (AVX512-BF16, AMX) would round the activations to bf16 and are not used.
+mod kernels {
+    use std::sync::OnceLock;
+
+    /// Vector extensions worth a separate build of a loop.
+    #[derive(Debug, Clone, Copy)]
+    enum Isa {
+        Avx512,
+        Avx2,
+        Baseline,
+    }
+
+    fn isa() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Baseline
+        })
+    }
+
+    /// Defines `$name` running `$body` built for the best [`Isa`] available.
+    macro_rules! dispatched {
+        ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+            pub(super) fn $name($($arg: $ty),*) -> $ret {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn avx512($($arg: $ty),*) -> $ret {
+                        $body($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) -> $ret {
+                        $body($($arg),*)
+                    }
+                    match isa() {
+                        // SAFETY: the CPU has the features, checked by `isa`.
+                        Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                        // SAFETY: as above.
+                        Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                        Isa::Baseline => {}
+                    }
+                }
+                $body($($arg),*)
+            }
+        };
+    }
+
+    /// bf16 bits → f32: the bits are the top half of the f32.
+    #[inline(always)]
+    fn widen_bf16_body(values: &[u16], out: &mut [f32]) {
+        for (value, bits) in out.iter_mut().zip(values) {
+            *value = f32::from_bits(u32::from(*bits) << 16);
+        }
+    }
+
+    /// `a · b` with sixteen partial sums, so that the loop vectorises.
+    #[inline(always)]
+    fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+        let mut sums = [0f32; 16];
+        let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
+        let tail: f32 = a_chunks
+            .remainder()
+            .iter()
+            .zip(b_chunks.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (a, b) in a_chunks.zip(b_chunks) {
+            for lane in 0..16 {
+                sums[lane] += a[lane] * b[lane];
+            }
+        }
+        sums.iter().sum::<f32>() + tail
+    }
+
+    dispatched!(widen_bf16, widen_bf16_body, (values: &[u16], out: &mut [f32]) -> ());
+    dispatched!(dot, dot_body, (a: &[f32], b: &[f32]) -> f32);
 }
 
 fn parallelism() -> gemm::Parallelism {
@@ -418,5 +586,88 @@ impl MappedSafetensors {
         self.entries
             .get(name)
             .map(|entry| self.paths[entry.file].as_path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A random `[rows, cols]` matrix saved in `dtype`, mapped back, and the same values
+    /// as an f32 tensor.
+    fn mapped(
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        seed: u64,
+    ) -> (tempfile::TempDir, MappedMatrix, Tensor) {
+        let mut rng = crate::rng::Rng::new(seed, 0);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+            .collect();
+        let tensor = Tensor::from_vec(values, (rows, cols), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        super::super::save_tensors(&[("w".to_string(), tensor.clone())], &path).unwrap();
+        let files = MappedSafetensors::open(&[path]).unwrap();
+        let matrix = files.matrix("w", (rows, cols)).unwrap().unwrap();
+        (dir, matrix, tensor.to_dtype(DType::F32).unwrap())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn products_equal_f32_matmuls_of_the_widened_weights() {
+        for (dtype, seed) in [(DType::BF16, 1), (DType::F16, 2)] {
+            // Sizes that are not multiples of the vector or tile sizes, and several tiles
+            // in both products.
+            let (rows, cols) = (1500, 301);
+            let (_dir, matrix, dense) = mapped(rows, cols, dtype, seed);
+            for m in [1, 3, 8, 9, 40] {
+                let mut rng = crate::rng::Rng::new(seed, m as u64);
+                let x: Vec<f32> = (0..m * cols)
+                    .map(|_| (rng.next_f64() - 0.5) as f32)
+                    .collect();
+                let x = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
+                let want = x.matmul(&dense.t().unwrap()).unwrap();
+                let got = matrix.matmul_t(&x).unwrap();
+                let diff = max_diff(&got, &want);
+                assert!(diff < 1e-5, "{dtype:?} m={m}: x·Wᵀ off by {diff}");
+                let g: Vec<f32> = (0..m * rows)
+                    .map(|_| (rng.next_f64() - 0.5) as f32)
+                    .collect();
+                let g = Tensor::from_vec(g, (m, rows), &Device::Cpu).unwrap();
+                let want = g.matmul(&dense).unwrap();
+                let got = matrix.matmul(&g).unwrap();
+                // 1500-term sums (|y| up to ~10) in another order: a few f32 ulps.
+                let diff = max_diff(&got, &want);
+                assert!(diff < 1e-5 * 10.0, "{dtype:?} m={m}: x·W off by {diff}");
+            }
+            let gathered = matrix.gather_rows(&[0, 1499, 5]).unwrap();
+            let want: Vec<f32> = dense
+                .index_select(&Tensor::new(&[0u32, 1499, 5], &Device::Cpu).unwrap(), 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(gathered, want);
+            assert!(matrix.gather_rows(&[1500]).is_err());
+        }
     }
 }
