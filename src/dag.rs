@@ -14,10 +14,10 @@ use std::path::{Component, Path, PathBuf};
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::config::diagnostic::did_you_mean;
 use crate::config::{Origin, ResolvedPipeline};
 use crate::hf_cache::{self, HfError, Snapshot};
 use crate::stages::{Artifact, InputRules, InputSlot};
+use crate::suggest::did_you_mean;
 
 /// What an input is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,6 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 
 use crate::config::ResolvedPipeline;
-use crate::config::diagnostic::did_you_mean;
 use crate::dag::{Binding, Dag};
 use crate::fingerprint::{self, InputRecord, InputSource, Reason, StageIdentity};
 use crate::hashing::{ContentHasher, dir_hash};
@@ -22,6 +21,7 @@ use crate::interrupt::CancelFlag;
 use crate::runs::{self, RunRecord, RunRecorder, StageRunRecord};
 use crate::stages::{STAGE_LOG, StageContext, StageError};
 use crate::store::{self, LockError, MANIFEST, Manifest, Workspace};
+use crate::suggest::did_you_mean;
 
 /// How to run.
 #[derive(Debug, Clone)]

@@ -97,7 +97,7 @@ impl ContentHasher {
                 .map_err(|_| io::Error::other("stat cache lock poisoned"))?;
             serde_json::to_vec(&*entries).map_err(io::Error::other)?
         };
-        crate::store::write_atomically(cache_file, &bytes)
+        crate::atomic_file::write_atomically(cache_file, &bytes)
     }
 
     /// Hash of a file or directory.

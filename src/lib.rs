@@ -8,6 +8,7 @@
 //! `generate` runs a trained model (`trainyard generate`, `trainyard chat`); `hf_cache`
 //! finds `hf:org/name` models in the local Hugging Face cache.
 
+pub mod atomic_file;
 pub mod audit;
 pub mod cli;
 pub mod config;
@@ -26,5 +27,6 @@ pub mod rng;
 pub mod runs;
 pub mod stages;
 pub mod store;
+pub mod suggest;
 pub mod tokenize;
 pub mod train;

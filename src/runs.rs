@@ -12,9 +12,10 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::atomic_file::replace_file;
 use crate::config::{ProfileRecord, SourceRecord};
 use crate::fingerprint::InputRecord;
-use crate::store::{Workspace, replace_file};
+use crate::store::Workspace;
 
 /// Version of trainyard, recorded in every run and manifest.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

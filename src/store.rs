@@ -144,7 +144,7 @@ impl Workspace {
             File::open(scratch.join(relative))?.sync_all()?;
         }
         let bytes = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
-        write_synced(&scratch.join(MANIFEST), &bytes)?;
+        crate::atomic_file::write_synced(&scratch.join(MANIFEST), &bytes)?;
         let target = self.entry_dir(&manifest.stage, &manifest.fingerprint);
         let parent = target
             .parent()
@@ -185,7 +185,7 @@ impl Workspace {
         if fs::read(&path).is_ok_and(|existing| existing == bytes) {
             return Ok(());
         }
-        replace_file(&path, &bytes, false)
+        crate::atomic_file::replace_file(&path, &bytes, false)
     }
 
     fn last_path(&self, stage: &str) -> PathBuf {
@@ -195,38 +195,6 @@ impl Workspace {
 
 fn short(fingerprint: &str) -> &str {
     &fingerprint[..fingerprint.len().min(FINGERPRINT_DIR_CHARS)]
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::create(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-/// Replaces `path` with `bytes` so that readers see the old or the new content, never
-/// a mix: write a sibling temp file, sync it, rename it over.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    replace_file(path, bytes, true)
-}
-
-/// [`write_atomically`], with the sync optional: without it a crash can lose the new
-/// content (the old stays), which is fine for records that are only conveniences.
-pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
-    let parent = path
-        .parent()
-        .ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))?;
-    fs::create_dir_all(parent)?;
-    let file_name = path
-        .file_name()
-        .map(|name| name.to_string_lossy())
-        .unwrap_or_default();
-    let temp = parent.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    if sync {
-        write_synced(&temp, bytes)?;
-    } else {
-        fs::write(&temp, bytes)?;
-    }
-    fs::rename(&temp, path)
 }
 
 /// Holds the workspace lock until dropped (the OS releases it if the process dies).

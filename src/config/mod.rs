@@ -22,7 +22,7 @@ pub use diagnostic::{Diagnostic, Location};
 pub use source::SourceFile;
 
 use crate::stages::{self, KindEntry};
-use diagnostic::did_you_mean;
+use crate::suggest::did_you_mean;
 
 /// Prefix of environment variables that override settings (`TRAINYARD_SEED=3`,
 /// `TRAINYARD_STAGES__BASE__WITH__STEPS=100`).

@@ -153,7 +153,7 @@ impl Conv1D {
     /// Fetches `{vb}.weight` `[in, out]` and `{vb}.bias` `[out]`.
     pub fn new(in_dim: usize, out_dim: usize, vb: &Builders) -> Result<Conv1D> {
         Ok(Conv1D {
-            weight: Matrix::load(vb, &vb.base, "weight", (in_dim, out_dim))?,
+            weight: Matrix::load(vb.mapped.as_deref(), &vb.base, "weight", (in_dim, out_dim))?,
             bias: vb
                 .base
                 .get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?,
@@ -358,8 +358,18 @@ impl Gpt2 {
     ) -> std::result::Result<Gpt2, ModelError> {
         let vb = builders.pp("transformer");
         let (width, eps) = (config.n_embd, config.layer_norm_epsilon);
-        let wte = Embedding::load(config.vocab_size, width, &vb, vb.base.pp("wte"))?;
-        let wpe = Embedding::load(config.n_positions, width, &vb, vb.base.pp("wpe"))?;
+        let wte = Embedding::load(
+            config.vocab_size,
+            width,
+            vb.mapped.as_deref(),
+            vb.base.pp("wte"),
+        )?;
+        let wpe = Embedding::load(
+            config.n_positions,
+            width,
+            vb.mapped.as_deref(),
+            vb.base.pp("wpe"),
+        )?;
         let h = (0..config.n_layer)
             .map(|index| Block::new(config, &vb.pp("h").pp(index)))
             .collect::<Result<Vec<_>>>()?;

@@ -646,7 +646,7 @@ impl Llama {
         let embed_tokens = Embedding::load(
             config.vocab_size,
             config.hidden_size,
-            &builders,
+            builders.mapped.as_deref(),
             blocks.module("embed_tokens"),
         )?;
         let layers = (0..config.num_hidden_layers)
@@ -660,7 +660,7 @@ impl Llama {
                 config.hidden_size,
                 config.vocab_size,
                 false,
-                &builders,
+                builders.mapped.as_deref(),
                 builders.module("lm_head"),
             )?
         };

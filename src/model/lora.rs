@@ -255,7 +255,13 @@ impl Proj {
         builders: &Builders<'_>,
         name: &str,
     ) -> Result<Proj> {
-        let linear = Linear::load(in_dim, out_dim, bias, builders, builders.base.pp(name))?;
+        let linear = Linear::load(
+            in_dim,
+            out_dim,
+            bias,
+            builders.mapped.as_deref(),
+            builders.base.pp(name),
+        )?;
         let lora = match &builders.lora {
             Some((vb, adapter)) if adapter.spec.targets.iter().any(|target| target == name) => {
                 let vb = vb.pp(name);

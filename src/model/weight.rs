@@ -6,8 +6,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::lora::Builders;
-use super::mapped::MappedMatrix;
+use super::mapped::{MappedMatrix, MappedSafetensors};
 
 /// A weight matrix: a tensor, or a mapped bf16/f16 matrix (always computed in f32).
 #[derive(Debug, Clone)]
@@ -19,15 +18,15 @@ pub enum Matrix {
 }
 
 impl Matrix {
-    /// `{vb}.{name}` of shape `[rows, cols]`: mapped when the builders hold a mapped file
-    /// with that tensor in bf16/f16, else through the `VarBuilder`.
+    /// `{vb}.{name}` of shape `[rows, cols]`: mapped when `mapped` (a frozen base's
+    /// files) holds that tensor in bf16/f16, else through the `VarBuilder`.
     pub fn load(
-        builders: &Builders<'_>,
+        mapped: Option<&MappedSafetensors>,
         vb: &VarBuilder<'_>,
         name: &str,
         shape: (usize, usize),
     ) -> Result<Matrix> {
-        if let Some(mapped) = &builders.mapped {
+        if let Some(mapped) = mapped {
             let full = match vb.prefix() {
                 prefix if prefix.is_empty() => name.to_string(),
                 prefix => format!("{prefix}.{name}"),
@@ -65,10 +64,10 @@ impl Linear {
         in_dim: usize,
         out_dim: usize,
         bias: bool,
-        builders: &Builders<'_>,
+        mapped: Option<&MappedSafetensors>,
         vb: VarBuilder<'_>,
     ) -> Result<Linear> {
-        let weight = Matrix::load(builders, &vb, "weight", (out_dim, in_dim))?;
+        let weight = Matrix::load(mapped, &vb, "weight", (out_dim, in_dim))?;
         let bias = match bias {
             true => Some(vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?),
             false => None,
@@ -111,11 +110,11 @@ impl Embedding {
     pub fn load(
         count: usize,
         hidden: usize,
-        builders: &Builders<'_>,
+        mapped: Option<&MappedSafetensors>,
         vb: VarBuilder<'_>,
     ) -> Result<Embedding> {
         Ok(Embedding {
-            weight: Matrix::load(builders, &vb, "weight", (count, hidden))?,
+            weight: Matrix::load(mapped, &vb, "weight", (count, hidden))?,
             hidden,
         })
     }

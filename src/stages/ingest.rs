@@ -25,7 +25,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome};
-use crate::config::diagnostic::did_you_mean;
 use crate::data::records::ChatRecord;
 use crate::data::sources::jsonl::{ChunkMode, JsonlReader, TextField};
 use crate::data::sources::synthetic::{Part, SyntheticReader};
@@ -34,6 +33,7 @@ use crate::data::sources::{
 };
 use crate::data::synthetic::{AnswerStyle, SyntheticSettings};
 use crate::data::text::{self, Purpose};
+use crate::suggest::did_you_mean;
 
 /// Settings of an `ingest` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

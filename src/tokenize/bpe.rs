@@ -11,11 +11,10 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-use crate::interrupt::CancelFlag;
+use crate::interrupt::{CancelFlag, Interrupted};
 
 use super::corpus::{FastState, Progress};
 use super::pretokenize::BYTE_CHARS;
-use super::train::TokenizeError;
 
 type Pair = (u32, u32);
 
@@ -31,7 +30,7 @@ pub struct BpeModel {
 
 /// Trains byte-level BPE on `words` (raw pre-tokens with counts, as produced by
 /// [`super::corpus::count_words`]). `vocab_size` counts the special tokens and the byte
-/// alphabet; it must leave room for both. Stops with [`TokenizeError::Interrupted`]
+/// alphabet; it must leave room for both. Stops with [`Interrupted`]
 /// when `cancel` is set.
 pub fn train_bpe(
     words: &[(Box<str>, u64)],
@@ -40,7 +39,7 @@ pub fn train_bpe(
     min_frequency: u64,
     cancel: &CancelFlag,
     progress: &mut dyn FnMut(Progress),
-) -> Result<BpeModel, TokenizeError> {
+) -> Result<BpeModel, Interrupted> {
     let mut vocab: Vec<String> = special_tokens
         .iter()
         .map(|token| token.to_string())
@@ -159,7 +158,7 @@ pub fn train_bpe(
         }
         if merges.len().is_multiple_of(256) {
             if cancel.is_cancelled() {
-                return Err(TokenizeError::Interrupted);
+                return Err(Interrupted);
             }
             progress(Progress {
                 phase: "merging pairs",

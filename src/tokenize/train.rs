@@ -85,6 +85,12 @@ pub enum TokenizeError {
     Interrupted,
 }
 
+impl From<crate::interrupt::Interrupted> for TokenizeError {
+    fn from(_: crate::interrupt::Interrupted) -> TokenizeError {
+        TokenizeError::Interrupted
+    }
+}
+
 impl TokenizeError {
     fn library(context: impl Into<String>, error: impl std::fmt::Display) -> TokenizeError {
         TokenizeError::Library {
