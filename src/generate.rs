@@ -21,9 +21,9 @@ use tokenizers::Tokenizer;
 
 use crate::data::records::{ChatMessage, Role};
 use crate::model::{self, CausalLm, ModelConfig, ModelError};
-use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, SPECIAL_TOKENS, TOOL_CALL};
+use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, TOOL_CALL};
 use crate::tokenize::template::{self, ChatTemplate, TemplateChoice, TokenizerConfig};
-use crate::tokenize::train::{TokenizeError, load_tokenizer};
+use crate::tokenize::train::{TokenizeError, check_special_ids, load_tokenizer};
 
 /// Why a model could not be loaded or text not generated.
 #[derive(Debug, thiserror::Error)]
@@ -358,10 +358,7 @@ impl Generator {
                 ),
             });
         }
-        let trainyard_tokenizer = SPECIAL_TOKENS
-            .iter()
-            .enumerate()
-            .all(|(id, token)| tokenizer.token_to_id(token) == Some(id as u32));
+        let trainyard_tokenizer = check_special_ids(&tokenizer).is_ok();
         let mut stop = model_stop_ids(&dir, &tokenizer);
         if trainyard_tokenizer {
             for id in [END_OF_TURN, END_OF_TEXT]

@@ -381,17 +381,34 @@ fn the_fast_encoder_gives_exactly_the_ids_of_tokenizers() {
     }
 }
 
-/// A sandbox with the ChatML base data/models/tiny-qwen2 copied in and a chat file.
-fn chatml_sandbox(chats: &str) -> Sandbox {
+/// A sandbox with the ChatML base data/models/tiny-qwen2 copied to `base/` (and, as
+/// its tokenizer, to `tok/`) and the two chats in `data/chat.jsonl`.
+fn chatml_sandbox() -> Sandbox {
     let sandbox = Sandbox::new();
     let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/models/tiny-qwen2");
-    std::fs::create_dir_all(sandbox.path("base")).unwrap();
-    for entry in std::fs::read_dir(&base).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), sandbox.path("base").join(entry.file_name())).unwrap();
+    for dir in ["base", "tok"] {
+        std::fs::create_dir_all(sandbox.path(dir)).unwrap();
+        for entry in std::fs::read_dir(&base).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), sandbox.path(dir).join(entry.file_name())).unwrap();
+        }
     }
-    sandbox.write("data/chat.jsonl", chats);
+    sandbox.write("data/chat.jsonl", TWO_CHATS);
     sandbox
+}
+
+/// A pipeline of one chat cache over `data/chat.jsonl` with `inputs` besides `train`,
+/// followed by `tail` (more stages).
+fn cache_pipeline(inputs: &str, tail: &str) -> String {
+    format!(
+        "name: c
+stages:
+  cache:
+    kind: token-cache
+    inputs: {{ train: data/chat.jsonl, {inputs} }}
+    with: {{ mode: sft }}
+{tail}"
+    )
 }
 
 const TWO_CHATS: &str = r#"{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
@@ -400,20 +417,14 @@ const TWO_CHATS: &str = r#"{"messages": [{"role": "user", "content": "Hi?"}, {"r
 
 #[test]
 fn a_model_template_that_refuses_a_conversation_names_the_file_line_and_its_message() {
-    let sandbox = chatml_sandbox(TWO_CHATS);
+    let sandbox = chatml_sandbox();
     sandbox.write(
         "strict.jinja",
         "{% for m in messages %}{% if m.content == 'Why?' %}{{ raise_exception('no questions starting with Why') }}{% endif %}{{ m.content }}{% endfor %}",
     );
     sandbox.write(
         "p.yaml",
-        "name: c
-stages:
-  cache:
-    kind: token-cache
-    inputs: { train: data/chat.jsonl, tokenizer: base, chat_template: strict.jinja }
-    with: { mode: sft }
-",
+        &cache_pipeline("tokenizer: base, chat_template: strict.jinja", ""),
     );
     let error = sandbox.fails(&["run", "p.yaml"]);
     assert!(error.contains("chat.jsonl:2"), "{error}");
@@ -423,16 +434,11 @@ stages:
 
 #[test]
 fn a_template_that_cannot_render_a_conversation_is_named_with_the_line() {
-    let sandbox = chatml_sandbox(TWO_CHATS);
+    let sandbox = chatml_sandbox();
     sandbox.write("bad.jinja", "{{ messages[0].content.nope.deeper }}");
     sandbox.write(
         "p.yaml",
-        "name: c
-stages:
-  cache:
-    kind: token-cache
-    inputs: { train: data/chat.jsonl, tokenizer: base, chat_template: bad.jinja }
-",
+        &cache_pipeline("tokenizer: base, chat_template: bad.jinja", ""),
     );
     let error = sandbox.fails(&["run", "p.yaml"]);
     assert!(error.contains("chat.jsonl:1"), "{error}");
@@ -441,18 +447,9 @@ stages:
 
 #[test]
 fn a_tokenizer_without_template_or_trainyard_tokens_is_refused_with_the_fix() {
-    let sandbox = chatml_sandbox(TWO_CHATS);
+    let sandbox = chatml_sandbox();
     std::fs::remove_file(sandbox.path("base/tokenizer_config.json")).unwrap();
-    sandbox.write(
-        "p.yaml",
-        "name: c
-stages:
-  cache:
-    kind: token-cache
-    inputs: { train: data/chat.jsonl, tokenizer: base }
-    with: { mode: sft }
-",
-    );
+    sandbox.write("p.yaml", &cache_pipeline("tokenizer: base", ""));
     let error = sandbox.fails(&["run", "p.yaml"]);
     assert!(error.contains("no chat template"), "{error}");
     assert!(error.contains("chat_template"), "{error}");
@@ -460,23 +457,9 @@ stages:
 
 #[test]
 fn sft_refuses_a_chat_cache_rendered_with_another_template_than_its_base() {
-    let sandbox = chatml_sandbox(TWO_CHATS);
-    sandbox.write(
-        "p.yaml",
-        "name: c
-stages:
-  cache:
-    kind: token-cache
-    inputs: { train: data/chat.jsonl, tokenizer: base }
-    with: { mode: sft }
-  tune:
-    kind: sft
-    inputs: { data: cache, base: base }
-    with: { adapter: { kind: lora, rank: 2 }, steps: 1, batch_size: 2, eval_batches: 0 }
-",
-    );
-    sandbox.ok(&["run", "p.yaml", "--until", "cache"]);
-    // The base's template changes after the cache was built.
+    let sandbox = chatml_sandbox();
+    // The cache is rendered with tok/'s template (Qwen2.5's); the base's own template,
+    // with the same tokenizer.json, differs.
     let config_path = sandbox.path("base/tokenizer_config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
@@ -485,24 +468,15 @@ stages:
     std::fs::write(&config_path, config.to_string()).unwrap();
     sandbox.write(
         "p.yaml",
-        &sandbox
-            .read("p.yaml")
-            .replace("tokenizer: base", "tokenizer: base0"),
+        &cache_pipeline(
+            "tokenizer: tok",
+            "  tune:
+    kind: sft
+    inputs: { data: cache, base: base }
+    with: { adapter: { kind: lora, rank: 2 }, steps: 1, batch_size: 2, eval_batches: 0 }
+",
+        ),
     );
-    std::fs::rename(sandbox.path("base"), sandbox.path("base0")).unwrap();
-    std::fs::create_dir_all(sandbox.path("base")).unwrap();
-    for entry in std::fs::read_dir(sandbox.path("base0")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), sandbox.path("base").join(entry.file_name())).unwrap();
-    }
-    // base0 (the cache's tokenizer) keeps the new template too; restore the old one there
-    // so the cache is rebuilt with the original template while the base has the new one.
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("data/models/tiny-qwen2/tokenizer_config.json"),
-        sandbox.path("base0/tokenizer_config.json"),
-    )
-    .unwrap();
     let error = sandbox.fails(&["run", "p.yaml"]);
     assert!(error.contains("another chat template"), "{error}");
     assert!(error.contains("tokenizer_config.json"), "{error}");

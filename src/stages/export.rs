@@ -27,7 +27,7 @@ use crate::model::{self, ModelConfig, shards};
 use crate::tokenize::chat::JINJA_TEMPLATE;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD, SPECIAL_TOKENS};
 use crate::tokenize::template::{TOKENIZER_CONFIG, copy_companions};
-use crate::tokenize::train::{load_tokenizer, tokenizer_file};
+use crate::tokenize::train::{check_special_ids, load_tokenizer, tokenizer_file};
 
 /// Settings of an `export` stage.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
@@ -174,10 +174,7 @@ fn write_json(path: &Path, value: &Value) -> Result<(), StageError> {
 /// Whether the tokenizer has trainyard's special tokens at their fixed ids (then the
 /// chat template applies).
 fn has_trainyard_specials(tokenizer: &tokenizers::Tokenizer) -> bool {
-    SPECIAL_TOKENS
-        .iter()
-        .enumerate()
-        .all(|(id, token)| tokenizer.token_to_id(token) == Some(id as u32))
+    check_special_ids(tokenizer).is_ok()
 }
 
 /// `tokenizer_config.json` for `transformers`' `PreTrainedTokenizerFast`.

@@ -159,7 +159,7 @@ impl Conversation {
             _ => Value::from(()),
         };
         let conversation = Conversation {
-            messages: with_openai_tool_calls(without_none_keys(messages)),
+            messages: as_transformers_passes(messages),
             tools: optional("tools"),
             documents: optional("documents"),
         };
@@ -171,8 +171,9 @@ impl Conversation {
 
     /// A conversation of `messages` (JSON values) without tools.
     pub fn from_messages(messages: &serde_json::Value) -> Result<Conversation, TemplateError> {
-        let text = serde_json::json!({ "messages": messages }).to_string();
-        Conversation::from_json(&text)
+        let record: Value = serde_json::from_value(serde_json::json!({ "messages": messages }))
+            .map_err(|error| TemplateError::Conversation(error.to_string()))?;
+        Conversation::from_record(&record)
     }
 
     /// Number of messages.
@@ -214,87 +215,34 @@ impl Conversation {
     }
 }
 
-/// `messages` without the keys whose value is null, as transformers drops them before
-/// rendering (`"content": null` is then undefined to the template, not none).
-fn without_none_keys(messages: Value) -> Value {
+/// `messages` as transformers hands them to a template: keys whose value is null are
+/// dropped (`"content": null` is then undefined, not none), and trainyard's
+/// `{"name", "arguments"}` tool calls take the OpenAI shape transformers documents,
+/// `{"type": "function", "function": {"name", "arguments"}}`, which templates such as
+/// Llama 3.1's read. Everything else is kept as given, in order.
+fn as_transformers_passes(messages: Value) -> Value {
     let Ok(items) = messages.try_iter() else {
         return messages;
     };
-    let items: Vec<Value> = items.collect();
-    let has_none = |message: &Value| {
-        message.kind() == ValueKind::Map
-            && message.try_iter().is_ok_and(|mut keys| {
-                keys.any(|key| message.get_item(&key).is_ok_and(|value| value.is_none()))
-            })
-    };
-    if !items.iter().any(has_none) {
-        return messages;
-    }
     let rebuilt: Vec<Value> = items
-        .into_iter()
         .map(|message| {
-            if !has_none(&message) {
-                return message;
-            }
-            let fields: Vec<(Value, Value)> = message
-                .try_iter()
-                .map(|keys| {
-                    keys.filter_map(|key| {
-                        let value = message.get_item(&key).ok()?;
-                        (!value.is_none()).then_some((key, value))
-                    })
-                    .collect()
-                })
-                .unwrap_or_default();
-            map_value(fields)
-        })
-        .collect();
-    Value::from(rebuilt)
-}
-
-/// `messages` with every tool call in the OpenAI shape transformers documents,
-/// `{"type": "function", "function": {"name", "arguments"}}`: trainyard's corpora store
-/// a call as `{"name", "arguments"}`, which templates such as Llama 3.1's do not read.
-/// Calls already in that shape, and everything else, are kept as they are.
-fn with_openai_tool_calls(messages: Value) -> Value {
-    let needs_change = |message: &Value| {
-        message.get_attr("tool_calls").ok().is_some_and(|calls| {
-            calls.try_iter().is_ok_and(|mut calls| {
-                calls.any(|call| {
-                    call.get_attr("function").is_ok_and(|f| f.is_undefined())
-                        && call.get_attr("name").is_ok_and(|n| !n.is_undefined())
-                })
-            })
-        })
-    };
-    let Ok(items) = messages.try_iter() else {
-        return messages;
-    };
-    let items: Vec<Value> = items.collect();
-    if !items.iter().any(needs_change) {
-        return messages;
-    }
-    let rebuilt: Vec<Value> = items
-        .into_iter()
-        .map(|message| {
-            if !needs_change(&message) {
-                return message;
-            }
             let Ok(keys) = message.try_iter() else {
                 return message;
             };
             let fields: Vec<(Value, Value)> = keys
-                .map(|key| {
-                    let value = message.get_item(&key).unwrap_or_default();
-                    if key.as_str() == Some("tool_calls") {
+                .filter_map(|key| {
+                    let value = message.get_item(&key).ok()?;
+                    if value.is_none() {
+                        return None;
+                    }
+                    if key.as_str() == Some("tool_calls") && value.kind() == ValueKind::Seq {
                         let calls: Vec<Value> = value
                             .try_iter()
                             .map(|calls| calls.map(openai_tool_call).collect())
                             .unwrap_or_default();
-                        (key, Value::from(calls))
-                    } else {
-                        (key, value)
+                        return Some((key, Value::from(calls)));
                     }
+                    Some((key, value))
                 })
                 .collect();
             map_value(fields)
