@@ -883,11 +883,9 @@ fn llama_layout(config: &LlamaConfig, dtype: GgufDtype) -> Layout {
     if let Some(scaling) = &config.rope_scaling {
         // llama.cpp divides each rotary frequency by `rope_freqs[i]` (its converter's
         // factors for Llama 3), so the table is the unscaled over the scaled frequency.
-        let factors: Vec<f32> = (0..head_dim / 2)
-            .map(|i| {
-                let plain = 1.0 / config.rope_theta.powf((2 * i) as f64 / head_dim as f64);
-                (plain / scaling.scale(plain)) as f32
-            })
+        let factors: Vec<f32> = model::llama::default_inv_freqs(head_dim, config.rope_theta)
+            .into_iter()
+            .map(|plain| (plain / scaling.scale(plain)) as f32)
             .collect();
         planner.plans.push(TensorPlan {
             hf_name: "rope_freqs".into(),

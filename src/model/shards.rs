@@ -169,13 +169,6 @@ pub fn main_dtype(tensors: impl IntoIterator<Item = (DType, usize)>) -> DType {
         .map_or(DType::F32, |(dtype, _)| dtype)
 }
 
-/// The dtype of the model stored in `files` (see [`main_dtype`]).
-pub fn stored_dtype(files: &[PathBuf]) -> Result<DType, ModelError> {
-    Ok(main_dtype(read_headers(files)?.iter().map(|header| {
-        (header.dtype, header.bytes_in(header.dtype) as usize)
-    })))
-}
-
 /// The file name of shard `k` (from 1) of `n`, as transformers names it.
 pub fn shard_name(k: usize, n: usize) -> String {
     format!("model-{k:05}-of-{n:05}.safetensors")
