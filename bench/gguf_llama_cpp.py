@@ -1,7 +1,7 @@
 """Checks trainyard's GGUF exports against llama.cpp itself (through llama-cpp-python)
 and against gguf-py, llama.cpp's own GGUF reader and reference quantizer.
 
-Reads the directory `cargo test --test gguf exports_and_reference_logits_for_the_llama_cpp_check`
+Reads the directory `cargo test --test model gguf::exports_and_reference_logits_for_the_llama_cpp_check`
 writes when TRAINYARD_GGUF_EXPORT is set (see bench/gguf_llama_cpp.sh): for each model
 (`llama`, `llama_biases`, `qwen2`, `gpt2`) and type (f32, f16, q8_0) it checks that
 

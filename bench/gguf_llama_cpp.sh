@@ -35,6 +35,6 @@ fi
 say "exporting the test models into $work"
 rm -rf "$work"
 mkdir -p "$work"
-(cd "$repo" && TRAINYARD_GGUF_EXPORT="$work" cargo test --quiet --test gguf \
-    exports_and_reference_logits_for_the_llama_cpp_check)
+(cd "$repo" && TRAINYARD_GGUF_EXPORT="$work" cargo test --quiet --test model \
+    gguf::exports_and_reference_logits_for_the_llama_cpp_check)
 exec "$venv/bin/python" "$bench_dir/gguf_llama_cpp.py" "$work"

@@ -38,7 +38,7 @@ fn message_from_hf(value: &serde_json::Value) -> ChatMessage {
 #[test]
 fn chat_template_matches_python_jinja() {
     let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/chat_template/rendered.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/chat_template/rendered.json")).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 5);
     for case in cases {
@@ -59,7 +59,7 @@ fn chat_template_matches_python_jinja() {
 #[test]
 fn the_fixture_was_made_from_the_current_template() {
     let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/chat_template/rendered.json")).unwrap();
+        serde_json::from_str(include_str!("../fixtures/chat_template/rendered.json")).unwrap();
     assert_eq!(
         fixture["template"].as_str().unwrap(),
         trainyard::tokenize::chat::JINJA_TEMPLATE,

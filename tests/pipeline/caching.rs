@@ -1,6 +1,6 @@
 //! Caching and rerun rules, end to end through the binary.
 
-mod common;
+use crate::common;
 
 use common::{Sandbox, branches};
 

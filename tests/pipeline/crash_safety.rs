@@ -1,7 +1,7 @@
 //! Crashes, interrupts and concurrent runs never leave a half-written output that
 //! looks finished, and never corrupt the store.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

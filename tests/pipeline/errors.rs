@@ -1,6 +1,6 @@
 //! Every configuration and run error names what is wrong and where.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 

@@ -3,7 +3,7 @@
 //! the same seed gives the same text, streamed pieces add up to the text, and a chat
 //! forgets its oldest exchanges to fit the context.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! `trainyard audit`: a run checked against its `resolved_settings.json`, and reproduced.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! The `tokenizer` stage end to end through the binary: training from a corpus file,
 //! adopting an existing tokenizer.json, caching, and the errors a user can make.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 

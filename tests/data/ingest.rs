@@ -1,7 +1,7 @@
 //! The `ingest` stage, end to end through the binary: every source format, every kind of
 //! bad input with `on_error: fail` and `skip`, the filters, the split, and caching.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

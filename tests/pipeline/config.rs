@@ -1,7 +1,7 @@
 //! Settings resolution: defaults < pipeline < profiles < environment < --set, each
 //! resolved value with its origin.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 use trainyard::config::{self, LoadOptions, Origin};

@@ -1,7 +1,7 @@
 //! `trainyard verify-question` through the binary: the gate's verdict and exit codes, bad
 //! datasets, and retrieval over the synthetic world's ingest output.
 
-mod common;
+use crate::common;
 
 use common::{Sandbox, text};
 use serde_json::Value;

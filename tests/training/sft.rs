@@ -2,7 +2,7 @@
 //! fine-tuned on conversations; the loss on the assistant's answers falls below the
 //! base model's, and a run killed mid-way resumes to the same weights.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! pipeline (synthetic corpus → tokenizer → token cache → pretrain) once for all tests
 //! and used through the run's stage output link, as a user would.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::Stdio;

@@ -2,7 +2,7 @@
 //! frozen base and lowers the loss on assistant answers; `lora-merge` folds it in, and
 //! the merged model's logits equal base + adapter.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -1,7 +1,7 @@
 //! End-to-end: the pipelines and profiles shipped in `pipelines/` and `profiles/`, run as
 //! a newcomer would, each in a fresh workspace at the `smoke` profile.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

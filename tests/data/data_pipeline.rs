@@ -1,7 +1,7 @@
 //! The data half of a training pipeline, end to end on the built-in synthetic world:
 //! ingest → tokenizer → pretrain cache and SFT cache.
 
-mod common;
+use crate::common;
 
 use common::Sandbox;
 use trainyard::data::token_cache::{CacheMode, TokenCache};

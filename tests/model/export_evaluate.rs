@@ -2,7 +2,7 @@
 //! config) and GGUF files that load back to the same model; `evaluate` measures loss,
 //! perplexity and question accuracy of greedy chat answers.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -2,7 +2,7 @@
 //! unigram baseline), is bit-reproducible, resumes bit-identically after SIGKILL and
 //! Ctrl-C, and stops on a non-finite loss naming the step.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! The `token-cache` stage and its readers: shards, masks, mixtures, batches.
 
-mod common;
+use crate::common;
 
 use common::{Sandbox, write_test_tokenizer};
 use trainyard::data::token_cache::{Batch, Dtype, Mixture, SftBatcher, SftPosition, TokenCache};

@@ -1,0 +1,15 @@
+//! The models: specifications, parity with transformers, the kv cache, generation, export and GGUF.
+//!
+//! One test binary per area keeps linking (and CI's disk) small; each module was
+//! once its own `tests/<name>.rs`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod model;
+mod kv_cache;
+mod parity;
+mod gguf;
+mod generate;
+mod generate_cli;
+mod export_evaluate;
