@@ -10,7 +10,8 @@ runs the pipeline and calls this file twice, in two virtual environments:
 - cache: trainyard's chat-cache ids of every training conversation equal transformers'
   `apply_chat_template` of the same conversation (the template has no generation blocks,
   so the mask is checked generically: exactly the assistant turns' content + <|im_end|>);
-- merge: every merged weight equals bf16(W + alpha/r * B @ A) computed by torch in f32
+- merge: every merged weight equals bf16(W + alpha/r * B @ A) computed by torch in f32, and
+  tables with trainable token rows (add_tokens) equal PEFT's index_copy of those rows
   (max difference in bf16 ulps);
 - peft: tests/fixtures/peft/generate.py (PeftModel.from_pretrained on the original base vs
   the merged export loaded by transformers) on the ids of a few training conversations,
@@ -181,7 +182,7 @@ def hf_mode(args):
         return found
 
     base_w, merged_w, lora = tensors(base_dir), tensors(out / "merge"), tensors(out / "adapter")
-    worst_ulp, changed, n_lora, bad_names = 0, 0, 0, []
+    worst_ulp, changed, n_lora, n_rows, bad_names = 0, 0, 0, 0, []
     for name, w in base_w.items():
         if name not in merged_w:
             bad_names.append(f"missing {name}")
@@ -189,9 +190,18 @@ def hf_mode(args):
         stem = name[:-len(".weight")]
         a_key = f"base_model.model.{stem}.lora_A.weight"
         b_key = f"base_model.model.{stem}.lora_B.weight"
+        rows_key = f"base_model.model.{stem}.token_adapter.trainable_tokens_delta"
         if a_key in lora:
             n_lora += 1
             expected = (w.float() + scale * (lora[b_key].float() @ lora[a_key].float())).to(w.dtype)
+        elif rows_key in lora:
+            # add_tokens: PEFT's trainable_token_indices rows replace (or extend) the table.
+            ids = adapter_cfg["trainable_token_indices"][stem.split(".")[-1]]
+            vocab = max(w.shape[0], max(ids) + 1)
+            grown = torch.cat([w.float(), w.float().mean(0, keepdim=True).expand(vocab - w.shape[0], -1)])
+            expected = grown.index_copy(0, torch.tensor(ids), lora[rows_key].float()).to(w.dtype)
+            n_rows += 1
+            w = expected if vocab > w.shape[0] else w
         else:
             expected = w
         got = merged_w[name]
@@ -200,10 +210,11 @@ def hf_mode(args):
             continue
         ulp = (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs().max().item()
         worst_ulp = max(worst_ulp, ulp)
-        changed += int(not torch.equal(got, w))
+        changed += int(got.shape != base_w[name].shape or not torch.equal(got, base_w[name]))
     lora_keys = {k for k in lora if ".lora_" in k}
     result("merge = bf16(W + a/r*BA)", not bad_names and worst_ulp <= 1 and n_lora * 2 == len(lora_keys),
-           f"{n_lora} LoRA'd matrices (of {len(lora_keys)} adapter tensors), {changed} weights changed "
+           f"{n_lora} LoRA'd matrices (of {len(lora_keys)} adapter tensors), {n_rows} tables with trained "
+           f"token rows {adapter_cfg.get('trainable_token_indices')}, {changed} weights changed "
            f"by the merge, max difference {worst_ulp} bf16 ulp{'; ' + '; '.join(bad_names[:4]) if bad_names else ''}")
 
     # -- peft: tests/fixtures/peft/generate.py on a few training conversations.

@@ -123,6 +123,10 @@ pub struct CacheMeta {
     /// SFT: the chat template the examples were rendered with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<TemplateRecord>,
+    /// `add_tokens`: the special tokens the cache's own tokenizer (in [`TOKENIZER_DIR`])
+    /// adds to the tokenizer it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_tokens: Option<AddedTokens>,
     /// `train`, `eval`.
     pub splits: BTreeMap<String, SplitInfo>,
 }
@@ -135,6 +139,30 @@ pub struct TemplateRecord {
     pub source: String,
     /// The template's hash (text and special tokens).
     pub hash: String,
+}
+
+/// Where a cache built with `add_tokens` keeps its extended tokenizer.
+pub const TOKENIZER_DIR: &str = "tokenizer";
+
+/// The special tokens a cache's tokenizer adds to the tokenizer it extends, so that
+/// training resizes the model's embeddings to match and trains the new rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedTokens {
+    /// The tokens asked for, in order (some may have been known already).
+    pub requested: Vec<String>,
+    /// The tokens that got new ids.
+    pub added: Vec<AddedToken>,
+    /// blake3 of the `tokenizer.json` they were added to.
+    pub base_tokenizer_hash: String,
+}
+
+/// A token that `add_tokens` gave a new id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedToken {
+    /// The token's text.
+    pub content: String,
+    /// Its id in the extended tokenizer.
+    pub id: u32,
 }
 
 /// Why a cache cannot be read.

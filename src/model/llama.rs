@@ -648,13 +648,19 @@ impl Llama {
             config.hidden_size,
             builders.mapped.as_deref(),
             blocks.module("embed_tokens"),
-        )?;
+        )?
+        .with_token_rows(blocks.token_rows(
+            "embed_tokens",
+            config.vocab_size,
+            config.hidden_size,
+        )?);
         let layers = (0..config.num_hidden_layers)
             .map(|index| Block::new(config, &blocks.pp("layers").pp(index)))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(config.hidden_size, config.rms_norm_eps, model.pp("norm"))?;
         let lm_head = if config.tie_word_embeddings {
             Linear::new(embed_tokens.matrix().clone())
+                .with_token_rows(embed_tokens.token_rows().cloned())
         } else {
             Linear::load(
                 config.hidden_size,
@@ -663,16 +669,27 @@ impl Llama {
                 builders.mapped.as_deref(),
                 builders.module("lm_head"),
             )?
+            .with_token_rows(builders.token_rows(
+                "lm_head",
+                config.vocab_size,
+                config.hidden_size,
+            )?)
         };
+        // The vocabulary the model answers over: grown by trainable token rows.
+        let mut config = config.clone();
+        if let Some(rows) = embed_tokens.token_rows() {
+            config.vocab_size = rows.vocab();
+        }
+        let inv_freqs = (0..config.head_dim / 2)
+            .map(|i| config.inv_freq(i))
+            .collect();
         Ok(Llama {
             embed_tokens,
             layers,
             norm,
             lm_head,
-            config: config.clone(),
-            inv_freqs: (0..config.head_dim / 2)
-                .map(|i| config.inv_freq(i))
-                .collect(),
+            config,
+            inv_freqs,
             adapter: builders.lora.as_ref().map(|(_, adapter)| adapter.clone()),
         })
     }

@@ -8,7 +8,7 @@
 //! `adapter_model.safetensors` is written without renaming and other tools read it.
 //! [`merge`] folds an adapter into the base: `W' = W + (α/r)·B·A`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -62,7 +62,14 @@ pub struct LoraSpec {
     /// Dropout probability on each adapter's input while training (PEFT's
     /// `lora_dropout`); 0 turns it off.
     pub dropout: f64,
+    /// Token rows trained and saved with the adapter, by module (`embed_tokens`, and
+    /// `lm_head` when the head is not tied): PEFT's `trainable_token_indices`, for the
+    /// tokens `add_tokens` added.
+    pub trainable_tokens: BTreeMap<String, Vec<u32>>,
 }
+
+/// The adapter tensor holding a module's trainable token rows (PEFT's name).
+pub const TOKEN_ROWS: &str = "token_adapter.trainable_tokens_delta";
 
 impl LoraSpec {
     /// α/r.
@@ -87,6 +94,7 @@ impl LoraSpec {
             "modules_to_save": (!self.modules_to_save.is_empty()).then_some(&self.modules_to_save),
             "use_rslora": false,
             "use_dora": false,
+            "trainable_token_indices": (!self.trainable_tokens.is_empty()).then_some(&self.trainable_tokens),
         })
     }
 
@@ -122,6 +130,26 @@ impl LoraSpec {
             None | Some(Value::Null) => 0.0,
             Some(value) => value.as_f64().ok_or("`lora_dropout` must be a number")?,
         };
+        let ids = |value: &Value| {
+            value
+                .as_array()
+                .and_then(|items| {
+                    items
+                        .iter()
+                        .map(|item| item.as_u64().and_then(|id| u32::try_from(id).ok()))
+                        .collect::<Option<Vec<u32>>>()
+                })
+                .ok_or("`trainable_token_indices` must list token ids")
+        };
+        // A bare list targets the input embeddings, as PEFT reads it.
+        let trainable_tokens = match value.get("trainable_token_indices") {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Object(modules)) => modules
+                .iter()
+                .map(|(module, list)| Ok((module.clone(), ids(list)?)))
+                .collect::<std::result::Result<_, &str>>()?,
+            Some(list) => BTreeMap::from([("embed_tokens".to_string(), ids(list)?)]),
+        };
         if rank == 0 {
             return Err("`r` must be positive".to_string());
         }
@@ -131,6 +159,7 @@ impl LoraSpec {
             targets,
             modules_to_save,
             dropout,
+            trainable_tokens,
         })
     }
 }
@@ -212,6 +241,29 @@ impl<'a> Builders<'a> {
             }
             _ => self.base.pp(name),
         }
+    }
+
+    /// The trainable token rows of the table `name` (`[rows, hidden]`) when the adapter
+    /// trains some (`trainable_token_indices`), under PEFT's name
+    /// `{name}.token_adapter.trainable_tokens_delta`.
+    pub fn token_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        hidden: usize,
+    ) -> Result<Option<super::vocab::TokenRows>> {
+        let Some((vb, adapter)) = &self.lora else {
+            return Ok(None);
+        };
+        let Some(ids) = adapter.spec.trainable_tokens.get(name) else {
+            return Ok(None);
+        };
+        let values = vb.pp(name).get_with_hints(
+            (ids.len(), hidden),
+            TOKEN_ROWS,
+            candle_nn::Init::Const(0.0),
+        )?;
+        super::vocab::TokenRows::new(ids.clone(), values, rows).map(Some)
     }
 
     /// Both builders one level down.
@@ -317,10 +369,19 @@ fn dropout(x: &Tensor, p: f64, adapter: &Adapter, key: u64, name_key: u64) -> Re
 }
 
 /// Initialises a fresh adapter: every `lora_A` uniform in ±1/√in from a seeded stream
-/// per name, every `lora_B` zero, every saved whole module a copy of the base's weight.
+/// per name, every `lora_B` zero, every saved whole module a copy of the base's weight,
+/// every trainable token row the mean of the base table's rows.
 pub fn init_adapter(varmap: &VarMap, seed: u64, base: &VarBuilder) -> Result<()> {
     for (name, var) in super::sorted_vars(varmap) {
-        let tensor = if name.ends_with("lora_B.weight") {
+        let tensor = if let Some(module) = name.strip_suffix(&format!(".{TOKEN_ROWS}")) {
+            let module = module
+                .strip_prefix(&format!("{PEFT_PREFIX}."))
+                .unwrap_or(module);
+            let table = base.get_unchecked(&format!("{module}.weight"))?;
+            super::vocab::mean_row(&table)?
+                .broadcast_as(var.shape())?
+                .to_dtype(var.dtype())?
+        } else if name.ends_with("lora_B.weight") {
             var.as_tensor().zeros_like()?
         } else if name.ends_with("lora_A.weight") {
             let (_, in_dim) = var.dims2()?;
@@ -341,23 +402,69 @@ pub fn init_adapter(varmap: &VarMap, seed: u64, base: &VarBuilder) -> Result<()>
     Ok(())
 }
 
-/// The base tensor an adapter tensor changes: `Some((base name, true))` for a LoRA pair
-/// (named by its `lora_A`), `Some((base name, false))` for a saved whole module, `None`
-/// for a `lora_B` (handled with its `lora_A`).
-fn merge_target(name: &str) -> std::result::Result<Option<(String, bool)>, String> {
-    if let Some(module) = name.strip_suffix(".lora_A.weight") {
-        let module = module
+/// How an adapter tensor changes its base tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// A LoRA pair, named by its `lora_A`: `W + (α/r)·B·A`.
+    Pair,
+    /// A saved whole module replaces the base's weight.
+    Whole,
+    /// Trainable token rows replace (or add) rows of the base's table.
+    TokenRows,
+}
+
+/// The base tensor an adapter tensor changes and how, or `None` for a `lora_B` (handled
+/// with its `lora_A`).
+fn merge_target(name: &str) -> std::result::Result<Option<(String, Change)>, String> {
+    let strip = |module: &str| {
+        module
             .strip_prefix(&format!("{PEFT_PREFIX}."))
-            .unwrap_or(module);
-        return Ok(Some((format!("{module}.weight"), true)));
+            .unwrap_or(module)
+            .to_string()
+    };
+    if let Some(module) = name.strip_suffix(".lora_A.weight") {
+        return Ok(Some((format!("{}.weight", strip(module)), Change::Pair)));
     }
     if name.ends_with(".lora_B.weight") {
         return Ok(None);
     }
+    if let Some(module) = name.strip_suffix(&format!(".{TOKEN_ROWS}")) {
+        return Ok(Some((
+            format!("{}.weight", strip(module)),
+            Change::TokenRows,
+        )));
+    }
     let base_name = name
         .strip_prefix(&format!("{PEFT_PREFIX}."))
         .ok_or_else(|| format!("unexpected adapter tensor `{name}`"))?;
-    Ok(Some((base_name.to_string(), false)))
+    Ok(Some((base_name.to_string(), Change::Whole)))
+}
+
+/// The token ids of the trainable rows of the base tensor `base_name`
+/// (`model.embed_tokens.weight`): the spec's list for its module's last name part.
+fn token_ids<'s>(spec: &'s LoraSpec, base_name: &str) -> std::result::Result<&'s [u32], String> {
+    let module = base_name
+        .strip_suffix(".weight")
+        .and_then(|module| module.rsplit('.').next())
+        .unwrap_or(base_name);
+    spec.trainable_tokens
+        .iter()
+        .find(|(name, _)| name.rsplit('.').next() == Some(module))
+        .map(|(_, ids)| ids.as_slice())
+        .ok_or_else(|| {
+            format!("the adapter trains token rows of `{base_name}` but its config's `trainable_token_indices` has no `{module}`")
+        })
+}
+
+/// The vocabulary after merging `spec`'s token rows into a table of `rows` rows.
+pub fn merged_vocab(spec: &LoraSpec, rows: usize) -> usize {
+    spec.trainable_tokens
+        .values()
+        .flatten()
+        .map(|&id| id as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(rows)
 }
 
 /// Checks, before anything is merged, that every tensor of `adapter` (PEFT names) has
@@ -371,7 +478,7 @@ pub fn check_merge<'n>(
     names.sort();
     let mut pairs = 0;
     for name in names {
-        let Some((base_name, pair)) = merge_target(name)? else {
+        let Some((base_name, change)) = merge_target(name)? else {
             continue;
         };
         if !base_names(&base_name) {
@@ -379,7 +486,7 @@ pub fn check_merge<'n>(
                 "the base model has no `{base_name}` for adapter tensor `{name}`"
             ));
         }
-        if pair {
+        if change == Change::Pair {
             let module = name.trim_end_matches(".lora_A.weight");
             let b_name = format!("{module}.lora_B.weight");
             if !adapter.contains_key(&b_name) {
@@ -395,7 +502,8 @@ pub fn check_merge<'n>(
 }
 
 /// Merges `adapter` into the base tensors of one shard, in place: `W + (α/r)·B·A`
-/// computed in f32 and stored back in `W`'s dtype, and saved whole modules
+/// computed in f32 and stored back in `W`'s dtype, trainable token rows written over
+/// (or appended to) their table, and saved whole modules
 /// (`modules_to_save`) replacing the base's weight. Adapter tensors whose base weight is
 /// in another shard are left for that shard. Returns how many base tensors changed.
 pub fn merge_shard(
@@ -407,13 +515,22 @@ pub fn merge_shard(
     names.sort();
     let mut changed = 0;
     for name in names {
-        let Some((base_name, pair)) = merge_target(name)? else {
+        let Some((base_name, change)) = merge_target(name)? else {
             continue;
         };
         let Some(weight) = shard.get(&base_name) else {
             continue;
         };
-        let updated = if pair {
+        let updated = if change == Change::TokenRows {
+            let ids = token_ids(spec, &base_name)?;
+            let rows = weight
+                .dim(0)
+                .map_err(|error| format!("`{base_name}`: {error}"))?;
+            let vocab = merged_vocab(spec, rows);
+            super::vocab::grown_rows(weight, vocab, &[])
+                .and_then(|grown| super::vocab::replace_rows(&grown, ids, &adapter[name]))
+                .map_err(|error| format!("`{name}`: {error}"))?
+        } else if change == Change::Pair {
             let module = name.trim_end_matches(".lora_A.weight");
             let b_name = format!("{module}.lora_B.weight");
             let b = adapter

@@ -29,6 +29,7 @@ pub mod llama;
 pub mod lora;
 pub mod mapped;
 pub mod shards;
+pub mod vocab;
 pub mod weight;
 
 use std::collections::{BTreeMap, HashMap};
@@ -147,6 +148,24 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(config) => config.vocab_size,
             ModelConfig::Gpt2(config) => config.vocab_size,
+        }
+    }
+
+    /// The config with the vocabulary grown (or set) to `vocab` tokens.
+    pub fn with_vocab_size(&self, vocab: usize) -> ModelConfig {
+        let mut config = self.clone();
+        match &mut config {
+            ModelConfig::Llama(config) => config.vocab_size = vocab,
+            ModelConfig::Gpt2(config) => config.vocab_size = vocab,
+        }
+        config
+    }
+
+    /// Whether the output head shares the embedding table (always for GPT-2).
+    pub fn tied_embeddings(&self) -> bool {
+        match self {
+            ModelConfig::Llama(config) => config.tie_word_embeddings,
+            ModelConfig::Gpt2(_) => true,
         }
     }
 
@@ -712,6 +731,35 @@ pub fn new_lora(
                 .to_string(),
         });
     }
+    for (module, ids) in &spec.trainable_tokens {
+        let allowed =
+            module == "embed_tokens" || (module == "lm_head" && !llama_config.tie_word_embeddings);
+        if !allowed {
+            return Err(ModelError::Unsupported {
+                path: dir.join("config.json"),
+                key: "trainable_token_indices".to_string(),
+                message: format!(
+                    "token rows of `{module}` cannot be trained (expected `embed_tokens`, and `lm_head` when it is not tied)"
+                ),
+            });
+        }
+        if spec.modules_to_save.contains(module) {
+            return Err(ModelError::Unsupported {
+                path: dir.join("config.json"),
+                key: "modules_to_save".to_string(),
+                message: format!(
+                    "`{module}` is saved whole and has trainable token rows; PEFT takes one or the other"
+                ),
+            });
+        }
+        if ids.is_empty() {
+            return Err(ModelError::Unsupported {
+                path: dir.join("config.json"),
+                key: "trainable_token_indices".to_string(),
+                message: format!("`{module}` lists no token ids"),
+            });
+        }
+    }
     let files = safetensors_files(dir)?;
     let frozen = frozen_builders(&files, dtype, device, false)?;
     let base = frozen.base.clone();
@@ -727,9 +775,11 @@ pub fn new_lora(
             std::sync::Arc::new(lora::Adapter::new(spec.clone(), seed)),
         )),
     };
-    let model = CausalLm::Llama(Llama::with_adapters(llama_config, builders)?);
+    let model = Llama::with_adapters(llama_config, builders)?;
     lora::init_adapter(&varmap, seed, &base)?;
-    Ok((model, varmap, config))
+    // Trainable token rows may have grown the vocabulary.
+    let config = ModelConfig::Llama(model.config().clone());
+    Ok((CausalLm::Llama(model), varmap, config))
 }
 
 /// A base model from `base_dir` with the PEFT adapter in `adapter_dir` applied (not
@@ -1032,7 +1082,32 @@ pub fn load_trainable(
     dtype: DType,
     device: &Device,
 ) -> Result<(CausalLm, VarMap, ModelConfig), ModelError> {
+    load_trainable_with_tokens(dir, dtype, device, &[])
+}
+
+/// As [`load_trainable`], with the vocabulary grown for the new token ids `added`
+/// (`add_tokens`): the embedding table and an untied head get rows up to the largest
+/// id, and the rows of `added` start as the mean of the original rows.
+pub fn load_trainable_with_tokens(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    added: &[u32],
+) -> Result<(CausalLm, VarMap, ModelConfig), ModelError> {
     let config = load_config(dir)?;
+    let rows = config.vocab_size();
+    let vocab = added
+        .iter()
+        .map(|&id| id as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(rows);
+    let config = config.with_vocab_size(vocab);
+    let is_table = |name: &str| {
+        ["embed_tokens.weight", "lm_head.weight", "wte.weight"]
+            .iter()
+            .any(|table| name.ends_with(table))
+    };
     let varmap = VarMap::new();
     let model = CausalLm::new(&config, VarBuilder::from_varmap(&varmap, dtype, device))?;
     let files = safetensors_files(dir)?;
@@ -1051,7 +1126,10 @@ pub fn load_trainable(
                 path: dir.to_path_buf(),
                 message: format!("tensor `{name}`: {error}"),
             })?;
-        let tensor = tensor.to_dtype(dtype)?;
+        let mut tensor = tensor.to_dtype(dtype)?;
+        if !added.is_empty() && is_table(&name) && tensor.dims() == [rows, var.dims()[1]] {
+            tensor = vocab::grown_rows(&tensor, vocab, added)?;
+        }
         if tensor.dims() != var.dims() {
             return Err(ModelError::Safetensors {
                 path: dir.to_path_buf(),

@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::mapped::{MappedMatrix, MappedSafetensors};
+use super::vocab::TokenRows;
 
 /// A weight matrix: a tensor, or a mapped bf16/f16 matrix (always computed in f32).
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ impl Matrix {
 pub struct Linear {
     weight: Matrix,
     bias: Option<Tensor>,
+    /// Trainable token rows (a head over a grown vocabulary).
+    rows: Option<TokenRows>,
 }
 
 impl Linear {
@@ -72,17 +75,41 @@ impl Linear {
             true => Some(vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?),
             false => None,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            rows: None,
+        })
     }
 
     /// A bias-free layer over an existing matrix (a head tied to the embeddings).
     pub fn new(weight: Matrix) -> Linear {
-        Linear { weight, bias: None }
+        Linear {
+            weight,
+            bias: None,
+            rows: None,
+        }
+    }
+
+    /// The layer with the output rows of some tokens replaced or added by `rows` (a
+    /// head over a vocabulary grown by `add_tokens`).
+    pub fn with_token_rows(self, rows: Option<TokenRows>) -> Linear {
+        Linear { rows, ..self }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_table(x)?;
+        match &self.rows {
+            Some(rows) => rows.logits(x, y),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Linear {
+    fn forward_table(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Matrix::Tensor(weight) => {
                 candle_nn::Linear::new(weight.clone(), self.bias.clone()).forward(x)
@@ -103,6 +130,8 @@ impl Module for Linear {
 pub struct Embedding {
     weight: Matrix,
     hidden: usize,
+    /// Trainable token rows (a vocabulary grown by `add_tokens`).
+    rows: Option<TokenRows>,
 }
 
 impl Embedding {
@@ -116,17 +145,37 @@ impl Embedding {
         Ok(Embedding {
             weight: Matrix::load(mapped, &vb, "weight", (count, hidden))?,
             hidden,
+            rows: None,
         })
+    }
+
+    /// The table with the rows of some tokens replaced or added by `rows`.
+    pub fn with_token_rows(self, rows: Option<TokenRows>) -> Embedding {
+        Embedding { rows, ..self }
     }
 
     /// The table itself.
     pub fn matrix(&self) -> &Matrix {
         &self.weight
     }
+
+    /// The trainable token rows over the table, if any (a tied head shares them).
+    pub fn token_rows(&self) -> Option<&TokenRows> {
+        self.rows.as_ref()
+    }
 }
 
 impl Module for Embedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.rows {
+            Some(rows) => rows.embed(ids, |ids| self.lookup(ids)),
+            None => self.lookup(ids),
+        }
+    }
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Matrix::Tensor(weight) => {
                 candle_nn::Embedding::new(weight.clone(), self.hidden).forward(ids)

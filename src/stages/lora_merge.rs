@@ -71,6 +71,8 @@ impl StageKind for LoraMerge {
             .map_err(|error| invalid(format!("{}: {error}", adapter_config_path.display())))?;
         let spec = lora::LoraSpec::from_adapter_config(&value)
             .map_err(|message| invalid(format!("{}: {message}", adapter_config_path.display())))?;
+        // Token rows past the base's table (`add_tokens`) grow the vocabulary.
+        let config = config.with_vocab_size(lora::merged_vocab(&spec, config.vocab_size()));
         let device = Device::Cpu;
         let files = model::safetensors_files(base).map_err(|error| invalid(error.to_string()))?;
         let headers = shards::read_headers(&files).map_err(|error| invalid(error.to_string()))?;
@@ -88,6 +90,7 @@ impl StageKind for LoraMerge {
                 .unwrap_or_default()
         };
         let mut changed = 0;
+        let mut total_bytes = 0;
         for (index, file) in files.iter().enumerate() {
             if context.cancel.is_cancelled() {
                 return Err(StageError::Interrupted);
@@ -97,6 +100,10 @@ impl StageKind for LoraMerge {
             changed += lora::merge_shard(&mut tensors, &adapter_weights, &spec)
                 .map_err(|message| invalid(format!("{}: {message}", adapter_path.display())))?;
             let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+            total_bytes += tensors
+                .iter()
+                .map(|(_, tensor)| (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64)
+                .sum::<u64>();
             model::save_tensors(&tensors, &context.out_dir.join(file_name(index)))
                 .map_err(|error| invalid(error.to_string()))?;
         }
@@ -105,8 +112,7 @@ impl StageKind for LoraMerge {
                 .iter()
                 .map(|header| (header.name.clone(), file_name(header.file)))
                 .collect();
-            let total = headers.iter().map(|h| h.bytes_in(h.dtype)).sum();
-            shards::write_index(context.out_dir, total, &weight_map)
+            shards::write_index(context.out_dir, total_bytes, &weight_map)
                 .map_err(|error| invalid(error.to_string()))?;
         }
         let dtype = shards::main_dtype(

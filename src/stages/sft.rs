@@ -8,7 +8,7 @@
 //! The output is the fine-tuned model as an HF directory, like `pretrain`'s.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use schemars::JsonSchema;
@@ -19,7 +19,9 @@ use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
 };
-use crate::data::token_cache::{Batch, SftBatcher, SftExamples, SftPosition, TokenCache};
+use crate::data::token_cache::{
+    Batch, SftBatcher, SftExamples, SftPosition, TOKENIZER_DIR, TokenCache,
+};
 use crate::model;
 use crate::tokenize::train::tokenizer_file;
 use crate::train::checkpoint::ModelFiles;
@@ -245,6 +247,13 @@ pub struct SftSettings {
     /// `auto`, `cpu`, `cuda` or `metal`.
     #[serde(default)]
     pub device: DeviceSetting,
+    /// New special tokens: the `token-cache` stage's `add_tokens` (it adds them to the
+    /// tokenizer; share the list with `${vars.NAME}`). The model's embeddings (and an
+    /// untied head) grow to the extended tokenizer, new rows starting as the mean of the
+    /// old ones and trained — with LoRA as PEFT's `trainable_token_indices`. Unset, the
+    /// cache's list is followed; set, it must equal it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add_tokens: Option<Vec<String>>,
 }
 
 fn default_batch_size() -> usize {
@@ -422,6 +431,51 @@ impl BatchSource for ExampleBatches<'_> {
     }
 }
 
+/// The tokenizer an SFT run trains with, and the token ids `add_tokens` added: the
+/// cache's own extended tokenizer when it was built with `add_tokens` (checked to extend
+/// `base_tokenizer`, the base's), else `base_tokenizer`.
+fn tokenizer_of_cache(
+    cache: &TokenCache,
+    base_tokenizer: &Path,
+    settings: &SftSettings,
+) -> Result<(PathBuf, Vec<u32>), StageError> {
+    let requested = settings.add_tokens.as_deref().unwrap_or_default();
+    let Some(record) = &cache.meta.added_tokens else {
+        if !requested.is_empty() {
+            return Err(invalid(format!(
+                "`add_tokens` lists {requested:?}, but the token cache {} was built without them: \
+                 set the same `add_tokens` on the token-cache stage (sft can only train tokens \
+                 the examples were tokenized with)",
+                cache.dir.display()
+            )));
+        }
+        return Ok((base_tokenizer.to_path_buf(), Vec::new()));
+    };
+    if settings.add_tokens.is_some() && requested != record.requested.as_slice() {
+        return Err(invalid(format!(
+            "`add_tokens` lists {requested:?}, but the token cache {} added {:?}: use one list \
+             for both stages (`${{vars.NAME}}`)",
+            cache.dir.display(),
+            record.requested
+        )));
+    }
+    let bytes = std::fs::read(base_tokenizer)
+        .map_err(|error| StageError::io(format!("reading {}", base_tokenizer.display()), error))?;
+    if blake3::hash(&bytes).to_hex().as_str() != record.base_tokenizer_hash {
+        return Err(invalid(format!(
+            "the token cache {} extends another tokenizer than the base's {}: rebuild the cache \
+             from this base's tokenizer",
+            cache.dir.display(),
+            base_tokenizer.display()
+        )));
+    }
+    let extended = cache.dir.join(TOKENIZER_DIR).join("tokenizer.json");
+    Ok((
+        extended,
+        record.added.iter().map(|token| token.id).collect(),
+    ))
+}
+
 /// Steps of `epochs` passes: examples (padded rows) or tokens (packed rows) over what
 /// one step consumes.
 fn steps_for_epochs(
@@ -444,9 +498,10 @@ fn steps_for_epochs(
 
 fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
     let base = &context.inputs["base"];
-    let tokenizer =
+    let base_tokenizer =
         tokenizer_file(context.inputs.get("tokenizer").unwrap_or(base)).map_err(invalid)?;
     let cache = TokenCache::open(&context.inputs["data"]).map_err(invalid)?;
+    let (tokenizer, added_ids) = tokenizer_of_cache(&cache, &base_tokenizer, settings)?;
     cache.verify_tokenizer(&tokenizer).map_err(invalid)?;
     if let Some(record) = &cache.meta.chat_template
         && record.source == "model"
@@ -466,15 +521,26 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         false => None,
     };
     let device = settings.device.device().map_err(invalid)?;
+    let mut trainable_tokens = std::collections::BTreeMap::new();
+    if !added_ids.is_empty() {
+        trainable_tokens.insert("embed_tokens".to_string(), added_ids.clone());
+        if !model::load_config(base).map_err(invalid)?.tied_embeddings() {
+            trainable_tokens.insert("lm_head".to_string(), added_ids.clone());
+        }
+    }
     let spec = model::lora::LoraSpec {
         rank: settings.adapter.rank,
         alpha: settings.adapter.alpha,
         targets: settings.adapter.targets.clone(),
         modules_to_save: settings.adapter.modules_to_save.clone(),
         dropout: settings.adapter.dropout,
+        trainable_tokens,
     };
     let (model, varmap, config) = match settings.adapter.kind {
-        AdapterKind::None => model::load_trainable(base, DType::F32, &device).map_err(invalid)?,
+        AdapterKind::None => {
+            model::load_trainable_with_tokens(base, DType::F32, &device, &added_ids)
+                .map_err(invalid)?
+        }
         AdapterKind::Lora => {
             model::new_lora(base, &spec, DType::F32, &device, context.seed).map_err(invalid)?
         }

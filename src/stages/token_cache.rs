@@ -19,14 +19,15 @@ use super::{
 };
 use crate::data::records::ChatMessage;
 use crate::data::token_cache::{
-    CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo, TemplateRecord,
+    AddedTokens, CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo,
+    TOKENIZER_DIR, TemplateRecord,
 };
 use crate::tokenize::fast::FastEncoder;
 use crate::tokenize::template::{
     ChatTemplate, Conversation, TemplateChoice, TemplateSource, TokenizerConfig, span_mask,
     tokenizer_dir,
 };
-use crate::tokenize::{chat, special, train};
+use crate::tokenize::{added, chat, special, train};
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -95,6 +96,13 @@ pub struct TokenCacheSettings {
     /// `apply_chat_template` (`enable_thinking: false`, `date_string: "26 Jul 2024"`).
     #[serde(default)]
     pub template_kwargs: BTreeMap<String, serde_json::Value>,
+    /// New special tokens for the tokenizer (`["<|tool|>", …]`), each never split and
+    /// given the next free id, as transformers' `add_special_tokens` does. The extended
+    /// tokenizer is written into the cache (`tokenizer/`); an `sft` stage on the cache
+    /// resizes the model's embeddings and trains the new rows. Tokens the tokenizer
+    /// already has keep their ids.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add_tokens: Vec<String>,
     /// Records tokenized together in parallel (bounds memory).
     #[serde(default = "default_batch_records")]
     pub batch_records: usize,
@@ -168,10 +176,34 @@ impl StageKind for TokenCacheStage {
         settings: &TokenCacheSettings,
         context: &mut StageContext<'_>,
     ) -> Result<StageOutcome, StageError> {
-        let tokenizer_path = train::tokenizer_file(&context.inputs["tokenizer"])
+        let given_path = train::tokenizer_file(&context.inputs["tokenizer"])
             .map_err(|error| StageError::Invalid(error.to_string()))?;
-        let tokenizer = train::load_tokenizer(&tokenizer_path)
+        let mut tokenizer = train::load_tokenizer(&given_path)
             .map_err(|error| StageError::Invalid(error.to_string()))?;
+        let (tokenizer_path, added_tokens) = match settings.add_tokens.is_empty() {
+            true => (given_path.clone(), None),
+            false => {
+                let (path, record) = extend_tokenizer(
+                    &mut tokenizer,
+                    &given_path,
+                    &settings.add_tokens,
+                    context.out_dir,
+                )?;
+                writeln!(
+                    context.log,
+                    "add_tokens: {} new ({}); the extended tokenizer is in {TOKENIZER_DIR}/",
+                    record.added.len(),
+                    record
+                        .added
+                        .iter()
+                        .map(|token| format!("{} = {}", token.content, token.id))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )
+                .map_err(|error| StageError::io("writing the stage log", error))?;
+                (path, Some(record))
+            }
+        };
         let (train, eval) = corpus_files(context.inputs)?;
         let mode = match settings.mode {
             ModeSetting::Pretrain => CacheMode::Pretrain,
@@ -191,10 +223,16 @@ impl StageKind for TokenCacheStage {
                     .and_then(|token| tokenizer.token_to_id(token))
             })
             .unwrap_or(eos_id);
+        // An extended tokenizer's config lists the new special tokens, which templates
+        // see (transformers passes them as variables): render with it.
+        let template_source = match added_tokens {
+            Some(_) => tokenizer_dir(&tokenizer_path),
+            None => context.inputs["tokenizer"].clone(),
+        };
         let template = chat_template(
             settings,
             &tokenizer,
-            &context.inputs["tokenizer"],
+            &template_source,
             context.inputs.get("chat_template"),
         );
         let template = match (mode, template) {
@@ -277,6 +315,7 @@ impl StageKind for TokenCacheStage {
                 .to_string(),
                 hash: template.hash(),
             }),
+            added_tokens,
             splits,
         };
         let meta_path = context.out_dir.join("meta.json");
@@ -286,6 +325,36 @@ impl StageKind for TokenCacheStage {
             .map_err(|error| StageError::io(format!("writing {}", meta_path.display()), error))?;
         Ok(StageOutcome { metrics })
     }
+}
+
+/// Adds `tokens` to `tokenizer` and writes the result, with the companion files of
+/// `given` (the input's `tokenizer.json`), into the cache's [`TOKENIZER_DIR`].
+fn extend_tokenizer(
+    tokenizer: &mut Tokenizer,
+    given: &Path,
+    tokens: &[String],
+    out_dir: &Path,
+) -> Result<(PathBuf, AddedTokens), StageError> {
+    let base_bytes = std::fs::read(given)
+        .map_err(|error| StageError::io(format!("reading {}", given.display()), error))?;
+    let added = added::add_special_tokens(tokenizer, tokens)
+        .map_err(|error| StageError::Invalid(error.to_string()))?;
+    let path = added::write_extended(
+        tokenizer,
+        given,
+        tokens,
+        &added,
+        &out_dir.join(TOKENIZER_DIR),
+    )
+    .map_err(|error| StageError::Invalid(error.to_string()))?;
+    Ok((
+        path,
+        AddedTokens {
+            requested: tokens.to_vec(),
+            added,
+            base_tokenizer_hash: blake3::hash(&base_bytes).to_hex().to_string(),
+        },
+    ))
 }
 
 /// The template SFT examples are rendered with (see [`TokenCacheSettings::chat_template`]).

@@ -5,6 +5,7 @@
 //! way byte-level tokenizers do, [`bpe`] trains byte-pair merges, and [`train`] turns
 //! either algorithm's result into a `tokenizers` tokenizer (or loads an existing one).
 
+pub mod added;
 pub mod bpe;
 pub mod chat;
 pub mod corpus;

@@ -6,10 +6,10 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod chat_template;
 mod data_pipeline;
 mod ingest;
+mod retrieve;
 mod token_cache;
 mod tokenizer;
 mod tokenizer_stage;
-mod chat_template;
-mod retrieve;

@@ -6,10 +6,10 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-mod model;
-mod kv_cache;
-mod parity;
-mod gguf;
+mod export_evaluate;
 mod generate;
 mod generate_cli;
-mod export_evaluate;
+mod gguf;
+mod kv_cache;
+mod model;
+mod parity;

@@ -51,6 +51,7 @@ fn rank4_spec(
             .map(|name| name.to_string())
             .collect(),
         dropout,
+        trainable_tokens: Default::default(),
     }
 }
 
@@ -508,4 +509,175 @@ stages:
     println!("adapter moves logits by {change}, merged differs from base + adapter by {error}");
     assert!(change > 1.0, "the adapter changes the model: {change}");
     assert!(error < 0.02 * change, "merged {error} vs change {change}");
+}
+
+/// ChatML, a template whose turn tokens trainyard's tokenizer does not have.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+const ADDED_TAIL: &str = "  chatml-cache:
+    kind: token-cache
+    inputs: { train: chats/train.jsonl, eval: chats/eval.jsonl, tokenizer: tok, chat_template: chatml.jinja }
+    with: { max_len: 128, add_tokens: \"${vars.new_tokens}\" }
+  adapter:
+    kind: sft
+    inputs: { data: chatml-cache, base: base }
+    with: { adapter: { kind: lora, rank: 8, alpha: 16 }, add_tokens: \"${vars.new_tokens}\", epochs: 2, batch_size: 8, lr: 0.01, context: 128 }
+  merged:
+    kind: lora-merge
+    inputs: { base: base, adapter: adapter }
+  full:
+    kind: sft
+    inputs: { data: chatml-cache, base: base }
+    with: { steps: 8, batch_size: 8, lr: 0.003, context: 128 }
+";
+
+/// `add_tokens`: the cache's tokenizer gains ChatML's turn tokens (ids past the base's
+/// 384 rows); a LoRA adapter trains their rows as PEFT's `trainable_token_indices`, so
+/// base + adapter answers over 386 tokens and learns to close its turns; the merge grows
+/// the tables and gives the same logits; full fine-tuning grows the model itself.
+#[test]
+fn added_tokens_grow_the_vocabulary_and_train_their_rows() {
+    let sandbox = Sandbox::new();
+    sandbox.write("chatml.jinja", CHATML);
+    let pipeline = common::chat_pipeline(ADDED_TAIL).replacen(
+        "seed: 11\n",
+        "seed: 11\nvars:\n  new_tokens: [\"<|im_start|>\", \"<|im_end|>\"]\n",
+        1,
+    );
+    sandbox.write("p.yaml", &pipeline);
+    sandbox.ok(&["run", "p.yaml"]);
+
+    let meta: serde_json::Value =
+        serde_json::from_str(&sandbox.read("runs/latest/outputs/chatml-cache/meta.json")).unwrap();
+    assert_eq!(meta["vocab_size"], 386);
+    assert_eq!(
+        meta["added_tokens"]["added"],
+        serde_json::json!([{"content": "<|im_start|>", "id": 384}, {"content": "<|im_end|>", "id": 385}])
+    );
+    let extended = output(&sandbox, "chatml-cache").join("tokenizer/tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&extended).unwrap();
+    let ids = tokenizer
+        .encode("<|im_start|>user\nhi<|im_end|>", false)
+        .unwrap();
+    assert_eq!(ids.get_ids().first(), Some(&384));
+    assert_eq!(ids.get_ids().last(), Some(&385));
+
+    // The adapter: LoRA pairs plus the new rows, where PEFT keeps them.
+    let base_dir = output(&sandbox, "base");
+    let base_config = trainyard::model::load_config(&base_dir).unwrap();
+    assert_eq!(base_config.vocab_size(), 384);
+    let adapter = output(&sandbox, "adapter");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut expected_indices = serde_json::json!({"embed_tokens": [384, 385]});
+    if !base_config.tied_embeddings() {
+        expected_indices["lm_head"] = serde_json::json!([384, 385]);
+    }
+    assert_eq!(config["trainable_token_indices"], expected_indices);
+    let tensors =
+        candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let rows = &tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"];
+    assert_eq!(rows.dims(), [2, 64]);
+    assert!(
+        std::fs::read_to_string(adapter.join("tokenizer.json"))
+            .unwrap()
+            .contains("<|im_end|>"),
+        "the adapter carries the extended tokenizer"
+    );
+
+    // Trained: the assistant-token loss (answers and their `<|im_end|>`) falls from the
+    // untrained adapter's, whose new rows are the mean of the old ones.
+    let spec = trainyard::model::lora::LoraSpec::from_adapter_config(&config).unwrap();
+    let (untrained, _, grown) =
+        trainyard::model::new_lora(&base_dir, &spec, DType::F32, &Device::Cpu, 0).unwrap();
+    assert_eq!(grown.vocab_size(), 386);
+    let (with_adapter, _) =
+        trainyard::model::load_lora(&base_dir, &adapter, DType::F32, &Device::Cpu).unwrap();
+    let cache = output(&sandbox, "chatml-cache");
+    let before = common::assistant_loss(&untrained, &cache);
+    let after = common::assistant_loss(&with_adapter, &cache);
+    assert!(
+        after < before - 0.3,
+        "training should lower the loss: {before} → {after}"
+    );
+
+    // Merged: tables grown to 386 rows, logits equal to base + adapter's.
+    let merged_dir = output(&sandbox, "merged");
+    assert_eq!(
+        trainyard::model::load_config(&merged_dir)
+            .unwrap()
+            .vocab_size(),
+        386
+    );
+    let (merged, _) =
+        trainyard::model::load_pretrained(&merged_dir, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(
+        &[
+            [384u32, 30, 31, 385, 5, 384, 2],
+            [1, 9, 385, 101, 102, 384, 104],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let expected = with_adapter.forward(&ids).unwrap();
+    assert_eq!(expected.dims(), [2, 7, 386]);
+    let got = merged.forward(&ids).unwrap();
+    let diff = max_diff(&expected, &got);
+    assert!(
+        diff < 1e-5,
+        "merged logits differ from base + adapter by {diff}"
+    );
+
+    // Full fine-tuning grows the model's own tables and trains the new rows.
+    let full_dir = output(&sandbox, "full");
+    assert_eq!(
+        trainyard::model::load_config(&full_dir)
+            .unwrap()
+            .vocab_size(),
+        386
+    );
+    let (full, _) = trainyard::model::load_pretrained(&full_dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(full.forward(&ids).unwrap().dims(), [2, 7, 386]);
+    assert!(
+        std::fs::read_to_string(full_dir.join("tokenizer.json"))
+            .unwrap()
+            .contains("<|im_start|>")
+    );
+}
+
+/// The two stages' lists must agree, and `sft` cannot add tokens by itself.
+#[test]
+fn add_tokens_mistakes_are_reported() {
+    let sandbox = Sandbox::new();
+    sandbox.write("chatml.jinja", CHATML);
+    let pipeline = common::chat_pipeline(ADDED_TAIL).replacen(
+        "seed: 11\n",
+        "seed: 11\nvars:\n  new_tokens: [\"<|im_start|>\", \"<|im_end|>\"]\n",
+        1,
+    );
+    sandbox.write("p.yaml", &pipeline);
+    let message = sandbox.fails(&[
+        "run",
+        "p.yaml",
+        "--until",
+        "adapter",
+        "--set",
+        "stages.adapter.with.add_tokens=[\"<|im_end|>\"]",
+    ]);
+    assert!(
+        message.contains("use one list for both stages"),
+        "{message}"
+    );
+    let message = sandbox.fails(&[
+        "run",
+        "p.yaml",
+        "--until",
+        "adapter",
+        "--set",
+        "stages.chatml-cache.with.add_tokens=[]",
+    ]);
+    assert!(message.contains("was built without them"), "{message}");
 }

@@ -6,6 +6,6 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod lora;
 mod pretrain;
 mod sft;
-mod lora;
