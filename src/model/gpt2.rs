@@ -390,6 +390,11 @@ impl Gpt2 {
 
     /// Logits `[B, T, V]` for token ids `[B, T]` (`T ≤ n_positions`).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.logits(&self.hidden(input_ids)?)
+    }
+
+    /// The final hidden states `[B, T, H]` (after `ln_f`) for token ids `[B, T]`.
+    pub fn hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_batch, seq) = input_ids.dims2()?;
         if seq > self.config.n_positions {
             candle_core::bail!(
@@ -404,11 +409,14 @@ impl Gpt2 {
         for block in &self.h {
             x = block.forward(&x, &mask)?;
         }
-        let x = self.ln_f.forward(&x)?;
-        // Tied head: logits = x · wteᵀ.
+        self.ln_f.forward(&x)
+    }
+
+    /// Logits `[…, V]` of final hidden states `[…, H]`: the tied head, `x · wteᵀ`.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
         match self.wte.matrix() {
             Matrix::Tensor(wte) => x.broadcast_matmul(&wte.t()?),
-            Matrix::Mapped(wte) => wte.matmul_t(&x),
+            Matrix::Mapped(wte) => wte.matmul_t(x),
         }
     }
 

@@ -706,6 +706,16 @@ impl Llama {
 
     /// Logits `[B, T, V]` for token ids `[B, T]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.logits(&self.hidden(input_ids)?)
+    }
+
+    /// Logits `[…, V]` of final hidden states `[…, H]` (the head).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// The final hidden states `[B, T, H]` (after the last norm) for token ids `[B, T]`.
+    pub fn hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_batch, seq) = input_ids.dims2()?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         let (dtype, device) = (x.dtype(), x.device().clone());
@@ -714,7 +724,7 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &mask)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        self.norm.forward(&x)
     }
 
     /// Inference: logits `[B, T, V]` of the next `T` positions (token ids `[B, T]`)

@@ -634,6 +634,31 @@ impl CausalLm {
         }
     }
 
+    /// The final hidden states `[B, T, H]` (after the last norm) for token ids `[B, T]`:
+    /// [`CausalLm::forward`] without the head.
+    pub fn hidden(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            CausalLm::Llama(model) => model.hidden(input_ids),
+            CausalLm::Gpt2(model) => model.hidden(input_ids),
+        }
+    }
+
+    /// The head: logits `[…, V]` of final hidden states `[…, H]`.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            CausalLm::Llama(model) => model.logits(hidden),
+            CausalLm::Gpt2(model) => model.logits(hidden),
+        }
+    }
+
+    /// The vocabulary the head answers over.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            CausalLm::Llama(model) => model.config().vocab_size,
+            CausalLm::Gpt2(model) => model.config().vocab_size,
+        }
+    }
+
     /// An empty [`KvCache`] for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(match self {

@@ -2,9 +2,9 @@
 //! (gradient accumulation), global-norm clipping, then AdamW.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Var};
 
-use super::loss::{batch_tensors, weighted_cross_entropy};
+use super::loss::{LanguageModel, loss_and_grads};
 use super::optim::AdamW;
 use crate::data::token_cache::Batch;
 
@@ -38,7 +38,7 @@ pub enum StepError {
 /// given), and applies one AdamW update at `lr`. Nothing is updated when the loss or
 /// the gradient norm is not finite.
 pub fn train_step(
-    forward: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    model: &dyn LanguageModel,
     params: &[Var],
     optimizer: &mut AdamW,
     micro_batches: &[Batch],
@@ -51,11 +51,11 @@ pub fn train_step(
     let mut loss_sum = 0.0;
     let mut tokens = 0u64;
     for batch in micro_batches {
-        let (inputs, targets, weights) = batch_tensors(batch, device)?;
-        let loss = weighted_cross_entropy(&forward(&inputs)?, &targets, &weights)?;
-        loss_sum += f64::from(loss.to_scalar::<f32>()?);
+        let Some((loss, grads)) = loss_and_grads(model, batch, scale, params, device)? else {
+            continue;
+        };
+        loss_sum += loss;
         tokens += batch.weights.iter().filter(|&&weight| weight > 0.0).count() as u64;
-        let grads = (loss * scale)?.backward()?;
         accumulated = Some(match accumulated {
             None => grads,
             Some(mut total) => {
@@ -101,6 +101,7 @@ pub fn train_step(
 mod tests {
     use super::*;
     use crate::train::optim::AdamWConfig;
+    use candle_core::Tensor;
 
     /// A bigram "model": logits are a row of a learned table.
     fn bigram(vocab: usize) -> Var {
@@ -110,14 +111,30 @@ mod tests {
         .unwrap()
     }
 
-    fn forward_of(table: &Var) -> impl Fn(&Tensor) -> candle_core::Result<Tensor> + '_ {
-        move |inputs: &Tensor| {
+    /// The bigram table as a language model: the hidden state is the table's row, the
+    /// head the identity.
+    struct Bigram<'a>(&'a Var);
+
+    impl LanguageModel for Bigram<'_> {
+        fn hidden(&self, inputs: &Tensor) -> candle_core::Result<Tensor> {
             let (rows, cols) = inputs.dims2()?;
-            table
+            self.0
                 .as_tensor()
                 .index_select(&inputs.flatten_all()?, 0)?
                 .reshape((rows, cols, ()))
         }
+
+        fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+            Ok(hidden.clone())
+        }
+
+        fn vocab_size(&self) -> usize {
+            self.0.dims()[1]
+        }
+    }
+
+    fn forward_of(table: &Var) -> Bigram<'_> {
+        Bigram(table)
     }
 
     fn batch(rows: &[[u32; 5]]) -> Batch {

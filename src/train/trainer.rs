@@ -27,7 +27,7 @@ use candle_nn::VarMap;
 use serde_json::json;
 
 use super::checkpoint::{self, Checkpoint, CheckpointError, ModelFiles, TrainerState};
-use super::loss::{batch_tensors, weighted_cross_entropy};
+use super::loss::{LanguageModel, batch_loss};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::step::{StepError, train_step};
@@ -186,14 +186,40 @@ pub fn evaluate(model: &CausalLm, batches: &[Batch], device: &Device) -> candle_
     let mut total = 0.0;
     let mut count = 0.0;
     for batch in batches {
-        let (inputs, targets, weights) = batch_tensors(batch, device)?;
-        let logits = model.forward(&inputs)?.detach();
-        let loss = weighted_cross_entropy(&logits, &targets, &weights)?;
+        let Some(loss) = batch_loss(model, batch, device)? else {
+            continue;
+        };
         let counted: f64 = batch.weights.iter().map(|&w| f64::from(w)).sum();
-        total += f64::from(loss.to_scalar::<f32>()?) * counted;
+        total += loss * counted;
         count += counted;
     }
     Ok(if count > 0.0 { total / count } else { f64::NAN })
+}
+
+/// The model during training: each forward pass over a micro-batch draws the LoRA
+/// dropout masks of the next key.
+struct Keyed<'a> {
+    model: &'a CausalLm,
+    micro_batch: &'a Cell<u64>,
+}
+
+impl LanguageModel for Keyed<'_> {
+    fn hidden(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        let key = self.micro_batch.get();
+        self.micro_batch.set(key + 1);
+        self.model.set_dropout_key(Some(key));
+        let hidden = self.model.hidden(input_ids);
+        self.model.set_dropout_key(None);
+        hidden
+    }
+
+    fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.logits(hidden)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.vocab_size()
+    }
 }
 
 /// Runs (or continues) training to `settings.steps` and writes the final model.
@@ -264,13 +290,9 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
     // LoRA dropout masks are keyed by the micro-batch's index in the whole run, so a
     // resumed run draws the same masks as an uninterrupted one; evaluation never drops.
     let micro_batch = Cell::new(0u64);
-    let forward = |ids: &Tensor| {
-        let key = micro_batch.get();
-        micro_batch.set(key + 1);
-        model.set_dropout_key(Some(key));
-        let logits = model.forward(ids);
-        model.set_dropout_key(None);
-        logits
+    let forward = Keyed {
+        model,
+        micro_batch: &micro_batch,
     };
     let session = Instant::now();
     let elapsed_before = state.elapsed_s;
