@@ -260,14 +260,44 @@ fn chat_lora_smoke_trains_a_chatml_base_in_its_own_template_and_exports_it() {
         .find(|text| text.contains("<tool_call>"))
         .expect("a conversation with a tool call");
     assert!(with_tools.contains("\"name\": \""), "{with_tools}");
-    // The export keeps the base's template and stop tokens, in HF and in GGUF.
-    let export = sandbox.path("runs/latest/outputs/export");
-    let base_config =
-        std::fs::read_to_string(repo("data/models/tiny-qwen2/tokenizer_config.json")).unwrap();
-    assert_eq!(
-        sandbox.read("runs/latest/outputs/export/tokenizer_config.json"),
-        base_config
+    // `add_tokens` made the template's <tool_response> tags single special tokens, with
+    // the ids after the base tokenizer's last, trained as the adapter's token rows.
+    let extended =
+        tokenizers::Tokenizer::from_file(cache_dir.join("tokenizer/tokenizer.json")).unwrap();
+    assert_eq!(extended.token_to_id("<tool_response>"), Some(805));
+    assert_eq!(extended.token_to_id("</tool_response>"), Some(806));
+    assert!(
+        (0..examples.len()).any(|index| examples.example(index).0.contains(&805)),
+        "no tool response was tokenized with the new token"
     );
+    let adapter_config: serde_json::Value =
+        serde_json::from_str(&sandbox.read("runs/latest/outputs/adapter/adapter_config.json"))
+            .unwrap();
+    assert_eq!(
+        adapter_config["trainable_token_indices"],
+        serde_json::json!({"embed_tokens": [805, 806]})
+    );
+    // The export keeps the base's template and stop tokens, in HF and in GGUF; its
+    // tokenizer config is the base's with the two tokens listed, as transformers would.
+    let export = sandbox.path("runs/latest/outputs/export");
+    let mut base_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("data/models/tiny-qwen2/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    for (id, token) in [(805, "<tool_response>"), (806, "</tool_response>")] {
+        base_config["added_tokens_decoder"][id.to_string()] = serde_json::json!({
+            "content": token, "lstrip": false, "normalized": false, "rstrip": false,
+            "single_word": false, "special": true
+        });
+        base_config["additional_special_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(token.into());
+    }
+    let export_config: serde_json::Value =
+        serde_json::from_str(&sandbox.read("runs/latest/outputs/export/tokenizer_config.json"))
+            .unwrap();
+    assert_eq!(export_config, base_config);
     let generation: serde_json::Value =
         serde_json::from_str(&sandbox.read("runs/latest/outputs/export/generation_config.json"))
             .unwrap();
