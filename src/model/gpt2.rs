@@ -215,12 +215,13 @@ impl Attention {
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, width))?;
+        let y = if super::attention::fused(&q) {
+            super::attention::causal_attention(&q, &k, &v, scale)?
+        } else {
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+            candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?
+        };
+        let y = y.transpose(1, 2)?.reshape((batch, seq, width))?;
         self.c_proj.forward(&y)
     }
 

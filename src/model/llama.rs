@@ -459,13 +459,17 @@ impl Attention {
         let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
-        // GQA: each kv head serves num_heads / num_kv_heads consecutive query heads.
-        let k = repeat_kv(&k, self.num_heads / self.num_kv_heads)?;
-        let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = probs.matmul(&v)?; // [B, H, T, D]
+        let y = if super::attention::fused(&q) {
+            super::attention::causal_attention(&q, &k, &v, scale)?
+        } else {
+            // GQA: each kv head serves num_heads / num_kv_heads consecutive query heads.
+            let k = repeat_kv(&k, self.num_heads / self.num_kv_heads)?;
+            let v = repeat_kv(&v, self.num_heads / self.num_kv_heads)?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            probs.matmul(&v)?
+        }; // [B, H, T, D]
         let y = y
             .transpose(1, 2)?
             .reshape((batch, seq, self.num_heads * self.head_dim))?;

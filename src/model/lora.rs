@@ -334,10 +334,23 @@ impl Proj {
 
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.linear.forward(x)?;
         let Some(branch) = &self.lora else {
-            return Ok(y);
+            return self.linear.forward(x);
         };
+        if branch.adapter.dropout_key().is_none()
+            && x.dtype() == candle_core::DType::F32
+            && x.device().is_cpu()
+        {
+            return x.contiguous()?.apply_op3(
+                &branch.a,
+                &branch.b,
+                LoraProduct {
+                    linear: self.linear.clone(),
+                    scale: branch.adapter.spec.scale(),
+                },
+            );
+        }
+        let y = self.linear.forward(x)?;
         let input = match branch.adapter.dropout_key() {
             Some(key) => dropout(
                 x,
@@ -352,6 +365,83 @@ impl Module for Proj {
             .broadcast_matmul(&branch.a.t()?)?
             .broadcast_matmul(&branch.b.t()?)?;
         y + (update * branch.adapter.spec.scale())?
+    }
+}
+
+/// A projection with its LoRA branch as one op over `(x, A, B)`:
+/// `y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ` for the frozen `W`, `b`.
+///
+/// Composed from candle ops, the branch keeps three `[…, out]` tensors (the base's
+/// product, the update, its scaled copy) alive for the backward pass in every adapted
+/// projection: for a Qwen2.5-0.5B at batch 4 × 512 that is most of the training memory.
+/// The fused op keeps only its output; the backward pass recomputes the small `x·Aᵀ`:
+/// `dx = g·W + s·(g·B)·A`, `dA = s·(g·B)ᵀ·x`, `dB = s·gᵀ·(x·Aᵀ)`.
+struct LoraProduct {
+    linear: Linear,
+    scale: f64,
+}
+
+impl LoraProduct {
+    fn tensor(storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<Tensor> {
+        let candle_core::CpuStorage::F32(values) = storage else {
+            candle_core::bail!("LoRA projection: f32 inputs only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("LoRA projection: input is not contiguous");
+        };
+        Tensor::from_slice(
+            &values[start..end],
+            layout.shape(),
+            &candle_core::Device::Cpu,
+        )
+    }
+}
+
+impl candle_core::CustomOp3 for LoraProduct {
+    fn name(&self) -> &'static str {
+        "lora-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = Self::tensor(s1, l1)?;
+        let (a, b) = (Self::tensor(s2, l2)?, Self::tensor(s3, l3)?);
+        let update = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+        let y = (self.linear.forward(&x)? + (update * self.scale)?)?;
+        let shape = y.shape().clone();
+        let values = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(values), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: the gradients are values, not graph nodes (see train::loss).
+        let (x, a, b, grad) = (x.detach(), a.detach(), b.detach(), grad.detach());
+        let (rank, in_dim) = a.dims2()?;
+        let out_dim = b.dim(0)?;
+        let x2 = x.reshape(((), in_dim))?;
+        let g2 = grad.reshape(((), out_dim))?;
+        let projected = x2.matmul(&a.t()?)?; // [N, r]
+        let back = g2.matmul(&b)?; // [N, r]
+        let grad_b = (g2.t()?.matmul(&projected)? * self.scale)?;
+        let grad_a = (back.t()?.matmul(&x2)? * self.scale)?;
+        let grad_x = (self.linear.input_grad(&g2)? + (back.matmul(&a)? * self.scale)?)?
+            .reshape(x.shape())?;
+        debug_assert_eq!(grad_a.dims(), [rank, in_dim]);
+        Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
     }
 }
 
@@ -578,4 +668,83 @@ pub fn merge(
     let mut merged: Vec<(String, Tensor)> = merged.into_iter().collect();
     merged.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+        let mut rng = Rng::new(seed, 0);
+        let values: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.next_f64() as f32 - 0.5)
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The fused projection gives the composed one's output and gradients (x, A, B).
+    #[test]
+    fn fused_projection_equals_the_composed_one() {
+        let w = random((6, 5), 1);
+        let bias = random((1, 6), 2).flatten_all().unwrap();
+        let linear = Linear::load(
+            5,
+            6,
+            true,
+            None,
+            VarBuilder::from_tensors(
+                HashMap::from([("weight".to_string(), w), ("bias".to_string(), bias)]),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            ),
+        )
+        .unwrap();
+        let x = Var::from_tensor(&random((4, 5), 3).reshape((2, 2, 5)).unwrap()).unwrap();
+        let a = Var::from_tensor(&random((3, 5), 4)).unwrap();
+        let b = Var::from_tensor(&random((6, 3), 5)).unwrap();
+        let weights = random((4, 6), 6).reshape((2, 2, 6)).unwrap();
+        let scale = 2.5;
+        let fused = x
+            .as_tensor()
+            .apply_op3(
+                a.as_tensor(),
+                b.as_tensor(),
+                LoraProduct {
+                    linear: linear.clone(),
+                    scale,
+                },
+            )
+            .unwrap();
+        let update = x
+            .as_tensor()
+            .broadcast_matmul(&a.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_matmul(&b.as_tensor().t().unwrap())
+            .unwrap();
+        let composed =
+            (linear.forward(x.as_tensor()).unwrap() + (update * scale).unwrap()).unwrap();
+        let diff = |p: &Tensor, q: &Tensor| {
+            (p - q)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(&fused, &composed) < 1e-6);
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let got = loss(&fused).backward().unwrap();
+        let want = loss(&composed).backward().unwrap();
+        for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
+            let d = diff(
+                got.get(var.as_tensor()).unwrap(),
+                want.get(var.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-5, "d{name}: {d}");
+        }
+    }
 }

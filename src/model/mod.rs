@@ -23,6 +23,7 @@
 //! GPT-2 weights stay in HF's Conv1D layout `[in, out]` in memory as well as on disk
 //! (the forward computes `x·W + b`), so neither load nor save transposes anything.
 
+pub mod attention;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;

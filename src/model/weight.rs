@@ -109,6 +109,14 @@ impl Module for Linear {
 }
 
 impl Linear {
+    /// The gradient of the input of the frozen product `x·Wᵀ`: `g·W` for `g: […, out]`.
+    pub fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Matrix::Tensor(weight) => grad.broadcast_matmul(weight),
+            Matrix::Mapped(matrix) => matrix.matmul(grad),
+        }
+    }
+
     fn forward_table(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Matrix::Tensor(weight) => {
