@@ -318,6 +318,9 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused::applies(x) {
+            return super::fused::rms_norm(x, &self.weight, self.eps);
+        }
         let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
         let x = x.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
         x.broadcast_mul(&self.weight)
@@ -392,6 +395,14 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
 }
 
+/// [`apply_rope`] by the fused op where it applies (f32 on the CPU).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    match super::fused::applies(x) {
+        true => super::fused::rope(x, cos, sin),
+        false => apply_rope(x, cos, sin),
+    }
+}
+
 /// The additive causal mask `[T, T]`: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(seq_len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..seq_len)
@@ -457,8 +468,8 @@ impl Attention {
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
         let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = if super::attention::fused(&q) {
             super::attention::causal_attention(&q, &k, &v, scale)?
@@ -555,8 +566,13 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        let hidden = match super::fused::applies(&gate) {
+            true => super::fused::swiglu(&gate, &up)?,
+            false => (gate.silu()? * up)?,
+        };
+        self.down_proj.forward(&hidden)
     }
 }
 

@@ -24,6 +24,7 @@
 //! (the forward computes `x·W + b`), so neither load nor save transposes anything.
 
 pub mod attention;
+pub mod fused;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
