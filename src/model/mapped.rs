@@ -696,7 +696,7 @@ mod tests {
             // in both products.
             let (rows, cols) = (1500, 301);
             let (_dir, matrix, dense) = mapped(rows, cols, dtype, seed);
-            for m in [1, 3, 8, 9, 40] {
+            for m in [1, 3, 8, 9, 40, 64, 130] {
                 let mut rng = crate::rng::Rng::new(seed, m as u64);
                 let x: Vec<f32> = (0..m * cols)
                     .map(|_| (rng.next_f64() - 0.5) as f32)
