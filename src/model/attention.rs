@@ -2,6 +2,10 @@
 //! computed row by row with an online softmax (flash-attention style), forward and
 //! backward, as one candle custom op.
 //!
+//! Each block of 64 query rows is three or five `gemm` products (scores, output; in
+//! the backward pass also the probabilities' and the inputs' gradients) around a
+//! softmax over the block's causal keys.
+//!
 //! The composed version (`matmul`, scale, mask, `softmax`, `matmul`, with the key and
 //! value heads repeated for grouped-query attention) keeps about five `[B, H, T, T]`
 //! tensors per layer alive for the backward pass: 0.3 GB per layer of a Qwen2.5-0.5B at
@@ -119,9 +123,79 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + tail
 }
 
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
+/// Query rows per block: the scores of a block (`rows × keys`) are one `gemm` product.
+const BLOCK_ROWS: usize = 64;
+
+/// A row-major matrix operand of [`product`]: its data and row/column strides (a
+/// transposed view swaps them).
+#[derive(Clone, Copy)]
+struct Operand {
+    data: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Operand {
+    /// `rows × cols` stored row-major with `cols` per row, from `offset`.
+    fn rows(data: &[f32], offset: usize, cols: usize) -> Operand {
+        Operand {
+            data: data[offset..].as_ptr(),
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of [`Operand::rows`].
+    fn transposed(data: &[f32], offset: usize, cols: usize) -> Operand {
+        Operand {
+            data: data[offset..].as_ptr(),
+            row_stride: 1,
+            col_stride: cols as isize,
+        }
+    }
+}
+
+/// `dst[m × n] (row stride dst_stride) = (accumulate ? dst : 0) + scale · a[m × k] · b[k × n]`
+/// by `gemm` on this thread (the heads are already spread over threads).
+///
+/// # Safety
+/// `a` must address `m × k` valid values, `b` `k × n`, and `dst` `m` rows of `n` values
+/// with row stride `dst_stride`, not overlapping `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+) {
+    // SAFETY: the caller's contract is gemm's.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_stride as isize,
+            accumulate,
+            a.data,
+            a.col_stride,
+            a.row_stride,
+            b.data,
+            b.col_stride,
+            b.row_stride,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -156,25 +230,56 @@ impl CustomOp3 for CausalAttention {
                 let q = &q[dims.q_block(b, h)];
                 let kv = dims.kv_block(b, h / dims.group());
                 let (k, v) = (&k[kv.clone()], &v[kv]);
-                let mut scores = vec![0f32; seq];
-                for i in 0..seq {
-                    let query = &q[i * dim..(i + 1) * dim];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, score) in scores[..=i].iter_mut().enumerate() {
-                        *score = dot(query, &k[j * dim..(j + 1) * dim]) * self.scale;
-                        max = max.max(*score);
+                let mut probs = vec![0f32; BLOCK_ROWS * seq];
+                for first in (0..seq).step_by(BLOCK_ROWS) {
+                    let rows = BLOCK_ROWS.min(seq - first);
+                    // Causal: the block's last query sees keys 0..=first + rows - 1.
+                    let keys = first + rows;
+                    // SAFETY: q's rows first..keys and k's rows 0..keys exist (D values
+                    // each); probs holds rows × keys values.
+                    unsafe {
+                        product(
+                            rows,
+                            keys,
+                            dim,
+                            probs.as_mut_ptr(),
+                            keys,
+                            false,
+                            Operand::rows(q, first * dim, dim),
+                            Operand::transposed(k, 0, dim),
+                            self.scale,
+                        );
                     }
-                    let row = &mut out[i * dim..(i + 1) * dim];
-                    let mut sum = 0f32;
-                    for (j, score) in scores[..=i].iter_mut().enumerate() {
-                        let p = (*score - max).exp();
-                        sum += p;
-                        axpy(p, &v[j * dim..(j + 1) * dim], row);
+                    for (r, row) in probs[..rows * keys].chunks_mut(keys).enumerate() {
+                        let i = first + r;
+                        let max = row[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0f32;
+                        for p in &mut row[..=i] {
+                            *p = (*p - max).exp();
+                            sum += *p;
+                        }
+                        let inverse = 1.0 / sum;
+                        for p in &mut row[..=i] {
+                            *p *= inverse;
+                        }
+                        row[i + 1..].fill(0.0);
+                        lse[i] = max + sum.ln();
                     }
-                    for value in row.iter_mut() {
-                        *value /= sum;
+                    // SAFETY: out's rows first..keys, probs (rows × keys) and v's rows
+                    // 0..keys exist.
+                    unsafe {
+                        product(
+                            rows,
+                            dim,
+                            keys,
+                            out[first * dim..].as_mut_ptr(),
+                            dim,
+                            false,
+                            Operand::rows(&probs, 0, keys),
+                            Operand::rows(v, 0, dim),
+                            1.0,
+                        );
                     }
-                    lse[i] = max + sum.ln();
                 }
             });
         if let Ok(mut saved) = self.log_sum_exp.lock() {
@@ -193,7 +298,7 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.shape;
         let (seq, dim, group) = (dims.seq, dims.dim, dims.group());
-        let read = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let read = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
         let (qv, kv, vv, ov, gv) = (read(q)?, read(k)?, read(v)?, read(out)?, read(grad)?);
         let lse = match self.log_sum_exp.lock() {
             Ok(saved) if saved.len() == dims.batch * dims.heads * seq => saved.clone(),
@@ -212,29 +317,94 @@ impl CustomOp3 for CausalAttention {
                 let (b, g) = (index / dims.kv_heads, index % dims.kv_heads);
                 let kv_range = dims.kv_block(b, g);
                 let (k, v) = (&kv[kv_range.clone()], &vv[kv_range]);
-                let mut probs = vec![0f32; seq];
+                let mut probs = vec![0f32; BLOCK_ROWS * seq];
+                let mut d_scores = vec![0f32; BLOCK_ROWS * seq];
                 for member in 0..group {
                     let h = g * group + member;
                     let range = dims.q_block(b, h);
                     let (q, o, d_o) = (&qv[range.clone()], &ov[range.clone()], &gv[range]);
                     let dq = &mut dq[member * seq * dim..(member + 1) * seq * dim];
                     let lse = &lse[(b * dims.heads + h) * seq..(b * dims.heads + h + 1) * seq];
-                    for i in 0..seq {
-                        let query = &q[i * dim..(i + 1) * dim];
-                        let d_out = &d_o[i * dim..(i + 1) * dim];
-                        let delta = dot(d_out, &o[i * dim..(i + 1) * dim]);
-                        for (j, p) in probs[..=i].iter_mut().enumerate() {
-                            *p = (dot(query, &k[j * dim..(j + 1) * dim]) * self.scale - lse[i])
-                                .exp();
+                    for first in (0..seq).step_by(BLOCK_ROWS) {
+                        let rows = BLOCK_ROWS.min(seq - first);
+                        let keys = first + rows;
+                        // SAFETY (every product below): the operands are rows of q, o,
+                        // d_o, k, v, dq, dk, dv (D values each) below `keys`, and the
+                        // block buffers of rows × keys values.
+                        unsafe {
+                            product(
+                                rows,
+                                keys,
+                                dim,
+                                probs.as_mut_ptr(),
+                                keys,
+                                false,
+                                Operand::rows(q, first * dim, dim),
+                                Operand::transposed(k, 0, dim),
+                                self.scale,
+                            );
+                            product(
+                                rows,
+                                keys,
+                                dim,
+                                d_scores.as_mut_ptr(),
+                                keys,
+                                false,
+                                Operand::rows(d_o, first * dim, dim),
+                                Operand::transposed(v, 0, dim),
+                                1.0,
+                            );
                         }
-                        let dq_row = &mut dq[i * dim..(i + 1) * dim];
-                        for (j, &p) in probs[..=i].iter().enumerate() {
-                            let key = &k[j * dim..(j + 1) * dim];
-                            axpy(p, d_out, &mut dv[j * dim..(j + 1) * dim]);
-                            let ds =
-                                p * (dot(d_out, &v[j * dim..(j + 1) * dim]) - delta) * self.scale;
-                            axpy(ds, key, dq_row);
-                            axpy(ds, query, &mut dk[j * dim..(j + 1) * dim]);
+                        for (r, (p_row, d_row)) in probs[..rows * keys]
+                            .chunks_mut(keys)
+                            .zip(d_scores[..rows * keys].chunks_mut(keys))
+                            .enumerate()
+                        {
+                            let i = first + r;
+                            let delta =
+                                dot(&d_o[i * dim..(i + 1) * dim], &o[i * dim..(i + 1) * dim]);
+                            for (p, d) in p_row[..=i].iter_mut().zip(&mut d_row[..=i]) {
+                                *p = (*p - lse[i]).exp();
+                                *d = *p * (*d - delta) * self.scale;
+                            }
+                            p_row[i + 1..].fill(0.0);
+                            d_row[i + 1..].fill(0.0);
+                        }
+                        unsafe {
+                            // dV += Pᵀ·dO, dQ = dS·K, dK += dSᵀ·Q.
+                            product(
+                                keys,
+                                dim,
+                                rows,
+                                dv.as_mut_ptr(),
+                                dim,
+                                true,
+                                Operand::transposed(&probs, 0, keys),
+                                Operand::rows(d_o, first * dim, dim),
+                                1.0,
+                            );
+                            product(
+                                rows,
+                                dim,
+                                keys,
+                                dq[first * dim..].as_mut_ptr(),
+                                dim,
+                                false,
+                                Operand::rows(&d_scores, 0, keys),
+                                Operand::rows(k, 0, dim),
+                                1.0,
+                            );
+                            product(
+                                keys,
+                                dim,
+                                rows,
+                                dk.as_mut_ptr(),
+                                dim,
+                                true,
+                                Operand::transposed(&d_scores, 0, keys),
+                                Operand::rows(q, first * dim, dim),
+                                1.0,
+                            );
                         }
                     }
                 }
@@ -292,19 +462,26 @@ mod tests {
     }
 
     /// Output and the gradients of q, k and v equal the composed version's, with
-    /// grouped-query heads (4 query heads over 2 key/value heads).
+    /// grouped-query heads (4 query heads over 2 key/value heads), in one block of query
+    /// rows and in several (the last one partial).
     #[test]
     fn equals_the_composed_attention_forward_and_backward() {
+        for seq in [7, 150] {
+            check_against_composed(seq);
+        }
+    }
+
+    fn check_against_composed(seq: usize) {
         let (q, k, v) = (
-            random((2, 4, 7, 8), 1),
-            random((2, 2, 7, 8), 2),
-            random((2, 2, 7, 8), 3),
+            random((2, 4, seq, 8), 1),
+            random((2, 2, seq, 8), 2),
+            random((2, 2, seq, 8), 3),
         );
-        let weights = random((2, 4, 7, 8), 4);
+        let weights = random((2, 4, seq, 8), 4);
         let scale = 1.0 / 8f64.sqrt();
         let fused = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
         let reference = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
-        assert!(max_diff(&fused, &reference) < 1e-6);
+        assert!(max_diff(&fused, &reference) < 1e-5, "T={seq}");
         let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
         let fused_grads = loss(&fused).backward().unwrap();
         let reference_grads = loss(&reference).backward().unwrap();
@@ -312,7 +489,7 @@ mod tests {
             let got = fused_grads.get(var.as_tensor()).unwrap();
             let want = reference_grads.get(var.as_tensor()).unwrap();
             let diff = max_diff(got, want);
-            assert!(diff < 1e-5, "d{name}: {diff}");
+            assert!(diff < 1e-4, "T={seq}: d{name}: {diff}");
         }
     }
 
