@@ -337,28 +337,30 @@ impl Module for Proj {
         let Some(branch) = &self.lora else {
             return self.linear.forward(x);
         };
-        if branch.adapter.dropout_key().is_none()
-            && x.dtype() == candle_core::DType::F32
-            && x.device().is_cpu()
-        {
+        let mask = match branch.adapter.dropout_key() {
+            Some(key) => Some(dropout_mask(
+                x,
+                branch.adapter.spec.dropout,
+                &branch.adapter,
+                key,
+                branch.name_key,
+            )?),
+            None => None,
+        };
+        if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
             return x.contiguous()?.apply_op3(
                 &branch.a,
                 &branch.b,
                 LoraProduct {
                     linear: self.linear.clone(),
                     scale: branch.adapter.spec.scale(),
+                    mask,
                 },
             );
         }
         let y = self.linear.forward(x)?;
-        let input = match branch.adapter.dropout_key() {
-            Some(key) => dropout(
-                x,
-                branch.adapter.spec.dropout,
-                &branch.adapter,
-                key,
-                branch.name_key,
-            )?,
+        let input = match &mask {
+            Some(mask) => (x * mask)?,
             None => x.clone(),
         };
         let update = input
@@ -379,6 +381,9 @@ impl Module for Proj {
 struct LoraProduct {
     linear: Linear,
     scale: f64,
+    /// The dropout mask of the branch's input (0 or 1/(1-p) per element), when training
+    /// with dropout.
+    mask: Option<Tensor>,
 }
 
 impl LoraProduct {
@@ -413,7 +418,11 @@ impl candle_core::CustomOp3 for LoraProduct {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let x = Self::tensor(s1, l1)?;
         let (a, b) = (Self::tensor(s2, l2)?, Self::tensor(s3, l3)?);
-        let update = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+        let input = match &self.mask {
+            Some(mask) => (&x * mask)?,
+            None => x.clone(),
+        };
+        let update = input.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
         let y = (self.linear.forward(&x)? + (update * self.scale)?)?;
         let shape = y.shape().clone();
         let values = y.flatten_all()?.to_vec1::<f32>()?;
@@ -434,28 +443,38 @@ impl candle_core::CustomOp3 for LoraProduct {
         let out_dim = b.dim(0)?;
         let x2 = x.reshape(((), in_dim))?;
         let g2 = grad.reshape(((), out_dim))?;
-        let projected = x2.matmul(&a.t()?)?; // [N, r]
+        let mask = match &self.mask {
+            Some(mask) => Some(mask.reshape(((), in_dim))?),
+            None => None,
+        };
+        let input = match &mask {
+            Some(mask) => (&x2 * mask)?,
+            None => x2.clone(),
+        };
+        let projected = input.matmul(&a.t()?)?; // [N, r]
         let back = g2.matmul(&b)?; // [N, r]
         let grad_b = (g2.t()?.matmul(&projected)? * self.scale)?;
-        let grad_a = (back.t()?.matmul(&x2)? * self.scale)?;
-        let grad_x = (self.linear.input_grad(&g2)? + (back.matmul(&a)? * self.scale)?)?
-            .reshape(x.shape())?;
+        let grad_a = (back.t()?.matmul(&input)? * self.scale)?;
+        let mut branch_grad = (back.matmul(&a)? * self.scale)?;
+        if let Some(mask) = &mask {
+            branch_grad = (branch_grad * mask)?;
+        }
+        let grad_x = (self.linear.input_grad(&g2)? + branch_grad)?.reshape(x.shape())?;
         debug_assert_eq!(grad_a.dims(), [rank, in_dim]);
         Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
     }
 }
 
-/// Inverted dropout of `x` with probability `p`: each element is zeroed with
-/// probability `p`, the rest scaled by 1/(1-p). The mask depends on the adapter's seed,
-/// `key` and the projection alone.
-fn dropout(x: &Tensor, p: f64, adapter: &Adapter, key: u64, name_key: u64) -> Result<Tensor> {
+/// The inverted-dropout mask for `x` with probability `p`: each element 0 with
+/// probability `p`, else 1/(1-p). The mask depends on the adapter's seed, `key` and the
+/// projection alone.
+fn dropout_mask(x: &Tensor, p: f64, adapter: &Adapter, key: u64, name_key: u64) -> Result<Tensor> {
     let mut rng = Rng::for_item(adapter.seed ^ DROPOUT_STREAM, key, name_key);
     let (keep, scale) = (1.0 - p, (1.0 / (1.0 - p)) as f32);
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.next_f64() < keep { scale } else { 0.0 })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())
 }
 
 /// Initialises a fresh adapter: every `lora_A` uniform in ±1/√in from a seeded stream
@@ -684,9 +703,24 @@ mod tests {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
-    /// The fused projection gives the composed one's output and gradients (x, A, B).
+    /// The fused projection gives the composed one's output and gradients (x, A, B),
+    /// without and with a dropout mask on the branch's input.
     #[test]
     fn fused_projection_equals_the_composed_one() {
+        let mask = random((4, 5), 7)
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .affine(2.0, 0.0)
+            .unwrap()
+            .reshape((2, 2, 5))
+            .unwrap();
+        check_fused_projection(None);
+        check_fused_projection(Some(mask));
+    }
+
+    fn check_fused_projection(mask: Option<Tensor>) {
         let w = random((6, 5), 1);
         let bias = random((1, 6), 2).flatten_all().unwrap();
         let linear = Linear::load(
@@ -714,11 +748,15 @@ mod tests {
                 LoraProduct {
                     linear: linear.clone(),
                     scale,
+                    mask: mask.clone(),
                 },
             )
             .unwrap();
-        let update = x
-            .as_tensor()
+        let input = match &mask {
+            Some(mask) => (x.as_tensor() * mask).unwrap(),
+            None => x.as_tensor().clone(),
+        };
+        let update = input
             .broadcast_matmul(&a.as_tensor().t().unwrap())
             .unwrap()
             .broadcast_matmul(&b.as_tensor().t().unwrap())
