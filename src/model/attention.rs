@@ -420,19 +420,11 @@ impl CustomOp3 for CausalAttention {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{D, Device, Var};
+    use candle_core::{D, Device};
 
     use super::*;
     use crate::model::llama::{causal_mask, repeat_kv};
-
-    fn random(shape: (usize, usize, usize, usize), seed: u64) -> Var {
-        let mut rng = crate::rng::Rng::new(seed, 0);
-        let count = shape.0 * shape.1 * shape.2 * shape.3;
-        let values: Vec<f32> = (0..count)
-            .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
-            .collect();
-        Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
-    }
+    use crate::model::testing::{max_diff, random};
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
         let (_, heads, seq, _) = q.dims4().unwrap();
@@ -450,17 +442,6 @@ mod tests {
             .unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     /// Output and the gradients of q, k and v equal the composed version's, with
     /// grouped-query heads (4 query heads over 2 key/value heads), in one block of query
     /// rows and in several (the last one partial).
@@ -473,11 +454,11 @@ mod tests {
 
     fn check_against_composed(seq: usize) {
         let (q, k, v) = (
-            random((2, 4, seq, 8), 1),
-            random((2, 2, seq, 8), 2),
-            random((2, 2, seq, 8), 3),
+            random(&[2, 4, seq, 8], 1),
+            random(&[2, 2, seq, 8], 2),
+            random(&[2, 2, seq, 8], 3),
         );
-        let weights = random((2, 4, seq, 8), 4);
+        let weights = random(&[2, 4, seq, 8], 4);
         let scale = 1.0 / 8f64.sqrt();
         let fused = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
         let reference = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
@@ -498,11 +479,11 @@ mod tests {
     #[test]
     fn gradients_agree_with_finite_differences() {
         let (q, k, v) = (
-            random((1, 2, 5, 4), 5),
-            random((1, 1, 5, 4), 6),
-            random((1, 1, 5, 4), 7),
+            random(&[1, 2, 5, 4], 5),
+            random(&[1, 1, 5, 4], 6),
+            random(&[1, 1, 5, 4], 7),
         );
-        let weights = random((1, 2, 5, 4), 8);
+        let weights = random(&[1, 2, 5, 4], 8);
         let scale = 0.5;
         let loss = |q: &Tensor, k: &Tensor| {
             f64::from(

@@ -287,26 +287,7 @@ mod tests {
     use candle_core::{D, Device, Var};
 
     use super::*;
-
-    fn random(shape: &[usize], seed: u64) -> Var {
-        let mut rng = crate::rng::Rng::new(seed, 0);
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
-            .collect();
-        Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::model::testing::{max_diff, random};
 
     /// `fused` and `composed` of the same inputs give the same output and the same
     /// gradients for every input, under a random linear loss.

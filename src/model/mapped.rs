@@ -238,30 +238,15 @@ impl MappedMatrix {
                 for (row, source) in buffer.chunks_mut(k).zip(bytes.chunks(k * 2)) {
                     self.widen(source, row);
                 }
-                // SAFETY: dst is y's columns start..start+count of m rows with row stride
-                // n, written by this tile alone; lhs is x (m × k, row stride k); rhs is the
-                // tile read transposed (k × count: element (r, c) at c·k + r). All three
-                // lie inside their buffers, and y outlives the parallel loop.
+                // SAFETY: y's columns start..start+count are written by this tile alone,
+                // and y outlives the parallel loop.
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        count,
-                        k,
+                    tile_product_t(
+                        (m, count, k),
                         out.get().add(start),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        buffer.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        n,
+                        x,
+                        buffer,
                         gemm::Parallelism::None,
                     );
                 }
@@ -281,29 +266,14 @@ impl MappedMatrix {
         while start < n {
             let count = tile.min(n - start);
             self.widen_rows(start, count, &mut buffer[..count * k]);
-            // SAFETY: dst is y's columns start..start+count of m rows with row stride n;
-            // lhs is x (m × k, row stride k); rhs is the tile read transposed (k × count:
-            // element (r, c) at c·k + r). All lie inside their buffers.
+            // SAFETY: columns start..start+count of y (m rows of n).
             unsafe {
-                gemm::gemm(
-                    m,
-                    count,
-                    k,
+                tile_product_t(
+                    (m, count, k),
                     y.as_mut_ptr().add(start),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buffer.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    n,
+                    x,
+                    &buffer,
                     parallelism(),
                 );
             }
@@ -450,6 +420,48 @@ fn parallelism() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
         0 | 1 => gemm::Parallelism::None,
         threads => gemm::Parallelism::Rayon(threads),
+    }
+}
+
+/// `y[m × count] = x[m × k] · tileᵀ` for a widened tile of `count` weight rows
+/// (`count × k`), written into `count` columns of `y`, whose rows are `row_stride` apart.
+///
+/// # Safety
+/// `dst` must address `m` rows of `count` writable values `row_stride` apart, which no
+/// other thread writes meanwhile; `x` must hold `m × k` values and `tile` `count × k`.
+unsafe fn tile_product_t(
+    (m, count, k): (usize, usize, usize),
+    dst: *mut f32,
+    row_stride: usize,
+    x: &[f32],
+    tile: &[f32],
+    parallelism: gemm::Parallelism,
+) {
+    debug_assert!(x.len() >= m * k && tile.len() >= count * k);
+    // SAFETY: lhs is x (m × k, row stride k); rhs is the tile read transposed (k × count:
+    // element (r, c) at c·k + r); dst as the caller guarantees.
+    unsafe {
+        gemm::gemm(
+            m,
+            count,
+            k,
+            dst,
+            1,
+            row_stride as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            tile.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 

@@ -31,6 +31,8 @@ pub mod llama;
 pub mod lora;
 pub mod mapped;
 pub mod shards;
+#[cfg(test)]
+mod testing;
 pub mod vocab;
 pub mod weight;
 
