@@ -615,6 +615,20 @@ fn load_profile(
     stage_kinds: &HashMap<String, String>,
     options: &LoadOptions,
 ) -> Result<(Layer, ProfileRecord), Diagnostic> {
+    // A profile is a name, never a path: `--profile ../../x` must not reach a file
+    // outside the profile folders.
+    let is_name = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !is_name {
+        return Err(Diagnostic::new(format!(
+            "`{name}` is not a profile name: profiles are names of letters, digits, `-`, `_` and `.` \
+             (a file `profiles/NAME.yaml` or an entry under `profiles:` in {}), not paths",
+            pipeline.path.display()
+        )));
+    }
     let (file, prefix, overlay, inline) = if let Some(overlay) = inline_profiles.get(name) {
         let Value::Dict(_, overlay) = overlay else {
             return Err(

@@ -104,9 +104,14 @@ impl SourceFile {
         Self::parse(path, text, format)
     }
 
-    /// Parses `text` as the content of `path` in `format`.
+    /// Parses `text` as the content of `path` in `format`. A leading byte-order mark
+    /// (editors on Windows write one) is part of the hash but not of the document.
     pub fn parse(path: &Path, text: String, format: Format) -> Result<SourceFile, Diagnostic> {
         let hash = blake3::hash(text.as_bytes()).to_hex().to_string();
+        let text = match text.strip_prefix('\u{feff}') {
+            Some(rest) => rest.to_string(),
+            None => text,
+        };
         let (value, lines) = match format {
             Format::Yaml => parse_yaml(path, &text)?,
             Format::Toml => parse_toml(path, &text)?,
@@ -166,9 +171,18 @@ fn parse_yaml(path: &Path, text: &str) -> Result<(Value, KeyLines), Diagnostic> 
         diagnostic
     })?;
     let mut recorder = YamlKeyRecorder::default();
-    // Values come from serde_norway above; this second pass only learns positions, and a
-    // failure here can only lose line numbers, never values.
+    // Values come from serde_norway above; this second pass learns positions (a failure
+    // here can only lose line numbers, never values) and finds repeated keys, which the
+    // first pass would let the last one win silently.
     let _ = yaml_rust2::parser::Parser::new_from_str(text).load(&mut recorder, false);
+    if let Some((key, first, second)) = recorder.duplicate {
+        return Err(Diagnostic::new(format!(
+            "{}: key `{key}` is given twice (lines {first} and {second}); only one can count",
+            path.display()
+        ))
+        .at(Location::new(path, second, 1), Some(text))
+        .help("remove or rename one of them"));
+    }
     Ok((value, recorder.lines))
 }
 
@@ -182,12 +196,16 @@ fn strip_yaml_location(message: &str) -> &str {
 struct YamlKeyRecorder {
     lines: KeyLines,
     stack: Vec<YamlFrame>,
+    /// The first key found twice in one map: its path and both lines.
+    duplicate: Option<(String, usize, usize)>,
 }
 
 enum YamlFrame {
     Map {
         path: String,
         pending_key: Option<String>,
+        /// Keys of this map so far, with their lines.
+        seen: HashMap<String, usize>,
     },
     Seq {
         path: String,
@@ -209,6 +227,7 @@ impl YamlKeyRecorder {
             Some(YamlFrame::Map {
                 path,
                 pending_key: Some(key),
+                ..
             }) => join(path, key),
             Some(YamlFrame::Seq { path, index }) => join(path, &index.to_string()),
             _ => String::new(),
@@ -232,9 +251,16 @@ impl yaml_rust2::parser::MarkedEventReceiver for YamlKeyRecorder {
                 if let Some(YamlFrame::Map {
                     path,
                     pending_key: pending @ None,
+                    seen,
                 }) = self.stack.last_mut()
                 {
                     let key_path = join(path, &text);
+                    if let Some(&first) = seen.get(&text)
+                        && self.duplicate.is_none()
+                    {
+                        self.duplicate = Some((key_path.clone(), first, mark.line()));
+                    }
+                    seen.insert(text.clone(), mark.line());
                     *pending = Some(text);
                     self.lines.record(key_path, mark.line(), mark.col() + 1);
                 } else {
@@ -247,6 +273,7 @@ impl yaml_rust2::parser::MarkedEventReceiver for YamlKeyRecorder {
                 self.stack.push(YamlFrame::Map {
                     path,
                     pending_key: None,
+                    seen: HashMap::new(),
                 });
             }
             Event::SequenceStart(..) => {
@@ -329,6 +356,45 @@ mod tests {
         assert_eq!(file.lines.exact("stages.a.kind"), Some((8, 5)));
         let order: Vec<_> = file.lines.children_in_order("stages").collect();
         assert_eq!(order, ["b", "a"]);
+    }
+
+    #[test]
+    fn a_repeated_yaml_key_is_an_error_naming_both_lines() {
+        let text = "name: p\nstages:\n  s1:\n    kind: command\n    with: { cmd: a, cmd: b }\n  s1:\n    kind: command\n";
+        let error = SourceFile::parse(Path::new("p.yaml"), text.to_string(), Format::Yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("`stages.s1.with.cmd` is given twice (lines 5 and 5)"),
+            "{error}"
+        );
+        let text = "name: p\nstages:\n  s1: { kind: command }\n  s1: { kind: command }\n";
+        let error = SourceFile::parse(Path::new("p.yaml"), text.to_string(), Format::Yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("`stages.s1` is given twice (lines 3 and 4)"),
+            "{error}"
+        );
+        assert!(error.contains("p.yaml"), "{error}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_document() {
+        let text = "\u{feff}name: p\nseed: 3\n";
+        let file = SourceFile::parse(Path::new("p.yaml"), text.to_string(), Format::Yaml).unwrap();
+        assert_eq!(file.lines.exact("seed"), Some((2, 1)));
+        assert_eq!(
+            file.hash,
+            blake3::hash(text.as_bytes()).to_hex().to_string()
+        );
+        let toml = SourceFile::parse(
+            Path::new("p.toml"),
+            "\u{feff}name = \"p\"\n".to_string(),
+            Format::Toml,
+        )
+        .unwrap();
+        assert!(toml.values.contains_key("name"));
     }
 
     #[test]

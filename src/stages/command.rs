@@ -41,6 +41,22 @@ impl StageKind for Command {
     const OUTPUT: Artifact = Artifact::Files;
     const INPUTS: InputRules = InputRules::Any;
 
+    fn check(_settings: &CommandSettings, inputs: &[&str]) -> Result<(), String> {
+        // Two names that give one variable would silently hand the command one input.
+        for (index, name) in inputs.iter().enumerate() {
+            if let Some(other) = inputs[..index]
+                .iter()
+                .find(|other| input_env_var(other) == input_env_var(name))
+            {
+                return Err(format!(
+                    "inputs `{other}` and `{name}` would both be ${}; rename one",
+                    input_env_var(name)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn run(
         settings: &CommandSettings,
         context: &mut StageContext<'_>,

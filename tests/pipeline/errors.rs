@@ -207,3 +207,59 @@ fn unknown_stage_names_in_flags_are_rejected() {
         "{error}"
     );
 }
+
+/// Nothing written in the file is silently dropped: a repeated stage or key is an error
+/// naming both lines, two input names that give one `TY_IN_` variable are refused, and
+/// a profile is a name, not a path.
+#[test]
+fn settings_are_never_silently_lost() {
+    let error = failing(
+        "name: e\nstages:\n  s1:\n    kind: command\n    with: { cmd: 'echo a > a' }\n  s1:\n    kind: command\n    with: { cmd: 'echo b > b' }\n",
+        &[],
+    );
+    assert!(
+        error.contains("p.yaml: key `stages.s1` is given twice (lines 3 and 6)"),
+        "{error}"
+    );
+    let error = failing(
+        "name: e\nstages:\n  s1:\n    kind: command\n    with:\n      cmd: 'echo a > a'\n      cmd: 'echo b > b'\n",
+        &[],
+    );
+    assert!(
+        error.contains("`stages.s1.with.cmd` is given twice (lines 6 and 7)"),
+        "{error}"
+    );
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: command\n    with: { cmd: 'echo a > a' }\n  b:\n    kind: command\n    inputs: { a-b: a, a_b: a }\n    with: { cmd: 'true' }\n",
+        &[],
+    );
+    assert!(
+        error.contains("inputs `a-b` and `a_b` would both be $TY_IN_A_B"),
+        "{error}"
+    );
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: e\nstages:\n  a:\n    kind: command\n    with: { cmd: 'echo a > a' }\n",
+    );
+    sandbox.write("outside.yaml", "seed: 9\n");
+    sandbox.write("profiles/dev.yaml", "seed: 3\n");
+    let error = sandbox.fails(&["run", "p.yaml", "--profile", "../outside"]);
+    assert!(
+        error.contains("`../outside` is not a profile name"),
+        "{error}"
+    );
+    sandbox.ok(&["run", "p.yaml", "--profile", "dev"]);
+}
+
+/// A byte-order mark at the start of a pipeline (as some Windows editors write) is
+/// accepted.
+#[test]
+fn a_byte_order_mark_is_accepted() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "\u{feff}name: e\nstages:\n  a:\n    kind: command\n    with: { cmd: 'echo a > a' }\n",
+    );
+    sandbox.ok(&["run", "p.yaml"]);
+}
