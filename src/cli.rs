@@ -308,7 +308,20 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_INTERRUPTED: u8 = 130;
 
 /// Parses the command line and runs it.
+/// `trainyard status | head` must end like `cat` does when `head` stops reading, not
+/// panic in `println!`: Rust ignores SIGPIPE, so its default action is restored. A run
+/// killed this way leaves the store as any kill does (nothing half-published), and its
+/// command stages die with it.
+fn end_quietly_on_a_broken_pipe() {
+    // SAFETY: setting a signal's disposition to its default at start-up, before any
+    // thread exists, has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 pub fn main() -> ExitCode {
+    end_quietly_on_a_broken_pipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -263,3 +263,33 @@ fn a_byte_order_mark_is_accepted() {
     );
     sandbox.ok(&["run", "p.yaml"]);
 }
+
+/// `trainyard … | head -1` ends quietly when `head` stops reading: no panic message.
+#[test]
+fn a_broken_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    let sandbox = Sandbox::new();
+    let mut pipeline = String::from("name: e\nstages:\n");
+    for index in 0..600 {
+        pipeline.push_str(&format!(
+            "  s{index}:\n    kind: command\n    with: {{ cmd: 'echo {index} > a' }}\n"
+        ));
+    }
+    sandbox.write("p.yaml", &pipeline);
+    let mut child = sandbox
+        .command(&["resolve", "p.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is gone: the next writes meet a closed pipe.
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!first.is_empty());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}
