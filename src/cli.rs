@@ -15,7 +15,7 @@ use crate::generate::{Conversation, Generation, Generator, SamplingOptions};
 use crate::interrupt::CancelFlag;
 use crate::retrieve::{self, Index};
 use crate::stages::training::DeviceSetting;
-use crate::store::Workspace;
+use crate::store::{self, Workspace};
 
 /// Declarative, fingerprinted language-model training pipelines.
 #[derive(Debug, Parser)]
@@ -304,10 +304,13 @@ pub struct AuditArgs {
 
 /// Exit status for configuration errors (bad pipeline, bad flags).
 const EXIT_CONFIG: u8 = 2;
+/// Exit status when the workspace is locked by another run and `--no-wait` was given.
+const EXIT_BUSY: u8 = 3;
+/// Exit status for I/O and environment errors.
+const EXIT_IO: u8 = 4;
 /// Exit status after Ctrl-C / SIGTERM.
 const EXIT_INTERRUPTED: u8 = 130;
 
-/// Parses the command line and runs it.
 /// `trainyard status | head` must end like `cat` does when `head` stops reading, not
 /// panic in `println!`: Rust ignores SIGPIPE, so its default action is restored. A run
 /// killed this way leaves the store as any kill does (nothing half-published), and its
@@ -320,6 +323,7 @@ fn end_quietly_on_a_broken_pipe() {
     }
 }
 
+/// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     end_quietly_on_a_broken_pipe();
     let cli = Cli::parse();
@@ -333,10 +337,53 @@ pub fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(EXIT_CONFIG)
+            eprintln!("error: {}", render_error(&error));
+            ExitCode::from(exit_code(&error))
         }
     }
+}
+
+/// The error and its causes, each said once: many errors quote their source in their
+/// own message (`cannot lock …: Permission denied`), and the chain would repeat it.
+fn render_error(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
+/// The documented exit code of a failed command: 3 when the workspace is busy (and
+/// `--no-wait` was given), 4 for I/O and environment errors, 2 for invalid pipelines,
+/// settings and flags.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    use executor::ExecError;
+    use store::LockError;
+    fn lock<'e>(cause: &'e (dyn std::error::Error + 'static)) -> Option<&'e LockError> {
+        match cause.downcast_ref::<ExecError>() {
+            Some(ExecError::Lock(lock)) => Some(lock),
+            _ => cause.downcast_ref::<LockError>(),
+        }
+    }
+    if error
+        .chain()
+        .any(|cause| matches!(lock(cause), Some(LockError::Busy { .. })))
+    {
+        return EXIT_BUSY;
+    }
+    let io = error.chain().any(|cause| {
+        cause.is::<std::io::Error>()
+            || matches!(lock(cause), Some(LockError::Io { .. }))
+            || matches!(
+                cause.downcast_ref::<ExecError>(),
+                Some(ExecError::Io { .. })
+            )
+    });
+    if io { EXIT_IO } else { EXIT_CONFIG }
 }
 
 fn workspace(cli_workspace: &Option<PathBuf>) -> anyhow::Result<Workspace> {

@@ -112,7 +112,9 @@ fn a_second_run_waits_for_the_lock_and_then_finds_everything_cached() {
     let first = sandbox.spawn(&["run", "p.yaml"]);
     wait_for(&scratch_file(&sandbox, "started"));
 
-    let busy = sandbox.fails(&["run", "p.yaml", "--no-wait"]);
+    let busy = sandbox.trainyard(&["run", "p.yaml", "--no-wait"]);
+    assert_eq!(busy.status.code(), Some(3), "{}", text(&busy));
+    let busy = text(&busy);
     assert!(
         busy.contains("is locked by another trainyard run (pid"),
         "{busy}"

@@ -293,3 +293,30 @@ fn a_broken_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
 }
+
+/// Exit codes say what kind of failure it was (2 invalid pipeline, 4 I/O; 1, 3 and 130
+/// are checked where stages fail, the lock is busy and runs are interrupted), and an OS
+/// error is printed once.
+#[test]
+fn exit_codes_tell_invalid_pipelines_from_io_errors() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", "name: e\nstages:\n  a:\n    kind: nope\n");
+    let invalid = sandbox.trainyard(&["run", "p.yaml"]);
+    assert_eq!(invalid.status.code(), Some(2), "{}", common::text(&invalid));
+    sandbox.write(
+        "ok.yaml",
+        "name: e\nstages:\n  a:\n    kind: command\n    with: { cmd: 'echo a > a' }\n",
+    );
+    sandbox.write("not-a-dir", "a file where the workspace should be\n");
+    let workspace = sandbox.path("not-a-dir");
+    let io = sandbox.trainyard(&[
+        "--workspace",
+        workspace.to_str().unwrap(),
+        "run",
+        sandbox.path("ok.yaml").to_str().unwrap(),
+    ]);
+    let message = common::text(&io);
+    assert_eq!(io.status.code(), Some(4), "{message}");
+    let os_error = "Not a directory (os error 20)";
+    assert_eq!(message.matches(os_error).count(), 1, "{message}");
+}
