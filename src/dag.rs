@@ -52,12 +52,25 @@ pub struct Dag {
     pub bindings: Vec<BTreeMap<String, Binding>>,
 }
 
+/// How a cycle reads: a stage that reads itself, or the circle of stages.
+fn cycle_message(stages: &[String]) -> String {
+    match stages {
+        [only, _] => format!("stage `{only}` reads its own output (a dependency cycle)"),
+        _ => format!(
+            "dependency cycle: {} (each stage reads the output of the one before it)",
+            stages.join(" → ")
+        ),
+    }
+}
+
 /// A pipeline whose graph is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum DagError {
     /// Stages depend on each other in a circle.
-    #[error("dependency cycle: {} (each stage reads the output of the one before it)", .stages.join(" → "))]
+    #[error("{}: {}", .file.display(), cycle_message(.stages))]
     Cycle {
+        /// The pipeline file.
+        file: std::path::PathBuf,
         /// The stages on the cycle, first one repeated at the end.
         stages: Vec<String>,
     },
@@ -427,7 +440,10 @@ pub fn build(pipeline: &ResolvedPipeline) -> Result<Dag, Box<DagError>> {
             .map(|&index| pipeline.stages[index].name.clone())
             .collect();
         stages.push(stages[0].clone());
-        return Err(Box::new(DagError::Cycle { stages }));
+        return Err(Box::new(DagError::Cycle {
+            file: pipeline.file.path.clone(),
+            stages,
+        }));
     }
     let order = stable_topological_order(&graph);
     Ok(Dag {

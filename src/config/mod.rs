@@ -942,8 +942,9 @@ impl Resolver {
             .collect();
         path.extend(error.path.iter().cloned());
         let at = path.join(".");
+        let whole = format!("the pipeline {}", self.file.path.display());
         let within = if at.is_empty() {
-            "the pipeline".to_string()
+            whole.clone()
         } else {
             format!("`{at}`")
         };
@@ -955,7 +956,7 @@ impl Resolver {
                     format!("{at}.{field}").trim_start_matches('.').to_string()
                 };
                 let within = match path.last() == Some(field) {
-                    true if path.len() == 1 => "the pipeline".to_string(),
+                    true if path.len() == 1 => whole.clone(),
                     true => format!("`{}`", path[..path.len() - 1].join(".")),
                     false => within,
                 };

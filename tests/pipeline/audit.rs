@@ -153,10 +153,11 @@ fn missing_manifest_is_a_difference() {
 }
 
 #[test]
-fn unreadable_run_directory_exits_2_naming_the_file() {
+fn unreadable_or_invalid_run_records_name_the_file() {
     let sandbox = branches();
+    // Unreadable: an I/O error (exit 4); not a run record: invalid input (exit 2).
     let (code, report) = trainyard(&sandbox, &["audit", "runs/nothing-here"]);
-    assert_eq!(code, 2, "{report}");
+    assert_eq!(code, 4, "{report}");
     assert!(report.contains("runs/nothing-here"), "{report}");
 
     sandbox.ok(&["run", "p.yaml"]);

@@ -18,7 +18,10 @@ fn a_cycle_names_the_stages_on_it() {
         "name: e\nstages:\n  a:\n    kind: command\n    inputs: { x: c }\n    with: { cmd: 'true' }\n  b:\n    kind: command\n    inputs: { x: a }\n    with: { cmd: 'true' }\n  c:\n    kind: command\n    inputs: { x: b/f.txt }\n    with: { cmd: 'true' }\n",
         &[],
     );
-    assert!(error.contains("dependency cycle: a → b → c → a"), "{error}");
+    assert!(
+        error.contains("p.yaml: dependency cycle: a → b → c → a"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -319,4 +322,22 @@ fn exit_codes_tell_invalid_pipelines_from_io_errors() {
     assert_eq!(io.status.code(), Some(4), "{message}");
     let os_error = "Not a directory (os error 20)";
     assert_eq!(message.matches(os_error).count(), 1, "{message}");
+}
+
+/// Cycles, a stage reading itself and an empty file name the pipeline file.
+#[test]
+fn graph_and_empty_file_errors_name_the_file() {
+    let error = failing(
+        "name: e\nstages:\n  a:\n    kind: command\n    inputs: { x: a }\n    with: { cmd: 'true' }\n",
+        &[],
+    );
+    assert!(
+        error.contains("p.yaml: stage `a` reads its own output"),
+        "{error}"
+    );
+    let error = failing("", &[]);
+    assert!(
+        error.contains("missing key `name` in the pipeline p.yaml"),
+        "{error}"
+    );
 }
