@@ -38,3 +38,25 @@ pub fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     }
     fs::rename(&temp, path)
 }
+
+/// Gives `path` the mode a newly created file gets (0666 less the process's umask).
+/// Writers that go through a temporary file (the safetensors crate's) create it 0600,
+/// which would leave model weights unreadable to the rest of a team.
+pub fn use_default_permissions(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666 & !umask()))
+}
+
+/// The process's umask, read from `/proc/self/status` (setting and restoring it with
+/// `umask(2)` would race with other threads creating files); 022 where unavailable.
+fn umask() -> u32 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Umask:"))
+                .and_then(|value| u32::from_str_radix(value.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}

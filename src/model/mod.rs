@@ -1016,6 +1016,10 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), Mod
             path: path.to_path_buf(),
             message: error.to_string(),
         }
+    })?;
+    crate::atomic_file::use_default_permissions(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
     })
 }
 

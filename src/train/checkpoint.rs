@@ -129,6 +129,12 @@ pub fn save(root: &Path, checkpoint: &Checkpoint<'_>) -> Result<PathBuf, Checkpo
             source,
         }
     })?;
+    crate::atomic_file::use_default_permissions(&optimizer_path).map_err(|source| {
+        CheckpointError::Io {
+            path: optimizer_path.clone(),
+            source,
+        }
+    })?;
     let state_path = temp.join("trainer_state.json");
     let state =
         serde_json::to_vec_pretty(checkpoint.state).map_err(|error| CheckpointError::State {

@@ -126,8 +126,26 @@ fn lora_trains_a_peft_adapter_that_merges_into_identical_logits() {
         "LoRA should lower the loss: {before} → {after}"
     );
 
-    // Merged = base + adapter, logit for logit.
+    // Weights are readable like every other file written (0666 less the umask), not
+    // the 0600 of the safetensors crate's temporary file.
     let merged_dir = output(&sandbox, "merged");
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("Umask:"))
+        .map(|value| u32::from_str_radix(value.trim(), 8).unwrap())
+        .unwrap();
+    for file in [
+        adapter.join("adapter_model.safetensors"),
+        merged_dir.join("model.safetensors"),
+        base_dir.join("model.safetensors"),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask, "{}", file.display());
+    }
+
+    // Merged = base + adapter, logit for logit.
     assert!(merged_dir.join("tokenizer.json").is_file());
     assert_eq!(
         trainyard::model::load_config(&merged_dir).unwrap(),
