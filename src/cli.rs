@@ -278,6 +278,10 @@ pub struct RunArgs {
     /// Fail at once if another run holds the workspace lock, instead of waiting.
     #[arg(long)]
     pub no_wait: bool,
+    /// Start interrupted training stages over instead of resuming from their last
+    /// checkpoint (which is discarded).
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
 /// `trainyard audit`.
@@ -798,6 +802,7 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
         jobs: args.jobs,
         keep_going: args.keep_going,
         wait_for_lock: !args.no_wait,
+        resume: !args.no_resume,
         progress: !args.dry_run,
         command_line: std::env::args().collect(),
     };

@@ -42,6 +42,9 @@ pub struct RunOptions {
     pub keep_going: bool,
     /// Wait for the workspace lock instead of failing when another run holds it.
     pub wait_for_lock: bool,
+    /// Continue an interrupted training stage from its last checkpoint (off: start it
+    /// over, discarding the checkpoints).
+    pub resume: bool,
     /// Print progress lines to stderr.
     pub progress: bool,
     /// The command line, for the run record.
@@ -59,6 +62,7 @@ impl Default for RunOptions {
             jobs: 1,
             keep_going: false,
             wait_for_lock: true,
+            resume: true,
             progress: false,
             command_line: Vec::new(),
         }
@@ -761,6 +765,33 @@ impl Engine<'_> {
         Ok((identity, paths))
     }
 
+    /// What happens to a checkpoint an interrupted run of a training stage left in
+    /// `scratch`: announced as the resume point, or (with `--no-resume`) discarded.
+    fn resume_note(&self, resumable: bool, scratch: &std::path::Path) -> Option<String> {
+        if !resumable {
+            return None;
+        }
+        let checkpoints = scratch.join(crate::train::trainer::CHECKPOINTS);
+        let latest = crate::train::checkpoint::latest(&checkpoints)?;
+        let name = latest
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if self.options.resume {
+            return Some(format!(
+                "resuming from checkpoint {name} of an interrupted run"
+            ));
+        }
+        match std::fs::remove_dir_all(scratch) {
+            Ok(()) => Some(format!(
+                "starting over (--no-resume): checkpoint {name} discarded"
+            )),
+            Err(error) => Some(format!(
+                "could not discard checkpoint {name} ({error}); resuming from it"
+            )),
+        }
+    }
+
     /// Runs one stage into its scratch directory and publishes it.
     fn execute(&self, mut job: Job) -> StageReport {
         let stage = &self.pipeline.stages[job.index];
@@ -769,7 +800,10 @@ impl Engine<'_> {
             StageReport::new(&stage.name, stage.kind.name, StageStatus::Skipped),
         );
         let scratch = self.workspace.scratch_dir(&stage.name, &job.fingerprint);
-        let reasons: Vec<String> = report.reasons.iter().map(ToString::to_string).collect();
+        let mut reasons: Vec<String> = report.reasons.iter().map(ToString::to_string).collect();
+        if let Some(note) = self.resume_note(stage.kind.resumable, &scratch) {
+            reasons.push(note);
+        }
         self.progress(format_args!(
             "  running  {} ({}): {}",
             stage.name,

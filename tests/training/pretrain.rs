@@ -217,7 +217,11 @@ fn same_seed_and_settings_give_the_same_weights_and_sigkill_resume_is_bit_identi
         killed.store_entries("lm").is_empty(),
         "nothing was published"
     );
-    killed.ok(&["run", "p.yaml"]);
+    let console = killed.ok(&["run", "p.yaml"]);
+    assert!(
+        console.contains("resuming from checkpoint step-"),
+        "the console announces the resume:\n{console}"
+    );
     let log = std::fs::read_to_string(output(&killed, "lm").join("stage.log")).unwrap();
     assert!(log.contains("resuming from"), "the rerun resumed:\n{log}");
     assert_eq!(
@@ -321,6 +325,17 @@ fn a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
         "the error names the checkpoint: {out}"
     );
     assert!(sandbox.store_entries("lm").is_empty());
+    // `--no-resume` starts over, discarding the checkpoints, and says so.
+    let again = sandbox.fails(&["run", "p.yaml", "--no-resume"]);
+    assert!(
+        again.contains(&format!(
+            "starting over (--no-resume): checkpoint step-{:08} discarded",
+            step - 1
+        )),
+        "{again}"
+    );
+    let log = std::fs::read_to_string(work_dir(&sandbox, "lm").join("stage.log")).unwrap();
+    assert!(!log.contains("resuming from"), "{log}");
 }
 
 #[test]
