@@ -552,11 +552,19 @@ impl Engine<'_> {
         }
         if self.cancel.is_cancelled() {
             report.error = Some("the run was interrupted".to_string());
+            self.progress(format_args!(
+                "  skipped  {} (the run was interrupted)",
+                stage.name
+            ));
             return Decision::Done(Box::new(report));
         }
         if let Some(failed) = stopped_by {
             report.error = Some(format!(
                 "the run stopped after `{failed}` failed (use --keep-going to continue)"
+            ));
+            self.progress(format_args!(
+                "  skipped  {} (not run: `{failed}` failed; --keep-going runs stages that do not depend on it)",
+                stage.name
             ));
             return Decision::Done(Box::new(report));
         }

@@ -176,6 +176,14 @@ fn a_failing_stage_shows_its_status_and_output_and_skips_dependents() {
         "without --keep-going the run stops"
     );
     assert!(
+        error.contains("skipped  other (not run: `bad` failed; --keep-going runs"),
+        "the console lists the stage the failure kept from running:\n{error}"
+    );
+    assert!(
+        error.contains("skipped  after (upstream `bad` failed)"),
+        "{error}"
+    );
+    assert!(
         sandbox.store_entries("bad").is_empty(),
         "a failed stage leaves the store as it was"
     );
