@@ -594,6 +594,17 @@ struct Session {
     stats: bool,
 }
 
+/// A path argument as the user means it: relative to the workspace (`--workspace`, else
+/// the current directory, where run outputs such as `runs/latest/…` live), or, when
+/// nothing is there, relative to the current directory.
+fn in_workspace(path: &Path, workspace: &Workspace) -> PathBuf {
+    let inside = workspace.root.join(path);
+    match path.is_relative() && inside.exists() {
+        true => inside,
+        false => path.to_path_buf(),
+    }
+}
+
 impl Session {
     fn open(args: &ModelArgs, workspace: &Workspace) -> anyhow::Result<Session> {
         let options = SamplingOptions {
@@ -613,11 +624,7 @@ impl Session {
             ),
             None => args.system.clone(),
         };
-        // A relative path is taken from the current directory, else from --workspace.
-        let mut model = args.model.clone();
-        if model.is_relative() && !model.exists() && workspace.root.join(&model).exists() {
-            model = workspace.root.join(&model);
-        }
+        let model = in_workspace(&args.model, workspace);
         let device = args.device.device().map_err(anyhow::Error::msg)?;
         let generator = Generator::load(&model, &device)?;
         Ok(Session {
@@ -665,7 +672,7 @@ fn generate(args: GenerateArgs, workspace: &Workspace) -> anyhow::Result<ExitCod
 fn chat_command(args: ChatArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
     let session = Session::open(&args.model, workspace)?;
     let index = match &args.retrieve {
-        Some(dataset) => Some(Index::open(dataset)?),
+        Some(dataset) => Some(Index::open(&in_workspace(dataset, workspace))?),
         None => None,
     };
     let mut conversation = Conversation::new(session.system.clone());

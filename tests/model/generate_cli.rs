@@ -366,3 +366,30 @@ fn chat_with_retrieval_answers_covered_questions_and_refuses_the_rest() {
         text(&output)
     );
 }
+
+/// With `--workspace`, a model path like `runs/latest/…` is the workspace's, even when
+/// the current directory holds a directory of that name.
+#[test]
+fn model_paths_resolve_against_the_workspace() {
+    let workspace = trained().dir.path();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(elsewhere.path().join(MODEL)).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_trainyard"))
+        .current_dir(elsewhere.path())
+        .args([
+            "--workspace",
+            workspace.to_str().unwrap(),
+            "generate",
+            MODEL,
+            "--raw",
+            "--prompt",
+            "The river",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+}
