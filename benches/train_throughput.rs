@@ -2,9 +2,13 @@
 //! of `bench/train.sh` (whose Python side, `bench/train.py`, runs the same model in
 //! PyTorch eager).
 //!
-//! One step is what `train::step::train_step` does for a single micro-batch, timed in
-//! three phases: forward + loss (up to reading the loss value), backward, and optimizer
-//! (global grad norm, clipping factor, AdamW update, dropping the gradients). Batches are
+//! One step is a forward pass of the model (its fused attention, norms, RoPE and
+//! SwiGLU included), the loss, the backward pass and the optimizer, timed in three
+//! phases: forward + loss (up to reading the loss value), backward, and optimizer
+//! (global grad norm, clipping factor, AdamW update, dropping the gradients). The loss
+//! here is the composed cross-entropy, so that the phases split as PyTorch's do;
+//! `train::step::train_step` computes it chunked instead (`train::loss::loss_and_grads`),
+//! which interleaves the head's forward and backward passes. Batches are
 //! random token ids from SplitMix64 ([`trainyard::rng::Rng`]), the same ids `train.py`
 //! draws. Prints one JSON object on stdout.
 //!
