@@ -235,6 +235,15 @@ pub fn run(
         };
         Some(workspace.lock(options.wait_for_lock, &mut on_wait)?)
     };
+    if !options.dry_run
+        && let Some(killed) = crate::runs::mark_killed_run(workspace)
+            .map_err(io_error("reading the last run record"))?
+        && options.progress
+    {
+        eprintln!(
+            "note: run {killed} was killed before it finished; its record now says interrupted"
+        );
+    }
     let recorder = if options.dry_run {
         None
     } else {

@@ -223,6 +223,48 @@ pub fn git_commit(dir: &Path) -> Option<String> {
     None
 }
 
+/// Marks the newest run's record `interrupted` (and its `running` stages) when it
+/// still says `running`: the process that wrote it was killed before it could finish
+/// the record. Called with the workspace lock held, so no live run can own that
+/// record. Returns the run's id when it marked one.
+pub fn mark_killed_run(workspace: &Workspace) -> io::Result<Option<String>> {
+    let runs = workspace.runs_dir();
+    let Ok(entries) = fs::read_dir(&runs) else {
+        return Ok(None);
+    };
+    // Run ids start with their UTC start time, so the newest sorts last.
+    let newest = entries
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('.'))
+        .max();
+    let Some(id) = newest else {
+        return Ok(None);
+    };
+    let path = runs.join(&id).join(RECORD_FILE);
+    let Ok(text) = fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let Ok(mut record) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(None);
+    };
+    if record.get("status").and_then(|status| status.as_str()) != Some("running") {
+        return Ok(None);
+    }
+    record["status"] = serde_json::json!("interrupted");
+    if let Some(stages) = record.get_mut("stages").and_then(|s| s.as_object_mut()) {
+        for stage in stages.values_mut() {
+            if stage.get("status").and_then(|status| status.as_str()) == Some("running") {
+                stage["status"] = serde_json::json!("interrupted");
+            }
+        }
+    }
+    let bytes = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
+    replace_file(&path, &bytes, true)?;
+    Ok(Some(id))
+}
+
 /// An open run directory.
 #[derive(Debug)]
 pub struct RunRecorder {

@@ -625,6 +625,10 @@ fn build_pretrain(
                 ids.push(eos_id);
                 Ok(ids)
             })
+            // Collected whole, then in order: the error names the first bad line of the
+            // file, not whichever thread failed first.
+            .collect::<Vec<Result<_, StageError>>>()
+            .into_iter()
             .collect::<Result<_, StageError>>()?;
         for ids in &encoded {
             writer
@@ -733,6 +737,10 @@ fn build_sft(
                 )
                 .map_err(at_line)
             })
+            // Collected whole, then in order: the error names the first bad line of the
+            // file, not whichever thread failed first.
+            .collect::<Vec<Result<_, StageError>>>()
+            .into_iter()
             .collect::<Result<_, StageError>>()?;
         for example in encoded {
             match example {

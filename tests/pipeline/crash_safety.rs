@@ -64,24 +64,31 @@ fn stage_killed_with_sigkill_leaves_no_visible_output_and_next_run_redoes_it() {
         1,
         "finished work is kept"
     );
-    let record = sandbox.read(&format!(
-        "runs/{}/resolved_settings.json",
-        std::fs::read_dir(sandbox.path("runs"))
-            .unwrap()
-            .flatten()
-            .next()
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-    ));
+    let killed_id = std::fs::read_dir(sandbox.path("runs"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let record_path = format!("runs/{killed_id}/resolved_settings.json");
+    let record = sandbox.read(&record_path);
     assert!(
         record.contains("\"status\": \"running\""),
         "the crashed run's record says it never finished"
     );
 
     std::fs::remove_file(&gate).unwrap();
-    sandbox.ok(&["run", "p.yaml"]);
+    let console = sandbox.ok(&["run", "p.yaml"]);
     assert_eq!(sandbox.executed(), ["slow"]);
+    // The next run marks the killed run's record interrupted, and says so.
+    assert!(
+        console.contains(&format!("run {killed_id} was killed before it finished")),
+        "{console}"
+    );
+    let record: serde_json::Value = serde_json::from_str(&sandbox.read(&record_path)).unwrap();
+    assert_eq!(record["status"], "interrupted");
     assert_eq!(
         sandbox.read("runs/latest/outputs/slow/out.txt"),
         "partial\ncomplete\n"
