@@ -19,11 +19,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Whether the fused op computes attention for queries like `q`: f32 on the CPU (other
-/// dtypes and devices take the composed path).
-pub fn fused(q: &Tensor) -> bool {
-    q.dtype() == candle_core::DType::F32 && q.device().is_cpu()
-}
+use super::fused::contiguous_f32;
 
 /// Causal attention of `q: [B, H, T, D]` over `k, v: [B, KV, T, D]` (f32; query head `h`
 /// reads key/value head `h / (H / KV)`), scaled by `scale`: `[B, H, T, D]`.
@@ -94,16 +90,6 @@ struct CausalAttention {
     scale: f32,
     /// The forward pass's log-sum-exp per query row `[B, H, T]`, for the backward pass.
     log_sum_exp: Mutex<Vec<f32>>,
-}
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        candle_core::bail!("causal attention: {what} must be f32");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("causal attention: {what} is not contiguous");
-    };
-    Ok(&values[start..end])
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -199,6 +185,38 @@ unsafe fn product(
     }
 }
 
+impl CausalAttention {
+    /// The scaled scores `q[first..first + rows] · k[0..keys]ᵀ` of a block of query rows
+    /// over its causal keys (`keys = first + rows`), into `out` (`rows × keys`).
+    fn block_scores(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        first: usize,
+        rows: usize,
+        dim: usize,
+        out: &mut [f32],
+    ) {
+        let keys = first + rows;
+        assert!(q.len() >= keys * dim && k.len() >= keys * dim && out.len() >= rows * keys);
+        // SAFETY: the assertion above: q's rows first..keys and k's rows 0..keys exist
+        // (D values each), and out holds rows × keys values.
+        unsafe {
+            product(
+                rows,
+                keys,
+                dim,
+                out.as_mut_ptr(),
+                keys,
+                false,
+                Operand::rows(q, first * dim, dim),
+                Operand::transposed(k, 0, dim),
+                self.scale,
+            );
+        }
+    }
+}
+
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "causal-attention"
@@ -214,9 +232,9 @@ impl CustomOp3 for CausalAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (
-            contiguous_f32(s1, l1, "q")?,
-            contiguous_f32(s2, l2, "k")?,
-            contiguous_f32(s3, l3, "v")?,
+            contiguous_f32(s1, l1, "causal attention (q)")?,
+            contiguous_f32(s2, l2, "causal attention (k)")?,
+            contiguous_f32(s3, l3, "causal attention (v)")?,
         );
         let dims = self.shape;
         let (seq, dim) = (dims.seq, dims.dim);
@@ -235,21 +253,7 @@ impl CustomOp3 for CausalAttention {
                     let rows = BLOCK_ROWS.min(seq - first);
                     // Causal: the block's last query sees keys 0..=first + rows - 1.
                     let keys = first + rows;
-                    // SAFETY: q's rows first..keys and k's rows 0..keys exist (D values
-                    // each); probs holds rows × keys values.
-                    unsafe {
-                        product(
-                            rows,
-                            keys,
-                            dim,
-                            probs.as_mut_ptr(),
-                            keys,
-                            false,
-                            Operand::rows(q, first * dim, dim),
-                            Operand::transposed(k, 0, dim),
-                            self.scale,
-                        );
-                    }
+                    self.block_scores(q, k, first, rows, dim, &mut probs);
                     for (r, row) in probs[..rows * keys].chunks_mut(keys).enumerate() {
                         let i = first + r;
                         let max = row[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -328,21 +332,11 @@ impl CustomOp3 for CausalAttention {
                     for first in (0..seq).step_by(BLOCK_ROWS) {
                         let rows = BLOCK_ROWS.min(seq - first);
                         let keys = first + rows;
+                        self.block_scores(q, k, first, rows, dim, &mut probs);
                         // SAFETY (every product below): the operands are rows of q, o,
                         // d_o, k, v, dq, dk, dv (D values each) below `keys`, and the
                         // block buffers of rows × keys values.
                         unsafe {
-                            product(
-                                rows,
-                                keys,
-                                dim,
-                                probs.as_mut_ptr(),
-                                keys,
-                                false,
-                                Operand::rows(q, first * dim, dim),
-                                Operand::transposed(k, 0, dim),
-                                self.scale,
-                            );
                             product(
                                 rows,
                                 keys,

@@ -12,12 +12,18 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Whether the fused ops compute for `x`: f32 on the CPU.
+/// Whether the fused ops (these, causal attention and the LoRA projection) compute for
+/// `x`: f32 on the CPU. Other dtypes and devices take the composed candle ops.
 pub fn applies(x: &Tensor) -> bool {
     x.dtype() == candle_core::DType::F32 && x.device().is_cpu()
 }
 
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The values of a custom op's f32 input, which must be contiguous; errors name `op`.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(values) = storage else {
         candle_core::bail!("{op}: f32 inputs only");
     };
@@ -61,7 +67,10 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (gate, up) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        let (gate, up) = (
+            contiguous_f32(s1, l1, "swiglu")?,
+            contiguous_f32(s2, l2, "swiglu")?,
+        );
         let mut out = vec![0f32; gate.len()];
         out.par_chunks_mut(1 << 14)
             .zip(gate.par_chunks(1 << 14).zip(up.par_chunks(1 << 14)))
@@ -137,7 +146,10 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, weight) = (slice(s1, l1, "rms_norm")?, slice(s2, l2, "rms_norm")?);
+        let (x, weight) = (
+            contiguous_f32(s1, l1, "rms_norm")?,
+            contiguous_f32(s2, l2, "rms_norm")?,
+        );
         let width = weight.len();
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(width)
@@ -269,7 +281,7 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(storage, layout, "rope")?;
+        let x = contiguous_f32(storage, layout, "rope")?;
         Ok((
             CpuStorage::F32(self.rotate(x, false)),
             layout.shape().clone(),

@@ -215,7 +215,7 @@ impl Attention {
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let y = if super::attention::fused(&q) {
+        let y = if super::fused::applies(&q) {
             super::attention::causal_attention(&q, &k, &v, scale)?
         } else {
             let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;

@@ -471,7 +471,7 @@ impl Attention {
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = if super::attention::fused(&q) {
+        let y = if super::fused::applies(&q) {
             super::attention::causal_attention(&q, &k, &v, scale)?
         } else {
             // GQA: each kv head serves num_heads / num_kv_heads consecutive query heads.

@@ -347,7 +347,7 @@ impl Module for Proj {
             )?),
             None => None,
         };
-        if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+        if super::fused::applies(x) {
             return x.contiguous()?.apply_op3(
                 &branch.a,
                 &branch.b,
@@ -388,17 +388,8 @@ struct LoraProduct {
 
 impl LoraProduct {
     fn tensor(storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<Tensor> {
-        let candle_core::CpuStorage::F32(values) = storage else {
-            candle_core::bail!("LoRA projection: f32 inputs only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("LoRA projection: input is not contiguous");
-        };
-        Tensor::from_slice(
-            &values[start..end],
-            layout.shape(),
-            &candle_core::Device::Cpu,
-        )
+        let values = super::fused::contiguous_f32(storage, layout, "LoRA projection")?;
+        Tensor::from_slice(values, layout.shape(), &candle_core::Device::Cpu)
     }
 }
 
@@ -567,13 +558,7 @@ fn token_ids<'s>(spec: &'s LoraSpec, base_name: &str) -> std::result::Result<&'s
 
 /// The vocabulary after merging `spec`'s token rows into a table of `rows` rows.
 pub fn merged_vocab(spec: &LoraSpec, rows: usize) -> usize {
-    spec.trainable_tokens
-        .values()
-        .flatten()
-        .map(|&id| id as usize + 1)
-        .max()
-        .unwrap_or(0)
-        .max(rows)
+    super::vocab::grown_vocab(rows, spec.trainable_tokens.values().flatten())
 }
 
 /// Checks, before anything is merged, that every tensor of `adapter` (PEFT names) has

@@ -1129,12 +1129,7 @@ pub fn load_trainable_with_tokens(
 ) -> Result<(CausalLm, VarMap, ModelConfig), ModelError> {
     let config = load_config(dir)?;
     let rows = config.vocab_size();
-    let vocab = added
-        .iter()
-        .map(|&id| id as usize + 1)
-        .max()
-        .unwrap_or(0)
-        .max(rows);
+    let vocab = vocab::grown_vocab(rows, added);
     let config = config.with_vocab_size(vocab);
     let is_table = |name: &str| {
         ["embed_tokens.weight", "lm_head.weight", "wte.weight"]

@@ -30,6 +30,16 @@ pub fn grown_rows(weight: &Tensor, vocab: usize, ids: &[u32]) -> Result<Tensor> 
     replace_rows(&grown, ids, &values)?.to_dtype(dtype)
 }
 
+/// The vocabulary a table of `table_rows` rows answers over once it holds rows for
+/// `ids`: the table's rows, or up to the largest id.
+pub fn grown_vocab<'a>(table_rows: usize, ids: impl IntoIterator<Item = &'a u32>) -> usize {
+    ids.into_iter()
+        .map(|&id| id as usize + 1)
+        .max()
+        .unwrap_or(0)
+        .max(table_rows)
+}
+
 /// The mean of the rows of `weight: [rows, hidden]`, as `[1, hidden]` in f32.
 pub fn mean_row(weight: &Tensor) -> Result<Tensor> {
     weight.to_dtype(DType::F32)?.mean_keepdim(0)
@@ -85,12 +95,7 @@ impl TokenRows {
         if count != ids.len() {
             candle_core::bail!("{count} token rows for {} ids", ids.len());
         }
-        let vocab = ids
-            .iter()
-            .map(|&id| id as usize + 1)
-            .max()
-            .unwrap_or(0)
-            .max(table_rows);
+        let vocab = grown_vocab(table_rows, &ids);
         if let Some(missing) = (table_rows..vocab).find(|&id| !ids.contains(&(id as u32))) {
             candle_core::bail!(
                 "token rows grow a table of {table_rows} rows to {vocab} but hold no row for id {missing}"
