@@ -244,6 +244,15 @@ pub fn run(
             "note: run {killed} was killed before it finished; its record now says interrupted"
         );
     }
+    if !options.dry_run {
+        let killed = crate::containment::kill_leftovers(&workspace.work_dir())
+            .map_err(io_error("stopping processes a killed run left behind"))?;
+        if killed > 0 && options.progress {
+            eprintln!(
+                "note: killed {killed} process(es) a killed run's command stages left running"
+            );
+        }
+    }
     let recorder = if options.dry_run {
         None
     } else {

@@ -108,6 +108,11 @@ impl Workspace {
         self.root.join("runs")
     }
 
+    /// `.trainyard/work/`: scratch directories (and the process marks of commands).
+    pub fn work_dir(&self) -> PathBuf {
+        self.state_dir().join("work")
+    }
+
     /// The stat cache file.
     pub fn stat_cache(&self) -> PathBuf {
         self.state_dir().join("stat-cache.json")
@@ -124,8 +129,7 @@ impl Workspace {
     /// The scratch directory of `stage` with `fingerprint`. Its name is fixed by the
     /// fingerprint so that a resumable stage finds its checkpoints after a crash.
     pub fn scratch_dir(&self, stage: &str, fingerprint: &str) -> PathBuf {
-        self.state_dir()
-            .join("work")
+        self.work_dir()
             .join(format!("{stage}-{}", short(fingerprint)))
     }
 
@@ -151,7 +155,7 @@ impl Workspace {
             .ok_or_else(|| io::Error::other("store entry has no parent"))?;
         fs::create_dir_all(parent)?;
         let replaced = if target.exists() {
-            let aside = self.state_dir().join("work").join(format!(
+            let aside = self.work_dir().join(format!(
                 "replaced-{}-{}-{}",
                 manifest.stage,
                 short(&manifest.fingerprint),

@@ -10,6 +10,8 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::containment::Containment;
+
 use super::{Artifact, InputRules, STAGE_LOG, StageContext, StageError, StageKind, StageOutcome};
 
 /// Settings of a `command` stage.
@@ -85,22 +87,37 @@ impl StageKind for Command {
         for (name, path) in context.inputs {
             process.env(input_env_var(name), path);
         }
-        configure_process_group(&mut process);
+        let mut containment = Containment::start(context.out_dir)
+            .map_err(|error| StageError::io("recording the command's process marks", error))?;
+        containment.apply(&mut process);
         let mut child = process
             .spawn()
             .map_err(|error| StageError::io(format!("starting `sh -c {}`", settings.cmd), error))?;
-        let status = loop {
+        containment.started(child.id());
+        let waited = loop {
             if context.cancel.is_cancelled() {
-                terminate_group(child.id());
+                containment.terminate();
                 let _ = child.wait();
-                return Err(StageError::Interrupted);
+                break Err(StageError::Interrupted);
             }
             match child.try_wait() {
-                Ok(Some(status)) => break status,
+                Ok(Some(status)) => break Ok(status),
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(error) => return Err(StageError::io("waiting for the command", error)),
+                Err(error) => break Err(StageError::io("waiting for the command", error)),
             }
         };
+        // Whatever the command left running must not write after this point: the
+        // output is about to be hashed and published.
+        let leftovers = containment.finish().map_err(|error| {
+            StageError::io("stopping the processes the command left running", error)
+        })?;
+        if leftovers > 0 {
+            let _ = writeln!(
+                context.log,
+                "trainyard: killed {leftovers} process(es) the command left running"
+            );
+        }
+        let status = waited?;
         if !status.success() {
             use std::os::unix::process::ExitStatusExt;
             let status = match (status.code(), status.signal()) {
@@ -132,33 +149,6 @@ impl StageKind for Command {
 /// `TY_IN_<NAME>`: the input name upper-cased, `-` turned into `_`.
 pub fn input_env_var(name: &str) -> String {
     format!("TY_IN_{}", name.to_uppercase().replace('-', "_"))
-}
-
-/// Puts the command in its own process group (so that an interrupt can stop all of
-/// it) and, on Linux, has the kernel kill it if trainyard itself dies.
-fn configure_process_group(process: &mut Process) {
-    use std::os::unix::process::CommandExt;
-    process.process_group(0);
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
-    unsafe {
-        process.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-fn terminate_group(pid: u32) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill() has no memory-safety preconditions; a negative pid addresses
-        // the process group this child leads.
-        unsafe {
-            libc::kill(-pid, libc::SIGTERM);
-        }
-    }
 }
 
 /// The last `lines` lines of a log file (reading at most its last 64 KiB).

@@ -36,7 +36,8 @@ fn scratch_file(sandbox: &Sandbox, name: &str) -> std::path::PathBuf {
     for _ in 0..600 {
         if let Ok(entries) = std::fs::read_dir(sandbox.path(".trainyard/work")) {
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with("slow-") {
+                if entry.file_name().to_string_lossy().starts_with("slow-") && entry.path().is_dir()
+                {
                     return entry.path().join(name);
                 }
             }
@@ -178,4 +179,75 @@ fn many_concurrent_runs_never_corrupt_the_store() {
     }
     let runs = std::fs::read_dir(sandbox.path("runs")).unwrap().count();
     assert_eq!(runs, 5, "four runs and `latest`");
+}
+
+#[test]
+fn a_backgrounded_process_cannot_alter_a_published_output() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        r#"name: late
+stages:
+  writer:
+    kind: command
+    with: { cmd: "(sleep 1; echo late >> a.txt) & (setsid sh -c 'sleep 1; echo later >> a.txt' &) ; echo early > a.txt" }
+"#,
+    );
+    sandbox.ok(&["run", "p.yaml"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sandbox.read("runs/latest/outputs/writer/a.txt"), "early\n");
+    assert!(
+        sandbox
+            .read("runs/latest/outputs/writer/stage.log")
+            .contains("process(es) the command left running"),
+        "{}",
+        sandbox.read("runs/latest/outputs/writer/stage.log")
+    );
+    sandbox.ok(&["audit", "runs/latest"]);
+}
+
+#[test]
+fn a_killed_runs_command_leftovers_never_write_into_the_next_run() {
+    let sandbox = Sandbox::new();
+    let gate = sandbox.path("gate");
+    std::fs::write(&gate, "").unwrap();
+    sandbox.write(
+        "p.yaml",
+        &format!(
+            r#"name: leftovers
+stages:
+  slow:
+    kind: command
+    with:
+      cmd: "if [ ! -f {once} ]; then touch {once}; (setsid sh -c 'while [ -f {gate} ]; do sleep 0.05; done; echo stray >> $TY_OUT/out.txt' &); fi; echo run > out.txt; touch started; sleep 30"
+"#,
+            gate = gate.display(),
+            once = sandbox.path("once").display()
+        ),
+    );
+    let mut child = sandbox.spawn(&["run", "p.yaml"]);
+    wait_for(&scratch_file(&sandbox, "started"));
+    child.kill().unwrap(); // SIGKILL: trainyard cannot clean up after itself
+    child.wait().unwrap();
+
+    // The next run kills the stray process first; only then is the gate lifted, as
+    // late as it can be, while the next run's scratch exists.
+    std::fs::remove_file(scratch_file(&sandbox, "started")).unwrap();
+    let next = sandbox.spawn(&["run", "p.yaml"]);
+    wait_for(&scratch_file(&sandbox, "started"));
+    std::fs::remove_file(&gate).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(next.id() as libc::pid_t, libc::SIGINT);
+    }
+    let output = next.wait_with_output().unwrap();
+    let console = text(&output);
+    assert!(
+        console.contains("process(es) a killed run's command stages left running"),
+        "{console}"
+    );
+    let scratch = scratch_file(&sandbox, "out.txt");
+    let written = std::fs::read_to_string(&scratch).unwrap_or_default();
+    assert!(!written.contains("stray"), "{written}");
 }
