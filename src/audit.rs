@@ -775,7 +775,25 @@ fn check_inputs(run: &Run, hasher: &ContentHasher, stage: &StageRunRecord) -> Ve
             InputSource::Stage { subpath: None, .. } => {
                 store::hash_output(hasher, &path).map(|(hash, _)| hash)
             }
-            _ => hasher.hash_path(&path),
+            // Through the whole output, so that links are hashed as the executor did.
+            InputSource::Stage {
+                subpath: Some(subpath),
+                ..
+            } => {
+                let entry = path
+                    .ancestors()
+                    .nth(Path::new(subpath).components().count())
+                    .unwrap_or(&path);
+                store::hash_output(hasher, entry).and_then(|(_, files)| {
+                    store::subpath_hash(&files, subpath).ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::NotFound,
+                            format!("no `{subpath}` in the output"),
+                        )
+                    })
+                })
+            }
+            InputSource::Path { .. } => hasher.hash_path(&path),
         };
         match hashed {
             Ok(actual) if actual == input.hash => {}

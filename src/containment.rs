@@ -95,10 +95,7 @@ impl Containment {
     /// Kills everything the command left behind and forgets the token. Returns how
     /// many processes were killed.
     pub fn finish(self) -> io::Result<usize> {
-        if let Some(group) = self.group {
-            signal_group(group, libc::SIGKILL);
-        }
-        let killed = kill_marked(&self.token)?;
+        let killed = kill_marked(&self.token, self.group)?;
         remove_record(&self.record)?;
         Ok(killed)
     }
@@ -124,7 +121,7 @@ pub fn kill_leftovers(work_dir: &Path) -> io::Result<usize> {
         let token = std::fs::read_to_string(&path)?;
         let token = token.trim();
         if !token.is_empty() {
-            killed += kill_marked(token)?;
+            killed += kill_marked(token, None)?;
         }
         remove_record(&path)?;
     }
@@ -146,18 +143,21 @@ fn signal_group(group: i32, signal: i32) {
     }
 }
 
-/// SIGKILLs every process carrying `token`, and every member of their process groups
-/// (a group holding a marked process cannot have been reused by anyone else), until a
-/// scan finds none: processes may fork while they are being killed.
+/// SIGKILLs every process carrying `token`, every member of their process groups (a
+/// group holding a marked process cannot have been reused by anyone else) and of
+/// `group` (the command's own, whose leader was just reaped), until a scan finds none:
+/// processes may fork while they are being killed.
 #[cfg(target_os = "linux")]
-fn kill_marked(token: &str) -> io::Result<usize> {
+fn kill_marked(token: &str, group: Option<i32>) -> io::Result<usize> {
     let mut killed = 0;
+    let mut quiet_scans = 0;
     for _ in 0..KILL_ROUNDS {
         let processes = scan_processes(token)?;
         let groups: Vec<i32> = processes
             .iter()
             .filter(|process| process.marked)
             .map(|process| process.group)
+            .chain(group)
             .collect();
         let targets: Vec<i32> = processes
             .iter()
@@ -165,8 +165,16 @@ fn kill_marked(token: &str) -> io::Result<usize> {
             .map(|process| process.pid)
             .collect();
         if targets.is_empty() {
-            return Ok(killed);
+            // A process in the middle of exec() may briefly show no environment: only
+            // two empty scans in a row mean there is nothing left.
+            quiet_scans += 1;
+            if quiet_scans == 2 {
+                return Ok(killed);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
         }
+        quiet_scans = 0;
         for pid in &targets {
             // SAFETY: as in signal_group.
             unsafe {
@@ -183,7 +191,10 @@ fn kill_marked(token: &str) -> io::Result<usize> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn kill_marked(_token: &str) -> io::Result<usize> {
+fn kill_marked(_token: &str, group: Option<i32>) -> io::Result<usize> {
+    if let Some(group) = group {
+        signal_group(group, libc::SIGKILL);
+    }
     Ok(0)
 }
 
@@ -260,14 +271,21 @@ mod tests {
         child.wait().unwrap();
         assert!(scratch.join("marker").exists());
         let token = containment.token.clone();
-        assert_eq!(
+        let marked = || {
             scan_processes(&token)
                 .unwrap()
                 .iter()
                 .filter(|process| process.marked)
-                .count(),
-            2
-        );
+                .count()
+        };
+        // A process in the middle of exec() may briefly show no environment.
+        for _ in 0..100 {
+            if marked() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(marked(), 2);
         assert_eq!(containment.finish().unwrap(), 2);
         assert!(
             scan_processes(&token)

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::config::ResolvedPipeline;
 use crate::dag::{Binding, Dag};
 use crate::fingerprint::{self, InputRecord, InputSource, Reason, StageIdentity};
-use crate::hashing::{ContentHasher, dir_hash};
+use crate::hashing::ContentHasher;
 use crate::hf_cache::Snapshot;
 use crate::interrupt::CancelFlag;
 use crate::runs::{self, RunRecord, RunRecorder, StageRunRecord};
@@ -267,7 +267,7 @@ pub fn run(
         dag,
         options,
         cancel,
-        hasher: ContentHasher::open(&workspace.stat_cache()),
+        hasher: ContentHasher::open(&workspace.stat_cache()).with_cancel(cancel),
         recorder: recorder.as_ref(),
     };
     let started = SystemTime::now();
@@ -762,7 +762,7 @@ impl Engine<'_> {
                         })?;
                     let hash = match subpath {
                         None => manifest.output_hash.clone(),
-                        Some(subpath) => subpath_hash(manifest, subpath).ok_or_else(|| {
+                        Some(subpath) => store::subpath_hash(&manifest.files, subpath).ok_or_else(|| {
                             format!(
                                 "input `{name}`: stage `{upstream_name}` produced no `{subpath}`"
                             )
@@ -924,13 +924,14 @@ impl Engine<'_> {
                 "`{MANIFEST}` in the output directory is reserved for trainyard"
             )));
         }
-        let (output_hash, files) = store::hash_output(&ContentHasher::uncached(), scratch)
-            .map_err(|error| {
-                StageError::io(
-                    format!("hashing the output in {}", scratch.display()),
-                    error,
-                )
-            })?;
+        let (output_hash, files) =
+            store::hash_output(&ContentHasher::uncached().with_cancel(self.cancel), scratch)
+                .map_err(|error| {
+                    StageError::io(
+                        format!("hashing the output in {}", scratch.display()),
+                        error,
+                    )
+                })?;
         let manifest = Manifest {
             format: 1,
             stage: stage.name.clone(),
@@ -1032,18 +1033,4 @@ impl Engine<'_> {
 enum Decision {
     Done(Box<StageReport>),
     Execute(Box<Job>),
-}
-
-/// Hash of a file or folder inside an output, from its manifest (no re-reading).
-fn subpath_hash(manifest: &Manifest, subpath: &str) -> Option<String> {
-    if let Some(digest) = manifest.files.get(subpath) {
-        return Some(digest.hash.clone());
-    }
-    let prefix = format!("{subpath}/");
-    let inside: Vec<(&str, &str)> = manifest
-        .files
-        .iter()
-        .filter_map(|(path, digest)| Some((path.strip_prefix(&prefix)?, digest.hash.as_str())))
-        .collect();
-    (!inside.is_empty()).then(|| dir_hash(inside))
 }

@@ -5,6 +5,12 @@
 //! a file is added, removed, renamed or edited. The stat cache maps (path, size, mtime in
 //! ns, inode) to the hash, so a no-op run never re-reads an unchanged file; touching a
 //! file (new mtime, same bytes) costs one re-read and still yields the same hash.
+//!
+//! Only regular files and directories hold content: a FIFO, device or socket is an
+//! error (reading one could block forever or never end). Symbolic links are followed
+//! in inputs (a Hugging Face snapshot is a folder of links into its blob store), but an
+//! output is self-contained: a link in an output must be relative and stay inside it,
+//! and it is hashed as a link (its target text), never followed ([`Links`]).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,6 +21,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use crate::interrupt::CancelFlag;
 
 /// A cached hash is trusted only if the file's mtime was at least this long before the
 /// hash was taken: a write within the same timestamp tick as the hashing could otherwise
@@ -45,6 +53,38 @@ pub struct ContentHasher {
     cache_file: Option<PathBuf>,
     entries: Mutex<BTreeMap<String, StatEntry>>,
     changed: AtomicBool,
+    cancel: Option<CancelFlag>,
+}
+
+/// What a directory walk does with a symbolic link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Links {
+    /// Hash what it points to (inputs: the content a stage would read).
+    Follow,
+    /// Hash the link itself, and refuse links that are absolute or leave the directory
+    /// (stage outputs: they move into the store and must not depend on anything else).
+    KeepInside,
+}
+
+/// Why a path cannot be hashed as content.
+fn not_content(path: &Path, file_type: &std::fs::FileType) -> io::Error {
+    use std::os::unix::fs::FileTypeExt;
+    let what = if file_type.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() || file_type.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {what}; only regular files and directories can be inputs or outputs",
+            path.display()
+        ),
+    )
 }
 
 fn now_ns() -> i128 {
@@ -70,7 +110,15 @@ impl ContentHasher {
             cache_file: Some(cache_file.to_path_buf()),
             entries: Mutex::new(entries),
             changed: AtomicBool::new(false),
+            cancel: None,
         }
+    }
+
+    /// This hasher, stopping with [`io::ErrorKind::Interrupted`] within one read of
+    /// `cancel` being set (hashing a large model must not hold up Ctrl-C).
+    pub fn with_cancel(mut self, cancel: &CancelFlag) -> ContentHasher {
+        self.cancel = Some(cancel.clone());
+        self
     }
 
     /// A hasher without a persistent cache.
@@ -79,6 +127,7 @@ impl ContentHasher {
             cache_file: None,
             entries: Mutex::new(BTreeMap::new()),
             changed: AtomicBool::new(false),
+            cancel: None,
         }
     }
 
@@ -106,7 +155,7 @@ impl ContentHasher {
             io::Error::new(error.kind(), format!("{}: {error}", path.display()))
         })?;
         if metadata.is_dir() {
-            Ok(self.hash_dir(path, &[])?.0)
+            Ok(self.hash_dir(path, &[], Links::Follow)?.0)
         } else {
             Ok(self.hash_file(path)?.hash)
         }
@@ -118,6 +167,9 @@ impl ContentHasher {
         let with_path =
             |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", path.display()));
         let metadata = std::fs::metadata(path).map_err(with_path)?;
+        if !metadata.is_file() {
+            return Err(not_content(path, &metadata.file_type()));
+        }
         let key = normalize(&std::path::absolute(path).map_err(with_path)?)
             .to_string_lossy()
             .into_owned();
@@ -135,7 +187,7 @@ impl ContentHasher {
             });
         }
         let hashed_at_ns = now_ns();
-        let hash = hash_file_contents(path).map_err(with_path)?;
+        let hash = hash_contents(path, self.cancel.as_ref()).map_err(with_path)?;
         if let Ok(mut entries) = self.entries.lock() {
             entries.insert(
                 key,
@@ -158,13 +210,17 @@ impl ContentHasher {
         &self,
         dir: &Path,
         exclude: &[&str],
+        links: Links,
     ) -> io::Result<(String, BTreeMap<String, FileDigest>)> {
         let mut files = Vec::new();
-        list_files(dir, "", exclude, &mut files)?;
+        list_files(dir, "", exclude, links, &mut files)?;
         let digests: Vec<(String, FileDigest)> = files
             .into_par_iter()
-            .map(|relative| {
-                let digest = self.hash_file(&dir.join(&relative))?;
+            .map(|(relative, entry)| {
+                let digest = match entry {
+                    Entry::File => self.hash_file(&dir.join(&relative))?,
+                    Entry::Link(target) => link_digest(&target),
+                };
                 Ok((relative, digest))
             })
             .collect::<io::Result<_>>()?;
@@ -200,13 +256,38 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// The digest of a symbolic link kept as a link: its target's text, in a domain of
+/// its own so that it never equals a file holding the same bytes.
+fn link_digest(target: &str) -> FileDigest {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"trainyard-symlink-v1\0");
+    hasher.update(target.as_bytes());
+    FileDigest {
+        hash: hasher.finalize().to_hex().to_string(),
+        size: target.len() as u64,
+    }
+}
+
 /// blake3 of a file's bytes, multi-threaded over fixed-size reads. Reading into one
 /// buffer (rather than memory-mapping) keeps the process's resident memory flat however
 /// large the inputs are.
 pub fn hash_file_contents(path: &Path) -> io::Result<String> {
+    hash_contents(path, None)
+}
+
+fn hash_contents(path: &Path, cancel: Option<&CancelFlag>) -> io::Result<String> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let length = file.metadata()?.len();
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that a FIFO swapped in after the type check cannot hang open().
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(not_content(path, &metadata.file_type()));
+    }
+    let length = metadata.len();
     let mut buffer = vec![0u8; HASH_CHUNK.min(length as usize).max(1)];
     let mut hasher = blake3::Hasher::new();
     loop {
@@ -221,6 +302,9 @@ pub fn hash_file_contents(path: &Path) -> io::Result<String> {
         }
         if filled == 0 {
             break;
+        }
+        if cancel.is_some_and(CancelFlag::is_cancelled) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
         }
         if filled >= 128 << 10 {
             hasher.update_rayon(&buffer[..filled]);
@@ -247,7 +331,20 @@ pub fn dir_hash<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> St
     hasher.finalize().to_hex().to_string()
 }
 
-fn list_files(dir: &Path, prefix: &str, exclude: &[&str], out: &mut Vec<String>) -> io::Result<()> {
+/// What a directory walk found at a path.
+enum Entry {
+    File,
+    /// A link kept as a link, with its target.
+    Link(String),
+}
+
+fn list_files(
+    dir: &Path,
+    prefix: &str,
+    exclude: &[&str],
+    links: Links,
+    out: &mut Vec<(String, Entry)>,
+) -> io::Result<()> {
     let with_path =
         |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", dir.display()));
     let mut entries: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
@@ -270,17 +367,55 @@ fn list_files(dir: &Path, prefix: &str, exclude: &[&str], out: &mut Vec<String>)
         } else {
             format!("{prefix}/{name}")
         };
-        // Follows symlinks: what matters is the content a stage would read.
-        let metadata = std::fs::metadata(&path).map_err(|error| {
-            io::Error::new(error.kind(), format!("{}: {error}", path.display()))
-        })?;
+        let with_path =
+            |error: io::Error| io::Error::new(error.kind(), format!("{}: {error}", path.display()));
+        let mut metadata = std::fs::symlink_metadata(&path).map_err(with_path)?;
+        if metadata.file_type().is_symlink() {
+            if links == Links::KeepInside {
+                let target = std::fs::read_link(&path).map_err(with_path)?;
+                check_link_stays_inside(&path, &relative, &target)?;
+                out.push((relative, Entry::Link(target.to_string_lossy().into_owned())));
+                continue;
+            }
+            metadata = std::fs::metadata(&path).map_err(with_path)?;
+        }
         if metadata.is_dir() {
-            list_files(&path, &relative, &[], out)?;
+            list_files(&path, &relative, &[], links, out)?;
+        } else if metadata.is_file() {
+            out.push((relative, Entry::File));
         } else {
-            out.push(relative);
+            return Err(not_content(&path, &metadata.file_type()));
         }
     }
     Ok(())
+}
+
+/// Refuses a link at `relative` (inside an output) whose `target` is absolute or climbs
+/// out of the output.
+fn check_link_stays_inside(path: &Path, relative: &str, target: &Path) -> io::Result<()> {
+    use std::path::Component;
+    let mut depth = relative.matches('/').count() as i64;
+    let mut inside = true;
+    for component in target.components() {
+        match component {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => inside = false,
+        }
+        inside &= depth >= 0;
+    }
+    if inside {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{} is a symbolic link to {}, outside the output; an output must hold its files (copy them, or link relatively inside the output)",
+            path.display(),
+            target.display()
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -294,15 +429,17 @@ mod tests {
         std::fs::write(dir.path().join("a.txt"), "alpha").unwrap();
         std::fs::write(dir.path().join("sub/b.txt"), "beta").unwrap();
         let hasher = ContentHasher::uncached();
-        let (first, files) = hasher.hash_dir(dir.path(), &[]).unwrap();
+        let (first, files) = hasher.hash_dir(dir.path(), &[], Links::Follow).unwrap();
         assert_eq!(files.keys().collect::<Vec<_>>(), ["a.txt", "sub/b.txt"]);
         std::fs::write(dir.path().join("sub/b.txt"), "BETA").unwrap();
-        let (edited, _) = hasher.hash_dir(dir.path(), &[]).unwrap();
+        let (edited, _) = hasher.hash_dir(dir.path(), &[], Links::Follow).unwrap();
         assert_ne!(first, edited);
         std::fs::rename(dir.path().join("a.txt"), dir.path().join("c.txt")).unwrap();
-        let (renamed, _) = hasher.hash_dir(dir.path(), &[]).unwrap();
+        let (renamed, _) = hasher.hash_dir(dir.path(), &[], Links::Follow).unwrap();
         assert_ne!(edited, renamed);
-        let (excluded, files) = hasher.hash_dir(dir.path(), &["c.txt"]).unwrap();
+        let (excluded, files) = hasher
+            .hash_dir(dir.path(), &["c.txt"], Links::Follow)
+            .unwrap();
         assert_eq!(files.len(), 1);
         assert_ne!(renamed, excluded);
     }

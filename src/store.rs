@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::StageIdentity;
-use crate::hashing::{ContentHasher, FileDigest, dir_hash};
+use crate::hashing::{ContentHasher, FileDigest, Links, dir_hash};
 use crate::stages::UNHASHED_OUTPUTS;
 
 /// Name of the manifest in every store entry.
@@ -68,7 +68,7 @@ pub fn hash_output(
     hasher: &ContentHasher,
     dir: &Path,
 ) -> io::Result<(String, BTreeMap<String, FileDigest>)> {
-    let (_, files) = hasher.hash_dir(dir, &[MANIFEST])?;
+    let (_, files) = hasher.hash_dir(dir, &[MANIFEST], Links::KeepInside)?;
     Ok((output_hash(&files), files))
 }
 
@@ -81,6 +81,20 @@ pub fn output_hash(files: &BTreeMap<String, FileDigest>) -> String {
             .filter(|(path, _)| !UNHASHED_OUTPUTS.contains(&path.as_str()))
             .map(|(path, digest)| (path.as_str(), digest.hash.as_str())),
     )
+}
+
+/// Hash of a file or folder inside an output, from its file digests (no re-reading):
+/// what a downstream stage reading `<stage>/<subpath>` depends on.
+pub fn subpath_hash(files: &BTreeMap<String, FileDigest>, subpath: &str) -> Option<String> {
+    if let Some(digest) = files.get(subpath) {
+        return Some(digest.hash.clone());
+    }
+    let prefix = format!("{subpath}/");
+    let inside: Vec<(&str, &str)> = files
+        .iter()
+        .filter_map(|(path, digest)| Some((path.strip_prefix(&prefix)?, digest.hash.as_str())))
+        .collect();
+    (!inside.is_empty()).then(|| dir_hash(inside))
 }
 
 /// Paths of one workspace.
@@ -145,7 +159,11 @@ impl Workspace {
     /// is moved aside first and deleted afterwards.
     pub fn publish(&self, scratch: &Path, manifest: &Manifest) -> io::Result<PathBuf> {
         for relative in manifest.files.keys() {
-            File::open(scratch.join(relative))?.sync_all()?;
+            let path = scratch.join(relative);
+            // Links are kept as links (see hashing::Links): there is nothing to sync.
+            if !fs::symlink_metadata(&path)?.file_type().is_symlink() {
+                File::open(path)?.sync_all()?;
+            }
         }
         let bytes = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
         crate::atomic_file::write_synced(&scratch.join(MANIFEST), &bytes)?;

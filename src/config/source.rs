@@ -87,6 +87,43 @@ pub struct SourceFile {
     pub lines: KeyLines,
 }
 
+/// The largest pipeline or profile file read (a 10,000-stage pipeline is about 1 MB).
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// The bytes of `path`, which must be a regular file of at most [`MAX_FILE_BYTES`]: a
+/// device or FIFO given by mistake would otherwise be read forever.
+fn read_limited(path: &Path) -> Result<Vec<u8>, Diagnostic> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot_read =
+        |error: std::io::Error| Diagnostic::new(format!("cannot read {}: {error}", path.display()));
+    // Non-blocking: opening a FIFO for reading would otherwise wait for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot_read)?;
+    let metadata = file.metadata().map_err(cannot_read)?;
+    if !metadata.is_file() {
+        return Err(Diagnostic::new(format!(
+            "{} is not a regular file; pipelines and profiles are files",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(metadata.len().min(MAX_FILE_BYTES) as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Diagnostic::new(format!(
+            "{} is larger than {} MiB; a pipeline file that large is not one",
+            path.display(),
+            MAX_FILE_BYTES >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
 impl SourceFile {
     /// Reads and parses `path`; syntax errors name file, line and column.
     pub fn load(path: &Path) -> Result<SourceFile, Diagnostic> {
@@ -96,8 +133,7 @@ impl SourceFile {
                 path.display()
             ))
         })?;
-        let bytes = std::fs::read(path)
-            .map_err(|error| Diagnostic::new(format!("cannot read {}: {error}", path.display())))?;
+        let bytes = read_limited(path)?;
         let text = String::from_utf8(bytes).map_err(|error| {
             Diagnostic::new(format!("{} is not valid UTF-8: {error}", path.display()))
         })?;

@@ -614,7 +614,7 @@ fn hf_model_resolves_through_refs_main_and_is_recorded() {
     assert_eq!(peek["inputs"]["model"]["hash"], expected);
     let blob_hash = blake3::hash(b"hub-1111").to_hex().to_string();
     let (_, files) = trainyard::hashing::ContentHasher::uncached()
-        .hash_dir(&snapshot, &[])
+        .hash_dir(&snapshot, &[], trainyard::hashing::Links::Follow)
         .unwrap();
     assert_eq!(files["config.json"].hash, blob_hash);
 

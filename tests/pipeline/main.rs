@@ -12,3 +12,4 @@ mod config;
 mod crash_safety;
 mod errors;
 mod shipped_pipelines;
+mod special_files;
