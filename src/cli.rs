@@ -282,6 +282,11 @@ pub struct RunArgs {
     /// checkpoint (which is discarded).
     #[arg(long)]
     pub no_resume: bool,
+    /// Re-read every input and stored output before using it, instead of trusting
+    /// files whose size, mtime and inode are unchanged; a stored output that differs
+    /// from its manifest is moved to `.trainyard/quarantine/` and its stage reruns.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// `trainyard audit`.
@@ -810,6 +815,7 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
         keep_going: args.keep_going,
         wait_for_lock: !args.no_wait,
         resume: !args.no_resume,
+        verify: args.verify,
         progress: !args.dry_run,
         command_line: std::env::args().collect(),
     };

@@ -45,6 +45,9 @@ pub struct RunOptions {
     /// Continue an interrupted training stage from its last checkpoint (off: start it
     /// over, discarding the checkpoints).
     pub resume: bool,
+    /// Re-read every input and stored output instead of trusting unchanged file
+    /// signatures (size, mtime, inode).
+    pub verify: bool,
     /// Print progress lines to stderr.
     pub progress: bool,
     /// The command line, for the run record.
@@ -63,6 +66,7 @@ impl Default for RunOptions {
             keep_going: false,
             wait_for_lock: true,
             resume: true,
+            verify: false,
             progress: false,
             command_line: Vec::new(),
         }
@@ -267,7 +271,14 @@ pub fn run(
         dag,
         options,
         cancel,
-        hasher: ContentHasher::open(&workspace.stat_cache()).with_cancel(cancel),
+        hasher: {
+            let hasher = ContentHasher::open(&workspace.stat_cache()).with_cancel(cancel);
+            if options.verify {
+                hasher.rehashing_everything()
+            } else {
+                hasher
+            }
+        },
         recorder: recorder.as_ref(),
     };
     let started = SystemTime::now();
@@ -598,9 +609,21 @@ impl Engine<'_> {
         let fingerprint = identity.fingerprint();
         report.input_paths = self.external_paths(index);
         report.fingerprint = Some(fingerprint.clone());
-        let cached = self.workspace.lookup(&stage.name, &fingerprint);
         let is_forced = forced.contains(&index) && selected.contains(&index);
-        if let Some(manifest) = cached.filter(|_| !is_forced) {
+        let mut corrupted = None;
+        let cached = match self.workspace.lookup(&stage.name, &fingerprint) {
+            Some(manifest) if !is_forced => {
+                match self.check_stored(&stage.name, &fingerprint, manifest) {
+                    Ok(intact) => intact,
+                    Err(reason) => {
+                        corrupted = Some(reason);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(manifest) = cached {
             report.status = StageStatus::Cached;
             report.output = Some((
                 self.workspace.entry_dir(&stage.name, &fingerprint),
@@ -618,6 +641,8 @@ impl Engine<'_> {
         }
         report.reasons = if is_forced {
             vec![Reason::Forced]
+        } else if let Some(reason) = corrupted {
+            vec![reason]
         } else {
             match self.workspace.last_identity(&stage.name) {
                 None => vec![Reason::NeverRan],
@@ -661,6 +686,39 @@ impl Engine<'_> {
             inputs,
             report,
         }))
+    }
+
+    /// `manifest`'s entry if its files still match it (their signatures, or their
+    /// bytes when a signature changed or `--verify` was given). A corrupted entry is
+    /// moved to quarantine (except in a dry run) and the reason returned.
+    fn check_stored(
+        &self,
+        stage: &str,
+        fingerprint: &str,
+        manifest: Manifest,
+    ) -> Result<Option<Manifest>, Reason> {
+        let dir = self.workspace.entry_dir(stage, fingerprint);
+        let problem = match store::check_entry(&self.hasher, &dir, &manifest) {
+            Ok(None) => return Ok(Some(manifest)),
+            Ok(Some(problem)) => problem,
+            // Interrupted: the walk stops at the next stage; nothing is moved.
+            Err(_) => return Ok(None),
+        };
+        let detail = if self.options.dry_run {
+            format!("{problem}; the next run moves it aside and reruns the stage")
+        } else {
+            match self.workspace.quarantine(stage, fingerprint) {
+                Ok(moved) => format!(
+                    "{problem}; moved to {}",
+                    moved
+                        .strip_prefix(&self.workspace.root)
+                        .unwrap_or(&moved)
+                        .display()
+                ),
+                Err(error) => format!("{problem}; it could not be moved aside ({error})"),
+            }
+        };
+        Err(Reason::OutputCorrupted { detail })
     }
 
     /// Records that a run used `identity` for this stage (for `status` later) and
@@ -924,9 +982,13 @@ impl Engine<'_> {
                 "`{MANIFEST}` in the output directory is reserved for trainyard"
             )));
         }
+        let hashed_at = SystemTime::now();
         let (output_hash, files) =
             store::hash_output(&ContentHasher::uncached().with_cancel(self.cancel), scratch)
                 .map_err(|error| {
+                    if error.kind() == std::io::ErrorKind::Interrupted {
+                        return StageError::Interrupted;
+                    }
                     StageError::io(
                         format!("hashing the output in {}", scratch.display()),
                         error,
@@ -952,6 +1014,9 @@ impl Engine<'_> {
             .map_err(|error| {
                 StageError::io(format!("publishing the output of `{}`", stage.name), error)
             })?;
+        for (relative, digest) in &manifest.files {
+            self.hasher.remember(&dir.join(relative), digest, hashed_at);
+        }
         Ok((dir, manifest))
     }
 

@@ -196,6 +196,11 @@ pub enum Reason {
     },
     /// The same fingerprint ran before but its output is gone from the store.
     OutputMissing,
+    /// The stored output no longer matches its manifest; it was moved aside.
+    OutputCorrupted {
+        /// What differs, and where the entry went.
+        detail: String,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -218,6 +223,9 @@ impl fmt::Display for Reason {
                 write!(f, "upstream {} will run", names.join(", "))
             }
             Reason::OutputMissing => write!(f, "its output is missing from the store"),
+            Reason::OutputCorrupted { detail } => {
+                write!(f, "its stored output was corrupted: {detail}")
+            }
         }
     }
 }

@@ -54,6 +54,7 @@ pub struct ContentHasher {
     entries: Mutex<BTreeMap<String, StatEntry>>,
     changed: AtomicBool,
     cancel: Option<CancelFlag>,
+    trust_cache: bool,
 }
 
 /// What a directory walk does with a symbolic link.
@@ -111,6 +112,7 @@ impl ContentHasher {
             entries: Mutex::new(entries),
             changed: AtomicBool::new(false),
             cancel: None,
+            trust_cache: true,
         }
     }
 
@@ -121,6 +123,44 @@ impl ContentHasher {
         self
     }
 
+    /// This hasher, re-reading every file however unchanged it looks (`run --verify`);
+    /// what it reads still refreshes the cache.
+    pub fn rehashing_everything(mut self) -> ContentHasher {
+        self.trust_cache = false;
+        self
+    }
+
+    /// Records `digest` as the content of `path` as it is now, hashed (elsewhere) from
+    /// `hashed_at` on: a file just moved into the store keeps its inode and mtime, so
+    /// the next run need not read it again.
+    pub fn remember(&self, path: &Path, digest: &FileDigest, hashed_at: SystemTime) {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(metadata), Ok(absolute)) =
+            (std::fs::symlink_metadata(path), std::path::absolute(path))
+        else {
+            return;
+        };
+        if !metadata.is_file() || metadata.len() != digest.size {
+            return;
+        }
+        let hashed_at_ns = hashed_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as i128);
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.insert(
+                normalize(&absolute).to_string_lossy().into_owned(),
+                StatEntry {
+                    size: metadata.len(),
+                    mtime_ns: mtime_ns(&metadata),
+                    inode: metadata.ino(),
+                    hashed_at_ns,
+                    hash: digest.hash.clone(),
+                },
+            );
+            self.changed.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// A hasher without a persistent cache.
     pub fn uncached() -> ContentHasher {
         ContentHasher {
@@ -128,6 +168,7 @@ impl ContentHasher {
             entries: Mutex::new(BTreeMap::new()),
             changed: AtomicBool::new(false),
             cancel: None,
+            trust_cache: true,
         }
     }
 
@@ -174,7 +215,8 @@ impl ContentHasher {
             .to_string_lossy()
             .into_owned();
         let (size, mtime, inode) = (metadata.len(), mtime_ns(&metadata), metadata.ino());
-        if let Ok(entries) = self.entries.lock()
+        if self.trust_cache
+            && let Ok(entries) = self.entries.lock()
             && let Some(entry) = entries.get(&key)
             && entry.size == size
             && entry.mtime_ns == mtime

@@ -97,6 +97,39 @@ pub fn subpath_hash(files: &BTreeMap<String, FileDigest>, subpath: &str) -> Opti
     (!inside.is_empty()).then(|| dir_hash(inside))
 }
 
+/// How a store entry no longer matches its manifest, if it does not: the first file
+/// that differs, is missing or was added, or why the entry cannot be read.
+pub fn check_entry(
+    hasher: &ContentHasher,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<Option<String>, crate::interrupt::Interrupted> {
+    let files = match hash_output(hasher, dir) {
+        Ok((_, files)) => files,
+        Err(error) if error.kind() == io::ErrorKind::Interrupted => {
+            return Err(crate::interrupt::Interrupted);
+        }
+        Err(error) => return Ok(Some(format!("it cannot be read ({error})"))),
+    };
+    for (path, recorded) in &manifest.files {
+        match files.get(path) {
+            None => return Ok(Some(format!("`{path}` is missing"))),
+            Some(found) if found != recorded => {
+                return Ok(Some(format!(
+                    "`{path}` differs from its manifest (blake3 {} instead of {})",
+                    &found.hash[..12],
+                    &recorded.hash[..recorded.hash.len().min(12)]
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(files
+        .keys()
+        .find(|path| !manifest.files.contains_key(*path))
+        .map(|path| format!("`{path}` was added after it was published")))
+}
+
 /// Paths of one workspace.
 #[derive(Debug, Clone)]
 pub struct Workspace {
@@ -189,6 +222,26 @@ impl Workspace {
         if let Some(aside) = replaced {
             fs::remove_dir_all(aside)?;
         }
+        Ok(target)
+    }
+
+    /// Moves the entry of `stage` with `fingerprint` aside into `.trainyard/quarantine/`
+    /// (never deleting it: it may be all there is of a week of training) and returns
+    /// where it went.
+    pub fn quarantine(&self, stage: &str, fingerprint: &str) -> io::Result<PathBuf> {
+        let quarantine = self.state_dir().join("quarantine");
+        fs::create_dir_all(&quarantine)?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut target = quarantine.join(format!("{stage}-{}-{stamp}", short(fingerprint)));
+        let mut attempt = 1;
+        while target.exists() {
+            attempt += 1;
+            target = quarantine.join(format!("{stage}-{}-{stamp}-{attempt}", short(fingerprint)));
+        }
+        fs::rename(self.entry_dir(stage, fingerprint), &target)?;
         Ok(target)
     }
 

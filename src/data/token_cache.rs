@@ -198,6 +198,20 @@ pub enum CacheError {
         /// Its hash.
         found: String,
     },
+    /// A token id outside the vocabulary: the file changed after it was written.
+    #[error(
+        "{file} is corrupted: token {position} is id {id}, outside the vocabulary of {vocab_size} it was written with; run `trainyard run --verify` to find and rebuild corrupted outputs"
+    )]
+    Corrupted {
+        /// The token file.
+        file: PathBuf,
+        /// Index of the first bad token in the file.
+        position: u64,
+        /// The id found there.
+        id: u32,
+        /// The cache's vocabulary size.
+        vocab_size: u32,
+    },
     /// Wrong mode, missing split, or a corrupt file.
     #[error("token cache {cache}: {reason}")]
     Invalid {
@@ -382,7 +396,14 @@ struct TokenFile {
 }
 
 impl TokenFile {
-    fn open(path: &Path, dtype: Dtype, expected_tokens: u64) -> Result<TokenFile, CacheError> {
+    /// Maps `path`, checking its size and that every id is below `vocab_size` (a
+    /// flipped byte must be reported as a corrupted file, not fail deep in training).
+    fn open(
+        path: &Path,
+        dtype: Dtype,
+        expected_tokens: u64,
+        vocab_size: u32,
+    ) -> Result<TokenFile, CacheError> {
         let file = File::open(path).map_err(io_at(path))?;
         let bytes = file.metadata().map_err(io_at(path))?.len();
         if bytes != expected_tokens * dtype.width() as u64 {
@@ -402,30 +423,59 @@ impl TokenFile {
             // while it is mapped.
             Some(unsafe { Mmap::map(&file) }.map_err(io_at(path))?)
         };
-        Ok(TokenFile {
+        let token_file = TokenFile {
             map,
             dtype,
             len: expected_tokens,
-        })
+        };
+        if let Some((position, id)) = token_file.first_id_at_or_above(vocab_size) {
+            return Err(CacheError::Corrupted {
+                file: path.to_path_buf(),
+                position,
+                id,
+                vocab_size,
+            });
+        }
+        Ok(token_file)
+    }
+
+    /// The first token (index, id) whose id is `bound` or more.
+    fn first_id_at_or_above(&self, bound: u32) -> Option<(u64, u32)> {
+        use rayon::prelude::*;
+        let map = self.map.as_ref()?;
+        let width = self.dtype.width();
+        const CHUNK_TOKENS: usize = 1 << 20;
+        map.par_chunks(CHUNK_TOKENS * width)
+            .enumerate()
+            .find_map_first(|(chunk, bytes)| {
+                let mut ids = Vec::with_capacity(bytes.len() / width);
+                decode_ids(bytes, self.dtype, &mut ids);
+                let offset = ids.iter().position(|&id| id >= bound)?;
+                Some(((chunk * CHUNK_TOKENS + offset) as u64, ids[offset]))
+            })
     }
 
     fn read(&self, start: u64, count: usize, out: &mut Vec<u32>) {
         let Some(map) = &self.map else { return };
         let width = self.dtype.width();
         let from = start as usize * width;
-        let bytes = &map[from..from + count * width];
-        match self.dtype {
-            Dtype::U16 => out.extend(
-                bytes
-                    .chunks_exact(2)
-                    .map(|pair| u32::from(u16::from_le_bytes([pair[0], pair[1]]))),
-            ),
-            Dtype::U32 => out.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|quad| u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]])),
-            ),
-        }
+        decode_ids(&map[from..from + count * width], self.dtype, out);
+    }
+}
+
+/// Appends the little-endian ids in `bytes` to `out`.
+fn decode_ids(bytes: &[u8], dtype: Dtype, out: &mut Vec<u32>) {
+    match dtype {
+        Dtype::U16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|pair| u32::from(u16::from_le_bytes([pair[0], pair[1]]))),
+        ),
+        Dtype::U32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|quad| u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]])),
+        ),
     }
 }
 
@@ -495,7 +545,12 @@ impl TokenCache {
             .shards
             .iter()
             .map(|shard| {
-                TokenFile::open(&self.dir.join(&shard.file), self.meta.dtype, shard.tokens)
+                TokenFile::open(
+                    &self.dir.join(&shard.file),
+                    self.meta.dtype,
+                    shard.tokens,
+                    self.meta.vocab_size,
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TokenStream { shards })
@@ -520,7 +575,12 @@ impl TokenCache {
                 reason: format!("{} does not match meta.json", offsets_path.display()),
             });
         }
-        let tokens = TokenFile::open(&dir.join("tokens.bin"), self.meta.dtype, info.tokens)?;
+        let tokens = TokenFile::open(
+            &dir.join("tokens.bin"),
+            self.meta.dtype,
+            info.tokens,
+            self.meta.vocab_size,
+        )?;
         let mask_path = dir.join("mask.bin");
         let mask = std::fs::read(&mask_path).map_err(io_at(&mask_path))?;
         if mask.len() as u64 != info.tokens {

@@ -210,7 +210,14 @@ impl StageKind for TokenCacheStage {
             ModeSetting::Sft => CacheMode::Sft,
             ModeSetting::Auto => detect_mode(&train)?,
         };
-        let vocab_size = tokenizer.get_vocab_size(true) as u32;
+        // One past the largest id, not the count: added tokens may leave gaps, and the
+        // reader refuses ids at or above this bound as corruption.
+        let vocab_size = tokenizer
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |largest| largest + 1)
+            .max(tokenizer.get_vocab_size(true) as u32);
         let dtype = Dtype::for_vocab(vocab_size);
         let tokenizer_config = TokenizerConfig::load(&tokenizer_dir(&tokenizer_path))
             .map_err(|error| StageError::Invalid(error.to_string()))?;

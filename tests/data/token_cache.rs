@@ -481,3 +481,39 @@ fn sft_refuses_a_chat_cache_rendered_with_another_template_than_its_base() {
     assert!(error.contains("another chat template"), "{error}");
     assert!(error.contains("tokenizer_config.json"), "{error}");
 }
+
+#[test]
+fn a_corrupted_shard_is_reported_as_a_corrupted_file() {
+    let sandbox = corpus_sandbox();
+    sandbox.ok(&["run", "p.yaml"]);
+    // A copy outside the store, so that only the reader's own check can notice.
+    let copy = sandbox.path("copy");
+    std::fs::create_dir(&copy).unwrap();
+    let source = sandbox.path("runs/latest/outputs/pre");
+    for entry in std::fs::read_dir(&source).unwrap().flatten() {
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+    }
+    for split in ["train", "eval"] {
+        std::fs::create_dir_all(copy.join(split)).unwrap();
+        for entry in std::fs::read_dir(source.join(split)).unwrap().flatten() {
+            std::fs::copy(entry.path(), copy.join(split).join(entry.file_name())).unwrap();
+        }
+    }
+    let cache = TokenCache::open(&copy).unwrap();
+    let shard = copy.join(&cache.meta.splits["train"].shards[1].file);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[6] = 0xff;
+    bytes[7] = 0xff;
+    std::fs::write(&shard, bytes).unwrap();
+    let error = cache.stream("train").unwrap_err().to_string();
+    assert!(
+        error.contains(&format!(
+            "{} is corrupted: token 3 is id 65535, outside the vocabulary of {}",
+            shard.display(),
+            cache.meta.vocab_size
+        )),
+        "{error}"
+    );
+}

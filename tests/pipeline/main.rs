@@ -13,3 +13,4 @@ mod crash_safety;
 mod errors;
 mod shipped_pipelines;
 mod special_files;
+mod store_integrity;

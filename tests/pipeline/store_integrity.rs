@@ -1,0 +1,141 @@
+//! The store never serves bad bytes: stored outputs are checked against their manifest
+//! before they are used or reported cached, corrupted entries are quarantined (never
+//! deleted) and rebuilt, and `run --verify` re-reads everything.
+
+use crate::common;
+
+use std::path::Path;
+
+use common::Sandbox;
+
+const PIPELINE: &str = r#"name: integrity
+stages:
+  make:
+    kind: command
+    with: { cmd: "echo good > out.txt" }
+  use:
+    kind: command
+    inputs: { m: make/out.txt }
+    with: { cmd: "cat $TY_IN_M $TY_IN_M > twice.txt" }
+"#;
+
+fn flip_first_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Flips a byte and puts size, mtime and inode back as they were.
+fn flip_first_byte_silently(path: &Path) {
+    let before = std::fs::metadata(path).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[0] ^= 0x20;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&bytes[..1], 0).unwrap();
+    file.set_modified(before.modified().unwrap()).unwrap();
+}
+
+fn quarantined(sandbox: &Sandbox) -> Vec<String> {
+    std::fs::read_dir(sandbox.path(".trainyard/quarantine"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_corrupted_stored_output_is_quarantined_and_rebuilt() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", PIPELINE);
+    sandbox.ok(&["run", "p.yaml"]);
+    let entry = sandbox.store_entries("make")[0].clone();
+    flip_first_byte(&entry.join("out.txt"));
+
+    // status says what will happen and moves nothing.
+    let status = sandbox.ok(&["status", "p.yaml"]);
+    assert!(
+        status.contains("its stored output was corrupted: `out.txt` differs from its manifest"),
+        "{status}"
+    );
+    assert!(quarantined(&sandbox).is_empty());
+
+    let console = sandbox.ok(&["run", "p.yaml"]);
+    assert!(
+        console.contains("its stored output was corrupted: `out.txt` differs from its manifest")
+            && console.contains("moved to .trainyard/quarantine/make-"),
+        "{console}"
+    );
+    assert_eq!(sandbox.executed(), ["make"], "{console}");
+    assert_eq!(sandbox.read("runs/latest/outputs/make/out.txt"), "good\n");
+    let moved = quarantined(&sandbox);
+    assert_eq!(moved.len(), 1);
+    // Quarantined, not deleted: the bad bytes are still there to look at.
+    assert_eq!(
+        sandbox.read(&format!(".trainyard/quarantine/{}/out.txt", moved[0])),
+        "Good\n"
+    );
+    sandbox.ok(&["audit", "runs/latest"]);
+}
+
+#[test]
+fn a_forced_stage_never_reads_a_corrupted_upstream() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", PIPELINE);
+    sandbox.ok(&["run", "p.yaml"]);
+    let entry = sandbox.store_entries("make")[0].clone();
+    flip_first_byte(&entry.join("out.txt"));
+    sandbox.ok(&["run", "p.yaml", "--force", "use"]);
+    assert_eq!(sandbox.executed(), ["make", "use"]);
+    assert_eq!(
+        sandbox.read("runs/latest/outputs/use/twice.txt"),
+        "good\ngood\n"
+    );
+}
+
+#[test]
+fn verify_finds_a_change_that_kept_size_mtime_and_inode() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", PIPELINE);
+    sandbox.ok(&["run", "p.yaml"]);
+    // Let the files age past the racy window so their signatures are trusted.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    sandbox.ok(&["run", "p.yaml"]);
+    let entry = sandbox.store_entries("make")[0].clone();
+    flip_first_byte_silently(&entry.join("out.txt"));
+
+    // The signature is unchanged, so a plain run trusts it (that is what keeps a
+    // no-op run fast); --verify reads the bytes.
+    sandbox.ok(&["run", "p.yaml"]);
+    assert!(sandbox.executed().is_empty());
+    let console = sandbox.ok(&["run", "p.yaml", "--verify"]);
+    assert!(
+        console.contains("its stored output was corrupted: `out.txt` differs"),
+        "{console}"
+    );
+    assert_eq!(sandbox.executed(), ["make"]);
+    assert_eq!(sandbox.read("runs/latest/outputs/make/out.txt"), "good\n");
+    assert_eq!(quarantined(&sandbox).len(), 1);
+}
+
+#[test]
+fn an_added_or_removed_file_is_corruption_too() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", PIPELINE);
+    sandbox.ok(&["run", "p.yaml"]);
+    let entry = sandbox.store_entries("make")[0].clone();
+    std::fs::write(entry.join("extra.txt"), "x").unwrap();
+    let console = sandbox.ok(&["run", "p.yaml"]);
+    assert!(
+        console.contains("`extra.txt` was added after it was published"),
+        "{console}"
+    );
+    let entry = sandbox.store_entries("make")[0].clone();
+    std::fs::remove_file(entry.join("out.txt")).unwrap();
+    let console = sandbox.ok(&["run", "p.yaml"]);
+    assert!(console.contains("`out.txt` is missing"), "{console}");
+    assert_eq!(quarantined(&sandbox).len(), 2);
+}
