@@ -615,8 +615,8 @@ impl Engine<'_> {
             Some(manifest) if !is_forced => {
                 match self.check_stored(&stage.name, &fingerprint, manifest) {
                     Ok(intact) => intact,
-                    Err(reason) => {
-                        corrupted = Some(reason);
+                    Err(detail) => {
+                        corrupted = Some(Reason::OutputCorrupted { detail });
                         None
                     }
                 }
@@ -690,13 +690,13 @@ impl Engine<'_> {
 
     /// `manifest`'s entry if its files still match it (their signatures, or their
     /// bytes when a signature changed or `--verify` was given). A corrupted entry is
-    /// moved to quarantine (except in a dry run) and the reason returned.
+    /// moved to quarantine (except in a dry run) and what was wrong returned.
     fn check_stored(
         &self,
         stage: &str,
         fingerprint: &str,
         manifest: Manifest,
-    ) -> Result<Option<Manifest>, Reason> {
+    ) -> Result<Option<Manifest>, String> {
         let dir = self.workspace.entry_dir(stage, fingerprint);
         let problem = match store::check_entry(&self.hasher, &dir, &manifest) {
             Ok(None) => return Ok(Some(manifest)),
@@ -718,7 +718,7 @@ impl Engine<'_> {
                 Err(error) => format!("{problem}; it could not be moved aside ({error})"),
             }
         };
-        Err(Reason::OutputCorrupted { detail })
+        Err(detail)
     }
 
     /// Records that a run used `identity` for this stage (for `status` later) and
