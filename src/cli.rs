@@ -45,6 +45,13 @@ pub enum Command {
     /// `--reproduce` also runs the recorded settings again in a fresh workspace and
     /// compares every stage's output with the record, bit for bit.
     Audit(AuditArgs),
+    /// Remove store entries no run record references and scratch left by failed or
+    /// killed stages (training checkpoints are kept). Never touches quarantine.
+    Gc {
+        /// List what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the stage graph.
     Dag {
         #[command(flatten)]
@@ -391,6 +398,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
                 cause.downcast_ref::<ExecError>(),
                 Some(ExecError::Io { .. })
             )
+            || cause.is::<crate::gc::GcError>()
     });
     if io { EXIT_IO } else { EXIT_CONFIG }
 }
@@ -401,6 +409,63 @@ fn workspace(cli_workspace: &Option<PathBuf>) -> anyhow::Result<Workspace> {
         None => std::env::current_dir()?,
     };
     Ok(Workspace::new(&root)?)
+}
+
+/// `trainyard gc`: under the lock (fails at once if a run holds it: exit 3).
+fn gc_command(workspace: &Workspace, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let _lock = workspace.lock(false, &mut |_| {})?;
+    let plan = crate::gc::plan(workspace)?;
+    let shown = |path: &std::path::Path| {
+        path.strip_prefix(&workspace.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    };
+    let verb = if dry_run { "would remove" } else { "remove" };
+    for (path, size, why) in &plan.remove {
+        let why = match why {
+            crate::gc::Garbage::Unreferenced => "no run references it",
+            crate::gc::Garbage::Scratch => "scratch of a stage that is not running",
+        };
+        println!("{verb}  {}  ({}, {why})", shown(path), human_bytes(*size));
+    }
+    for kept in &plan.kept_checkpoints {
+        println!(
+            "keep          {}  (a checkpoint to resume from; `run --no-resume` discards it)",
+            shown(kept)
+        );
+    }
+    let total: u64 = plan.remove.iter().map(|(_, size, _)| size).sum();
+    if dry_run {
+        println!(
+            "gc --dry-run: {} path(s), {} would be freed",
+            plan.remove.len(),
+            human_bytes(total)
+        );
+    } else {
+        let freed = crate::gc::apply(workspace, &plan)?;
+        println!(
+            "gc: removed {} path(s), {} freed",
+            plan.remove.len(),
+            human_bytes(freed)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 fn load(args: &PipelineArgs, workspace: &Workspace) -> anyhow::Result<ResolvedPipeline> {
@@ -426,6 +491,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(args) => audit_command(&args, &workspace),
+        Command::Gc { dry_run } => gc_command(&workspace, dry_run),
         Command::Dag {
             pipeline: args,
             format,

@@ -931,6 +931,11 @@ impl Engine<'_> {
             }
             Err(error) => {
                 report.status = StageStatus::Failed;
+                if !stage.kind.resumable {
+                    // A failed output is never used again: free its space (a disk-full
+                    // failure must not keep the disk full) but keep the log to read.
+                    prune_to_log(&scratch);
+                }
                 let message = format!("{error}\n(log: {})", scratch.join(STAGE_LOG).display());
                 self.progress(format_args!(
                     "  FAILED   {} ({}): {message}",
@@ -1098,4 +1103,23 @@ impl Engine<'_> {
 enum Decision {
     Done(Box<StageReport>),
     Execute(Box<Job>),
+}
+
+/// Removes everything in a failed stage's scratch but its log (best effort: the next
+/// run of the stage clears it anyway, and `trainyard gc` removes it).
+fn prune_to_log(scratch: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name() == STAGE_LOG {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
 }

@@ -18,6 +18,7 @@ pub mod data;
 pub mod executor;
 pub mod export;
 pub mod fingerprint;
+pub mod gc;
 pub mod generate;
 pub mod hashing;
 pub mod hf_cache;

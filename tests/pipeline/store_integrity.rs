@@ -139,3 +139,70 @@ fn an_added_or_removed_file_is_corruption_too() {
     assert!(console.contains("`out.txt` is missing"), "{console}");
     assert_eq!(quarantined(&sandbox).len(), 2);
 }
+
+#[test]
+fn gc_removes_unreferenced_entries_and_stale_scratch_only() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", PIPELINE);
+    sandbox.ok(&["run", "p.yaml"]);
+    let first_run = std::fs::read_link(sandbox.path("runs/latest")).unwrap();
+    let old_make = sandbox.store_entries("make")[0].clone();
+    sandbox.write("p.yaml", &PIPELINE.replace("echo good", "echo better"));
+    sandbox.ok(&["run", "p.yaml"]);
+    // A failing stage: its scratch keeps only the log.
+    sandbox.write(
+        "bad.yaml",
+        "name: bad\nstages:\n  broken:\n    kind: command\n    with: { cmd: \"head -c 100000 /dev/zero > big.bin; exit 3\" }\n",
+    );
+    sandbox.fails(&["run", "bad.yaml"]);
+    let scratch: Vec<_> = std::fs::read_dir(sandbox.path(".trainyard/work"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    assert_eq!(scratch.len(), 1, "{scratch:?}");
+    let left: Vec<_> = std::fs::read_dir(&scratch[0])
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["stage.log"]);
+
+    // Every entry is still referenced by a run record: only the scratch goes.
+    let dry = sandbox.ok(&["gc", "--dry-run"]);
+    assert!(
+        dry.contains("would remove  .trainyard/work/broken-"),
+        "{dry}"
+    );
+    assert!(!dry.contains(".trainyard/store/"), "{dry}");
+
+    // Once the first run's directory is deleted, its entries are garbage.
+    let first_run = if first_run.is_absolute() {
+        first_run
+    } else {
+        sandbox.path("runs").join(first_run)
+    };
+    std::fs::remove_dir_all(&first_run).unwrap();
+    let dry = sandbox.ok(&["gc", "--dry-run"]);
+    assert!(
+        dry.contains(&format!(
+            "would remove  {}",
+            old_make.strip_prefix(sandbox.path("")).unwrap().display()
+        )),
+        "{dry}"
+    );
+    assert!(old_make.exists(), "--dry-run removes nothing");
+    let done = sandbox.ok(&["gc"]);
+    assert!(done.contains("gc: removed 3 path(s)"), "{done}");
+    assert!(!old_make.exists());
+    assert_eq!(sandbox.store_entries("make").len(), 1);
+    assert!(
+        std::fs::read_dir(sandbox.path(".trainyard/work"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    sandbox.ok(&["audit", "runs/latest"]);
+    let again = sandbox.ok(&["run", "p.yaml"]);
+    assert!(sandbox.executed().is_empty(), "{again}");
+}
