@@ -753,6 +753,29 @@ impl Engine<'_> {
         );
     }
 
+    /// The portable name of every input of stage `index` (see
+    /// [`crate::stages::portable_input_name`]).
+    fn portable_names(
+        &self,
+        index: usize,
+        inputs: &BTreeMap<String, PathBuf>,
+    ) -> BTreeMap<String, String> {
+        inputs
+            .iter()
+            .map(|(name, path)| {
+                let hub = match self.dag.bindings[index].get(name) {
+                    Some(Binding::External {
+                        hub: Some(snapshot),
+                        ..
+                    }) => Some(snapshot.repo.as_str()),
+                    _ => None,
+                };
+                let portable = crate::stages::portable_input_name(path, &self.workspace.root, hub);
+                (name.clone(), portable)
+            })
+            .collect()
+    }
+
     fn external_paths(&self, index: usize) -> BTreeMap<String, PathBuf> {
         self.dag.bindings[index]
             .iter()
@@ -973,9 +996,11 @@ impl Engine<'_> {
             .append(true)
             .open(&log_path)
             .map_err(|error| StageError::io(format!("opening {}", log_path.display()), error))?;
+        let input_names = self.portable_names(job.index, &job.inputs);
         let mut context = StageContext {
             stage: &stage.name,
             inputs: &job.inputs,
+            input_names: &input_names,
             out_dir: scratch,
             seed: self.pipeline.seed,
             cancel: self.cancel,

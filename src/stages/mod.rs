@@ -104,6 +104,10 @@ pub struct StageContext<'a> {
     pub stage: &'a str,
     /// Absolute path of every input, by input name.
     pub inputs: &'a BTreeMap<String, PathBuf>,
+    /// Every input's portable name, by input name: what an output may record about
+    /// where an input came from without tying it to this machine (see
+    /// [`portable_input_name`]).
+    pub input_names: &'a BTreeMap<String, String>,
     /// Scratch directory that becomes the output once the stage succeeds.
     pub out_dir: &'a Path,
     /// The pipeline seed.
@@ -112,6 +116,25 @@ pub struct StageContext<'a> {
     pub cancel: &'a CancelFlag,
     /// The stage's log (also kept in the output as [`STAGE_LOG`]).
     pub log: &'a mut (dyn Write + Send),
+}
+
+/// The name an output records for an input at `path`: the Hugging Face id of a hub
+/// snapshot (`hub_repo`, as PEFT records a base), else the path relative to the
+/// workspace root when it lies inside the workspace (store entries and files the
+/// pipeline names alike, so the same run in another workspace writes the same bytes),
+/// else the absolute path.
+pub fn portable_input_name(path: &Path, workspace_root: &Path, hub_repo: Option<&str>) -> String {
+    if let Some(repo) = hub_repo {
+        return repo.to_string();
+    }
+    match path.strip_prefix(workspace_root) {
+        Ok(relative) if !relative.as_os_str().is_empty() => relative
+            .components()
+            .map(|component| component.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/"),
+        _ => path.display().to_string(),
+    }
 }
 
 /// Name of the log file every stage leaves in its output directory. It is recorded in
@@ -320,4 +343,40 @@ pub static KINDS: &[KindEntry] = &[
 /// The kind called `name`.
 pub fn kind(name: &str) -> Option<&'static KindEntry> {
     KINDS.iter().find(|entry| entry.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_are_named_from_the_workspace_root_or_by_hub_id() {
+        let root = Path::new("/tmp/ws");
+        assert_eq!(
+            portable_input_name(
+                Path::new("/tmp/ws/.trainyard/store/pretrain/ab12"),
+                root,
+                None
+            ),
+            ".trainyard/store/pretrain/ab12"
+        );
+        assert_eq!(
+            portable_input_name(Path::new("/tmp/ws/models/tiny-llama"), root, None),
+            "models/tiny-llama"
+        );
+        assert_eq!(
+            portable_input_name(Path::new("/models/tiny-llama"), root, None),
+            "/models/tiny-llama"
+        );
+        assert_eq!(
+            portable_input_name(
+                Path::new(
+                    "/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abc"
+                ),
+                root,
+                Some("Qwen/Qwen2.5-0.5B")
+            ),
+            "Qwen/Qwen2.5-0.5B"
+        );
+    }
 }

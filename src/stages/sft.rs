@@ -151,40 +151,6 @@ fn adapter_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema
     })
 }
 
-/// `path` as recorded in an output: from `.trainyard/` on for a store entry (relative to
-/// the workspace root, so the same run in another workspace writes the same bytes), else
-/// as given.
-fn portable_path(path: &Path) -> String {
-    let components: Vec<_> = path.components().collect();
-    // A base from the Hugging Face cache (`…/models--org--name/snapshots/<commit>`) is
-    // named by its hub id, as PEFT records it, so the adapter loads with
-    // `PeftModel.from_pretrained` on any machine.
-    if let Some(repo) = components.iter().rev().nth(2).and_then(|component| {
-        component
-            .as_os_str()
-            .to_str()
-            .and_then(|name| name.strip_prefix("models--"))
-            .filter(|_| {
-                components.iter().rev().nth(1).map(|c| c.as_os_str()) == Some("snapshots".as_ref())
-            })
-            .and_then(|name| name.split_once("--"))
-            .map(|(org, name)| format!("{org}/{name}"))
-    }) {
-        return repo;
-    }
-    match components
-        .iter()
-        .position(|component| component.as_os_str() == ".trainyard")
-    {
-        Some(start) => components[start..]
-            .iter()
-            .map(|component| component.as_os_str().to_string_lossy())
-            .collect::<Vec<_>>()
-            .join("/"),
-        None => path.display().to_string(),
-    }
-}
-
 /// Settings of an `sft` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -545,7 +511,12 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             model::new_lora(base, &spec, DType::F32, &device, context.seed).map_err(invalid)?
         }
     };
-    let adapter_config = spec.adapter_config(&portable_path(base));
+    let base_name = context
+        .input_names
+        .get("base")
+        .cloned()
+        .unwrap_or_else(|| base.display().to_string());
+    let adapter_config = spec.adapter_config(&base_name);
     let files = match settings.adapter.kind {
         AdapterKind::None => ModelFiles::Full(&config),
         AdapterKind::Lora => ModelFiles::Adapter(&adapter_config),
@@ -671,27 +642,4 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
     let metrics = training::summary_metrics(&summary, parameters);
     training::log_summary(context, &summary);
     Ok(StageOutcome { metrics })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn store_paths_are_recorded_from_the_workspace_root() {
-        assert_eq!(
-            portable_path(Path::new("/tmp/ws/.trainyard/store/pretrain/ab12")),
-            ".trainyard/store/pretrain/ab12"
-        );
-        assert_eq!(
-            portable_path(Path::new("/models/tiny-llama")),
-            "/models/tiny-llama"
-        );
-        assert_eq!(
-            portable_path(Path::new(
-                "/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-0.5B/snapshots/0123abc"
-            )),
-            "Qwen/Qwen2.5-0.5B"
-        );
-    }
 }

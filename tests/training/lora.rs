@@ -84,6 +84,10 @@ fn lora_trains_a_peft_adapter_that_merges_into_identical_logits() {
         serde_json::from_str(&sandbox.read("runs/latest/outputs/adapter/adapter_config.json"))
             .unwrap();
     assert_eq!(config["peft_type"], "LORA");
+    // The base (an upstream stage) is named from the workspace root, never absolutely.
+    let base = config["base_model_name_or_path"].as_str().unwrap();
+    assert!(base.starts_with(".trainyard/store/"), "{base}");
+    assert!(sandbox.path(base).join("config.json").exists());
     assert_eq!(config["r"], 8);
     assert_eq!(config["lora_alpha"], 16.0);
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
