@@ -391,6 +391,12 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     {
         return EXIT_BUSY;
     }
+    if error
+        .chain()
+        .any(|cause| matches!(lock(cause), Some(LockError::Interrupted)))
+    {
+        return EXIT_INTERRUPTED;
+    }
     let io = error.chain().any(|cause| {
         cause.is::<std::io::Error>()
             || matches!(lock(cause), Some(LockError::Io { .. }))
@@ -413,7 +419,7 @@ fn workspace(cli_workspace: &Option<PathBuf>) -> anyhow::Result<Workspace> {
 
 /// `trainyard gc`: under the lock (fails at once if a run holds it: exit 3).
 fn gc_command(workspace: &Workspace, dry_run: bool) -> anyhow::Result<ExitCode> {
-    let _lock = workspace.lock(false, &mut |_| {})?;
+    let _lock = workspace.lock(false, &mut |_| {}, None)?;
     let plan = crate::gc::plan(workspace)?;
     let shown = |path: &std::path::Path| {
         path.strip_prefix(&workspace.root)

@@ -237,7 +237,7 @@ pub fn run(
         let mut on_wait = |holder: &str| {
             eprintln!("waiting for the workspace lock, held by {holder}");
         };
-        Some(workspace.lock(options.wait_for_lock, &mut on_wait)?)
+        Some(workspace.lock(options.wait_for_lock, &mut on_wait, Some(cancel))?)
     };
     if !options.dry_run
         && let Some(killed) = crate::runs::mark_killed_run(workspace)

@@ -291,6 +291,9 @@ pub enum LockError {
         /// Who holds it: pid and command line, as it wrote them.
         holder: String,
     },
+    /// Ctrl-C or SIGTERM arrived while waiting for the lock.
+    #[error("interrupted while waiting for the workspace lock")]
+    Interrupted,
     /// The lock file could not be opened or written.
     #[error("cannot lock {path}: {source}")]
     Io {
@@ -304,12 +307,14 @@ pub enum LockError {
 impl Workspace {
     /// Takes the workspace lock. When another process holds it, either fails with
     /// [`LockError::Busy`] naming that process, or (with `wait`) calls `on_wait` with its
-    /// description once and blocks until it is released. A lock whose owner died is
-    /// free: advisory locks die with their process.
+    /// description once and waits until it is released, or until `cancel` is set
+    /// (checked every 50 ms: Ctrl-C must not wait for another run to finish). A lock
+    /// whose owner died is free: advisory locks die with their process.
     pub fn lock(
         &self,
         wait: bool,
         on_wait: &mut dyn FnMut(&str),
+        cancel: Option<&crate::interrupt::CancelFlag>,
     ) -> Result<WorkspaceLock, LockError> {
         let path = self.state_dir().join("lock");
         let io_error = |source: io::Error| LockError::Io {
@@ -343,7 +348,18 @@ impl Workspace {
                     });
                 }
                 on_wait(&holder);
-                file.lock().map_err(io_error)?;
+                loop {
+                    if cancel.is_some_and(crate::interrupt::CancelFlag::is_cancelled) {
+                        return Err(LockError::Interrupted);
+                    }
+                    match file.try_lock() {
+                        Ok(()) => break,
+                        Err(fs::TryLockError::WouldBlock) => {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                        Err(fs::TryLockError::Error(error)) => return Err(io_error(error)),
+                    }
+                }
             }
             Err(fs::TryLockError::Error(error)) => return Err(io_error(error)),
         }

@@ -251,3 +251,29 @@ stages:
     let written = std::fs::read_to_string(&scratch).unwrap_or_default();
     assert!(!written.contains("stray"), "{written}");
 }
+
+#[test]
+fn ctrl_c_while_waiting_for_the_lock_stops_at_once() {
+    let sandbox = Sandbox::new();
+    let gate = slow_pipeline(&sandbox);
+    let mut first = sandbox.spawn(&["run", "p.yaml"]);
+    wait_for(&scratch_file(&sandbox, "started"));
+    let waiting = sandbox.spawn(&["run", "p.yaml"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = std::time::Instant::now();
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(waiting.id() as libc::pid_t, libc::SIGINT);
+    }
+    let output = waiting.wait_with_output().unwrap();
+    let waited = signalled.elapsed();
+    assert_eq!(output.status.code(), Some(130), "{}", text(&output));
+    assert!(
+        text(&output).contains("interrupted while waiting for the workspace lock"),
+        "{}",
+        text(&output)
+    );
+    assert!(waited < Duration::from_secs(3), "took {waited:?}");
+    std::fs::remove_file(&gate).unwrap();
+    assert!(first.wait().unwrap().success());
+}
