@@ -9,6 +9,7 @@ pub mod diagnostic;
 pub mod schema;
 pub mod source;
 pub mod vars;
+pub mod yaml;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -488,9 +489,9 @@ fn parse_scalar(raw: &str) -> Value {
     if raw.is_empty() {
         return Value::from(String::new());
     }
-    match serde_norway::from_str::<Value>(raw) {
-        Ok(Value::Empty(..)) | Err(_) => Value::from(raw.to_string()),
-        Ok(value) => value,
+    match yaml::parse_value(raw) {
+        Some(Value::Empty(..)) | None => Value::from(raw.to_string()),
+        Some(value) => value,
     }
 }
 
