@@ -11,4 +11,5 @@ mod caching;
 mod config;
 mod crash_safety;
 mod errors;
+mod scale;
 mod shipped_pipelines;
