@@ -282,15 +282,19 @@ pub fn run(
         recorder: recorder.as_ref(),
     };
     let started = SystemTime::now();
+    // Built once and finished at the end: the settings and origins of a big pipeline
+    // are most of the record and do not change during the run.
+    let mut record = None;
     if let Some(recorder) = &recorder {
         recorder.event(
             "run_started",
             serde_json::json!({ "pipeline": pipeline.name, "run_id": recorder.id }),
         );
-        let record = engine.run_record(&recorder.id, started, None, "running", &[]);
+        let started_record = engine.run_record(&recorder.id, started);
         recorder
-            .write_record(&record, false)
+            .write_record(&started_record, false)
             .map_err(io_error("writing resolved_settings.json"))?;
+        record = Some(started_record);
     }
     let reports = engine.walk()?;
     engine
@@ -311,19 +315,15 @@ pub fn run(
     } else {
         Outcome::Succeeded
     };
-    if let Some(recorder) = &recorder {
+    if let (Some(recorder), Some(mut record)) = (&recorder, record) {
         let status = match outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::Failed => "failed",
             Outcome::Interrupted => "interrupted",
         };
-        let record = engine.run_record(
-            &recorder.id,
-            started,
-            Some(SystemTime::now()),
-            status,
-            &reports,
-        );
+        record.status = status.to_string();
+        record.finished_at = Some(runs::timestamp(SystemTime::now()));
+        record.stages = engine.stage_records(&reports);
         recorder
             .write_record(&record, true)
             .map_err(io_error("writing resolved_settings.json"))?;
@@ -412,7 +412,11 @@ impl Engine<'_> {
 
     fn progress(&self, line: std::fmt::Arguments<'_>) {
         if self.options.progress {
-            eprintln!("{line}");
+            // One write per line: stderr is unbuffered, and `eprintln!` writes each
+            // piece of the format on its own (a syscall each, tens of thousands in a
+            // no-op run of a big pipeline).
+            let line = format!("{line}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         }
     }
 
@@ -447,69 +451,110 @@ impl Engine<'_> {
         let mut slots: Vec<Slot> = (0..count).map(|_| Slot::Pending).collect();
         let mut stopped_by: Option<String> = None;
         let jobs = self.options.jobs.max(1);
+        // Each stage is decided once, when its last upstream stage is done, and the
+        // decided jobs wait in file order for a free slot. (Rescanning every stage after
+        // each launch, and deciding waiting stages again, made a run quadratic in the
+        // number of stages.)
+        let position: Vec<usize> = {
+            let mut position = vec![0; count];
+            for (at, &index) in self.dag.order.iter().enumerate() {
+                position[index] = at;
+            }
+            position
+        };
+        let mut downstream: Vec<Vec<usize>> = vec![Vec::new(); count];
+        let mut waiting_for: Vec<usize> = (0..count)
+            .map(|index| {
+                let upstream = self.dag.upstream(index);
+                for &up in &upstream {
+                    downstream[up].push(index);
+                }
+                upstream.len()
+            })
+            .collect();
+        // Stages whose upstream stages are all done, and decided jobs without a slot
+        // yet, both by position in `dag.order`.
+        let mut ready: BTreeSet<usize> = (0..count)
+            .filter(|&index| waiting_for[index] == 0)
+            .map(|index| position[index])
+            .collect();
+        let mut queued: BTreeMap<usize, Box<Job>> = BTreeMap::new();
+        let done = |index: usize, ready: &mut BTreeSet<usize>, waiting_for: &mut Vec<usize>| {
+            for &down in &downstream[index] {
+                waiting_for[down] -= 1;
+                if waiting_for[down] == 0 {
+                    ready.insert(position[down]);
+                }
+            }
+        };
         std::thread::scope(|scope| {
             let (sender, receiver) = mpsc::channel::<(usize, StageReport)>();
             let mut running = 0usize;
             loop {
-                let mut launched_or_decided = true;
-                while launched_or_decided {
-                    launched_or_decided = false;
-                    for &index in &self.dag.order {
-                        if !matches!(slots[index], Slot::Pending) {
-                            continue;
+                while let Some(at) = ready.pop_first() {
+                    let index = self.dag.order[at];
+                    let stage = &self.pipeline.stages[index];
+                    if !needed.contains(&index) {
+                        slots[index] = Slot::Done(Box::new(StageReport::new(
+                            &stage.name,
+                            stage.kind.name,
+                            StageStatus::NotSelected,
+                        )));
+                        done(index, &mut ready, &mut waiting_for);
+                        continue;
+                    }
+                    let decision = self.decide_after_upstream(
+                        index,
+                        &slots,
+                        &forced,
+                        &selected,
+                        stopped_by.as_deref(),
+                    );
+                    match decision {
+                        Decision::Done(report) => {
+                            if report.status == StageStatus::Failed && !self.options.keep_going {
+                                stopped_by.get_or_insert_with(|| stage.name.clone());
+                            }
+                            slots[index] = Slot::Done(report);
+                            done(index, &mut ready, &mut waiting_for);
                         }
-                        let stage = &self.pipeline.stages[index];
-                        if !needed.contains(&index) {
-                            slots[index] = Slot::Done(Box::new(StageReport::new(
-                                &stage.name,
-                                stage.kind.name,
-                                StageStatus::NotSelected,
-                            )));
-                            launched_or_decided = true;
-                            continue;
+                        Decision::Execute(job) => {
+                            queued.insert(at, job);
                         }
-                        let upstream = self.dag.upstream(index);
-                        let upstream_reports: Option<Vec<(usize, &StageReport)>> = upstream
-                            .iter()
-                            .map(|&up| match &slots[up] {
-                                Slot::Done(report) => Some((up, report.as_ref())),
-                                _ => None,
-                            })
-                            .collect();
-                        let Some(upstream_reports) = upstream_reports else {
-                            continue;
-                        };
-                        let decision = self.decide(
+                    }
+                }
+                // A failure or an interrupt since a job was queued: decide it again,
+                // which now skips it (and says why).
+                if stopped_by.is_some() || self.cancel.is_cancelled() {
+                    for (at, _) in std::mem::take(&mut queued) {
+                        let index = self.dag.order[at];
+                        let decision = self.decide_after_upstream(
                             index,
-                            &upstream_reports,
+                            &slots,
                             &forced,
                             &selected,
                             stopped_by.as_deref(),
                         );
-                        match decision {
-                            Decision::Done(report) => {
-                                if report.status == StageStatus::Failed && !self.options.keep_going
-                                {
-                                    stopped_by.get_or_insert_with(|| stage.name.clone());
-                                }
-                                slots[index] = Slot::Done(report);
-                                launched_or_decided = true;
-                            }
-                            Decision::Execute(job) => {
-                                if running >= jobs {
-                                    continue;
-                                }
-                                let sender = sender.clone();
-                                running += 1;
-                                slots[index] = Slot::Running;
-                                launched_or_decided = true;
-                                scope.spawn(move || {
-                                    let report = self.execute(*job);
-                                    let _ = sender.send((index, report));
-                                });
-                            }
+                        if let Decision::Done(report) = decision {
+                            slots[index] = Slot::Done(report);
+                            done(index, &mut ready, &mut waiting_for);
                         }
                     }
+                    if !ready.is_empty() {
+                        continue;
+                    }
+                }
+                while running < jobs
+                    && let Some((at, job)) = queued.pop_first()
+                {
+                    let index = self.dag.order[at];
+                    let sender = sender.clone();
+                    running += 1;
+                    slots[index] = Slot::Running;
+                    scope.spawn(move || {
+                        let report = self.execute(*job);
+                        let _ = sender.send((index, report));
+                    });
                 }
                 if running == 0 {
                     break;
@@ -526,6 +571,7 @@ impl Engine<'_> {
                     stopped_by.get_or_insert_with(|| report.name.clone());
                 }
                 slots[index] = Slot::Done(Box::new(report));
+                done(index, &mut ready, &mut waiting_for);
             }
         });
         let mut reports = Vec::with_capacity(count);
@@ -541,6 +587,27 @@ impl Engine<'_> {
             }
         }
         Ok(reports)
+    }
+
+    /// [`Self::decide`] for a stage whose upstream stages are all done.
+    fn decide_after_upstream(
+        &self,
+        index: usize,
+        slots: &[Slot],
+        forced: &BTreeSet<usize>,
+        selected: &BTreeSet<usize>,
+        stopped_by: Option<&str>,
+    ) -> Decision {
+        let upstream: Vec<(usize, &StageReport)> = self
+            .dag
+            .upstream(index)
+            .into_iter()
+            .filter_map(|up| match &slots[up] {
+                Slot::Done(report) => Some((up, report.as_ref())),
+                _ => None,
+            })
+            .collect();
+        self.decide(index, &upstream, forced, selected, stopped_by)
     }
 
     fn decide(
@@ -786,16 +853,8 @@ impl Engine<'_> {
             .collect()
     }
 
-    /// The `hf:` inputs of the stage called `name`, with the snapshots they resolved to.
-    fn hub_models(&self, name: &str) -> BTreeMap<String, Snapshot> {
-        let Some(index) = self
-            .pipeline
-            .stages
-            .iter()
-            .position(|stage| stage.name == name)
-        else {
-            return BTreeMap::new();
-        };
+    /// The `hf:` inputs of stage `index`, with the snapshots they resolved to.
+    fn hub_models(&self, index: usize) -> BTreeMap<String, Snapshot> {
         self.dag.bindings[index]
             .iter()
             .filter_map(|(input, binding)| match binding {
@@ -1050,52 +1109,14 @@ impl Engine<'_> {
         Ok((dir, manifest))
     }
 
-    fn run_record(
-        &self,
-        run_id: &str,
-        started: SystemTime,
-        finished: Option<SystemTime>,
-        status: &str,
-        reports: &[StageReport],
-    ) -> RunRecord {
-        let stages = reports
-            .iter()
-            .map(|report| {
-                let stage = self.pipeline.stage(&report.name);
-                let record = StageRunRecord {
-                    kind: report.kind.to_string(),
-                    kind_version: stage.map_or(0, |stage| stage.kind.version),
-                    status: report.status.as_str().replace(' ', "_"),
-                    fingerprint: report.fingerprint.clone(),
-                    inputs: report
-                        .identity
-                        .as_ref()
-                        .map(|identity| identity.inputs.clone())
-                        .unwrap_or_default(),
-                    input_paths: report.input_paths.clone(),
-                    hub_models: self.hub_models(&report.name),
-                    output: report.output.as_ref().map(|(dir, _)| {
-                        dir.strip_prefix(&self.workspace.root)
-                            .unwrap_or(dir)
-                            .to_path_buf()
-                    }),
-                    output_hash: report
-                        .output
-                        .as_ref()
-                        .map(|(_, manifest)| manifest.output_hash.clone()),
-                    duration_s: report.duration_s,
-                    reasons: report.reasons.iter().map(ToString::to_string).collect(),
-                    error: report.error.clone(),
-                };
-                (report.name.clone(), record)
-            })
-            .collect();
+    /// The record of a run as it starts: `running`, no stages yet.
+    fn run_record(&self, run_id: &str, started: SystemTime) -> RunRecord {
         RunRecord {
             format: 1,
             run_id: run_id.to_string(),
-            status: status.to_string(),
+            status: "running".to_string(),
             started_at: runs::timestamp(started),
-            finished_at: finished.map(runs::timestamp),
+            finished_at: None,
             command_line: self.options.command_line.clone(),
             trainyard: runs::ToolRecord {
                 version: runs::VERSION.to_string(),
@@ -1119,9 +1140,57 @@ impl Engine<'_> {
                 .iter()
                 .map(|(key, origin)| (key.clone(), origin.to_string()))
                 .collect(),
-            stages,
+            stages: BTreeMap::new(),
             machine: runs::MachineRecord::detect(),
         }
+    }
+
+    /// What happened to each stage, for the run record.
+    fn stage_records(&self, reports: &[StageReport]) -> BTreeMap<String, StageRunRecord> {
+        // By name once, not a search per stage: a record of thousands of stages would
+        // otherwise cost quadratic time.
+        let index_of: std::collections::HashMap<&str, usize> = self
+            .pipeline
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(index, stage)| (stage.name.as_str(), index))
+            .collect();
+        reports
+            .iter()
+            .map(|report| {
+                let index = index_of.get(report.name.as_str()).copied();
+                let stage = index.map(|index| &self.pipeline.stages[index]);
+                let record = StageRunRecord {
+                    kind: report.kind.to_string(),
+                    kind_version: stage.map_or(0, |stage| stage.kind.version),
+                    status: report.status.as_str().replace(' ', "_"),
+                    fingerprint: report.fingerprint.clone(),
+                    inputs: report
+                        .identity
+                        .as_ref()
+                        .map(|identity| identity.inputs.clone())
+                        .unwrap_or_default(),
+                    input_paths: report.input_paths.clone(),
+                    hub_models: index
+                        .map(|index| self.hub_models(index))
+                        .unwrap_or_default(),
+                    output: report.output.as_ref().map(|(dir, _)| {
+                        dir.strip_prefix(&self.workspace.root)
+                            .unwrap_or(dir)
+                            .to_path_buf()
+                    }),
+                    output_hash: report
+                        .output
+                        .as_ref()
+                        .map(|(_, manifest)| manifest.output_hash.clone()),
+                    duration_s: report.duration_s,
+                    reasons: report.reasons.iter().map(ToString::to_string).collect(),
+                    error: report.error.clone(),
+                };
+                (report.name.clone(), record)
+            })
+            .collect()
     }
 }
 

@@ -246,12 +246,22 @@ pub fn mark_killed_run(workspace: &Workspace) -> io::Result<Option<String>> {
     let Ok(text) = fs::read_to_string(&path) else {
         return Ok(None);
     };
+    // The status alone first: the record of a big pipeline is megabytes, and it is
+    // read this way at the start of every run.
+    #[derive(Deserialize)]
+    struct StatusOnly<'a> {
+        #[serde(borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+    }
+    match serde_json::from_str::<StatusOnly<'_>>(&text) {
+        Ok(StatusOnly {
+            status: Some(status),
+        }) if status == "running" => {}
+        _ => return Ok(None),
+    }
     let Ok(mut record) = serde_json::from_str::<serde_json::Value>(&text) else {
         return Ok(None);
     };
-    if record.get("status").and_then(|status| status.as_str()) != Some("running") {
-        return Ok(None);
-    }
     record["status"] = serde_json::json!("interrupted");
     if let Some(stages) = record.get_mut("stages").and_then(|s| s.as_object_mut()) {
         for stage in stages.values_mut() {
@@ -272,7 +282,32 @@ pub struct RunRecorder {
     pub id: String,
     /// `runs/<id>/`.
     pub dir: PathBuf,
-    log: Mutex<File>,
+    log: Mutex<EventLog>,
+}
+
+/// The event that [`RunRecorder::event`] batches: the one every stage of a no-op run has.
+const BATCHED_EVENT: &str = "stage_cached";
+/// Batched events are written once they reach this size.
+const EVENT_BATCH_BYTES: usize = 64 * 1024;
+
+/// `logs.jsonl` and the lines not yet written to it.
+#[derive(Debug)]
+struct EventLog {
+    file: File,
+    pending: Vec<u8>,
+}
+
+impl EventLog {
+    fn flush(&mut self) {
+        let _ = self.file.write_all(&self.pending);
+        self.pending.clear();
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 impl RunRecorder {
@@ -309,11 +344,14 @@ impl RunRecorder {
             }
         };
         fs::create_dir(dir.join("outputs"))?;
-        let log = File::create(dir.join("logs.jsonl"))?;
+        let file = File::create(dir.join("logs.jsonl"))?;
         Ok(RunRecorder {
             id,
             dir,
-            log: Mutex::new(log),
+            log: Mutex::new(EventLog {
+                file,
+                pending: Vec::new(),
+            }),
         })
     }
 
@@ -326,9 +364,15 @@ impl RunRecorder {
         let mut text = line.to_string();
         text.push('\n');
         if let Ok(mut log) = self.log.lock() {
-            // One write per event, so each line is a single append. Losing a log line
-            // must not fail a run whose outputs are fine.
-            let _ = log.write_all(text.as_bytes());
+            // Whole lines only, so each write is a run of complete appends. A cached
+            // stage's event waits for the next other event (or the end of the run, or
+            // 64 KiB of them): a no-op run of ten thousand stages would otherwise make
+            // ten thousand writes. Losing a log line must not fail a run whose outputs
+            // are fine.
+            log.pending.extend_from_slice(text.as_bytes());
+            if event != BATCHED_EVENT || log.pending.len() >= EVENT_BATCH_BYTES {
+                log.flush();
+            }
         }
     }
 
@@ -336,12 +380,19 @@ impl RunRecorder {
     /// store is inside the workspace, so a moved workspace keeps working links.
     pub fn link_output(&self, workspace: &Workspace, stage: &str, target: &Path) -> io::Result<()> {
         let link = self.dir.join("outputs").join(stage);
-        let _ = fs::remove_file(&link);
         let target = match target.strip_prefix(&workspace.root) {
             Ok(inside) => Path::new("../../..").join(inside),
             Err(_) => target.to_path_buf(),
         };
-        std::os::unix::fs::symlink(target, link)
+        // The run directory is new, so a link is there only if this stage was linked
+        // before in this run: replace it then, rather than try an unlink every time.
+        match std::os::unix::fs::symlink(&target, &link) {
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&link)?;
+                std::os::unix::fs::symlink(target, link)
+            }
+            result => result,
+        }
     }
 
     /// Writes `resolved_settings.json` atomically, so a crash leaves the previous one;

@@ -87,11 +87,12 @@ impl fmt::Display for Diagnostic {
             let gutter = location.line.to_string().len();
             write!(f, "\n{:gutter$}--> {location}", "")?;
             if let Some(line) = &self.quoted_line {
+                let (line, column) = excerpt(line, location.column);
                 write!(f, "\n{:gutter$} |", "")?;
                 write!(f, "\n{} | {line}", location.line)?;
                 let caret_offset: usize = line
                     .chars()
-                    .take(location.column.saturating_sub(1))
+                    .take(column.saturating_sub(1))
                     .map(|c| if c == '\t' { 4 } else { 1 })
                     .sum();
                 write!(f, "\n{:gutter$} | {:caret_offset$}^", "", "")?;
@@ -105,6 +106,31 @@ impl fmt::Display for Diagnostic {
 }
 
 impl std::error::Error for Diagnostic {}
+
+/// Characters of a quoted line shown before and after the column; a longer line (a
+/// generated or malicious file can hold a megabyte on one line) is cut around it.
+const QUOTE_CONTEXT: usize = 60;
+
+/// The part of `line` worth quoting for `column` (1-based, in characters), and the
+/// column within that part.
+fn excerpt(line: &str, column: usize) -> (std::borrow::Cow<'_, str>, usize) {
+    let length = line.chars().count();
+    if length <= 2 * QUOTE_CONTEXT {
+        return (line.into(), column);
+    }
+    let start = column.saturating_sub(1).saturating_sub(QUOTE_CONTEXT);
+    let end = (column + QUOTE_CONTEXT).min(length);
+    let mut cut: String = line.chars().skip(start).take(end - start).collect();
+    let mut column = column - start;
+    if start > 0 {
+        cut.insert(0, '…');
+        column += 1;
+    }
+    if end < length {
+        cut.push('…');
+    }
+    (cut.into(), column)
+}
 
 #[cfg(test)]
 mod tests {
@@ -121,5 +147,21 @@ mod tests {
             rendered,
             "unknown key `stpes`\n --> p.yaml:2:3\n  |\n2 |   stpes: 100\n  |   ^\n  = help: did you mean `steps`?"
         );
+    }
+
+    #[test]
+    fn a_long_line_is_quoted_around_the_column() {
+        let text = format!("a: {}\n", "[".repeat(10_000));
+        let rendered = Diagnostic::new("too deep")
+            .at(Location::new(Path::new("p.yaml"), 1, 5_000), Some(&text))
+            .to_string();
+        assert!(rendered.len() < 400, "{rendered}");
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(
+            lines[3],
+            format!("1 | …{}…", "[".repeat(2 * QUOTE_CONTEXT + 1))
+        );
+        let caret = lines[4].find('^').unwrap();
+        assert_eq!(caret, "1 | ".len() + 1 + QUOTE_CONTEXT);
     }
 }

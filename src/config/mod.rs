@@ -9,6 +9,7 @@ pub mod diagnostic;
 pub mod schema;
 pub mod source;
 pub mod vars;
+pub mod yaml;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -339,7 +340,7 @@ enum LayerSource {
         prefix: String,
         profile: Option<String>,
         /// Stage name → kind, for mapping `kinds.K.x` overlays back to their lines.
-        stage_kinds: HashMap<String, String>,
+        stage_kinds: Arc<HashMap<String, String>>,
         /// The pipeline's name, for mapping a profile's `pipelines.NAME.x` back to its lines.
         pipeline_name: Option<String>,
     },
@@ -488,9 +489,9 @@ fn parse_scalar(raw: &str) -> Value {
     if raw.is_empty() {
         return Value::from(String::new());
     }
-    match serde_norway::from_str::<Value>(raw) {
-        Ok(Value::Empty(..)) | Err(_) => Value::from(raw.to_string()),
-        Ok(value) => value,
+    match yaml::parse_value(raw) {
+        Some(Value::Empty(..)) | None => Value::from(raw.to_string()),
+        Some(value) => value,
     }
 }
 
@@ -514,9 +515,15 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
             );
         }
     };
+    // The pipeline layer owns the values: a copy of a ten-thousand-stage tree costs
+    // more than the rest of resolution.
+    let values = std::mem::take(&mut file.values);
+    let pipeline_name = values
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let file = Arc::new(file);
-    let stage_kinds: HashMap<String, String> = file
-        .values
+    let stage_kinds: HashMap<String, String> = values
         .get("stages")
         .and_then(Value::as_dict)
         .map(|stages| {
@@ -529,15 +536,16 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
                 .collect()
         })
         .unwrap_or_default();
+    let stage_kinds = Arc::new(stage_kinds);
 
     let mut layers = vec![Layer {
         name: format!("pipeline {}", file.path.display()),
-        values: file.values.clone(),
+        values,
         source: LayerSource::File {
             file: Arc::clone(&file),
             prefix: String::new(),
             profile: None,
-            stage_kinds: stage_kinds.clone(),
+            stage_kinds: Arc::clone(&stage_kinds),
             pipeline_name: None,
         },
         through_vars: BTreeMap::new(),
@@ -550,16 +558,30 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
         .map(str::trim)
         .filter(|name| !name.is_empty())
     {
-        let (layer, record) = load_profile(name, &file, &inline_profiles, &stage_kinds, options)?;
+        let (layer, record) = load_profile(
+            name,
+            &file,
+            pipeline_name.as_deref(),
+            &inline_profiles,
+            &stage_kinds,
+            options,
+        )?;
         layers.push(layer);
         profile_records.push(record);
     }
-    let mut reference = Dict::new();
-    for layer in &layers {
-        deep_merge(&mut reference, layer.values.clone());
-    }
-    if let Some(layer) = env_layer(&options.env, &reference) {
-        layers.push(layer);
+    // The merged layers only serve to spell environment keys like the pipeline does.
+    if options
+        .env
+        .iter()
+        .any(|(var, _)| var.starts_with(ENV_PREFIX))
+    {
+        let mut reference = Dict::new();
+        for layer in &layers {
+            deep_merge(&mut reference, layer.values.clone());
+        }
+        if let Some(layer) = env_layer(&options.env, &reference) {
+            layers.push(layer);
+        }
     }
     for (index, raw) in options.overrides.iter().enumerate() {
         let (key, value) = raw.split_once('=').ok_or_else(|| {
@@ -589,14 +611,20 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
         .collect::<Result<Vec<_>, _>>()?;
     let resolved_vars = variables.resolve_all()?;
     let var_origins = variables.used_origins();
-    for (layer, (values, through_vars)) in layers.iter_mut().zip(substituted) {
-        layer.values = values;
+    for (layer, (replaced, through_vars)) in layers.iter_mut().zip(substituted) {
+        if let Some(Value::Dict(_, stages)) = layer.values.get_mut("stages") {
+            for (name, section, value) in replaced {
+                if let Some(Value::Dict(_, stage)) = stages.get_mut(&name) {
+                    stage.insert(section.to_string(), value);
+                }
+            }
+        }
         layer.through_vars = through_vars;
     }
 
     let mut figment = Figment::new();
     for layer in &layers {
-        figment = figment.merge(layer);
+        figment = figment.merge(Skeleton(layer));
     }
     let resolver = Resolver {
         figment,
@@ -611,8 +639,9 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<ResolvedPipeline, Diag
 fn load_profile(
     name: &str,
     pipeline: &Arc<SourceFile>,
+    pipeline_name: Option<&str>,
     inline_profiles: &Dict,
-    stage_kinds: &HashMap<String, String>,
+    stage_kinds: &Arc<HashMap<String, String>>,
     options: &LoadOptions,
 ) -> Result<(Layer, ProfileRecord), Diagnostic> {
     // A profile is a name, never a path: `--profile ../../x` must not reach a file
@@ -740,7 +769,6 @@ fn load_profile(
                 &key(""),
             ));
         };
-        let pipeline_name = pipeline.values.get("name").and_then(Value::as_str);
         if let Some(own) = pipeline_name.and_then(|pipeline_name| pipelines.get(pipeline_name)) {
             let Value::Dict(_, own) = own else {
                 return Err(at(
@@ -774,12 +802,8 @@ fn load_profile(
             file,
             prefix,
             profile: Some(name.to_string()),
-            stage_kinds: stage_kinds.clone(),
-            pipeline_name: pipeline
-                .values
-                .get("name")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            stage_kinds: Arc::clone(stage_kinds),
+            pipeline_name: pipeline_name.map(str::to_string),
         },
         through_vars: BTreeMap::new(),
     };
@@ -862,7 +886,187 @@ struct StageSpec {
     description: Option<String>,
 }
 
+/// Where `key_path` stands in one layer's values.
+enum Presence<'v> {
+    /// The layer has a value there.
+    Set(&'v Value),
+    /// The layer has something other than a map above it, which replaces whatever
+    /// earlier layers had below.
+    Replaced,
+    /// The layer says nothing about it.
+    Absent,
+}
+
+fn presence<'v>(values: &'v Dict, key_path: &str) -> Presence<'v> {
+    let mut keys = key_path.split('.');
+    let Some(first) = keys.next() else {
+        return Presence::Absent;
+    };
+    let Some(mut value) = values.get(first) else {
+        return Presence::Absent;
+    };
+    for key in keys {
+        let Value::Dict(_, dict) = value else {
+            return Presence::Replaced;
+        };
+        match dict.get(key) {
+            Some(child) => value = child,
+            None => return Presence::Absent,
+        }
+    }
+    Presence::Set(value)
+}
+
+/// The layer whose value is at `key_path` once all `layers` are merged (figment
+/// merges maps key by key, anything else replaces): the last layer that has it,
+/// unless a later one replaced a map above it.
+fn setting_layer<'l>(layers: &'l [Layer], key_path: &str) -> Option<&'l Layer> {
+    for layer in layers.iter().rev() {
+        match presence(&layer.values, key_path) {
+            Presence::Set(_) => return Some(layer),
+            Presence::Replaced => return None,
+            Presence::Absent => {}
+        }
+    }
+    None
+}
+
+/// The value at `key_path` once all `layers` are merged, as far as its type goes: a
+/// map there is the last layer's map (earlier maps merge into it).
+fn merged_value_at<'l>(layers: &'l [Layer], key_path: &str) -> Option<&'l Value> {
+    let layer = setting_layer(layers, key_path)?;
+    match presence(&layer.values, key_path) {
+        Presence::Set(value) => Some(value),
+        _ => None,
+    }
+}
+
+/// The keys of the map at `key_path` once all `layers` are merged.
+fn merged_keys(layers: &[Layer], key_path: &str) -> Vec<String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for layer in layers {
+        match presence(&layer.values, key_path) {
+            Presence::Set(Value::Dict(_, dict)) => keys.extend(dict.keys().cloned()),
+            Presence::Set(_) | Presence::Replaced => keys.clear(),
+            Presence::Absent => {}
+        }
+    }
+    keys.into_iter().collect()
+}
+
+/// The layer that set `key_path`, or else its nearest ancestor that is set.
+fn nearest_layer<'l>(layers: &'l [Layer], key_path: &str) -> Option<&'l Layer> {
+    let mut candidate = key_path;
+    loop {
+        if let Some(layer) = setting_layer(layers, candidate) {
+            return Some(layer);
+        }
+        candidate = &candidate[..candidate.rfind('.')?];
+    }
+}
+
+/// A layer with each stage's `with` map emptied, for extracting the pipeline's shape:
+/// settings are extracted stage by stage (see [`focus`]), so the whole-pipeline figment
+/// need not hold (and clone, on every extraction) all of them.
+struct Skeleton<'a>(&'a Layer);
+
+impl Provider for Skeleton<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.0.name.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut values = Dict::new();
+        for (key, value) in &self.0.values {
+            let value = match (key.as_str(), value) {
+                ("stages", Value::Dict(tag, stages)) => {
+                    let stages = stages
+                        .iter()
+                        .map(|(name, stage)| {
+                            let stage = match stage {
+                                Value::Dict(tag, stage) => Value::Dict(
+                                    *tag,
+                                    stage
+                                        .iter()
+                                        .map(|(key, value)| match (key.as_str(), value) {
+                                            ("with", Value::Dict(tag, _)) => {
+                                                (key.clone(), Value::Dict(*tag, Dict::new()))
+                                            }
+                                            _ => (key.clone(), value.clone()),
+                                        })
+                                        .collect(),
+                                ),
+                                other => other.clone(),
+                            };
+                            (name.clone(), stage)
+                        })
+                        .collect();
+                    Value::Dict(*tag, stages)
+                }
+                _ => value.clone(),
+            };
+            values.insert(key.clone(), value);
+        }
+        Ok(Profile::Default.collect(values))
+    }
+}
+
+/// One layer's map at some key path, as a figment provider named like the layer.
+struct FocusedLayer<'a> {
+    name: &'a str,
+    values: Dict,
+}
+
+impl Provider for FocusedLayer<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.to_string())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.values.clone()))
+    }
+}
+
+/// The map at `path` of all `layers` merged, as its own figment: what
+/// `Figment::focus` gives, but built from each layer's value at `path` alone rather
+/// than from a clone of every layer's whole tree. Figment merges maps key by key and
+/// lets anything else replace what was there, so a layer with something other than a
+/// map at `path` (or above it) drops the layers before it.
+fn focus(layers: &[Layer], path: &str) -> Figment {
+    let mut parts: Vec<FocusedLayer<'_>> = Vec::new();
+    for layer in layers {
+        let mut current = &layer.values;
+        let mut keys = path.split('.').peekable();
+        while let Some(key) = keys.next() {
+            match current.get(key) {
+                None => break,
+                Some(Value::Dict(_, dict)) if keys.peek().is_none() => {
+                    parts.push(FocusedLayer {
+                        name: &layer.name,
+                        values: dict.clone(),
+                    });
+                }
+                Some(Value::Dict(_, dict)) => current = dict,
+                Some(_) => {
+                    parts.clear();
+                    break;
+                }
+            }
+        }
+    }
+    parts
+        .into_iter()
+        .fold(Figment::new(), |figment, part| figment.merge(part))
+}
+
+/// What [`Resolver`] needs to know about values and where they came from, answered
+/// from the layers themselves: figment's own look-ups (`find_value`, `find_metadata`,
+/// `focus`) each clone the whole merged tree, which made resolution quadratic in the
+/// number of stages. Each stage's settings are extracted from a figment of that stage
+/// alone ([`focus`]); the whole-pipeline figment holds the pipeline without settings
+/// ([`Skeleton`]).
 struct Resolver {
+    /// Every layer merged, without the stages' settings.
     figment: Figment,
     layers: Vec<Layer>,
     file: Arc<SourceFile>,
@@ -882,22 +1086,11 @@ fn is_name(name: &str) -> bool {
 impl Resolver {
     /// The layer that set `key_path`, or else its nearest ancestor that is set.
     fn layer_of(&self, key_path: &str) -> Option<&Layer> {
-        let mut candidate = key_path;
-        let metadata = loop {
-            if let Some(metadata) = self.figment.find_metadata(candidate) {
-                break metadata;
-            }
-            candidate = &candidate[..candidate.rfind('.')?];
-        };
-        self.layers.iter().find(|layer| layer.name == metadata.name)
+        nearest_layer(&self.layers, key_path)
     }
 
     fn origin(&self, key_path: &str) -> Origin {
-        let Some(layer) = self
-            .figment
-            .find_metadata(key_path)
-            .and_then(|metadata| self.layers.iter().find(|layer| layer.name == metadata.name))
-        else {
+        let Some(layer) = setting_layer(&self.layers, key_path) else {
             return Origin::Default;
         };
         // A value that came through variables (itself, or a map it sits in) is shown by
@@ -1015,22 +1208,21 @@ impl Resolver {
     fn resolve(&self, profiles: Vec<ProfileRecord>) -> Result<ResolvedPipeline, Diagnostic> {
         // Overlays may only change existing stages: a stage that only a profile, variable
         // or flag names is a typo, reported before anything else about it.
-        let declared_in_file: Vec<String> = match self.file.values.get("stages") {
+        let declared_in_file: Vec<String> = match self.layers[0].values.get("stages") {
             Some(Value::Dict(_, stages)) => stages.keys().cloned().collect(),
             _ => Vec::new(),
         };
-        let merged_stages: Vec<String> = match self.figment.find_value("stages") {
-            Ok(Value::Dict(_, stages)) => stages.keys().cloned().collect(),
-            _ => Vec::new(),
-        };
-        for name in &merged_stages {
-            if !declared_in_file.contains(name) {
+        let merged_stages = merged_keys(&self.layers, "stages");
+        let declared: std::collections::HashSet<&str> =
+            declared_in_file.iter().map(String::as_str).collect();
+        for name in merged_stages {
+            if !declared.contains(name.as_str()) {
                 let names = declared_in_file.iter().map(String::as_str);
                 let mut diagnostic = Diagnostic::new(format!(
                     "stage `{name}` is not in pipeline {}; profiles and overrides can only change existing stages",
                     self.file.path.display()
                 ));
-                if let Some(help) = did_you_mean(name, names) {
+                if let Some(help) = did_you_mean(&name, names) {
                     diagnostic = diagnostic.help(help);
                 }
                 return Err(self.error_at(&format!("stages.{name}"), diagnostic));
@@ -1057,15 +1249,17 @@ impl Resolver {
             .iter()
             .filter(|name| spec.stages.contains_key(*name))
             .collect();
-        for name in spec.stages.keys() {
-            if !ordered.contains(&name) {
-                ordered.push(name);
-            }
-        }
+        let placed: std::collections::HashSet<&String> = ordered.iter().copied().collect();
+        let unplaced: Vec<&String> = spec
+            .stages
+            .keys()
+            .filter(|name| !placed.contains(name))
+            .collect();
+        ordered.extend(unplaced);
 
         let mut origins = BTreeMap::new();
         for key in ["name", "seed", "description"] {
-            if self.figment.contains(key) {
+            if setting_layer(&self.layers, key).is_some() {
                 origins.insert(key.to_string(), self.origin(key));
             }
         }
@@ -1116,7 +1310,7 @@ impl Resolver {
                 }
             }
             let with_path = format!("{prefix}.with");
-            if let Ok(value) = self.figment.find_value(&with_path)
+            if let Some(value) = merged_value_at(&self.layers, &with_path)
                 && !matches!(value, Value::Dict(..) | Value::Empty(..))
             {
                 return Err(self.error_at(
@@ -1125,7 +1319,7 @@ impl Resolver {
                 ));
             }
             let settings = kind
-                .extract(&self.figment.focus(&with_path))
+                .extract(&focus(&self.layers, &with_path))
                 .map_err(|error| self.figment_error(*error, &with_path))?;
             let input_names: Vec<&str> = spec_stage.inputs.keys().map(String::as_str).collect();
             kind.check(&settings, &input_names).map_err(|message| {
@@ -1182,6 +1376,16 @@ fn collect_origins(value: &serde_json::Value, prefix: &str, visit: &mut dyn FnMu
     }
 }
 
+/// Whether any text inside `value` uses (or escapes) a variable.
+fn mentions_vars(value: &Value) -> bool {
+    match value {
+        Value::String(_, text) => vars::mentions(text),
+        Value::Dict(_, dict) => dict.values().any(mentions_vars),
+        Value::Array(_, items) => items.iter().any(mentions_vars),
+        _ => false,
+    }
+}
+
 /// The merged `vars:` of all layers, resolved on demand, and the substitution of
 /// `${vars.NAME}` into each layer's stage settings and inputs (see [`vars`]).
 ///
@@ -1190,8 +1394,6 @@ fn collect_origins(value: &serde_json::Value, prefix: &str, visit: &mut dyn FnMu
 /// values come from the merge of all layers, so `--set vars.x=…` reaches every use.
 struct Variables<'a> {
     layers: &'a [Layer],
-    /// All layers merged, only to learn which layer set each variable.
-    figment: Figment,
     /// The merged `vars` map, as written (untagged, so figment tags a substituted value
     /// with the layer it is substituted into).
     raw: Dict,
@@ -1213,10 +1415,6 @@ enum VarFailure {
 
 impl<'a> Variables<'a> {
     fn collect(layers: &'a [Layer]) -> Result<Variables<'a>, Diagnostic> {
-        let mut figment = Figment::new();
-        for layer in layers {
-            figment = figment.merge(layer);
-        }
         let mut raw = Dict::new();
         for layer in layers {
             match layer.values.get("vars") {
@@ -1233,7 +1431,6 @@ impl<'a> Variables<'a> {
         }
         Ok(Variables {
             layers,
-            figment,
             raw,
             resolved: BTreeMap::new(),
             used: std::collections::BTreeSet::new(),
@@ -1243,14 +1440,7 @@ impl<'a> Variables<'a> {
 
     /// The layer that set `key_path` (or its nearest set ancestor).
     fn layer_of(&self, key_path: &str) -> Option<&'a Layer> {
-        let mut candidate = key_path;
-        let metadata = loop {
-            if let Some(metadata) = self.figment.find_metadata(candidate) {
-                break metadata;
-            }
-            candidate = &candidate[..candidate.rfind('.')?];
-        };
-        self.layers.iter().find(|layer| layer.name == metadata.name)
+        nearest_layer(self.layers, key_path)
     }
 
     /// Every dotted name a `${vars.…}` could use, for suggestions.
@@ -1428,32 +1618,41 @@ impl<'a> Variables<'a> {
         self.locate_use(key_path, diagnostic)
     }
 
-    /// `layer`'s values with `${vars.…}` substituted under every stage's `with` and
-    /// `inputs`, and the key paths that used variables.
+    /// The `with` and `inputs` sections of `layer`'s stages that use `${vars.…}`, with
+    /// the variables substituted (stage name, section, new value), and the key paths
+    /// that used variables. Sections without variables are left alone, uncopied.
+    #[allow(clippy::type_complexity)]
     fn substitute_layer(
         &mut self,
         layer: &'a Layer,
-    ) -> Result<(Dict, BTreeMap<String, Vec<String>>), Diagnostic> {
-        let mut values = layer.values.clone();
+    ) -> Result<
+        (
+            Vec<(String, &'static str, Value)>,
+            BTreeMap<String, Vec<String>>,
+        ),
+        Diagnostic,
+    > {
+        let mut replaced = Vec::new();
         let mut through = BTreeMap::new();
         self.current = Some(layer);
-        if let Some(Value::Dict(_, stages)) = values.get_mut("stages") {
-            for (name, stage) in stages.iter_mut() {
+        if let Some(Value::Dict(_, stages)) = layer.values.get("stages") {
+            for (name, stage) in stages {
                 let Value::Dict(_, stage) = stage else {
                     continue;
                 };
                 for section in ["with", "inputs"] {
-                    if let Some(value) = stage.get(section) {
+                    if let Some(value) = stage.get(section)
+                        && mentions_vars(value)
+                    {
                         let key = format!("stages.{name}.{section}");
-                        let replaced =
-                            self.substitute(value, &key, &mut Vec::new(), &mut through)?;
-                        stage.insert(section.to_string(), replaced);
+                        let value = self.substitute(value, &key, &mut Vec::new(), &mut through)?;
+                        replaced.push((name.clone(), section, value));
                     }
                 }
             }
         }
         self.current = None;
-        Ok((values, through))
+        Ok((replaced, through))
     }
 
     /// Every variable resolved (so that a broken one is reported even when unused).

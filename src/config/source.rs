@@ -4,10 +4,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use figment::value::{Dict, Value};
 
 use super::diagnostic::{Diagnostic, Location};
+use super::yaml::{self, DuplicateKey, YamlFailure};
 
 /// The two pipeline file syntaxes; both map onto one schema.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,15 +35,20 @@ impl Format {
 /// plus the order in which the keys appear (maps lose it once merged by figment).
 #[derive(Debug, Default, Clone)]
 pub struct KeyLines {
-    positions: HashMap<String, (usize, usize)>,
-    order: Vec<String>,
+    // One shared string per key path for both: a big pipeline has tens of thousands.
+    positions: HashMap<Arc<str>, (usize, usize), foldhash::fast::RandomState>,
+    order: Vec<Arc<str>>,
 }
 
 impl KeyLines {
-    fn record(&mut self, path: String, line: usize, column: usize) {
-        if !self.positions.contains_key(&path) {
-            self.order.push(path.clone());
+    /// Records the position of the key at `path`.
+    pub(crate) fn record(&mut self, path: String, line: usize, column: usize) {
+        if let Some(position) = self.positions.get_mut(path.as_str()) {
+            *position = (line, column);
+            return;
         }
+        let path: Arc<str> = path.into();
+        self.order.push(Arc::clone(&path));
         self.positions.insert(path, (line, column));
     }
 
@@ -181,147 +188,49 @@ impl SourceFile {
 }
 
 fn parse_yaml(path: &Path, text: &str) -> Result<(Value, KeyLines), Diagnostic> {
-    let value: Value = serde_norway::from_str(text).map_err(|error| {
-        let mut diagnostic = Diagnostic::new(format!(
-            "invalid YAML in {}: {}",
-            path.display(),
-            strip_yaml_location(&error.to_string())
-        ));
-        if let Some(location) = error.location() {
-            diagnostic = diagnostic.at(
-                Location::new(path, location.line(), location.column()),
-                Some(text),
-            );
+    yaml::parse(text).map_err(|failure| match failure {
+        YamlFailure::Invalid(error) => {
+            let mut diagnostic = Diagnostic::new(format!(
+                "invalid YAML in {}: {}",
+                path.display(),
+                error.message
+            ))
+            .at(Location::new(path, error.line, error.column), Some(text));
+            if let Some(help) = error.help {
+                diagnostic = diagnostic.help(help);
+            }
+            // `{ base: ${vars.x} }` is the likeliest way to meet this: braces end an
+            // unquoted value inside a `{ … }` map, so YAML stops at the `{` of `${`.
+            if diagnostic
+                .quoted_line
+                .as_deref()
+                .is_some_and(|line| line.contains("${"))
+            {
+                diagnostic = diagnostic.help(
+                    "inside `{ … }` or `[ … ]`, quote a value that uses a variable: \"${vars.NAME}\"",
+                );
+            }
+            diagnostic
         }
-        // `{ base: ${vars.x} }` is the likeliest way to meet this: braces end an unquoted
-        // value inside a `{ … }` map, so YAML stops at the `{` of `${`.
-        if diagnostic
-            .quoted_line
-            .as_deref()
-            .is_some_and(|line| line.contains("${"))
-        {
-            diagnostic = diagnostic.help(
-                "inside `{ … }` or `[ … ]`, quote a value that uses a variable: \"${vars.NAME}\"",
-            );
-        }
-        diagnostic
-    })?;
-    let mut recorder = YamlKeyRecorder::default();
-    // Values come from serde_norway above; this second pass learns positions (a failure
-    // here can only lose line numbers, never values) and finds repeated keys, which the
-    // first pass would let the last one win silently.
-    let _ = yaml_rust2::parser::Parser::new_from_str(text).load(&mut recorder, false);
-    if let Some((key, first, second)) = recorder.duplicate {
-        return Err(Diagnostic::new(format!(
+        YamlFailure::Duplicate(DuplicateKey {
+            path: key,
+            first,
+            second,
+        }) => Diagnostic::new(format!(
             "{}: key `{key}` is given twice (lines {first} and {second}); only one can count",
             path.display()
         ))
         .at(Location::new(path, second, 1), Some(text))
-        .help("remove or rename one of them"));
-    }
-    Ok((value, recorder.lines))
+        .help("remove or rename one of them"),
+    })
 }
 
-fn strip_yaml_location(message: &str) -> &str {
-    message
-        .find(" at line ")
-        .map_or(message, |index| &message[..index])
-}
-
-#[derive(Default)]
-struct YamlKeyRecorder {
-    lines: KeyLines,
-    stack: Vec<YamlFrame>,
-    /// The first key found twice in one map: its path and both lines.
-    duplicate: Option<(String, usize, usize)>,
-}
-
-enum YamlFrame {
-    Map {
-        path: String,
-        pending_key: Option<String>,
-        /// Keys of this map so far, with their lines.
-        seen: HashMap<String, usize>,
-    },
-    Seq {
-        path: String,
-        index: usize,
-    },
-}
-
-fn join(prefix: &str, key: &str) -> String {
+/// The dotted key path of `key` inside `prefix`.
+pub(crate) fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
         key.to_string()
     } else {
         format!("{prefix}.{key}")
-    }
-}
-
-impl YamlKeyRecorder {
-    fn child_path(&self) -> String {
-        match self.stack.last() {
-            Some(YamlFrame::Map {
-                path,
-                pending_key: Some(key),
-                ..
-            }) => join(path, key),
-            Some(YamlFrame::Seq { path, index }) => join(path, &index.to_string()),
-            _ => String::new(),
-        }
-    }
-
-    fn value_done(&mut self) {
-        match self.stack.last_mut() {
-            Some(YamlFrame::Map { pending_key, .. }) => *pending_key = None,
-            Some(YamlFrame::Seq { index, .. }) => *index += 1,
-            None => {}
-        }
-    }
-}
-
-impl yaml_rust2::parser::MarkedEventReceiver for YamlKeyRecorder {
-    fn on_event(&mut self, event: yaml_rust2::Event, mark: yaml_rust2::scanner::Marker) {
-        use yaml_rust2::Event;
-        match event {
-            Event::Scalar(text, ..) => {
-                if let Some(YamlFrame::Map {
-                    path,
-                    pending_key: pending @ None,
-                    seen,
-                }) = self.stack.last_mut()
-                {
-                    let key_path = join(path, &text);
-                    if let Some(&first) = seen.get(&text)
-                        && self.duplicate.is_none()
-                    {
-                        self.duplicate = Some((key_path.clone(), first, mark.line()));
-                    }
-                    seen.insert(text.clone(), mark.line());
-                    *pending = Some(text);
-                    self.lines.record(key_path, mark.line(), mark.col() + 1);
-                } else {
-                    self.value_done();
-                }
-            }
-            Event::Alias(_) => self.value_done(),
-            Event::MappingStart(..) => {
-                let path = self.child_path();
-                self.stack.push(YamlFrame::Map {
-                    path,
-                    pending_key: None,
-                    seen: HashMap::new(),
-                });
-            }
-            Event::SequenceStart(..) => {
-                let path = self.child_path();
-                self.stack.push(YamlFrame::Seq { path, index: 0 });
-            }
-            Event::MappingEnd | Event::SequenceEnd => {
-                self.stack.pop();
-                self.value_done();
-            }
-            _ => {}
-        }
     }
 }
 

@@ -11,6 +11,7 @@ mod caching;
 mod config;
 mod crash_safety;
 mod errors;
+mod scale;
 mod shipped_pipelines;
 mod special_files;
 mod store_integrity;
