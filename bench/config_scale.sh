@@ -126,7 +126,7 @@ message=$(head -2 "$work/last.stderr" | sed 's/^error: //' | tr '\n' ' ')
 row "1 MB nested file rejected" "$reject" 0.1
 
 echo
-echo "trainyard $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown), release build"
+echo "trainyard $(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown), release build"
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1) ($(nproc) cores; load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
 echo
 printf '| %-42s | %-9s | %-9s | %-8s | %-6s |\n' "measure (best of $repeat)" "wall" "CPU" "target" "result"
