@@ -6,6 +6,7 @@
 //! that was set).
 
 pub mod diagnostic;
+pub mod key_lines;
 pub mod schema;
 pub mod source;
 pub mod vars;

@@ -20,7 +20,7 @@ use figment::value::{Dict, Empty, Num, Value};
 use yaml_rust2::parser::{Event, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
-use super::source::{KeyLines, join};
+use super::key_lines::{KeyLines, join};
 
 /// The deepest nesting of maps and lists a pipeline file may have. Real pipelines
 /// nest a handful of levels (tool schemas inside settings perhaps a dozen); serde_norway,
