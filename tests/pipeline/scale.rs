@@ -134,6 +134,10 @@ fn many_stages_run_once_then_are_all_cached_with_their_links() {
         "59\n",
         "each stage's output is linked into the run"
     );
+    // Through `outputs/.s`, so that the link fits in its inode (no block per stage).
+    let link = std::fs::read_link(sandbox.path("runs/latest/outputs/s59")).unwrap();
+    assert!(link.starts_with(".s/s59/"), "{}", link.display());
+    assert!(link.as_os_str().len() < 60, "{}", link.display());
     let record = sandbox.latest_record();
     assert_eq!(record["stages"]["s59"]["inputs"]["up"]["stage"], "s14");
 }
