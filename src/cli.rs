@@ -435,6 +435,13 @@ fn gc_command(workspace: &Workspace, dry_run: bool) -> anyhow::Result<ExitCode> 
         };
         println!("{verb}  {}  ({}, {why})", shown(path), human_bytes(*size));
     }
+    let restore = if dry_run { "would restore" } else { "restore" };
+    for aside in &plan.restored {
+        println!(
+            "{restore}  {}  (the only copy of a store entry a killed run moved aside)",
+            shown(aside)
+        );
+    }
     for kept in &plan.kept_checkpoints {
         println!(
             "keep          {}  (a checkpoint to resume from; `run --no-resume` discards it)",

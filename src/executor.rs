@@ -256,6 +256,17 @@ pub fn run(
                 "note: killed {killed} process(es) a killed run's command stages left running"
             );
         }
+        let restored = workspace
+            .restore_unreplaced()
+            .map_err(io_error("restoring store entries a killed run moved aside"))?;
+        for entry in restored {
+            if options.progress {
+                eprintln!(
+                    "note: restored {} (a killed run had moved it aside to replace it)",
+                    entry.display()
+                );
+            }
+        }
     }
     let recorder = if options.dry_run {
         None

@@ -3,9 +3,12 @@
 //! - store entries that no run record (`runs/*/resolved_settings.json`) lists as an
 //!   output: nothing can link to them, and a run that wants them again rebuilds them;
 //! - scratch directories in `.trainyard/work/` (failed or killed stages, entries
-//!   moved aside by `--force` before a crash), after killing any process a killed
+//!   moved aside by `--force` and since replaced), after killing any process a killed
 //!   command stage left running. Scratch holding a training checkpoint is kept: it is
 //!   the resume point of an interrupted run (`run --no-resume` discards it).
+//!
+//! An entry a killed `--force` run moved aside and never replaced is the only copy of
+//! that output: it is moved back into the store, never removed.
 //!
 //! It runs under the workspace lock, so it never races a run. Quarantined entries
 //! (`.trainyard/quarantine/`) are never touched: they are kept for a person to look at.
@@ -33,6 +36,8 @@ pub struct Plan {
     pub remove: Vec<(PathBuf, u64, Garbage)>,
     /// Scratch kept because it holds a checkpoint to resume from.
     pub kept_checkpoints: Vec<PathBuf>,
+    /// Store entries a killed `--force` run moved aside and never replaced: moved back.
+    pub restored: Vec<PathBuf>,
 }
 
 /// Errors of `gc`.
@@ -77,7 +82,18 @@ pub fn plan(workspace: &Workspace) -> Result<Plan, GcError> {
             }
         }
     }
+    let unreplaced: BTreeSet<PathBuf> = workspace
+        .unreplaced_entries()
+        .map_err(io_error("reading the work folder"))?
+        .into_iter()
+        .map(|(aside, _)| aside)
+        .collect();
     for scratch in sorted_dirs(&workspace.work_dir())? {
+        if unreplaced.contains(&scratch) {
+            // The only copy of a finished entry: `apply` moves it back into the store.
+            plan.restored.push(scratch);
+            continue;
+        }
         let checkpoints = scratch.join(crate::train::trainer::CHECKPOINTS);
         if crate::train::checkpoint::latest(&checkpoints).is_some() {
             plan.kept_checkpoints.push(scratch);
@@ -95,6 +111,9 @@ pub fn plan(workspace: &Workspace) -> Result<Plan, GcError> {
 pub fn apply(workspace: &Workspace, plan: &Plan) -> Result<u64, GcError> {
     crate::containment::kill_leftovers(&workspace.work_dir())
         .map_err(io_error("stopping processes a killed run left behind"))?;
+    workspace
+        .restore_unreplaced()
+        .map_err(io_error("restoring store entries a killed run moved aside"))?;
     let mut freed = 0;
     for (path, size, _) in &plan.remove {
         std::fs::remove_dir_all(path).map_err(io_error(format!("removing {}", path.display())))?;

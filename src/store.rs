@@ -27,6 +27,10 @@ use crate::fingerprint::StageIdentity;
 use crate::hashing::{ContentHasher, FileDigest, Links, dir_hash};
 use crate::stages::UNHASHED_OUTPUTS;
 
+/// Prefix of a store entry [`Workspace::publish`] moves aside into the work folder
+/// while it replaces it.
+const REPLACED_PREFIX: &str = "replaced-";
+
 /// Name of the manifest in every store entry.
 pub const MANIFEST: &str = "manifest.json";
 /// Characters of the fingerprint used in directory names (128 bits).
@@ -207,7 +211,7 @@ impl Workspace {
         fs::create_dir_all(parent)?;
         let replaced = if target.exists() {
             let aside = self.work_dir().join(format!(
-                "replaced-{}-{}-{}",
+                "{REPLACED_PREFIX}{}-{}-{}",
                 manifest.stage,
                 short(&manifest.fingerprint),
                 std::process::id()
@@ -261,6 +265,56 @@ impl Workspace {
             return Ok(());
         }
         crate::atomic_file::replace_file(&path, &bytes, false)
+    }
+
+    /// Entries a `--force` publish moved aside but never replaced: a run killed between
+    /// the two renames of [`Workspace::publish`] leaves the only copy of a finished output
+    /// in `.trainyard/work/replaced-*`. Returns `(moved aside, store entry)` pairs whose
+    /// store entry is missing; entries already replaced are plain leftovers.
+    pub fn unreplaced_entries(&self) -> io::Result<Vec<(PathBuf, PathBuf)>> {
+        let entries = match fs::read_dir(self.work_dir()) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(error),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let aside = entry?.path();
+            let is_replaced = aside
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(REPLACED_PREFIX));
+            if !is_replaced {
+                continue;
+            }
+            // A manifest that cannot be read means the entry was never complete.
+            let Some(manifest) = fs::read(aside.join(MANIFEST))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Manifest>(&bytes).ok())
+            else {
+                continue;
+            };
+            let target = self.entry_dir(&manifest.stage, &manifest.fingerprint);
+            if !target.exists() {
+                found.push((aside, target));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Moves back every entry [`Workspace::unreplaced_entries`] finds, and returns the
+    /// store entries restored. The caller holds the workspace lock.
+    pub fn restore_unreplaced(&self) -> io::Result<Vec<PathBuf>> {
+        let mut restored = Vec::new();
+        for (aside, target) in self.unreplaced_entries()? {
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::rename(&aside, &target)?;
+            restored.push(target);
+        }
+        Ok(restored)
     }
 
     fn last_path(&self, stage: &str) -> PathBuf {

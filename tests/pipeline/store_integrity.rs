@@ -206,3 +206,45 @@ fn gc_removes_unreferenced_entries_and_stale_scratch_only() {
     let again = sandbox.ok(&["run", "p.yaml"]);
     assert!(sandbox.executed().is_empty(), "{again}");
 }
+
+/// A run killed between the two renames of a `--force` publish leaves the only copy of
+/// the entry in `.trainyard/work/replaced-*`: gc must not delete it, and the next run or
+/// gc puts it back.
+#[test]
+fn an_entry_moved_aside_by_a_killed_force_run_is_restored_never_deleted() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", PIPELINE);
+    sandbox.ok(&["run", "p.yaml"]);
+    let entry = sandbox.store_entries("make")[0].clone();
+    let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+    let aside = sandbox.path(&format!(".trainyard/work/replaced-make-{name}-999999"));
+    std::fs::create_dir_all(aside.parent().unwrap()).unwrap();
+    std::fs::rename(&entry, &aside).unwrap();
+
+    let dry = sandbox.ok(&["gc", "--dry-run"]);
+    assert!(
+        dry.contains("would restore  .trainyard/work/replaced-make-"),
+        "{dry}"
+    );
+    assert!(
+        !dry.contains("would remove  .trainyard/work/replaced-"),
+        "{dry}"
+    );
+    assert!(aside.exists(), "--dry-run moves nothing");
+
+    let run = sandbox.ok(&["run", "p.yaml"]);
+    assert!(run.contains("note: restored"), "{run}");
+    assert!(sandbox.executed().is_empty(), "{run}");
+    assert!(entry.join("out.txt").is_file());
+    assert!(!aside.exists());
+
+    // gc restores it as well, and an aside copy whose entry exists again is garbage.
+    std::fs::rename(&entry, &aside).unwrap();
+    let done = sandbox.ok(&["gc"]);
+    assert!(
+        done.contains("restore  .trainyard/work/replaced-make-"),
+        "{done}"
+    );
+    assert!(entry.join("out.txt").is_file(), "{done}");
+    sandbox.ok(&["audit", "runs/latest"]);
+}
