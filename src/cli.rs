@@ -501,6 +501,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = executor::status(&workspace, &pipeline, &dag)?;
             print_header(&pipeline);
             print_report(&report.stages, &pipeline);
+            left_for_exit((pipeline, dag, report));
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(args) => audit_command(&args, &workspace),
@@ -922,11 +923,20 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(match report.outcome {
+    let code = match report.outcome {
         Outcome::Succeeded => ExitCode::SUCCESS,
         Outcome::Failed => ExitCode::FAILURE,
         Outcome::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
-    })
+    };
+    left_for_exit((pipeline, dag, report));
+    Ok(code)
+}
+
+/// Leaves `value` to the end of the process instead of freeing it: the command is about
+/// to exit, and freeing the pipeline, graph and reports of 10,000 stages one allocation
+/// at a time took 6% of a no-op run. Only for values that own nothing but memory.
+fn left_for_exit<T>(value: T) {
+    std::mem::forget(value);
 }
 
 fn print_header(pipeline: &ResolvedPipeline) {

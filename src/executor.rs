@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::mpsc;
-use std::time::{Instant, SystemTime};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
@@ -291,6 +291,7 @@ pub fn run(
             }
         },
         recorder: recorder.as_ref(),
+        console: Mutex::default(),
     };
     let started = SystemTime::now();
     // Built once and finished at the end: the settings and origins of a big pipeline
@@ -369,6 +370,7 @@ pub fn status(
         cancel: &cancel,
         hasher: ContentHasher::open(&workspace.stat_cache()),
         recorder: None,
+        console: Mutex::default(),
     };
     let stages = engine.walk()?;
     // Saving is only an optimisation; a read-only workspace must not fail `status`.
@@ -388,7 +390,22 @@ struct Engine<'a> {
     cancel: &'a CancelFlag,
     hasher: ContentHasher,
     recorder: Option<&'a RunRecorder>,
+    /// Lines of cached stages not yet written (see [`Engine::progress_batched`]).
+    console: Mutex<BatchedLines>,
 }
+
+/// Console lines written together: a no-op run of a big pipeline prints one line per
+/// stage in a burst, and a write each (stderr is unbuffered) cost tens of thousands of
+/// system calls.
+#[derive(Default)]
+struct BatchedLines {
+    text: String,
+    since: Option<Instant>,
+}
+
+/// Batched lines are written once they are this old or this long.
+const BATCH_AGE: Duration = Duration::from_millis(100);
+const BATCH_BYTES: usize = 32 << 10;
 
 enum Slot {
     Pending,
@@ -423,12 +440,46 @@ impl Engine<'_> {
 
     fn progress(&self, line: std::fmt::Arguments<'_>) {
         if self.options.progress {
+            self.flush_progress();
             // One write per line: stderr is unbuffered, and `eprintln!` writes each
             // piece of the format on its own (a syscall each, tens of thousands in a
             // no-op run of a big pipeline).
             let line = format!("{line}\n");
             let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         }
+    }
+
+    /// Like [`Engine::progress`], for the lines of a burst (cached stages): they wait
+    /// until [`BATCH_AGE`] or [`BATCH_BYTES`] is reached, the next unbatched line, or
+    /// [`Engine::flush_progress`].
+    fn progress_batched(&self, line: std::fmt::Arguments<'_>) {
+        if !self.options.progress {
+            return;
+        }
+        let full = {
+            let Ok(mut batch) = self.console.lock() else {
+                return;
+            };
+            use std::fmt::Write as _;
+            let _ = writeln!(batch.text, "{line}");
+            let since = *batch.since.get_or_insert_with(Instant::now);
+            batch.text.len() >= BATCH_BYTES || since.elapsed() >= BATCH_AGE
+        };
+        if full {
+            self.flush_progress();
+        }
+    }
+
+    /// Writes the batched lines.
+    fn flush_progress(&self) {
+        let Ok(mut batch) = self.console.lock() else {
+            return;
+        };
+        if !batch.text.is_empty() {
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), batch.text.as_bytes());
+            batch.text.clear();
+        }
+        batch.since = None;
     }
 
     fn event(&self, event: &str, fields: serde_json::Value) {
@@ -567,6 +618,7 @@ impl Engine<'_> {
                         let _ = sender.send((index, report));
                     });
                 }
+                self.flush_progress();
                 if running == 0 {
                     break;
                 }
@@ -707,7 +759,7 @@ impl Engine<'_> {
                 self.workspace.entry_dir(&stage.name, &fingerprint),
                 manifest,
             ));
-            self.progress(format_args!(
+            self.progress_batched(format_args!(
                 "  cached   {} ({}) {}",
                 stage.name,
                 stage.kind.name,
@@ -805,7 +857,14 @@ impl Engine<'_> {
         let Some(recorder) = self.recorder else {
             return;
         };
-        if let Err(error) = self.workspace.record_last_identity(&report.name, identity) {
+        let fingerprint = match &report.fingerprint {
+            Some(fingerprint) => fingerprint.clone(),
+            None => identity.fingerprint(),
+        };
+        if let Err(error) =
+            self.workspace
+                .record_last_identity(&report.name, &fingerprint, identity)
+        {
             tracing::warn!(
                 "cannot record the last identity of `{}`: {error}",
                 report.name

@@ -255,16 +255,31 @@ impl Workspace {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Records the identity `stage` had in this run. Unchanged records are not
-    /// rewritten, and none is synced: they only feed `status` explanations, so a no-op
-    /// run stays free of disk flushes.
-    pub fn record_last_identity(&self, stage: &str, identity: &StageIdentity) -> io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(identity).map_err(io::Error::other)?;
-        let path = self.last_path(stage);
-        if fs::read(&path).is_ok_and(|existing| existing == bytes) {
+    /// Records the identity `stage` (with `fingerprint`) had in this run. Unchanged
+    /// records are not rewritten, and none is synced: they only feed `status`
+    /// explanations, so a no-op run stays free of disk flushes.
+    ///
+    /// Beside `last/<stage>.json`, a link `last/<stage>.fp` holds the fingerprint as its
+    /// target text: checking it is one `readlink`, where reading and comparing the
+    /// identity cost five system calls and a serialization per stage of a no-op run.
+    pub fn record_last_identity(
+        &self,
+        stage: &str,
+        fingerprint: &str,
+        identity: &StageIdentity,
+    ) -> io::Result<()> {
+        let marker = self.last_marker_path(stage);
+        let recorded = short(fingerprint);
+        if fs::read_link(&marker).is_ok_and(|target| target.as_os_str() == recorded) {
             return Ok(());
         }
-        crate::atomic_file::replace_file(&path, &bytes, false)
+        let bytes = serde_json::to_vec_pretty(identity).map_err(io::Error::other)?;
+        crate::atomic_file::replace_file(&self.last_path(stage), &bytes, false)?;
+        // The marker is written last: it never vouches for an identity not yet written.
+        let temp = marker.with_extension(format!("fp.{}.tmp", std::process::id()));
+        let _ = fs::remove_file(&temp);
+        std::os::unix::fs::symlink(recorded, &temp)?;
+        fs::rename(&temp, &marker)
     }
 
     /// Entries a `--force` publish moved aside but never replaced: a run killed between
@@ -319,6 +334,10 @@ impl Workspace {
 
     fn last_path(&self, stage: &str) -> PathBuf {
         self.state_dir().join("last").join(format!("{stage}.json"))
+    }
+
+    fn last_marker_path(&self, stage: &str) -> PathBuf {
+        self.state_dir().join("last").join(format!("{stage}.fp"))
     }
 }
 
