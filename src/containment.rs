@@ -149,7 +149,9 @@ fn signal_group(group: i32, signal: i32) {
 /// processes may fork while they are being killed.
 #[cfg(target_os = "linux")]
 fn kill_marked(token: &str, group: Option<i32>) -> io::Result<usize> {
-    let mut killed = 0;
+    // A process signalled in one round may not have died by the next scan: count each
+    // process once.
+    let mut killed = std::collections::BTreeSet::new();
     let mut quiet_scans = 0;
     for _ in 0..KILL_ROUNDS {
         let processes = scan_processes(token)?;
@@ -169,7 +171,7 @@ fn kill_marked(token: &str, group: Option<i32>) -> io::Result<usize> {
             // two empty scans in a row mean there is nothing left.
             quiet_scans += 1;
             if quiet_scans == 2 {
-                return Ok(killed);
+                return Ok(killed.len());
             }
             std::thread::sleep(Duration::from_millis(2));
             continue;
@@ -181,7 +183,7 @@ fn kill_marked(token: &str, group: Option<i32>) -> io::Result<usize> {
                 libc::kill(*pid, libc::SIGKILL);
             }
         }
-        killed += targets.len();
+        killed.extend(targets);
         // Killed processes linger as zombies until reaped; give them a moment.
         std::thread::sleep(Duration::from_millis(5));
     }
