@@ -1319,6 +1319,18 @@ impl Resolver {
                     Diagnostic::new(format!("`{with_path}` must be a map of settings")),
                 ));
             }
+            let known = kind.setting_keys();
+            if let Some(key) = merged_keys(&self.layers, &with_path)
+                .into_iter()
+                .find(|key| !known.contains(key))
+            {
+                let help = did_you_mean(&key, known.iter().map(String::as_str))
+                    .unwrap_or_else(|| format!("expected one of: {}", known.join(", ")));
+                return Err(self.error_at(
+                    &format!("{with_path}.{key}"),
+                    Diagnostic::new(format!("unknown key `{key}` in `{with_path}`")).help(help),
+                ));
+            }
             let settings = kind
                 .extract(&focus(&self.layers, &with_path))
                 .map_err(|error| self.figment_error(*error, &with_path))?;

@@ -16,7 +16,6 @@ use super::{Artifact, InputRules, STAGE_LOG, StageContext, StageError, StageKind
 
 /// Settings of a `command` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CommandSettings {
     /// Shell command, run by `sh -c` with the output directory as working directory.
     pub cmd: String,

@@ -25,7 +25,6 @@ use crate::train::trainer::evaluate;
 
 /// Settings of an `evaluate` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct EvaluateSettings {
     /// Rows per loss batch.
     #[serde(default = "default_batch_size")]

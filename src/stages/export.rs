@@ -31,7 +31,6 @@ use crate::tokenize::train::{check_special_ids, load_tokenizer, tokenizer_file};
 
 /// Settings of an `export` stage.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ExportSettings {
     /// GGUF files to write, by weight type (`f32`, `f16`, `q8_0`); by default `[q8_0]`.
     /// `[]` writes none.

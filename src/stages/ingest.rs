@@ -37,7 +37,6 @@ use crate::suggest::did_you_mean;
 
 /// Settings of an `ingest` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct IngestSettings {
     /// The sources, read in this order; each names its format by its one key (`jsonl`,
     /// `chat_jsonl`, `files`, `dialogues`, `parquet`, `synthetic`). All are text sources or

@@ -20,7 +20,6 @@ use crate::tokenize::train::tokenizer_file;
 
 /// Settings of a `lora-merge` stage (none yet; the adapter carries its own spec).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct LoraMergeSettings {}
 
 /// The `lora-merge` stage kind.

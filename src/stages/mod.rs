@@ -16,6 +16,7 @@ pub mod training;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use figment::Figment;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
@@ -193,7 +194,10 @@ impl StageError {
 
 /// A stage kind. Implementations live in one module each.
 pub trait StageKind {
-    /// The kind's `with:` settings; unknown keys must be rejected (`deny_unknown_fields`).
+    /// The kind's `with:` settings. Unknown top-level keys are refused by the
+    /// configuration (against the settings' schema, see [`KindEntry::setting_keys`]),
+    /// so the type may `#[serde(flatten)]` shared settings such as
+    /// [`training::TrainingSettings`]; nested settings types keep `deny_unknown_fields`.
     type Settings: DeserializeOwned + Serialize + JsonSchema;
     /// The name used in `kind:`.
     const NAME: &'static str;
@@ -238,6 +242,7 @@ pub struct KindEntry {
     pub resumable: bool,
     extract: fn(&Figment) -> Result<serde_json::Value, Box<figment::Error>>,
     schema: fn(&mut SchemaGenerator) -> Schema,
+    keys: fn() -> Vec<String>,
     check: fn(&serde_json::Value, &[&str]) -> Result<(), String>,
     run: fn(&serde_json::Value, &mut StageContext<'_>) -> Result<StageOutcome, StageError>,
 }
@@ -259,6 +264,7 @@ impl KindEntry {
             resumable: K::RESUMABLE,
             extract: extract_settings::<K>,
             schema: settings_schema::<K>,
+            keys: setting_keys::<K>,
             check: check_erased::<K>,
             run: run_erased::<K>,
         }
@@ -273,6 +279,18 @@ impl KindEntry {
     /// The JSON schema of this kind's settings.
     pub fn schema(&self, generator: &mut SchemaGenerator) -> Schema {
         (self.schema)(generator)
+    }
+
+    /// The keys this kind accepts in `with:`: the properties of its settings schema,
+    /// computed once per kind.
+    pub fn setting_keys(&self) -> &'static [String] {
+        static KEYS: OnceLock<Vec<Vec<String>>> = OnceLock::new();
+        let keys = KEYS.get_or_init(|| KINDS.iter().map(|kind| (kind.keys)()).collect());
+        KINDS
+            .iter()
+            .position(|kind| kind.name == self.name)
+            .and_then(|index| keys.get(index))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Checks settings produced by [`KindEntry::extract`] against the declared input
@@ -308,7 +326,26 @@ fn extract_settings<K: StageKind>(
 }
 
 fn settings_schema<K: StageKind>(generator: &mut SchemaGenerator) -> Schema {
-    generator.subschema_for::<K::Settings>()
+    let reference = generator.subschema_for::<K::Settings>();
+    // The configuration refuses other keys (see `KindEntry::setting_keys`); editors learn
+    // it here, flattened settings included.
+    if let Some(definition) = generator
+        .definitions_mut()
+        .get_mut(K::Settings::schema_name().as_ref())
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        definition.insert("additionalProperties".into(), false.into());
+    }
+    reference
+}
+
+fn setting_keys<K: StageKind>() -> Vec<String> {
+    let schema = SchemaGenerator::default().into_root_schema_for::<K::Settings>();
+    schema
+        .get("properties")
+        .and_then(serde_json::Value::as_object)
+        .map(|properties| properties.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 fn check_erased<K: StageKind>(settings: &serde_json::Value, inputs: &[&str]) -> Result<(), String> {

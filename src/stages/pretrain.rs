@@ -8,7 +8,6 @@
 //! and `loss_curve.svg`.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::Path;
 
 use candle_core::DType;
@@ -16,7 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::training::{self, DeviceSetting};
+use super::training::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
@@ -26,9 +25,7 @@ use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
 use crate::rng::Rng;
 use crate::tokenize::train::tokenizer_file;
 use crate::train::checkpoint::ModelFiles;
-use crate::train::optim::AdamWConfig;
-use crate::train::schedule::Decay;
-use crate::train::trainer::{self, BatchSource, TrainJob};
+use crate::train::trainer::BatchSource;
 
 /// The model families a new model can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -81,95 +78,36 @@ fn default_rope_theta() -> f64 {
 
 /// Settings of a `pretrain` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct PretrainSettings {
     /// The architecture of a new model; leave it out to continue from a `base` input.
     #[serde(default)]
     pub model: Option<ModelSettings>,
-    /// Optimizer steps. Give this or `tokens`.
-    #[serde(default)]
-    pub steps: Option<u64>,
     /// Training tokens instead of `steps`: steps = ⌈tokens / (batch_size · grad_accum ·
     /// context)⌉.
     #[serde(default)]
     pub tokens: Option<u64>,
-    /// Sequences per micro-batch.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step (gradient accumulation).
-    #[serde(default = "default_one")]
-    pub grad_accum: usize,
     /// Tokens per training sequence.
     #[serde(default = "default_context")]
     pub context: usize,
-    /// Peak learning rate.
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    /// Final learning rate; by default lr/10.
-    #[serde(default)]
-    pub min_lr: Option<f64>,
-    /// Steps of linear warmup; by default 5% of the steps (at most 1000).
-    #[serde(default)]
-    pub warmup: Option<u64>,
-    /// Decay after warmup: `cosine`, `linear` or `constant`.
-    #[serde(default)]
-    pub schedule: Decay,
-    /// Decoupled AdamW weight decay (matrices only).
-    #[serde(default = "default_weight_decay")]
-    pub weight_decay: f64,
-    /// Global gradient-norm limit; `null` turns clipping off.
-    #[serde(default = "default_clip")]
-    pub clip: Option<f64>,
-    /// Evaluate every this many steps (and after the last); by default a tenth of the
-    /// steps; 0 evaluates only at the end.
-    #[serde(default)]
-    pub eval_every: Option<u64>,
-    /// Batches of the eval split per evaluation (from each cache that has one).
-    #[serde(default = "default_eval_batches")]
-    pub eval_batches: usize,
-    /// Write a resumable checkpoint every this many steps; by default as `eval_every`.
-    #[serde(default)]
-    pub save_every: Option<u64>,
-    /// Checkpoints kept while training.
-    #[serde(default = "default_keep_last")]
-    pub keep_last: usize,
-    /// A line in the stage log every this many steps.
-    #[serde(default = "default_log_every")]
-    pub log_every: u64,
     /// Mixture weights by input name (`data`, `data_wiki`, …); missing ones weigh 1.
     #[serde(default)]
     pub mixture: BTreeMap<String, f64>,
-    /// `auto`, `cpu`, `cuda` or `metal`.
-    #[serde(default)]
-    pub device: DeviceSetting,
+    /// The training loop.
+    #[serde(flatten)]
+    pub training: TrainingSettings<Pretrain>,
 }
 
-fn default_batch_size() -> usize {
-    8
-}
-fn default_one() -> usize {
-    1
-}
 fn default_context() -> usize {
     256
 }
-fn default_lr() -> f64 {
-    3e-4
-}
-fn default_weight_decay() -> f64 {
-    0.1
-}
-fn default_clip() -> Option<f64> {
-    Some(1.0)
-}
-fn default_eval_batches() -> usize {
-    8
-}
-fn default_keep_last() -> usize {
-    2
-}
-fn default_log_every() -> u64 {
-    10
+
+impl LoopDefaults for Pretrain {
+    fn lr() -> f64 {
+        3e-4
+    }
+    fn weight_decay() -> f64 {
+        0.1
+    }
 }
 
 /// The RNG stream of the training-data sampler.
@@ -178,6 +116,7 @@ const DATA_STREAM: u64 = 0x7072_6574_7261_696e;
 const UNIGRAM_TOKENS: u64 = 50_000_000;
 
 /// The `pretrain` stage kind.
+#[derive(Debug, Clone, Copy)]
 pub struct Pretrain;
 
 impl StageKind for Pretrain {
@@ -220,7 +159,7 @@ impl StageKind for Pretrain {
             }
             _ => {}
         }
-        match (settings.steps, settings.tokens) {
+        match (settings.training.steps, settings.tokens) {
             (Some(_), Some(_)) => return Err("give `steps` or `tokens`, not both".to_string()),
             (None, None) => return Err("`steps` (or `tokens`) is required".to_string()),
             (Some(0), _) | (_, Some(0)) => {
@@ -228,15 +167,7 @@ impl StageKind for Pretrain {
             }
             _ => {}
         }
-        training::check_knobs(
-            settings.lr,
-            settings.clip,
-            &[
-                ("batch_size", settings.batch_size),
-                ("grad_accum", settings.grad_accum),
-                ("context", settings.context),
-            ],
-        )?;
+        settings.training.check(Some(settings.context))?;
         for name in settings.mixture.keys() {
             if !inputs.contains(&name.as_str()) {
                 let data: Vec<&str> = inputs
@@ -404,7 +335,7 @@ fn run(
 ) -> Result<StageOutcome, StageError> {
     let tokenizer = tokenizer_file(&context.inputs["tokenizer"]).map_err(invalid)?;
     let caches = open_caches(context, &tokenizer)?;
-    let device = settings.device.device().map_err(invalid)?;
+    let device = settings.training.device.device().map_err(invalid)?;
     let dtype = DType::F32;
 
     let (model, varmap, config) = match (&settings.model, context.inputs.get("base")) {
@@ -438,27 +369,13 @@ fn run(
         )));
     }
 
-    let tokens_per_step = (settings.batch_size * settings.grad_accum * settings.context) as u64;
-    let steps = match (settings.steps, settings.tokens) {
+    let tokens_per_step =
+        (settings.training.batch_size * settings.training.grad_accum * settings.context) as u64;
+    let steps = match (settings.training.steps, settings.tokens) {
         (Some(steps), _) => steps,
         (None, Some(tokens)) => tokens.div_ceil(tokens_per_step),
         (None, None) => return Err(invalid("`steps` or `tokens` is required")),
     };
-    let loop_settings = training::Knobs {
-        steps,
-        grad_accum: settings.grad_accum,
-        lr: settings.lr,
-        min_lr: settings.min_lr,
-        warmup: settings.warmup,
-        schedule: settings.schedule,
-        clip: settings.clip,
-        eval_every: settings.eval_every,
-        save_every: settings.save_every,
-        keep_last: settings.keep_last,
-        log_every: settings.log_every,
-    }
-    .loop_settings();
-
     let window = settings.context + 1;
     let mut sources = Vec::new();
     let mut eval = Vec::new();
@@ -482,8 +399,10 @@ fn run(
         sources.push((name.clone(), stream, weight));
         if cache.meta.splits.contains_key("eval") {
             let eval_stream = cache.stream("eval").map_err(invalid)?;
-            let windows =
-                eval_stream.sequential_windows(window, settings.eval_batches * settings.batch_size);
+            let windows = eval_stream.sequential_windows(
+                window,
+                settings.training.eval_batches * settings.training.batch_size,
+            );
             if windows.is_empty() {
                 log(
                     context,
@@ -492,7 +411,11 @@ fn run(
                     ),
                 );
             }
-            eval.extend(windows.chunks(settings.batch_size).map(Batch::from_windows));
+            eval.extend(
+                windows
+                    .chunks(settings.training.batch_size)
+                    .map(Batch::from_windows),
+            );
         }
     }
     let total_weight: f64 = sources.iter().map(|(_, _, weight)| weight).sum();
@@ -508,10 +431,7 @@ fn run(
     }
     let mixture = Mixture::new(sources).map_err(invalid)?;
     let unigram = unigram_loss(&unigram_counts, &eval);
-    let parameters: usize = model::sorted_vars(&varmap)
-        .iter()
-        .map(|(_, var)| var.elem_count())
-        .sum();
+    let parameters = training::parameter_count(&varmap);
     log(
         context,
         format_args!(
@@ -530,30 +450,22 @@ fn run(
     let mut data = MixtureBatches {
         mixture,
         rng: Rng::new(context.seed, DATA_STREAM),
-        batch_size: settings.batch_size,
+        batch_size: settings.training.batch_size,
         window,
     };
-    let summary = trainer::train(
-        TrainJob {
+    let summary = settings.training.train(
+        context,
+        steps,
+        StageTrainJob {
             model: &model,
             files: ModelFiles::Full(&config),
             varmap: &varmap,
-            optimizer: AdamWConfig {
-                weight_decay: settings.weight_decay,
-                ..AdamWConfig::default()
-            },
             data: &mut data,
             eval: &eval,
             device: &device,
             tokenizer: Some(&tokenizer),
-            dir: context.out_dir,
-            cancel: context.cancel,
-            log: &mut *context.log,
-            show_progress: std::io::stderr().is_terminal(),
         },
-        &loop_settings,
-    )
-    .map_err(training::stage_error)?;
+    )?;
     training::write_loss_curve(context.out_dir, unigram)?;
     let mut metrics = training::summary_metrics(&summary, parameters);
     if let Some(loss) = unigram {

@@ -7,14 +7,13 @@
 //! Face directory) and optionally `tokenizer` (by default the base's `tokenizer.json`).
 //! The output is the fine-tuned model as an HF directory, like `pretrain`'s.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::training::{self, DeviceSetting};
+use super::training::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
@@ -25,9 +24,7 @@ use crate::data::token_cache::{
 use crate::model;
 use crate::tokenize::train::tokenizer_file;
 use crate::train::checkpoint::ModelFiles;
-use crate::train::optim::AdamWConfig;
-use crate::train::schedule::Decay;
-use crate::train::trainer::{self, BatchSource, TrainJob};
+use crate::train::trainer::BatchSource;
 
 /// What is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -153,66 +150,23 @@ fn adapter_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema
 
 /// Settings of an `sft` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct SftSettings {
     /// `none` (every weight is trained) or a LoRA adapter on the frozen base.
     #[serde(default)]
     #[schemars(schema_with = "adapter_schema")]
     pub adapter: AdapterSetting,
-    /// Optimizer steps. Give this or `epochs`.
-    #[serde(default)]
-    pub steps: Option<u64>,
     /// Passes over the training examples instead of `steps` (1 when neither is given).
     #[serde(default)]
     pub epochs: Option<f64>,
-    /// Rows per micro-batch.
-    #[serde(default = "default_batch_size")]
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[serde(default = "default_one")]
-    pub grad_accum: usize,
     /// Tokens per row; by default the cache's `max_len`, at most the model's positions.
     #[serde(default)]
     pub context: Option<usize>,
     /// Pack several whole examples into a row (faster); off: one padded example per row.
     #[serde(default = "default_true")]
     pub packing: bool,
-    /// Peak learning rate.
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    /// Final learning rate; by default lr/10.
-    #[serde(default)]
-    pub min_lr: Option<f64>,
-    /// Steps of linear warmup; by default 5% of the steps.
-    #[serde(default)]
-    pub warmup: Option<u64>,
-    /// Decay after warmup: `cosine`, `linear` or `constant`.
-    #[serde(default)]
-    pub schedule: Decay,
-    /// Decoupled AdamW weight decay (matrices only).
-    #[serde(default)]
-    pub weight_decay: f64,
-    /// Global gradient-norm limit; `null` turns clipping off.
-    #[serde(default = "default_clip")]
-    pub clip: Option<f64>,
-    /// Evaluate every this many steps (and after the last); by default a tenth.
-    #[serde(default)]
-    pub eval_every: Option<u64>,
-    /// Batches of the eval split per evaluation.
-    #[serde(default = "default_eval_batches")]
-    pub eval_batches: usize,
-    /// Write a resumable checkpoint every this many steps; by default as `eval_every`.
-    #[serde(default)]
-    pub save_every: Option<u64>,
-    /// Checkpoints kept while training.
-    #[serde(default = "default_keep_last")]
-    pub keep_last: usize,
-    /// A line in the stage log every this many steps.
-    #[serde(default = "default_log_every")]
-    pub log_every: u64,
-    /// `auto`, `cpu`, `cuda` or `metal`.
-    #[serde(default)]
-    pub device: DeviceSetting,
+    /// The training loop.
+    #[serde(flatten)]
+    pub training: TrainingSettings<Sft>,
     /// New special tokens: the `token-cache` stage's `add_tokens` (it adds them to the
     /// tokenizer; share the list with `${vars.NAME}`). The model's embeddings (and an
     /// untied head) grow to the extended tokenizer, new rows starting as the mean of the
@@ -222,35 +176,24 @@ pub struct SftSettings {
     pub add_tokens: Option<Vec<String>>,
 }
 
-fn default_batch_size() -> usize {
-    8
-}
-fn default_one() -> usize {
-    1
-}
 fn default_true() -> bool {
     true
 }
-fn default_lr() -> f64 {
-    1e-4
-}
-fn default_clip() -> Option<f64> {
-    Some(1.0)
-}
-fn default_eval_batches() -> usize {
-    8
-}
-fn default_keep_last() -> usize {
-    2
-}
-fn default_log_every() -> u64 {
-    10
+
+impl LoopDefaults for Sft {
+    fn lr() -> f64 {
+        1e-4
+    }
+    fn weight_decay() -> f64 {
+        0.0
+    }
 }
 
 /// The seed stream of the training order (the eval order uses the next one).
 const ORDER_STREAM: u64 = 0x7366_745f_6f72_6465;
 
 /// The `sft` stage kind.
+#[derive(Debug, Clone, Copy)]
 pub struct Sft;
 
 impl StageKind for Sft {
@@ -324,7 +267,7 @@ impl StageKind for Sft {
                 ));
             }
         }
-        match (settings.steps, settings.epochs) {
+        match (settings.training.steps, settings.epochs) {
             (Some(_), Some(_)) => return Err("give `steps` or `epochs`, not both".to_string()),
             (Some(0), _) => return Err("`steps` must be positive".to_string()),
             (_, Some(epochs)) if !(epochs.is_finite() && epochs > 0.0) => {
@@ -332,15 +275,7 @@ impl StageKind for Sft {
             }
             _ => {}
         }
-        training::check_knobs(
-            settings.lr,
-            settings.clip,
-            &[
-                ("batch_size", settings.batch_size),
-                ("grad_accum", settings.grad_accum),
-                ("context", settings.context.unwrap_or(1)),
-            ],
-        )
+        settings.training.check(settings.context)
     }
 
     fn run(
@@ -486,7 +421,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         true => Some(cache.examples("eval").map_err(invalid)?),
         false => None,
     };
-    let device = settings.device.device().map_err(invalid)?;
+    let device = settings.training.device.device().map_err(invalid)?;
     let mut trainable_tokens = std::collections::BTreeMap::new();
     if !added_ids.is_empty() {
         trainable_tokens.insert("embed_tokens".to_string(), added_ids.clone());
@@ -534,8 +469,8 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         .or(cache.meta.max_len.map(|len| len as usize))
         .unwrap_or(config.max_positions())
         .min(config.max_positions());
-    let rows_per_step = settings.batch_size * settings.grad_accum;
-    let steps = match settings.steps {
+    let rows_per_step = settings.training.batch_size * settings.training.grad_accum;
+    let steps = match settings.training.steps {
         Some(steps) => steps,
         None => steps_for_epochs(
             &examples,
@@ -545,27 +480,13 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             settings.packing,
         ),
     };
-    let loop_settings = training::Knobs {
-        steps,
-        grad_accum: settings.grad_accum,
-        lr: settings.lr,
-        min_lr: settings.min_lr,
-        warmup: settings.warmup,
-        schedule: settings.schedule,
-        clip: settings.clip,
-        eval_every: settings.eval_every,
-        save_every: settings.save_every,
-        keep_last: settings.keep_last,
-        log_every: settings.log_every,
-    }
-    .loop_settings();
 
     let eval: Vec<Batch> = match &eval_examples {
         Some(eval_examples) if !eval_examples.is_empty() => {
             let mut batcher = SftBatcher::new(
                 eval_examples,
                 context.seed ^ ORDER_STREAM.wrapping_add(1),
-                settings.batch_size,
+                settings.training.batch_size,
                 seq,
                 settings.packing,
                 cache.meta.pad_id,
@@ -576,16 +497,14 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             );
             // At most one pass: evaluating an example twice would only weigh it double.
             let batches = settings
+                .training
                 .eval_batches
-                .min(eval_examples.len().div_ceil(settings.batch_size));
+                .min(eval_examples.len().div_ceil(settings.training.batch_size));
             (0..batches).filter_map(|_| batcher.next_batch()).collect()
         }
         _ => Vec::new(),
     };
-    let parameters: usize = model::sorted_vars(&varmap)
-        .iter()
-        .map(|(_, var)| var.elem_count())
-        .sum();
+    let parameters = training::parameter_count(&varmap);
     let _ = writeln!(
         context.log,
         "fine-tuning {} ({} parameters) on {} examples: {steps} steps of {rows_per_step} rows × {seq} tokens{}; {} eval batches",
@@ -605,39 +524,31 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         batcher: SftBatcher::new(
             &examples,
             seed,
-            settings.batch_size,
+            settings.training.batch_size,
             seq,
             settings.packing,
             cache.meta.pad_id,
             start,
         ),
         seed,
-        batch_size: settings.batch_size,
+        batch_size: settings.training.batch_size,
         seq,
         packing: settings.packing,
         pad_id: cache.meta.pad_id,
     };
-    let summary = trainer::train(
-        TrainJob {
+    let summary = settings.training.train(
+        context,
+        steps,
+        StageTrainJob {
             model: &model,
             files,
             varmap: &varmap,
-            optimizer: AdamWConfig {
-                weight_decay: settings.weight_decay,
-                ..AdamWConfig::default()
-            },
             data: &mut data,
             eval: &eval,
             device: &device,
             tokenizer: Some(&tokenizer),
-            dir: context.out_dir,
-            cancel: context.cancel,
-            log: &mut *context.log,
-            show_progress: std::io::stderr().is_terminal(),
         },
-        &loop_settings,
-    )
-    .map_err(training::stage_error)?;
+    )?;
     training::write_loss_curve(context.out_dir, None)?;
     let metrics = training::summary_metrics(&summary, parameters);
     training::log_summary(context, &summary);

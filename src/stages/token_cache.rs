@@ -68,7 +68,6 @@ impl Truncation {
 
 /// Settings of a `token-cache` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct TokenCacheSettings {
     /// `pretrain`, `sft`, or `auto` (decided by the first record of `train`).
     #[serde(default)]

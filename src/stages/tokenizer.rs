@@ -29,7 +29,6 @@ use crate::tokenize::train::{
 /// Settings of a `tokenizer` stage. With `inputs.from` nothing is trained and these
 /// settings are not used.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct TokenizerSettings {
     /// The model to train: `bpe` (byte-level byte-pair encoding) or `unigram`
     /// (byte-level unigram language model).

@@ -2,16 +2,23 @@
 //! settings every training stage exposes, the loss-curve picture and the metrics a
 //! finished run reports.
 
+use std::io::IsTerminal;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use candle_nn::VarMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{StageContext, StageError};
+use crate::data::token_cache::Batch;
+use crate::model::CausalLm;
+use crate::train::checkpoint::ModelFiles;
+use crate::train::optim::AdamWConfig;
 use crate::train::schedule::{Decay, Schedule};
-use crate::train::trainer::{self, LoopSettings, TrainError, TrainSummary};
+use crate::train::trainer::{self, BatchSource, LoopSettings, TrainError, TrainJob, TrainSummary};
 
 /// The output's loss-curve picture.
 pub const LOSS_CURVE: &str = "loss_curve.svg";
@@ -59,45 +66,104 @@ impl DeviceSetting {
     }
 }
 
-/// The loop knobs every training stage's settings carry, under the same names.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Knobs {
-    /// Optimizer steps in all.
-    pub steps: u64,
-    /// Micro-batches per step.
-    pub grad_accum: usize,
+/// The defaults that differ between training kinds.
+pub trait LoopDefaults {
     /// Peak learning rate.
-    pub lr: f64,
-    /// Final learning rate; default lr/10.
-    pub min_lr: Option<f64>,
-    /// Warmup steps; default 5% of the steps (at most 1000).
-    pub warmup: Option<u64>,
-    /// Decay shape.
-    pub schedule: Decay,
-    /// Gradient-norm limit.
-    pub clip: Option<f64>,
-    /// Evaluation interval; default a tenth of the steps.
-    pub eval_every: Option<u64>,
-    /// Checkpoint interval; default `eval_every`.
-    pub save_every: Option<u64>,
-    /// Checkpoints kept.
-    pub keep_last: usize,
-    /// Log interval.
-    pub log_every: u64,
+    fn lr() -> f64;
+    /// Decoupled AdamW weight decay.
+    fn weight_decay() -> f64;
 }
 
-impl Knobs {
-    /// The loop settings, with the defaults that depend on the number of steps filled.
-    pub fn loop_settings(&self) -> LoopSettings {
-        let eval_every = self.eval_every.unwrap_or((self.steps / 10).max(1));
+/// The training-loop settings of every training kind (`pretrain`, `sft`, and those to
+/// come), flattened into the kind's `with:` map: the settings JSON stays flat, so
+/// fingerprints do not depend on this type. `D` gives the defaults that differ by kind.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(bound = "")]
+#[schemars(bound = "D: LoopDefaults", inline)]
+pub struct TrainingSettings<D: LoopDefaults> {
+    /// Optimizer steps (or the kind's alternative: `tokens` for pretrain, `epochs` for sft).
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// Sequences (rows) per micro-batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    /// Peak learning rate (3e-4 for pretrain, 1e-4 for sft).
+    #[serde(default = "D::lr")]
+    pub lr: f64,
+    /// Final learning rate; by default lr/10.
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    /// Steps of linear warmup; by default 5% of the steps, at most 1000.
+    #[serde(default)]
+    pub warmup: Option<u64>,
+    /// Decay after warmup: `cosine`, `linear` or `constant`.
+    #[serde(default)]
+    pub schedule: Decay,
+    /// Decoupled AdamW weight decay, on matrices only (0.1 for pretrain, 0 for sft).
+    #[serde(default = "D::weight_decay")]
+    pub weight_decay: f64,
+    /// Global gradient-norm limit; `null` turns clipping off.
+    #[serde(default = "default_clip")]
+    pub clip: Option<f64>,
+    /// Evaluate every this many steps (and after the last); by default a tenth of the
+    /// steps; 0 evaluates only at the end.
+    #[serde(default)]
+    pub eval_every: Option<u64>,
+    /// Batches of the eval split per evaluation (from each data input that has one).
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Write a resumable checkpoint every this many steps; by default as `eval_every`.
+    #[serde(default)]
+    pub save_every: Option<u64>,
+    /// Checkpoints kept while training.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// A line in the stage log every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// `auto`, `cpu`, `cuda` or `metal`.
+    #[serde(default)]
+    pub device: DeviceSetting,
+    #[serde(skip)]
+    #[schemars(skip)]
+    defaults: PhantomData<D>,
+}
+
+fn default_batch_size() -> usize {
+    8
+}
+fn default_one() -> usize {
+    1
+}
+fn default_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_eval_batches() -> usize {
+    8
+}
+fn default_keep_last() -> usize {
+    2
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+impl<D: LoopDefaults> TrainingSettings<D> {
+    /// The loop settings for `steps` steps, with the defaults that depend on the number
+    /// of steps filled.
+    pub fn loop_settings(&self, steps: u64) -> LoopSettings {
+        let eval_every = self.eval_every.unwrap_or((steps / 10).max(1));
         LoopSettings {
-            steps: self.steps,
+            steps,
             grad_accum: self.grad_accum,
             schedule: Schedule {
                 lr: self.lr,
                 min_lr: self.min_lr.unwrap_or(self.lr / 10.0),
-                warmup: self.warmup.unwrap_or((self.steps / 20).min(1000)),
-                total: self.steps,
+                warmup: self.warmup.unwrap_or((steps / 20).min(1000)),
+                total: steps,
                 decay: self.schedule,
             },
             clip: self.clip,
@@ -107,24 +173,91 @@ impl Knobs {
             log_every: self.log_every,
         }
     }
+
+    /// Checks the settings every training kind validates the same way; `context` is the
+    /// kind's sequence length, when it has one.
+    pub fn check(&self, context: Option<usize>) -> Result<(), String> {
+        let sizes = [
+            ("batch_size", Some(self.batch_size)),
+            ("grad_accum", Some(self.grad_accum)),
+            ("context", context),
+        ];
+        for (key, value) in sizes {
+            if value == Some(0) {
+                return Err(format!("`{key}` must be positive"));
+            }
+        }
+        if self.steps == Some(0) {
+            return Err("`steps` must be positive".to_string());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(format!("`lr` must be a positive number, not {}", self.lr));
+        }
+        if let Some(clip) = self.clip
+            && !(clip.is_finite() && clip > 0.0)
+        {
+            return Err(format!("`clip` must be positive (or null), not {clip}"));
+        }
+        Ok(())
+    }
+
+    /// Trains `model` in the stage's scratch directory, with the optimizer, logging,
+    /// interruption and progress bar every training kind uses.
+    pub fn train(
+        &self,
+        context: &mut StageContext<'_>,
+        steps: u64,
+        job: StageTrainJob<'_>,
+    ) -> Result<TrainSummary, StageError> {
+        trainer::train(
+            TrainJob {
+                model: job.model,
+                files: job.files,
+                varmap: job.varmap,
+                optimizer: AdamWConfig {
+                    weight_decay: self.weight_decay,
+                    ..AdamWConfig::default()
+                },
+                data: job.data,
+                eval: job.eval,
+                device: job.device,
+                tokenizer: job.tokenizer,
+                dir: context.out_dir,
+                cancel: context.cancel,
+                log: &mut *context.log,
+                show_progress: std::io::stderr().is_terminal(),
+            },
+            &self.loop_settings(steps),
+        )
+        .map_err(stage_error)
+    }
 }
 
-/// Checks the knobs every training stage validates the same way.
-pub fn check_knobs(lr: f64, clip: Option<f64>, sizes: &[(&str, usize)]) -> Result<(), String> {
-    for (key, value) in sizes {
-        if *value == 0 {
-            return Err(format!("`{key}` must be positive"));
-        }
-    }
-    if !(lr.is_finite() && lr > 0.0) {
-        return Err(format!("`lr` must be a positive number, not {lr}"));
-    }
-    if let Some(clip) = clip
-        && !(clip.is_finite() && clip > 0.0)
-    {
-        return Err(format!("`clip` must be positive (or null), not {clip}"));
-    }
-    Ok(())
+/// What a training kind gives [`TrainingSettings::train`]: the parts of a
+/// [`TrainJob`] that differ between kinds.
+pub struct StageTrainJob<'a> {
+    /// The model (its parameters live in `varmap`).
+    pub model: &'a CausalLm,
+    /// What is written: the whole model's `config.json`, or an adapter's.
+    pub files: ModelFiles<'a>,
+    /// The trained parameters.
+    pub varmap: &'a VarMap,
+    /// Training batches.
+    pub data: &'a mut dyn BatchSource,
+    /// The fixed evaluation batches.
+    pub eval: &'a [Batch],
+    /// Where tensors live.
+    pub device: &'a Device,
+    /// A `tokenizer.json` copied into every model directory written.
+    pub tokenizer: Option<&'a Path>,
+}
+
+/// Elements in the parameters of `varmap` (what is trained).
+pub fn parameter_count(varmap: &VarMap) -> usize {
+    crate::model::sorted_vars(varmap)
+        .iter()
+        .map(|(_, var)| var.elem_count())
+        .sum()
 }
 
 /// A [`TrainError`] as the stage reports it.

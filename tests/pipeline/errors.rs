@@ -62,6 +62,50 @@ fn an_unknown_setting_names_file_line_and_suggests() {
     assert!(error.contains("did you mean `outputs`?"), "{error}");
 }
 
+/// `pretrain` and `sft` flatten the shared training-loop settings into their own, so
+/// serde cannot refuse unknown keys there: the configuration checks them against the
+/// kind's schema, for the kind's own keys and the shared ones alike.
+#[test]
+fn an_unknown_training_setting_is_refused_like_any_other() {
+    for (key, suggestion) in [
+        ("lerning_rate", None),
+        ("stepz", Some("steps")),
+        ("contxt", Some("context")),
+    ] {
+        let error = failing(
+            &format!(
+                "name: e\nstages:\n  d:\n    kind: command\n    with: {{ cmd: 'true' }}\n  p:\n    kind: pretrain\n    inputs: {{ data: d }}\n    with:\n      steps: 3\n      {key}: 1\n"
+            ),
+            &[],
+        );
+        assert!(
+            error.contains(&format!("unknown key `{key}` in `stages.p.with`")),
+            "{error}"
+        );
+        assert!(error.contains("--> p.yaml:11:7"), "{error}");
+        match suggestion {
+            Some(known) => assert!(
+                error.contains(&format!("did you mean `{known}`?")),
+                "{error}"
+            ),
+            None => assert!(error.contains("expected one of: "), "{error}"),
+        }
+    }
+    let error = failing(
+        "name: e\nstages:\n  d:\n    kind: command\n    with: { cmd: 'true' }\n  s:\n    kind: sft\n    inputs: { data: d, base: d }\n    with: { epochs: 1 }\n",
+        &["--set", "stages.s.with.weight_decai=0.1"],
+    );
+    assert!(
+        error.contains("unknown key `weight_decai` in `stages.s.with`"),
+        "{error}"
+    );
+    assert!(
+        error.contains("--set stages.s.with.weight_decai=0.1"),
+        "{error}"
+    );
+    assert!(error.contains("did you mean `weight_decay`?"), "{error}");
+}
+
 #[test]
 fn an_unknown_top_level_or_stage_key_is_rejected_with_a_suggestion() {
     let error = failing(

@@ -98,6 +98,25 @@ fn quickstart_smoke_runs_caches_and_reruns_only_downstream() {
         "tokenizer",
     ];
     assert_eq!(sandbox.executed(), all);
+    // Fingerprints outlive refactors: a workspace made by an older trainyard must find
+    // its outputs cached. These were computed before the training settings became one
+    // shared (flattened) type; the stages before pretrain are deterministic on any CPU.
+    let record = sandbox.latest_record();
+    for (stage, fingerprint) in [
+        (
+            "tokenizer",
+            "a1ffdb4a243874b83a699be35e5676b3eef0b950f7a06c17c4753f5ad0fa3352",
+        ),
+        (
+            "pretrain",
+            "bfd2f1c0a46d20af92cfa6b0024e55a7345f4aebbfca7f4ce56dc12f3dc83805",
+        ),
+    ] {
+        assert_eq!(
+            record["stages"][stage]["fingerprint"], fingerprint,
+            "the fingerprint of `{stage}` changed"
+        );
+    }
 
     let evaluation = metrics(&sandbox, "evaluate");
     for key in ["eval_loss", "exact_match", "contains_accuracy"] {
