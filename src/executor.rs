@@ -729,6 +729,15 @@ impl Engine<'_> {
         }
         let (identity, inputs) = match self.identity_of(index, upstream) {
             Ok(found) => found,
+            Err(_) if self.cancel.is_cancelled() => {
+                report.status = StageStatus::Interrupted;
+                report.error = Some("interrupted".to_string());
+                self.progress(format_args!(
+                    "  stopped  {} (interrupted while hashing its inputs)",
+                    stage.name
+                ));
+                return Decision::Done(Box::new(report));
+            }
             Err(message) => {
                 report.status = StageStatus::Failed;
                 self.progress(format_args!("  FAILED   {}: {message}", stage.name));
@@ -741,17 +750,21 @@ impl Engine<'_> {
         report.fingerprint = Some(fingerprint.clone());
         let is_forced = forced.contains(&index) && selected.contains(&index);
         let mut corrupted = None;
-        let cached = match self.workspace.lookup(&stage.name, &fingerprint) {
-            Some(manifest) if !is_forced => {
-                match self.check_stored(&stage.name, &fingerprint, manifest) {
-                    Ok(intact) => intact,
-                    Err(detail) => {
-                        corrupted = Some(Reason::OutputCorrupted { detail });
-                        None
-                    }
+        let cached = if is_forced {
+            None
+        } else {
+            let checked = match self.workspace.lookup(&stage.name, &fingerprint) {
+                Ok(Some(manifest)) => self.check_stored(&stage.name, &fingerprint, manifest),
+                Ok(None) => Ok(None),
+                Err(problem) => Err(self.set_aside(&stage.name, &fingerprint, problem)),
+            };
+            match checked {
+                Ok(intact) => intact,
+                Err(detail) => {
+                    corrupted = Some(Reason::OutputCorrupted { detail });
+                    None
                 }
             }
-            _ => None,
         };
         if let Some(manifest) = cached {
             report.status = StageStatus::Cached;
@@ -834,7 +847,13 @@ impl Engine<'_> {
             // Interrupted: the walk stops at the next stage; nothing is moved.
             Err(_) => return Ok(None),
         };
-        let detail = if self.options.dry_run {
+        Err(self.set_aside(stage, fingerprint, problem))
+    }
+
+    /// Moves the damaged entry of `stage` with `fingerprint` to quarantine (not in a dry
+    /// run) and says what was wrong and where it went.
+    fn set_aside(&self, stage: &str, fingerprint: &str, problem: String) -> String {
+        if self.options.dry_run {
             format!("{problem}; the next run moves it aside and reruns the stage")
         } else {
             match self.workspace.quarantine(stage, fingerprint) {
@@ -847,8 +866,30 @@ impl Engine<'_> {
                 ),
                 Err(error) => format!("{problem}; it could not be moved aside ({error})"),
             }
+        }
+    }
+
+    /// Before a new output replaces the stored one (`--force`): a stored entry that no
+    /// longer matches its manifest goes to quarantine, as it would have on a cached run,
+    /// instead of being deleted.
+    fn set_aside_if_damaged(&self, stage: &str, fingerprint: &str) {
+        let dir = self.workspace.entry_dir(stage, fingerprint);
+        if !dir.exists() {
+            return;
+        }
+        let problem = match self.workspace.lookup(stage, fingerprint) {
+            Ok(Some(manifest)) => store::check_entry(&self.hasher, &dir, &manifest)
+                .ok()
+                .flatten(),
+            Ok(None) => None,
+            Err(problem) => Some(problem),
         };
-        Err(detail)
+        if let Some(problem) = problem {
+            let detail = self.set_aside(stage, fingerprint, problem);
+            self.progress(format_args!(
+                "  note     the stored output of `{stage}` being replaced was damaged: {detail}"
+            ));
+        }
     }
 
     /// Records that a run used `identity` for this stage (for `status` later) and
@@ -1035,7 +1076,12 @@ impl Engine<'_> {
             &mut job.report,
             StageReport::new(&stage.name, stage.kind.name, StageStatus::Skipped),
         );
-        let scratch = self.workspace.scratch_dir(&stage.name, &job.fingerprint);
+        let scratch = if stage.kind.resumable {
+            self.workspace.scratch_dir(&stage.name, &job.fingerprint)
+        } else {
+            self.workspace
+                .attempt_scratch_dir(&stage.name, &job.fingerprint)
+        };
         let mut reasons: Vec<String> = report.reasons.iter().map(ToString::to_string).collect();
         if let Some(note) = self.resume_note(stage.kind.resumable, &scratch) {
             reasons.push(note);
@@ -1065,6 +1111,9 @@ impl Engine<'_> {
             Err(StageError::Interrupted) => {
                 report.status = StageStatus::Interrupted;
                 report.error = Some("interrupted".to_string());
+                if !stage.kind.resumable {
+                    prune_to_log(&scratch);
+                }
                 if stage.kind.resumable {
                     self.progress(format_args!(
                         "  stopped  {} (interrupted; its checkpoint is kept and the next run resumes from it)",
@@ -1112,10 +1161,17 @@ impl Engine<'_> {
         started_at: SystemTime,
         clock: &Instant,
     ) -> Result<(PathBuf, Manifest), StageError> {
-        if scratch.exists() && !stage.kind.resumable {
-            std::fs::remove_dir_all(scratch).map_err(|error| {
-                StageError::io(format!("clearing {}", scratch.display()), error)
-            })?;
+        if !stage.kind.resumable {
+            // What failed or killed attempts left (their processes were killed when this
+            // run started) is never reused: a fresh directory per attempt.
+            for earlier in self
+                .workspace
+                .earlier_scratch_dirs(&stage.name, &job.fingerprint)
+            {
+                std::fs::remove_dir_all(&earlier).map_err(|error| {
+                    StageError::io(format!("clearing {}", earlier.display()), error)
+                })?;
+            }
         }
         std::fs::create_dir_all(scratch)
             .map_err(|error| StageError::io(format!("creating {}", scratch.display()), error))?;
@@ -1167,6 +1223,7 @@ impl Engine<'_> {
             metrics: outcome.metrics,
             trainyard_version: runs::VERSION.to_string(),
         };
+        self.set_aside_if_damaged(&stage.name, &job.fingerprint);
         let dir = self
             .workspace
             .publish(scratch, &manifest)

@@ -184,11 +184,69 @@ impl Workspace {
             .join(format!("{stage}-{}", short(fingerprint)))
     }
 
-    /// The manifest of a finished output, if there is one.
-    pub fn lookup(&self, stage: &str, fingerprint: &str) -> Option<Manifest> {
-        let bytes = fs::read(self.entry_dir(stage, fingerprint).join(MANIFEST)).ok()?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).ok()?;
-        (manifest.fingerprint == fingerprint).then_some(manifest)
+    /// A new scratch directory name for one attempt at a stage that does not resume:
+    /// `<stage>-<fingerprint>.<attempt>`. A process a killed attempt left behind (one
+    /// that escaped containment) still holds the old path, so it can never write into
+    /// the scratch of a later attempt.
+    pub fn attempt_scratch_dir(&self, stage: &str, fingerprint: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        self.work_dir().join(format!(
+            "{stage}-{}.{:x}{:x}",
+            short(fingerprint),
+            std::process::id(),
+            nanos & 0xffff_ffff
+        ))
+    }
+
+    /// Earlier attempts' scratch directories of `stage` with `fingerprint` (see
+    /// [`Workspace::attempt_scratch_dir`]) and the fixed one of a resumable stage.
+    pub fn earlier_scratch_dirs(&self, stage: &str, fingerprint: &str) -> Vec<PathBuf> {
+        let fixed = format!("{stage}-{}", short(fingerprint));
+        let attempt = format!("{fixed}.");
+        let Ok(entries) = fs::read_dir(self.work_dir()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                (name == fixed.as_str() || name.starts_with(&attempt))
+                    && entry.file_type().is_ok_and(|kind| kind.is_dir())
+            })
+            .map(|entry| entry.path())
+            .collect()
+    }
+
+    /// The manifest of the finished output of `stage` with `fingerprint`: `Ok(None)`
+    /// when there is no entry, `Err` with what is wrong when there is an entry whose
+    /// manifest is missing, unreadable or for another fingerprint (such an entry is
+    /// damaged, and must be moved aside rather than replaced).
+    pub fn lookup(&self, stage: &str, fingerprint: &str) -> Result<Option<Manifest>, String> {
+        let path = self.entry_dir(stage, fingerprint).join(MANIFEST);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                return match self.entry_dir(stage, fingerprint).exists() {
+                    true => Err(format!("its `{MANIFEST}` is missing")),
+                    false => Ok(None),
+                };
+            }
+            Err(error) => return Err(format!("its `{MANIFEST}` cannot be read ({error})")),
+        };
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|error| format!("its `{MANIFEST}` is not a valid manifest ({error})"))?;
+        if manifest.fingerprint != fingerprint || manifest.stage != stage {
+            return Err(format!(
+                "its `{MANIFEST}` is for another stage or fingerprint (`{}` {})",
+                manifest.stage,
+                short(&manifest.fingerprint)
+            ));
+        }
+        Ok(Some(manifest))
     }
 
     /// Makes `scratch` the finished output for `manifest.fingerprint`: writes the

@@ -219,7 +219,7 @@ stages:
   slow:
     kind: command
     with:
-      cmd: "if [ ! -f {once} ]; then touch {once}; (setsid sh -c 'while [ -f {gate} ]; do sleep 0.05; done; echo stray >> $TY_OUT/out.txt' &); fi; echo run > out.txt; touch started; sleep 30"
+      cmd: "if [ ! -f {once} ]; then touch {once}; (setsid sh -c 'while [ -f {gate} ]; do sleep 0.05; done; echo stray >> $TY_OUT/out.txt' &); echo run > out.txt; touch started; sleep 30; else echo run > out.txt; touch started; sleep 1; fi"
 "#,
             gate = gate.display(),
             once = sandbox.path("once").display()
@@ -232,24 +232,44 @@ stages:
 
     // The next run kills the stray process first; only then is the gate lifted, as
     // late as it can be, while the next run's scratch exists.
-    std::fs::remove_file(scratch_file(&sandbox, "started")).unwrap();
+    let killed_attempt = scratch_file(&sandbox, "started");
+    std::fs::remove_file(&killed_attempt).unwrap();
     let next = sandbox.spawn(&["run", "p.yaml"]);
-    wait_for(&scratch_file(&sandbox, "started"));
+    let started = newer_scratch_file(&sandbox, &killed_attempt);
+    wait_for(&started);
     std::fs::remove_file(&gate).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: sending a signal to our own child process.
-    unsafe {
-        libc::kill(next.id() as libc::pid_t, libc::SIGINT);
-    }
     let output = next.wait_with_output().unwrap();
     let console = text(&output);
+    assert!(output.status.success(), "{console}");
     assert!(
         console.contains("process(es) a killed run's command stages left running"),
         "{console}"
     );
-    let scratch = scratch_file(&sandbox, "out.txt");
-    let written = std::fs::read_to_string(&scratch).unwrap_or_default();
-    assert!(!written.contains("stray"), "{written}");
+    std::thread::sleep(Duration::from_millis(300));
+    let published = sandbox.path("runs/latest/outputs/slow/out.txt");
+    assert_eq!(std::fs::read_to_string(&published).unwrap(), "run\n");
+    // The killed attempt's directory is gone: nothing of it is reused.
+    assert!(!killed_attempt.parent().unwrap().exists());
+    sandbox.ok(&["audit", "runs/latest"]);
+}
+
+/// `started` in the scratch directory of a later attempt than `earlier`'s: a stage that
+/// does not resume gets a fresh directory per attempt.
+fn newer_scratch_file(sandbox: &Sandbox, earlier: &std::path::Path) -> std::path::PathBuf {
+    for _ in 0..600 {
+        let entries = std::fs::read_dir(sandbox.path(".trainyard/work")).unwrap();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with("slow-")
+                && path.is_dir()
+                && Some(path.as_path()) != earlier.parent()
+            {
+                return path.join("started");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no new scratch directory for `slow`");
 }
 
 #[test]

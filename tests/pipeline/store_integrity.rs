@@ -248,3 +248,68 @@ fn an_entry_moved_aside_by_a_killed_force_run_is_restored_never_deleted() {
     assert!(entry.join("out.txt").is_file(), "{done}");
     sandbox.ok(&["audit", "runs/latest"]);
 }
+
+/// An entry whose manifest is unreadable, empty or for another stage is damaged, not
+/// missing: it is quarantined with the real reason, never deleted.
+#[test]
+fn an_entry_with_a_bad_manifest_is_quarantined_with_the_reason() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", PIPELINE);
+    sandbox.ok(&["run", "p.yaml"]);
+    for (manifest, reason) in [
+        (Some("{not json"), "is not a valid manifest"),
+        (Some("{}"), "is not a valid manifest"),
+        (None, "is missing"),
+    ] {
+        let entry = sandbox.store_entries("make")[0].clone();
+        match manifest {
+            Some(text) => std::fs::write(entry.join("manifest.json"), text).unwrap(),
+            None => std::fs::remove_file(entry.join("manifest.json")).unwrap(),
+        }
+        std::fs::write(entry.join("marker"), "look at me").unwrap();
+        let before = quarantined(&sandbox).len();
+        let status = sandbox.ok(&["status", "p.yaml"]);
+        assert!(status.contains(reason), "{status}");
+        let console = sandbox.ok(&["run", "p.yaml"]);
+        assert!(
+            console.contains(&format!("`manifest.json` {reason}"))
+                && console.contains("moved to .trainyard/quarantine/make-"),
+            "{console}"
+        );
+        assert_eq!(sandbox.executed(), ["make"], "{console}");
+        let moved = quarantined(&sandbox);
+        assert_eq!(moved.len(), before + 1);
+        assert!(
+            moved.iter().any(|name| sandbox
+                .path(&format!(".trainyard/quarantine/{name}/marker"))
+                .exists()),
+            "{moved:?}"
+        );
+        sandbox.ok(&["audit", "runs/latest"]);
+    }
+}
+
+/// `--force` replaces a stored output; a damaged one is quarantined, not deleted.
+#[test]
+fn forcing_over_a_damaged_entry_quarantines_it() {
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", PIPELINE);
+    sandbox.ok(&["run", "p.yaml"]);
+    let entry = sandbox.store_entries("make")[0].clone();
+    flip_first_byte(&entry.join("out.txt"));
+    let console = sandbox.ok(&["run", "p.yaml", "--force", "make"]);
+    assert!(
+        console.contains("the stored output of `make` being replaced was damaged"),
+        "{console}"
+    );
+    let moved = quarantined(&sandbox);
+    assert_eq!(moved.len(), 1, "{console}");
+    assert_eq!(
+        sandbox.read(&format!(".trainyard/quarantine/{}/out.txt", moved[0])),
+        "Good\n"
+    );
+    // An intact entry is simply replaced.
+    sandbox.ok(&["run", "p.yaml", "--force", "make"]);
+    assert_eq!(quarantined(&sandbox).len(), 1);
+    sandbox.ok(&["audit", "runs/latest"]);
+}
