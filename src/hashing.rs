@@ -276,7 +276,7 @@ impl ContentHasher {
         links: Links,
     ) -> io::Result<(String, BTreeMap<String, FileDigest>)> {
         let mut files = Vec::new();
-        list_files(dir, "", exclude, links, &mut files)?;
+        list_files(dir, dir, "", exclude, links, &mut files)?;
         // Stat-cache hits first, on this thread: handing a few files to the thread pool
         // costs more than statting them (a no-op run of 10,000 one-file stages spent a
         // third of its time waking workers). Only files to read go to the pool.
@@ -443,7 +443,9 @@ enum Entry {
     Link(String),
 }
 
+/// Lists the files below `dir` (`root`, or a folder inside it at `prefix`).
 fn list_files(
+    root: &Path,
     dir: &Path,
     prefix: &str,
     exclude: &[&str],
@@ -478,14 +480,14 @@ fn list_files(
         if metadata.file_type().is_symlink() {
             if links == Links::KeepInside {
                 let target = std::fs::read_link(&path).map_err(with_path)?;
-                check_link_stays_inside(&path, &relative, &target)?;
+                check_link_stays_inside(root, &path, &relative, &target)?;
                 out.push((relative, Entry::Link(target.to_string_lossy().into_owned())));
                 continue;
             }
             metadata = std::fs::metadata(&path).map_err(with_path)?;
         }
         if metadata.is_dir() {
-            list_files(&path, &relative, &[], links, out)?;
+            list_files(root, &path, &relative, &[], links, out)?;
         } else if metadata.is_file() {
             out.push((relative, Entry::File(metadata)));
         } else {
@@ -495,9 +497,15 @@ fn list_files(
     Ok(())
 }
 
-/// Refuses a link at `relative` (inside an output) whose `target` is absolute or climbs
-/// out of the output.
-fn check_link_stays_inside(path: &Path, relative: &str, target: &Path) -> io::Result<()> {
+/// Refuses a link at `relative` (inside the output `root`) whose `target` is absolute or
+/// climbs out of the output, by its text or through other links (`x -> b/..` with
+/// `b -> .` climbs out although its text does not).
+fn check_link_stays_inside(
+    root: &Path,
+    path: &Path,
+    relative: &str,
+    target: &Path,
+) -> io::Result<()> {
     use std::path::Component;
     let mut depth = relative.matches('/').count() as i64;
     let mut inside = true;
@@ -510,7 +518,7 @@ fn check_link_stays_inside(path: &Path, relative: &str, target: &Path) -> io::Re
         }
         inside &= depth >= 0;
     }
-    if inside {
+    if inside && resolves_inside(root, path, target) {
         return Ok(());
     }
     Err(io::Error::new(
@@ -521,6 +529,26 @@ fn check_link_stays_inside(path: &Path, relative: &str, target: &Path) -> io::Re
             target.display()
         ),
     ))
+}
+
+/// Whether the link at `path` to `target` resolves inside `root` on disk: the deepest
+/// part of the target that exists, with every link on the way followed, must be inside
+/// (a dangling link is judged by the folder it would land in).
+fn resolves_inside(root: &Path, path: &Path, target: &Path) -> bool {
+    let Ok(root) = std::fs::canonicalize(root) else {
+        return false;
+    };
+    let joined = path.parent().unwrap_or(&root).join(target);
+    let mut probe = joined.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(probe) {
+            return real.starts_with(&root);
+        }
+        match probe.parent() {
+            Some(parent) => probe = parent,
+            None => return false,
+        }
+    }
 }
 
 #[cfg(test)]

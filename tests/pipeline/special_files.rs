@@ -42,6 +42,41 @@ fn links_out_of_an_output_are_refused() {
     }
 }
 
+/// Each link's text may stay inside while a chain of them climbs out: `x -> b/..` with
+/// `b -> .` is the output's parent folder.
+#[test]
+fn a_chain_of_links_cannot_climb_out_of_an_output() {
+    for (cmd, bad) in [
+        ("ln -s . b; ln -s b/.. x", Some("x")),
+        (
+            "ln -s . b; ln -s b/.. x; ln -s x/.. y; ln -s y/etc/hostname w",
+            Some("w"),
+        ),
+        (
+            "mkdir d; ln -s d e; ln -s e/not-yet.txt dangling; ln -s e/../d f",
+            None,
+        ),
+    ] {
+        let sandbox = Sandbox::new();
+        one_command(&sandbox, cmd);
+        match bad {
+            Some(link) => {
+                let error = sandbox.fails(&["run", "p.yaml"]);
+                assert!(
+                    error.contains(&format!("{link} is a symbolic link to"))
+                        && error.contains("outside the output"),
+                    "{cmd}: {error}"
+                );
+                assert!(sandbox.store_entries("make").is_empty());
+            }
+            None => {
+                sandbox.ok(&["run", "p.yaml"]);
+                sandbox.ok(&["audit", "runs/latest"]);
+            }
+        }
+    }
+}
+
 #[test]
 fn links_inside_an_output_are_kept_as_links() {
     let sandbox = Sandbox::new();
