@@ -328,9 +328,9 @@ const EXIT_IO: u8 = 4;
 const EXIT_INTERRUPTED: u8 = 130;
 
 /// `trainyard status | head` must end like `cat` does when `head` stops reading, not
-/// panic in `println!`: Rust ignores SIGPIPE, so its default action is restored. A run
-/// killed this way leaves the store as any kill does (nothing half-published), and its
-/// command stages die with it.
+/// panic in `println!`: Rust ignores SIGPIPE, so its default action is restored. Not
+/// for `run`: a run whose console reader went away finishes its work and records it (it
+/// writes through [`crate::console`], which never panics).
 fn end_quietly_on_a_broken_pipe() {
     // SAFETY: setting a signal's disposition to its default at start-up, before any
     // thread exists, has no preconditions.
@@ -341,8 +341,10 @@ fn end_quietly_on_a_broken_pipe() {
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
-    end_quietly_on_a_broken_pipe();
     let cli = Cli::parse();
+    if !matches!(&cli.command, Command::Run(args) if !args.dry_run) {
+        end_quietly_on_a_broken_pipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TRAINYARD_LOG")
@@ -908,19 +910,19 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
     let cached = report.with_status(StageStatus::Cached).len();
     if let Some(run_dir) = &report.run_dir {
         let shown = run_dir.strip_prefix(&workspace.root).unwrap_or(run_dir);
-        eprintln!(
+        crate::console::line(format_args!(
             "{executed} executed, {cached} cached; run recorded in {}",
             shown.display()
-        );
+        ));
     }
     for stage in &report.stages {
         if stage.status == StageStatus::Failed
             && let Some(error) = &stage.error
         {
-            eprintln!(
+            crate::console::line(format_args!(
                 "error: stage `{}` ({}) failed: {error}",
                 stage.name, stage.kind
-            );
+            ));
         }
     }
     let code = match report.outcome {
@@ -950,11 +952,11 @@ fn print_header(pipeline: &ResolvedPipeline) {
     } else {
         format!(", profile {}", profiles.join(","))
     };
-    eprintln!(
+    crate::console::line(format_args!(
         "pipeline {} ({}{profiles})",
         pipeline.name,
         display(&pipeline.file.path)
-    );
+    ));
 }
 
 fn display(path: &Path) -> String {

@@ -92,6 +92,14 @@ impl Containment {
         }
     }
 
+    /// Kills the command's process group (SIGKILL): for a command that ignored
+    /// [`Containment::terminate`].
+    pub fn kill(&self) {
+        if let Some(group) = self.group {
+            signal_group(group, libc::SIGKILL);
+        }
+    }
+
     /// Kills everything the command left behind and forgets the token. Returns how
     /// many processes were killed.
     pub fn finish(self) -> io::Result<usize> {

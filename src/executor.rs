@@ -235,7 +235,9 @@ pub fn run(
         None
     } else {
         let mut on_wait = |holder: &str| {
-            eprintln!("waiting for the workspace lock, held by {holder}");
+            crate::console::line(format_args!(
+                "waiting for the workspace lock, held by {holder}"
+            ));
         };
         Some(workspace.lock(options.wait_for_lock, &mut on_wait, Some(cancel))?)
     };
@@ -244,27 +246,27 @@ pub fn run(
             .map_err(io_error("reading the last run record"))?
         && options.progress
     {
-        eprintln!(
+        crate::console::line(format_args!(
             "note: run {killed} was killed before it finished; its record now says interrupted"
-        );
+        ));
     }
     if !options.dry_run {
         let killed = crate::containment::kill_leftovers(&workspace.work_dir())
             .map_err(io_error("stopping processes a killed run left behind"))?;
         if killed > 0 && options.progress {
-            eprintln!(
+            crate::console::line(format_args!(
                 "note: killed {killed} process(es) a killed run's command stages left running"
-            );
+            ));
         }
         let restored = workspace
             .restore_unreplaced()
             .map_err(io_error("restoring store entries a killed run moved aside"))?;
         for entry in restored {
             if options.progress {
-                eprintln!(
+                crate::console::line(format_args!(
                     "note: restored {} (a killed run had moved it aside to replace it)",
                     entry.display()
-                );
+                ));
             }
         }
     }
@@ -441,11 +443,7 @@ impl Engine<'_> {
     fn progress(&self, line: std::fmt::Arguments<'_>) {
         if self.options.progress {
             self.flush_progress();
-            // One write per line: stderr is unbuffered, and `eprintln!` writes each
-            // piece of the format on its own (a syscall each, tens of thousands in a
-            // no-op run of a big pipeline).
-            let line = format!("{line}\n");
-            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            crate::console::line(line);
         }
     }
 
@@ -476,7 +474,7 @@ impl Engine<'_> {
             return;
         };
         if !batch.text.is_empty() {
-            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), batch.text.as_bytes());
+            crate::console::write(&batch.text);
             batch.text.clear();
         }
         batch.since = None;

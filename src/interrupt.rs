@@ -30,10 +30,13 @@ impl CancelFlag {
         self.0.load(Ordering::SeqCst)
     }
 
-    /// Sets this flag on SIGINT and SIGTERM; a second signal terminates the process.
+    /// Sets this flag on SIGINT, SIGTERM and SIGHUP; a second signal terminates the
+    /// process.
     pub fn install_signal_handlers(&self) -> std::io::Result<()> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        for signal in [SIGINT, SIGTERM] {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        // SIGHUP (the terminal closed, ssh dropped) stops a run like Ctrl-C: commands
+        // run in their own process groups and would never hear of it.
+        for signal in [SIGINT, SIGTERM, SIGHUP] {
             // Registered first so that it only fires when the flag is already set.
             signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&self.0))?;
             signal_hook::flag::register(signal, Arc::clone(&self.0))?;

@@ -12,6 +12,7 @@ pub mod atomic_file;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod containment;
 pub mod dag;
 pub mod data;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::process::{Command as Process, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,8 @@ pub struct Command;
 
 /// How many lines of output a failure message quotes.
 const TAIL_LINES: usize = 20;
+/// How long an interrupted command has between SIGTERM and SIGKILL.
+const TERMINATE_GRACE: Duration = Duration::from_millis(800);
 
 impl StageKind for Command {
     type Settings = CommandSettings;
@@ -95,7 +97,14 @@ impl StageKind for Command {
         containment.started(child.id());
         let waited = loop {
             if context.cancel.is_cancelled() {
+                // The command gets a moment to clean up, then is killed: Ctrl-C stops
+                // trainyard in about a second even when the command ignores SIGTERM.
                 containment.terminate();
+                let deadline = Instant::now() + TERMINATE_GRACE;
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                containment.kill();
                 let _ = child.wait();
                 break Err(StageError::Interrupted);
             }

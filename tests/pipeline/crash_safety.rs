@@ -297,3 +297,59 @@ fn ctrl_c_while_waiting_for_the_lock_stops_at_once() {
     std::fs::remove_file(&gate).unwrap();
     assert!(first.wait().unwrap().success());
 }
+
+/// A command that ignores SIGTERM (and SIGHUP, which closing the terminal sends to
+/// trainyard, never to a command in its own process group) is killed after a short
+/// grace: the run stops in about a second, records `interrupted`, leaves nothing behind.
+#[test]
+fn a_command_that_ignores_signals_is_killed_after_a_grace() {
+    for signal in [libc::SIGINT, libc::SIGHUP] {
+        let sandbox = Sandbox::new();
+        sandbox.write(
+            "p.yaml",
+            "name: stubborn\nstages:\n  slow:\n    kind: command\n    with: { cmd: \"trap '' INT TERM HUP; touch started; echo $$ > pid; sleep 60\" }\n",
+        );
+        let child = sandbox.spawn(&["run", "p.yaml"]);
+        let started = scratch_file(&sandbox, "started");
+        wait_for(&started);
+        let shell_pid: i32 = std::fs::read_to_string(started.with_file_name("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let signalled = std::time::Instant::now();
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, signal);
+        }
+        let output = child.wait_with_output().unwrap();
+        let took = signalled.elapsed();
+        assert_eq!(output.status.code(), Some(130), "{}", text(&output));
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert_eq!(sandbox.latest_record()["status"], "interrupted");
+        // SAFETY: signal 0 only asks whether the process exists.
+        let alive = unsafe { libc::kill(shell_pid, 0) } == 0;
+        assert!(!alive, "the command outlived the run");
+    }
+}
+
+/// `trainyard run … 2>&1 | head -1`: the reader goes away after one line; the run
+/// finishes its work and records it instead of dying half-way.
+#[test]
+fn a_run_whose_console_reader_went_away_still_finishes() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: piped\nstages:\n  a:\n    kind: command\n    with: { cmd: \"sleep 0.3; echo a > a.txt\" }\n  b:\n    kind: command\n    inputs: { a: a }\n    with: { cmd: \"sleep 0.3; echo b > b.txt\" }\n",
+    );
+    let trainyard = env!("CARGO_BIN_EXE_trainyard");
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{trainyard}' run p.yaml 2>&1 | head -1"))
+        .current_dir(sandbox.path(""))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(sandbox.latest_record()["status"], "succeeded");
+    assert_eq!(sandbox.read("runs/latest/outputs/b/b.txt"), "b\n");
+}
