@@ -599,8 +599,10 @@ impl AuditReport {
     }
 
     /// Whether every audited stage is as recorded (source-file warnings do not count).
+    /// A record without stages (a run killed before writing its final record) proves
+    /// nothing, so it does not pass.
     pub fn passed(&self) -> bool {
-        self.differing().is_empty()
+        !self.stages.is_empty() && self.differing().is_empty()
     }
 }
 
@@ -669,7 +671,13 @@ impl fmt::Display for AuditReport {
         }
         let audited = self.stages.iter().filter(|stage| stage.audited).count();
         let differing = self.differing().len();
-        if differing == 0 {
+        if self.stages.is_empty() {
+            writeln!(
+                f,
+                "audit FAILED: run {} ({}) recorded no stage to check; the stages it finished are listed in its logs.jsonl",
+                self.run_id, self.run_status
+            )
+        } else if differing == 0 {
             writeln!(f, "audit passed: {audited} stage(s) as recorded")
         } else {
             writeln!(

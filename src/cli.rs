@@ -339,8 +339,29 @@ fn end_quietly_on_a_broken_pipe() {
     }
 }
 
+/// `println!` panics when stdout cannot be written (`trainyard status > /dev/full`): such
+/// a panic ends the command with one error line and the I/O exit status, not a backtrace
+/// and 101. Every other panic keeps the default report.
+fn end_cleanly_when_output_fails() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if let Some(reason) = message.strip_prefix("failed printing to ") {
+            crate::console::line(format_args!("error: cannot write to {reason}"));
+            std::process::exit(i32::from(EXIT_IO));
+        }
+        default(info);
+    }));
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
+    end_cleanly_when_output_fails();
     let cli = Cli::parse();
     if !matches!(&cli.command, Command::Run(args) if !args.dry_run) {
         end_quietly_on_a_broken_pipe();

@@ -218,6 +218,26 @@ pub enum ExecError {
     },
 }
 
+/// The position of the stage `name` given to `flag`, or an error suggesting the closest.
+fn stage_index(
+    pipeline: &ResolvedPipeline,
+    flag: &'static str,
+    name: &str,
+) -> Result<usize, ExecError> {
+    pipeline
+        .stages
+        .iter()
+        .position(|stage| stage.name == name)
+        .ok_or_else(|| ExecError::UnknownStage {
+            flag,
+            name: name.to_string(),
+            help: did_you_mean(
+                name,
+                pipeline.stages.iter().map(|stage| stage.name.as_str()),
+            ),
+        })
+}
+
 fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecError {
     let context = context.into();
     move |source| ExecError::Io { context, source }
@@ -231,6 +251,15 @@ pub fn run(
     options: &RunOptions,
     cancel: &CancelFlag,
 ) -> Result<RunReport, ExecError> {
+    // Flags naming stages are checked before anything is locked or recorded: a typo
+    // must not leave a run record behind that looks killed.
+    let named = options.force.iter().map(|name| ("--force", name));
+    let named = named
+        .chain(options.only.iter().map(|name| ("--only", name)))
+        .chain(options.until.iter().map(|name| ("--until", name)));
+    for (flag, name) in named {
+        stage_index(pipeline, flag, name)?;
+    }
     let _lock = if options.dry_run {
         None
     } else {
@@ -426,18 +455,7 @@ struct Job {
 
 impl Engine<'_> {
     fn stage_index(&self, flag: &'static str, name: &str) -> Result<usize, ExecError> {
-        self.pipeline
-            .stages
-            .iter()
-            .position(|stage| stage.name == name)
-            .ok_or_else(|| ExecError::UnknownStage {
-                flag,
-                name: name.to_string(),
-                help: did_you_mean(
-                    name,
-                    self.pipeline.stages.iter().map(|stage| stage.name.as_str()),
-                ),
-            })
+        stage_index(self.pipeline, flag, name)
     }
 
     fn progress(&self, line: std::fmt::Arguments<'_>) {

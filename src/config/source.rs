@@ -111,7 +111,10 @@ impl SourceFile {
         };
         let (value, lines) = match format {
             Format::Yaml => parse_yaml(path, &text)?,
-            Format::Toml => parse_toml(path, &text)?,
+            // TOML keeps a CRLF inside a multi-line string as it is (the spec lets a
+            // parser normalize it), which gave `o.txt\r` file names in commands written
+            // on Windows; YAML folds line breaks to LF already.
+            Format::Toml => parse_toml(path, &text.replace("\r\n", "\n"))?,
         };
         let values = match value {
             Value::Dict(_, dict) => dict,
@@ -285,6 +288,16 @@ mod tests {
         )
         .unwrap();
         assert!(toml.values.contains_key("name"));
+    }
+
+    #[test]
+    fn a_toml_multi_line_string_written_with_crlf_has_plain_newlines() {
+        let text = "name = \"p\"\r\n[stages.a.with]\r\ncmd = \"\"\"\r\necho hi > o.txt\r\necho ho\r\n\"\"\"\r\n";
+        let file = SourceFile::parse(Path::new("p.toml"), text.into(), Format::Toml).unwrap();
+        let text = format!("{:?}", file.values);
+        assert!(text.contains("echo hi > o.txt\\necho ho\\n"), "{text}");
+        assert!(!text.contains("\\r"), "{text}");
+        assert_eq!(file.lines.exact("stages.a.with.cmd"), Some((3, 1)));
     }
 
     #[test]

@@ -90,6 +90,9 @@ fn stage_killed_with_sigkill_leaves_no_visible_output_and_next_run_redoes_it() {
     );
     let record: serde_json::Value = serde_json::from_str(&sandbox.read(&record_path)).unwrap();
     assert_eq!(record["status"], "interrupted");
+    // Its record lists no stage, which proves nothing: the audit says so and fails.
+    let audit = sandbox.fails(&["audit", &format!("runs/{killed_id}")]);
+    assert!(audit.contains("recorded no stage to check"), "{audit}");
     assert_eq!(
         sandbox.read("runs/latest/outputs/slow/out.txt"),
         "partial\ncomplete\n"

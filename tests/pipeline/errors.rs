@@ -253,14 +253,24 @@ fn a_command_that_forgets_a_declared_output_fails() {
 
 #[test]
 fn unknown_stage_names_in_flags_are_rejected() {
-    let error = failing(
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
         "name: e\nstages:\n  train:\n    kind: command\n    with: { cmd: 'true' }\n",
-        &["--force", "trian"],
     );
-    assert!(
-        error.contains("--force trian: no such stage; did you mean `train`?"),
-        "{error}"
-    );
+    for flag in ["--force", "--only", "--until"] {
+        let output = sandbox.trainyard(&["run", "p.yaml", flag, "trian"]);
+        let error = common::text(&output);
+        assert_eq!(output.status.code(), Some(2), "{error}");
+        assert!(
+            error.contains(&format!(
+                "{flag} trian: no such stage; did you mean `train`?"
+            )),
+            "{error}"
+        );
+        // Refused before anything is recorded: no run directory that looks killed.
+        assert!(!sandbox.path("runs").exists(), "{error}");
+    }
 }
 
 /// Nothing written in the file is silently dropped: a repeated stage or key is an error
@@ -392,4 +402,29 @@ fn graph_and_empty_file_errors_name_the_file() {
         error.contains("missing key `name` in the pipeline p.yaml"),
         "{error}"
     );
+}
+
+/// Output that cannot be written (a full disk) is an I/O error, not a panic.
+#[test]
+fn an_unwritable_stdout_is_an_io_error_not_a_panic() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: e\nstages:\n  a:\n    kind: command\n    with: { cmd: 'true' }\n",
+    );
+    for args in [
+        &["status", "p.yaml"][..],
+        &["kinds"],
+        &["resolve", "p.yaml"],
+    ] {
+        let output = sandbox
+            .command(args)
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "{args:?}: {error}");
+        assert!(error.contains("error: cannot write to stdout"), "{error}");
+        assert!(!error.contains("panicked"), "{error}");
+    }
 }
