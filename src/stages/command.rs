@@ -150,8 +150,40 @@ impl StageKind for Command {
                 missing.join(", ")
             )));
         }
+        let copied = own_hard_linked_files(context.out_dir)
+            .map_err(|error| StageError::io("copying hard-linked output files", error))?;
+        if copied > 0 {
+            let _ = writeln!(
+                context.log,
+                "trainyard: copied {copied} hard-linked file(s) so that the output owns its bytes"
+            );
+        }
         Ok(StageOutcome::default())
     }
+}
+
+/// Replaces every file below `dir` that has other hard links (`ln "$TY_IN_X" copy`) by a
+/// copy of its own: through another link, an edit outside the store would change a
+/// published output. Returns how many were copied.
+fn own_hard_linked_files(dir: &std::path::Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let mut copied = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let metadata = std::fs::symlink_metadata(&path)?;
+        if metadata.is_dir() {
+            copied += own_hard_linked_files(&path)?;
+        } else if metadata.is_file() && metadata.nlink() > 1 {
+            let mut name = entry.file_name();
+            name.push(".trainyard-copy");
+            let copy = path.with_file_name(name);
+            std::fs::copy(&path, &copy)?;
+            std::fs::rename(&copy, &path)?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
 }
 
 /// `TY_IN_<NAME>`: the input name upper-cased, `-` turned into `_`.

@@ -176,3 +176,29 @@ fn ctrl_c_stops_the_hashing_of_a_large_input_within_a_second() {
     // One second is the promise; the bound leaves room for a loaded CI machine.
     assert!(waited < Duration::from_secs(3), "took {waited:?}");
 }
+
+/// A command that hard-links an input into its output (`ln "$TY_IN_X" copy.txt`) must
+/// not let a later edit of the input change the published output.
+#[test]
+fn a_hard_linked_output_file_owns_its_bytes() {
+    let sandbox = Sandbox::new();
+    sandbox.write("in.txt", "v1\n");
+    sandbox.write(
+        "p.yaml",
+        "name: hl\nstages:\n  s:\n    kind: command\n    inputs: { x: in.txt }\n    with: { cmd: 'mkdir sub; ln \"$TY_IN_X\" copy.txt; ln \"$TY_IN_X\" sub/again.txt' }\n",
+    );
+    sandbox.ok(&["run", "p.yaml"]);
+    let first = std::fs::read_link(sandbox.path("runs/latest")).unwrap();
+    let first = sandbox.path("runs").join(first);
+    let mut input = std::fs::OpenOptions::new()
+        .append(true)
+        .open(sandbox.path("in.txt"))
+        .unwrap();
+    std::io::Write::write_all(&mut input, b"v2\n").unwrap();
+    assert_eq!(sandbox.read("runs/latest/outputs/s/copy.txt"), "v1\n");
+    assert_eq!(sandbox.read("runs/latest/outputs/s/sub/again.txt"), "v1\n");
+    // The audit sees the changed input, and nothing else.
+    let audit = sandbox.fails(&["audit", first.to_str().unwrap()]);
+    assert!(audit.contains("input `x` differs"), "{audit}");
+    assert!(!audit.contains("output"), "{audit}");
+}
