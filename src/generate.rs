@@ -3,11 +3,12 @@
 //!
 //! [`resolve_model_dir`] finds the model (a checkpoint, an export, a pretrain output or a
 //! run's `outputs/<stage>` link); [`Generator`] loads it with its `tokenizer.json` and
-//! decodes with the kv cache ([`crate::model::CausalLm::forward`] with [`Kernels::Inference`]), sampling with
-//! candle-transformers' `LogitsProcessor` ([`SamplingOptions`]: temperature 0 is greedy,
-//! the seed makes sampling reproducible). Every special token except the two that end a
-//! generation (`<|end|>`, `<|endoftext|>`) is banned: its logit is set to -inf, so role
-//! tokens never appear in the output. Text is streamed as it decodes, whole UTF-8
+//! decodes with the kv cache ([`crate::model::CausalLm::forward`] with
+//! [`Kernels::Inference`]), sampling with candle-transformers' `LogitsProcessor`
+//! ([`SamplingOptions`]: temperature 0 is greedy, the seed makes sampling reproducible).
+//! Every special token except the two that end a generation (`<|end|>`,
+//! `<|endoftext|>`) is banned: its logit is set to -inf, so role tokens never appear in
+//! the output. Text is streamed as it decodes, whole UTF-8
 //! characters at a time. [`Conversation`] keeps a chat's history and renders it with the
 //! chat template ([`crate::tokenize::chat`]), ending with the open assistant turn.
 

@@ -33,8 +33,8 @@ pub enum Kernels {
     /// evaluation take this path.
     Differentiable,
     /// Also candle's fused kernels (`ops::rms_norm`, `ops::layer_norm`,
-    /// `rotary_emb::rope`, `softmax_last_dim`), which silently cut the gradient: for
-    /// cached generation, never for training.
+    /// `rotary_emb::rope`, `softmax_last_dim`), which silently cut the gradient, and
+    /// GPT-2's 2-D matmuls: for cached generation, never for training.
     Inference,
 }
 
@@ -55,25 +55,31 @@ pub fn attend(
         Some(cache) => cache.append(k, v)?,
         None => (k.clone(), v.clone()),
     };
-    // The fused op masks causally over as many keys as queries: no cached keys before.
-    if kernels == Kernels::Differentiable && super::fused::applies(q) && k.dim(2)? == q.dim(2)? {
-        return causal_attention(q, &k, &v, scale);
-    }
+    let composed = |k_t: Tensor| -> Result<Tensor> {
+        let scores = (q.matmul(&k_t)? * scale)?;
+        match mask {
+            Some(mask) => scores.broadcast_add(mask),
+            None => Ok(scores),
+        }
+    };
     let group = q.dim(1)? / k.dim(1)?;
-    let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
-    let k_t = match kernels {
-        Kernels::Differentiable => k.t()?.contiguous()?,
-        Kernels::Inference => k.t()?,
-    };
-    let mut scores = (q.matmul(&k_t)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
+    // The kernel choice, for every family: fused attention for inference goes here.
+    match kernels {
+        // The fused op masks causally over as many keys as queries: no cached keys before.
+        Kernels::Differentiable if super::fused::applies(q) && k.dim(2)? == q.dim(2)? => {
+            causal_attention(q, &k, &v, scale)
+        }
+        Kernels::Differentiable => {
+            let k_t = repeat_kv(&k, group)?.t()?.contiguous()?;
+            let probs = candle_nn::ops::softmax(&composed(k_t)?, D::Minus1)?;
+            probs.matmul(&repeat_kv(&v, group)?)
+        }
+        Kernels::Inference => {
+            let k_t = repeat_kv(&k, group)?.t()?;
+            let probs = candle_nn::ops::softmax_last_dim(&composed(k_t)?)?;
+            probs.matmul(&repeat_kv(&v, group)?)
+        }
     }
-    let probs = match kernels {
-        Kernels::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
-        Kernels::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-    };
-    probs.matmul(&v)
 }
 
 /// The additive mask `[T, P + T]` of `T` new positions after `P` cached ones: new

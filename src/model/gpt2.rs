@@ -13,7 +13,7 @@
 //! differentiable primitives (`mean_keepdim`, `sqr`, `sqrt`, `broadcast_*`); GELU is
 //! candle's tanh approximation, which is HF's `gelu_new`.
 //!
-//! One path serves training and inference, [`Gpt2::forward`]: with
+//! One path serves training and inference, [`Gpt2::hidden`]: with
 //! [`Kernels::Inference`] it takes candle's fused `layer_norm` and `softmax_last_dim`
 //! (no backward pass) and 2-D matmuls, and usually a [`KvCache`].
 
@@ -336,16 +336,6 @@ impl Gpt2 {
     /// The config the model was built with.
     pub fn config(&self) -> &Gpt2Config {
         &self.config
-    }
-
-    /// Logits `[B, T, V]` for token ids `[B, T]` (see [`Gpt2::hidden`]).
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        cache: Option<&mut KvCache>,
-        kernels: Kernels,
-    ) -> Result<Tensor> {
-        self.logits(&self.hidden(input_ids, cache, kernels)?, kernels)
     }
 
     /// The final hidden states `[B, T, H]` (after `ln_f`) for token ids `[B, T]`:

@@ -15,7 +15,7 @@
 //! rotate-half form `x·cos + rotate_half(x)·sin` with `narrow`/`neg`/`cat`. Tensor names
 //! are exactly HF's.
 //!
-//! One path serves training and inference, [`Llama::forward`]: with
+//! One path serves training and inference, [`Llama::hidden`]: with
 //! [`Kernels::Inference`] it takes candle's fused kernels (`rms_norm`, `rope`,
 //! `softmax_last_dim`), which have no backward pass, and usually a [`KvCache`].
 
@@ -635,16 +635,6 @@ impl Llama {
     /// The config the model was built with.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
-    }
-
-    /// Logits `[B, T, V]` for token ids `[B, T]` (see [`Llama::hidden`]).
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        cache: Option<&mut KvCache>,
-        kernels: Kernels,
-    ) -> Result<Tensor> {
-        self.logits(&self.hidden(input_ids, cache, kernels)?)
     }
 
     /// Logits `[…, V]` of final hidden states `[…, H]` (the head).

@@ -40,20 +40,16 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// Feeds `ids` through a fresh cache in pieces of the given lengths and concatenates
-/// the logits along the sequence.
-fn cached_logits(model: &CausalLm, ids: &Tensor, pieces: &[usize]) -> Tensor {
+/// Feeds `ids` through a fresh cache in pieces of the given lengths with `kernels` and
+/// concatenates the logits along the sequence.
+fn cached_logits(model: &CausalLm, ids: &Tensor, pieces: &[usize], kernels: Kernels) -> Tensor {
     let mut cache = model.new_cache();
     let mut start = 0;
     let mut parts = Vec::new();
     for &len in pieces {
         assert_eq!(cache.len(), start);
         let piece = ids.narrow(1, start, len).unwrap();
-        parts.push(
-            model
-                .forward(&piece, Some(&mut cache), Kernels::Inference)
-                .unwrap(),
-        );
+        parts.push(model.forward(&piece, Some(&mut cache), kernels).unwrap());
         start += len;
     }
     assert_eq!(start, ids.dim(1).unwrap(), "the pieces cover the sequence");
@@ -67,23 +63,26 @@ fn check_cached_matches_full_forward(family: &str) {
     let ids = Tensor::new(ids, &Device::Cpu).unwrap();
     let full = model.forward(&ids, None, Kernels::Differentiable).unwrap();
     let transformers = Tensor::from_vec(transformers, full.shape(), &Device::Cpu).unwrap();
-    for pieces in [
-        &[3, 1, 1, 1, 1][..],
-        &[1, 1, 1, 1, 1, 1, 1],
-        &[2, 3, 2],
-        &[7],
-    ] {
-        let cached = cached_logits(&model, &ids, pieces);
-        let diff = max_abs_diff(&cached, &full);
-        assert!(
-            diff <= TOLERANCE,
-            "{family}, pieces {pieces:?}: cached logits differ from the full forward by {diff:e}"
-        );
-        let diff = max_abs_diff(&cached, &transformers);
-        assert!(
-            diff <= TOLERANCE,
-            "{family}, pieces {pieces:?}: cached logits differ from transformers' by {diff:e}"
-        );
+    // Generation takes the inference kernels; the differentiable ones accept a cache too.
+    for kernels in [Kernels::Inference, Kernels::Differentiable] {
+        for pieces in [
+            &[3, 1, 1, 1, 1][..],
+            &[1, 1, 1, 1, 1, 1, 1],
+            &[2, 3, 2],
+            &[7],
+        ] {
+            let cached = cached_logits(&model, &ids, pieces, kernels);
+            let diff = max_abs_diff(&cached, &full);
+            assert!(
+                diff <= TOLERANCE,
+                "{family}, {kernels:?}, pieces {pieces:?}: cached logits differ from the full forward by {diff:e}"
+            );
+            let diff = max_abs_diff(&cached, &transformers);
+            assert!(
+                diff <= TOLERANCE,
+                "{family}, {kernels:?}, pieces {pieces:?}: cached logits differ from transformers' by {diff:e}"
+            );
+        }
     }
 }
 
