@@ -23,7 +23,9 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use serde_json::json;
 use trainyard::data::token_cache::Batch;
-use trainyard::model::{LlamaConfig, LlamaFlavor, ModelConfig, new_trainable, sorted_vars};
+use trainyard::model::{
+    Kernels, LlamaConfig, LlamaFlavor, ModelConfig, new_trainable, sorted_vars,
+};
 use trainyard::rng::Rng;
 use trainyard::train::loss::{batch_tensors, weighted_cross_entropy};
 use trainyard::train::optim::{AdamW, AdamWConfig};
@@ -176,7 +178,11 @@ fn main() -> Result<()> {
         let batch = random_batch(&mut rng, args.batch, args.context, args.vocab);
         let start = Instant::now();
         let (inputs, targets, weights) = batch_tensors(&batch, &device)?;
-        let loss = weighted_cross_entropy(&model.forward(&inputs)?, &targets, &weights)?;
+        let loss = weighted_cross_entropy(
+            &model.forward(&inputs, None, Kernels::Differentiable)?,
+            &targets,
+            &weights,
+        )?;
         let loss_value = f64::from(loss.to_scalar::<f32>()?);
         let forward_end = Instant::now();
         let grads = loss.backward()?;

@@ -3,11 +3,12 @@
 //!
 //! [`resolve_model_dir`] finds the model (a checkpoint, an export, a pretrain output or a
 //! run's `outputs/<stage>` link); [`Generator`] loads it with its `tokenizer.json` and
-//! decodes with the kv cache ([`crate::model::CausalLm::forward_cached`]), sampling with
-//! candle-transformers' `LogitsProcessor` ([`SamplingOptions`]: temperature 0 is greedy,
-//! the seed makes sampling reproducible). Every special token except the two that end a
-//! generation (`<|end|>`, `<|endoftext|>`) is banned: its logit is set to -inf, so role
-//! tokens never appear in the output. Text is streamed as it decodes, whole UTF-8
+//! decodes with the kv cache ([`crate::model::CausalLm::forward`] with
+//! [`Kernels::Inference`]), sampling with candle-transformers' `LogitsProcessor`
+//! ([`SamplingOptions`]: temperature 0 is greedy, the seed makes sampling reproducible).
+//! Every special token except the two that end a generation (`<|end|>`,
+//! `<|endoftext|>`) is banned: its logit is set to -inf, so role tokens never appear in
+//! the output. Text is streamed as it decodes, whole UTF-8
 //! characters at a time. [`Conversation`] keeps a chat's history and renders it with the
 //! chat template ([`crate::tokenize::chat`]), ending with the open assistant turn.
 
@@ -20,7 +21,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokenizers::Tokenizer;
 
 use crate::data::records::{ChatMessage, Role};
-use crate::model::{self, CausalLm, ModelConfig, ModelError};
+use crate::model::{self, CausalLm, Kernels, ModelConfig, ModelError};
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, TOOL_CALL};
 use crate::tokenize::template::{self, ChatTemplate, TemplateChoice, TokenizerConfig};
 use crate::tokenize::train::{TokenizeError, check_special_ids, load_tokenizer};
@@ -517,7 +518,9 @@ impl Generator {
 
         let started = Instant::now();
         let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        let logits = self.model.forward_cached(&input, &mut cache)?;
+        let logits = self
+            .model
+            .forward(&input, Some(&mut cache), Kernels::Inference)?;
         let mut last = logits.i((0, prompt.len() - 1))?;
         let mut prefill = None;
         let mut decode_started = started;
@@ -546,7 +549,10 @@ impl Generator {
             }
             if tokens.len() < budget {
                 let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-                last = self.model.forward_cached(&input, &mut cache)?.i((0, 0))?;
+                last = self
+                    .model
+                    .forward(&input, Some(&mut cache), Kernels::Inference)?
+                    .i((0, 0))?;
             }
         };
         let decode = decode_started.elapsed();

@@ -1,6 +1,9 @@
-//! Fused causal attention for training on the CPU: `softmax(q·kᵀ·scale + causal)·v`
-//! computed row by row with an online softmax (flash-attention style), forward and
-//! backward, as one candle custom op.
+//! Attention, as every family computes it: [`attend`] is the one place where the kernel
+//! is chosen, by [`Kernels`], for training, evaluation and cached generation alike.
+//!
+//! Its fused causal attention for training on the CPU, [`causal_attention`], computes
+//! `softmax(q·kᵀ·scale + causal)·v` row by row with an online softmax (flash-attention
+//! style), forward and backward, as one candle custom op.
 //!
 //! Each block of 64 query rows is three or five `gemm` products (scores, output; in
 //! the backward pass also the probabilities' and the inputs' gradients) around a
@@ -16,10 +19,102 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::contiguous_f32;
+use super::kv_cache::LayerKv;
+
+/// Which kernels a forward pass may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Only ops with a backward pass: candle's composed primitives, or trainyard's fused
+    /// ops with a hand-written backward where [`super::fused::applies`]. Training and
+    /// evaluation take this path.
+    Differentiable,
+    /// Also candle's fused kernels (`ops::rms_norm`, `ops::layer_norm`,
+    /// `rotary_emb::rope`, `softmax_last_dim`), which silently cut the gradient, and
+    /// GPT-2's 2-D matmuls: for cached generation, never for training.
+    Inference,
+}
+
+/// Attention of the queries `q: [B, H, T, D]` of `T` new positions over their keys and
+/// values `k, v: [B, KV, T, D]` and, with a `cache`, those of the positions before them
+/// (the cache then holds the new ones too), scaled by `scale`, with `mask` from
+/// [`causal_mask`]. Query head `h` reads key/value head `h / (H / KV)`. `[B, H, T, D]`.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    cache: Option<&mut LayerKv>,
+    kernels: Kernels,
+) -> Result<Tensor> {
+    let (k, v) = match cache {
+        Some(cache) => cache.append(k, v)?,
+        None => (k.clone(), v.clone()),
+    };
+    let composed = |k_t: Tensor| -> Result<Tensor> {
+        let scores = (q.matmul(&k_t)? * scale)?;
+        match mask {
+            Some(mask) => scores.broadcast_add(mask),
+            None => Ok(scores),
+        }
+    };
+    let group = q.dim(1)? / k.dim(1)?;
+    // The kernel choice, for every family: fused attention for inference goes here.
+    match kernels {
+        // The fused op masks causally over as many keys as queries: no cached keys before.
+        Kernels::Differentiable if super::fused::applies(q) && k.dim(2)? == q.dim(2)? => {
+            causal_attention(q, &k, &v, scale)
+        }
+        Kernels::Differentiable => {
+            let k_t = repeat_kv(&k, group)?.t()?.contiguous()?;
+            let probs = candle_nn::ops::softmax(&composed(k_t)?, D::Minus1)?;
+            probs.matmul(&repeat_kv(&v, group)?)
+        }
+        Kernels::Inference => {
+            let k_t = repeat_kv(&k, group)?.t()?;
+            let probs = candle_nn::ops::softmax_last_dim(&composed(k_t)?)?;
+            probs.matmul(&repeat_kv(&v, group)?)
+        }
+    }
+}
+
+/// The additive mask `[T, P + T]` of `T` new positions after `P` cached ones: new
+/// position `i` sees every cached position and the new ones up to itself (0), not those
+/// after it (-inf). `None` for a single new position, which sees every key.
+pub fn causal_mask(
+    new: usize,
+    past: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if new == 1 {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..new)
+        .flat_map(|i| {
+            (0..past + new).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Ok(Some(
+        Tensor::from_vec(mask, (new, past + new), device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Repeats each of the kv heads of `x: [B, KV, T, D]` `n_rep` times → `[B, KV·n_rep, T, D]`
+/// (head `h` of the result is kv head `h / n_rep`, as HF's `repeat_kv`).
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (batch, kv_heads, seq, head_dim) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((batch, kv_heads, n_rep, seq, head_dim))?
+        .reshape((batch, kv_heads * n_rep, seq, head_dim))
+}
 
 /// Causal attention of `q: [B, H, T, D]` over `k, v: [B, KV, T, D]` (f32; query head `h`
 /// reads key/value head `h / (H / KV)`), scaled by `scale`: `[B, H, T, D]`.
@@ -414,10 +509,7 @@ impl CustomOp3 for CausalAttention {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{D, Device};
-
     use super::*;
-    use crate::model::llama::{causal_mask, repeat_kv};
     use crate::model::testing::{max_diff, random};
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
@@ -425,7 +517,7 @@ mod tests {
         let group = heads / k.dims4().unwrap().1;
         let k = repeat_kv(k, group).unwrap();
         let v = repeat_kv(v, group).unwrap();
-        let mask = causal_mask(seq, q.dtype(), q.device()).unwrap();
+        let mask = causal_mask(seq, 0, q.dtype(), q.device()).unwrap().unwrap();
         let scores = (q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap() * scale)
             .unwrap()
             .broadcast_add(&mask)
@@ -434,6 +526,19 @@ mod tests {
             .unwrap()
             .matmul(&v)
             .unwrap()
+    }
+
+    #[test]
+    fn repeat_kv_gives_consecutive_query_heads_the_same_kv_head() {
+        let x = random(&[1, 2, 3, 4], 4);
+        let x = x.as_tensor();
+        let repeated = repeat_kv(x, 3).unwrap();
+        assert_eq!(repeated.dims(), [1, 6, 3, 4]);
+        for head in 0..6 {
+            let got = repeated.narrow(1, head, 1).unwrap();
+            let want = x.narrow(1, head / 3, 1).unwrap();
+            assert_eq!(max_diff(&got, &want), 0.0);
+        }
     }
 
     /// Output and the gradients of q, k and v equal the composed version's, with

@@ -217,7 +217,8 @@ impl CustomOp2 for RmsNorm {
 
 /// Rotary embedding of `x: [B, H, T, D]` in HF's half-split layout: for `i < D/2`,
 /// `(x_i, x_{i+D/2})` rotated by the angle whose cosine and sine are `cos[t, i]`,
-/// `sin[t, i]` (tables `[T, D]` as [`super::llama::rope_tables`] makes them).
+/// `sin[t, i]` (tables `[T, D]` as [`super::llama::rope_tables`] makes them for
+/// [`super::Kernels::Differentiable`]).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_, _, seq, dim) = x.dims4()?;
     if cos.dims() != [seq, dim] || sin.dims() != [seq, dim] || dim % 2 != 0 {
@@ -357,9 +358,15 @@ mod tests {
     fn rope_equals_the_rotate_half_formula() {
         let x = random(&[2, 3, 5, 8], 5);
         let inv_freqs: Vec<f64> = (0..4).map(|i| 1.0 / 100f64.powf(i as f64 / 4.0)).collect();
-        let (cos, sin) =
-            crate::model::llama::rope_tables(5, &inv_freqs, candle_core::DType::F32, &Device::Cpu)
-                .unwrap();
+        let (cos, sin) = crate::model::llama::rope_tables(
+            0,
+            5,
+            &inv_freqs,
+            crate::model::Kernels::Differentiable,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         check(
             &[&x],
             |t| rope(&t[0], &cos, &sin).unwrap(),

@@ -13,16 +13,17 @@
 //! differentiable primitives (`mean_keepdim`, `sqr`, `sqrt`, `broadcast_*`); GELU is
 //! candle's tanh approximation, which is HF's `gelu_new`.
 //!
-//! Inference has its own path, [`Gpt2::forward_cached`]: the same layers with candle's
-//! fused `layer_norm` and `softmax_last_dim` and a [`KvCache`].
+//! One path serves training and inference, [`Gpt2::hidden`]: with
+//! [`Kernels::Inference`] it takes candle's fused `layer_norm` and `softmax_last_dim`
+//! (no backward pass) and 2-D matmuls, and usually a [`KvCache`].
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{Value, json};
 
 use super::ModelError;
+use super::attention::{Kernels, attend, causal_mask};
 use super::kv_cache::{KvCache, LayerKv};
-use super::llama::{causal_mask, causal_mask_with_past};
 use super::lora::Builders;
 use super::weight::{Embedding, Matrix};
 
@@ -125,14 +126,12 @@ impl LayerNorm {
         })
     }
 
-    /// The same norm by candle's fused kernel (no gradient; inference only).
-    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The norm of `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if kernels == Kernels::Inference {
+            let x = x.contiguous()?;
+            return candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32);
+        }
         let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
@@ -160,22 +159,16 @@ impl Conv1D {
         })
     }
 
-    /// The same layer as one 2-D matmul over all positions (no broadcast; inference).
-    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
-        let Matrix::Tensor(weight) = &self.weight else {
-            return self.forward(x);
-        };
-        let (batch, seq, width) = x.dims3()?;
-        x.reshape((batch * seq, width))?
-            .matmul(weight)?
-            .broadcast_add(&self.bias)?
-            .reshape((batch, seq, ()))
-    }
-}
-
-impl Module for Conv1D {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x·W + b` for `x: [B, T, in]`; for inference as one 2-D matmul over all positions.
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         match &self.weight {
+            Matrix::Tensor(weight) if kernels == Kernels::Inference => {
+                let (batch, seq, width) = x.dims3()?;
+                x.reshape((batch * seq, width))?
+                    .matmul(weight)?
+                    .broadcast_add(&self.bias)?
+                    .reshape((batch, seq, ()))
+            }
             Matrix::Tensor(weight) => x.broadcast_matmul(weight)?.broadcast_add(&self.bias),
             Matrix::Mapped(weight) => weight.matmul(x)?.broadcast_add(&self.bias),
         }
@@ -201,11 +194,19 @@ impl Attention {
         })
     }
 
-    /// `x: [B, T, C]` → `[B, T, C]`, attending causally (`mask` as [`causal_mask`]).
-    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x: [B, T, C]` → `[B, T, C]`: the positions `x` holds attend causally to each
+    /// other (`mask` from [`causal_mask`]) and, with a `cache`, to the earlier positions
+    /// the cache holds (it then holds these too).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerKv>,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         let (batch, seq, width) = x.dims3()?;
         let head_dim = width / self.n_head;
-        let qkv = self.c_attn.forward(x)?;
+        let qkv = self.c_attn.forward(x, kernels)?;
         // [B, T, C] slice → [B, H, T, D]
         let heads = |index: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, index * width, width)?
@@ -215,47 +216,9 @@ impl Attention {
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let y = if super::fused::applies(&q) {
-            super::attention::causal_attention(&q, &k, &v, scale)?
-        } else {
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-            candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?
-        };
+        let y = attend(&q, &k, &v, mask, scale, cache, kernels)?;
         let y = y.transpose(1, 2)?.reshape((batch, seq, width))?;
-        self.c_proj.forward(&y)
-    }
-
-    /// Inference: `x: [B, T, C]` are the next `T` positions after those in `cache`
-    /// (`mask` from [`causal_mask_with_past`], or `None` for a single position).
-    /// Appends their keys and values to `cache`.
-    pub fn forward_cached(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut LayerKv,
-    ) -> Result<Tensor> {
-        let (batch, seq, width) = x.dims3()?;
-        let head_dim = width / self.n_head;
-        let qkv = self.c_attn.forward_inference(x)?;
-        let heads = |index: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, index * width, width)?
-                .reshape((batch, seq, self.n_head, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let (k, v) = cache.append(&k, &v)?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, width))?;
-        self.c_proj.forward_inference(&y)
+        self.c_proj.forward(&y, kernels)
     }
 }
 
@@ -275,17 +238,11 @@ impl Mlp {
         })
     }
 
-    /// The same network with 2-D matmuls (inference).
-    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
-        self.c_proj
-            .forward_inference(&self.c_fc.forward_inference(x)?.gelu()?)
-    }
-}
-
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `c_proj(gelu_new(c_fc(x)))`.
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation, i.e. HF's `gelu_new`.
-        self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)
+        let hidden = self.c_fc.forward(x, kernels)?.gelu()?;
+        self.c_proj.forward(&hidden, kernels)
     }
 }
 
@@ -310,27 +267,19 @@ impl Block {
         })
     }
 
-    /// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
-    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
-        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?)?;
-        x + mlp
-    }
-
-    /// Inference: [`Block::forward`] over the next positions, through the kv cache.
-    pub fn forward_cached(
+    /// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))` (see [`Attention::forward`]).
+    pub fn forward(
         &self,
         x: &Tensor,
         mask: Option<&Tensor>,
-        cache: &mut LayerKv,
+        cache: Option<&mut LayerKv>,
+        kernels: Kernels,
     ) -> Result<Tensor> {
-        let attn = self
-            .attn
-            .forward_cached(&self.ln_1.forward_inference(x)?, mask, cache)?;
-        let x = (x + attn)?;
+        let normed = self.ln_1.forward(x, kernels)?;
+        let x = (x + self.attn.forward(&normed, mask, cache, kernels)?)?;
         let mlp = self
             .mlp
-            .forward_inference(&self.ln_2.forward_inference(&x)?)?;
+            .forward(&self.ln_2.forward(&x, kernels)?, kernels)?;
         x + mlp
     }
 }
@@ -389,48 +338,21 @@ impl Gpt2 {
         &self.config
     }
 
-    /// Logits `[B, T, V]` for token ids `[B, T]` (`T ≤ n_positions`).
-    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.logits(&self.hidden(input_ids)?)
-    }
-
-    /// The final hidden states `[B, T, H]` (after `ln_f`) for token ids `[B, T]`.
-    pub fn hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
+    /// The final hidden states `[B, T, H]` (after `ln_f`) for token ids `[B, T]`:
+    /// positions `0..T`, or with a `cache` the `T` positions after those it holds (it
+    /// then holds these too; after an error it must be cleared). Positions past
+    /// `n_positions` are an error.
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         let (_batch, seq) = input_ids.dims2()?;
-        if seq > self.config.n_positions {
-            candle_core::bail!(
-                "sequence of {seq} tokens is longer than n_positions = {}",
-                self.config.n_positions
-            );
-        }
-        let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?;
-        let tokens = self.wte.forward(input_ids)?;
-        let mut x = tokens.broadcast_add(&self.wpe.forward(&positions)?)?;
-        let mask = causal_mask(seq, x.dtype(), x.device())?;
-        for block in &self.h {
-            x = block.forward(&x, &mask)?;
-        }
-        self.ln_f.forward(&x)
-    }
-
-    /// Logits `[…, V]` of final hidden states `[…, H]`: the tied head, `x · wteᵀ`.
-    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        match self.wte.matrix() {
-            Matrix::Tensor(wte) => x.broadcast_matmul(&wte.t()?),
-            Matrix::Mapped(wte) => wte.matmul_t(x),
-        }
-    }
-
-    /// Inference: logits `[B, T, V]` of the next `T` positions (token ids `[B, T]`)
-    /// after the `cache.len()` positions already in `cache`, which then holds them too.
-    /// The logits equal those of [`Gpt2::forward`] over the whole sequence; positions
-    /// past `n_positions` are an error. After an error the cache must be cleared.
-    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (batch, seq) = input_ids.dims2()?;
-        let past = cache.len();
+        let past = cache.as_ref().map_or(0, |cache| cache.len());
         if past + seq > self.config.n_positions {
             candle_core::bail!(
-                "position {} is past n_positions = {}",
+                "{} positions are more than n_positions = {}",
                 past + seq,
                 self.config.n_positions
             );
@@ -438,22 +360,29 @@ impl Gpt2 {
         let positions = Tensor::arange(past as u32, (past + seq) as u32, input_ids.device())?;
         let tokens = self.wte.forward(input_ids)?;
         let mut x = tokens.broadcast_add(&self.wpe.forward(&positions)?)?;
-        let mask = match seq {
-            1 => None,
-            _ => Some(causal_mask_with_past(seq, past, x.dtype(), x.device())?),
-        };
+        let mask = causal_mask(seq, past, x.dtype(), x.device())?;
         for (index, block) in self.h.iter().enumerate() {
-            x = block.forward_cached(&x, mask.as_ref(), cache.layer(index)?)?;
+            let layer_cache = cache.as_deref_mut().map(|c| c.layer(index)).transpose()?;
+            x = block.forward(&x, mask.as_ref(), layer_cache, kernels)?;
         }
-        cache.advance(seq);
-        let x = self.ln_f.forward_inference(&x)?;
-        let width = self.config.n_embd;
+        if let Some(cache) = cache {
+            cache.advance(seq);
+        }
+        self.ln_f.forward(&x, kernels)
+    }
+
+    /// Logits `[…, V]` of final hidden states `[…, H]`: the tied head, `x · wteᵀ`; for
+    /// inference as one 2-D matmul over all positions.
+    pub fn logits(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         match self.wte.matrix() {
-            Matrix::Tensor(wte) => x
-                .reshape((batch * seq, width))?
-                .matmul(&wte.t()?)?
-                .reshape((batch, seq, ())),
-            Matrix::Mapped(wte) => wte.matmul_t(&x),
+            Matrix::Tensor(wte) if kernels == Kernels::Inference => {
+                let (batch, seq, width) = x.dims3()?;
+                x.reshape((batch * seq, width))?
+                    .matmul(&wte.t()?)?
+                    .reshape((batch, seq, ()))
+            }
+            Matrix::Tensor(wte) => x.broadcast_matmul(&wte.t()?),
+            Matrix::Mapped(wte) => wte.matmul_t(x),
         }
     }
 }
@@ -480,7 +409,7 @@ mod tests {
             eps: 1.0 / 65536.0,
         };
         let reference = candle_nn::ops::layer_norm_slow(&x, &weight, &bias, 1.0 / 65536.0).unwrap();
-        let diff = (norm.forward(&x).unwrap() - reference)
+        let diff = (norm.forward(&x, Kernels::Differentiable).unwrap() - reference)
             .unwrap()
             .abs()
             .unwrap()

@@ -4,7 +4,7 @@
 //!
 //! Keys are stored after RoPE and before grouped-query heads are repeated (so a cache
 //! holds `num_key_value_heads` heads), as `[B, KV, T, D]`. The cache knows nothing of
-//! the model family: [`super::CausalLm::forward_cached`] fills it, and [`KvCache::len`]
+//! the model family: [`super::CausalLm::forward`] fills it, and [`KvCache::len`]
 //! is the position the next token will take.
 
 use candle_core::{Result, Tensor};

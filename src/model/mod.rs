@@ -16,9 +16,11 @@
 //!
 //! Every op on the training forward path has a backward pass in candle 0.11: norms,
 //! softmax and RoPE are written as compositions of differentiable primitives (see
-//! `llama.rs`); the fused `candle_nn` kernels (`ops::rms_norm`, `softmax_last_dim`,
-//! `rotary_emb::rope`) silently cut the gradient and appear only on the inference path,
-//! [`CausalLm::forward_cached`], which feeds new tokens through a [`KvCache`].
+//! `llama.rs`) or as trainyard's fused ops with a hand-written backward ([`fused`]).
+//! The fused `candle_nn` kernels (`ops::rms_norm`, `softmax_last_dim`,
+//! `rotary_emb::rope`) silently cut the gradient, so [`CausalLm::forward`] takes them
+//! only when asked for [`Kernels::Inference`], as cached generation does, feeding new
+//! tokens through a [`KvCache`].
 //!
 //! GPT-2 weights stay in HF's Conv1D layout `[in, out]` in memory as well as on disk
 //! (the forward computes `x·W + b`), so neither load nor save transposes anything.
@@ -46,6 +48,7 @@ use serde_json::{Value, json};
 
 use crate::rng::Rng;
 
+pub use attention::Kernels;
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use kv_cache::KvCache;
 pub use llama::{Llama, Llama3RopeScaling, LlamaConfig, LlamaFlavor};
@@ -630,28 +633,39 @@ impl CausalLm {
         })
     }
 
-    /// Logits `[B, T, V]` (the dtype of the parameters) for token ids `[B, T]` (u32).
-    pub fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            CausalLm::Llama(model) => model.forward(input_ids),
-            CausalLm::Gpt2(model) => model.forward(input_ids),
-        }
+    /// Logits `[B, T, V]` (the dtype of the parameters) for token ids `[B, T]` (u32):
+    /// positions `0..T`, or with a `cache` the `T` positions after those it holds, which
+    /// it then holds too (after an error it must be cleared). Feeding a sequence in
+    /// pieces gives the logits it gets whole. Training takes
+    /// [`Kernels::Differentiable`].
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
+        self.logits(&self.hidden(input_ids, cache, kernels)?, kernels)
     }
 
     /// The final hidden states `[B, T, H]` (after the last norm) for token ids `[B, T]`:
     /// [`CausalLm::forward`] without the head.
-    pub fn hidden(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            CausalLm::Llama(model) => model.hidden(input_ids),
-            CausalLm::Gpt2(model) => model.hidden(input_ids),
+            CausalLm::Llama(model) => model.hidden(input_ids, cache, kernels),
+            CausalLm::Gpt2(model) => model.hidden(input_ids, cache, kernels),
         }
     }
 
     /// The head: logits `[…, V]` of final hidden states `[…, H]`.
-    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn logits(&self, hidden: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         match self {
             CausalLm::Llama(model) => model.logits(hidden),
-            CausalLm::Gpt2(model) => model.logits(hidden),
+            CausalLm::Gpt2(model) => model.logits(hidden, kernels),
         }
     }
 
@@ -669,21 +683,6 @@ impl CausalLm {
             CausalLm::Llama(model) => model.config().num_hidden_layers,
             CausalLm::Gpt2(model) => model.config().n_layer,
         })
-    }
-
-    /// Inference with a kv cache: logits `[B, T, V]` for the next `T` token ids
-    /// `[B, T]` after the positions already in `cache`, which then holds these too.
-    /// Uses candle's fused kernels (no gradient). Feeding a sequence in pieces gives
-    /// the logits [`CausalLm::forward`] gives for it whole.
-    pub fn forward_cached(
-        &self,
-        input_ids: &Tensor,
-        cache: &mut KvCache,
-    ) -> candle_core::Result<Tensor> {
-        match self {
-            CausalLm::Llama(model) => model.forward_cached(input_ids, cache),
-            CausalLm::Gpt2(model) => model.forward_cached(input_ids, cache),
-        }
     }
 }
 

@@ -17,6 +17,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::data::token_cache::Batch;
+use crate::model::Kernels;
 
 /// A model seen by the loss: final hidden states for a batch, and the head's logits
 /// for any rows of them.
@@ -29,13 +30,14 @@ pub trait LanguageModel {
     fn vocab_size(&self) -> usize;
 }
 
+// The loss is the training path: only kernels with a backward pass.
 impl LanguageModel for crate::model::CausalLm {
     fn hidden(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
-        crate::model::CausalLm::hidden(self, input_ids)
+        crate::model::CausalLm::hidden(self, input_ids, None, Kernels::Differentiable)
     }
 
     fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        crate::model::CausalLm::logits(self, hidden)
+        crate::model::CausalLm::logits(self, hidden, Kernels::Differentiable)
     }
 
     fn vocab_size(&self) -> usize {
@@ -309,8 +311,14 @@ mod tests {
             *weight = [0.0, 1.0, 1.0, 0.5][index % 4];
         }
         let (inputs, targets, weights) = batch_tensors(&batch, &device).unwrap();
-        let reference =
-            weighted_cross_entropy(&model.forward(&inputs).unwrap(), &targets, &weights).unwrap();
+        let reference = weighted_cross_entropy(
+            &model
+                .forward(&inputs, None, Kernels::Differentiable)
+                .unwrap(),
+            &targets,
+            &weights,
+        )
+        .unwrap();
         let expected_loss = f64::from(reference.to_scalar::<f32>().unwrap());
         let expected = (reference * 0.5).unwrap().backward().unwrap();
         let (loss, grads) =

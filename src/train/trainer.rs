@@ -208,13 +208,13 @@ impl LanguageModel for Keyed<'_> {
         let key = self.micro_batch.get();
         self.micro_batch.set(key + 1);
         self.model.set_dropout_key(Some(key));
-        let hidden = self.model.hidden(input_ids);
+        let hidden = LanguageModel::hidden(self.model, input_ids);
         self.model.set_dropout_key(None);
         hidden
     }
 
     fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        self.model.logits(hidden)
+        LanguageModel::logits(self.model, hidden)
     }
 
     fn vocab_size(&self) -> usize {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use common::{Sandbox, file_hash};
+use trainyard::model::Kernels;
 
 const TAIL: &str = "  tuned:
     kind: sft
@@ -72,16 +73,17 @@ fn export_writes_a_loadable_hf_directory_and_gguf_and_evaluate_scores_it() {
     let ids = Tensor::new(&[[4u32, 30, 31, 200, 5]], &Device::Cpu).unwrap();
     let (a, _) = trainyard::model::load_pretrained(&tuned, DType::F32, &Device::Cpu).unwrap();
     let (b, _) = trainyard::model::load_pretrained(&release, DType::F32, &Device::Cpu).unwrap();
-    let diff = (a.forward(&ids).unwrap() - b.forward(&ids).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = (a.forward(&ids, None, Kernels::Differentiable).unwrap()
+        - b.forward(&ids, None, Kernels::Differentiable).unwrap())
+    .unwrap()
+    .abs()
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .max(0)
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
     assert_eq!(diff, 0.0);
 
     // The GGUF file is readable, with llama.cpp's architecture key.
@@ -293,7 +295,7 @@ stages:
     let ids = Tensor::new(&[[1u32, 17, 127, 0, 64, 5, 17]], &Device::Cpu).unwrap();
     let logits = |dir: &std::path::Path| {
         let (model, _) = trainyard::model::load_pretrained(dir, DType::F32, &Device::Cpu).unwrap();
-        model.forward(&ids).unwrap()
+        model.forward(&ids, None, Kernels::Differentiable).unwrap()
     };
     let want = logits(&base);
     let diff = |dir: &std::path::Path| {

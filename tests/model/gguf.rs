@@ -19,7 +19,7 @@ use candle_core::quantized::{GgmlDType, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use trainyard::export::gguf::{GgufDtype, GgufError, write_gguf};
 use trainyard::interrupt::CancelFlag;
-use trainyard::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
+use trainyard::model::{self, Gpt2Config, Kernels, LlamaConfig, LlamaFlavor, ModelConfig};
 use trainyard::rng::Rng;
 use trainyard::tokenize::chat::JINJA_TEMPLATE;
 use trainyard::tokenize::corpus::WordCounts;
@@ -628,7 +628,7 @@ fn logit_gap(checkpoint: &Checkpoint, dtype: GgufDtype) -> (f32, f32) {
         .unwrap();
     let (ours, _) = model::load_pretrained(checkpoint.path(), DType::F32, &Device::Cpu).unwrap();
     let ours = ours
-        .forward(&input)
+        .forward(&input, None, Kernels::Differentiable)
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -837,7 +837,7 @@ fn exports_and_reference_logits_for_the_llama_cpp_check() {
         }
         let (model, _) = model::load_pretrained(&dir, DType::F32, &Device::Cpu).unwrap();
         let logits = model
-            .forward(&input)
+            .forward(&input, None, Kernels::Differentiable)
             .unwrap()
             .squeeze(0)
             .unwrap()

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use trainyard::model::{self, CausalLm};
+use trainyard::model::{self, CausalLm, Kernels};
 
 /// Largest absolute logit difference accepted.
 const TOLERANCE: f32 = 1e-4;
@@ -40,16 +40,16 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-/// Feeds `ids` through a fresh cache in pieces of the given lengths and concatenates
-/// the logits along the sequence.
-fn cached_logits(model: &CausalLm, ids: &Tensor, pieces: &[usize]) -> Tensor {
+/// Feeds `ids` through a fresh cache in pieces of the given lengths with `kernels` and
+/// concatenates the logits along the sequence.
+fn cached_logits(model: &CausalLm, ids: &Tensor, pieces: &[usize], kernels: Kernels) -> Tensor {
     let mut cache = model.new_cache();
     let mut start = 0;
     let mut parts = Vec::new();
     for &len in pieces {
         assert_eq!(cache.len(), start);
         let piece = ids.narrow(1, start, len).unwrap();
-        parts.push(model.forward_cached(&piece, &mut cache).unwrap());
+        parts.push(model.forward(&piece, Some(&mut cache), kernels).unwrap());
         start += len;
     }
     assert_eq!(start, ids.dim(1).unwrap(), "the pieces cover the sequence");
@@ -61,25 +61,28 @@ fn check_cached_matches_full_forward(family: &str) {
     let (ids, transformers) = expected(family);
     let (model, _) = model::load_pretrained(&fixture(family), DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(ids, &Device::Cpu).unwrap();
-    let full = model.forward(&ids).unwrap();
+    let full = model.forward(&ids, None, Kernels::Differentiable).unwrap();
     let transformers = Tensor::from_vec(transformers, full.shape(), &Device::Cpu).unwrap();
-    for pieces in [
-        &[3, 1, 1, 1, 1][..],
-        &[1, 1, 1, 1, 1, 1, 1],
-        &[2, 3, 2],
-        &[7],
-    ] {
-        let cached = cached_logits(&model, &ids, pieces);
-        let diff = max_abs_diff(&cached, &full);
-        assert!(
-            diff <= TOLERANCE,
-            "{family}, pieces {pieces:?}: cached logits differ from the full forward by {diff:e}"
-        );
-        let diff = max_abs_diff(&cached, &transformers);
-        assert!(
-            diff <= TOLERANCE,
-            "{family}, pieces {pieces:?}: cached logits differ from transformers' by {diff:e}"
-        );
+    // Generation takes the inference kernels; the differentiable ones accept a cache too.
+    for kernels in [Kernels::Inference, Kernels::Differentiable] {
+        for pieces in [
+            &[3, 1, 1, 1, 1][..],
+            &[1, 1, 1, 1, 1, 1, 1],
+            &[2, 3, 2],
+            &[7],
+        ] {
+            let cached = cached_logits(&model, &ids, pieces, kernels);
+            let diff = max_abs_diff(&cached, &full);
+            assert!(
+                diff <= TOLERANCE,
+                "{family}, {kernels:?}, pieces {pieces:?}: cached logits differ from the full forward by {diff:e}"
+            );
+            let diff = max_abs_diff(&cached, &transformers);
+            assert!(
+                diff <= TOLERANCE,
+                "{family}, {kernels:?}, pieces {pieces:?}: cached logits differ from transformers' by {diff:e}"
+            );
+        }
     }
 }
 
@@ -104,10 +107,14 @@ fn a_cleared_cache_starts_again_at_position_zero() {
     let (model, _) = model::load_pretrained(&fixture("llama"), DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(ids, &Device::Cpu).unwrap();
     let mut cache = model.new_cache();
-    let first = model.forward_cached(&ids, &mut cache).unwrap();
+    let first = model
+        .forward(&ids, Some(&mut cache), Kernels::Inference)
+        .unwrap();
     cache.clear();
     assert!(cache.is_empty());
-    let again = model.forward_cached(&ids, &mut cache).unwrap();
+    let again = model
+        .forward(&ids, Some(&mut cache), Kernels::Inference)
+        .unwrap();
     assert_eq!(max_abs_diff(&first, &again), 0.0);
 }
 
@@ -118,8 +125,12 @@ fn gpt2_refuses_positions_past_n_positions() {
     let limit = config.max_positions();
     let mut cache = model.new_cache();
     let ids = Tensor::zeros((1, limit), DType::U32, &Device::Cpu).unwrap();
-    model.forward_cached(&ids, &mut cache).unwrap();
+    model
+        .forward(&ids, Some(&mut cache), Kernels::Inference)
+        .unwrap();
     let one = Tensor::zeros((1, 1), DType::U32, &Device::Cpu).unwrap();
-    let error = model.forward_cached(&one, &mut cache).unwrap_err();
+    let error = model
+        .forward(&one, Some(&mut cache), Kernels::Inference)
+        .unwrap_err();
     assert!(error.to_string().contains("n_positions"), "{error}");
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use trainyard::model::{
-    self, CausalLm, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig, ModelError,
+    self, CausalLm, Gpt2Config, Kernels, LlamaConfig, LlamaFlavor, ModelConfig, ModelError,
 };
 
 fn llama() -> ModelConfig {
@@ -57,7 +57,7 @@ fn ids(values: &[u32], batch: usize, seq: usize) -> Tensor {
 
 /// Mean next-token cross-entropy of `model` on `input` with shifted targets.
 fn loss(model: &CausalLm, input: &Tensor, targets: &Tensor) -> Tensor {
-    let logits = model.forward(input).unwrap();
+    let logits = model.forward(input, None, Kernels::Differentiable).unwrap();
     let (batch, seq, vocab) = logits.dims3().unwrap();
     candle_nn::loss::cross_entropy(
         &logits.reshape((batch * seq, vocab)).unwrap(),
@@ -226,11 +226,15 @@ fn changing_a_token_never_changes_earlier_logits() {
         let (model, _) = model::new_trainable(&config, DType::F32, &Device::Cpu, 5).unwrap();
         let (b, t) = (1, 9);
         let original = tokens(b, t, config.vocab_size(), 3);
-        let before = model.forward(&ids(&original, b, t)).unwrap();
+        let before = model
+            .forward(&ids(&original, b, t), None, Kernels::Differentiable)
+            .unwrap();
         for changed in [0, 4, t - 1] {
             let mut edited = original.clone();
             edited[changed] = (edited[changed] + 1) % config.vocab_size() as u32;
-            let after = model.forward(&ids(&edited, b, t)).unwrap();
+            let after = model
+                .forward(&ids(&edited, b, t), None, Kernels::Differentiable)
+                .unwrap();
             let diff = (&before - &after)
                 .unwrap()
                 .abs()
@@ -343,7 +347,11 @@ fn saved_checkpoints_load_back_with_identical_logits() {
         let dir = tempfile::tempdir().unwrap();
         model::save_pretrained(&varmap, &config, dir.path()).unwrap();
         let input = ids(&tokens(2, 5, config.vocab_size(), 9), 2, 5);
-        let expected = model.forward(&input).unwrap().flatten_all().unwrap();
+        let expected = model
+            .forward(&input, None, Kernels::Differentiable)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         let expected = expected.to_vec1::<f32>().unwrap();
 
         let file = dir.path().join("model.safetensors");
@@ -351,13 +359,21 @@ fn saved_checkpoints_load_back_with_identical_logits() {
             VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, &Device::Cpu).unwrap()
         };
         let loaded = CausalLm::new(&config, vb).unwrap();
-        let got = loaded.forward(&input).unwrap().flatten_all().unwrap();
+        let got = loaded
+            .forward(&input, None, Kernels::Differentiable)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         assert_eq!(got.to_vec1::<f32>().unwrap(), expected, "{label}: mmaped");
 
         let (frozen, read_config) =
             model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(read_config, config);
-        let got = frozen.forward(&input).unwrap().flatten_all().unwrap();
+        let got = frozen
+            .forward(&input, None, Kernels::Differentiable)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         assert_eq!(
             got.to_vec1::<f32>().unwrap(),
             expected,
@@ -366,7 +382,11 @@ fn saved_checkpoints_load_back_with_identical_logits() {
 
         let (trainable, _, _) =
             model::load_trainable(dir.path(), DType::F32, &Device::Cpu).unwrap();
-        let got = trainable.forward(&input).unwrap().flatten_all().unwrap();
+        let got = trainable
+            .forward(&input, None, Kernels::Differentiable)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         assert_eq!(
             got.to_vec1::<f32>().unwrap(),
             expected,
@@ -457,13 +477,25 @@ fn gpt2_files_without_the_transformer_prefix_load() {
         .collect();
     candle_core::safetensors::save(&renamed, dir.path().join("model.safetensors")).unwrap();
     let input = ids(&tokens(1, 6, config.vocab_size(), 2), 1, 6);
-    let expected = model.forward(&input).unwrap().flatten_all().unwrap();
+    let expected = model
+        .forward(&input, None, Kernels::Differentiable)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     let expected = expected.to_vec1::<f32>().unwrap();
     let (frozen, _) = model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let got = frozen.forward(&input).unwrap().flatten_all().unwrap();
+    let got = frozen
+        .forward(&input, None, Kernels::Differentiable)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     assert_eq!(got.to_vec1::<f32>().unwrap(), expected);
     let (trainable, _, _) = model::load_trainable(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let got = trainable.forward(&input).unwrap().flatten_all().unwrap();
+    let got = trainable
+        .forward(&input, None, Kernels::Differentiable)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     assert_eq!(got.to_vec1::<f32>().unwrap(), expected);
 }
 
@@ -492,11 +524,21 @@ fn token_ids_outside_the_vocabulary_are_errors_not_panics() {
     for (label, config) in all_configs() {
         let (model, _) = model::new_trainable(&config, DType::F32, &Device::Cpu, 1).unwrap();
         let input = ids(&[1, 2, config.vocab_size() as u32], 1, 3);
-        assert!(model.forward(&input).is_err(), "{label}");
+        assert!(
+            model
+                .forward(&input, None, Kernels::Differentiable)
+                .is_err(),
+            "{label}"
+        );
     }
     let (model, _) = model::new_trainable(&gpt2(), DType::F32, &Device::Cpu, 1).unwrap();
     let too_long = ids(&vec![0; 65], 1, 65);
-    assert!(model.forward(&too_long).is_err(), "longer than n_positions");
+    assert!(
+        model
+            .forward(&too_long, None, Kernels::Differentiable)
+            .is_err(),
+        "longer than n_positions"
+    );
 }
 
 /// The bf16 sharded parity fixture.

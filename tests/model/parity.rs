@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use trainyard::model::{self, CausalLm, ModelConfig};
+use trainyard::model::{self, CausalLm, Kernels, ModelConfig};
 
 /// Largest absolute logit difference accepted between trainyard and transformers.
 const TOLERANCE: f32 = 1e-4;
@@ -53,7 +53,7 @@ fn load(dir: &Path) -> (CausalLm, ModelConfig) {
 
 /// The logits of `model` for `ids`, flattened, checking their shape.
 fn logits(model: &CausalLm, ids: &Tensor, vocab: usize) -> Vec<f32> {
-    let logits = model.forward(ids).unwrap();
+    let logits = model.forward(ids, None, Kernels::Differentiable).unwrap();
     let (batch, seq) = ids.dims2().unwrap();
     assert_eq!(logits.dims(), [batch, seq, vocab]);
     assert_eq!(logits.dtype(), DType::F32);
@@ -359,7 +359,9 @@ fn a_bf16_base_gives_the_logits_of_its_f32_widening() {
     assert!(diff < 1e-5, "mapped vs widened: {diff:e}");
     // The kv-cache inference path reads the mapped weights too.
     let mut cache = mapped.new_cache();
-    let cached = mapped.forward_cached(&ids, &mut cache).unwrap();
+    let cached = mapped
+        .forward(&ids, Some(&mut cache), Kernels::Inference)
+        .unwrap();
     let cached: Vec<f32> = cached.flatten_all().unwrap().to_vec1().unwrap();
     assert!(max_abs_diff(&cached, &a) < 1e-4);
 }

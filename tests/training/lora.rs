@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use common::Sandbox;
+use trainyard::model::Kernels;
 
 const TAIL: &str = "  adapter:
     kind: sft
@@ -165,15 +166,20 @@ fn lora_trains_a_peft_adapter_that_merges_into_identical_logits() {
         &Device::Cpu,
     )
     .unwrap();
-    let expected = with_adapter.forward(&ids).unwrap();
-    let got = merged.forward(&ids).unwrap();
+    let expected = with_adapter
+        .forward(&ids, None, Kernels::Differentiable)
+        .unwrap();
+    let got = merged.forward(&ids, None, Kernels::Differentiable).unwrap();
     let diff = max_diff(&expected, &got);
     assert!(
         diff < 1e-5,
         "merged logits differ from base + adapter by {diff}"
     );
     assert!(
-        max_diff(&base.forward(&ids).unwrap(), &got) > 1e-3,
+        max_diff(
+            &base.forward(&ids, None, Kernels::Differentiable).unwrap(),
+            &got
+        ) > 1e-3,
         "the merge changed the model"
     );
 }
@@ -194,8 +200,14 @@ fn only_the_adapter_is_trainable() {
     let (plain, _) =
         trainyard::model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
-    let logits = model.forward(&ids).unwrap();
-    assert_eq!(max_diff(&logits, &plain.forward(&ids).unwrap()), 0.0);
+    let logits = model.forward(&ids, None, Kernels::Differentiable).unwrap();
+    assert_eq!(
+        max_diff(
+            &logits,
+            &plain.forward(&ids, None, Kernels::Differentiable).unwrap()
+        ),
+        0.0
+    );
     // Gradients reach every adapter tensor after B moves off zero, and nothing else
     // is a variable at all.
     for (name, var) in &vars {
@@ -205,7 +217,7 @@ fn only_the_adapter_is_trainable() {
         }
     }
     let loss = model
-        .forward(&ids)
+        .forward(&ids, None, Kernels::Differentiable)
         .unwrap()
         .sqr()
         .unwrap()
@@ -286,13 +298,16 @@ fn saved_modules_train_from_the_base_and_replace_it_when_merged() {
         trainyard::model::load_pretrained(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
     assert_eq!(
-        max_diff(&model.forward(&ids).unwrap(), &plain.forward(&ids).unwrap()),
+        max_diff(
+            &model.forward(&ids, None, Kernels::Differentiable).unwrap(),
+            &plain.forward(&ids, None, Kernels::Differentiable).unwrap()
+        ),
         0.0
     );
 
     // Gradients reach the saved modules; a step on every variable changes the model.
     let loss = model
-        .forward(&ids)
+        .forward(&ids, None, Kernels::Differentiable)
         .unwrap()
         .sqr()
         .unwrap()
@@ -309,8 +324,13 @@ fn saved_modules_train_from_the_base_and_replace_it_when_merged() {
         var.set(&(var.as_tensor() - (grad * 0.01).unwrap()).unwrap())
             .unwrap();
     }
-    let trained = model.forward(&ids).unwrap();
-    assert!(max_diff(&trained, &plain.forward(&ids).unwrap()) > 1e-4);
+    let trained = model.forward(&ids, None, Kernels::Differentiable).unwrap();
+    assert!(
+        max_diff(
+            &trained,
+            &plain.forward(&ids, None, Kernels::Differentiable).unwrap()
+        ) > 1e-4
+    );
 
     // The merge writes the saved modules over the base's and folds the pairs in.
     let base_weights =
@@ -324,7 +344,10 @@ fn saved_modules_train_from_the_base_and_replace_it_when_merged() {
     trainyard::model::save_model_dir(merged_dir.path(), &config, &merged).unwrap();
     let (merged, _) =
         trainyard::model::load_pretrained(merged_dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let diff = max_diff(&merged.forward(&ids).unwrap(), &trained);
+    let diff = max_diff(
+        &merged.forward(&ids, None, Kernels::Differentiable).unwrap(),
+        &trained,
+    );
     assert!(diff < 1e-5, "merged differs from base + adapter by {diff}");
 }
 
@@ -358,19 +381,36 @@ fn lora_dropout_masks_are_keyed_and_off_outside_training() {
     };
     let (dropping, plain) = (build(0.3), build(0.0));
     let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
-    let reference = plain.forward(&ids).unwrap();
-    assert_eq!(max_diff(&dropping.forward(&ids).unwrap(), &reference), 0.0);
+    let reference = plain.forward(&ids, None, Kernels::Differentiable).unwrap();
+    assert_eq!(
+        max_diff(
+            &dropping
+                .forward(&ids, None, Kernels::Differentiable)
+                .unwrap(),
+            &reference
+        ),
+        0.0
+    );
     plain.set_dropout_key(Some(7));
     assert_eq!(
-        max_diff(&plain.forward(&ids).unwrap(), &reference),
+        max_diff(
+            &plain.forward(&ids, None, Kernels::Differentiable).unwrap(),
+            &reference
+        ),
         0.0,
         "p = 0 never drops"
     );
     dropping.set_dropout_key(Some(7));
-    let first = dropping.forward(&ids).unwrap();
-    let again = dropping.forward(&ids).unwrap();
+    let first = dropping
+        .forward(&ids, None, Kernels::Differentiable)
+        .unwrap();
+    let again = dropping
+        .forward(&ids, None, Kernels::Differentiable)
+        .unwrap();
     dropping.set_dropout_key(Some(8));
-    let other = dropping.forward(&ids).unwrap();
+    let other = dropping
+        .forward(&ids, None, Kernels::Differentiable)
+        .unwrap();
     dropping.set_dropout_key(None);
     assert_eq!(max_diff(&first, &again), 0.0, "same key, same masks");
     assert!(
@@ -378,7 +418,15 @@ fn lora_dropout_masks_are_keyed_and_off_outside_training() {
         "dropout changed nothing"
     );
     assert!(max_diff(&first, &other) > 1e-4, "another key, other masks");
-    assert_eq!(max_diff(&dropping.forward(&ids).unwrap(), &reference), 0.0);
+    assert_eq!(
+        max_diff(
+            &dropping
+                .forward(&ids, None, Kernels::Differentiable)
+                .unwrap(),
+            &reference
+        ),
+        0.0
+    );
 }
 
 #[test]
@@ -525,9 +573,21 @@ stages:
         trainyard::model::load_pretrained(&base, DType::F32, &Device::Cpu).unwrap();
     let (merged_model, _) =
         trainyard::model::load_pretrained(&merged, DType::F32, &Device::Cpu).unwrap();
-    let expected = with_adapter.forward(&ids).unwrap();
-    let change = max_diff(&base_model.forward(&ids).unwrap(), &expected);
-    let error = max_diff(&merged_model.forward(&ids).unwrap(), &expected);
+    let expected = with_adapter
+        .forward(&ids, None, Kernels::Differentiable)
+        .unwrap();
+    let change = max_diff(
+        &base_model
+            .forward(&ids, None, Kernels::Differentiable)
+            .unwrap(),
+        &expected,
+    );
+    let error = max_diff(
+        &merged_model
+            .forward(&ids, None, Kernels::Differentiable)
+            .unwrap(),
+        &expected,
+    );
     println!("adapter moves logits by {change}, merged differs from base + adapter by {error}");
     assert!(change > 1.0, "the adapter changes the model: {change}");
     assert!(error < 0.02 * change, "merged {error} vs change {change}");
@@ -644,9 +704,11 @@ fn added_tokens_grow_the_vocabulary_and_train_their_rows() {
         &Device::Cpu,
     )
     .unwrap();
-    let expected = with_adapter.forward(&ids).unwrap();
+    let expected = with_adapter
+        .forward(&ids, None, Kernels::Differentiable)
+        .unwrap();
     assert_eq!(expected.dims(), [2, 7, 386]);
-    let got = merged.forward(&ids).unwrap();
+    let got = merged.forward(&ids, None, Kernels::Differentiable).unwrap();
     let diff = max_diff(&expected, &got);
     assert!(
         diff < 1e-5,
@@ -662,7 +724,12 @@ fn added_tokens_grow_the_vocabulary_and_train_their_rows() {
         386
     );
     let (full, _) = trainyard::model::load_pretrained(&full_dir, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(full.forward(&ids).unwrap().dims(), [2, 7, 386]);
+    assert_eq!(
+        full.forward(&ids, None, Kernels::Differentiable)
+            .unwrap()
+            .dims(),
+        [2, 7, 386]
+    );
     assert!(
         std::fs::read_to_string(full_dir.join("tokenizer.json"))
             .unwrap()

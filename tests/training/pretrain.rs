@@ -7,6 +7,7 @@ use crate::common;
 use std::path::PathBuf;
 
 use common::{Sandbox, file_hash, text};
+use trainyard::model::Kernels;
 
 /// Synthetic corpus → tokenizer → token cache → a small llama, with the model part of
 /// the pretrain settings given by `with`.
@@ -167,7 +168,7 @@ fn pretraining_learns_beats_the_unigram_baseline_and_writes_an_hf_checkpoint() {
             .unwrap();
     assert_eq!(config.vocab_size(), 384);
     let ids = candle_core::Tensor::new(&[[1u32, 20, 30, 40]], &candle_core::Device::Cpu).unwrap();
-    let logits = model.forward(&ids).unwrap();
+    let logits = model.forward(&ids, None, Kernels::Differentiable).unwrap();
     assert_eq!(logits.dims(), [1, 4, 384]);
     let best: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("best/best.json")).unwrap())
