@@ -352,19 +352,14 @@ fn end_quietly_on_a_broken_pipe() {
 /// else `TRAINYARD_LOG` (trainyard's own name wins over the generic one), else
 /// `RUST_LOG`, else warnings. A variable that does not parse counts as unset.
 fn log_filter(cli: &Cli) -> EnvFilter {
-    let level = match (cli.quiet, cli.verbose) {
-        (true, _) => "error",
-        (false, 0) => {
-            return ["TRAINYARD_LOG", "RUST_LOG"]
-                .into_iter()
-                .find_map(|variable| EnvFilter::try_from_env(variable).ok())
-                .unwrap_or_else(|| EnvFilter::new("warn"));
-        }
-        (false, 1) => "info",
-        (false, 2) => "debug",
-        _ => "trace",
-    };
-    EnvFilter::new(level)
+    match (cli.quiet, cli.verbose) {
+        (true, _) => EnvFilter::new("error"),
+        (false, 0) => ["TRAINYARD_LOG", "RUST_LOG"]
+            .into_iter()
+            .find_map(|variable| EnvFilter::try_from_env(variable).ok())
+            .unwrap_or_else(|| EnvFilter::new("warn")),
+        (false, n) => EnvFilter::new(["info", "debug", "trace"][usize::from(n.min(3)) - 1]),
+    }
 }
 
 /// Parses the command line and runs it.
