@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 use crate::audit::{self, ReproduceOptions};
 
@@ -25,6 +26,14 @@ pub struct Cli {
     /// current directory.
     #[arg(long, global = true, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
+    /// Log more on standard error: -v info, -vv debug, -vvv trace. Without -v or -q the
+    /// filter is `TRAINYARD_LOG`, else `RUST_LOG` (tracing-subscriber directives such as
+    /// `trainyard=debug`), else warnings.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log errors only (results and progress lines are still printed).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -359,6 +368,20 @@ fn end_cleanly_when_output_fails() {
     }));
 }
 
+/// The log filter: -v/-q when given (this invocation's wish beats the environment's),
+/// else `TRAINYARD_LOG` (trainyard's own name wins over the generic one), else
+/// `RUST_LOG`, else warnings. A variable that does not parse counts as unset.
+fn log_filter(cli: &Cli) -> EnvFilter {
+    match (cli.quiet, cli.verbose) {
+        (true, _) => EnvFilter::new("error"),
+        (false, 0) => ["TRAINYARD_LOG", "RUST_LOG"]
+            .into_iter()
+            .find_map(|variable| EnvFilter::try_from_env(variable).ok())
+            .unwrap_or_else(|| EnvFilter::new("warn")),
+        (false, n) => EnvFilter::new(["info", "debug", "trace"][usize::from(n.min(3)) - 1]),
+    }
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     end_cleanly_when_output_fails();
@@ -367,10 +390,7 @@ pub fn main() -> ExitCode {
         end_quietly_on_a_broken_pipe();
     }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TRAINYARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(log_filter(&cli))
         .with_writer(std::io::stderr)
         .init();
     match dispatch(cli) {

@@ -4,11 +4,11 @@
 //! [`resolve_model_dir`] finds the model (a checkpoint, an export, a pretrain output or a
 //! run's `outputs/<stage>` link); [`Generator`] loads it with its `tokenizer.json` and
 //! decodes with the kv cache ([`crate::model::CausalLm::forward`] with
-//! [`Kernels::Inference`]), sampling with candle-transformers' `LogitsProcessor`
-//! ([`SamplingOptions`]: temperature 0 is greedy, the seed makes sampling reproducible).
-//! Every special token except the two that end a generation (`<|end|>`,
-//! `<|endoftext|>`) is banned: its logit is set to -inf, so role tokens never appear in
-//! the output. Text is streamed as it decodes, whole UTF-8
+//! [`Kernels::Inference`]), sampling with [`SamplingOptions::sample`] (temperature 0 is
+//! greedy, the seed makes sampling reproducible). Every special token except the two
+//! that end a generation (`<|end|>`, `<|endoftext|>`) is banned: its logit is set to
+//! -inf, so role tokens never appear in the output. Text is streamed as it decodes,
+//! whole UTF-8
 //! characters at a time. [`Conversation`] keeps a chat's history and renders it with the
 //! chat template ([`crate::tokenize::chat`]), ending with the open assistant turn.
 
@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokenizers::Tokenizer;
 
 use crate::data::records::{ChatMessage, Role};
 use crate::model::{self, CausalLm, Kernels, ModelConfig, ModelError};
+use crate::rng::Rng;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, TOOL_CALL};
 use crate::tokenize::template::{self, ChatTemplate, TemplateChoice, TokenizerConfig};
 use crate::tokenize::train::{TokenizeError, check_special_ids, load_tokenizer};
@@ -148,7 +148,8 @@ pub struct SamplingOptions {
     pub temperature: f64,
     /// Sample only among the `k` most likely tokens.
     pub top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probabilities add up to `p`.
+    /// Sample only among the most likely tokens whose probabilities (in the whole
+    /// distribution) first add up to `p`: the nucleus, at least one token.
     pub top_p: Option<f64>,
     /// Seed of the sampler: the same seed, prompt and model give the same text.
     pub seed: u64,
@@ -189,18 +190,49 @@ impl SamplingOptions {
         Ok(())
     }
 
-    /// The candle-transformers sampling rule.
-    pub fn sampling(&self) -> Sampling {
-        let temperature = self.temperature;
-        if temperature == 0.0 {
-            return Sampling::ArgMax;
+    /// Picks a token id from `logits` (`-inf` at banned ids), drawing from `rng`: the
+    /// argmax at temperature 0, else a draw from softmax(logits / temperature) over the
+    /// `top_k` most likely tokens, cut to the nucleus `top_p`. Written on trainyard's
+    /// own [`Rng`] rather than taken from a library, so a seed gives the same text
+    /// whatever the versions of the dependencies.
+    pub fn sample(&self, logits: &[f32], rng: &mut Rng) -> u32 {
+        let logit = |id: &u32| logits[*id as usize];
+        // Most likely first, ties to the lower id: a total order, so the kept set and
+        // the order of the draw never depend on how a sort breaks ties.
+        let order = |a: &u32, b: &u32| logit(b).total_cmp(&logit(a)).then(a.cmp(b));
+        let mut kept: Vec<u32> = (0..logits.len() as u32)
+            .filter(|id| logit(id) > f32::NEG_INFINITY)
+            .collect();
+        let Some(best) = kept.iter().copied().min_by(order) else {
+            return 0;
+        };
+        if self.temperature == 0.0 {
+            return best;
         }
-        match (self.top_k, self.top_p) {
-            (None, None) => Sampling::All { temperature },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+        let weight = |id: &u32| ((logit(id) - logit(&best)) as f64 / self.temperature).exp();
+        let total: f64 = kept.iter().map(weight).sum();
+        if let Some(k) = self.top_k.filter(|&k| k < kept.len()) {
+            kept.select_nth_unstable_by(k.saturating_sub(1), order);
+            kept.truncate(k);
         }
+        if let Some(p) = self.top_p {
+            kept.sort_unstable_by(order);
+            let mut sum = 0.0;
+            let nucleus = kept.iter().position(|id| {
+                sum += weight(id);
+                sum >= p * total
+            });
+            kept.truncate(nucleus.map_or(kept.len(), |last| last + 1));
+        }
+        let mut draw = rng.next_f64() * kept.iter().map(weight).sum::<f64>();
+        for id in &kept {
+            draw -= weight(id);
+            if draw < 0.0 {
+                return *id;
+            }
+        }
+        // Only rounding reaches this: the draw fell on the sum's last ulp.
+        kept.last().copied().unwrap_or(best)
     }
 }
 
@@ -280,9 +312,7 @@ pub struct Generator {
     device: Device,
     /// Token ids that end a generation.
     stop: Vec<u32>,
-    /// Added to the logits before sampling: -inf at banned ids, 0 elsewhere (`[V]`, f32).
-    ban: Tensor,
-    /// The banned ids, sorted.
+    /// The banned ids, sorted: their logits are set to -inf before sampling.
     banned: Vec<u32>,
     /// The model's chat template (its own, or trainyard's for trainyard tokenizers).
     template: Result<ChatTemplate, String>,
@@ -398,13 +428,6 @@ impl Generator {
         };
         banned.sort_unstable();
         banned.dedup();
-        let mut mask = vec![0f32; vocab];
-        for &id in &banned {
-            if let Some(slot) = mask.get_mut(id as usize) {
-                *slot = f32::NEG_INFINITY;
-            }
-        }
-        let ban = Tensor::from_vec(mask, vocab, device)?;
         Ok(Generator {
             model,
             config,
@@ -412,7 +435,6 @@ impl Generator {
             tokenizer_path,
             device: device.clone(),
             stop,
-            ban,
             banned,
             template,
             trainyard_tokenizer,
@@ -511,7 +533,8 @@ impl Generator {
         // Every generated token but the last is fed back, one position each.
         let room = context - prompt.len() + 1;
         let budget = options.max_new_tokens.min(room);
-        let mut processor = LogitsProcessor::from_sampling(options.seed, options.sampling());
+        // The sampler's only stream: the seed alone fixes the draws.
+        let mut rng = Rng::new(options.seed, 0);
         let mut cache = self.model.new_cache();
         let mut stream = TextStream::new(&self.tokenizer);
         let mut tokens = Vec::new();
@@ -532,7 +555,7 @@ impl Generator {
                     StopReason::MaxNewTokens
                 };
             }
-            let next = self.sample(&mut processor, &last)?;
+            let next = self.sample(options, &mut rng, &last)?;
             if prefill.is_none() {
                 prefill = Some(started.elapsed());
                 decode_started = Instant::now();
@@ -588,11 +611,17 @@ impl Generator {
     /// Picks the next token from the logits `[V]` of the last position.
     fn sample(
         &self,
-        processor: &mut LogitsProcessor,
+        options: &SamplingOptions,
+        rng: &mut Rng,
         logits: &Tensor,
     ) -> Result<u32, GenerateError> {
-        let logits = logits.to_dtype(DType::F32)?.add(&self.ban)?;
-        Ok(processor.sample(&logits)?)
+        let mut logits: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        for &id in &self.banned {
+            if let Some(logit) = logits.get_mut(id as usize) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+        Ok(options.sample(&logits, rng))
     }
 }
 
@@ -772,26 +801,6 @@ impl Conversation {
 mod tests {
     use super::*;
     use crate::tokenize::chat;
-
-    #[test]
-    fn temperature_zero_is_greedy_and_the_filters_combine() {
-        let mut options = SamplingOptions {
-            temperature: 0.0,
-            ..SamplingOptions::default()
-        };
-        assert_eq!(options.sampling(), Sampling::ArgMax);
-        options.temperature = 0.8;
-        options.top_k = Some(5);
-        options.top_p = Some(0.9);
-        assert_eq!(
-            options.sampling(),
-            Sampling::TopKThenTopP {
-                k: 5,
-                p: 0.9,
-                temperature: 0.8
-            }
-        );
-    }
 
     #[test]
     fn out_of_range_options_are_refused() {

@@ -38,7 +38,12 @@ pub fn add_special_tokens(
         if tokenizer.token_to_id(token).is_some() {
             continue;
         }
-        tokenizer.add_special_tokens(&[tokenizers::AddedToken::from(token.as_str(), true)]);
+        tokenizer
+            .add_special_tokens([tokenizers::AddedToken::from(token.as_str(), true)])
+            .map_err(|error| TokenizeError::Library {
+                context: format!("adding `{token}`"),
+                message: error.to_string(),
+            })?;
         let id = tokenizer
             .token_to_id(token)
             .ok_or_else(|| TokenizeError::Library {

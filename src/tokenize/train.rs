@@ -296,7 +296,9 @@ fn byte_level_tokenizer(mut tokenizer: Tokenizer) -> Result<Tokenizer, TokenizeE
                 .trim_offsets(false)
                 .use_regex(true),
         ));
-    tokenizer.add_special_tokens(&special_added_tokens());
+    tokenizer
+        .add_special_tokens(special_added_tokens())
+        .map_err(|error| TokenizeError::library("adding the special tokens", error))?;
     Ok(tokenizer)
 }
 

@@ -13,3 +13,4 @@ mod gguf;
 mod kv_cache;
 mod model;
 mod parity;
+mod sampler;
