@@ -18,19 +18,16 @@ use serde::Serialize;
 
 use crate::config::{self, Diagnostic, LoadOptions};
 use crate::dag::{self, DagError};
-use crate::executor::{self, ExecError, Outcome, RunOptions, StageStatus};
+use crate::executor::{self, ExecError, RunOptions};
 use crate::fingerprint::{self, InputSource, StageIdentity};
 use crate::hashing::{ContentHasher, FileDigest};
 use crate::interrupt::CancelFlag;
-use crate::runs::{PipelineRecord, RECORD_FILE, RunRecord, StageRunRecord};
+use crate::runs::{
+    PipelineRecord, RECORD_FILE, RECORD_FORMAT, RunRecord, RunStatus, StageRunRecord, StageStatus,
+};
 use crate::stages::UNHASHED_OUTPUTS;
 use crate::store::{self, MANIFEST, Manifest, Workspace};
 
-/// Stage statuses whose output is in the store and therefore audited; any other stage
-/// (failed, skipped, interrupted, not selected, …) is reported but not checked.
-const AUDITED_STATUSES: &[&str] = &["cached", "executed"];
-/// Run record format this module reads.
-const RECORD_FORMAT: u32 = 1;
 /// Hex characters of a hash shown in reports.
 const SHORT_HASH: usize = 12;
 /// Name of the pipeline file a reproduction writes into its workspace.
@@ -255,8 +252,10 @@ impl Run {
     }
 }
 
+/// Only stages whose output is in the store are checked; the others (failed, skipped,
+/// interrupted, not selected, …) are reported but not checked.
 fn is_audited(stage: &StageRunRecord) -> bool {
-    AUDITED_STATUSES.contains(&stage.status.as_str())
+    stage.status.has_output()
 }
 
 /// Width of the stage-name column.
@@ -501,8 +500,8 @@ pub struct StageAudit {
     pub name: String,
     /// Kind name.
     pub kind: String,
-    /// Its status in the run (`cached`, `executed`, `failed`, …).
-    pub status: String,
+    /// Its status in the run.
+    pub status: StageStatus,
     /// Whether it was checked: only stages the run cached or executed have outputs.
     pub audited: bool,
     /// What is not as recorded (empty: the stage is as the run left it).
@@ -581,7 +580,7 @@ pub struct AuditReport {
     /// The run directory.
     pub run_dir: PathBuf,
     /// How the run ended (`succeeded`, `failed`, `interrupted`, or `running` if it died).
-    pub run_status: String,
+    pub run_status: RunStatus,
     /// The workspace root used.
     pub workspace: PathBuf,
     /// The recorded root, if the workspace moved.
@@ -644,7 +643,7 @@ impl fmt::Display for AuditReport {
                     "  {:<8} {:<width$} {kind}  not audited ({} in the run)",
                     "-",
                     stage.name,
-                    stage.status.replace('_', " ")
+                    stage.status.as_str()
                 )?;
                 continue;
             }
@@ -708,7 +707,7 @@ pub fn audit(run: &Run) -> AuditReport {
             };
             StageAudit {
                 kind: stage.kind.clone(),
-                status: stage.status.clone(),
+                status: stage.status,
                 audited,
                 findings,
                 name,
@@ -718,7 +717,7 @@ pub fn audit(run: &Run) -> AuditReport {
     AuditReport {
         run_id: record.run_id.clone(),
         run_dir: run.dir.clone(),
-        run_status: record.status.clone(),
+        run_status: record.status,
         workspace: run.root.clone(),
         moved_from: run.moved_from.clone(),
         sources: check_sources(run, &hasher),
@@ -983,8 +982,8 @@ pub enum Verdict {
     },
     /// The reproduction did not produce an output for it.
     Failed {
-        /// What happened to it (`failed`, `skipped`, `interrupted`).
-        status: String,
+        /// What happened to it in the reproduction; `None` when it was not part of it.
+        status: Option<StageStatus>,
         /// The error, if any.
         error: Option<String>,
     },
@@ -1000,7 +999,7 @@ pub struct StageReproduction {
     /// Kind name.
     pub kind: String,
     /// Its status in the original run.
-    pub status: String,
+    pub status: StageStatus,
     /// The comparison.
     #[serde(flatten)]
     pub verdict: Verdict,
@@ -1085,6 +1084,7 @@ impl fmt::Display for Reproduction {
                     }
                 }
                 Verdict::Failed { status, error } => {
+                    let status = status.map_or("missing", StageStatus::as_str);
                     writeln!(
                         f,
                         "  {:<9} {name:<width$} {kind}  {status} in the reproduction",
@@ -1100,7 +1100,7 @@ impl fmt::Display for Reproduction {
                     f,
                     "  {:<9} {name:<width$} {kind}  not reproduced ({} in the run)",
                     "-",
-                    stage.status.replace('_', " ")
+                    stage.status.as_str()
                 )?,
             }
             for change in &stage.fingerprint_changes {
@@ -1243,7 +1243,7 @@ fn reproduce_in(
             let mut reproduction = StageReproduction {
                 name: name.clone(),
                 kind: recorded.kind.clone(),
-                status: recorded.status.clone(),
+                status: recorded.status,
                 verdict: Verdict::NotReproduced,
                 fingerprint_changes: Vec::new(),
             };
@@ -1252,7 +1252,7 @@ fn reproduce_in(
             }
             let Some(stage) = report.stage(&name) else {
                 reproduction.verdict = Verdict::Failed {
-                    status: "missing".to_string(),
+                    status: None,
                     error: Some("the reproduction did not include this stage".to_string()),
                 };
                 return reproduction;
@@ -1282,14 +1282,14 @@ fn reproduce_in(
                         .unwrap_or_default(),
                 },
                 (None, _) => Verdict::Failed {
-                    status: stage.status.as_str().to_string(),
+                    status: Some(stage.status),
                     error: stage.error.clone(),
                 },
             };
             reproduction
         })
         .collect();
-    let interrupted = report.outcome == Outcome::Interrupted
+    let interrupted = report.outcome == RunStatus::Interrupted
         || report
             .stages
             .iter()

@@ -11,10 +11,11 @@ use crate::audit::{self, ReproduceOptions};
 
 use crate::config::{self, LoadOptions, ResolvedPipeline};
 use crate::dag::{self, DagFormat};
-use crate::executor::{self, Outcome, RunOptions, StageStatus};
+use crate::executor::{self, RunOptions};
 use crate::generate::{Conversation, Generation, Generator, SamplingOptions};
 use crate::interrupt::CancelFlag;
 use crate::retrieve::{self, Index};
+use crate::runs::{RunStatus, StageStatus};
 use crate::stages::training::DeviceSetting;
 use crate::store::{self, Workspace};
 
@@ -967,9 +968,9 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
         }
     }
     let code = match report.outcome {
-        Outcome::Succeeded => ExitCode::SUCCESS,
-        Outcome::Failed => ExitCode::FAILURE,
-        Outcome::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
+        RunStatus::Succeeded | RunStatus::Running => ExitCode::SUCCESS,
+        RunStatus::Failed => ExitCode::FAILURE,
+        RunStatus::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
     };
     left_for_exit((pipeline, dag, report));
     Ok(code)

@@ -10,15 +10,13 @@ use std::path::PathBuf;
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
-
 use crate::config::ResolvedPipeline;
 use crate::dag::{Binding, Dag};
 use crate::fingerprint::{self, InputRecord, InputSource, Reason, StageIdentity};
 use crate::hashing::ContentHasher;
 use crate::hf_cache::Snapshot;
 use crate::interrupt::CancelFlag;
-use crate::runs::{self, RunRecord, RunRecorder, StageRunRecord};
+use crate::runs::{self, RunRecord, RunRecorder, RunStatus, StageRunRecord, StageStatus};
 use crate::stages::{STAGE_LOG, StageContext, StageError};
 use crate::store::{self, LockError, MANIFEST, Manifest, Workspace};
 use crate::suggest::did_you_mean;
@@ -73,41 +71,6 @@ impl Default for RunOptions {
     }
 }
 
-/// What happened to (or would happen to) a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StageStatus {
-    /// Its output was already in the store.
-    Cached,
-    /// It ran and succeeded.
-    Executed,
-    /// It would run (status / dry run).
-    WillRun,
-    /// It ran and failed.
-    Failed,
-    /// It did not run because something upstream failed or the run stopped.
-    Skipped,
-    /// It was stopped by Ctrl-C / SIGTERM.
-    Interrupted,
-    /// Outside `--only` / `--until`.
-    NotSelected,
-}
-
-impl StageStatus {
-    /// Lower-case name as shown and recorded.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StageStatus::Cached => "cached",
-            StageStatus::Executed => "executed",
-            StageStatus::WillRun => "will run",
-            StageStatus::Failed => "failed",
-            StageStatus::Skipped => "skipped",
-            StageStatus::Interrupted => "interrupted",
-            StageStatus::NotSelected => "not selected",
-        }
-    }
-}
-
 /// One stage's result.
 #[derive(Debug, Clone)]
 pub struct StageReport {
@@ -154,17 +117,6 @@ impl StageReport {
     }
 }
 
-/// How the whole run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Every selected stage is cached or executed (or, for a dry run, planned).
-    Succeeded,
-    /// A stage failed.
-    Failed,
-    /// Ctrl-C / SIGTERM.
-    Interrupted,
-}
-
 /// The result of [`run`] or [`status`].
 #[derive(Debug)]
 pub struct RunReport {
@@ -173,7 +125,7 @@ pub struct RunReport {
     /// Every stage, in topological order.
     pub stages: Vec<StageReport>,
     /// How it ended.
-    pub outcome: Outcome,
+    pub outcome: RunStatus,
 }
 
 impl RunReport {
@@ -349,22 +301,18 @@ pub fn run(
         .any(|report| report.status == StageStatus::Interrupted)
         || cancel.is_cancelled()
     {
-        Outcome::Interrupted
+        RunStatus::Interrupted
     } else if reports
         .iter()
         .any(|report| matches!(report.status, StageStatus::Failed | StageStatus::Skipped))
     {
-        Outcome::Failed
+        RunStatus::Failed
     } else {
-        Outcome::Succeeded
+        RunStatus::Succeeded
     };
     if let (Some(recorder), Some(mut record)) = (&recorder, record) {
-        let status = match outcome {
-            Outcome::Succeeded => "succeeded",
-            Outcome::Failed => "failed",
-            Outcome::Interrupted => "interrupted",
-        };
-        record.status = status.to_string();
+        let status = outcome;
+        record.status = status;
         record.finished_at = Some(runs::timestamp(SystemTime::now()));
         record.stages = engine.stage_records(&reports);
         recorder
@@ -409,7 +357,7 @@ pub fn status(
     Ok(RunReport {
         run_dir: None,
         stages,
-        outcome: Outcome::Succeeded,
+        outcome: RunStatus::Succeeded,
     })
 }
 
@@ -1226,7 +1174,7 @@ impl Engine<'_> {
                     )
                 })?;
         let manifest = Manifest {
-            format: 1,
+            format: runs::RECORD_FORMAT,
             stage: stage.name.clone(),
             fingerprint: job.fingerprint.clone(),
             identity: job.identity.clone(),
@@ -1255,9 +1203,9 @@ impl Engine<'_> {
     /// The record of a run as it starts: `running`, no stages yet.
     fn run_record(&self, run_id: &str, started: SystemTime) -> RunRecord {
         RunRecord {
-            format: 1,
+            format: runs::RECORD_FORMAT,
             run_id: run_id.to_string(),
-            status: "running".to_string(),
+            status: RunStatus::Running,
             started_at: runs::timestamp(started),
             finished_at: None,
             command_line: self.options.command_line.clone(),
@@ -1307,7 +1255,7 @@ impl Engine<'_> {
                 let record = StageRunRecord {
                     kind: report.kind.to_string(),
                     kind_version: stage.map_or(0, |stage| stage.kind.version),
-                    status: report.status.as_str().replace(' ', "_"),
+                    status: report.status,
                     fingerprint: report.fingerprint.clone(),
                     inputs: report
                         .identity

@@ -30,6 +30,81 @@ pub fn timestamp(time: SystemTime) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
+/// The format of `resolved_settings.json` this trainyard writes and reads.
+pub const RECORD_FORMAT: u32 = 1;
+
+/// How a run ended, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Still running, or killed before it could say otherwise.
+    Running,
+    /// Every selected stage is cached or executed.
+    Succeeded,
+    /// A stage failed (or was skipped because of a failure).
+    Failed,
+    /// Stopped by Ctrl-C, SIGTERM or SIGHUP, or found killed by a later run.
+    Interrupted,
+}
+
+impl RunStatus {
+    /// The name as recorded and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happened to a stage in a run (recorded with `_` for spaces: `will_run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    /// Its output was already in the store.
+    Cached,
+    /// It ran and succeeded.
+    Executed,
+    /// It would run (status / dry run).
+    WillRun,
+    /// It ran and failed.
+    Failed,
+    /// It did not run because something upstream failed or the run stopped.
+    Skipped,
+    /// It was stopped by Ctrl-C / SIGTERM.
+    Interrupted,
+    /// Outside `--only` / `--until`.
+    NotSelected,
+}
+
+impl StageStatus {
+    /// Lower-case name as shown on the console.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageStatus::Cached => "cached",
+            StageStatus::Executed => "executed",
+            StageStatus::WillRun => "will run",
+            StageStatus::Failed => "failed",
+            StageStatus::Skipped => "skipped",
+            StageStatus::Interrupted => "interrupted",
+            StageStatus::NotSelected => "not selected",
+        }
+    }
+
+    /// Whether the stage has an output the run used (what an audit can check).
+    pub fn has_output(self) -> bool {
+        matches!(self, StageStatus::Cached | StageStatus::Executed)
+    }
+}
+
 /// The content of `resolved_settings.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -37,8 +112,8 @@ pub struct RunRecord {
     pub format: u32,
     /// The run's id (its directory name).
     pub run_id: String,
-    /// `running`, `succeeded`, `failed` or `interrupted`.
-    pub status: String,
+    /// How it ended.
+    pub status: RunStatus,
     /// RFC 3339.
     pub started_at: String,
     /// RFC 3339, once finished.
@@ -99,8 +174,8 @@ pub struct StageRunRecord {
     pub kind: String,
     /// Kind implementation version.
     pub kind_version: u32,
-    /// `cached`, `executed`, `failed`, `skipped`, `interrupted`, `will_run`, `not_selected`.
-    pub status: String,
+    /// What happened to it.
+    pub status: StageStatus,
     /// Fingerprint, once its inputs were known.
     pub fingerprint: Option<String>,
     /// Inputs with their hashes.
@@ -249,27 +324,20 @@ pub fn mark_killed_run(workspace: &Workspace) -> io::Result<Option<String>> {
     // The status alone first: the record of a big pipeline is megabytes, and it is
     // read this way at the start of every run.
     #[derive(Deserialize)]
-    struct StatusOnly<'a> {
-        #[serde(borrow)]
-        status: Option<std::borrow::Cow<'a, str>>,
+    struct StatusOnly {
+        status: Option<RunStatus>,
     }
-    match serde_json::from_str::<StatusOnly<'_>>(&text) {
+    match serde_json::from_str::<StatusOnly>(&text) {
         Ok(StatusOnly {
-            status: Some(status),
-        }) if status == "running" => {}
+            status: Some(RunStatus::Running),
+        }) => {}
         _ => return Ok(None),
     }
+    // As JSON, not a RunRecord: a record written by another version keeps every field.
     let Ok(mut record) = serde_json::from_str::<serde_json::Value>(&text) else {
         return Ok(None);
     };
-    record["status"] = serde_json::json!("interrupted");
-    if let Some(stages) = record.get_mut("stages").and_then(|s| s.as_object_mut()) {
-        for stage in stages.values_mut() {
-            if stage.get("status").and_then(|status| status.as_str()) == Some("running") {
-                stage["status"] = serde_json::json!("interrupted");
-            }
-        }
-    }
+    record["status"] = serde_json::json!(RunStatus::Interrupted);
     let bytes = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
     replace_file(&path, &bytes, true)?;
     Ok(Some(id))

@@ -18,6 +18,8 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use super::Split;
+
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
@@ -232,7 +234,7 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
 /// Appends token ids to numbered shard files of at most `shard_tokens` tokens each.
 pub struct ShardWriter {
     dir: PathBuf,
-    split: String,
+    split: Split,
     dtype: Dtype,
     shard_tokens: u64,
     current: Option<BufWriter<File>>,
@@ -244,14 +246,14 @@ impl ShardWriter {
     /// A writer of `<cache_dir>/<split>/shard_NNNNN.bin`.
     pub fn new(
         cache_dir: &Path,
-        split: &str,
+        split: Split,
         dtype: Dtype,
         shard_tokens: u64,
     ) -> io::Result<ShardWriter> {
-        std::fs::create_dir_all(cache_dir.join(split))?;
+        std::fs::create_dir_all(cache_dir.join(split.as_str()))?;
         Ok(ShardWriter {
             dir: cache_dir.to_path_buf(),
-            split: split.to_string(),
+            split,
             dtype,
             shard_tokens: shard_tokens.max(1),
             current: None,
@@ -334,8 +336,8 @@ pub struct SftWriter {
 
 impl SftWriter {
     /// A writer of `<cache_dir>/<split>/{tokens,mask,offsets}.bin`.
-    pub fn new(cache_dir: &Path, split: &str, dtype: Dtype) -> io::Result<SftWriter> {
-        let dir = cache_dir.join(split);
+    pub fn new(cache_dir: &Path, split: Split, dtype: Dtype) -> io::Result<SftWriter> {
+        let dir = cache_dir.join(split.as_str());
         std::fs::create_dir_all(&dir)?;
         Ok(SftWriter {
             tokens: BufWriter::with_capacity(1 << 20, File::create(dir.join("tokens.bin"))?),
@@ -519,7 +521,12 @@ impl TokenCache {
         Ok(())
     }
 
-    fn split(&self, split: &str, mode: CacheMode) -> Result<&SplitInfo, CacheError> {
+    /// Whether the cache has `split`.
+    pub fn has(&self, split: Split) -> bool {
+        self.meta.splits.contains_key(split.as_str())
+    }
+
+    fn split(&self, split: Split, mode: CacheMode) -> Result<&SplitInfo, CacheError> {
         if self.meta.mode != mode {
             return Err(CacheError::Invalid {
                 cache: self.dir.clone(),
@@ -531,7 +538,7 @@ impl TokenCache {
         }
         self.meta
             .splits
-            .get(split)
+            .get(split.as_str())
             .ok_or_else(|| CacheError::Invalid {
                 cache: self.dir.clone(),
                 reason: format!("has no `{split}` split"),
@@ -539,7 +546,7 @@ impl TokenCache {
     }
 
     /// The pretraining token stream of `split`.
-    pub fn stream(&self, split: &str) -> Result<TokenStream, CacheError> {
+    pub fn stream(&self, split: Split) -> Result<TokenStream, CacheError> {
         let info = self.split(split, CacheMode::Pretrain)?;
         let shards = info
             .shards
@@ -557,9 +564,9 @@ impl TokenCache {
     }
 
     /// The SFT examples of `split`.
-    pub fn examples(&self, split: &str) -> Result<SftExamples, CacheError> {
+    pub fn examples(&self, split: Split) -> Result<SftExamples, CacheError> {
         let info = self.split(split, CacheMode::Sft)?;
-        let dir = self.dir.join(split);
+        let dir = self.dir.join(split.as_str());
         let offsets_path = dir.join("offsets.bin");
         let raw = std::fs::read(&offsets_path).map_err(io_at(&offsets_path))?;
         let offsets: Vec<u64> = raw

@@ -4,6 +4,7 @@
 //! greedy answers generated through the chat template: exact match and normalised
 //! contains. Writes `metrics.json` and `samples.jsonl` (answers next to the expected).
 
+use crate::data::Split;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -171,7 +172,7 @@ fn loss_batches(
     settings: &EvaluateSettings,
     max_positions: usize,
 ) -> Result<Vec<Batch>, StageError> {
-    if !cache.meta.splits.contains_key("eval") {
+    if !cache.has(Split::Eval) {
         return Err(invalid(format!(
             "the token cache {} has no eval split",
             cache.dir.display()
@@ -180,7 +181,7 @@ fn loss_batches(
     Ok(match cache.meta.mode {
         CacheMode::Pretrain => {
             let context = settings.context.unwrap_or(256).min(max_positions);
-            let stream = cache.stream("eval").map_err(invalid)?;
+            let stream = cache.stream(Split::Eval).map_err(invalid)?;
             let windows =
                 stream.sequential_windows(context + 1, settings.eval_batches * settings.batch_size);
             windows
@@ -194,7 +195,7 @@ fn loss_batches(
                 .or(cache.meta.max_len.map(|len| len as usize))
                 .unwrap_or(max_positions)
                 .min(max_positions);
-            let examples = cache.examples("eval").map_err(invalid)?;
+            let examples = cache.examples(Split::Eval).map_err(invalid)?;
             let mut batcher = SftBatcher::new(
                 &examples,
                 0,

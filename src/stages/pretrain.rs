@@ -7,6 +7,7 @@
 //! is the final model as an HF directory, `best/`, `metrics.jsonl`, `training.json`
 //! and `loss_curve.svg`.
 
+use crate::data::Split;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -381,7 +382,7 @@ fn run(
     let mut eval = Vec::new();
     let mut unigram_counts = vec![0u64; caches.vocab_size];
     for (name, cache) in &caches.caches {
-        let stream = cache.stream("train").map_err(invalid)?;
+        let stream = cache.stream(Split::Train).map_err(invalid)?;
         if stream.len() < window as u64 {
             return Err(invalid(format!(
                 "token cache `{name}` ({}) holds {} training tokens, fewer than one sequence of `context` + 1 = {window}",
@@ -397,8 +398,8 @@ fn run(
         }
         let weight = settings.mixture.get(name).copied().unwrap_or(1.0);
         sources.push((name.clone(), stream, weight));
-        if cache.meta.splits.contains_key("eval") {
-            let eval_stream = cache.stream("eval").map_err(invalid)?;
+        if cache.has(Split::Eval) {
+            let eval_stream = cache.stream(Split::Eval).map_err(invalid)?;
             let windows = eval_stream.sequential_windows(
                 window,
                 settings.training.eval_batches * settings.training.batch_size,

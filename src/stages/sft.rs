@@ -7,6 +7,7 @@
 //! Face directory) and optionally `tokenizer` (by default the base's `tokenizer.json`).
 //! The output is the fine-tuned model as an HF directory, like `pretrain`'s.
 
+use crate::data::Split;
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
@@ -410,15 +411,15 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         crate::tokenize::template::verify_model_template(&tokenizer, &record.hash, &cache.dir)
             .map_err(invalid)?;
     }
-    let examples = cache.examples("train").map_err(invalid)?;
+    let examples = cache.examples(Split::Train).map_err(invalid)?;
     if examples.is_empty() {
         return Err(invalid(format!(
             "the SFT cache {} has no training examples",
             cache.dir.display()
         )));
     }
-    let eval_examples = match cache.meta.splits.contains_key("eval") {
-        true => Some(cache.examples("eval").map_err(invalid)?),
+    let eval_examples = match cache.has(Split::Eval) {
+        true => Some(cache.examples(Split::Eval).map_err(invalid)?),
         false => None,
     };
     let device = settings.training.device.device().map_err(invalid)?;

@@ -17,6 +17,7 @@ use super::{
     Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
     TOKENIZER_SOURCES,
 };
+use crate::data::Split;
 use crate::data::records::ChatMessage;
 use crate::data::token_cache::{
     AddedTokens, CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo,
@@ -259,7 +260,7 @@ impl StageKind for TokenCacheStage {
         let mut source_hasher = blake3::Hasher::new();
         let mut splits = BTreeMap::new();
         let mut metrics = serde_json::Map::new();
-        for (split, file) in [("train", Some(&train)), ("eval", eval.as_ref())] {
+        for (split, file) in [(Split::Train, Some(&train)), (Split::Eval, eval.as_ref())] {
             let Some(file) = file else { continue };
             let hash = crate::hashing::hash_file_contents(file)
                 .map_err(|error| StageError::io(format!("hashing {}", file.display()), error))?;
@@ -580,7 +581,7 @@ fn build_pretrain(
     settings: &TokenCacheSettings,
     file: &Path,
     out_dir: &Path,
-    split: &str,
+    split: Split,
     dtype: Dtype,
     eos_id: u32,
     context: &StageContext<'_>,
@@ -707,7 +708,7 @@ fn build_sft(
     settings: &TokenCacheSettings,
     file: &Path,
     out_dir: &Path,
-    split: &str,
+    split: Split,
     dtype: Dtype,
     context: &StageContext<'_>,
 ) -> Result<SplitInfo, StageError> {

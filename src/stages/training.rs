@@ -18,7 +18,9 @@ use crate::model::CausalLm;
 use crate::train::checkpoint::ModelFiles;
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::{Decay, Schedule};
-use crate::train::trainer::{self, BatchSource, LoopSettings, TrainError, TrainJob, TrainSummary};
+use crate::train::trainer::{
+    self, BatchSource, LoopSettings, MetricsRow, TrainError, TrainJob, TrainSummary,
+};
 
 /// The output's loss-curve picture.
 pub const LOSS_CURVE: &str = "loss_curve.svg";
@@ -318,21 +320,13 @@ pub fn write_loss_curve(dir: &Path, baseline: Option<f64>) -> Result<(), StageEr
     let mut eval = Vec::new();
     for row in text
         .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| serde_json::from_str::<MetricsRow>(line).ok())
     {
-        let step = row.get("step").and_then(serde_json::Value::as_f64);
-        match (row.get("type").and_then(serde_json::Value::as_str), step) {
-            (Some("train"), Some(step)) => {
-                if let Some(loss) = row.get("loss").and_then(serde_json::Value::as_f64) {
-                    train.push((step, loss));
-                }
-            }
-            (Some("eval"), Some(step)) => {
-                if let Some(loss) = row.get("eval_loss").and_then(serde_json::Value::as_f64) {
-                    eval.push((step, loss));
-                }
-            }
-            _ => {}
+        match row {
+            MetricsRow::Train { step, loss, .. } => train.push((step as f64, loss)),
+            MetricsRow::Eval {
+                step, eval_loss, ..
+            } => eval.push((step as f64, eval_loss)),
         }
     }
     let baseline: Vec<(f64, f64)> = match (baseline, train.first(), train.last()) {

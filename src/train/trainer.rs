@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::checkpoint::{self, Checkpoint, CheckpointError, ModelFiles, TrainerState};
@@ -73,6 +74,40 @@ pub struct LoopSettings {
     pub keep_last: usize,
     /// Write a line to the stage log every this many steps.
     pub log_every: u64,
+}
+
+/// One line of [`METRICS`], tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MetricsRow {
+    /// After an optimizer step.
+    Train {
+        /// Steps done.
+        step: u64,
+        /// Training loss of the step.
+        loss: f64,
+        /// Learning rate of the step.
+        lr: f64,
+        /// Gradient norm before clipping.
+        grad_norm: f64,
+        /// Training tokens seen so far.
+        tokens: u64,
+        /// Speed of the step.
+        tokens_per_s: f64,
+        /// Training time so far, resumed sessions included.
+        elapsed_s: f64,
+    },
+    /// After an evaluation.
+    Eval {
+        /// Steps done.
+        step: u64,
+        /// Loss on the eval batches.
+        eval_loss: f64,
+        /// `exp(eval_loss)`.
+        perplexity: f64,
+        /// Training time so far.
+        elapsed_s: f64,
+    },
 }
 
 /// One training run: the model, its data and where it writes.
@@ -363,16 +398,15 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         write_row(
             &mut metrics,
             &metrics_path,
-            &json!({
-                "type": "train",
-                "step": state.step,
-                "loss": outcome.loss,
-                "lr": lr,
-                "grad_norm": outcome.grad_norm,
-                "tokens": state.tokens_seen,
-                "tokens_per_s": round3(tokens_per_s),
-                "elapsed_s": round3(state.elapsed_s),
-            }),
+            &MetricsRow::Train {
+                step: state.step,
+                loss: outcome.loss,
+                lr,
+                grad_norm: outcome.grad_norm,
+                tokens: state.tokens_seen,
+                tokens_per_s: round3(tokens_per_s),
+                elapsed_s: round3(state.elapsed_s),
+            },
         )?;
         if settings.log_every > 0 && state.step.is_multiple_of(settings.log_every) {
             let _ = writeln!(
@@ -389,13 +423,12 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
             write_row(
                 &mut metrics,
                 &metrics_path,
-                &json!({
-                    "type": "eval",
-                    "step": state.step,
-                    "eval_loss": eval_loss,
-                    "perplexity": eval_loss.exp(),
-                    "elapsed_s": round3(state.elapsed_s),
-                }),
+                &MetricsRow::Eval {
+                    step: state.step,
+                    eval_loss,
+                    perplexity: eval_loss.exp(),
+                    elapsed_s: round3(state.elapsed_s),
+                },
             )?;
             let _ = writeln!(
                 log,
@@ -509,8 +542,11 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> 
     fs::write(path, text).map_err(io_at(path))
 }
 
-fn write_row(file: &mut fs::File, path: &Path, row: &serde_json::Value) -> Result<(), TrainError> {
-    let mut line = row.to_string();
+fn write_row(file: &mut fs::File, path: &Path, row: &MetricsRow) -> Result<(), TrainError> {
+    let mut line = serde_json::to_string(row).map_err(|error| TrainError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(error),
+    })?;
     line.push('\n');
     file.write_all(line.as_bytes()).map_err(io_at(path))
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use trainyard::data::Split;
 
 /// A temporary workspace directory.
 pub struct Sandbox {
@@ -251,7 +252,7 @@ pub fn file_hash(path: &Path) -> String {
 pub fn assistant_loss(model: &trainyard::model::CausalLm, cache_dir: &Path) -> f64 {
     use trainyard::data::token_cache::{SftBatcher, SftPosition, TokenCache};
     let cache = TokenCache::open(cache_dir).unwrap();
-    let examples = cache.examples("eval").unwrap();
+    let examples = cache.examples(Split::Eval).unwrap();
     let mut batcher = SftBatcher::new(
         &examples,
         1,

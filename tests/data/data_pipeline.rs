@@ -2,6 +2,7 @@
 //! ingest → tokenizer → pretrain cache and SFT cache.
 
 use crate::common;
+use trainyard::data::Split;
 
 use common::Sandbox;
 use trainyard::data::token_cache::{CacheMode, TokenCache};
@@ -46,11 +47,11 @@ fn synthetic_world_becomes_pretrain_and_sft_caches() {
         "{train:?} {eval:?}"
     );
     assert_eq!(train.documents + eval.documents, 600);
-    assert!(pretrain.stream("train").unwrap().len() > 10_000);
+    assert!(pretrain.stream(Split::Train).unwrap().len() > 10_000);
 
     let sft = TokenCache::open(&sandbox.path("runs/latest/outputs/sft-cache")).unwrap();
     assert_eq!(sft.meta.mode, CacheMode::Sft);
-    let examples = sft.examples("train").unwrap();
+    let examples = sft.examples(Split::Train).unwrap();
     assert!(examples.len() > 100);
     let (ids, mask) = examples.example(0);
     assert_eq!(ids.len(), mask.len());

@@ -1,6 +1,7 @@
 //! The `token-cache` stage and its readers: shards, masks, mixtures, batches.
 
 use crate::common;
+use trainyard::data::Split;
 
 use common::{Sandbox, write_test_tokenizer};
 use trainyard::data::token_cache::{Batch, Dtype, Mixture, SftBatcher, SftPosition, TokenCache};
@@ -81,7 +82,7 @@ fn pretrain_cache_holds_every_document_followed_by_end_of_text_in_u16_shards() {
         expected.extend(tokenizer.encode(*text, false).unwrap().get_ids());
         expected.push(special::id_of(special::END_OF_TEXT).unwrap());
     }
-    let stream = cache.stream("train").unwrap();
+    let stream = cache.stream(Split::Train).unwrap();
     assert_eq!(stream.len(), expected.len() as u64);
     // Reading the whole stream back, shard by shard, gives the ids in document order.
     let mut read_back = Vec::new();
@@ -103,7 +104,7 @@ fn sft_cache_masks_exactly_the_assistant_answer_and_its_end_of_turn() {
     let sandbox = corpus_sandbox();
     sandbox.ok(&["run", "p.yaml"]);
     let cache = TokenCache::open(&sandbox.path("runs/latest/outputs/sft")).unwrap();
-    let examples = cache.examples("train").unwrap();
+    let examples = cache.examples(Split::Train).unwrap();
     assert_eq!(examples.len(), 3);
     let tokenizer = tokenizer(&sandbox);
     let (ids, mask) = examples.example(0);
@@ -169,7 +170,7 @@ fn a_cache_refuses_a_different_tokenizer() {
         .to_string();
     assert!(error.contains("was built with tokenizer"), "{error}");
     assert!(error.contains("other/tokenizer.json"), "{error}");
-    let wrong_mode = cache.examples("train").unwrap_err().to_string();
+    let wrong_mode = cache.examples(Split::Train).unwrap_err().to_string();
     assert!(wrong_mode.contains("holds Pretrain data"), "{wrong_mode}");
 }
 
@@ -191,7 +192,7 @@ fn too_long_examples_follow_the_truncation_policy() {
         "stages.sft.with.truncation=keep_end",
     ]);
     let cache = TokenCache::open(&sandbox.path("runs/latest/outputs/sft")).unwrap();
-    let examples = cache.examples("train").unwrap();
+    let examples = cache.examples(Split::Train).unwrap();
     assert_eq!(examples.len(), 3);
     for index in 0..3 {
         let (ids, mask) = examples.example(index);
@@ -250,8 +251,8 @@ fn random_windows_and_mixtures_are_deterministic_by_seed() {
     let cache = TokenCache::open(&sandbox.path("runs/latest/outputs/pre")).unwrap();
     let draw = |seed: u64| {
         let mixture = Mixture::new(vec![
-            ("a".to_string(), cache.stream("train").unwrap(), 0.7),
-            ("b".to_string(), cache.stream("train").unwrap(), 0.3),
+            ("a".to_string(), cache.stream(Split::Train).unwrap(), 0.7),
+            ("b".to_string(), cache.stream(Split::Train).unwrap(), 0.3),
         ])
         .unwrap();
         let mut rng = Rng::new(seed, 1);
@@ -268,10 +269,13 @@ fn random_windows_and_mixtures_are_deterministic_by_seed() {
         batch.targets[0..7],
         "targets are inputs shifted by one"
     );
-    let windows = cache.stream("train").unwrap().sequential_windows(9, 100);
+    let windows = cache
+        .stream(Split::Train)
+        .unwrap()
+        .sequential_windows(9, 100);
     assert!(!windows.is_empty());
     assert!(windows.iter().all(|window| window.len() == 9));
-    assert!(Mixture::new(vec![("z".into(), cache.stream("train").unwrap(), 0.0)]).is_err());
+    assert!(Mixture::new(vec![("z".into(), cache.stream(Split::Train).unwrap(), 0.0)]).is_err());
 }
 
 #[test]
@@ -279,7 +283,7 @@ fn sft_batches_pad_or_pack_and_resume_from_their_position() {
     let sandbox = corpus_sandbox();
     sandbox.ok(&["run", "p.yaml"]);
     let cache = TokenCache::open(&sandbox.path("runs/latest/outputs/sft")).unwrap();
-    let examples = cache.examples("train").unwrap();
+    let examples = cache.examples(Split::Train).unwrap();
     let pad = cache.meta.pad_id;
     let start = SftPosition {
         epoch: 0,
@@ -507,7 +511,7 @@ fn a_corrupted_shard_is_reported_as_a_corrupted_file() {
     bytes[6] = 0xff;
     bytes[7] = 0xff;
     std::fs::write(&shard, bytes).unwrap();
-    let error = cache.stream("train").unwrap_err().to_string();
+    let error = cache.stream(Split::Train).unwrap_err().to_string();
     assert!(
         error.contains(&format!(
             "{} is corrupted: token 3 is id 65535, outside the vocabulary of {}",

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use crate::common::Sandbox;
 use trainyard::config::{self, LoadOptions, Origin};
-use trainyard::executor::{self, StageStatus};
+use trainyard::executor;
+use trainyard::runs::StageStatus;
 use trainyard::store::Workspace;
 
 /// A fan-out of `stages` command stages: `s0`, and `sK` reading the output of

@@ -2,6 +2,7 @@
 //! a newcomer would, each in a fresh workspace at the `smoke` profile.
 
 use crate::common;
+use trainyard::data::Split;
 
 use std::path::{Path, PathBuf};
 
@@ -253,7 +254,7 @@ fn chat_lora_smoke_trains_a_chatml_base_in_its_own_template_and_exports_it() {
     // tokenizer_config.json, trained on the answers and their <|im_end|> only.
     let cache_dir = sandbox.path("runs/latest/outputs/chat-cache");
     let cache = trainyard::data::token_cache::TokenCache::open(&cache_dir).expect("cache");
-    let examples = cache.examples("train").expect("train split");
+    let examples = cache.examples(Split::Train).expect("train split");
     let tokenizer =
         tokenizers::Tokenizer::from_file(repo("data/models/tiny-qwen2/tokenizer.json")).unwrap();
     let im_end = tokenizer.token_to_id("<|im_end|>").unwrap();
