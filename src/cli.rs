@@ -18,6 +18,15 @@ use crate::retrieve::{self, Index};
 use crate::stages::training::DeviceSetting;
 use crate::store::{self, Workspace};
 
+/// The files `trainyard schema` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchemaFor {
+    /// Pipeline files (`pipelines/*.yaml`).
+    Pipeline,
+    /// Profile files (`profiles/*.yaml`).
+    Profile,
+}
+
 /// Declarative, fingerprinted language-model training pipelines.
 #[derive(Debug, Parser)]
 #[command(name = "trainyard", version, about)]
@@ -77,8 +86,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the JSON schema of pipeline files.
+    /// Print the JSON schema of pipeline files (or, with `profile`, of profile files), for
+    /// editors: `schemas/` holds both, pointed at by each shipped file's first line.
     Schema {
+        /// Which files the schema is for.
+        #[arg(value_enum, default_value_t = SchemaFor::Pipeline)]
+        which: SchemaFor,
         /// Write it to this file instead of standard output.
         #[arg(long, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -577,8 +590,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Schema { output } => {
-            let text = config::schema::pipeline_schema_text();
+        Command::Schema { which, output } => {
+            let text = match which {
+                SchemaFor::Pipeline => config::schema::pipeline_schema_text(),
+                SchemaFor::Profile => config::schema::profile_schema_text(),
+            };
             match output {
                 Some(path) => std::fs::write(&path, text)
                     .map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?,
