@@ -72,6 +72,7 @@ pub enum Command {
     },
     /// Print the stage graph.
     Dag {
+        /// The pipeline file and its overrides.
         #[command(flatten)]
         pipeline: PipelineArgs,
         /// Output format.
@@ -80,6 +81,7 @@ pub enum Command {
     },
     /// Print every resolved setting with where it came from.
     Resolve {
+        /// The pipeline file and its overrides.
         #[command(flatten)]
         pipeline: PipelineArgs,
         /// Print JSON (`values` and `origins`) instead of text.
@@ -200,6 +202,7 @@ pub struct ModelArgs {
 /// `trainyard generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
+    /// The model directory and sampling options.
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt: the user's message, or with `--raw` the text to continue.
@@ -213,6 +216,7 @@ pub struct GenerateArgs {
 /// `trainyard chat`.
 #[derive(Debug, Args)]
 pub struct ChatArgs {
+    /// The model directory and sampling options.
     #[command(flatten)]
     pub model: ModelArgs,
     /// Answer this one message and exit instead of reading standard input.
@@ -281,6 +285,7 @@ pub struct PipelineArgs {
 /// `trainyard run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The pipeline file and its overrides.
     #[command(flatten)]
     pub pipeline: PipelineArgs,
     /// Rerun this stage even if cached (repeatable).
