@@ -19,6 +19,15 @@ use crate::runs::{RunStatus, StageStatus};
 use crate::stages::training::DeviceSetting;
 use crate::store::{self, Workspace};
 
+/// The files `trainyard schema` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchemaFor {
+    /// Pipeline files (`pipelines/*.yaml`).
+    Pipeline,
+    /// Profile files (`profiles/*.yaml`).
+    Profile,
+}
+
 /// Declarative, fingerprinted language-model training pipelines.
 #[derive(Debug, Parser)]
 #[command(name = "trainyard", version, about)]
@@ -64,6 +73,7 @@ pub enum Command {
     },
     /// Print the stage graph.
     Dag {
+        /// The pipeline file and its overrides.
         #[command(flatten)]
         pipeline: PipelineArgs,
         /// Output format.
@@ -72,14 +82,19 @@ pub enum Command {
     },
     /// Print every resolved setting with where it came from.
     Resolve {
+        /// The pipeline file and its overrides.
         #[command(flatten)]
         pipeline: PipelineArgs,
         /// Print JSON (`values` and `origins`) instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Print the JSON schema of pipeline files.
+    /// Print the JSON schema of pipeline files (or, with `profile`, of profile files), for
+    /// editors: `schemas/` holds both, pointed at by each shipped file's first line.
     Schema {
+        /// Which files the schema is for.
+        #[arg(value_enum, default_value_t = SchemaFor::Pipeline)]
+        which: SchemaFor,
         /// Write it to this file instead of standard output.
         #[arg(long, value_name = "FILE")]
         output: Option<PathBuf>,
@@ -188,6 +203,7 @@ pub struct ModelArgs {
 /// `trainyard generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
+    /// The model directory and sampling options.
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt: the user's message, or with `--raw` the text to continue.
@@ -201,6 +217,7 @@ pub struct GenerateArgs {
 /// `trainyard chat`.
 #[derive(Debug, Args)]
 pub struct ChatArgs {
+    /// The model directory and sampling options.
     #[command(flatten)]
     pub model: ModelArgs,
     /// Answer this one message and exit instead of reading standard input.
@@ -269,6 +286,7 @@ pub struct PipelineArgs {
 /// `trainyard run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The pipeline file and its overrides.
     #[command(flatten)]
     pub pipeline: PipelineArgs,
     /// Rerun this stage even if cached (repeatable).
@@ -578,8 +596,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Schema { output } => {
-            let text = config::schema::pipeline_schema_text();
+        Command::Schema { which, output } => {
+            let text = match which {
+                SchemaFor::Pipeline => config::schema::pipeline_schema_text(),
+                SchemaFor::Profile => config::schema::profile_schema_text(),
+            };
             match output {
                 Some(path) => std::fs::write(&path, text)
                     .map_err(|error| anyhow::anyhow!("writing {}: {error}", path.display()))?,

@@ -8,6 +8,9 @@
 //! `generate` runs a trained model (`trainyard generate`, `trainyard chat`); `hf_cache`
 //! finds `hf:org/name` models in the local Hugging Face cache.
 
+// Every public item is documented; keep it so.
+#![warn(missing_docs)]
+
 pub mod atomic_file;
 pub mod audit;
 pub mod cli;

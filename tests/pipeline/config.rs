@@ -254,6 +254,60 @@ fn the_committed_schema_matches_the_code() {
         committed == config::schema::pipeline_schema_text(),
         "schemas/pipeline.schema.json is stale: run `cargo run -- schema --output schemas/pipeline.schema.json`"
     );
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schemas/profile.schema.json"
+    ))
+    .unwrap();
+    assert!(
+        committed == config::schema::profile_schema_text(),
+        "schemas/profile.schema.json is stale: run `cargo run -- schema profile --output schemas/profile.schema.json`"
+    );
+}
+
+/// Editors name the bad key only when `kind` is the discriminator: the stage declares its
+/// keys once (closed) and gives `with:` each kind's settings in an `if`/`then`, never a
+/// `oneOf` of whole stages.
+#[test]
+fn the_schema_keys_stages_on_their_kind() {
+    let schema = config::schema::pipeline_schema();
+    let stage = &schema["$defs"]["Stage"];
+    assert!(stage.get("oneOf").is_none() && stage.get("anyOf").is_none());
+    assert_eq!(stage["required"], serde_json::json!(["kind"]));
+    assert_eq!(stage["additionalProperties"], false);
+    let keys: Vec<&String> = stage["properties"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["kind", "description", "inputs", "with"]);
+    let names: Vec<&str> = trainyard::stages::KINDS
+        .iter()
+        .map(|kind| kind.name)
+        .collect();
+    assert_eq!(
+        stage["properties"]["kind"]["enum"],
+        serde_json::json!(names)
+    );
+    let branches = stage["allOf"].as_array().unwrap();
+    assert_eq!(branches.len(), names.len());
+    for (branch, name) in branches.iter().zip(&names) {
+        assert_eq!(branch["if"]["properties"]["kind"]["const"], *name);
+        assert_eq!(branch["if"]["required"], serde_json::json!(["kind"]));
+        let with = &branch["then"]["properties"]["with"]["$ref"];
+        let settings = with.as_str().unwrap().trim_start_matches("#/$defs/");
+        // Unknown keys in `with:` are still flagged: the settings object is closed.
+        assert_eq!(
+            schema["$defs"][settings]["additionalProperties"], false,
+            "{name}"
+        );
+    }
+    // A profile's `kinds:` names each kind, so a misspelt kind is reported.
+    let profile = config::schema::profile_schema();
+    let kinds = profile["properties"]["kinds"]["properties"]
+        .as_object()
+        .unwrap();
+    assert_eq!(kinds.keys().count(), names.len());
+    assert_eq!(
+        profile["properties"]["kinds"]["additionalProperties"],
+        false
+    );
 }
 
 // ---------------------------------------------------------------------------------------
