@@ -780,7 +780,7 @@ fn check_inputs(run: &Run, hasher: &ContentHasher, stage: &StageRunRecord) -> Ve
         // log left out); a file or folder inside one, or an external input, by content.
         let hashed = match &input.source {
             InputSource::Stage { subpath: None, .. } => {
-                store::hash_output(hasher, &path).map(|(hash, _)| hash)
+                store::hash_output(hasher, &path, UNHASHED_OUTPUTS).map(|(hash, _)| hash)
             }
             // Through the whole output, so that links are hashed as the executor did.
             InputSource::Stage {
@@ -791,7 +791,7 @@ fn check_inputs(run: &Run, hasher: &ContentHasher, stage: &StageRunRecord) -> Ve
                     .ancestors()
                     .nth(Path::new(subpath).components().count())
                     .unwrap_or(&path);
-                store::hash_output(hasher, entry).and_then(|(_, files)| {
+                store::output_files(hasher, entry).and_then(|files| {
                     store::subpath_hash(&files, subpath).ok_or_else(|| {
                         io::Error::new(
                             io::ErrorKind::NotFound,
@@ -857,7 +857,7 @@ fn check_output(run: &Run, hasher: &ContentHasher, stage: &StageRunRecord) -> Ve
             None
         }
     };
-    match store::hash_output(hasher, &dir) {
+    match store::hash_output(hasher, &dir, UNHASHED_OUTPUTS) {
         Ok((actual, _)) if actual == *expected => {}
         Ok((actual, files)) => findings.push(Finding::OutputDiffers {
             path: run.shown(&dir),

@@ -1162,17 +1162,20 @@ impl Engine<'_> {
             )));
         }
         let hashed_at = SystemTime::now();
-        let (output_hash, files) =
-            store::hash_output(&ContentHasher::uncached().with_cancel(self.cancel), scratch)
-                .map_err(|error| {
-                    if error.kind() == std::io::ErrorKind::Interrupted {
-                        return StageError::Interrupted;
-                    }
-                    StageError::io(
-                        format!("hashing the output in {}", scratch.display()),
-                        error,
-                    )
-                })?;
+        let (output_hash, files) = store::hash_output(
+            &ContentHasher::uncached().with_cancel(self.cancel),
+            scratch,
+            crate::stages::UNHASHED_OUTPUTS,
+        )
+        .map_err(|error| {
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                return StageError::Interrupted;
+            }
+            StageError::io(
+                format!("hashing the output in {}", scratch.display()),
+                error,
+            )
+        })?;
         let manifest = Manifest {
             format: runs::RECORD_FORMAT,
             stage: stage.name.clone(),

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::StageIdentity;
 use crate::hashing::{ContentHasher, FileDigest, Links, dir_hash};
-use crate::stages::UNHASHED_OUTPUTS;
 
 /// Prefix of a store entry [`Workspace::publish`] moves aside into the work folder
 /// while it replaces it.
@@ -65,24 +64,35 @@ pub struct Manifest {
     pub trainyard_version: String,
 }
 
-/// Hashes the output in `dir` as its manifest records it: the digest of every file
-/// but `manifest.json`, and the output hash over them (see [`output_hash`]). The
-/// executor calls this before publishing; `trainyard audit` calls it again later.
+/// The digest of every file of the output in `dir` but `manifest.json`, as its manifest
+/// records them.
+pub fn output_files(
+    hasher: &ContentHasher,
+    dir: &Path,
+) -> io::Result<BTreeMap<String, FileDigest>> {
+    Ok(hasher.hash_dir(dir, &[MANIFEST], Links::KeepInside)?.1)
+}
+
+/// Hashes the output in `dir` as its manifest records it: [`output_files`] and the
+/// output hash over them without `unhashed` (see [`output_hash`]). The executor calls
+/// this before publishing; `trainyard audit` calls it again later.
 pub fn hash_output(
     hasher: &ContentHasher,
     dir: &Path,
+    unhashed: &[&str],
 ) -> io::Result<(String, BTreeMap<String, FileDigest>)> {
-    let (_, files) = hasher.hash_dir(dir, &[MANIFEST], Links::KeepInside)?;
-    Ok((output_hash(&files), files))
+    let files = output_files(hasher, dir)?;
+    Ok((output_hash(&files, unhashed), files))
 }
 
 /// The hash of an output as downstream stages see it: the directory hash of its files
-/// without those in [`UNHASHED_OUTPUTS`] (the log and training metrics hold timings).
-pub fn output_hash(files: &BTreeMap<String, FileDigest>) -> String {
+/// but those named in `unhashed` (the stages' rule: logs and training metrics hold
+/// timings, see `stages::UNHASHED_OUTPUTS`).
+pub fn output_hash(files: &BTreeMap<String, FileDigest>, unhashed: &[&str]) -> String {
     dir_hash(
         files
             .iter()
-            .filter(|(path, _)| !UNHASHED_OUTPUTS.contains(&path.as_str()))
+            .filter(|(path, _)| !unhashed.contains(&path.as_str()))
             .map(|(path, digest)| (path.as_str(), digest.hash.as_str())),
     )
 }
@@ -108,8 +118,8 @@ pub fn check_entry(
     dir: &Path,
     manifest: &Manifest,
 ) -> Result<Option<String>, crate::interrupt::Interrupted> {
-    let files = match hash_output(hasher, dir) {
-        Ok((_, files)) => files,
+    let files = match output_files(hasher, dir) {
+        Ok(files) => files,
         Err(error) if error.kind() == io::ErrorKind::Interrupted => {
             return Err(crate::interrupt::Interrupted);
         }
