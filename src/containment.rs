@@ -12,7 +12,7 @@
 //!
 //! When the command exits, everything carrying either mark is killed before the output
 //! is hashed. The token is also written next to the scratch directory
-//! (`work/<stage>-<fp>.procs`), so a run that starts after a killed one finds and kills
+//! (`work/<scratch name>.procs`), so a run that starts after a killed one finds and kills
 //! that run's leftovers before any stage runs.
 
 use std::io;
