@@ -289,8 +289,24 @@ impl Workspace {
         } else {
             None
         };
-        fs::rename(scratch, &target)?;
+        // The files move into a fresh folder that becomes the entry, rather than the
+        // scratch folder itself: a process the command left behind that escaped
+        // containment still has the scratch as its working directory, and what it writes
+        // there later lands in the abandoned scratch, not in the published output.
+        let fresh = scratch.with_extension("publishing");
+        if fresh.exists() {
+            fs::remove_dir_all(&fresh)?;
+        }
+        fs::create_dir(&fresh)?;
+        for entry in fs::read_dir(scratch)? {
+            let entry = entry?;
+            fs::rename(entry.path(), fresh.join(entry.file_name()))?;
+        }
+        File::open(&fresh)?.sync_all()?;
+        fs::rename(&fresh, &target)?;
         File::open(parent)?.sync_all()?;
+        // Empty unless a leftover wrote into it meanwhile; gc removes it then.
+        let _ = fs::remove_dir(scratch);
         if let Some(aside) = replaced {
             fs::remove_dir_all(aside)?;
         }

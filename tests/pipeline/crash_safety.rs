@@ -356,3 +356,19 @@ fn a_run_whose_console_reader_went_away_still_finishes() {
     assert_eq!(sandbox.latest_record()["status"], "succeeded");
     assert_eq!(sandbox.read("runs/latest/outputs/b/b.txt"), "b\n");
 }
+
+/// A process that clears its environment and leaves the process group escapes
+/// containment (only a cgroup would catch it); what it writes through its working
+/// directory after publication lands in the abandoned scratch, not in the store.
+#[test]
+fn an_escaped_leftover_cannot_write_into_the_published_output() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: escape\nstages:\n  envi:\n    kind: command\n    with:\n      cmd: 'setsid env -i /bin/sh -c \"sleep 0.5; echo late >> out.txt\" >/dev/null 2>&1 & echo early > out.txt'\n      outputs: [out.txt]\n",
+    );
+    sandbox.ok(&["run", "p.yaml"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(sandbox.read("runs/latest/outputs/envi/out.txt"), "early\n");
+    sandbox.ok(&["audit", "runs/latest"]);
+}
