@@ -182,6 +182,13 @@ pub enum StageError {
     Invalid(String),
 }
 
+impl From<crate::data::writer::WriteError> for StageError {
+    fn from(error: crate::data::writer::WriteError) -> StageError {
+        let context = format!("{} {}", error.action, error.path.display());
+        StageError::io(context, error.source)
+    }
+}
+
 impl StageError {
     /// An I/O error with the operation and path it concerned.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> StageError {
