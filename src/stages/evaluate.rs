@@ -15,7 +15,7 @@ use serde_json::json;
 use super::training::DeviceSetting;
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKEN_CACHE_SOURCES,
+    StageOutcome, TOKEN_CACHE_SOURCES, invalid,
 };
 use crate::data::records::{ChatMessage, QuestionRecord, Role};
 use crate::data::token_cache::{Batch, CacheMode, SftBatcher, SftPosition, TokenCache};
@@ -119,10 +119,6 @@ impl StageKind for Evaluate {
     ) -> Result<StageOutcome, StageError> {
         run(settings, context)
     }
-}
-
-fn invalid(message: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(message.to_string())
 }
 
 /// Lower-case words separated by single spaces: punctuation and spacing do not count.

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKENIZER_SOURCES,
+    StageOutcome, TOKENIZER_SOURCES, invalid,
 };
 use crate::export::gguf::{self, GgufDtype};
 use crate::model::{self, ModelConfig, shards};
@@ -148,10 +148,6 @@ impl StageKind for Export {
     ) -> Result<StageOutcome, StageError> {
         run(settings, context)
     }
-}
-
-fn invalid(message: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(message.to_string())
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), StageError> {

@@ -24,7 +24,7 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome};
+use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome, invalid};
 use crate::data::dedup::DedupSet;
 use crate::data::sample::BottomK;
 use crate::data::sources::jsonl::{ChunkMode, JsonlReader, TextField};
@@ -526,8 +526,8 @@ impl StageKind for Ingest {
 
 /// Writes the synthetic world's held-out questions to `questions.jsonl`.
 fn write_questions(source: &SyntheticSource, seed: u64, out_dir: &Path) -> Result<(), StageError> {
-    let reader = SyntheticReader::new(seed, &source.world_settings(), source.part)
-        .map_err(|error| StageError::Invalid(error.to_string()))?;
+    let reader =
+        SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(invalid)?;
     let mut out = JsonlWriter::create(&out_dir.join("questions.jsonl"))?;
     for question in crate::data::sources::synthetic::questions(reader.world()) {
         out.write(&question)?;
@@ -549,7 +549,6 @@ fn open_source<'a>(
             ))
         })
     };
-    let fail = |error: SourceError| StageError::Invalid(error.to_string());
     let stream: DocumentStream<'a> = match source {
         SourceSettings::Jsonl(jsonl) => {
             let text_field = TextField::parse(&jsonl.text_field);
@@ -559,17 +558,17 @@ fn open_source<'a>(
                     let reader = JsonlReader::open(&file.path, text_field.clone(), chunks)?;
                     Ok(Box::new(reader) as DocumentStream<'a>)
                 })
-                .map_err(fail)?,
+                .map_err(invalid)?,
             )
         }
         SourceSettings::ChatJsonl(source) => Box::new(
             PerFile::new(&path(&source.input)?, &source.glob, |file| {
                 Ok(Box::new(chat::ChatReader::open(&file.path)?) as DocumentStream<'a>)
             })
-            .map_err(fail)?,
+            .map_err(invalid)?,
         ),
         SourceSettings::Files(source) => {
-            Box::new(files::read_files(&path(&source.input)?, &source.glob).map_err(fail)?)
+            Box::new(files::read_files(&path(&source.input)?, &source.glob).map_err(invalid)?)
         }
         SourceSettings::Dialogues(source) => {
             let delimiter = source.delimiter.clone();
@@ -578,7 +577,7 @@ fn open_source<'a>(
                     let reader = dialogues::DialogueReader::open(&file.path, &delimiter)?;
                     Ok(Box::new(reader) as DocumentStream<'a>)
                 })
-                .map_err(fail)?,
+                .map_err(invalid)?,
             )
         }
         SourceSettings::Parquet(source) => {
@@ -588,11 +587,11 @@ fn open_source<'a>(
                     let reader = parquet::ParquetReader::open(&file.path, &column)?;
                     Ok(Box::new(reader) as DocumentStream<'a>)
                 })
-                .map_err(fail)?,
+                .map_err(invalid)?,
             )
         }
         SourceSettings::Synthetic(source) => Box::new(
-            SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(fail)?,
+            SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(invalid)?,
         ),
     };
     Ok(stream)

@@ -189,6 +189,11 @@ impl From<crate::data::writer::WriteError> for StageError {
     }
 }
 
+/// A [`StageError::Invalid`] with `message`'s text, for `.map_err(invalid)`.
+fn invalid(message: impl std::fmt::Display) -> StageError {
+    StageError::Invalid(message.to_string())
+}
+
 impl StageError {
     /// An I/O error with the operation and path it concerned.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> StageError {

@@ -18,7 +18,7 @@ use serde_json::json;
 use super::training::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
+    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid,
 };
 use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
@@ -215,10 +215,6 @@ const DATA_SLOT: InputSlot = InputSlot {
 
 fn is_data_input(name: &str) -> bool {
     DATA_SLOT.admits(name)
-}
-
-fn invalid(message: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(message.to_string())
 }
 
 /// The token caches of the mixture, opened and checked against the tokenizer.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::training::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
+    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid,
 };
 use crate::data::token_cache::{
     Batch, SftBatcher, SftExamples, SftPosition, TOKENIZER_DIR, TokenCache,
@@ -284,10 +284,6 @@ impl StageKind for Sft {
     ) -> Result<StageOutcome, StageError> {
         run(settings, context)
     }
-}
-
-fn invalid(message: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(message.to_string())
 }
 
 /// Training batches from an [`SftBatcher`]; its epoch and cursor are the position.
