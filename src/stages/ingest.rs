@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -538,7 +538,7 @@ fn write_questions(source: &SyntheticSource, seed: u64, out_dir: &Path) -> Resul
 /// Opens the document stream of one source.
 fn open_source<'a>(
     source: &'a SourceSettings,
-    inputs: &BTreeMap<String, std::path::PathBuf>,
+    inputs: &BTreeMap<String, PathBuf>,
     seed: u64,
 ) -> Result<DocumentStream<'a>, StageError> {
     let path = |input: &str| {
@@ -549,52 +549,43 @@ fn open_source<'a>(
             ))
         })
     };
-    let stream: DocumentStream<'a> = match source {
+    Ok(match source {
         SourceSettings::Jsonl(jsonl) => {
             let text_field = TextField::parse(&jsonl.text_field);
-            let chunks = jsonl.chunks;
-            Box::new(
-                PerFile::new(&path(&jsonl.input)?, &jsonl.glob, move |file| {
-                    let reader = JsonlReader::open(&file.path, text_field.clone(), chunks)?;
-                    Ok(Box::new(reader) as DocumentStream<'a>)
-                })
-                .map_err(invalid)?,
-            )
+            per_file(path(&jsonl.input)?, &jsonl.glob, move |file| {
+                JsonlReader::open(file, text_field.clone(), jsonl.chunks)
+            })?
         }
-        SourceSettings::ChatJsonl(source) => Box::new(
-            PerFile::new(&path(&source.input)?, &source.glob, |file| {
-                Ok(Box::new(chat::ChatReader::open(&file.path)?) as DocumentStream<'a>)
-            })
-            .map_err(invalid)?,
-        ),
+        SourceSettings::ChatJsonl(source) => {
+            per_file(path(&source.input)?, &source.glob, chat::ChatReader::open)?
+        }
         SourceSettings::Files(source) => {
             Box::new(files::read_files(&path(&source.input)?, &source.glob).map_err(invalid)?)
         }
         SourceSettings::Dialogues(source) => {
-            let delimiter = source.delimiter.clone();
-            Box::new(
-                PerFile::new(&path(&source.input)?, &source.glob, move |file| {
-                    let reader = dialogues::DialogueReader::open(&file.path, &delimiter)?;
-                    Ok(Box::new(reader) as DocumentStream<'a>)
-                })
-                .map_err(invalid)?,
-            )
+            per_file(path(&source.input)?, &source.glob, |file| {
+                dialogues::DialogueReader::open(file, &source.delimiter)
+            })?
         }
-        SourceSettings::Parquet(source) => {
-            let column = source.column.clone();
-            Box::new(
-                PerFile::new(&path(&source.input)?, &source.glob, move |file| {
-                    let reader = parquet::ParquetReader::open(&file.path, &column)?;
-                    Ok(Box::new(reader) as DocumentStream<'a>)
-                })
-                .map_err(invalid)?,
-            )
-        }
+        SourceSettings::Parquet(source) => per_file(path(&source.input)?, &source.glob, |file| {
+            parquet::ParquetReader::open(file, &source.column)
+        })?,
         SourceSettings::Synthetic(source) => Box::new(
             SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(invalid)?,
         ),
-    };
-    Ok(stream)
+    })
+}
+
+/// The documents of the files under `root` that match `glob`, each read by `open`.
+fn per_file<'a, S: Iterator<Item = Result<Document, SourceError>> + 'a>(
+    root: PathBuf,
+    glob: &str,
+    mut open: impl FnMut(&Path) -> Result<S, SourceError> + 'a,
+) -> Result<DocumentStream<'a>, StageError> {
+    let per_file = PerFile::new(&root, glob, move |file| {
+        Ok(Box::new(open(&file.path)?) as DocumentStream<'a>)
+    });
+    Ok(Box::new(per_file.map_err(invalid)?))
 }
 
 /// `train.jsonl` and `eval.jsonl`, written as documents arrive.
