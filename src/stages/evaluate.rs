@@ -83,24 +83,9 @@ impl StageKind for Evaluate {
         "loss/perplexity on an eval cache and question accuracy from greedy answers";
     const OUTPUT: Artifact = Artifact::Metrics;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "model",
-            accepts: MODEL_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "data",
-            accepts: TOKEN_CACHE_SOURCES,
-            required: false,
-            many: false,
-        },
-        InputSlot {
-            name: "questions",
-            accepts: &[Artifact::Corpus, Artifact::Files],
-            required: false,
-            many: false,
-        },
+        InputSlot::required("model", MODEL_SOURCES),
+        InputSlot::optional("data", TOKEN_CACHE_SOURCES),
+        InputSlot::optional("questions", &[Artifact::Corpus, Artifact::Files]),
     ]);
 
     fn check(settings: &EvaluateSettings, inputs: &[&str]) -> Result<(), String> {

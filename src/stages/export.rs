@@ -121,18 +121,8 @@ impl StageKind for Export {
         "write a model as a Hugging Face directory (with chat template) and GGUF files";
     const OUTPUT: Artifact = Artifact::Export;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "model",
-            accepts: MODEL_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "tokenizer",
-            accepts: TOKENIZER_SOURCES,
-            required: false,
-            many: false,
-        },
+        InputSlot::required("model", MODEL_SOURCES),
+        InputSlot::optional("tokenizer", TOKENIZER_SOURCES),
     ]);
 
     fn check(settings: &ExportSettings, _inputs: &[&str]) -> Result<(), String> {

@@ -32,18 +32,11 @@ impl StageKind for LoraMerge {
     const SUMMARY: &'static str = "fold a LoRA adapter into its base model (W + α/r·B·A)";
     const OUTPUT: Artifact = Artifact::Model;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "base",
-            accepts: MODEL_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "adapter",
-            accepts: &[Artifact::Adapter, Artifact::Model, Artifact::Files],
-            required: true,
-            many: false,
-        },
+        InputSlot::required("base", MODEL_SOURCES),
+        InputSlot::required(
+            "adapter",
+            &[Artifact::Adapter, Artifact::Model, Artifact::Files],
+        ),
     ]);
 
     fn run(

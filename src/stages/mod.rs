@@ -79,6 +79,26 @@ pub struct InputSlot {
 }
 
 impl InputSlot {
+    /// A slot of one input that the stage cannot run without.
+    pub const fn required(name: &'static str, accepts: &'static [Artifact]) -> InputSlot {
+        InputSlot {
+            name,
+            accepts,
+            required: true,
+            many: false,
+        }
+    }
+
+    /// A slot of at most one input that the stage can run without.
+    pub const fn optional(name: &'static str, accepts: &'static [Artifact]) -> InputSlot {
+        InputSlot {
+            name,
+            accepts,
+            required: false,
+            many: false,
+        }
+    }
+
     /// Whether the input called `input` fills this slot.
     pub fn admits(&self, input: &str) -> bool {
         input == self.name

@@ -128,18 +128,8 @@ impl StageKind for Pretrain {
     const OUTPUT: Artifact = Artifact::Model;
     const INPUTS: InputRules = InputRules::Slots(&[
         DATA_SLOT,
-        InputSlot {
-            name: "tokenizer",
-            accepts: TOKENIZER_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "base",
-            accepts: MODEL_SOURCES,
-            required: false,
-            many: false,
-        },
+        InputSlot::required("tokenizer", TOKENIZER_SOURCES),
+        InputSlot::optional("base", MODEL_SOURCES),
     ]);
     const RESUMABLE: bool = true;
 

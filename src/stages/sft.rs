@@ -204,24 +204,9 @@ impl StageKind for Sft {
         "fine-tune a model on chat examples, loss on the assistant's tokens (resumable)";
     const OUTPUT: Artifact = Artifact::Model;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "data",
-            accepts: TOKEN_CACHE_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "base",
-            accepts: MODEL_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "tokenizer",
-            accepts: TOKENIZER_SOURCES,
-            required: false,
-            many: false,
-        },
+        InputSlot::required("data", TOKEN_CACHE_SOURCES),
+        InputSlot::required("base", MODEL_SOURCES),
+        InputSlot::optional("tokenizer", TOKENIZER_SOURCES),
     ]);
     const RESUMABLE: bool = true;
 

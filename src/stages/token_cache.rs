@@ -132,30 +132,10 @@ impl StageKind for TokenCacheStage {
         "tokenize a corpus into shards (pretrain) or masked chat examples (SFT)";
     const OUTPUT: Artifact = Artifact::TokenCache;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "train",
-            accepts: TEXT_INPUTS,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "eval",
-            accepts: TEXT_INPUTS,
-            required: false,
-            many: false,
-        },
-        InputSlot {
-            name: "tokenizer",
-            accepts: TOKENIZER_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "chat_template",
-            accepts: &[Artifact::Files],
-            required: false,
-            many: false,
-        },
+        InputSlot::required("train", TEXT_INPUTS),
+        InputSlot::optional("eval", TEXT_INPUTS),
+        InputSlot::required("tokenizer", TOKENIZER_SOURCES),
+        InputSlot::optional("chat_template", &[Artifact::Files]),
     ]);
 
     fn check(settings: &TokenCacheSettings, inputs: &[&str]) -> Result<(), String> {
