@@ -1,10 +1,14 @@
 //! Data sources and readers that the stages use; they know nothing of pipelines.
 
+pub mod dedup;
 pub mod records;
+pub mod sample;
 pub mod sources;
+pub mod stats;
 pub mod synthetic;
 pub mod text;
 pub mod token_cache;
+pub mod writer;
 
 /// The two parts a dataset is divided into: what a model learns from, and what it is
 /// measured on. Their names are folder and file names in caches and ingest outputs.

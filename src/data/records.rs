@@ -89,6 +89,36 @@ pub struct ChatRecord {
     pub source_url: Option<String>,
 }
 
+impl ChatRecord {
+    /// Characters of the conversation: the content of all its turns.
+    pub fn char_count(&self) -> usize {
+        self.messages
+            .iter()
+            .map(|message| crate::data::text::char_count(&message.content))
+            .sum()
+    }
+
+    /// The text the conversation is de-duplicated and split by: every turn's role,
+    /// content and tool calls.
+    pub fn canonical_text(&self) -> String {
+        let mut out = String::new();
+        for message in &self.messages {
+            out.push_str(message.role.as_str());
+            out.push_str(": ");
+            out.push_str(&message.content);
+            for call in &message.tool_calls {
+                out.push_str(" [call ");
+                out.push_str(&call.name);
+                out.push(' ');
+                out.push_str(&call.arguments.to_string());
+                out.push(']');
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
 /// A held-out question with its exact answer (`questions.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuestionRecord {

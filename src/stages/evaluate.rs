@@ -16,7 +16,7 @@ use serde_json::json;
 use super::training::DeviceSetting;
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKEN_CACHE_SOURCES,
+    StageOutcome, TOKEN_CACHE_SOURCES, invalid,
 };
 use crate::data::records::{ChatMessage, QuestionRecord, Role};
 use crate::data::token_cache::{Batch, CacheMode, SftBatcher, SftPosition, TokenCache};
@@ -84,24 +84,9 @@ impl StageKind for Evaluate {
         "loss/perplexity on an eval cache and question accuracy from greedy answers";
     const OUTPUT: Artifact = Artifact::Metrics;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "model",
-            accepts: MODEL_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "data",
-            accepts: TOKEN_CACHE_SOURCES,
-            required: false,
-            many: false,
-        },
-        InputSlot {
-            name: "questions",
-            accepts: &[Artifact::Corpus, Artifact::Files],
-            required: false,
-            many: false,
-        },
+        InputSlot::required("model", MODEL_SOURCES),
+        InputSlot::optional("data", TOKEN_CACHE_SOURCES),
+        InputSlot::optional("questions", &[Artifact::Corpus, Artifact::Files]),
     ]);
 
     fn check(settings: &EvaluateSettings, inputs: &[&str]) -> Result<(), String> {
@@ -120,10 +105,6 @@ impl StageKind for Evaluate {
     ) -> Result<StageOutcome, StageError> {
         run(settings, context)
     }
-}
-
-fn invalid(message: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(message.to_string())
 }
 
 /// Lower-case words separated by single spaces: punctuation and spacing do not count.

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKENIZER_SOURCES,
+    StageOutcome, TOKENIZER_SOURCES, invalid,
 };
 use crate::export::gguf::{self, GgufDtype};
 use crate::model::{self, ModelConfig, shards};
@@ -121,18 +121,8 @@ impl StageKind for Export {
         "write a model as a Hugging Face directory (with chat template) and GGUF files";
     const OUTPUT: Artifact = Artifact::Export;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "model",
-            accepts: MODEL_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "tokenizer",
-            accepts: TOKENIZER_SOURCES,
-            required: false,
-            many: false,
-        },
+        InputSlot::required("model", MODEL_SOURCES),
+        InputSlot::optional("tokenizer", TOKENIZER_SOURCES),
     ]);
 
     fn check(settings: &ExportSettings, _inputs: &[&str]) -> Result<(), String> {
@@ -148,10 +138,6 @@ impl StageKind for Export {
     ) -> Result<StageOutcome, StageError> {
         run(settings, context)
     }
-}
-
-fn invalid(message: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(message.to_string())
 }
 
 fn copy(from: &Path, to: &Path) -> Result<(), StageError> {

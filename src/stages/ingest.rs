@@ -2,8 +2,9 @@
 //! dialogue files, Parquet columns, the synthetic world), filters them (length, exact
 //! de-duplication, a seeded `max_docs` sample), splits them into train and eval by content
 //! hash, and writes `train.jsonl`, `eval.jsonl` and `stats.json` (plus `questions.jsonl`
-//! for the synthetic source). The readers live in [`crate::data::sources`]; this module is
-//! the settings and the orchestration.
+//! for the synthetic source). The readers live in [`crate::data::sources`], the pieces
+//! (de-duplication, sampling, writers, statistics) in [`crate::data`]; this module is the
+//! settings and the orchestration.
 //!
 //! Streaming: documents go from the reader through the filters to a buffered writer one
 //! at a time; nothing holds the corpus. What grows with the corpus is the de-duplication
@@ -16,23 +17,25 @@
 //! finds the k-th smallest, a second pass writes the documents at or below it, in their
 //! original order. The result is exactly `max_docs` documents (or all, if fewer).
 
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
-use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Write};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome};
-use crate::data::records::ChatRecord;
+use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome, invalid};
+use crate::data::dedup::DedupSet;
+use crate::data::sample::BottomK;
 use crate::data::sources::jsonl::{ChunkMode, JsonlReader, TextField};
 use crate::data::sources::synthetic::{Part, SyntheticReader};
 use crate::data::sources::{
     Document, DocumentStream, PerFile, SourceError, chat, compile_glob, dialogues, files, parquet,
 };
+use crate::data::stats::{Counts, SourceStats, Stats};
 use crate::data::synthetic::{AnswerStyle, SyntheticSettings};
 use crate::data::text::{self, Purpose};
+use crate::data::writer::JsonlWriter;
 use crate::suggest::did_you_mean;
 
 /// Settings of an `ingest` stage.
@@ -464,7 +467,7 @@ impl StageKind for Ingest {
         let threshold = match settings.max_docs {
             Some(k) => {
                 progress.phase("ingest: sampling (pass 1 of 2)");
-                let mut pass = Pass::new(settings, context.seed, Mode::Sample(Bottom::new(k)));
+                let mut pass = Pass::new(settings, context.seed, Mode::Sample(BottomK::new(k)));
                 pass.read_all(settings, context, &progress)?;
                 match pass.mode {
                     Mode::Sample(bottom) => bottom.threshold(),
@@ -478,18 +481,19 @@ impl StageKind for Ingest {
         } else {
             "ingest"
         });
-        let writers = Writers::create(context.out_dir)?;
-        let mut pass = Pass::new(
-            settings,
-            context.seed,
-            Mode::Write(Output { writers, threshold }),
-        );
+        let output = Output {
+            train: JsonlWriter::create(&context.out_dir.join("train.jsonl"))?,
+            eval: JsonlWriter::create(&context.out_dir.join("eval.jsonl"))?,
+            threshold,
+        };
+        let mut pass = Pass::new(settings, context.seed, Mode::Write(output));
         pass.read_all(settings, context, &progress)?;
         progress.finish();
         let Mode::Write(output) = pass.mode else {
             return Err(StageError::Invalid("internal: not in write mode".into()));
         };
-        output.writers.finish()?;
+        output.train.finish()?;
+        output.eval.finish()?;
 
         let sources = settings.all_sources();
         if let Some(SourceSettings::Synthetic(source)) = sources
@@ -498,7 +502,13 @@ impl StageKind for Ingest {
         {
             write_questions(source, context.seed, context.out_dir)?;
         }
-        let stats = Stats::new(&sources, pass.counts);
+        let chat = sources.iter().any(|source| source.is_chat());
+        let per_source = sources.iter().zip(pass.counts);
+        let per_source = per_source.map(|(source, counts)| SourceStats {
+            source: source.label(),
+            counts,
+        });
+        let stats = Stats::new(chat, per_source.collect());
         let path = context.out_dir.join("stats.json");
         let mut json = serde_json::to_string_pretty(&stats)
             .map_err(|error| StageError::Invalid(format!("serialising stats.json: {error}")))?;
@@ -516,22 +526,19 @@ impl StageKind for Ingest {
 
 /// Writes the synthetic world's held-out questions to `questions.jsonl`.
 fn write_questions(source: &SyntheticSource, seed: u64, out_dir: &Path) -> Result<(), StageError> {
-    let reader = SyntheticReader::new(seed, &source.world_settings(), source.part)
-        .map_err(|error| StageError::Invalid(error.to_string()))?;
-    let path = out_dir.join("questions.jsonl");
-    let io = |error| StageError::io(format!("writing {}", path.display()), error);
-    let mut out = BufWriter::new(File::create(&path).map_err(io)?);
+    let reader =
+        SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(invalid)?;
+    let mut out = JsonlWriter::create(&out_dir.join("questions.jsonl"))?;
     for question in crate::data::sources::synthetic::questions(reader.world()) {
-        serde_json::to_writer(&mut out, &question).map_err(|error| io(error.into()))?;
-        out.write_all(b"\n").map_err(io)?;
+        out.write(&question)?;
     }
-    out.flush().map_err(io)
+    Ok(out.finish()?)
 }
 
 /// Opens the document stream of one source.
 fn open_source<'a>(
     source: &'a SourceSettings,
-    inputs: &BTreeMap<String, std::path::PathBuf>,
+    inputs: &BTreeMap<String, PathBuf>,
     seed: u64,
 ) -> Result<DocumentStream<'a>, StageError> {
     let path = |input: &str| {
@@ -542,175 +549,59 @@ fn open_source<'a>(
             ))
         })
     };
-    let fail = |error: SourceError| StageError::Invalid(error.to_string());
-    let stream: DocumentStream<'a> = match source {
+    Ok(match source {
         SourceSettings::Jsonl(jsonl) => {
             let text_field = TextField::parse(&jsonl.text_field);
-            let chunks = jsonl.chunks;
-            Box::new(
-                PerFile::new(&path(&jsonl.input)?, &jsonl.glob, move |file| {
-                    let reader = JsonlReader::open(&file.path, text_field.clone(), chunks)?;
-                    Ok(Box::new(reader) as DocumentStream<'a>)
-                })
-                .map_err(fail)?,
-            )
+            per_file(path(&jsonl.input)?, &jsonl.glob, move |file| {
+                JsonlReader::open(file, text_field.clone(), jsonl.chunks)
+            })?
         }
-        SourceSettings::ChatJsonl(source) => Box::new(
-            PerFile::new(&path(&source.input)?, &source.glob, |file| {
-                Ok(Box::new(chat::ChatReader::open(&file.path)?) as DocumentStream<'a>)
-            })
-            .map_err(fail)?,
-        ),
+        SourceSettings::ChatJsonl(source) => {
+            per_file(path(&source.input)?, &source.glob, chat::ChatReader::open)?
+        }
         SourceSettings::Files(source) => {
-            Box::new(files::read_files(&path(&source.input)?, &source.glob).map_err(fail)?)
+            Box::new(files::read_files(&path(&source.input)?, &source.glob).map_err(invalid)?)
         }
         SourceSettings::Dialogues(source) => {
-            let delimiter = source.delimiter.clone();
-            Box::new(
-                PerFile::new(&path(&source.input)?, &source.glob, move |file| {
-                    let reader = dialogues::DialogueReader::open(&file.path, &delimiter)?;
-                    Ok(Box::new(reader) as DocumentStream<'a>)
-                })
-                .map_err(fail)?,
-            )
+            per_file(path(&source.input)?, &source.glob, |file| {
+                dialogues::DialogueReader::open(file, &source.delimiter)
+            })?
         }
-        SourceSettings::Parquet(source) => {
-            let column = source.column.clone();
-            Box::new(
-                PerFile::new(&path(&source.input)?, &source.glob, move |file| {
-                    let reader = parquet::ParquetReader::open(&file.path, &column)?;
-                    Ok(Box::new(reader) as DocumentStream<'a>)
-                })
-                .map_err(fail)?,
-            )
-        }
+        SourceSettings::Parquet(source) => per_file(path(&source.input)?, &source.glob, |file| {
+            parquet::ParquetReader::open(file, &source.column)
+        })?,
         SourceSettings::Synthetic(source) => Box::new(
-            SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(fail)?,
+            SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(invalid)?,
         ),
-    };
-    Ok(stream)
+    })
 }
 
-/// The `max_docs` smallest (hash, ordinal) keys seen so far: a max-heap of at most k.
-struct Bottom {
-    k: usize,
-    heap: BinaryHeap<(u64, u64)>,
-}
-
-impl Bottom {
-    fn new(k: u64) -> Bottom {
-        let k = usize::try_from(k).unwrap_or(usize::MAX);
-        Bottom {
-            k,
-            heap: BinaryHeap::with_capacity(k.min(1 << 20)),
-        }
-    }
-
-    fn offer(&mut self, key: (u64, u64)) {
-        if self.heap.len() < self.k {
-            self.heap.push(key);
-        } else if self.heap.peek().is_some_and(|&top| key < top) {
-            self.heap.pop();
-            self.heap.push(key);
-        }
-    }
-
-    /// The largest key that is kept, or `None` when every document fits.
-    fn threshold(&self) -> Option<(u64, u64)> {
-        (self.heap.len() >= self.k)
-            .then(|| self.heap.peek().copied())
-            .flatten()
-    }
+/// The documents of the files under `root` that match `glob`, each read by `open`.
+fn per_file<'a, S: Iterator<Item = Result<Document, SourceError>> + 'a>(
+    root: PathBuf,
+    glob: &str,
+    mut open: impl FnMut(&Path) -> Result<S, SourceError> + 'a,
+) -> Result<DocumentStream<'a>, StageError> {
+    let per_file = PerFile::new(&root, glob, move |file| {
+        Ok(Box::new(open(&file.path)?) as DocumentStream<'a>)
+    });
+    Ok(Box::new(per_file.map_err(invalid)?))
 }
 
 /// `train.jsonl` and `eval.jsonl`, written as documents arrive.
-struct Writers {
-    train: BufWriter<File>,
-    eval: BufWriter<File>,
-    train_path: std::path::PathBuf,
-    eval_path: std::path::PathBuf,
-}
-
-impl Writers {
-    fn create(out_dir: &Path) -> Result<Writers, StageError> {
-        let open = |name: &str| {
-            let path = out_dir.join(name);
-            File::create(&path)
-                .map(|file| (BufWriter::with_capacity(1 << 16, file), path.clone()))
-                .map_err(|error| StageError::io(format!("creating {}", path.display()), error))
-        };
-        let (train, train_path) = open("train.jsonl")?;
-        let (eval, eval_path) = open("eval.jsonl")?;
-        Ok(Writers {
-            train,
-            eval,
-            train_path,
-            eval_path,
-        })
-    }
-
-    fn write(&mut self, document: &Document, eval: bool) -> Result<(), StageError> {
-        let (out, path) = if eval {
-            (&mut self.eval, &self.eval_path)
-        } else {
-            (&mut self.train, &self.train_path)
-        };
-        let io =
-            |error: std::io::Error| StageError::io(format!("writing {}", path.display()), error);
-        match document {
-            Document::Text(record) => serde_json::to_writer(&mut *out, record),
-            Document::Chat(record) => serde_json::to_writer(&mut *out, record),
-        }
-        .map_err(|error| io(error.into()))?;
-        out.write_all(b"\n").map_err(io)
-    }
-
-    fn finish(mut self) -> Result<(), StageError> {
-        for (out, path) in [
-            (&mut self.train, &self.train_path),
-            (&mut self.eval, &self.eval_path),
-        ] {
-            out.flush()
-                .map_err(|error| StageError::io(format!("writing {}", path.display()), error))?;
-        }
-        Ok(())
-    }
-}
-
 struct Output {
-    writers: Writers,
+    train: JsonlWriter,
+    eval: JsonlWriter,
     /// With `max_docs`: the largest (hash, ordinal) key to keep.
     threshold: Option<(u64, u64)>,
 }
 
 enum Mode {
     /// First pass of `max_docs`: find the bottom-k keys, write nothing.
-    Sample(Bottom),
+    Sample(BottomK),
     /// Write the kept documents.
     Write(Output),
 }
-
-/// Hashes that are already uniform need no further hashing in the de-duplication set.
-#[derive(Default, Clone, Copy)]
-struct PreHashed(u64);
-
-impl std::hash::Hasher for PreHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
-        }
-    }
-
-    fn write_u128(&mut self, value: u128) {
-        self.0 = value as u64;
-    }
-}
-
-type DedupSet = HashSet<u128, std::hash::BuildHasherDefault<PreHashed>>;
 
 /// One pass over all sources.
 struct Pass {
@@ -821,7 +712,7 @@ impl Pass {
     fn unit(&mut self, source: usize, document: &Document) -> Result<(), StageError> {
         let chars = match document {
             Document::Text(record) => text::char_count(&record.text),
-            Document::Chat(record) => chat_chars(record),
+            Document::Chat(record) => record.char_count(),
         } as u64;
         let counts = &mut self.counts[source];
         if chars < self.min_chars {
@@ -835,10 +726,10 @@ impl Pass {
         match document {
             Document::Text(record) => text::normalize_into(&record.text, &mut self.normalized),
             Document::Chat(record) => {
-                text::normalize_into(&chat_canonical_text(record), &mut self.normalized)
+                text::normalize_into(&record.canonical_text(), &mut self.normalized)
             }
         }
-        if self.dedup && !self.seen.insert(text::dedup_key(&self.normalized)) {
+        if self.dedup && !self.seen.insert(&self.normalized) {
             counts.dropped.duplicate += 1;
             return Ok(());
         }
@@ -855,7 +746,12 @@ impl Pass {
                     return Ok(());
                 }
                 let eval = text::is_eval(self.seed, &self.normalized, self.eval_ratio);
-                output.writers.write(document, eval)?;
+                if eval {
+                    &mut output.eval
+                } else {
+                    &mut output.train
+                }
+                .write(document)?;
                 counts.kept += 1;
                 if eval {
                     counts.eval += 1;
@@ -867,198 +763,6 @@ impl Pass {
             }
         }
         Ok(())
-    }
-}
-
-/// Characters of a conversation: the content of all its turns.
-fn chat_chars(record: &ChatRecord) -> usize {
-    record
-        .messages
-        .iter()
-        .map(|message| text::char_count(&message.content))
-        .sum()
-}
-
-/// The text a conversation is de-duplicated and split by: every turn's role, content and
-/// tool calls.
-fn chat_canonical_text(record: &ChatRecord) -> String {
-    let mut out = String::new();
-    for message in &record.messages {
-        out.push_str(message.role.as_str());
-        out.push_str(": ");
-        out.push_str(&message.content);
-        for call in &message.tool_calls {
-            out.push_str(" [call ");
-            out.push_str(&call.name);
-            out.push(' ');
-            out.push_str(&call.arguments.to_string());
-            out.push(']');
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// Documents dropped, by reason.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Dropped {
-    /// Fewer than `min_chars` characters.
-    pub too_short: u64,
-    /// More than `max_chars` characters (with `long: drop`, or a conversation).
-    pub too_long: u64,
-    /// An exact duplicate of an earlier document.
-    pub duplicate: u64,
-    /// Not in the `max_docs` sample.
-    pub sampled_out: u64,
-    /// Malformed records skipped with `on_error: skip`.
-    pub invalid: u64,
-}
-
-/// Long documents split into pieces.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct SplitLong {
-    /// Documents that were split.
-    pub documents: u64,
-    /// Pieces they became.
-    pub pieces: u64,
-}
-
-/// Characters written, per split.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Chars {
-    /// In `train.jsonl`.
-    pub train: u64,
-    /// In `eval.jsonl`.
-    pub eval: u64,
-}
-
-/// What happened to the documents of one source (or of all).
-/// `documents_read - split_long.documents + split_long.pieces = kept + dropped (all reasons)`.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Counts {
-    /// Documents read (a chunked line with `chunks: split` counts once per chunk),
-    /// including malformed records.
-    pub documents_read: u64,
-    /// Over-long documents split into pieces (`long: split`).
-    pub split_long: SplitLong,
-    /// Documents written.
-    pub kept: u64,
-    /// Of which in `train.jsonl`.
-    pub train: u64,
-    /// Of which in `eval.jsonl`.
-    pub eval: u64,
-    /// Documents dropped, by reason.
-    pub dropped: Dropped,
-    /// Malformed records skipped, by reason (`json_syntax`, `missing_text`, `unknown_role`, …).
-    pub invalid: BTreeMap<String, u64>,
-    /// Characters written.
-    pub chars: Chars,
-}
-
-impl Counts {
-    fn add(&mut self, other: &Counts) {
-        self.documents_read += other.documents_read;
-        self.split_long.documents += other.split_long.documents;
-        self.split_long.pieces += other.split_long.pieces;
-        self.kept += other.kept;
-        self.train += other.train;
-        self.eval += other.eval;
-        self.dropped.too_short += other.dropped.too_short;
-        self.dropped.too_long += other.dropped.too_long;
-        self.dropped.duplicate += other.dropped.duplicate;
-        self.dropped.sampled_out += other.dropped.sampled_out;
-        self.dropped.invalid += other.dropped.invalid;
-        for (reason, count) in &other.invalid {
-            *self.invalid.entry(reason.clone()).or_default() += count;
-        }
-        self.chars.train += other.chars.train;
-        self.chars.eval += other.chars.eval;
-    }
-}
-
-/// The counts of one source in `stats.json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct SourceStats {
-    /// `format:input`.
-    pub source: String,
-    /// Its counts.
-    #[serde(flatten)]
-    pub counts: Counts,
-}
-
-/// `stats.json`: totals, then per source.
-#[derive(Debug, Clone, Serialize)]
-pub struct Stats {
-    /// `text` or `chat`.
-    pub records: &'static str,
-    /// Totals over all sources.
-    #[serde(flatten)]
-    pub total: Counts,
-    /// Per source, in order.
-    pub per_source: Vec<SourceStats>,
-}
-
-impl Stats {
-    fn new(sources: &[&SourceSettings], counts: Vec<Counts>) -> Stats {
-        let mut total = Counts::default();
-        for one in &counts {
-            total.add(one);
-        }
-        let chat = sources.iter().any(|source| source.is_chat());
-        Stats {
-            records: if chat { "chat" } else { "text" },
-            total,
-            per_source: sources
-                .iter()
-                .zip(counts)
-                .map(|(source, counts)| SourceStats {
-                    source: source.label(),
-                    counts,
-                })
-                .collect(),
-        }
-    }
-
-    fn metrics(&self) -> serde_json::Map<String, serde_json::Value> {
-        let total = &self.total;
-        let mut metrics = serde_json::Map::new();
-        for (key, value) in [
-            ("documents_read", total.documents_read),
-            ("kept", total.kept),
-            ("train", total.train),
-            ("eval", total.eval),
-            ("train_chars", total.chars.train),
-            ("eval_chars", total.chars.eval),
-            ("invalid", total.dropped.invalid),
-        ] {
-            metrics.insert(key.to_string(), value.into());
-        }
-        metrics
-    }
-
-    fn log(&self, log: &mut (dyn Write + Send)) -> std::io::Result<()> {
-        for source in &self.per_source {
-            let c = &source.counts;
-            writeln!(
-                log,
-                "{}: read {}, kept {} (train {}, eval {}), dropped: {} too short, {} too long, {} duplicate, {} sampled out, {} invalid",
-                source.source,
-                c.documents_read,
-                c.kept,
-                c.train,
-                c.eval,
-                c.dropped.too_short,
-                c.dropped.too_long,
-                c.dropped.duplicate,
-                c.dropped.sampled_out,
-                c.dropped.invalid
-            )?;
-        }
-        writeln!(
-            log,
-            "total: read {}, kept {} (train {}, eval {})",
-            self.total.documents_read, self.total.kept, self.total.train, self.total.eval
-        )
     }
 }
 
@@ -1163,17 +867,5 @@ mod tests {
         assert!(s.check(&[]).unwrap_err().contains("`eval_ratio`"));
         let s = settings("source: { files: { input: n, glob: \"[\" } }");
         assert!(s.check(&["n"]).unwrap_err().contains("invalid glob"));
-    }
-
-    #[test]
-    fn bottom_k_keeps_exactly_the_k_smallest_keys() {
-        let mut bottom = Bottom::new(3);
-        for key in [(5, 0), (1, 1), (9, 2), (3, 3), (1, 4), (7, 5)] {
-            bottom.offer(key);
-        }
-        assert_eq!(bottom.threshold(), Some((3, 3)));
-        let mut few = Bottom::new(10);
-        few.offer((1, 0));
-        assert_eq!(few.threshold(), None);
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome,
+    StageOutcome, invalid,
 };
 use crate::model::{self, lora, shards};
 use crate::tokenize::train::tokenizer_file;
@@ -32,28 +32,20 @@ impl StageKind for LoraMerge {
     const SUMMARY: &'static str = "fold a LoRA adapter into its base model (W + α/r·B·A)";
     const OUTPUT: Artifact = Artifact::Model;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "base",
-            accepts: MODEL_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "adapter",
-            accepts: &[Artifact::Adapter, Artifact::Model, Artifact::Files],
-            required: true,
-            many: false,
-        },
+        InputSlot::required("base", MODEL_SOURCES),
+        InputSlot::required(
+            "adapter",
+            &[Artifact::Adapter, Artifact::Model, Artifact::Files],
+        ),
     ]);
 
     fn run(
         _settings: &LoraMergeSettings,
         context: &mut StageContext<'_>,
     ) -> Result<StageOutcome, StageError> {
-        let invalid = |message: String| StageError::Invalid(message);
         let base = &context.inputs["base"];
         let adapter = &context.inputs["adapter"];
-        let config = model::load_config(base).map_err(|error| invalid(error.to_string()))?;
+        let config = model::load_config(base).map_err(invalid)?;
         let adapter_config_path = adapter.join(lora::ADAPTER_CONFIG);
         if !adapter_config_path.exists() && adapter.join("config.json").is_file() {
             return Err(invalid(format!(
@@ -73,8 +65,8 @@ impl StageKind for LoraMerge {
         // Token rows past the base's table (`add_tokens`) grow the vocabulary.
         let config = config.with_vocab_size(lora::merged_vocab(&spec, config.vocab_size()));
         let device = Device::Cpu;
-        let files = model::safetensors_files(base).map_err(|error| invalid(error.to_string()))?;
-        let headers = shards::read_headers(&files).map_err(|error| invalid(error.to_string()))?;
+        let files = model::safetensors_files(base).map_err(invalid)?;
+        let headers = shards::read_headers(&files).map_err(invalid)?;
         let names: BTreeSet<&str> = headers.iter().map(|header| header.name.as_str()).collect();
         let adapter_path = adapter.join(lora::ADAPTER_WEIGHTS);
         let adapter_weights = candle_core::safetensors::load(&adapter_path, &device)
@@ -104,15 +96,14 @@ impl StageKind for LoraMerge {
                 .map(|(_, tensor)| (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64)
                 .sum::<u64>();
             model::save_tensors(&tensors, &context.out_dir.join(file_name(index)))
-                .map_err(|error| invalid(error.to_string()))?;
+                .map_err(invalid)?;
         }
         if files.len() > 1 {
             let weight_map: BTreeMap<String, String> = headers
                 .iter()
                 .map(|header| (header.name.clone(), file_name(header.file)))
                 .collect();
-            shards::write_index(context.out_dir, total_bytes, &weight_map)
-                .map_err(|error| invalid(error.to_string()))?;
+            shards::write_index(context.out_dir, total_bytes, &weight_map).map_err(invalid)?;
         }
         let dtype = shards::main_dtype(
             headers
@@ -121,7 +112,7 @@ impl StageKind for LoraMerge {
         );
         config
             .save_with_dtype(context.out_dir, dtype)
-            .map_err(|error| invalid(error.to_string()))?;
+            .map_err(invalid)?;
         // The tokenizer travels with the model: the adapter's (what SFT used), else the base's.
         let tokenizer = tokenizer_file(adapter)
             .ok()

@@ -79,6 +79,26 @@ pub struct InputSlot {
 }
 
 impl InputSlot {
+    /// A slot of one input that the stage cannot run without.
+    pub const fn required(name: &'static str, accepts: &'static [Artifact]) -> InputSlot {
+        InputSlot {
+            name,
+            accepts,
+            required: true,
+            many: false,
+        }
+    }
+
+    /// A slot of at most one input that the stage can run without.
+    pub const fn optional(name: &'static str, accepts: &'static [Artifact]) -> InputSlot {
+        InputSlot {
+            name,
+            accepts,
+            required: false,
+            many: false,
+        }
+    }
+
     /// Whether the input called `input` fills this slot.
     pub fn admits(&self, input: &str) -> bool {
         input == self.name
@@ -180,6 +200,18 @@ pub enum StageError {
     /// The stage's settings or inputs do not allow it to run.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<crate::data::writer::WriteError> for StageError {
+    fn from(error: crate::data::writer::WriteError) -> StageError {
+        let context = format!("{} {}", error.action, error.path.display());
+        StageError::io(context, error.source)
+    }
+}
+
+/// A [`StageError::Invalid`] with `message`'s text, for `.map_err(invalid)`.
+fn invalid(message: impl std::fmt::Display) -> StageError {
+    StageError::Invalid(message.to_string())
 }
 
 impl StageError {

@@ -19,7 +19,7 @@ use serde_json::json;
 use super::training::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
+    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid,
 };
 use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
@@ -129,18 +129,8 @@ impl StageKind for Pretrain {
     const OUTPUT: Artifact = Artifact::Model;
     const INPUTS: InputRules = InputRules::Slots(&[
         DATA_SLOT,
-        InputSlot {
-            name: "tokenizer",
-            accepts: TOKENIZER_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "base",
-            accepts: MODEL_SOURCES,
-            required: false,
-            many: false,
-        },
+        InputSlot::required("tokenizer", TOKENIZER_SOURCES),
+        InputSlot::optional("base", MODEL_SOURCES),
     ]);
     const RESUMABLE: bool = true;
 
@@ -216,10 +206,6 @@ const DATA_SLOT: InputSlot = InputSlot {
 
 fn is_data_input(name: &str) -> bool {
     DATA_SLOT.admits(name)
-}
-
-fn invalid(message: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(message.to_string())
 }
 
 /// The token caches of the mixture, opened and checked against the tokenizer.

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::training::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES,
+    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid,
 };
 use crate::data::token_cache::{
     Batch, SftBatcher, SftExamples, SftPosition, TOKENIZER_DIR, TokenCache,
@@ -205,24 +205,9 @@ impl StageKind for Sft {
         "fine-tune a model on chat examples, loss on the assistant's tokens (resumable)";
     const OUTPUT: Artifact = Artifact::Model;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "data",
-            accepts: TOKEN_CACHE_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "base",
-            accepts: MODEL_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "tokenizer",
-            accepts: TOKENIZER_SOURCES,
-            required: false,
-            many: false,
-        },
+        InputSlot::required("data", TOKEN_CACHE_SOURCES),
+        InputSlot::required("base", MODEL_SOURCES),
+        InputSlot::optional("tokenizer", TOKENIZER_SOURCES),
     ]);
     const RESUMABLE: bool = true;
 
@@ -285,10 +270,6 @@ impl StageKind for Sft {
     ) -> Result<StageOutcome, StageError> {
         run(settings, context)
     }
-}
-
-fn invalid(message: impl std::fmt::Display) -> StageError {
-    StageError::Invalid(message.to_string())
 }
 
 /// Training batches from an [`SftBatcher`]; its epoch and cursor are the position.

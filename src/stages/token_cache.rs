@@ -15,7 +15,7 @@ use tokenizers::Tokenizer;
 
 use super::{
     Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
-    TOKENIZER_SOURCES,
+    TOKENIZER_SOURCES, invalid,
 };
 use crate::data::Split;
 use crate::data::records::ChatMessage;
@@ -133,30 +133,10 @@ impl StageKind for TokenCacheStage {
         "tokenize a corpus into shards (pretrain) or masked chat examples (SFT)";
     const OUTPUT: Artifact = Artifact::TokenCache;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "train",
-            accepts: TEXT_INPUTS,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "eval",
-            accepts: TEXT_INPUTS,
-            required: false,
-            many: false,
-        },
-        InputSlot {
-            name: "tokenizer",
-            accepts: TOKENIZER_SOURCES,
-            required: true,
-            many: false,
-        },
-        InputSlot {
-            name: "chat_template",
-            accepts: &[Artifact::Files],
-            required: false,
-            many: false,
-        },
+        InputSlot::required("train", TEXT_INPUTS),
+        InputSlot::optional("eval", TEXT_INPUTS),
+        InputSlot::required("tokenizer", TOKENIZER_SOURCES),
+        InputSlot::optional("chat_template", &[Artifact::Files]),
     ]);
 
     fn check(settings: &TokenCacheSettings, inputs: &[&str]) -> Result<(), String> {
@@ -176,10 +156,8 @@ impl StageKind for TokenCacheStage {
         settings: &TokenCacheSettings,
         context: &mut StageContext<'_>,
     ) -> Result<StageOutcome, StageError> {
-        let given_path = train::tokenizer_file(&context.inputs["tokenizer"])
-            .map_err(|error| StageError::Invalid(error.to_string()))?;
-        let mut tokenizer = train::load_tokenizer(&given_path)
-            .map_err(|error| StageError::Invalid(error.to_string()))?;
+        let given_path = train::tokenizer_file(&context.inputs["tokenizer"]).map_err(invalid)?;
+        let mut tokenizer = train::load_tokenizer(&given_path).map_err(invalid)?;
         let (tokenizer_path, added_tokens) = match settings.add_tokens.is_empty() {
             true => (given_path.clone(), None),
             false => {
@@ -219,8 +197,8 @@ impl StageKind for TokenCacheStage {
             .map_or(0, |largest| largest + 1)
             .max(tokenizer.get_vocab_size(true) as u32);
         let dtype = Dtype::for_vocab(vocab_size);
-        let tokenizer_config = TokenizerConfig::load(&tokenizer_dir(&tokenizer_path))
-            .map_err(|error| StageError::Invalid(error.to_string()))?;
+        let tokenizer_config =
+            TokenizerConfig::load(&tokenizer_dir(&tokenizer_path)).map_err(invalid)?;
         let eos_id = separator_id(&tokenizer, settings.separator.as_deref(), &tokenizer_config)?;
         let pad_id = tokenizer
             .token_to_id(special::PAD)
@@ -326,8 +304,7 @@ impl StageKind for TokenCacheStage {
             splits,
         };
         let meta_path = context.out_dir.join("meta.json");
-        let bytes = serde_json::to_vec_pretty(&meta)
-            .map_err(|error| StageError::Invalid(error.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&meta).map_err(invalid)?;
         std::fs::write(&meta_path, bytes)
             .map_err(|error| StageError::io(format!("writing {}", meta_path.display()), error))?;
         Ok(StageOutcome { metrics })
@@ -344,8 +321,7 @@ fn extend_tokenizer(
 ) -> Result<(PathBuf, AddedTokens), StageError> {
     let base_bytes = std::fs::read(given)
         .map_err(|error| StageError::io(format!("reading {}", given.display()), error))?;
-    let added = added::add_special_tokens(tokenizer, tokens)
-        .map_err(|error| StageError::Invalid(error.to_string()))?;
+    let added = added::add_special_tokens(tokenizer, tokens).map_err(invalid)?;
     let path = added::write_extended(
         tokenizer,
         given,
@@ -353,7 +329,7 @@ fn extend_tokenizer(
         &added,
         &out_dir.join(TOKENIZER_DIR),
     )
-    .map_err(|error| StageError::Invalid(error.to_string()))?;
+    .map_err(invalid)?;
     Ok((
         path,
         AddedTokens {
@@ -392,7 +368,7 @@ fn chat_template(
         has_trainyard_tokens,
         extra,
     )
-    .map_err(|error| StageError::Invalid(error.to_string()))
+    .map_err(invalid)
 }
 
 /// The train and optional eval corpus files: given directly, or `train.jsonl` and

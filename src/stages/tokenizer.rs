@@ -70,29 +70,17 @@ impl StageKind for TokenizerStage {
     const SUMMARY: &'static str = "train a byte-level BPE or unigram tokenizer with fixed special tokens, or adopt an existing tokenizer.json";
     const OUTPUT: Artifact = Artifact::Tokenizer;
     const INPUTS: InputRules = InputRules::Slots(&[
-        InputSlot {
-            name: "text",
-            accepts: &[Artifact::Files, Artifact::Corpus],
-            required: false,
-            many: false,
-        },
-        InputSlot {
-            name: "eval",
-            accepts: &[Artifact::Files, Artifact::Corpus],
-            required: false,
-            many: false,
-        },
-        InputSlot {
-            name: "from",
-            accepts: &[
+        InputSlot::optional("text", &[Artifact::Files, Artifact::Corpus]),
+        InputSlot::optional("eval", &[Artifact::Files, Artifact::Corpus]),
+        InputSlot::optional(
+            "from",
+            &[
                 Artifact::Files,
                 Artifact::Tokenizer,
                 Artifact::Model,
                 Artifact::Export,
             ],
-            required: false,
-            many: false,
-        },
+        ),
     ]);
 
     fn run(

@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 
 use crate::data::records::{ChatRecord, TextRecord};
 
-/// One document as read from a source.
-#[derive(Debug, Clone, PartialEq)]
+/// One document as read from a source; it serialises as its record, a corpus line.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
 pub enum Document {
     /// A plain-text document.
     Text(TextRecord),
