@@ -22,9 +22,10 @@ use tokenizers::Tokenizer;
 use crate::data::records::{ChatMessage, Role};
 use crate::model::{self, CausalLm, Kernels, ModelConfig, ModelError};
 use crate::rng::Rng;
+use crate::tokenize::TokenizeError;
+use crate::tokenize::load::{check_special_ids, load_tokenizer};
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, TOOL_CALL};
 use crate::tokenize::template::{self, ChatTemplate, TemplateChoice, TokenizerConfig};
-use crate::tokenize::train::{TokenizeError, check_special_ids, load_tokenizer};
 
 /// Why a model could not be loaded or text not generated.
 #[derive(Debug, thiserror::Error)]

@@ -50,9 +50,9 @@ use serde_json::Value as Json;
 
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig, ModelError};
 use crate::tokenize::chat::JINJA_TEMPLATE;
+use crate::tokenize::load::tokenizer_file;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD};
 use crate::tokenize::template;
-use crate::tokenize::train::tokenizer_file;
 
 /// The GGUF version written.
 pub const GGUF_VERSION: u32 = 3;

@@ -25,9 +25,9 @@ use super::{
 use crate::export::gguf::{self, GgufDtype};
 use crate::model::{self, ModelConfig, shards};
 use crate::tokenize::chat::JINJA_TEMPLATE;
+use crate::tokenize::load::{check_special_ids, load_tokenizer, tokenizer_file};
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD, SPECIAL_TOKENS};
 use crate::tokenize::template::{TOKENIZER_CONFIG, copy_companions};
-use crate::tokenize::train::{check_special_ids, load_tokenizer, tokenizer_file};
 
 /// Settings of an `export` stage.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]

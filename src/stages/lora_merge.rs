@@ -16,7 +16,7 @@ use super::{
     StageOutcome, invalid,
 };
 use crate::model::{self, lora, shards};
-use crate::tokenize::train::tokenizer_file;
+use crate::tokenize::load::tokenizer_file;
 
 /// Settings of a `lora-merge` stage (none yet; the adapter carries its own spec).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]

@@ -24,7 +24,7 @@ use super::{
 use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
 use crate::rng::Rng;
-use crate::tokenize::train::tokenizer_file;
+use crate::tokenize::load::tokenizer_file;
 use crate::train::checkpoint::ModelFiles;
 use crate::train::trainer::BatchSource;
 

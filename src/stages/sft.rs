@@ -23,7 +23,7 @@ use crate::data::token_cache::{
     Batch, SftBatcher, SftExamples, SftPosition, TOKENIZER_DIR, TokenCache,
 };
 use crate::model;
-use crate::tokenize::train::tokenizer_file;
+use crate::tokenize::load::tokenizer_file;
 use crate::train::checkpoint::ModelFiles;
 use crate::train::trainer::BatchSource;
 

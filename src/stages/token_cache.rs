@@ -28,7 +28,7 @@ use crate::tokenize::template::{
     ChatTemplate, Conversation, TemplateChoice, TemplateSource, TokenizerConfig, span_mask,
     tokenizer_dir,
 };
-use crate::tokenize::{added, chat, special, train};
+use crate::tokenize::{added, chat, load, special};
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -156,8 +156,8 @@ impl StageKind for TokenCacheStage {
         settings: &TokenCacheSettings,
         context: &mut StageContext<'_>,
     ) -> Result<StageOutcome, StageError> {
-        let given_path = train::tokenizer_file(&context.inputs["tokenizer"]).map_err(invalid)?;
-        let mut tokenizer = train::load_tokenizer(&given_path).map_err(invalid)?;
+        let given_path = load::tokenizer_file(&context.inputs["tokenizer"]).map_err(invalid)?;
+        let mut tokenizer = load::load_tokenizer(&given_path).map_err(invalid)?;
         let (tokenizer_path, added_tokens) = match settings.add_tokens.is_empty() {
             true => (given_path.clone(), None),
             false => {

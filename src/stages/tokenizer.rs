@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
 use crate::tokenize::corpus::{self, CorpusError, Progress};
-use crate::tokenize::train::{
-    self, Algorithm, EvalStats, TokenizeError, TrainOptions, load_tokenizer, tokenizer_file,
-};
+use crate::tokenize::learn::{self, Algorithm, EvalStats, TrainOptions};
+use crate::tokenize::load::{self, load_tokenizer, tokenizer_file};
+use crate::tokenize::{MIN_VOCAB_SIZE, TokenizeError};
 
 /// Settings of a `tokenizer` stage. With `inputs.from` nothing is trained and these
 /// settings are not used.
@@ -178,7 +178,7 @@ fn train_stage(
         min_frequency,
         show_progress: std::io::stderr().is_terminal(),
     };
-    if options.vocab_size < train::MIN_VOCAB_SIZE {
+    if options.vocab_size < MIN_VOCAB_SIZE {
         return Err(stage_error(TokenizeError::VocabTooSmall {
             requested: options.vocab_size,
         }));
@@ -224,7 +224,7 @@ fn train_stage(
             text.display().to_string(),
         )));
     }
-    let tokenizer = train::train_tokenizer(&counts, &options, cancel, &mut |progress| {
+    let tokenizer = learn::train_tokenizer(&counts, &options, cancel, &mut |progress| {
         reporter.report(progress)
     })
     .map_err(stage_error)?;
@@ -235,7 +235,7 @@ fn train_stage(
         context,
         format_args!("trained {vocab_size} tokens in {training_seconds:.2}s"),
     );
-    let json = train::tokenizer_json(&tokenizer).map_err(stage_error)?;
+    let json = learn::tokenizer_json(&tokenizer).map_err(stage_error)?;
     write_file(context, TOKENIZER_JSON, json.as_bytes())?;
     let eval = eval_stage(&tokenizer, context)?;
     Ok(TokenizerStats {
@@ -243,7 +243,7 @@ fn train_stage(
         algorithm: options.algorithm.as_str().to_string(),
         vocab_size,
         requested_vocab_size: Some(options.vocab_size),
-        special_tokens: train::special_token_ids(&tokenizer),
+        special_tokens: load::special_token_ids(&tokenizer),
         train_chars: Some(counts.chars),
         train_words: Some(counts.words.len()),
         eval,
@@ -262,7 +262,7 @@ fn adopt_stage(
     let bytes = std::fs::read(&file)
         .map_err(|error| StageError::io(format!("reading {}", file.display()), error))?;
     write_file(context, TOKENIZER_JSON, &bytes)?;
-    let special_tokens = train::special_token_ids(&tokenizer);
+    let special_tokens = load::special_token_ids(&tokenizer);
     let missing: Vec<&str> = special_tokens
         .iter()
         .filter(|(_, id)| id.is_none())
@@ -304,7 +304,7 @@ fn eval_stage(
         return Ok(None);
     };
     let files = corpus::corpus_files(eval, "eval.jsonl").map_err(corpus_error)?;
-    let stats = train::eval_stats(tokenizer, &files, context.cancel).map_err(stage_error)?;
+    let stats = learn::eval_stats(tokenizer, &files, context.cancel).map_err(stage_error)?;
     log(
         context,
         format_args!(

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
+use super::TokenizeError;
+use super::learn::tokenizer_json;
 use super::template::{COMPANION_FILES, TOKENIZER_CONFIG, tokenizer_dir};
-use super::train::{TokenizeError, tokenizer_json};
 pub use crate::data::token_cache::AddedToken;
 
 /// Adds `tokens` to `tokenizer` as special tokens, in order; returns those that were new,

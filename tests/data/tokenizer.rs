@@ -9,9 +9,10 @@ use proptest::prelude::*;
 use tokenizers::Tokenizer;
 use trainyard::interrupt::CancelFlag;
 use trainyard::tokenize::corpus::{self, CorpusFile, WordCounts};
+use trainyard::tokenize::learn::{self, Algorithm, TrainOptions};
 use trainyard::tokenize::pretokenize;
 use trainyard::tokenize::special::{SPECIAL_TOKENS, USER};
-use trainyard::tokenize::train::{self, Algorithm, TrainOptions};
+use trainyard::tokenize::{MIN_VOCAB_SIZE, load};
 
 /// A small deterministic corpus with several scripts, numbers, code-ish text and chat
 /// records, as `train.jsonl`.
@@ -151,7 +152,7 @@ fn options(algorithm: Algorithm, vocab_size: usize) -> TrainOptions {
 }
 
 fn train(algorithm: Algorithm, vocab_size: usize) -> Tokenizer {
-    train::train_tokenizer(
+    learn::train_tokenizer(
         &fixture().counts,
         &options(algorithm, vocab_size),
         &CancelFlag::new(),
@@ -286,15 +287,15 @@ fn special_tokens_have_ids_zero_to_seven_in_both_algorithms() {
             format!("hi{USER}there")
         );
         assert_eq!(tokenizer.decode(&ids, true).expect("decode"), "hithere");
-        train::check_special_ids(tokenizer).expect("fixed ids");
+        load::check_special_ids(tokenizer).expect("fixed ids");
     }
 }
 
 #[test]
 fn bpe_fills_the_requested_vocabulary_and_never_exceeds_it() {
     assert_eq!(bpe().get_vocab_size(true), 600);
-    let small = train(Algorithm::Bpe, train::MIN_VOCAB_SIZE + 1);
-    assert_eq!(small.get_vocab_size(true), train::MIN_VOCAB_SIZE + 1);
+    let small = train(Algorithm::Bpe, MIN_VOCAB_SIZE + 1);
+    assert_eq!(small.get_vocab_size(true), MIN_VOCAB_SIZE + 1);
     // More tokens than the corpus has frequent pairs for: BPE stops early.
     let huge = train(Algorithm::Bpe, 1_000_000);
     assert!(huge.get_vocab_size(true) < 1_000_000);
@@ -311,7 +312,7 @@ fn unigram_comes_close_to_the_requested_vocabulary() {
 #[test]
 fn a_vocabulary_without_room_for_the_bytes_is_refused() {
     for algorithm in [Algorithm::Bpe, Algorithm::Unigram] {
-        let error = train::train_tokenizer(
+        let error = learn::train_tokenizer(
             &fixture().counts,
             &options(algorithm, 100),
             &CancelFlag::new(),
@@ -333,13 +334,13 @@ fn training_twice_gives_byte_identical_tokenizer_json() {
         } else {
             400
         };
-        let first = train::tokenizer_json(&train(algorithm, vocab)).expect("json");
+        let first = learn::tokenizer_json(&train(algorithm, vocab)).expect("json");
         // Count again from the files too, with another thread count.
         let counts =
             corpus::count_words(&fixture().train, None, 3, &CancelFlag::new(), &mut |_| {})
                 .expect("count");
-        let second = train::tokenizer_json(
-            &train::train_tokenizer(
+        let second = learn::tokenizer_json(
+            &learn::train_tokenizer(
                 &counts,
                 &options(algorithm, vocab),
                 &CancelFlag::new(),
@@ -360,8 +361,8 @@ fn saved_tokenizers_load_back_and_encode_the_same() {
     let dir = tempfile::tempdir().expect("temp dir");
     for (name, tokenizer) in [("bpe.json", bpe()), ("unigram.json", unigram())] {
         let path = dir.path().join(name);
-        std::fs::write(&path, train::tokenizer_json(tokenizer).expect("json")).expect("write");
-        let loaded = train::load_tokenizer(&path).expect("load");
+        std::fs::write(&path, learn::tokenizer_json(tokenizer).expect("json")).expect("write");
+        let loaded = load::load_tokenizer(&path).expect("load");
         let text = "The naïve café in 東京 🙂 runs <|end|> again.";
         assert_eq!(encode(&loaded, text), encode(tokenizer, text));
         assert_eq!(round_trip(&loaded, text), text);
@@ -370,7 +371,7 @@ fn saved_tokenizers_load_back_and_encode_the_same() {
 
 #[test]
 fn eval_statistics_count_characters_and_tokens() {
-    let stats = train::eval_stats(bpe(), &fixture().eval, &CancelFlag::new()).expect("eval");
+    let stats = learn::eval_stats(bpe(), &fixture().eval, &CancelFlag::new()).expect("eval");
     let mut chars = 0;
     let mut tokens = 0;
     corpus::for_each_text(&fixture().eval, None, &CancelFlag::new(), &mut |text| {
@@ -428,13 +429,13 @@ fn existing_tokenizers_load_with_either_form_of_merges() {
     let dir = tempfile::tempdir().expect("temp dir");
     for pairs in [false, true] {
         let path = write(dir.path(), "tokenizer.json", &hand_written_tokenizer(pairs));
-        let tokenizer = train::load_tokenizer(&path).expect("load");
+        let tokenizer = load::load_tokenizer(&path).expect("load");
         assert_eq!(encode(&tokenizer, "hello"), [7], "pairs: {pairs}");
         assert_eq!(encode(&tokenizer, "hell<|endoftext|>"), [6, 9]);
         // A model directory holding tokenizer.json works too.
-        let from_dir = train::load_tokenizer(dir.path()).expect("load from directory");
+        let from_dir = load::load_tokenizer(dir.path()).expect("load from directory");
         assert_eq!(encode(&from_dir, "hello"), [7]);
-        let ids = train::special_token_ids(&tokenizer);
+        let ids = load::special_token_ids(&tokenizer);
         assert_eq!(ids["<|endoftext|>"], Some(9));
         assert_eq!(ids["<|pad|>"], None);
     }
@@ -448,12 +449,12 @@ fn a_file_without_a_model_is_rejected_with_its_path() {
         "broken.json",
         r#"{"version": "1.0", "added_tokens": []}"#,
     );
-    let error = train::load_tokenizer(&path)
+    let error = load::load_tokenizer(&path)
         .expect_err("no model")
         .to_string();
     assert!(error.contains("broken.json"), "{error}");
     assert!(error.contains("model"), "{error}");
-    let error = train::load_tokenizer(&dir.path().join("sub"))
+    let error = load::load_tokenizer(&dir.path().join("sub"))
         .expect_err("missing")
         .to_string();
     assert!(error.contains("sub"), "{error}");
@@ -476,7 +477,7 @@ fn bpe_learns_the_same_merges_as_the_tokenizers_crate_trainer() {
         .vocab_size(700)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(train::special_added_tokens())
+        .special_tokens(learn::special_added_tokens())
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();

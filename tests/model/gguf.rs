@@ -23,7 +23,7 @@ use trainyard::model::{self, Gpt2Config, Kernels, LlamaConfig, LlamaFlavor, Mode
 use trainyard::rng::Rng;
 use trainyard::tokenize::chat::JINJA_TEMPLATE;
 use trainyard::tokenize::corpus::WordCounts;
-use trainyard::tokenize::train::{Algorithm, TrainOptions, tokenizer_json, train_tokenizer};
+use trainyard::tokenize::learn::{Algorithm, TrainOptions, tokenizer_json, train_tokenizer};
 use trainyard::tokenize::{pretokenize, special};
 
 /// Tokens the test tokenizer has: the 8 special tokens, 256 bytes, and 36 merges.

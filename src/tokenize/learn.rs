@@ -1,5 +1,6 @@
-//! Training byte-level tokenizers (BPE or unigram) and loading existing Hugging Face
-//! `tokenizer.json` files, plus the statistics the `tokenizer` stage reports.
+//! Learning byte-level tokenizers (BPE or unigram) from a corpus, writing them as
+//! `tokenizer.json`, and the statistics the `tokenizer` stage reports. Loading existing
+//! files is [`super::load`].
 //!
 //! Every tokenizer trained here is byte-level with no normalizer: text is split by
 //! GPT-2's expression, each byte becomes one of 256 printable characters, and the
@@ -10,9 +11,6 @@
 //! `<|end|>` literally therefore gets a real end-of-turn token there; ingest is the place
 //! to escape such text if that matters.
 
-use std::path::{Path, PathBuf};
-
-use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -25,80 +23,11 @@ use tokenizers::{AddedToken, Tokenizer};
 use crate::interrupt::CancelFlag;
 
 use super::bpe::train_bpe;
-use super::corpus::{CorpusError, CorpusFile, Progress, WordCounts, for_each_text};
+use super::corpus::{CorpusFile, Progress, WordCounts, for_each_text};
+use super::load::check_special_ids;
 use super::pretokenize::{BYTE_CHARS, to_byte_level};
 use super::special::SPECIAL_TOKENS;
-
-/// The smallest vocabulary a trained tokenizer can have: the special tokens and the 256
-/// byte tokens.
-pub const MIN_VOCAB_SIZE: usize = SPECIAL_TOKENS.len() + 256;
-
-/// Why a tokenizer could not be trained, loaded or measured.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenizeError {
-    /// Reading the corpus failed.
-    #[error(transparent)]
-    Corpus(#[from] CorpusError),
-    /// The requested vocabulary cannot hold the special and byte tokens.
-    #[error(
-        "vocab_size {requested} is too small: the {} special tokens and 256 byte tokens alone need {MIN_VOCAB_SIZE}",
-        SPECIAL_TOKENS.len()
-    )]
-    VocabTooSmall {
-        /// What was asked for.
-        requested: usize,
-    },
-    /// The corpus holds no text at all.
-    #[error("{0}: the corpus holds no text to train on")]
-    NoText(String),
-    /// A setting does not apply to the chosen algorithm.
-    #[error("{0}")]
-    Setting(String),
-    /// The `tokenizers` crate reported an error.
-    #[error("{context}: {message}")]
-    Library {
-        /// What was being done.
-        context: String,
-        /// Its message.
-        message: String,
-    },
-    /// A trained tokenizer does not give a special token its fixed id.
-    #[error("special token {token} has id {found:?} instead of {expected} (this is a bug)")]
-    SpecialTokenId {
-        /// The token.
-        token: &'static str,
-        /// Its fixed id.
-        expected: u32,
-        /// The id it got.
-        found: Option<u32>,
-    },
-    /// An existing tokenizer file could not be used.
-    #[error("{path}: {message}")]
-    Load {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// The user asked to stop.
-    #[error("interrupted")]
-    Interrupted,
-}
-
-impl From<crate::interrupt::Interrupted> for TokenizeError {
-    fn from(_: crate::interrupt::Interrupted) -> TokenizeError {
-        TokenizeError::Interrupted
-    }
-}
-
-impl TokenizeError {
-    fn library(context: impl Into<String>, error: impl std::fmt::Display) -> TokenizeError {
-        TokenizeError::Library {
-            context: context.into(),
-            message: error.to_string(),
-        }
-    }
-}
+use super::{MIN_VOCAB_SIZE, TokenizeError};
 
 /// The tokenization model to train.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -300,72 +229,6 @@ fn byte_level_tokenizer(mut tokenizer: Tokenizer) -> Result<Tokenizer, TokenizeE
         .add_special_tokens(special_added_tokens())
         .map_err(|error| TokenizeError::library("adding the special tokens", error))?;
     Ok(tokenizer)
-}
-
-/// Fails unless every special token has its fixed id.
-pub fn check_special_ids(tokenizer: &Tokenizer) -> Result<(), TokenizeError> {
-    for (expected, token) in SPECIAL_TOKENS.iter().enumerate() {
-        let found = tokenizer.token_to_id(token);
-        if found != Some(expected as u32) {
-            return Err(TokenizeError::SpecialTokenId {
-                token,
-                expected: expected as u32,
-                found,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The id of each of trainyard's special tokens in `tokenizer` (`None` where it lacks
-/// one), in id order.
-pub fn special_token_ids(tokenizer: &Tokenizer) -> IndexMap<String, Option<u32>> {
-    SPECIAL_TOKENS
-        .iter()
-        .map(|token| (token.to_string(), tokenizer.token_to_id(token)))
-        .collect()
-}
-
-/// The `tokenizer.json` file for `path`: the path itself, or `tokenizer.json` inside it
-/// when it is a directory (a model or export directory).
-pub fn tokenizer_file(path: &Path) -> Result<PathBuf, TokenizeError> {
-    if !path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let file = path.join("tokenizer.json");
-    if file.is_file() {
-        Ok(file)
-    } else {
-        Err(TokenizeError::Load {
-            path: path.to_path_buf(),
-            message: "a directory without tokenizer.json".to_string(),
-        })
-    }
-}
-
-/// Loads a Hugging Face `tokenizer.json` (BPE merges may be `"a b"` strings or
-/// `["a", "b"]` pairs), or the one inside a directory.
-pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, TokenizeError> {
-    let file = tokenizer_file(path)?;
-    let bytes = std::fs::read(&file).map_err(|error| TokenizeError::Load {
-        path: file.clone(),
-        message: error.to_string(),
-    })?;
-    let load_error = |message: String| TokenizeError::Load {
-        path: file.clone(),
-        message,
-    };
-    let json: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|error| load_error(format!("not JSON: {error}")))?;
-    if json.get("model").is_none() {
-        return Err(load_error(
-            "missing key `model`: not a Hugging Face tokenizer.json".to_string(),
-        ));
-    }
-    Tokenizer::from_bytes(&bytes).map_err(|error| TokenizeError::Load {
-        path: file.clone(),
-        message: format!("not a usable Hugging Face tokenizer.json: {error}"),
-    })
 }
 
 /// `tokenizer` as pretty `tokenizer.json` text (deterministic: vocabularies and added
