@@ -446,7 +446,9 @@ impl Engine<'_> {
         batch.since = None;
     }
 
+    /// Records a stage event in the run's `logs.jsonl`, and logs it (`-v` shows them).
     fn event(&self, event: &str, fields: serde_json::Value) {
+        tracing::info!(target: "trainyard::run", event, %fields);
         if let Some(recorder) = self.recorder {
             recorder.event(event, fields);
         }

@@ -210,3 +210,31 @@ fn toml_pipelines_behave_like_yaml() {
         "{resolved}"
     );
 }
+
+/// `-v` shows the run's stage events as log lines; `-q` and the default do not, and
+/// `RUST_LOG` works like `TRAINYARD_LOG`.
+#[test]
+fn verbosity_flags_and_rust_log_choose_the_log_lines() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: v\nstages:\n  a:\n    kind: command\n    with: { cmd: 'echo a > a.txt' }\n",
+    );
+    let verbose = sandbox.ok(&["-v", "run", "p.yaml"]);
+    assert!(verbose.contains("stage_started"), "{verbose}");
+    let quiet = sandbox.ok(&["-q", "run", "p.yaml", "--force", "a"]);
+    assert!(!quiet.contains("stage_started"), "{quiet}");
+    assert!(quiet.contains("1 executed"), "{quiet}");
+    let plain = sandbox.ok(&["run", "p.yaml", "--force", "a"]);
+    assert!(!plain.contains("stage_started"), "{plain}");
+    let output = sandbox
+        .command(&["run", "p.yaml", "--force", "a"])
+        .env("RUST_LOG", "trainyard::run=info")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("stage_finished"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
