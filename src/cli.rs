@@ -16,7 +16,7 @@ use crate::generate::{Conversation, Generation, Generator, SamplingOptions};
 use crate::interrupt::CancelFlag;
 use crate::retrieve::{self, Index};
 use crate::runs::{RunStatus, StageStatus};
-use crate::stages::training::DeviceSetting;
+use crate::stages::training_stage::DeviceSetting;
 use crate::store::{self, Workspace};
 
 /// The files `trainyard schema` describes.

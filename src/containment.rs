@@ -288,8 +288,9 @@ mod tests {
                 .filter(|process| process.marked)
                 .count()
         };
-        // A process in the middle of exec() may briefly show no environment.
-        for _ in 0..100 {
+        // A process in the middle of exec() may briefly show no environment, and on a
+        // loaded machine `setsid` may not have run yet: wait up to 5 s.
+        for _ in 0..500 {
             if marked() == 2 {
                 break;
             }

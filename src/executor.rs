@@ -16,6 +16,7 @@ use crate::fingerprint::{self, InputRecord, InputSource, Reason, StageIdentity};
 use crate::hashing::ContentHasher;
 use crate::hf_cache::Snapshot;
 use crate::interrupt::CancelFlag;
+use crate::path_error::AtPath;
 use crate::runs::{self, RunRecord, RunRecorder, RunStatus, StageRunRecord, StageStatus};
 use crate::stages::{STAGE_LOG, StageContext, StageError};
 use crate::store::{self, LockError, MANIFEST, Manifest, Workspace};
@@ -1139,14 +1140,13 @@ impl Engine<'_> {
                 })?;
             }
         }
-        std::fs::create_dir_all(scratch)
-            .map_err(|error| StageError::io(format!("creating {}", scratch.display()), error))?;
+        std::fs::create_dir_all(scratch).at(scratch)?;
         let log_path = scratch.join(STAGE_LOG);
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|error| StageError::io(format!("opening {}", log_path.display()), error))?;
+            .at(log_path)?;
         let input_names = self.portable_names(job.index, &job.inputs);
         let mut context = StageContext {
             stage: &stage.name,

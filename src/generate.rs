@@ -21,6 +21,7 @@ use tokenizers::Tokenizer;
 
 use crate::data::records::{ChatMessage, Role};
 use crate::model::{self, CausalLm, Kernels, ModelConfig, ModelError};
+use crate::path_error::PathIoError;
 use crate::rng::Rng;
 use crate::tokenize::TokenizeError;
 use crate::tokenize::load::{check_special_ids, load_tokenizer};
@@ -47,13 +48,8 @@ pub enum GenerateError {
         hint: String,
     },
     /// A file of the model directory could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathIoError),
     /// The model could not be loaded.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -103,10 +99,7 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf, GenerateError> {
         io::ErrorKind::NotFound => GenerateError::NotFound {
             path: path.to_path_buf(),
         },
-        _ => GenerateError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
+        _ => PathIoError::new(path, source).into(),
     })?;
     let not_a_model = |reason: &str, hint: String| GenerateError::NotAModel {
         path: path.to_path_buf(),
@@ -326,24 +319,11 @@ pub struct Generator {
 /// (a number or a list), then of `config.json`, and `tokenizer_config.json`'s
 /// `eos_token`, as transformers' `generate` gathers them.
 fn model_stop_ids(dir: &Path, tokenizer: &Tokenizer) -> Vec<u32> {
-    let mut stop = Vec::new();
-    for file in ["generation_config.json", "config.json"] {
-        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
-            continue;
-        };
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        match value.get("eos_token_id") {
-            Some(serde_json::Value::Number(id)) => stop.extend(id.as_u64().map(|id| id as u32)),
-            Some(serde_json::Value::Array(ids)) => stop.extend(
-                ids.iter()
-                    .filter_map(serde_json::Value::as_u64)
-                    .map(|id| id as u32),
-            ),
-            _ => {}
-        }
-    }
+    let files = ["generation_config.json", "config.json"];
+    let mut stop: Vec<u32> = model::declared_token_ids(dir, &files, "eos_token_id")
+        .iter()
+        .flat_map(model::ids_in)
+        .collect();
     if let Ok(config) = TokenizerConfig::load(dir)
         && let Some(id) = config
             .special("eos_token")

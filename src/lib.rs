@@ -28,6 +28,7 @@ pub mod hashing;
 pub mod hf_cache;
 pub mod interrupt;
 pub mod model;
+pub mod path_error;
 pub mod retrieve;
 pub mod rng;
 pub mod runs;

@@ -23,6 +23,7 @@ use super::Split;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
+use crate::path_error::AtPath;
 use crate::rng::Rng;
 
 /// Current `meta.json` format.
@@ -171,13 +172,8 @@ pub struct AddedToken {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     /// I/O on a cache file.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathIoError),
     /// `meta.json` is not what this version writes.
     #[error("{path}: not a token cache meta.json: {reason}")]
     BadMeta {
@@ -222,13 +218,6 @@ pub enum CacheError {
         /// What is wrong.
         reason: String,
     },
-}
-
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Appends token ids to numbered shard files of at most `shard_tokens` tokens each.
@@ -406,8 +395,8 @@ impl TokenFile {
         expected_tokens: u64,
         vocab_size: u32,
     ) -> Result<TokenFile, CacheError> {
-        let file = File::open(path).map_err(io_at(path))?;
-        let bytes = file.metadata().map_err(io_at(path))?.len();
+        let file = File::open(path).at(path)?;
+        let bytes = file.metadata().at(path)?.len();
         if bytes != expected_tokens * dtype.width() as u64 {
             return Err(CacheError::Invalid {
                 cache: path.to_path_buf(),
@@ -423,7 +412,7 @@ impl TokenFile {
         } else {
             // SAFETY: store outputs are immutable once published; nothing writes this file
             // while it is mapped.
-            Some(unsafe { Mmap::map(&file) }.map_err(io_at(path))?)
+            Some(unsafe { Mmap::map(&file) }.at(path)?)
         };
         let token_file = TokenFile {
             map,
@@ -485,7 +474,7 @@ impl TokenCache {
     /// Opens the cache in `dir` (reads and checks `meta.json`).
     pub fn open(dir: &Path) -> Result<TokenCache, CacheError> {
         let path = dir.join("meta.json");
-        let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+        let bytes = std::fs::read(&path).at(&path)?;
         let meta: CacheMeta =
             serde_json::from_slice(&bytes).map_err(|error| CacheError::BadMeta {
                 path: path.clone(),
@@ -508,7 +497,7 @@ impl TokenCache {
 
     /// Fails unless `tokenizer_file` is byte-for-byte the tokenizer the cache was built with.
     pub fn verify_tokenizer(&self, tokenizer_file: &Path) -> Result<(), CacheError> {
-        let bytes = std::fs::read(tokenizer_file).map_err(io_at(tokenizer_file))?;
+        let bytes = std::fs::read(tokenizer_file).at(tokenizer_file)?;
         let found = blake3::hash(&bytes).to_hex().to_string();
         if found != self.meta.tokenizer_hash {
             return Err(CacheError::TokenizerMismatch {
@@ -568,7 +557,7 @@ impl TokenCache {
         let info = self.split(split, CacheMode::Sft)?;
         let dir = self.dir.join(split.as_str());
         let offsets_path = dir.join("offsets.bin");
-        let raw = std::fs::read(&offsets_path).map_err(io_at(&offsets_path))?;
+        let raw = std::fs::read(&offsets_path).at(&offsets_path)?;
         let offsets: Vec<u64> = raw
             .chunks_exact(8)
             .map(|chunk| u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8])))
@@ -589,7 +578,7 @@ impl TokenCache {
             self.meta.vocab_size,
         )?;
         let mask_path = dir.join("mask.bin");
-        let mask = std::fs::read(&mask_path).map_err(io_at(&mask_path))?;
+        let mask = std::fs::read(&mask_path).at(&mask_path)?;
         if mask.len() as u64 != info.tokens {
             return Err(CacheError::Invalid {
                 cache: self.dir.clone(),

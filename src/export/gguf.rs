@@ -49,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig, ModelError};
+use crate::path_error::AtPath;
 use crate::tokenize::chat::JINJA_TEMPLATE;
 use crate::tokenize::load::tokenizer_file;
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD};
@@ -165,13 +166,8 @@ pub enum GgufError {
         message: String,
     },
     /// Reading the tokenizer or writing the output failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file being read or written.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathIoError),
 }
 
 /// One tensor of a written GGUF file.
@@ -245,10 +241,7 @@ pub fn write_gguf(
             return Err(error);
         }
     };
-    std::fs::rename(&partial, out).map_err(|source| GgufError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    std::fs::rename(&partial, out).at(out)?;
     Ok(GgufSummary {
         path: out.to_path_buf(),
         architecture: layout.arch.to_string(),
@@ -327,10 +320,7 @@ fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| GgufError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).at(path)?;
     let json: Json = serde_json::from_str(&text).map_err(|e| error(format!("not JSON: {e}")))?;
     let model = json
         .get("model")
@@ -479,12 +469,12 @@ fn read_vocab(path: &Path, vocab_size: usize) -> Result<Vocab, GgufError> {
             // llama.cpp's own converter takes it.
             let bos = match config.special("bos_token") {
                 Some(token) => Some(id_of(token)?),
-                None => std::fs::read_to_string(dir.join("generation_config.json"))
-                    .ok()
-                    .and_then(|text| serde_json::from_str::<Json>(&text).ok())
-                    .and_then(|value| value.get("bos_token_id").and_then(Json::as_u64))
-                    .map(|id| id as u32)
-                    .filter(|id| (*id as usize) < tokens.len()),
+                None => {
+                    model::declared_token_ids(&dir, &["generation_config.json"], "bos_token_id")
+                        .iter()
+                        .flat_map(model::ids_in)
+                        .find(|id| (*id as usize) < tokens.len())
+                }
             };
             let pad = config
                 .special("pad_token")
@@ -1233,44 +1223,40 @@ fn write_file(
     plans: &[TensorPlan],
     mut data: impl FnMut(&TensorPlan) -> Result<Vec<u8>, GgufError>,
 ) -> Result<u64, GgufError> {
-    let io = |source: std::io::Error| GgufError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::create(path).map_err(io)?;
+    let file = std::fs::File::create(path).at(path)?;
     let mut out = Counting {
         inner: BufWriter::new(file),
         written: 0,
     };
-    out.u32(GGUF_MAGIC).map_err(io)?;
-    out.u32(GGUF_VERSION).map_err(io)?;
-    out.u64(plans.len() as u64).map_err(io)?;
-    out.u64(metadata.len() as u64).map_err(io)?;
+    out.u32(GGUF_MAGIC).at(path)?;
+    out.u32(GGUF_VERSION).at(path)?;
+    out.u64(plans.len() as u64).at(path)?;
+    out.u64(metadata.len() as u64).at(path)?;
     for (key, value) in metadata {
-        out.string(key).map_err(io)?;
-        out.value(value).map_err(io)?;
+        out.string(key).at(path)?;
+        out.value(value).at(path)?;
     }
     let mut offset = 0u64;
     for plan in plans {
-        out.string(&plan.gguf_name).map_err(io)?;
-        out.u32(plan.shape.len() as u32).map_err(io)?;
+        out.string(&plan.gguf_name).at(path)?;
+        out.u32(plan.shape.len() as u32).at(path)?;
         // GGUF lists dimensions innermost first (ggml's ne[0] is the row length).
         for &dim in plan.shape.iter().rev() {
-            out.u64(dim as u64).map_err(io)?;
+            out.u64(dim as u64).at(path)?;
         }
-        out.u32(ggml_type_id(plan.ggml)).map_err(io)?;
-        out.u64(offset).map_err(io)?;
+        out.u32(ggml_type_id(plan.ggml)).at(path)?;
+        out.u64(offset).at(path)?;
         offset = (offset + plan.byte_size()).next_multiple_of(ALIGNMENT);
     }
-    out.pad().map_err(io)?;
+    out.pad().at(path)?;
     for plan in plans {
         let bytes = data(plan)?;
-        out.bytes(&bytes).map_err(io)?;
-        out.pad().map_err(io)?;
+        out.bytes(&bytes).at(path)?;
+        out.pad().at(path)?;
     }
     let Counting { inner, written } = out;
-    let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
+    let file = inner.into_inner().map_err(|e| e.into_error()).at(path)?;
+    file.sync_all().at(path)?;
     Ok(written)
 }
 

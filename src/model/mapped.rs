@@ -21,6 +21,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::ModelError;
+use crate::path_error::AtPath;
 
 /// The element types a [`MappedMatrix`] holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -553,16 +554,10 @@ impl MappedSafetensors {
     pub fn open(files: &[PathBuf]) -> Result<MappedSafetensors, ModelError> {
         let mut mapped = MappedSafetensors::default();
         for (index, path) in files.iter().enumerate() {
-            let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let file = std::fs::File::open(path).at(path)?;
             // SAFETY: mapped read-only; trainyard never writes a model directory it is
             // reading (stage inputs are immutable store entries or the user's files).
-            let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let map = unsafe { Mmap::map(&file) }.at(path)?;
             let tensors = safetensors::SafeTensors::deserialize(&map).map_err(|error| {
                 ModelError::Safetensors {
                     path: path.clone(),

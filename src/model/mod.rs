@@ -46,6 +46,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::path_error::AtPath;
 use crate::rng::Rng;
 
 pub use attention::Kernels;
@@ -69,13 +70,8 @@ const INIT_STREAM: u64 = 0x6d6f_6465_6c69_6e69;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathIoError),
     /// A `config.json` is not valid JSON or has a value of the wrong type.
     #[error("{path}: {message}")]
     Json {
@@ -117,6 +113,14 @@ pub enum ModelError {
         /// The file.
         path: PathBuf,
         /// What went wrong.
+        message: String,
+    },
+    /// A LoRA adapter does not fit its base model.
+    #[error("{path}: {message}")]
+    Adapter {
+        /// The adapter's weights file.
+        path: PathBuf,
+        /// What does not fit.
         message: String,
     },
     /// A tensor operation failed (shape mismatch, missing tensor, …).
@@ -226,7 +230,7 @@ impl ModelConfig {
             message: error.to_string(),
         })?;
         text.push('\n');
-        std::fs::write(&path, text).map_err(|source| ModelError::Io { path, source })
+        Ok(std::fs::write(&path, text).at(&path)?)
     }
 }
 
@@ -304,10 +308,7 @@ fn config_path(dir: &Path) -> PathBuf {
 /// windows, other activations) are errors, not silently ignored.
 pub fn load_config(dir: &Path) -> Result<ModelConfig, ModelError> {
     let path = config_path(dir);
-    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&path).at(&path)?;
     parse_config(&text, &path)
 }
 
@@ -317,10 +318,7 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig, ModelError> {
 /// runs. [`load_config`] makes the same check first.
 pub fn check_architecture(dir: &Path) -> Result<(), ModelError> {
     let path = config_path(dir);
-    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&path).at(&path)?;
     let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
         path: path.clone(),
         message: error.to_string(),
@@ -810,6 +808,53 @@ pub fn new_lora(
     Ok((CausalLm::Llama(model), varmap, config))
 }
 
+/// The non-null `key` entries (`bos_token_id`, `eos_token_id`, `pad_token_id`: a number,
+/// or for `eos_token_id` a list) of the model directory's JSON `files`
+/// (`config.json`, `generation_config.json`), in `files`' order; a missing or unreadable
+/// file is passed over, as transformers does.
+pub fn declared_token_ids(dir: &Path, files: &[&str], key: &str) -> Vec<Value> {
+    files
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(dir.join(file)).ok())
+        .filter_map(|text| serde_json::from_str::<Value>(&text).ok())
+        .filter_map(|value| value.get(key).filter(|id| !id.is_null()).cloned())
+        .collect()
+}
+
+/// The ids of a [`declared_token_ids`] entry: one number or a list of them.
+pub fn ids_in(entry: &Value) -> Vec<u32> {
+    let ids = match entry {
+        Value::Array(ids) => ids.as_slice(),
+        single => std::slice::from_ref(single),
+    };
+    ids.iter()
+        .filter_map(Value::as_u64)
+        .map(|id| id as u32)
+        .collect()
+}
+
+/// The LoRA spec of the PEFT adapter in `adapter_dir`, from its `adapter_config.json`.
+pub fn read_adapter_spec(adapter_dir: &Path) -> Result<lora::LoraSpec, ModelError> {
+    let config_path = adapter_dir.join(lora::ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&config_path).at(&config_path)?;
+    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
+        path: config_path.clone(),
+        message: error.to_string(),
+    })?;
+    lora::LoraSpec::from_adapter_config(&value).map_err(|message| ModelError::Json {
+        path: config_path,
+        message,
+    })
+}
+
+/// Every tensor of the safetensors file `path`, by name.
+pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+    candle_core::safetensors::load(path, device).map_err(|error| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message: error.to_string(),
+    })
+}
+
 /// A base model from `base_dir` with the PEFT adapter in `adapter_dir` applied (not
 /// merged): the adapter's spec comes from its `adapter_config.json`.
 pub fn load_lora(
@@ -818,22 +863,10 @@ pub fn load_lora(
     dtype: DType,
     device: &Device,
 ) -> Result<(CausalLm, ModelConfig), ModelError> {
-    let config_path = adapter_dir.join(lora::ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io {
-        path: config_path.clone(),
-        source,
-    })?;
-    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
-        path: config_path.clone(),
-        message: error.to_string(),
-    })?;
-    let spec = lora::LoraSpec::from_adapter_config(&value).map_err(|message| ModelError::Json {
-        path: config_path.clone(),
-        message,
-    })?;
+    let spec = read_adapter_spec(adapter_dir)?;
     let (model, varmap, config) = new_lora(base_dir, &spec, dtype, device, 0)?;
     let weights_path = adapter_dir.join(lora::ADAPTER_WEIGHTS);
-    let saved = candle_core::safetensors::load(&weights_path, device)?;
+    let saved = load_tensors(&weights_path, device)?;
     for (name, var) in sorted_vars(&varmap) {
         let tensor = saved.get(&name).ok_or_else(|| ModelError::Safetensors {
             path: weights_path.clone(),
@@ -1016,10 +1049,7 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), Mod
             message: error.to_string(),
         }
     })?;
-    crate::atomic_file::use_default_permissions(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(crate::atomic_file::use_default_permissions(path).at(path)?)
 }
 
 /// Writes a checkpoint directory's model part from a `VarMap`: `config.json` and
@@ -1040,10 +1070,7 @@ pub fn save_model_dir(
     config: &ModelConfig,
     weights: &[(String, Tensor)],
 ) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).at(dir)?;
     let dtype = shards::main_dtype(weights.iter().map(|(_, tensor)| {
         (
             tensor.dtype(),

@@ -15,6 +15,7 @@ use candle_core::DType;
 use serde_json::{Value, json};
 
 use super::ModelError;
+use crate::path_error::AtPath;
 
 /// The single-file weights of a model directory.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -48,10 +49,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 
 /// The `weight_map` of an index file: tensor name → shard file name.
 pub fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>, ModelError> {
-    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
-        path: index.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(index).at(index)?;
     let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
         path: index.to_path_buf(),
         message: error.to_string(),
@@ -124,13 +122,9 @@ pub fn read_headers(files: &[PathBuf]) -> Result<Vec<TensorHeader>, ModelError> 
 /// The header of one safetensors file: its 8-byte length, then that much JSON.
 fn read_metadata(path: &Path) -> Result<(usize, safetensors::tensor::Metadata), ModelError> {
     use std::io::Read;
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut file = std::fs::File::open(path).at(path)?;
     let mut length = [0u8; 8];
-    file.read_exact(&mut length).map_err(io)?;
+    file.read_exact(&mut length).at(path)?;
     let length = u64::from_le_bytes(length) as usize;
     let bad = |message: String| ModelError::Safetensors {
         path: path.to_path_buf(),
@@ -142,7 +136,7 @@ fn read_metadata(path: &Path) -> Result<(usize, safetensors::tensor::Metadata), 
         )));
     }
     let mut header = vec![0u8; length];
-    file.read_exact(&mut header).map_err(io)?;
+    file.read_exact(&mut header).at(path)?;
     let metadata: safetensors::tensor::Metadata =
         serde_json::from_slice(&header).map_err(|error| bad(format!("header: {error}")))?;
     Ok((length, metadata))
@@ -212,5 +206,5 @@ pub fn write_index(
         message: error.to_string(),
     })?;
     text.push('\n');
-    std::fs::write(&path, text).map_err(|source| ModelError::Io { path, source })
+    Ok(std::fs::write(&path, text).at(&path)?)
 }

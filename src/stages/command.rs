@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::containment::Containment;
 
 use super::{Artifact, InputRules, STAGE_LOG, StageContext, StageError, StageKind, StageOutcome};
+use crate::path_error::AtPath;
 
 /// Settings of a `command` stage.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -69,10 +70,8 @@ impl StageKind for Command {
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|error| StageError::io(format!("opening {}", log_path.display()), error))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|error| StageError::io(format!("opening {}", log_path.display()), error))?;
+            .at(&log_path)?;
+        let log_err = log.try_clone().at(&log_path)?;
         let mut process = Process::new("sh");
         process
             .arg("-c")

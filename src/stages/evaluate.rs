@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::training::DeviceSetting;
+use super::training_stage::DeviceSetting;
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, TOKEN_CACHE_SOURCES, invalid,
@@ -22,6 +22,7 @@ use crate::data::records::{ChatMessage, QuestionRecord, Role};
 use crate::data::token_cache::{Batch, CacheMode, SftBatcher, SftPosition, TokenCache};
 use crate::generate::{Generator, SamplingOptions};
 use crate::model;
+use crate::path_error::AtPath;
 use crate::train::trainer::evaluate;
 
 /// Settings of an `evaluate` stage.
@@ -162,7 +163,7 @@ fn loss_batches(
     Ok(match cache.meta.mode {
         CacheMode::Pretrain => {
             let context = settings.context.unwrap_or(256).min(max_positions);
-            let stream = cache.stream(Split::Eval).map_err(invalid)?;
+            let stream = cache.stream(Split::Eval)?;
             let windows =
                 stream.sequential_windows(context + 1, settings.eval_batches * settings.batch_size);
             windows
@@ -176,7 +177,7 @@ fn loss_batches(
                 .or(cache.meta.max_len.map(|len| len as usize))
                 .unwrap_or(max_positions)
                 .min(max_positions);
-            let examples = cache.examples(Split::Eval).map_err(invalid)?;
+            let examples = cache.examples(Split::Eval)?;
             let mut batcher = SftBatcher::new(
                 &examples,
                 0,
@@ -204,16 +205,13 @@ fn read_questions(path: &Path, limit: usize) -> Result<Vec<QuestionRecord>, Stag
     } else {
         path.to_path_buf()
     };
-    let reader = std::fs::File::open(&file)
-        .map(BufReader::new)
-        .map_err(|error| StageError::io(format!("opening {}", file.display()), error))?;
+    let reader = std::fs::File::open(&file).map(BufReader::new).at(&file)?;
     let mut questions = Vec::new();
     for (index, line) in reader.lines().enumerate() {
         if questions.len() >= limit {
             break;
         }
-        let line =
-            line.map_err(|error| StageError::io(format!("reading {}", file.display()), error))?;
+        let line = line.at(&file)?;
         if line.trim().is_empty() {
             continue;
         }
@@ -238,9 +236,8 @@ fn run(
     let mut metrics = serde_json::Map::new();
 
     if let Some(data) = context.inputs.get("data") {
-        let (model, config) =
-            model::load_pretrained(&model_dir, DType::F32, &device).map_err(invalid)?;
-        let cache = TokenCache::open(data).map_err(invalid)?;
+        let (model, config) = model::load_pretrained(&model_dir, DType::F32, &device)?;
+        let cache = TokenCache::open(data)?;
         let batches = loss_batches(&cache, settings, config.max_positions())?;
         if batches.is_empty() {
             return Err(invalid(format!(
@@ -248,7 +245,7 @@ fn run(
                 cache.dir.display()
             )));
         }
-        let loss = evaluate(&model, &batches, &device).map_err(invalid)?;
+        let loss = evaluate(&model, &batches, &device)?;
         let _ = writeln!(
             context.log,
             "eval loss {loss:.4}, perplexity {:.2} over {} batches",
@@ -268,7 +265,7 @@ fn run(
                 questions_path.display()
             )));
         }
-        let generator = Generator::load(&model_dir, &device).map_err(invalid)?;
+        let generator = Generator::load(&model_dir, &device)?;
         let options = SamplingOptions {
             temperature: 0.0,
             top_k: None,
@@ -277,9 +274,7 @@ fn run(
             max_new_tokens: settings.max_new_tokens,
         };
         let samples_path = context.out_dir.join("samples.jsonl");
-        let mut samples = std::fs::File::create(&samples_path).map_err(|error| {
-            StageError::io(format!("creating {}", samples_path.display()), error)
-        })?;
+        let mut samples = std::fs::File::create(&samples_path).at(&samples_path)?;
         let (mut exact, mut contains) = (0usize, 0usize);
         // Per category: questions, exact matches, contained answers.
         let mut by_category: std::collections::BTreeMap<&str, [usize; 3]> = Default::default();
@@ -302,10 +297,8 @@ fn run(
                 tool_calls: Vec::new(),
                 extra: Default::default(),
             });
-            let prompt = generator.chat_prompt(&messages).map_err(invalid)?;
-            let generation = generator
-                .generate(&prompt, &options, &mut |_| Ok(()))
-                .map_err(invalid)?;
+            let prompt = generator.chat_prompt(&messages)?;
+            let generation = generator.generate(&prompt, &options, &mut |_| Ok(()))?;
             let answer = generation.text.trim().to_string();
             let is_exact = normalise(&answer) == normalise(&question.answer);
             let is_contained = contains_answer(&answer, &question.answer);
@@ -328,9 +321,7 @@ fn run(
                 if let Some(category) = &question.category {
                     row["category"] = json!(category);
                 }
-                writeln!(samples, "{row}").map_err(|error| {
-                    StageError::io(format!("writing {}", samples_path.display()), error)
-                })?;
+                writeln!(samples, "{row}").at(&samples_path)?;
             }
         }
         let total = questions.len() as f64;
@@ -368,10 +359,9 @@ fn run(
     }
 
     let path = context.out_dir.join("metrics.json");
-    let mut text = serde_json::to_string_pretty(&metrics).map_err(invalid)?;
+    let mut text = serde_json::to_string_pretty(&metrics)?;
     text.push('\n');
-    std::fs::write(&path, text)
-        .map_err(|error| StageError::io(format!("writing {}", path.display()), error))?;
+    std::fs::write(&path, text).at(path)?;
     Ok(StageOutcome { metrics })
 }
 

@@ -23,7 +23,8 @@ use super::{
     StageOutcome, TOKENIZER_SOURCES, invalid,
 };
 use crate::export::gguf::{self, GgufDtype};
-use crate::model::{self, ModelConfig, shards};
+use crate::model::{self, ModelConfig, ModelError, shards};
+use crate::path_error::AtPath;
 use crate::tokenize::chat::JINJA_TEMPLATE;
 use crate::tokenize::load::{check_special_ids, load_tokenizer, tokenizer_file};
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD, SPECIAL_TOKENS};
@@ -150,10 +151,9 @@ fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), StageError> {
-    let mut text = serde_json::to_string_pretty(value).map_err(invalid)?;
+    let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
-    std::fs::write(path, text)
-        .map_err(|error| StageError::io(format!("writing {}", path.display()), error))
+    Ok(std::fs::write(path, text).at(path)?)
 }
 
 /// Whether the tokenizer has trainyard's special tokens at their fixed ids (then the
@@ -210,10 +210,9 @@ fn run(
     context: &mut StageContext<'_>,
 ) -> Result<StageOutcome, StageError> {
     let source = &context.inputs["model"];
-    let config = model::load_config(source).map_err(invalid)?;
-    let tokenizer_path =
-        tokenizer_file(context.inputs.get("tokenizer").unwrap_or(source)).map_err(invalid)?;
-    let tokenizer = load_tokenizer(&tokenizer_path).map_err(invalid)?;
+    let config = model::load_config(source)?;
+    let tokenizer_path = tokenizer_file(context.inputs.get("tokenizer").unwrap_or(source))?;
+    let tokenizer = load_tokenizer(&tokenizer_path)?;
     let out = context.out_dir;
 
     let max_shard_size = match &settings.max_shard_size {
@@ -241,22 +240,13 @@ fn run(
     if !ours && let Some(map) = hf_config.as_object_mut() {
         // A model from elsewhere keeps its special-token ids: from its own config.json,
         // else from the generation_config.json that travels with its tokenizer.
-        for file in [
-            source.join("config.json"),
-            source.join("generation_config.json"),
-        ] {
-            let Some(value) = std::fs::read_to_string(&file)
-                .ok()
-                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            else {
-                continue;
-            };
-            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-                if let Some(id) = value.get(key).filter(|id| !id.is_null())
-                    && !map.contains_key(key)
-                {
-                    map.insert(key.into(), id.clone());
-                }
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            let files = ["config.json", "generation_config.json"];
+            if let Some(id) = model::declared_token_ids(source, &files, key)
+                .into_iter()
+                .next()
+            {
+                map.entry(key).or_insert(id);
             }
         }
     }
@@ -293,7 +283,7 @@ fn run(
             return Err(StageError::Interrupted);
         }
         let path = out.join(format!("model-{}.gguf", dtype.as_str()));
-        let summary = gguf::write_gguf(source, &tokenizer_path, &path, dtype).map_err(invalid)?;
+        let summary = gguf::write_gguf(source, &tokenizer_path, &path, dtype)?;
         let _ = writeln!(
             context.log,
             "wrote {} ({} tensors, {} bytes, pre-tokenizer {})",
@@ -340,8 +330,8 @@ fn write_weights(
     max_shard_size: u64,
     context: &StageContext<'_>,
 ) -> Result<WrittenWeights, StageError> {
-    let files = model::safetensors_files(source).map_err(invalid)?;
-    let headers = shards::read_headers(&files).map_err(invalid)?;
+    let files = model::safetensors_files(source)?;
+    let headers = shards::read_headers(&files)?;
     let target = |header: &shards::TensorHeader| dtype.unwrap_or(header.dtype);
     let sizes: Vec<(String, u64)> = headers
         .iter()
@@ -389,8 +379,13 @@ fn write_weights(
         (groups, names)
     };
     // SAFETY: the source files are mapped read-only and not written while mapped.
-    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-        .map_err(|error| invalid(format!("{}: {error}", source.display())))?;
+    let mapped =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|error| {
+            ModelError::Safetensors {
+                path: source.to_path_buf(),
+                message: error.to_string(),
+            }
+        })?;
     let mut weight_map = BTreeMap::new();
     for (group, name) in groups.iter().zip(&names) {
         if context.cancel.is_cancelled() {
@@ -404,16 +399,17 @@ fn write_weights(
                     Some(dtype) => tensor.to_dtype(dtype),
                     None => Ok(tensor),
                 })
-                .map_err(|error| {
-                    invalid(format!("{}: `{tensor_name}`: {error}", source.display()))
+                .map_err(|error| ModelError::Safetensors {
+                    path: source.to_path_buf(),
+                    message: format!("`{tensor_name}`: {error}"),
                 })?;
             tensors.push((tensor_name.clone(), tensor));
             weight_map.insert(tensor_name.clone(), name.display().to_string());
         }
-        model::save_tensors(&tensors, &out.join(name)).map_err(invalid)?;
+        model::save_tensors(&tensors, &out.join(name))?;
     }
     if names.len() > 1 {
-        shards::write_index(out, total, &weight_map).map_err(invalid)?;
+        shards::write_index(out, total, &weight_map)?;
     }
     Ok(WrittenWeights {
         files: names,

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome, invalid};
+use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome};
 use crate::data::dedup::DedupSet;
 use crate::data::sample::BottomK;
 use crate::data::sources::jsonl::{ChunkMode, JsonlReader, TextField};
@@ -36,6 +36,7 @@ use crate::data::stats::{Counts, SourceStats, Stats};
 use crate::data::synthetic::{AnswerStyle, SyntheticSettings};
 use crate::data::text::{self, Purpose};
 use crate::data::writer::JsonlWriter;
+use crate::path_error::AtPath;
 use crate::suggest::did_you_mean;
 
 /// Settings of an `ingest` stage.
@@ -510,11 +511,9 @@ impl StageKind for Ingest {
         });
         let stats = Stats::new(chat, per_source.collect());
         let path = context.out_dir.join("stats.json");
-        let mut json = serde_json::to_string_pretty(&stats)
-            .map_err(|error| StageError::Invalid(format!("serialising stats.json: {error}")))?;
+        let mut json = serde_json::to_string_pretty(&stats)?;
         json.push('\n');
-        std::fs::write(&path, json)
-            .map_err(|error| StageError::io(format!("writing {}", path.display()), error))?;
+        std::fs::write(&path, json).at(path)?;
         stats
             .log(context.log)
             .map_err(|error| StageError::io("writing the stage log", error))?;
@@ -526,8 +525,7 @@ impl StageKind for Ingest {
 
 /// Writes the synthetic world's held-out questions to `questions.jsonl`.
 fn write_questions(source: &SyntheticSource, seed: u64, out_dir: &Path) -> Result<(), StageError> {
-    let reader =
-        SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(invalid)?;
+    let reader = SyntheticReader::new(seed, &source.world_settings(), source.part)?;
     let mut out = JsonlWriter::create(&out_dir.join("questions.jsonl"))?;
     for question in crate::data::sources::synthetic::questions(reader.world()) {
         out.write(&question)?;
@@ -560,7 +558,7 @@ fn open_source<'a>(
             per_file(path(&source.input)?, &source.glob, chat::ChatReader::open)?
         }
         SourceSettings::Files(source) => {
-            Box::new(files::read_files(&path(&source.input)?, &source.glob).map_err(invalid)?)
+            Box::new(files::read_files(&path(&source.input)?, &source.glob)?)
         }
         SourceSettings::Dialogues(source) => {
             per_file(path(&source.input)?, &source.glob, |file| {
@@ -570,9 +568,11 @@ fn open_source<'a>(
         SourceSettings::Parquet(source) => per_file(path(&source.input)?, &source.glob, |file| {
             parquet::ParquetReader::open(file, &source.column)
         })?,
-        SourceSettings::Synthetic(source) => Box::new(
-            SyntheticReader::new(seed, &source.world_settings(), source.part).map_err(invalid)?,
-        ),
+        SourceSettings::Synthetic(source) => Box::new(SyntheticReader::new(
+            seed,
+            &source.world_settings(),
+            source.part,
+        )?),
     })
 }
 
@@ -585,7 +585,7 @@ fn per_file<'a, S: Iterator<Item = Result<Document, SourceError>> + 'a>(
     let per_file = PerFile::new(&root, glob, move |file| {
         Ok(Box::new(open(&file.path)?) as DocumentStream<'a>)
     });
-    Ok(Box::new(per_file.map_err(invalid)?))
+    Ok(Box::new(per_file?))
 }
 
 /// `train.jsonl` and `eval.jsonl`, written as documents arrive.
@@ -672,10 +672,7 @@ impl Pass {
                         counts.dropped.invalid += 1;
                         *counts.invalid.entry(problem.key().to_string()).or_default() += 1;
                     }
-                    Err(SourceError::Io { path, source }) => {
-                        return Err(StageError::io(format!("reading {path}"), source));
-                    }
-                    Err(other) => return Err(StageError::Invalid(other.to_string())),
+                    Err(other) => return Err(other.into()),
                 }
             }
         }

@@ -15,7 +15,8 @@ use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, invalid,
 };
-use crate::model::{self, lora, shards};
+use crate::model::{self, ModelError, lora, shards};
+use crate::path_error::AtPath;
 use crate::tokenize::load::tokenizer_file;
 
 /// Settings of a `lora-merge` stage (none yet; the adapter carries its own spec).
@@ -45,9 +46,8 @@ impl StageKind for LoraMerge {
     ) -> Result<StageOutcome, StageError> {
         let base = &context.inputs["base"];
         let adapter = &context.inputs["adapter"];
-        let config = model::load_config(base).map_err(invalid)?;
-        let adapter_config_path = adapter.join(lora::ADAPTER_CONFIG);
-        if !adapter_config_path.exists() && adapter.join("config.json").is_file() {
+        let config = model::load_config(base)?;
+        if !adapter.join(lora::ADAPTER_CONFIG).exists() && adapter.join("config.json").is_file() {
             return Err(invalid(format!(
                 "{} is a whole model, not a LoRA adapter (no {}): there is nothing to merge; \
                  feed it to the next stage directly (was the sft stage's `adapter` set to `none`?)",
@@ -55,25 +55,21 @@ impl StageKind for LoraMerge {
                 lora::ADAPTER_CONFIG
             )));
         }
-        let text = std::fs::read_to_string(&adapter_config_path).map_err(|error| {
-            StageError::io(format!("reading {}", adapter_config_path.display()), error)
-        })?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|error| invalid(format!("{}: {error}", adapter_config_path.display())))?;
-        let spec = lora::LoraSpec::from_adapter_config(&value)
-            .map_err(|message| invalid(format!("{}: {message}", adapter_config_path.display())))?;
+        let spec = model::read_adapter_spec(adapter)?;
         // Token rows past the base's table (`add_tokens`) grow the vocabulary.
         let config = config.with_vocab_size(lora::merged_vocab(&spec, config.vocab_size()));
         let device = Device::Cpu;
-        let files = model::safetensors_files(base).map_err(invalid)?;
-        let headers = shards::read_headers(&files).map_err(invalid)?;
+        let files = model::safetensors_files(base)?;
+        let headers = shards::read_headers(&files)?;
         let names: BTreeSet<&str> = headers.iter().map(|header| header.name.as_str()).collect();
         let adapter_path = adapter.join(lora::ADAPTER_WEIGHTS);
-        let adapter_weights = candle_core::safetensors::load(&adapter_path, &device)
-            .map_err(|error| invalid(format!("{}: {error}", adapter_path.display())))?;
+        let adapter_weights = model::load_tensors(&adapter_path, &device)?;
+        let misfit = |message| ModelError::Adapter {
+            path: adapter_path.clone(),
+            message,
+        };
         // Every adapter tensor must find its base weight before the first shard is written.
-        lora::check_merge(|name| names.contains(name), &adapter_weights)
-            .map_err(|message| invalid(format!("{}: {message}", adapter_path.display())))?;
+        lora::check_merge(|name| names.contains(name), &adapter_weights).map_err(misfit)?;
         let file_name = |index: usize| {
             files[index]
                 .file_name()
@@ -86,33 +82,28 @@ impl StageKind for LoraMerge {
             if context.cancel.is_cancelled() {
                 return Err(StageError::Interrupted);
             }
-            let mut tensors = candle_core::safetensors::load(file, &device)
-                .map_err(|error| invalid(format!("{}: {error}", file.display())))?;
-            changed += lora::merge_shard(&mut tensors, &adapter_weights, &spec)
-                .map_err(|message| invalid(format!("{}: {message}", adapter_path.display())))?;
+            let mut tensors = model::load_tensors(file, &device)?;
+            changed += lora::merge_shard(&mut tensors, &adapter_weights, &spec).map_err(misfit)?;
             let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
             total_bytes += tensors
                 .iter()
                 .map(|(_, tensor)| (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64)
                 .sum::<u64>();
-            model::save_tensors(&tensors, &context.out_dir.join(file_name(index)))
-                .map_err(invalid)?;
+            model::save_tensors(&tensors, &context.out_dir.join(file_name(index)))?;
         }
         if files.len() > 1 {
             let weight_map: BTreeMap<String, String> = headers
                 .iter()
                 .map(|header| (header.name.clone(), file_name(header.file)))
                 .collect();
-            shards::write_index(context.out_dir, total_bytes, &weight_map).map_err(invalid)?;
+            shards::write_index(context.out_dir, total_bytes, &weight_map)?;
         }
         let dtype = shards::main_dtype(
             headers
                 .iter()
                 .map(|h| (h.dtype, h.bytes_in(h.dtype) as usize)),
         );
-        config
-            .save_with_dtype(context.out_dir, dtype)
-            .map_err(invalid)?;
+        config.save_with_dtype(context.out_dir, dtype)?;
         // The tokenizer travels with the model: the adapter's (what SFT used), else the base's.
         let tokenizer = tokenizer_file(adapter)
             .ok()
@@ -120,8 +111,7 @@ impl StageKind for LoraMerge {
             .or_else(|| tokenizer_file(base).ok().filter(|path| path.is_file()));
         if let Some(tokenizer) = tokenizer {
             let copy = context.out_dir.join("tokenizer.json");
-            std::fs::copy(&tokenizer, &copy)
-                .map_err(|error| StageError::io(format!("writing {}", copy.display()), error))?;
+            std::fs::copy(&tokenizer, &copy).at(copy)?;
             crate::tokenize::template::copy_companions(&tokenizer, context.out_dir).map_err(
                 |error| {
                     StageError::io(

@@ -11,7 +11,7 @@ pub mod pretrain;
 pub mod sft;
 pub mod token_cache;
 pub mod tokenizer;
-pub mod training;
+pub mod training_stage;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -189,6 +189,19 @@ pub enum StageError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A corpus record cannot be encoded.
+    #[error("{}:{line}: {source}", file.display())]
+    Record {
+        /// The corpus file.
+        file: PathBuf,
+        /// The 1-based line.
+        line: usize,
+        /// Why.
+        source: crate::tokenize::encode::EncodeError,
+    },
+    /// A file operation failed; the error names the path.
+    #[error(transparent)]
+    Path(#[from] crate::path_error::PathIoError),
     /// An external command exited unsuccessfully.
     #[error("command {status}; last lines of its output:\n{tail}")]
     CommandFailed {
@@ -200,6 +213,60 @@ pub enum StageError {
     /// The stage's settings or inputs do not allow it to run.
     #[error("{0}")]
     Invalid(String),
+    /// A model's files could not be read, built or written.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// A tokenizer could not be learned, loaded or extended.
+    #[error(transparent)]
+    Tokenizer(crate::tokenize::TokenizeError),
+    /// Training stopped on an error.
+    #[error(transparent)]
+    Train(crate::train::trainer::TrainError),
+    /// A chat template or `tokenizer_config.json` could not be read or rendered.
+    #[error(transparent)]
+    Template(#[from] crate::tokenize::template::TemplateError),
+    /// A token cache could not be read.
+    #[error(transparent)]
+    Cache(#[from] crate::data::token_cache::CacheError),
+    /// A text source could not be read.
+    #[error(transparent)]
+    Source(#[from] crate::data::sources::SourceError),
+    /// The synthetic world's settings are inconsistent.
+    #[error(transparent)]
+    World(#[from] crate::data::synthetic::WorldError),
+    /// Generation (evaluation prompts) failed.
+    #[error(transparent)]
+    Generate(#[from] crate::generate::GenerateError),
+    /// A GGUF file could not be written.
+    #[error(transparent)]
+    Gguf(#[from] crate::export::gguf::GgufError),
+    /// A tensor operation failed.
+    #[error("tensor operation: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// A JSON document of the stage's own could not be written.
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl From<crate::tokenize::TokenizeError> for StageError {
+    fn from(error: crate::tokenize::TokenizeError) -> StageError {
+        use crate::tokenize::{TokenizeError, corpus::CorpusError};
+        match error {
+            TokenizeError::Interrupted | TokenizeError::Corpus(CorpusError::Interrupted) => {
+                StageError::Interrupted
+            }
+            other => StageError::Tokenizer(other),
+        }
+    }
+}
+
+impl From<crate::train::trainer::TrainError> for StageError {
+    fn from(error: crate::train::trainer::TrainError) -> StageError {
+        match error {
+            crate::train::trainer::TrainError::Interrupted { .. } => StageError::Interrupted,
+            other => StageError::Train(other),
+        }
+    }
 }
 
 impl From<crate::data::writer::WriteError> for StageError {
@@ -209,7 +276,7 @@ impl From<crate::data::writer::WriteError> for StageError {
     }
 }
 
-/// A [`StageError::Invalid`] with `message`'s text, for `.map_err(invalid)`.
+/// A [`StageError::Invalid`]: settings or inputs that do not allow the stage to run.
 fn invalid(message: impl std::fmt::Display) -> StageError {
     StageError::Invalid(message.to_string())
 }
@@ -229,7 +296,7 @@ pub trait StageKind {
     /// The kind's `with:` settings. Unknown top-level keys are refused by the
     /// configuration (against the settings' schema, see [`KindEntry::setting_keys`]),
     /// so the type may `#[serde(flatten)]` shared settings such as
-    /// [`training::TrainingSettings`]; nested settings types keep `deny_unknown_fields`.
+    /// [`training_stage::TrainingSettings`]; nested settings types keep `deny_unknown_fields`.
     type Settings: DeserializeOwned + Serialize + JsonSchema;
     /// The name used in `kind:`.
     const NAME: &'static str;

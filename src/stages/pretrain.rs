@@ -16,7 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::training::{self, LoopDefaults, StageTrainJob, TrainingSettings};
+use super::training_stage::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid,
@@ -221,8 +221,8 @@ fn open_caches(context: &StageContext<'_>, tokenizer: &Path) -> Result<Caches, S
         if !is_data_input(name) {
             continue;
         }
-        let cache = TokenCache::open(path).map_err(invalid)?;
-        cache.verify_tokenizer(tokenizer).map_err(invalid)?;
+        let cache = TokenCache::open(path)?;
+        cache.verify_tokenizer(tokenizer)?;
         caches.push((name.clone(), cache));
     }
     let vocab_size = caches
@@ -320,15 +320,14 @@ fn run(
     settings: &PretrainSettings,
     context: &mut StageContext<'_>,
 ) -> Result<StageOutcome, StageError> {
-    let tokenizer = tokenizer_file(&context.inputs["tokenizer"]).map_err(invalid)?;
+    let tokenizer = tokenizer_file(&context.inputs["tokenizer"])?;
     let caches = open_caches(context, &tokenizer)?;
     let device = settings.training.device.device().map_err(invalid)?;
     let dtype = DType::F32;
 
     let (model, varmap, config) = match (&settings.model, context.inputs.get("base")) {
         (_, Some(base)) => {
-            let (model, varmap, config) =
-                model::load_trainable(base, dtype, &device).map_err(invalid)?;
+            let (model, varmap, config) = model::load_trainable(base, dtype, &device)?;
             if config.vocab_size() < caches.vocab_size {
                 return Err(invalid(format!(
                     "the base model {} has {} token embeddings, the tokenizer {} tokens",
@@ -342,8 +341,7 @@ fn run(
         (Some(model_settings), None) => {
             let config = model_config(model_settings, caches.vocab_size, settings.context)
                 .map_err(invalid)?;
-            let (model, varmap) =
-                model::new_trainable(&config, dtype, &device, context.seed).map_err(invalid)?;
+            let (model, varmap) = model::new_trainable(&config, dtype, &device, context.seed)?;
             (model, varmap, config)
         }
         (None, None) => return Err(invalid("`model` or a `base` input is required")),
@@ -368,7 +366,7 @@ fn run(
     let mut eval = Vec::new();
     let mut unigram_counts = vec![0u64; caches.vocab_size];
     for (name, cache) in &caches.caches {
-        let stream = cache.stream(Split::Train).map_err(invalid)?;
+        let stream = cache.stream(Split::Train)?;
         if stream.len() < window as u64 {
             return Err(invalid(format!(
                 "token cache `{name}` ({}) holds {} training tokens, fewer than one sequence of `context` + 1 = {window}",
@@ -385,7 +383,7 @@ fn run(
         let weight = settings.mixture.get(name).copied().unwrap_or(1.0);
         sources.push((name.clone(), stream, weight));
         if cache.has(Split::Eval) {
-            let eval_stream = cache.stream(Split::Eval).map_err(invalid)?;
+            let eval_stream = cache.stream(Split::Eval)?;
             let windows = eval_stream.sequential_windows(
                 window,
                 settings.training.eval_batches * settings.training.batch_size,
@@ -418,7 +416,7 @@ fn run(
     }
     let mixture = Mixture::new(sources).map_err(invalid)?;
     let unigram = unigram_loss(&unigram_counts, &eval);
-    let parameters = training::parameter_count(&varmap);
+    let parameters = training_stage::parameter_count(&varmap);
     log(
         context,
         format_args!(
@@ -453,12 +451,12 @@ fn run(
             tokenizer: Some(&tokenizer),
         },
     )?;
-    training::write_loss_curve(context.out_dir, unigram)?;
-    let mut metrics = training::summary_metrics(&summary, parameters);
+    training_stage::write_loss_curve(context.out_dir, unigram)?;
+    let mut metrics = training_stage::summary_metrics(&summary, parameters);
     if let Some(loss) = unigram {
         metrics.insert("unigram_eval_loss".into(), json!(loss));
     }
-    training::log_summary(context, &summary);
+    training_stage::log_summary(context, &summary);
     Ok(StageOutcome { metrics })
 }
 

@@ -14,7 +14,7 @@ use candle_core::DType;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::training::{self, LoopDefaults, StageTrainJob, TrainingSettings};
+use super::training_stage::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid,
@@ -23,6 +23,7 @@ use crate::data::token_cache::{
     Batch, SftBatcher, SftExamples, SftPosition, TOKENIZER_DIR, TokenCache,
 };
 use crate::model;
+use crate::path_error::AtPath;
 use crate::tokenize::load::tokenizer_file;
 use crate::train::checkpoint::ModelFiles;
 use crate::train::trainer::BatchSource;
@@ -342,8 +343,7 @@ fn tokenizer_of_cache(
             record.requested
         )));
     }
-    let bytes = std::fs::read(base_tokenizer)
-        .map_err(|error| StageError::io(format!("reading {}", base_tokenizer.display()), error))?;
+    let bytes = std::fs::read(base_tokenizer).at(base_tokenizer)?;
     if blake3::hash(&bytes).to_hex().as_str() != record.base_tokenizer_hash {
         return Err(invalid(format!(
             "the token cache {} extends another tokenizer than the base's {}: rebuild the cache \
@@ -381,18 +381,16 @@ fn steps_for_epochs(
 
 fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOutcome, StageError> {
     let base = &context.inputs["base"];
-    let base_tokenizer =
-        tokenizer_file(context.inputs.get("tokenizer").unwrap_or(base)).map_err(invalid)?;
-    let cache = TokenCache::open(&context.inputs["data"]).map_err(invalid)?;
+    let base_tokenizer = tokenizer_file(context.inputs.get("tokenizer").unwrap_or(base))?;
+    let cache = TokenCache::open(&context.inputs["data"])?;
     let (tokenizer, added_ids) = tokenizer_of_cache(&cache, &base_tokenizer, settings)?;
-    cache.verify_tokenizer(&tokenizer).map_err(invalid)?;
+    cache.verify_tokenizer(&tokenizer)?;
     if let Some(record) = &cache.meta.chat_template
         && record.source == "model"
     {
-        crate::tokenize::template::verify_model_template(&tokenizer, &record.hash, &cache.dir)
-            .map_err(invalid)?;
+        crate::tokenize::template::verify_model_template(&tokenizer, &record.hash, &cache.dir)?;
     }
-    let examples = cache.examples(Split::Train).map_err(invalid)?;
+    let examples = cache.examples(Split::Train)?;
     if examples.is_empty() {
         return Err(invalid(format!(
             "the SFT cache {} has no training examples",
@@ -400,14 +398,14 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         )));
     }
     let eval_examples = match cache.has(Split::Eval) {
-        true => Some(cache.examples(Split::Eval).map_err(invalid)?),
+        true => Some(cache.examples(Split::Eval)?),
         false => None,
     };
     let device = settings.training.device.device().map_err(invalid)?;
     let mut trainable_tokens = std::collections::BTreeMap::new();
     if !added_ids.is_empty() {
         trainable_tokens.insert("embed_tokens".to_string(), added_ids.clone());
-        if !model::load_config(base).map_err(invalid)?.tied_embeddings() {
+        if !model::load_config(base)?.tied_embeddings() {
             trainable_tokens.insert("lm_head".to_string(), added_ids.clone());
         }
     }
@@ -421,12 +419,9 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
     };
     let (model, varmap, config) = match settings.adapter.kind {
         AdapterKind::None => {
-            model::load_trainable_with_tokens(base, DType::F32, &device, &added_ids)
-                .map_err(invalid)?
+            model::load_trainable_with_tokens(base, DType::F32, &device, &added_ids)?
         }
-        AdapterKind::Lora => {
-            model::new_lora(base, &spec, DType::F32, &device, context.seed).map_err(invalid)?
-        }
+        AdapterKind::Lora => model::new_lora(base, &spec, DType::F32, &device, context.seed)?,
     };
     let base_name = context
         .input_names
@@ -486,7 +481,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         }
         _ => Vec::new(),
     };
-    let parameters = training::parameter_count(&varmap);
+    let parameters = training_stage::parameter_count(&varmap);
     let _ = writeln!(
         context.log,
         "fine-tuning {} ({} parameters) on {} examples: {steps} steps of {rows_per_step} rows × {seq} tokens{}; {} eval batches",
@@ -531,8 +526,8 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             tokenizer: Some(&tokenizer),
         },
     )?;
-    training::write_loss_curve(context.out_dir, None)?;
-    let metrics = training::summary_metrics(&summary, parameters);
-    training::log_summary(context, &summary);
+    training_stage::write_loss_curve(context.out_dir, None)?;
+    let metrics = training_stage::summary_metrics(&summary, parameters);
+    training_stage::log_summary(context, &summary);
     Ok(StageOutcome { metrics })
 }

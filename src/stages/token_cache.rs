@@ -15,20 +15,19 @@ use tokenizers::Tokenizer;
 
 use super::{
     Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
-    TOKENIZER_SOURCES, invalid,
+    TOKENIZER_SOURCES,
 };
 use crate::data::Split;
-use crate::data::records::ChatMessage;
 use crate::data::token_cache::{
     AddedTokens, CacheMeta, CacheMode, Dtype, FORMAT, SftWriter, ShardWriter, SplitInfo,
     TOKENIZER_DIR, TemplateRecord,
 };
-use crate::tokenize::fast::FastEncoder;
+use crate::path_error::AtPath;
+use crate::tokenize::encode::{self, EncodeError, Encoder, Example, Record, Truncation};
 use crate::tokenize::template::{
-    ChatTemplate, Conversation, TemplateChoice, TemplateSource, TokenizerConfig, span_mask,
-    tokenizer_dir,
+    ChatTemplate, TemplateChoice, TemplateSource, TokenizerConfig, tokenizer_dir,
 };
-use crate::tokenize::{added, chat, load, special};
+use crate::tokenize::{added, load, special};
 
 /// What to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -41,30 +40,6 @@ pub enum ModeSetting {
     Pretrain,
     /// Chat examples with loss masks.
     Sft,
-}
-
-/// What happens to an SFT example longer than `max_len` tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Truncation {
-    /// Leave it out (counted in `meta.json` under `dropped.too_long`): never trains on a
-    /// conversation cut in the middle.
-    #[default]
-    Drop,
-    /// Keep its last `max_len` tokens: the final answer survives, early turns are lost.
-    KeepEnd,
-    /// Keep its first `max_len` tokens: the final answer may be cut.
-    KeepStart,
-}
-
-impl Truncation {
-    fn name(self) -> &'static str {
-        match self {
-            Truncation::Drop => "drop",
-            Truncation::KeepEnd => "keep_end",
-            Truncation::KeepStart => "keep_start",
-        }
-    }
 }
 
 /// Settings of a `token-cache` stage.
@@ -156,8 +131,8 @@ impl StageKind for TokenCacheStage {
         settings: &TokenCacheSettings,
         context: &mut StageContext<'_>,
     ) -> Result<StageOutcome, StageError> {
-        let given_path = load::tokenizer_file(&context.inputs["tokenizer"]).map_err(invalid)?;
-        let mut tokenizer = load::load_tokenizer(&given_path).map_err(invalid)?;
+        let given_path = load::tokenizer_file(&context.inputs["tokenizer"])?;
+        let mut tokenizer = load::load_tokenizer(&given_path)?;
         let (tokenizer_path, added_tokens) = match settings.add_tokens.is_empty() {
             true => (given_path.clone(), None),
             false => {
@@ -197,8 +172,7 @@ impl StageKind for TokenCacheStage {
             .map_or(0, |largest| largest + 1)
             .max(tokenizer.get_vocab_size(true) as u32);
         let dtype = Dtype::for_vocab(vocab_size);
-        let tokenizer_config =
-            TokenizerConfig::load(&tokenizer_dir(&tokenizer_path)).map_err(invalid)?;
+        let tokenizer_config = TokenizerConfig::load(&tokenizer_dir(&tokenizer_path))?;
         let eos_id = separator_id(&tokenizer, settings.separator.as_deref(), &tokenizer_config)?;
         let pad_id = tokenizer
             .token_to_id(special::PAD)
@@ -240,8 +214,7 @@ impl StageKind for TokenCacheStage {
         let mut metrics = serde_json::Map::new();
         for (split, file) in [(Split::Train, Some(&train)), (Split::Eval, eval.as_ref())] {
             let Some(file) = file else { continue };
-            let hash = crate::hashing::hash_file_contents(file)
-                .map_err(|error| StageError::io(format!("hashing {}", file.display()), error))?;
+            let hash = crate::hashing::hash_file_contents(file).at(file)?;
             source_hasher.update(format!("{split}\0{hash}\n").as_bytes());
             let info = match mode {
                 CacheMode::Pretrain => build_pretrain(
@@ -276,9 +249,7 @@ impl StageKind for TokenCacheStage {
             metrics.insert(format!("{split}_records"), info.documents.into());
             splits.insert(split.to_string(), info);
         }
-        let tokenizer_bytes = std::fs::read(&tokenizer_path).map_err(|error| {
-            StageError::io(format!("reading {}", tokenizer_path.display()), error)
-        })?;
+        let tokenizer_bytes = std::fs::read(&tokenizer_path).at(tokenizer_path)?;
         let meta = CacheMeta {
             format: FORMAT,
             mode,
@@ -304,9 +275,8 @@ impl StageKind for TokenCacheStage {
             splits,
         };
         let meta_path = context.out_dir.join("meta.json");
-        let bytes = serde_json::to_vec_pretty(&meta).map_err(invalid)?;
-        std::fs::write(&meta_path, bytes)
-            .map_err(|error| StageError::io(format!("writing {}", meta_path.display()), error))?;
+        let bytes = serde_json::to_vec_pretty(&meta)?;
+        std::fs::write(&meta_path, bytes).at(meta_path)?;
         Ok(StageOutcome { metrics })
     }
 }
@@ -319,17 +289,15 @@ fn extend_tokenizer(
     tokens: &[String],
     out_dir: &Path,
 ) -> Result<(PathBuf, AddedTokens), StageError> {
-    let base_bytes = std::fs::read(given)
-        .map_err(|error| StageError::io(format!("reading {}", given.display()), error))?;
-    let added = added::add_special_tokens(tokenizer, tokens).map_err(invalid)?;
+    let base_bytes = std::fs::read(given).at(given)?;
+    let added = added::add_special_tokens(tokenizer, tokens)?;
     let path = added::write_extended(
         tokenizer,
         given,
         tokens,
         &added,
         &out_dir.join(TOKENIZER_DIR),
-    )
-    .map_err(invalid)?;
+    )?;
     Ok((
         path,
         AddedTokens {
@@ -361,14 +329,13 @@ fn chat_template(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    ChatTemplate::for_tokenizer(
+    Ok(ChatTemplate::for_tokenizer(
         tokenizer_input,
         settings.chat_template,
         file.map(PathBuf::as_path),
         has_trainyard_tokens,
         extra,
-    )
-    .map_err(invalid)
+    )?)
 }
 
 /// The train and optional eval corpus files: given directly, or `train.jsonl` and
@@ -400,38 +367,24 @@ fn corpus_files(
     Ok((train, eval))
 }
 
-/// The fields of a corpus line this stage reads (others are ignored).
-#[derive(Deserialize)]
-struct Line {
-    text: Option<String>,
-    messages: Option<serde_json::Value>,
-}
-
-fn parse_line(file: &Path, number: usize, line: &str) -> Result<Line, StageError> {
-    let parsed: Line = serde_json::from_str(line)
-        .map_err(|error| StageError::Invalid(format!("{}:{number}: {error}", file.display())))?;
-    if parsed.text.is_none() && parsed.messages.is_none() {
-        return Err(StageError::Invalid(format!(
-            "{}:{number}: a record needs `text` or `messages`",
-            file.display()
-        )));
+/// An encoding error at line `number` of `file`.
+fn at_line(file: &Path, number: usize, source: EncodeError) -> StageError {
+    StageError::Record {
+        file: file.to_path_buf(),
+        line: number,
+        source,
     }
-    Ok(parsed)
 }
 
 fn detect_mode(file: &Path) -> Result<CacheMode, StageError> {
-    let reader = BufReader::new(
-        File::open(file)
-            .map_err(|error| StageError::io(format!("opening {}", file.display()), error))?,
-    );
+    let reader = BufReader::new(File::open(file).at(file)?);
     for (index, line) in reader.lines().enumerate() {
-        let line =
-            line.map_err(|error| StageError::io(format!("reading {}", file.display()), error))?;
+        let line = line.at(file)?;
         if line.trim().is_empty() {
             continue;
         }
-        let parsed = parse_line(file, index + 1, &line)?;
-        return Ok(if parsed.messages.is_some() {
+        let record = Record::parse(&line).map_err(|error| at_line(file, index + 1, error))?;
+        return Ok(if record.messages.is_some() {
             CacheMode::Sft
         } else {
             CacheMode::Pretrain
@@ -471,15 +424,10 @@ fn for_each_batch(
     context: &StageContext<'_>,
     mut handle: impl FnMut(Vec<(usize, String)>) -> Result<(), StageError>,
 ) -> Result<(), StageError> {
-    let reader = BufReader::with_capacity(
-        1 << 20,
-        File::open(file)
-            .map_err(|error| StageError::io(format!("opening {}", file.display()), error))?,
-    );
+    let reader = BufReader::with_capacity(1 << 20, File::open(file).at(file)?);
     let mut batch = Vec::with_capacity(batch_records);
     for (index, line) in reader.lines().enumerate() {
-        let line =
-            line.map_err(|error| StageError::io(format!("reading {}", file.display()), error))?;
+        let line = line.at(file)?;
         if line.trim().is_empty() {
             continue;
         }
@@ -520,36 +468,6 @@ fn progress_bar(file: &Path) -> indicatif::ProgressBar {
     bar
 }
 
-/// Encodes with the fast path when the tokenizer allows it, else with `tokenizers`.
-struct Encoder<'a> {
-    tokenizer: &'a Tokenizer,
-    fast: Option<FastEncoder<'a>>,
-}
-
-impl<'a> Encoder<'a> {
-    fn new(tokenizer: &'a Tokenizer) -> Encoder<'a> {
-        Encoder {
-            tokenizer,
-            fast: FastEncoder::new(tokenizer),
-        }
-    }
-
-    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        match &self.fast {
-            Some(fast) => {
-                let mut ids = Vec::with_capacity(text.len() / 3);
-                fast.encode_into(text, &mut ids)?;
-                Ok(ids)
-            }
-            None => self
-                .tokenizer
-                .encode_fast(text, false)
-                .map(|encoding| encoding.get_ids().to_vec())
-                .map_err(|error| error.to_string()),
-        }
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn build_pretrain(
     tokenizer: &Tokenizer,
@@ -572,39 +490,9 @@ fn build_pretrain(
         let encoded: Vec<Vec<u32>> = batch
             .par_iter()
             .map(|(number, line)| {
-                let parsed = parse_line(file, *number, line)?;
-                let text = match (parsed.text, parsed.messages) {
-                    (Some(text), _) => text,
-                    // A conversation in a pretraining corpus is trained on as rendered text.
-                    (None, Some(messages)) => {
-                        let at_line = |error: String| {
-                            StageError::Invalid(format!("{}:{number}: {error}", file.display()))
-                        };
-                        match template {
-                            Some(template) => {
-                                let conversation = Conversation::from_json(line)
-                                    .map_err(|error| at_line(error.to_string()))?;
-                                template
-                                    .render(&conversation, false)
-                                    .map_err(|error| at_line(error.to_string()))?
-                                    .text
-                            }
-                            None => {
-                                let messages: Vec<ChatMessage> =
-                                    serde_json::from_value(messages)
-                                        .map_err(|error| at_line(format!("`messages`: {error}")))?;
-                                chat::render_text(&messages, false)
-                            }
-                        }
-                    }
-                    (None, None) => String::new(),
-                };
-                let mut ids = encoder.encode(&text).map_err(|error| {
-                    StageError::Invalid(format!(
-                        "{}:{number}: cannot tokenize: {error}",
-                        file.display()
-                    ))
-                })?;
+                let mut ids = encoder
+                    .pretraining_ids(line, template)
+                    .map_err(|error| at_line(file, *number, error))?;
                 ids.push(eos_id);
                 Ok(ids)
             })
@@ -630,53 +518,6 @@ fn build_pretrain(
     Ok(info)
 }
 
-/// Token ids and loss mask of one example, or the reason it is left out.
-type Example = Result<(Vec<u32>, Vec<u8>), &'static str>;
-
-/// Token ids and loss mask of one conversation, or why it is left out: the text the
-/// template renders, tokenized whole without added special tokens (as transformers'
-/// `apply_chat_template` does), masked over the template's assistant spans.
-fn encode_conversation(
-    tokenizer: &Tokenizer,
-    template: &ChatTemplate,
-    conversation: &Conversation,
-    max_len: usize,
-    truncation: Truncation,
-) -> Result<Example, String> {
-    let rendered = template
-        .render(conversation, false)
-        .map_err(|error| error.to_string())?;
-    let spans = template
-        .trainable_spans(conversation, &rendered)
-        .map_err(|error| error.to_string())?;
-    let encoding = tokenizer
-        .encode(rendered.text.as_str(), false)
-        .map_err(|error| format!("cannot tokenize: {error}"))?;
-    let mut ids = encoding.get_ids().to_vec();
-    let mut mask = span_mask(encoding.get_offsets(), &spans);
-    if !mask.contains(&1) {
-        return Ok(Err("no_assistant_turn"));
-    }
-    if ids.len() > max_len {
-        match truncation {
-            Truncation::Drop => return Ok(Err("too_long")),
-            Truncation::KeepStart => {
-                ids.truncate(max_len);
-                mask.truncate(max_len);
-            }
-            Truncation::KeepEnd => {
-                let cut = ids.len() - max_len;
-                ids.drain(..cut);
-                mask.drain(..cut);
-            }
-        }
-        if !mask.contains(&1) {
-            return Ok(Err("no_assistant_turn"));
-        }
-    }
-    Ok(Ok((ids, mask)))
-}
-
 #[allow(clippy::too_many_arguments)]
 fn build_sft(
     tokenizer: &Tokenizer,
@@ -699,26 +540,14 @@ fn build_sft(
         let encoded: Vec<Example> = batch
             .par_iter()
             .map(|(number, line)| {
-                let parsed = parse_line(file, *number, line)?;
-                if parsed.messages.is_none() {
-                    return Err(StageError::Invalid(format!(
-                        "{}:{number}: an SFT corpus needs `messages` on every line",
-                        file.display()
-                    )));
-                }
-                let at_line = |error: String| {
-                    StageError::Invalid(format!("{}:{number}: {error}", file.display()))
-                };
-                let conversation =
-                    Conversation::from_json(line).map_err(|error| at_line(error.to_string()))?;
-                encode_conversation(
+                encode::sft_example(
                     tokenizer,
                     template,
-                    &conversation,
+                    line,
                     settings.max_len,
                     settings.truncation,
                 )
-                .map_err(at_line)
+                .map_err(|error| at_line(file, *number, error))
             })
             // Collected whole, then in order: the error names the first bad line of the
             // file, not whichever thread failed first.
@@ -727,10 +556,10 @@ fn build_sft(
             .collect::<Result<_, StageError>>()?;
         for example in encoded {
             match example {
-                Ok((ids, mask)) => writer
+                Example::Kept(ids, mask) => writer
                     .push(&ids, &mask)
                     .map_err(|error| StageError::io(format!("writing {split} examples"), error))?,
-                Err(reason) => *dropped.entry(reason.to_string()).or_default() += 1,
+                Example::Dropped(reason) => *dropped.entry(reason.to_string()).or_default() += 1,
             }
         }
         bar.inc(bytes);

@@ -21,7 +21,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
-use crate::tokenize::corpus::{self, CorpusError, Progress};
+use crate::path_error::AtPath;
+use crate::tokenize::corpus::{self, Progress};
 use crate::tokenize::learn::{self, Algorithm, EvalStats, TrainOptions};
 use crate::tokenize::load::{self, load_tokenizer, tokenizer_file};
 use crate::tokenize::{MIN_VOCAB_SIZE, TokenizeError};
@@ -109,8 +110,7 @@ impl StageKind for TokenizerStage {
                 adopt_stage(&from, context)?
             }
         };
-        let mut text = serde_json::to_string_pretty(&stats)
-            .map_err(|error| StageError::Invalid(format!("writing {STATS_JSON}: {error}")))?;
+        let mut text = serde_json::to_string_pretty(&stats)?;
         text.push('\n');
         write_file(context, STATS_JSON, text.as_bytes())?;
         let mut outcome = StageOutcome::default();
@@ -179,12 +179,12 @@ fn train_stage(
         show_progress: std::io::stderr().is_terminal(),
     };
     if options.vocab_size < MIN_VOCAB_SIZE {
-        return Err(stage_error(TokenizeError::VocabTooSmall {
+        return Err(StageError::from(TokenizeError::VocabTooSmall {
             requested: options.vocab_size,
         }));
     }
     let started = Instant::now();
-    let files = corpus::corpus_files(text, "train.jsonl").map_err(corpus_error)?;
+    let files = corpus::corpus_files(text, "train.jsonl").map_err(TokenizeError::Corpus)?;
     log(
         context,
         format_args!(
@@ -207,7 +207,7 @@ fn train_stage(
         cancel,
         &mut |progress| reporter.report(progress),
     )
-    .map_err(corpus_error)?;
+    .map_err(TokenizeError::Corpus)?;
     reporter.finish();
     log(
         context,
@@ -220,14 +220,13 @@ fn train_stage(
         ),
     );
     if counts.words.is_empty() {
-        return Err(stage_error(TokenizeError::NoText(
+        return Err(StageError::from(TokenizeError::NoText(
             text.display().to_string(),
         )));
     }
     let tokenizer = learn::train_tokenizer(&counts, &options, cancel, &mut |progress| {
         reporter.report(progress)
-    })
-    .map_err(stage_error)?;
+    })?;
     reporter.finish();
     let training_seconds = started.elapsed().as_secs_f64();
     let vocab_size = tokenizer.get_vocab_size(true);
@@ -235,7 +234,7 @@ fn train_stage(
         context,
         format_args!("trained {vocab_size} tokens in {training_seconds:.2}s"),
     );
-    let json = learn::tokenizer_json(&tokenizer).map_err(stage_error)?;
+    let json = learn::tokenizer_json(&tokenizer)?;
     write_file(context, TOKENIZER_JSON, json.as_bytes())?;
     let eval = eval_stage(&tokenizer, context)?;
     Ok(TokenizerStats {
@@ -255,12 +254,11 @@ fn adopt_stage(
     from: &std::path::Path,
     context: &mut StageContext<'_>,
 ) -> Result<TokenizerStats, StageError> {
-    let file = tokenizer_file(from).map_err(stage_error)?;
-    let tokenizer = load_tokenizer(&file).map_err(stage_error)?;
+    let file = tokenizer_file(from)?;
+    let tokenizer = load_tokenizer(&file)?;
     // The file is copied byte for byte: the base model's embeddings match it exactly,
     // so no token is added, even where trainyard's special tokens are missing.
-    let bytes = std::fs::read(&file)
-        .map_err(|error| StageError::io(format!("reading {}", file.display()), error))?;
+    let bytes = std::fs::read(&file).at(&file)?;
     write_file(context, TOKENIZER_JSON, &bytes)?;
     let special_tokens = load::special_token_ids(&tokenizer);
     let missing: Vec<&str> = special_tokens
@@ -303,8 +301,8 @@ fn eval_stage(
     let Some(eval) = context.inputs.get("eval") else {
         return Ok(None);
     };
-    let files = corpus::corpus_files(eval, "eval.jsonl").map_err(corpus_error)?;
-    let stats = learn::eval_stats(tokenizer, &files, context.cancel).map_err(stage_error)?;
+    let files = corpus::corpus_files(eval, "eval.jsonl").map_err(TokenizeError::Corpus)?;
+    let stats = learn::eval_stats(tokenizer, &files, context.cancel)?;
     log(
         context,
         format_args!(
@@ -321,26 +319,12 @@ fn eval_stage(
 
 fn write_file(context: &StageContext<'_>, name: &str, bytes: &[u8]) -> Result<(), StageError> {
     let path = context.out_dir.join(name);
-    std::fs::write(&path, bytes)
-        .map_err(|error| StageError::io(format!("writing {}", path.display()), error))
+    Ok(std::fs::write(&path, bytes).at(path)?)
 }
 
 fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
     // The log is best effort: a full disk shows up when the outputs are written.
     let _ = writeln!(context.log, "{line}");
-}
-
-fn corpus_error(error: CorpusError) -> StageError {
-    stage_error(TokenizeError::Corpus(error))
-}
-
-fn stage_error(error: TokenizeError) -> StageError {
-    match error {
-        TokenizeError::Interrupted | TokenizeError::Corpus(CorpusError::Interrupted) => {
-            StageError::Interrupted
-        }
-        other => StageError::Invalid(other.to_string()),
-    }
 }
 
 /// Shows progress on a terminal (a bar per phase); silent otherwise.

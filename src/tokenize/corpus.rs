@@ -17,6 +17,7 @@ use crate::data::records::ChatMessage;
 use crate::interrupt::CancelFlag;
 
 use super::pretokenize;
+use crate::path_error::{AtPath, PathIoError};
 
 /// How many bytes a read block holds (it grows to the next line end).
 const BLOCK: usize = 1 << 20;
@@ -28,13 +29,8 @@ const MAX_TEXT_BLOCK: usize = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
     /// A file or directory could not be read.
-    #[error("reading {path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathIoError),
     /// A JSONL line is not a JSON object of the expected shape.
     #[error("{path}:{line}:{column}: {message}")]
     Json {
@@ -118,10 +114,7 @@ pub struct CorpusFile {
 /// and `.md` file below it in path order (other files, such as `stats.json` or logs, are
 /// skipped).
 pub fn corpus_files(path: &Path, preferred: &str) -> Result<Vec<CorpusFile>, CorpusError> {
-    let metadata = std::fs::metadata(path).map_err(|source| CorpusError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let metadata = std::fs::metadata(path).at(path)?;
     if !metadata.is_dir() {
         let format = Format::of(path).ok_or_else(|| CorpusError::Unsupported {
             path: path.to_path_buf(),
@@ -152,12 +145,8 @@ pub fn corpus_files(path: &Path, preferred: &str) -> Result<Vec<CorpusFile>, Cor
 }
 
 fn collect_files(dir: &Path, files: &mut Vec<CorpusFile>) -> Result<(), CorpusError> {
-    let io = |source| CorpusError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let path = entry.map_err(io)?.path();
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
         if path.is_dir() {
             collect_files(&path, files)?;
         } else if let Some(format) = Format::of(&path) {
@@ -209,10 +198,7 @@ impl<'a> BlockReader<'a> {
                     return Ok(None);
                 }
                 let path = &self.files[self.next_file].path;
-                let file = std::fs::File::open(path).map_err(|source| CorpusError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
+                let file = std::fs::File::open(path).at(path)?;
                 self.open = Some((self.next_file, file));
                 self.next_file += 1;
                 self.pending.clear();
@@ -230,10 +216,7 @@ impl<'a> BlockReader<'a> {
                     Ok(read) => break read,
                     Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(source) => {
-                        return Err(CorpusError::Io {
-                            path: self.files[index].path.clone(),
-                            source,
-                        });
+                        return Err(PathIoError::new(&self.files[index].path, source).into());
                     }
                 }
             };

@@ -9,6 +9,7 @@ pub mod added;
 pub mod bpe;
 pub mod chat;
 pub mod corpus;
+pub mod encode;
 pub mod fast;
 pub mod learn;
 pub mod load;

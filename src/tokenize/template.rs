@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::path_error::AtPath;
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, ErrorKind, Value};
 
@@ -58,13 +59,8 @@ const SPECIAL_TOKEN_KEYS: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     /// A file could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathIoError),
     /// `tokenizer_config.json` is not what transformers writes.
     #[error("{path}: {message}")]
     Config {
@@ -360,10 +356,7 @@ impl TokenizerConfig {
                 ..TokenizerConfig::default()
             });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| TemplateError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path).at(&path)?;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|error| TemplateError::Config {
                 path: path.clone(),
@@ -548,10 +541,7 @@ impl ChatTemplate {
         let dir = tokenizer_dir(tokenizer_path);
         let config = TokenizerConfig::load(&dir)?;
         if let Some(file) = file {
-            let text = std::fs::read_to_string(file).map_err(|source| TemplateError::Io {
-                path: file.to_path_buf(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(file).at(file)?;
             return ChatTemplate::new(
                 TemplateSource::File(file.to_path_buf()),
                 &text,
@@ -593,10 +583,7 @@ pub fn model_template_text(
 ) -> Result<Option<(String, PathBuf)>, TemplateError> {
     let file = dir.join(TEMPLATE_FILE);
     if file.is_file() {
-        let text = std::fs::read_to_string(&file).map_err(|source| TemplateError::Io {
-            path: file.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&file).at(&file)?;
         return Ok(Some((text, file)));
     }
     Ok(config

@@ -10,13 +10,13 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelConfig, lora};
+use crate::path_error::AtPath;
 
 /// What a checkpoint's weights are, which decides the files they are written to.
 #[derive(Debug, Clone, Copy)]
@@ -48,13 +48,8 @@ pub struct TrainerState {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// File system.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathIoError),
     /// Tensor (de)serialisation.
     #[error("{path}: {source}")]
     Tensors {
@@ -81,13 +76,6 @@ pub enum CheckpointError {
     },
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Everything one checkpoint holds.
 pub struct Checkpoint<'a> {
     /// What the weights are: a full model or an adapter.
@@ -112,9 +100,9 @@ pub fn save(root: &Path, checkpoint: &Checkpoint<'_>) -> Result<PathBuf, Checkpo
     let target = step_dir(root, checkpoint.state.step);
     let temp = root.join(format!(".step-{:08}.tmp", checkpoint.state.step));
     if temp.exists() {
-        fs::remove_dir_all(&temp).map_err(io_at(&temp))?;
+        fs::remove_dir_all(&temp).at(&temp)?;
     }
-    fs::create_dir_all(&temp).map_err(io_at(&temp))?;
+    fs::create_dir_all(&temp).at(&temp)?;
     write_model(
         &temp,
         checkpoint.files,
@@ -129,32 +117,27 @@ pub fn save(root: &Path, checkpoint: &Checkpoint<'_>) -> Result<PathBuf, Checkpo
             source,
         }
     })?;
-    crate::atomic_file::use_default_permissions(&optimizer_path).map_err(|source| {
-        CheckpointError::Io {
-            path: optimizer_path.clone(),
-            source,
-        }
-    })?;
+    crate::atomic_file::use_default_permissions(&optimizer_path).at(&optimizer_path)?;
     let state_path = temp.join("trainer_state.json");
     let state =
         serde_json::to_vec_pretty(checkpoint.state).map_err(|error| CheckpointError::State {
             path: state_path.clone(),
             reason: error.to_string(),
         })?;
-    fs::write(&state_path, state).map_err(io_at(&state_path))?;
-    for entry in fs::read_dir(&temp).map_err(io_at(&temp))? {
-        let path = entry.map_err(io_at(&temp))?.path();
+    fs::write(&state_path, state).at(&state_path)?;
+    for entry in fs::read_dir(&temp).at(&temp)? {
+        let path = entry.at(&temp)?.path();
         fs::File::open(&path)
             .and_then(|file| file.sync_all())
-            .map_err(io_at(&path))?;
+            .at(&path)?;
     }
     if target.exists() {
-        fs::remove_dir_all(&target).map_err(io_at(&target))?;
+        fs::remove_dir_all(&target).at(&target)?;
     }
-    fs::rename(&temp, &target).map_err(io_at(&target))?;
+    fs::rename(&temp, &target).at(&target)?;
     fs::File::open(root)
         .and_then(|dir| dir.sync_all())
-        .map_err(io_at(root))?;
+        .at(root)?;
     Ok(target)
 }
 
@@ -177,22 +160,22 @@ pub fn write_model(
             crate::model::save_model_dir(dir, config, weights).map_err(model_error)?;
         }
         ModelFiles::Adapter(config) => {
-            fs::create_dir_all(dir).map_err(io_at(dir))?;
+            fs::create_dir_all(dir).at(dir)?;
             let config_path = dir.join(lora::ADAPTER_CONFIG);
             let text =
                 serde_json::to_string_pretty(config).map_err(|error| CheckpointError::State {
                     path: config_path.clone(),
                     reason: error.to_string(),
                 })?;
-            fs::write(&config_path, text + "\n").map_err(io_at(&config_path))?;
+            fs::write(&config_path, text + "\n").at(&config_path)?;
             crate::model::save_tensors(weights, &dir.join(lora::ADAPTER_WEIGHTS))
                 .map_err(model_error)?;
         }
     }
     if let Some(tokenizer) = tokenizer {
         let copy = dir.join("tokenizer.json");
-        fs::copy(tokenizer, &copy).map_err(io_at(&copy))?;
-        crate::tokenize::template::copy_companions(tokenizer, dir).map_err(io_at(dir))?;
+        fs::copy(tokenizer, &copy).at(&copy)?;
+        crate::tokenize::template::copy_companions(tokenizer, dir).at(dir)?;
     }
     Ok(())
 }
@@ -217,7 +200,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Loaded, CheckpointError> {
             .map_err(|source| CheckpointError::Tensors { path, source })
     };
     let state_path = dir.join("trainer_state.json");
-    let bytes = fs::read(&state_path).map_err(io_at(&state_path))?;
+    let bytes = fs::read(&state_path).at(&state_path)?;
     let state = serde_json::from_slice(&bytes).map_err(|error| CheckpointError::State {
         path: state_path.clone(),
         reason: error.to_string(),
@@ -267,7 +250,7 @@ pub fn prune(root: &Path, keep_last: usize, protect: Option<u64>) -> Result<(), 
     for &step in &all[..cutoff] {
         if Some(step) != protect {
             let dir = step_dir(root, step);
-            fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
+            fs::remove_dir_all(&dir).at(&dir)?;
         }
     }
     Ok(())

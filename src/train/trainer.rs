@@ -35,6 +35,7 @@ use super::step::{StepError, train_step};
 use crate::data::token_cache::Batch;
 use crate::interrupt::CancelFlag;
 use crate::model::{CausalLm, named_tensors, sorted_vars};
+use crate::path_error::{AtPath, PathIoError};
 
 /// Sub-directory of resumable checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
@@ -190,13 +191,8 @@ pub enum TrainError {
     #[error("training data: {0}")]
     Data(String),
     /// A file operation failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_error::PathIoError),
 }
 
 fn kept_note(checkpoint: &Option<PathBuf>) -> String {
@@ -206,13 +202,6 @@ fn kept_note(checkpoint: &Option<PathBuf>) -> String {
             path.display()
         ),
         None => "; no checkpoint had been written yet (lower `lr` or set `clip`)".to_string(),
-    }
-}
-
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
     }
 }
 
@@ -274,7 +263,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         show_progress,
     } = job;
     let root = dir.join(CHECKPOINTS);
-    fs::create_dir_all(&root).map_err(io_at(&root))?;
+    fs::create_dir_all(&root).at(&root)?;
     let params = sorted_vars(varmap);
     let vars: Vec<Var> = params.iter().map(|(_, var)| var.clone()).collect();
     let mut optimizer = AdamW::new(params.clone(), optimizer_config)?;
@@ -318,7 +307,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         .create(true)
         .append(true)
         .open(&metrics_path)
-        .map_err(io_at(&metrics_path))?;
+        .at(&metrics_path)?;
 
     let bar = progress_bar(settings.steps, show_progress);
     bar.set_position(state.step);
@@ -471,7 +460,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
     });
     write_json(&summary_path, &summary)?;
     // The final model is in place; intermediate checkpoints are not part of the output.
-    fs::remove_dir_all(&root).map_err(io_at(&root))?;
+    fs::remove_dir_all(&root).at(&root)?;
     let session_s = session.elapsed().as_secs_f64();
     Ok(TrainSummary {
         steps: state.step,
@@ -520,7 +509,7 @@ fn write_best(
     let target = dir.join(BEST);
     let temp = dir.join(".best.tmp");
     if temp.exists() {
-        fs::remove_dir_all(&temp).map_err(io_at(&temp))?;
+        fs::remove_dir_all(&temp).at(&temp)?;
     }
     checkpoint::write_model(&temp, files, &named_tensors(varmap), tokenizer)?;
     write_json(
@@ -528,27 +517,25 @@ fn write_best(
         &json!({ "step": step, "eval_loss": eval_loss }),
     )?;
     if target.exists() {
-        fs::remove_dir_all(&target).map_err(io_at(&target))?;
+        fs::remove_dir_all(&target).at(&target)?;
     }
-    fs::rename(&temp, &target).map_err(io_at(&target))
+    Ok(fs::rename(&temp, &target).at(&target)?)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|error| TrainError::Io {
-        path: path.to_path_buf(),
-        source: io::Error::other(error),
-    })?;
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(io::Error::other)
+        .at(path)?;
     text.push('\n');
-    fs::write(path, text).map_err(io_at(path))
+    Ok(fs::write(path, text).at(path)?)
 }
 
 fn write_row(file: &mut fs::File, path: &Path, row: &MetricsRow) -> Result<(), TrainError> {
-    let mut line = serde_json::to_string(row).map_err(|error| TrainError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(error),
-    })?;
+    let mut line = serde_json::to_string(row)
+        .map_err(io::Error::other)
+        .at(path)?;
     line.push('\n');
-    file.write_all(line.as_bytes()).map_err(io_at(path))
+    Ok(file.write_all(line.as_bytes()).at(path)?)
 }
 
 /// Drops the rows of `path` after `step` (they are recomputed after a resume).
@@ -556,11 +543,11 @@ fn keep_metrics_through(path: &Path, step: u64) -> Result<(), TrainError> {
     let file = match fs::File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(io_at(path)(error)),
+        Err(error) => return Err(PathIoError::new(path, error).into()),
     };
     let mut kept = String::new();
     for line in io::BufReader::new(file).lines() {
-        let line = line.map_err(io_at(path))?;
+        let line = line.at(path)?;
         let row_step = serde_json::from_str::<serde_json::Value>(&line)
             .ok()
             .and_then(|row| row.get("step").and_then(serde_json::Value::as_u64));
@@ -569,7 +556,7 @@ fn keep_metrics_through(path: &Path, step: u64) -> Result<(), TrainError> {
             kept.push('\n');
         }
     }
-    fs::write(path, kept).map_err(io_at(path))
+    Ok(fs::write(path, kept).at(path)?)
 }
 
 fn round3(value: f64) -> f64 {

@@ -15,12 +15,11 @@ use serde_json::json;
 use super::{StageContext, StageError};
 use crate::data::token_cache::Batch;
 use crate::model::CausalLm;
+use crate::path_error::AtPath;
 use crate::train::checkpoint::ModelFiles;
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::{Decay, Schedule};
-use crate::train::trainer::{
-    self, BatchSource, LoopSettings, MetricsRow, TrainError, TrainJob, TrainSummary,
-};
+use crate::train::trainer::{self, BatchSource, LoopSettings, MetricsRow, TrainJob, TrainSummary};
 
 /// The output's loss-curve picture.
 pub const LOSS_CURVE: &str = "loss_curve.svg";
@@ -231,7 +230,7 @@ impl<D: LoopDefaults> TrainingSettings<D> {
             },
             &self.loop_settings(steps),
         )
-        .map_err(stage_error)
+        .map_err(StageError::from)
     }
 }
 
@@ -260,14 +259,6 @@ pub fn parameter_count(varmap: &VarMap) -> usize {
         .iter()
         .map(|(_, var)| var.elem_count())
         .sum()
-}
-
-/// A [`TrainError`] as the stage reports it.
-pub fn stage_error(error: TrainError) -> StageError {
-    match error {
-        TrainError::Interrupted { .. } => StageError::Interrupted,
-        other => StageError::Invalid(other.to_string()),
-    }
 }
 
 /// The manifest metrics of a finished run.
@@ -314,8 +305,7 @@ pub fn log_summary(context: &mut StageContext<'_>, summary: &TrainSummary) {
 /// horizontal line at `baseline` (the unigram eval loss) when given.
 pub fn write_loss_curve(dir: &Path, baseline: Option<f64>) -> Result<(), StageError> {
     let metrics_path = dir.join(trainer::METRICS);
-    let text = std::fs::read_to_string(&metrics_path)
-        .map_err(|error| StageError::io(format!("reading {}", metrics_path.display()), error))?;
+    let text = std::fs::read_to_string(&metrics_path).at(metrics_path)?;
     let mut train = Vec::new();
     let mut eval = Vec::new();
     for row in text
@@ -356,6 +346,5 @@ pub fn write_loss_curve(dir: &Path, baseline: Option<f64>) -> Result<(), StageEr
         ],
     );
     let path: PathBuf = dir.join(LOSS_CURVE);
-    std::fs::write(&path, svg)
-        .map_err(|error| StageError::io(format!("writing {}", path.display()), error))
+    Ok(std::fs::write(&path, svg).at(path)?)
 }
