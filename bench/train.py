@@ -325,9 +325,14 @@ def report(args) -> None:
     for path in args.results:
         with open(path) as file:
             results.append(json.load(file))
-    ours, others = results[0], results[1:]
-    names = ["trainyard"] + [r["impl"].split("(")[-1].rstrip(")").replace(" attention", "") for r in others]
-    names = names[:1] + [f"torch {name}" for name in names[1:]]
+    mine = [r for r in results if r["impl"].startswith("trainyard")]
+    others = [r for r in results if not r["impl"].startswith("trainyard")]
+    results = mine + others
+    ours = mine[0]
+    our_names = [f"trainyard {r['config']['dtype'].split(' ')[0]}" for r in mine]
+    names = our_names + [
+        "torch " + r["impl"].split("(")[-1].rstrip(")").replace(" attention", "") for r in others
+    ]
     width = max(14, *(len(name) for name in names)) + 2
 
     def row(label: str, values: list[str]) -> str:
@@ -347,9 +352,12 @@ def report(args) -> None:
     lines.append(row("  RSS before model MiB", [f"{r['rss_baseline_mib']:.0f}" for r in results]))
     lines.append(row("first loss", [f"{r['losses'][0]:.5f}" for r in results]))
     lines.append(row("last loss", [f"{r['losses'][-1]:.5f}" for r in results]))
-    for other, name in zip(others, names[1:]):
+    pairs = [(mine_r, our_name, other, name)
+             for mine_r, our_name in zip(mine, our_names)
+             for other, name in zip(others, names[len(mine):])]
+    for ours, our_name, other, name in pairs:
         lines.append("")
-        lines.append(f"trainyard / {name}:")
+        lines.append(f"{our_name} / {name}:")
         lines.append(f"  throughput ratio        {ours['tokens_per_s'] / other['tokens_per_s']:.2f}x")
         lines.append(f"  per CPU-second ratio    {per_cpu_second(ours) / per_cpu_second(other):.2f}x")
         for phase in ("forward", "backward", "optimizer"):
@@ -363,11 +371,14 @@ def report(args) -> None:
         gap = abs(ours["losses"][0] - other["losses"][0])
         verdict = "same model" if gap < 1e-3 else "MODELS DIFFER"
         lines.append(f"  first-step loss gap     {gap:.2e} ({verdict})")
+    ours = mine[0]
     cfg = ours["config"]
     print(
         f"model: llama vocab {cfg['vocab']}, {cfg['layers']} layers, {cfg['heads']} heads, d_model {cfg['hidden']}, "
         f"intermediate {cfg['intermediate']}, {ours['params']:,} params; batch {cfg['batch']} x context {cfg['context']} "
-        f"= {ours['tokens_per_step']} tokens/step, f32"
+        f"= {ours['tokens_per_step']} tokens/step; master weights f32, products "
+        + ", ".join(f"{name}: {r['config']['dtype']}" for name, r in zip(our_names, mine))
+        + f"; loss: {ours.get('loss', 'composed')}"
     )
     print(f"steps: {ours['warmup']} warm-up + {ours['steps']} timed; threads: trainyard {ours['threads']}, "
           + ", ".join(f"torch {r['threads']}" for r in others))

@@ -10,7 +10,9 @@
 #
 # Reference model (the issue's): vocab 4096, 4 layers, 4 heads, d_model 256, SwiGLU 688,
 # f32. Knobs: BENCH_WARMUP (default 3), BENCH_STEPS (10), BENCH_BATCH (8), BENCH_CONTEXT
-# (256), BENCH_THREADS (2, both sides), TORCH_VERSION (default below), PYTHON.
+# (256), BENCH_THREADS ("1 2": a report per thread count, both sides), TORCH_VERSION
+# (default below), PYTHON. Where the CPU has a bf16 unit, trainyard also runs with bf16
+# products (`precision: bf16`).
 # On a machine that other work keeps busy, both sides lose far more with 2 threads
 # (OpenMP and candle's spinning pools wait on descheduled threads) than with 1:
 # BENCH_THREADS=1 then gives the steadier comparison.
@@ -18,7 +20,7 @@ set -euo pipefail
 
 TORCH_VERSION="${TORCH_VERSION:-2.15.0}"
 PYTHON="${PYTHON:-python3}"
-THREADS="${BENCH_THREADS:-2}"
+THREADS="${BENCH_THREADS:-1 2}"
 bench_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$bench_dir/.." && pwd)"
 work="$bench_dir/.work/train"
@@ -53,15 +55,30 @@ fi
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 busy="$(awk -v cores="$(nproc)" '$1 > 0.25 * cores { print $1 }' /proc/loadavg)"
 [[ -z "$busy" ]] || say "warning: load average $busy before the runs: other work shares the cores, figures will be noisy"
-say "trainyard: ${shape[*]} (load $(load))"
-RAYON_NUM_THREADS="$THREADS" "$driver" "${shape[@]}" >"$work/trainyard.json"
-results=("$work/trainyard.json")
-for attention in sdpa manual; do
-    say "PyTorch eager, $attention attention (load $(load))"
-    OMP_NUM_THREADS="$THREADS" "$venv/bin/python" "$bench_dir/train.py" run \
-        --attention "$attention" --threads "$THREADS" "${shape[@]}" >"$work/torch-$attention.json"
-    results+=("$work/torch-$attention.json")
-done
+run_at() { # threads
+    local threads="$1" out="$work/threads-$1"
+    mkdir -p "$out"
+    say "trainyard, $threads thread(s): ${shape[*]} (load $(load))"
+    RAYON_NUM_THREADS="$threads" "$driver" "${shape[@]}" >"$out/trainyard.json"
+    local results=("$out/trainyard.json")
+    # bf16 products where the CPU has a bf16 unit (AMX or AVX512-BF16; the driver refuses otherwise).
+    if RAYON_NUM_THREADS="$threads" "$driver" "${shape[@]}" --bf16 >"$out/trainyard-bf16.json" 2>"$out/trainyard-bf16.err"; then
+        results+=("$out/trainyard-bf16.json")
+    else
+        say "no bf16 run: $(tail -1 "$out/trainyard-bf16.err")"
+    fi
+    for attention in sdpa manual; do
+        say "PyTorch eager, $attention attention, $threads thread(s) (load $(load))"
+        OMP_NUM_THREADS="$threads" "$venv/bin/python" "$bench_dir/train.py" run \
+            --attention "$attention" --threads "$threads" "${shape[@]}" >"$out/torch-$attention.json"
+        results+=("$out/torch-$attention.json")
+    done
+    echo
+    echo "=== $threads thread(s)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores; load after: $(load)"
+    "$venv/bin/python" "$bench_dir/train.py" report "${results[@]}"
+}
 
-echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores; load after: $(load)"
-"$venv/bin/python" "$bench_dir/train.py" report "${results[@]}"
+for threads in $THREADS; do
+    run_at "$threads"
+done

@@ -2,13 +2,15 @@
 //! of `bench/train.sh` (whose Python side, `bench/train.py`, runs the same model in
 //! PyTorch eager).
 //!
-//! One step is a forward pass of the model (its fused attention, norms, RoPE and
-//! SwiGLU included), the loss, the backward pass and the optimizer, timed in three
-//! phases: forward + loss (up to reading the loss value), backward, and optimizer
-//! (global grad norm, clipping factor, AdamW update, dropping the gradients). The loss
-//! here is the composed cross-entropy, so that the phases split as PyTorch's do;
-//! `train::step::train_step` computes it chunked instead (`train::loss::loss_and_grads`),
-//! which interleaves the head's forward and backward passes. Batches are
+//! One step is what training runs (`train::loss::loss_and_grads`, as
+//! `train::step::train_step` calls it): the body's forward pass (its fused attention,
+//! norms, RoPE and SwiGLU included), the head and loss chunk by chunk (each chunk's
+//! logits, softmax gradient and head backward), the body's backward pass, and the
+//! optimizer (global grad norm, clipping factor, AdamW update, dropping the gradients).
+//! The three loss phases are reported as "forward + loss" (body forward + head) and
+//! "backward" (body backward) beside PyTorch's. `--composed-loss` takes the
+//! whole-batch composed cross-entropy instead, whose phases split exactly as PyTorch's
+//! do. Batches are
 //! random token ids from SplitMix64 ([`trainyard::rng::Rng`]), the same ids `train.py`
 //! draws. Prints one JSON object on stdout.
 //!
@@ -16,18 +18,19 @@
 //! cargo bench --bench train_throughput -- --warmup 1 --steps 2 --context 64
 //! ```
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Parser;
 use serde_json::json;
 use trainyard::data::token_cache::Batch;
+use trainyard::model::precision::{BF16Scope, Precision};
 use trainyard::model::{
     Kernels, LlamaConfig, LlamaFlavor, ModelConfig, new_trainable, sorted_vars,
 };
 use trainyard::rng::Rng;
-use trainyard::train::loss::{batch_tensors, weighted_cross_entropy};
+use trainyard::train::loss::{Phases, batch_tensors, timed_loss_and_grads, weighted_cross_entropy};
 use trainyard::train::optim::{AdamW, AdamWConfig};
 
 /// The RNG stream of the token batches (`train.py` uses the same).
@@ -46,6 +49,13 @@ struct Args {
     /// Rows per batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// The whole-batch composed cross-entropy instead of training's chunked loss.
+    #[arg(long)]
+    composed_loss: bool,
+    /// Matrix products in bf16 (f32 master weights), as `precision: bf16` trains: needs
+    /// a CPU with AMX-BF16 or AVX512-BF16.
+    #[arg(long)]
+    bf16: bool,
     /// Tokens per row.
     #[arg(long, default_value_t = 256)]
     context: usize,
@@ -163,9 +173,16 @@ fn main() -> Result<()> {
     config.validate(std::path::Path::new("<bench>"))?;
     let (model, varmap) = new_trainable(&config, DType::F32, &device, args.seed)?;
     let params = sorted_vars(&varmap);
+    let vars: Vec<_> = params.iter().map(|(_, var)| var.clone()).collect();
     let param_count: usize = params.iter().map(|(_, var)| var.elem_count()).sum();
     let mut optimizer = AdamW::new(params, AdamWConfig::default())?;
 
+    let unit = match args.bf16 {
+        true => Some(Precision::Bf16.resolve().map_err(anyhow::Error::msg)?),
+        false => None,
+    }
+    .flatten();
+    let _precision = BF16Scope::enter(unit);
     let mut rng = Rng::new(args.seed, BATCH_STREAM);
     let mut losses = Vec::new();
     let (mut forward_ms, mut backward_ms, mut optimizer_ms, mut step_ms) =
@@ -177,16 +194,26 @@ fn main() -> Result<()> {
         }
         let batch = random_batch(&mut rng, args.batch, args.context, args.vocab);
         let start = Instant::now();
-        let (inputs, targets, weights) = batch_tensors(&batch, &device)?;
-        let loss = weighted_cross_entropy(
-            &model.forward(&inputs, None, Kernels::Differentiable)?,
-            &targets,
-            &weights,
-        )?;
-        let loss_value = f64::from(loss.to_scalar::<f32>()?);
-        let forward_end = Instant::now();
-        let grads = loss.backward()?;
-        drop(loss); // the graph: what PyTorch frees during its backward
+        let (loss_value, grads, forward_end) = if args.composed_loss {
+            let (inputs, targets, weights) = batch_tensors(&batch, &device)?;
+            let loss = weighted_cross_entropy(
+                &model.forward(&inputs, None, Kernels::Differentiable)?,
+                &targets,
+                &weights,
+            )?;
+            let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            let forward_end = Instant::now();
+            let grads = loss.backward()?;
+            drop(loss); // the graph: what PyTorch frees during its backward
+            (loss_value, grads, forward_end)
+        } else {
+            let mut phases = Phases::default();
+            let (loss, grads) =
+                timed_loss_and_grads(&model, &batch, 1.0, &vars, &device, &mut phases)?
+                    .context("no position counts")?;
+            let forward_end = start + Duration::from_secs_f64(phases.forward + phases.head);
+            (loss, grads, forward_end)
+        };
         let backward_end = Instant::now();
         let norm = optimizer.grad_norm(&grads)?;
         anyhow::ensure!(
@@ -215,11 +242,13 @@ fn main() -> Result<()> {
     let tokens_per_step = args.batch * args.context;
     let report = json!({
         "impl": "trainyard (candle 0.11)",
+        "loss": if args.composed_loss { "composed" } else { "chunked (training's)" },
         "threads": candle_core::utils::get_num_threads(),
         "config": {
             "vocab": args.vocab, "layers": args.layers, "heads": args.heads,
             "hidden": args.hidden, "intermediate": args.intermediate,
-            "batch": args.batch, "context": args.context, "dtype": "f32",
+            "batch": args.batch, "context": args.context,
+            "dtype": unit.map_or("f32".to_string(), |unit| format!("bf16 ({})", unit.name())),
         },
         "params": param_count,
         "warmup": args.warmup,

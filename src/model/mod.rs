@@ -26,12 +26,14 @@
 //! (the forward computes `x·W + b`), so neither load nor save transposes anything.
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod fused;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 pub mod mapped;
+pub mod precision;
 pub mod shards;
 #[cfg(test)]
 mod testing;

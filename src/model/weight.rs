@@ -119,9 +119,16 @@ impl Linear {
 
     fn forward_table(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
-            Matrix::Tensor(weight) => {
-                candle_nn::Linear::new(weight.clone(), self.bias.clone()).forward(x)
-            }
+            Matrix::Tensor(weight) => match super::precision::bf16_unit() {
+                Some(unit) if super::fused::applies(x) && super::fused::applies(weight) => {
+                    let y = super::precision::linear(x, weight, unit)?;
+                    match &self.bias {
+                        Some(bias) => y.broadcast_add(bias),
+                        None => Ok(y),
+                    }
+                }
+                _ => candle_nn::Linear::new(weight.clone(), self.bias.clone()).forward(x),
+            },
             Matrix::Mapped(matrix) => {
                 let y = matrix.matmul_t(x)?;
                 match &self.bias {

@@ -15,6 +15,7 @@ use serde_json::json;
 use super::{StageContext, StageError};
 use crate::data::token_cache::Batch;
 use crate::model::CausalLm;
+use crate::model::precision::Precision;
 use crate::path_error::AtPath;
 use crate::train::checkpoint::ModelFiles;
 use crate::train::optim::AdamWConfig;
@@ -128,6 +129,11 @@ pub struct TrainingSettings<D: LoopDefaults> {
     /// `auto`, `cpu`, `cuda` or `metal`.
     #[serde(default)]
     pub device: DeviceSetting,
+    /// Matrix products in `f32`, or `bf16` (f32 master weights and optimizer state; needs
+    /// a CPU with AMX-BF16 or AVX512-BF16), or `auto`: bf16 where the CPU has it. Left
+    /// out of the fingerprint when `f32`.
+    #[serde(default, skip_serializing_if = "Precision::is_default")]
+    pub precision: Precision,
     #[serde(skip)]
     #[schemars(skip)]
     defaults: PhantomData<D>,
@@ -210,6 +216,19 @@ impl<D: LoopDefaults> TrainingSettings<D> {
         steps: u64,
         job: StageTrainJob<'_>,
     ) -> Result<TrainSummary, StageError> {
+        let unit = self.precision.resolve().map_err(StageError::Invalid)?;
+        if !self.precision.is_default() {
+            let _ = writeln!(
+                context.log,
+                "precision: {} (setting `{}`{})",
+                if unit.is_some() { "bf16" } else { "f32" },
+                serde_json::to_value(self.precision)?
+                    .as_str()
+                    .unwrap_or_default(),
+                unit.map(|unit| format!(", on {}", unit.name()))
+                    .unwrap_or_else(|| ", no native bf16 unit on this CPU".to_string()),
+            );
+        }
         trainer::train(
             TrainJob {
                 model: job.model,
@@ -227,6 +246,7 @@ impl<D: LoopDefaults> TrainingSettings<D> {
                 cancel: context.cancel,
                 log: &mut *context.log,
                 show_progress: std::io::stderr().is_terminal(),
+                precision: (!self.precision.is_default()).then_some((self.precision, unit)),
             },
             &self.loop_settings(steps),
         )

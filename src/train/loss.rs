@@ -162,7 +162,39 @@ pub fn loss_and_grads(
     params: &[Var],
     device: &Device,
 ) -> candle_core::Result<Option<(f64, GradStore)>> {
-    chunked_loss_and_grads(model, batch, scale, params, device, CHUNK_LOGITS)
+    let mut phases = Phases::default();
+    chunked_loss_and_grads(
+        model,
+        batch,
+        scale,
+        params,
+        device,
+        CHUNK_LOGITS,
+        &mut phases,
+    )
+}
+
+/// Seconds spent in each phase of [`timed_loss_and_grads`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// The body's forward pass (hidden states).
+    pub forward: f64,
+    /// The head and the loss: each chunk's logits, softmax gradient and head backward.
+    pub head: f64,
+    /// The body's backward pass.
+    pub backward: f64,
+}
+
+/// [`loss_and_grads`], adding the seconds of each phase to `phases` (benchmarks).
+pub fn timed_loss_and_grads(
+    model: &dyn LanguageModel,
+    batch: &Batch,
+    scale: f64,
+    params: &[Var],
+    device: &Device,
+    phases: &mut Phases,
+) -> candle_core::Result<Option<(f64, GradStore)>> {
+    chunked_loss_and_grads(model, batch, scale, params, device, CHUNK_LOGITS, phases)
 }
 
 /// [`loss_and_grads`] with about `chunk_logits` logits per chunk.
@@ -173,13 +205,17 @@ fn chunked_loss_and_grads(
     params: &[Var],
     device: &Device,
     chunk_logits: usize,
+    phases: &mut Phases,
 ) -> candle_core::Result<Option<(f64, GradStore)>> {
     let counted = Counted::of(batch);
     if counted.rows.is_empty() {
         return Ok(None);
     }
+    let started = std::time::Instant::now();
     let (inputs, _, _) = batch_tensors(batch, device)?;
     let hidden = model.hidden(&inputs)?;
+    let forward_done = std::time::Instant::now();
+    phases.forward += (forward_done - started).as_secs_f64();
     let shape = hidden.shape().clone();
     let width = hidden.dim(D::Minus1)?;
     let flat = hidden.reshape(((), width))?;
@@ -228,6 +264,8 @@ fn chunked_loss_and_grads(
             }
         }
     }
+    let head_done = std::time::Instant::now();
+    phases.head += (head_done - forward_done).as_secs_f64();
     let selected_grad = Tensor::cat(&hidden_grads, 0)?;
     let hidden_grad = flat
         .detach()
@@ -245,6 +283,7 @@ fn chunked_loss_and_grads(
             grads.insert(param.as_tensor(), sum);
         }
     }
+    phases.backward += head_done.elapsed().as_secs_f64();
     Ok(Some((sum / counted.total, grads)))
 }
 
@@ -321,10 +360,17 @@ mod tests {
         .unwrap();
         let expected_loss = f64::from(reference.to_scalar::<f32>().unwrap());
         let expected = (reference * 0.5).unwrap().backward().unwrap();
-        let (loss, grads) =
-            chunked_loss_and_grads(&model, &batch, 0.5, &params, &device, 3 * vocab as usize)
-                .unwrap()
-                .unwrap();
+        let (loss, grads) = chunked_loss_and_grads(
+            &model,
+            &batch,
+            0.5,
+            &params,
+            &device,
+            3 * vocab as usize,
+            &mut Phases::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert!(
             (loss - expected_loss).abs() < 1e-5,
             "{loss} vs {expected_loss}"

@@ -34,6 +34,8 @@ use super::schedule::Schedule;
 use super::step::{StepError, train_step};
 use crate::data::token_cache::Batch;
 use crate::interrupt::CancelFlag;
+use crate::model::bf16_gemm::Bf16Unit;
+use crate::model::precision::{BF16Scope, Precision};
 use crate::model::{CausalLm, named_tensors, sorted_vars};
 use crate::path_error::{AtPath, PathIoError};
 
@@ -137,6 +139,9 @@ pub struct TrainJob<'a> {
     pub log: &'a mut (dyn Write + Send),
     /// Draw a progress bar on stderr.
     pub show_progress: bool,
+    /// A `precision` other than the default f32: the setting and the bf16 unit it
+    /// resolved to (`None`: f32). Recorded in `training.json`.
+    pub precision: Option<(Precision, Option<Bf16Unit>)>,
 }
 
 /// What a finished run reports.
@@ -261,7 +266,10 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         cancel,
         log,
         show_progress,
+        precision,
     } = job;
+    // Forward and backward passes run on this thread: the scope covers them all.
+    let _precision = BF16Scope::enter(precision.and_then(|(_, unit)| unit));
     let root = dir.join(CHECKPOINTS);
     fs::create_dir_all(&root).at(&root)?;
     let params = sorted_vars(varmap);
@@ -452,12 +460,19 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
 
     checkpoint::write_model(dir, files, &named_tensors(varmap), tokenizer)?;
     let summary_path = dir.join(SUMMARY);
-    let summary = json!({
+    let mut summary = json!({
         "steps": state.step,
         "tokens_seen": state.tokens_seen,
         "best_eval": state.best_eval.map(|(loss, step)| json!({ "loss": loss, "step": step })),
         "final_eval_loss": final_eval,
     });
+    if let Some((setting, unit)) = precision {
+        summary["precision"] = json!({
+            "setting": setting,
+            "compute": if unit.is_some() { "bf16" } else { "f32" },
+            "unit": unit.map(Bf16Unit::name),
+        });
+    }
     write_json(&summary_path, &summary)?;
     // The final model is in place; intermediate checkpoints are not part of the output.
     fs::remove_dir_all(&root).at(&root)?;

@@ -430,3 +430,47 @@ fn settings_mistakes_are_reported_before_anything_runs() {
     let out = sandbox.fails(&["run", "p.yaml"]);
     assert!(out.contains("multiple of `model.heads`"), "{out}");
 }
+
+/// `precision: auto` trains in bf16 where the CPU has a bf16 unit (f32 elsewhere, and
+/// `training.json` says which): it still beats the unigram baseline, and a run killed
+/// after a checkpoint resumes to the same weights as an uninterrupted one.
+#[test]
+fn auto_precision_learns_records_its_choice_and_resumes_bit_identically() {
+    let with = "{ model: { family: llama, layers: 2, heads: 4, dim: 64 }, context: 32, \
+                batch_size: 8, steps: 40, lr: 0.003, warmup: 4, eval_every: 10, \
+                eval_batches: 4, save_every: 4, precision: auto }";
+    let straight = sandbox_with(with);
+    straight.ok(&["run", "p.yaml"]);
+    let metrics = stage_metrics(&straight, "lm");
+    let (eval, unigram) = (
+        metric(&metrics, "eval_loss"),
+        metric(&metrics, "unigram_eval_loss"),
+    );
+    assert!(eval < unigram - 0.3, "eval {eval} vs unigram {unigram}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&straight.read("runs/latest/outputs/lm/training.json")).unwrap();
+    let expected_compute = match trainyard::model::bf16_gemm::unit() {
+        Some(_) => "bf16",
+        None => "f32",
+    };
+    assert_eq!(summary["precision"]["setting"], "auto");
+    assert_eq!(summary["precision"]["compute"], expected_compute);
+    let log = straight.read("runs/latest/outputs/lm/stage.log");
+    assert!(
+        log.contains(&format!("precision: {expected_compute}")),
+        "{log}"
+    );
+    let expected = file_hash(&output(&straight, "lm").join("model.safetensors"));
+
+    let killed = sandbox_with(with);
+    let mut child = killed.spawn(&["run", "p.yaml"]);
+    wait_for_checkpoint(&killed, "lm", 8);
+    child.kill().unwrap();
+    let _ = child.wait();
+    killed.ok(&["run", "p.yaml"]);
+    assert_eq!(
+        file_hash(&output(&killed, "lm").join("model.safetensors")),
+        expected,
+        "a resumed bf16 run ends bit-identical to an uninterrupted one"
+    );
+}

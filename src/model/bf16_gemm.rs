@@ -1,0 +1,579 @@
+//! Matrix products on the CPU's bf16 units, picked at run time: AMX tiles
+//! (`tdpbf16ps`, Sapphire Rapids and later) or AVX512-BF16 (`vdpbf16ps`). Inputs and
+//! output are f32; the inputs are rounded to bf16 (to nearest, ties to even) and their
+//! products summed in f32 — what PyTorch's bf16 autocast computes. A CPU with neither
+//! unit has no [`unit`], and callers stay in f32: emulating bf16 there is slower than
+//! f32 (PyTorch's emulation is ~30× slower), so it is never chosen silently.
+//!
+//! Each output block is computed by one thread with a fixed order over `k`, so results
+//! do not depend on the number of threads.
+//!
+//! Rust's AMX intrinsics are not stable, so the few AMX instructions are inline
+//! assembly; Linux must grant the process the tile state first (`arch_prctl`).
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// The bf16 unit products run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Unit {
+    /// Intel AMX tiles (`amx-bf16`).
+    Amx,
+    /// AVX-512 with the BF16 extension (`avx512bf16`).
+    Avx512,
+}
+
+impl Bf16Unit {
+    /// The name logs and `training.json` record.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Unit::Amx => "amx-bf16",
+            Bf16Unit::Avx512 => "avx512-bf16",
+        }
+    }
+}
+
+/// The CPU's native bf16 unit, if it has one (detected once).
+pub fn unit() -> Option<Bf16Unit> {
+    static UNIT: OnceLock<Option<Bf16Unit>> = OnceLock::new();
+    *UNIT.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Option<Bf16Unit> {
+    if amx::cpu_has_amx_bf16() && amx::request_tile_state() {
+        return Some(Bf16Unit::Amx);
+    }
+    if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512f") {
+        return Some(Bf16Unit::Avx512);
+    }
+    None
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Option<Bf16Unit> {
+    None
+}
+
+/// A read-only f32 matrix view: element `(i, j)` at `data[i * row_stride + j * col_stride]`,
+/// so a transpose is a view with the strides swapped.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    /// The values.
+    pub data: &'a [f32],
+    /// Distance between rows.
+    pub row_stride: usize,
+    /// Distance between columns.
+    pub col_stride: usize,
+}
+
+impl MatRef<'_> {
+    #[cfg(test)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.row_stride + j * self.col_stride]
+    }
+}
+
+/// `x` rounded to bf16, to nearest with ties to even (NaN stays NaN).
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+/// Rows and columns of a tile, and `k` per tile step (32 bf16 = one 64-byte tile row).
+const TILE: usize = 16;
+const TILE_K: usize = 32;
+/// Elements of one packed tile (16 rows × 32 bf16).
+const TILE_ELEMS: usize = TILE * TILE_K;
+
+/// `c[m × n] = a[m × k] · b[k × n]` (row-major `c`) on `unit`.
+///
+/// # Panics
+/// If `c` holds fewer than `m × n` values or a view addresses values it does not hold.
+pub fn matmul(
+    unit: Bf16Unit,
+    (m, n, k): (usize, usize, usize),
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+) {
+    assert!(
+        c.len() >= m * n,
+        "output holds {} values, not {m} × {n}",
+        c.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Blocks of 32 × 32 outputs: two tiles each way.
+    let row_pairs = m.div_ceil(2 * TILE);
+    let col_pairs = n.div_ceil(2 * TILE);
+    let k_steps = k.div_ceil(TILE_K).max(1);
+    let packed_a = pack_rows(a, m, k, 2 * row_pairs, k_steps);
+    let packed_b = pack_columns(b, k, n, 2 * col_pairs, k_steps);
+    let threads = rayon::current_num_threads().max(1);
+    // Row blocks per task: enough tasks to balance, each reusing its B panels.
+    let rows_per_task = row_pairs.div_ceil(threads * 4).max(1);
+    c[..m * n]
+        .par_chunks_mut(rows_per_task * 2 * TILE * n)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first_pair = task * rows_per_task;
+            let pairs = rows_per_task.min(row_pairs - first_pair);
+            let mut block = [0f32; 4 * TILE * TILE];
+            let mut session = Session::begin(unit);
+            for pair in first_pair..first_pair + pairs {
+                let a_top = &packed_a[(2 * pair) * k_steps * TILE_ELEMS..];
+                let a_bottom = &packed_a[(2 * pair + 1) * k_steps * TILE_ELEMS..];
+                for col_pair in 0..col_pairs {
+                    let b_left = &packed_b[(2 * col_pair) * k_steps * TILE_ELEMS..];
+                    let b_right = &packed_b[(2 * col_pair + 1) * k_steps * TILE_ELEMS..];
+                    session.block(k_steps, [a_top, a_bottom], [b_left, b_right], &mut block);
+                    // Copy the 32 × 32 block's valid part out.
+                    let row0 = pair * 2 * TILE;
+                    let col0 = col_pair * 2 * TILE;
+                    let rows = (2 * TILE).min(m - row0);
+                    let cols = (2 * TILE).min(n - col0);
+                    for r in 0..rows {
+                        let local = (row0 - first_pair * 2 * TILE + r) * n + col0;
+                        out[local..local + cols]
+                            .copy_from_slice(&block[r * 2 * TILE..r * 2 * TILE + cols]);
+                    }
+                }
+            }
+            session.end();
+        });
+}
+
+/// `a`'s rows in tiles: for each block of 16 rows and step of 32 along `k`, 16 rows of
+/// 32 bf16 (zero past the matrix). `row_blocks` may exceed the rows (padding).
+fn pack_rows(a: MatRef<'_>, m: usize, k: usize, row_blocks: usize, k_steps: usize) -> Vec<u16> {
+    let mut packed = vec![0u16; row_blocks * k_steps * TILE_ELEMS];
+    packed
+        .par_chunks_mut(k_steps * TILE_ELEMS)
+        .enumerate()
+        .for_each(|(block, panel)| {
+            let first = block * TILE;
+            let rows = TILE.min(m.saturating_sub(first));
+            if rows == 0 {
+                return; // a padding block stays zero
+            }
+            if a.col_stride == 1 {
+                // Each row is contiguous along k.
+                for r in 0..rows {
+                    let start = (first + r) * a.row_stride;
+                    for (step, chunk) in a.data[start..start + k].chunks(TILE_K).enumerate() {
+                        let at = step * TILE_ELEMS + r * TILE_K;
+                        convert(chunk, &mut panel[at..at + chunk.len()]);
+                    }
+                }
+            } else {
+                // Each column is contiguous along the rows (a transposed view).
+                let mut column = [0u16; TILE];
+                for kk in 0..k {
+                    let start = kk * a.col_stride + first * a.row_stride;
+                    gather(a.data, start, a.row_stride, &mut column[..rows]);
+                    let at = (kk / TILE_K) * TILE_ELEMS + kk % TILE_K;
+                    for (r, &value) in column[..rows].iter().enumerate() {
+                        panel[at + r * TILE_K] = value;
+                    }
+                }
+            }
+        });
+    packed
+}
+
+/// `b`'s columns in AMX's pair layout: for each block of 16 columns and step of 32 along
+/// `k`, 16 rows (pairs of `k`) of 16 columns × 2 bf16; element `(k, j)` of the step at row
+/// `k / 2`, position `2 j + k % 2`.
+fn pack_columns(b: MatRef<'_>, k: usize, n: usize, col_blocks: usize, k_steps: usize) -> Vec<u16> {
+    let mut packed = vec![0u16; col_blocks * k_steps * TILE_ELEMS];
+    packed
+        .par_chunks_mut(k_steps * TILE_ELEMS)
+        .enumerate()
+        .for_each(|(block, panel)| {
+            let first = block * TILE;
+            let cols = TILE.min(n.saturating_sub(first));
+            if cols == 0 {
+                return; // a padding block stays zero
+            }
+            let place =
+                |kk: usize| (kk / TILE_K) * TILE_ELEMS + (kk % TILE_K / 2) * TILE_K + kk % 2;
+            if b.row_stride == 1 {
+                // Each column is contiguous along k (a transposed view of a row-major
+                // matrix, such as a weight `[out, in]` read as `[in, out]`).
+                let mut converted = vec![0u16; k];
+                for c in 0..cols {
+                    let start = (first + c) * b.col_stride;
+                    convert(&b.data[start..start + k], &mut converted);
+                    for (kk, &value) in converted.iter().enumerate() {
+                        panel[place(kk) + 2 * c] = value;
+                    }
+                }
+            } else {
+                // Each row is contiguous along the columns.
+                let mut row = [0u16; TILE];
+                for kk in 0..k {
+                    let start = kk * b.row_stride + first * b.col_stride;
+                    gather(b.data, start, b.col_stride, &mut row[..cols]);
+                    let at = place(kk);
+                    for (c, &value) in row[..cols].iter().enumerate() {
+                        panel[at + 2 * c] = value;
+                    }
+                }
+            }
+        });
+    packed
+}
+
+/// `out[i] = bf16(src[i])`.
+fn convert(src: &[f32], out: &mut [u16]) {
+    for (out, &value) in out.iter_mut().zip(src) {
+        *out = to_bf16(value);
+    }
+}
+
+/// `out[i] = bf16(data[start + i·stride])`.
+fn gather(data: &[f32], start: usize, stride: usize, out: &mut [u16]) {
+    if stride == 1 {
+        convert(&data[start..start + out.len()], out);
+    } else {
+        for (i, out) in out.iter_mut().enumerate() {
+            *out = to_bf16(data[start + i * stride]);
+        }
+    }
+}
+
+/// One thread's use of the unit: AMX needs its tile configuration loaded per thread.
+struct Session {
+    unit: Bf16Unit,
+}
+
+impl Session {
+    fn begin(unit: Bf16Unit) -> Session {
+        #[cfg(target_arch = "x86_64")]
+        if unit == Bf16Unit::Amx {
+            // SAFETY: `unit()` returned Amx only after the CPU reported AMX and Linux
+            // granted the tile state.
+            unsafe { amx::configure() };
+        }
+        Session { unit }
+    }
+
+    /// `block[32 × 32] = [a_top; a_bottom] · [b_left, b_right]` over `k_steps` packed steps.
+    fn block(
+        &mut self,
+        k_steps: usize,
+        a: [&[u16]; 2],
+        b: [&[u16]; 2],
+        block: &mut [f32; 4 * TILE * TILE],
+    ) {
+        for panel in a.iter().chain(&b) {
+            assert!(panel.len() >= k_steps * TILE_ELEMS);
+        }
+        match self.unit {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: panels hold k_steps tiles (checked above); the session configured
+            // the tiles.
+            Bf16Unit::Amx => unsafe { amx::block(k_steps, a, b, block) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `unit()` returned Avx512 only where avx512bf16 is available.
+            Bf16Unit::Avx512 => unsafe { avx512::block(k_steps, a, b, block) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no bf16 unit outside x86_64"),
+        }
+    }
+
+    fn end(self) {
+        #[cfg(target_arch = "x86_64")]
+        if self.unit == Bf16Unit::Amx {
+            // SAFETY: releases the tile state this thread configured.
+            unsafe { amx::release() };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+
+    use super::{TILE, TILE_ELEMS, TILE_K};
+
+    /// The 64-byte tile configuration (palette 1): eight tiles of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Whether CPUID reports AMX tiles with bf16 (leaf 7: EDX bits 22 and 24); std's
+    /// detection of these features is not stable yet.
+    pub fn cpu_has_amx_bf16() -> bool {
+        if std::arch::x86_64::__cpuid(0).eax < 7 {
+            return false;
+        }
+        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    }
+
+    /// Asks Linux for the AMX tile data state (`ARCH_REQ_XCOMP_PERM`,
+    /// `XFEATURE_XTILEDATA`); false where it is refused (old kernels).
+    pub fn request_tile_state() -> bool {
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let result: i64;
+        // SAFETY: the arch_prctl system call with plain integer arguments; it changes
+        // only the process's permission to use AMX state.
+        unsafe {
+            asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => result,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        result == 0
+    }
+
+    /// Loads the tile configuration on this thread.
+    ///
+    /// # Safety
+    /// The CPU must have AMX and the process its tile state.
+    pub unsafe fn configure() {
+        let mut config = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            bytes_per_row: [0; 16],
+            rows: [0; 16],
+        };
+        for tile in 0..8 {
+            config.bytes_per_row[tile] = 64;
+            config.rows[tile] = TILE as u8;
+        }
+        // SAFETY: as the caller guarantees; the configuration is valid for palette 1.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &raw const config, options(nostack)) };
+    }
+
+    /// Releases this thread's tile state.
+    ///
+    /// # Safety
+    /// As [`configure`].
+    pub unsafe fn release() {
+        // SAFETY: as the caller guarantees.
+        unsafe { asm!("tilerelease", options(nostack)) };
+    }
+
+    /// See `Session::block`: tmm0–3 accumulate the four 16 × 16 outputs, tmm4–5 hold
+    /// the A tiles, tmm6–7 the B tiles of each step.
+    ///
+    /// # Safety
+    /// Tiles configured by [`configure`] on this thread; each panel holds `k_steps` tiles.
+    pub unsafe fn block(
+        k_steps: usize,
+        a: [&[u16]; 2],
+        b: [&[u16]; 2],
+        block: &mut [f32; 4 * TILE * TILE],
+    ) {
+        const STRIDE: usize = TILE_K * 2;
+        // SAFETY: every load reads 16 rows of 64 bytes inside a panel (k_steps tiles of
+        // TILE_ELEMS u16 each); the stores write 16 rows of 64 bytes into `block`, whose
+        // rows are 128 bytes apart.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3"
+            );
+            for step in 0..k_steps {
+                let offset = step * TILE_ELEMS;
+                asm!(
+                    "tileloadd tmm4, [{a0} + {s}*1]",
+                    "tileloadd tmm5, [{a1} + {s}*1]",
+                    "tileloadd tmm6, [{b0} + {s}*1]",
+                    "tileloadd tmm7, [{b1} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a[0].as_ptr().add(offset),
+                    a1 = in(reg) a[1].as_ptr().add(offset),
+                    b0 = in(reg) b[0].as_ptr().add(offset),
+                    b1 = in(reg) b[1].as_ptr().add(offset),
+                    s = in(reg) STRIDE,
+                    options(nostack, readonly),
+                );
+            }
+            let out = block.as_mut_ptr();
+            let row_bytes = 2 * TILE * 4;
+            asm!(
+                "tilestored [{c00} + {s}*1], tmm0",
+                "tilestored [{c01} + {s}*1], tmm1",
+                "tilestored [{c10} + {s}*1], tmm2",
+                "tilestored [{c11} + {s}*1], tmm3",
+                c00 = in(reg) out,
+                c01 = in(reg) out.add(TILE),
+                c10 = in(reg) out.add(TILE * 2 * TILE),
+                c11 = in(reg) out.add(TILE * 2 * TILE + TILE),
+                s = in(reg) row_bytes,
+                options(nostack),
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{TILE, TILE_ELEMS, TILE_K};
+
+    /// The same block as the AMX kernel, one `vdpbf16ps` per output row, 16 columns and
+    /// a pair of `k`.
+    ///
+    /// # Safety
+    /// The CPU must have avx512f and avx512bf16; each panel holds `k_steps` tiles.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn block(
+        k_steps: usize,
+        a: [&[u16]; 2],
+        b: [&[u16]; 2],
+        block: &mut [f32; 4 * TILE * TILE],
+    ) {
+        for (half, a_panel) in a.iter().enumerate() {
+            for row in 0..TILE {
+                let mut left = _mm512_setzero_ps();
+                let mut right = _mm512_setzero_ps();
+                for step in 0..k_steps {
+                    let offset = step * TILE_ELEMS;
+                    for pair in 0..TILE_K / 2 {
+                        let index = offset + row * TILE_K + 2 * pair;
+                        let bits =
+                            u32::from(a_panel[index]) | (u32::from(a_panel[index + 1]) << 16);
+                        // SAFETY: __m512i and __m512bh are both 64 bytes of plain bits.
+                        let a_pair: __m512bh =
+                            unsafe { std::mem::transmute(_mm512_set1_epi32(bits as i32)) };
+                        let b_at = offset + pair * TILE_K;
+                        // SAFETY: 32 u16 at b_at lie inside the panel (pair < 16).
+                        let b_left: __m512bh = unsafe {
+                            std::mem::transmute(_mm512_loadu_si512(b[0].as_ptr().add(b_at).cast()))
+                        };
+                        let b_right: __m512bh = unsafe {
+                            std::mem::transmute(_mm512_loadu_si512(b[1].as_ptr().add(b_at).cast()))
+                        };
+                        left = _mm512_dpbf16_ps(left, a_pair, b_left);
+                        right = _mm512_dpbf16_ps(right, a_pair, b_right);
+                    }
+                }
+                let out = (half * TILE + row) * 2 * TILE;
+                // SAFETY: 32 floats from `out` lie inside the block.
+                unsafe {
+                    _mm512_storeu_ps(block.as_mut_ptr().add(out), left);
+                    _mm512_storeu_ps(block.as_mut_ptr().add(out + TILE), right);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, n: usize, k: usize, a: MatRef<'_>, b: MatRef<'_>) -> Vec<f32> {
+        let widen = |x: f32| f32::from_bits(u32::from(to_bf16(x)) << 16);
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut sum = 0f64;
+                for kk in 0..k {
+                    sum += f64::from(widen(a.at(i, kk))) * f64::from(widen(b.at(kk, j)));
+                }
+                c[i * n + j] = sum as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(f32::from_bits(u32::from(to_bf16(f32::NAN)) << 16).is_nan());
+    }
+
+    #[test]
+    fn products_match_bf16_rounded_inputs_on_every_unit_of_this_cpu() {
+        let mut units = vec![];
+        if let Some(unit) = unit() {
+            units.push(unit);
+            if unit == Bf16Unit::Amx
+                && std::is_x86_feature_detected!("avx512bf16")
+                && std::is_x86_feature_detected!("avx512f")
+            {
+                units.push(Bf16Unit::Avx512);
+            }
+        }
+        if units.is_empty() {
+            eprintln!("no bf16 unit on this CPU: nothing to compare");
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(7, 0);
+        // Odd sizes cross every tile edge; the transposed view checks strides.
+        for (m, n, k) in [(1, 1, 1), (37, 45, 70), (64, 33, 96), (5, 100, 31)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+                .collect();
+            let b: Vec<f32> = (0..n * k)
+                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+                .collect();
+            // Each operand stored row-major or as its transpose: every packing path.
+            let view = |data: &'static [f32], rows: usize, cols: usize, stored_transposed: bool| {
+                match stored_transposed {
+                    false => MatRef {
+                        data,
+                        row_stride: cols,
+                        col_stride: 1,
+                    },
+                    true => MatRef {
+                        data,
+                        row_stride: 1,
+                        col_stride: rows,
+                    },
+                }
+            };
+            let (a, b): (&'static [f32], &'static [f32]) =
+                (Vec::leak(a.clone()), Vec::leak(b.clone()));
+            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a_view = view(a, m, k, a_t);
+                let b_view = view(b, k, n, b_t);
+                let expected = reference(m, n, k, a_view, b_view);
+                for &unit in &units {
+                    let mut c = vec![f32::NAN; m * n];
+                    matmul(unit, (m, n, k), a_view, b_view, &mut c);
+                    for (got, want) in c.iter().zip(&expected) {
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{unit:?} {m}×{n}×{k} (a_t {a_t}, b_t {b_t}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
