@@ -346,6 +346,11 @@ def report(args) -> None:
         lines.append(
             row(label, [f"{r['phase_ms'][phase]:.1f} ({100 * r['phase_ms'][phase] / r['step_ms']['mean']:.0f}%)" for r in results])
         )
+    if "body_forward" in ours["phase_ms"]:
+        lines.append(row("    of which body forward", [
+            f"{r['phase_ms']['body_forward']:.1f}" if "body_forward" in r["phase_ms"] else "" for r in results]))
+        lines.append(row("    of which head + loss", [
+            f"{r['phase_ms']['head_and_loss']:.1f}" if "head_and_loss" in r["phase_ms"] else "" for r in results]))
     lines.append(row("CPU cores busy", [f"{r['cpu_cores_busy']:.2f}" for r in results]))
     lines.append(row("tokens per CPU-second", [f"{per_cpu_second(r):,.0f}" for r in results]))
     lines.append(row("peak RSS MiB", [f"{r['peak_rss_mib']:.0f}" for r in results]))

@@ -147,6 +147,7 @@ fn median(values: &[f64]) -> f64 {
 }
 
 fn main() -> Result<()> {
+    trainyard::memory::keep_freed_memory(); // as the trainyard binary does
     let args = Args::parse();
     anyhow::ensure!(args.steps > 0, "--steps must be positive");
     let rss_baseline_mib = proc_status_mib("VmRSS")?;
@@ -187,6 +188,8 @@ fn main() -> Result<()> {
     let mut losses = Vec::new();
     let (mut forward_ms, mut backward_ms, mut optimizer_ms, mut step_ms) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The chunked loss's own split: body forward, head + loss (with the head's backward).
+    let (mut body_ms, mut head_ms) = (Vec::new(), Vec::new());
     let mut cpu_start = cpu_seconds()?;
     for step in 0..args.warmup + args.steps {
         if step == args.warmup {
@@ -212,6 +215,10 @@ fn main() -> Result<()> {
                 timed_loss_and_grads(&model, &batch, 1.0, &vars, &device, &mut phases)?
                     .context("no position counts")?;
             let forward_end = start + Duration::from_secs_f64(phases.forward + phases.head);
+            if step >= args.warmup {
+                body_ms.push(phases.forward * 1e3);
+                head_ms.push(phases.head * 1e3);
+            }
             (loss, grads, forward_end)
         };
         let backward_end = Instant::now();
@@ -258,6 +265,8 @@ fn main() -> Result<()> {
         "step_ms": {"mean": mean(&step_ms), "median": median(&step_ms)},
         "phase_ms": {
             "forward": mean(&forward_ms),
+            "body_forward": mean(&body_ms),
+            "head_and_loss": mean(&head_ms),
             "backward": mean(&backward_ms),
             "optimizer": mean(&optimizer_ms),
         },

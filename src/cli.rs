@@ -404,6 +404,7 @@ fn log_filter(cli: &Cli) -> EnvFilter {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     end_cleanly_when_output_fails();
+    crate::memory::keep_freed_memory();
     let cli = Cli::parse();
     if !matches!(&cli.command, Command::Run(args) if !args.dry_run) {
         end_quietly_on_a_broken_pipe();

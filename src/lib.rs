@@ -27,6 +27,7 @@ pub mod generate;
 pub mod hashing;
 pub mod hf_cache;
 pub mod interrupt;
+pub mod memory;
 pub mod model;
 pub mod path_error;
 pub mod retrieve;

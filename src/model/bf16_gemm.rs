@@ -114,8 +114,38 @@ pub fn matmul(
     let row_pairs = m.div_ceil(2 * TILE);
     let col_pairs = n.div_ceil(2 * TILE);
     let k_steps = k.div_ceil(TILE_K).max(1);
-    let packed_a = pack_rows(a, m, k, 2 * row_pairs, k_steps);
-    let packed_b = pack_columns(b, k, n, 2 * col_pairs, k_steps);
+    PACKED.with(|buffers| {
+        let mut buffers = buffers.borrow_mut();
+        let (packed_a, packed_b) = &mut *buffers;
+        pack_rows(a, m, k, 2 * row_pairs, k_steps, packed_a);
+        pack_columns(b, k, n, 2 * col_pairs, k_steps, packed_b);
+        compute(
+            unit,
+            (m, n),
+            (row_pairs, col_pairs, k_steps),
+            packed_a,
+            packed_b,
+            c,
+        );
+    });
+}
+
+thread_local! {
+    /// The packed operands of this thread's last product, kept for the next: fresh
+    /// buffers would cost a page fault per 4 KiB every time.
+    static PACKED: std::cell::RefCell<(Vec<u16>, Vec<u16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `c = a · b` from the packed panels: blocks of 32 × 32 outputs spread over threads.
+fn compute(
+    unit: Bf16Unit,
+    (m, n): (usize, usize),
+    (row_pairs, col_pairs, k_steps): (usize, usize, usize),
+    packed_a: &[u16],
+    packed_b: &[u16],
+    c: &mut [f32],
+) {
     let threads = rayon::current_num_threads().max(1);
     // Row blocks per task: enough tasks to balance, each reusing its B panels.
     let rows_per_task = row_pairs.div_ceil(threads * 4).max(1);
@@ -152,8 +182,16 @@ pub fn matmul(
 
 /// `a`'s rows in tiles: for each block of 16 rows and step of 32 along `k`, 16 rows of
 /// 32 bf16 (zero past the matrix). `row_blocks` may exceed the rows (padding).
-fn pack_rows(a: MatRef<'_>, m: usize, k: usize, row_blocks: usize, k_steps: usize) -> Vec<u16> {
-    let mut packed = vec![0u16; row_blocks * k_steps * TILE_ELEMS];
+fn pack_rows(
+    a: MatRef<'_>,
+    m: usize,
+    k: usize,
+    row_blocks: usize,
+    k_steps: usize,
+    packed: &mut Vec<u16>,
+) {
+    packed.clear();
+    packed.resize(row_blocks * k_steps * TILE_ELEMS, 0);
     packed
         .par_chunks_mut(k_steps * TILE_ELEMS)
         .enumerate()
@@ -185,14 +223,21 @@ fn pack_rows(a: MatRef<'_>, m: usize, k: usize, row_blocks: usize, k_steps: usiz
                 }
             }
         });
-    packed
 }
 
 /// `b`'s columns in AMX's pair layout: for each block of 16 columns and step of 32 along
 /// `k`, 16 rows (pairs of `k`) of 16 columns × 2 bf16; element `(k, j)` of the step at row
 /// `k / 2`, position `2 j + k % 2`.
-fn pack_columns(b: MatRef<'_>, k: usize, n: usize, col_blocks: usize, k_steps: usize) -> Vec<u16> {
-    let mut packed = vec![0u16; col_blocks * k_steps * TILE_ELEMS];
+fn pack_columns(
+    b: MatRef<'_>,
+    k: usize,
+    n: usize,
+    col_blocks: usize,
+    k_steps: usize,
+    packed: &mut Vec<u16>,
+) {
+    packed.clear();
+    packed.resize(col_blocks * k_steps * TILE_ELEMS, 0);
     packed
         .par_chunks_mut(k_steps * TILE_ELEMS)
         .enumerate()
@@ -228,14 +273,30 @@ fn pack_columns(b: MatRef<'_>, k: usize, n: usize, col_blocks: usize, k_steps: u
                 }
             }
         });
-    packed
 }
 
-/// `out[i] = bf16(src[i])`.
+/// `out[i] = bf16(src[i])`: 16 at a time with AVX512-BF16's conversion where the CPU
+/// has it (every CPU with a [`unit`]; same rounding as [`to_bf16`]), the rest one by one.
 fn convert(src: &[f32], out: &mut [u16]) {
-    for (out, &value) in out.iter_mut().zip(src) {
+    let len = src.len().min(out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        done = len - len % 16;
+        // SAFETY: the CPU has avx512f and avx512bf16; `done` ≤ both lengths.
+        unsafe { avx512::convert(&src[..done], &mut out[..done]) };
+    }
+    for (out, &value) in out[done..len].iter_mut().zip(&src[done..len]) {
         *out = to_bf16(value);
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_bf16() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512f")
+    })
 }
 
 /// `out[i] = bf16(data[start + i·stride])`.
@@ -440,6 +501,23 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{TILE, TILE_ELEMS, TILE_K};
+
+    /// `out[i] = bf16(src[i])` for lengths that are multiples of 16, rounding to nearest
+    /// even as [`super::to_bf16`] does.
+    ///
+    /// # Safety
+    /// The CPU must have avx512f and avx512bf16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn convert(src: &[f32], out: &mut [u16]) {
+        for (src, out) in src.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+            // SAFETY: 16 floats are read from `src` and 16 u16 written to `out`.
+            unsafe {
+                let values = _mm512_loadu_ps(src.as_ptr());
+                let converted: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(values));
+                _mm256_storeu_si256(out.as_mut_ptr().cast(), converted);
+            }
+        }
+    }
 
     /// The same block as the AMX kernel, one `vdpbf16ps` per output row, 16 columns and
     /// a pair of `k`.

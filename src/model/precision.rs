@@ -88,6 +88,18 @@ pub fn linear(x: &Tensor, w: &Tensor, unit: Bf16Unit) -> Result<Tensor> {
         .apply_op2(&w.contiguous()?, LinearOp { unit })
 }
 
+/// `f` of a contiguous f32 CPU tensor's values, borrowed from its storage (no copy).
+fn with_values<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = tensor.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("linear-bf16: a backward input is not contiguous");
+    };
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(data)) => f(&data[start..end]),
+        _ => candle_core::bail!("linear-bf16: f32 CPU tensors only"),
+    }
+}
+
 struct LinearOp {
     unit: Bf16Unit,
 }
@@ -164,23 +176,27 @@ impl CustomOp2 for LinearOp {
         let (out, inner) = w.dims2()?;
         let rows = x.elem_count() / inner.max(1);
         let grad = grad.contiguous()?;
-        let g = grad.flatten_all()?.to_vec1::<f32>()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let ws = w.flatten_all()?.to_vec1::<f32>()?;
-        // dx = g · w: [rows, out] · [out, in].
-        let dx = product(
-            self.unit,
-            (rows, inner, out),
-            row_major(&g, out),
-            row_major(&ws, inner),
-        );
-        // dw = gᵀ · x: [out, rows] · [rows, in].
-        let dw = product(
-            self.unit,
-            (out, inner, rows),
-            transposed(&g, out),
-            row_major(&xs, inner),
-        );
+        let (dx, dw) = with_values(&grad, |g| {
+            with_values(x, |xs| {
+                with_values(w, |ws| {
+                    // dx = g · w: [rows, out] · [out, in].
+                    let dx = product(
+                        self.unit,
+                        (rows, inner, out),
+                        row_major(g, out),
+                        row_major(ws, inner),
+                    );
+                    // dw = gᵀ · x: [out, rows] · [rows, in].
+                    let dw = product(
+                        self.unit,
+                        (out, inner, rows),
+                        transposed(g, out),
+                        row_major(xs, inner),
+                    );
+                    Ok((dx, dw))
+                })
+            })
+        })?;
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         Ok((Some(dx), Some(dw)))

@@ -242,11 +242,14 @@ fn chunked_loss_and_grads(
             &counted.weights[start..end],
             Some(coefficient),
         )?;
-        // Σ logits · g has gradient g with respect to the logits: one backward pass
-        // through the head gives this chunk's share for x and the head's parameters.
+        // One backward pass through the head with `values` as the logits' gradient gives
+        // this chunk's share for x and the head's parameters.
         let upstream =
             Tensor::from_vec(values, logits.shape(), device)?.to_dtype(logits.dtype())?;
-        let grads = (logits * upstream)?.sum_all()?.backward()?;
+        let grads = match logits.device().is_cpu() {
+            true => logits.apply_op1(Upstream(upstream))?.backward()?,
+            false => (logits * upstream)?.sum_all()?.backward()?,
+        };
         // Gradients are computed by tracked ops (g·W involves the head's weight):
         // detached, they neither carry that graph into the body's backward pass nor
         // keep this chunk's logits alive.
@@ -285,6 +288,37 @@ fn chunked_loss_and_grads(
     }
     phases.backward += head_done.elapsed().as_secs_f64();
     Ok(Some((sum / counted.total, grads)))
+}
+
+/// A scalar node whose input's gradient is the given tensor: `Σ x·g` without computing
+/// the product (its value is never read), and `g` itself as the gradient where the
+/// composition would allocate `1·g` and the product. CPU only.
+struct Upstream(Tensor);
+
+impl candle_core::CustomOp1 for Upstream {
+    fn name(&self) -> &'static str {
+        "upstream-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _storage: &candle_core::CpuStorage,
+        _layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Ok((
+            candle_core::CpuStorage::F32(vec![0.0]),
+            candle_core::Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _result: &Tensor,
+        _grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
 }
 
 /// Input ids `[B, T]` (u32), target ids `[B, T]` (u32) and loss weights `[B, T]` (f32).
