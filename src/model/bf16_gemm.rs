@@ -157,21 +157,29 @@ fn compute(
             let pairs = rows_per_task.min(row_pairs - first_pair);
             let mut block = [0f32; 4 * TILE * TILE];
             let mut session = Session::begin(unit);
-            for pair in first_pair..first_pair + pairs {
-                let a_top = &packed_a[(2 * pair) * k_steps * TILE_ELEMS..];
-                let a_bottom = &packed_a[(2 * pair + 1) * k_steps * TILE_ELEMS..];
-                for col_pair in 0..col_pairs {
-                    let b_left = &packed_b[(2 * col_pair) * k_steps * TILE_ELEMS..];
-                    let b_right = &packed_b[(2 * col_pair + 1) * k_steps * TILE_ELEMS..];
-                    session.block(k_steps, [a_top, a_bottom], [b_left, b_right], &mut block);
-                    // Copy the 32 × 32 block's valid part out.
+            // Columns outside, rows inside: a pair of B panels stays in L1 while this
+            // task's A panels (a few rows) stay in L2.
+            for col_pair in 0..col_pairs {
+                let b_left = &packed_b[(2 * col_pair) * k_steps * TILE_ELEMS..];
+                let b_right = &packed_b[(2 * col_pair + 1) * k_steps * TILE_ELEMS..];
+                let col0 = col_pair * 2 * TILE;
+                let cols = (2 * TILE).min(n - col0);
+                for pair in first_pair..first_pair + pairs {
+                    let a_top = &packed_a[(2 * pair) * k_steps * TILE_ELEMS..];
+                    let a_bottom = &packed_a[(2 * pair + 1) * k_steps * TILE_ELEMS..];
                     let row0 = pair * 2 * TILE;
-                    let col0 = col_pair * 2 * TILE;
                     let rows = (2 * TILE).min(m - row0);
-                    let cols = (2 * TILE).min(n - col0);
+                    let local = (row0 - first_pair * 2 * TILE) * n + col0;
+                    let (a, b) = ([a_top, a_bottom], [b_left, b_right]);
+                    if rows == 2 * TILE && cols == 2 * TILE {
+                        // A whole block: straight into the output.
+                        session.block(k_steps, a, b, &mut out[local..], n);
+                        continue;
+                    }
+                    session.block(k_steps, a, b, &mut block, 2 * TILE);
                     for r in 0..rows {
-                        let local = (row0 - first_pair * 2 * TILE + r) * n + col0;
-                        out[local..local + cols]
+                        let at = local + r * n;
+                        out[at..at + cols]
                             .copy_from_slice(&block[r * 2 * TILE..r * 2 * TILE + cols]);
                     }
                 }
@@ -326,25 +334,29 @@ impl Session {
         Session { unit }
     }
 
-    /// `block[32 × 32] = [a_top; a_bottom] · [b_left, b_right]` over `k_steps` packed steps.
+    /// The 32 × 32 block `[a_top; a_bottom] · [b_left, b_right]` over `k_steps` packed
+    /// steps, written to `out` with rows `row_stride` apart.
     fn block(
         &mut self,
         k_steps: usize,
         a: [&[u16]; 2],
         b: [&[u16]; 2],
-        block: &mut [f32; 4 * TILE * TILE],
+        out: &mut [f32],
+        row_stride: usize,
     ) {
         for panel in a.iter().chain(&b) {
             assert!(panel.len() >= k_steps * TILE_ELEMS);
         }
+        assert!(row_stride >= 2 * TILE && out.len() >= (2 * TILE - 1) * row_stride + 2 * TILE);
+        let block = out.as_mut_ptr();
         match self.unit {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: panels hold k_steps tiles (checked above); the session configured
             // the tiles.
-            Bf16Unit::Amx => unsafe { amx::block(k_steps, a, b, block) },
+            Bf16Unit::Amx => unsafe { amx::block(k_steps, a, b, block, row_stride) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `unit()` returned Avx512 only where avx512bf16 is available.
-            Bf16Unit::Avx512 => unsafe { avx512::block(k_steps, a, b, block) },
+            Bf16Unit::Avx512 => unsafe { avx512::block(k_steps, a, b, block, row_stride) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no bf16 unit outside x86_64"),
         }
@@ -441,17 +453,19 @@ mod amx {
     /// the A tiles, tmm6–7 the B tiles of each step.
     ///
     /// # Safety
-    /// Tiles configured by [`configure`] on this thread; each panel holds `k_steps` tiles.
+    /// Tiles configured by [`configure`] on this thread; each panel holds `k_steps` tiles;
+    /// `out` addresses 32 rows of 32 writable floats `row_stride` apart.
     pub unsafe fn block(
         k_steps: usize,
         a: [&[u16]; 2],
         b: [&[u16]; 2],
-        block: &mut [f32; 4 * TILE * TILE],
+        out: *mut f32,
+        row_stride: usize,
     ) {
         const STRIDE: usize = TILE_K * 2;
         // SAFETY: every load reads 16 rows of 64 bytes inside a panel (k_steps tiles of
-        // TILE_ELEMS u16 each); the stores write 16 rows of 64 bytes into `block`, whose
-        // rows are 128 bytes apart.
+        // TILE_ELEMS u16 each); the stores write 16 rows of 64 bytes, `row_stride` floats
+        // apart, inside `out` as the caller guarantees.
         unsafe {
             asm!(
                 "tilezero tmm0",
@@ -478,8 +492,7 @@ mod amx {
                     options(nostack, readonly),
                 );
             }
-            let out = block.as_mut_ptr();
-            let row_bytes = 2 * TILE * 4;
+            let row_bytes = row_stride * 4;
             asm!(
                 "tilestored [{c00} + {s}*1], tmm0",
                 "tilestored [{c01} + {s}*1], tmm1",
@@ -487,8 +500,8 @@ mod amx {
                 "tilestored [{c11} + {s}*1], tmm3",
                 c00 = in(reg) out,
                 c01 = in(reg) out.add(TILE),
-                c10 = in(reg) out.add(TILE * 2 * TILE),
-                c11 = in(reg) out.add(TILE * 2 * TILE + TILE),
+                c10 = in(reg) out.add(TILE * row_stride),
+                c11 = in(reg) out.add(TILE * row_stride + TILE),
                 s = in(reg) row_bytes,
                 options(nostack),
             );
@@ -523,13 +536,15 @@ mod avx512 {
     /// a pair of `k`.
     ///
     /// # Safety
-    /// The CPU must have avx512f and avx512bf16; each panel holds `k_steps` tiles.
+    /// The CPU must have avx512f and avx512bf16; each panel holds `k_steps` tiles; `out`
+    /// addresses 32 rows of 32 writable floats `row_stride` apart.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn block(
         k_steps: usize,
         a: [&[u16]; 2],
         b: [&[u16]; 2],
-        block: &mut [f32; 4 * TILE * TILE],
+        out: *mut f32,
+        row_stride: usize,
     ) {
         for (half, a_panel) in a.iter().enumerate() {
             for row in 0..TILE {
@@ -556,11 +571,11 @@ mod avx512 {
                         right = _mm512_dpbf16_ps(right, a_pair, b_right);
                     }
                 }
-                let out = (half * TILE + row) * 2 * TILE;
-                // SAFETY: 32 floats from `out` lie inside the block.
+                let at = (half * TILE + row) * row_stride;
+                // SAFETY: 32 floats from `at` lie inside `out` (the caller's guarantee).
                 unsafe {
-                    _mm512_storeu_ps(block.as_mut_ptr().add(out), left);
-                    _mm512_storeu_ps(block.as_mut_ptr().add(out + TILE), right);
+                    _mm512_storeu_ps(out.add(at), left);
+                    _mm512_storeu_ps(out.add(at + TILE), right);
                 }
             }
         }
