@@ -56,21 +56,49 @@ fn detect() -> Option<Bf16Unit> {
     None
 }
 
-/// A read-only f32 matrix view: element `(i, j)` at `data[i * row_stride + j * col_stride]`,
+/// An element a product reads: f32 (rounded to bf16 when packed) or bf16 bits as they
+/// are (a frozen base's weights read in place).
+pub trait Element: Copy + Send + Sync {
+    /// The bf16 bits of the value.
+    fn to_bf16_bits(self) -> u16;
+    /// `out[i]` = the bf16 bits of `src[i]`.
+    fn convert(src: &[Self], out: &mut [u16]);
+}
+
+impl Element for f32 {
+    fn to_bf16_bits(self) -> u16 {
+        to_bf16(self)
+    }
+    fn convert(src: &[f32], out: &mut [u16]) {
+        convert(src, out);
+    }
+}
+
+/// bf16 bits.
+impl Element for u16 {
+    fn to_bf16_bits(self) -> u16 {
+        self
+    }
+    fn convert(src: &[u16], out: &mut [u16]) {
+        out.copy_from_slice(&src[..out.len()]);
+    }
+}
+
+/// A read-only matrix view: element `(i, j)` at `data[i * row_stride + j * col_stride]`,
 /// so a transpose is a view with the strides swapped.
 #[derive(Debug, Clone, Copy)]
-pub struct MatRef<'a> {
+pub struct MatRef<'a, T: Element = f32> {
     /// The values.
-    pub data: &'a [f32],
+    pub data: &'a [T],
     /// Distance between rows.
     pub row_stride: usize,
     /// Distance between columns.
     pub col_stride: usize,
 }
 
-impl MatRef<'_> {
+impl<T: Element> MatRef<'_, T> {
     #[cfg(test)]
-    fn at(&self, i: usize, j: usize) -> f32 {
+    fn at(&self, i: usize, j: usize) -> T {
         self.data[i * self.row_stride + j * self.col_stride]
     }
 }
@@ -95,11 +123,11 @@ const TILE_ELEMS: usize = TILE * TILE_K;
 ///
 /// # Panics
 /// If `c` holds fewer than `m × n` values or a view addresses values it does not hold.
-pub fn matmul(
+pub fn matmul<A: Element, B: Element>(
     unit: Bf16Unit,
     (m, n, k): (usize, usize, usize),
-    a: MatRef<'_>,
-    b: MatRef<'_>,
+    a: MatRef<'_, A>,
+    b: MatRef<'_, B>,
     c: &mut [f32],
 ) {
     assert!(
@@ -190,8 +218,8 @@ fn compute(
 
 /// `a`'s rows in tiles: for each block of 16 rows and step of 32 along `k`, 16 rows of
 /// 32 bf16 (zero past the matrix). `row_blocks` may exceed the rows (padding).
-fn pack_rows(
-    a: MatRef<'_>,
+fn pack_rows<T: Element>(
+    a: MatRef<'_, T>,
     m: usize,
     k: usize,
     row_blocks: usize,
@@ -215,7 +243,7 @@ fn pack_rows(
                     let start = (first + r) * a.row_stride;
                     for (step, chunk) in a.data[start..start + k].chunks(TILE_K).enumerate() {
                         let at = step * TILE_ELEMS + r * TILE_K;
-                        convert(chunk, &mut panel[at..at + chunk.len()]);
+                        T::convert(chunk, &mut panel[at..at + chunk.len()]);
                     }
                 }
             } else {
@@ -236,8 +264,8 @@ fn pack_rows(
 /// `b`'s columns in AMX's pair layout: for each block of 16 columns and step of 32 along
 /// `k`, 16 rows (pairs of `k`) of 16 columns × 2 bf16; element `(k, j)` of the step at row
 /// `k / 2`, position `2 j + k % 2`.
-fn pack_columns(
-    b: MatRef<'_>,
+fn pack_columns<T: Element>(
+    b: MatRef<'_, T>,
     k: usize,
     n: usize,
     col_blocks: usize,
@@ -263,7 +291,7 @@ fn pack_columns(
                 let mut converted = vec![0u16; k];
                 for c in 0..cols {
                     let start = (first + c) * b.col_stride;
-                    convert(&b.data[start..start + k], &mut converted);
+                    T::convert(&b.data[start..start + k], &mut converted);
                     for (kk, &value) in converted.iter().enumerate() {
                         panel[place(kk) + 2 * c] = value;
                     }
@@ -308,12 +336,12 @@ fn has_avx512_bf16() -> bool {
 }
 
 /// `out[i] = bf16(data[start + i·stride])`.
-fn gather(data: &[f32], start: usize, stride: usize, out: &mut [u16]) {
+fn gather<T: Element>(data: &[T], start: usize, stride: usize, out: &mut [u16]) {
     if stride == 1 {
-        convert(&data[start..start + out.len()], out);
+        T::convert(&data[start..start + out.len()], out);
     } else {
         for (i, out) in out.iter_mut().enumerate() {
-            *out = to_bf16(data[start + i * stride]);
+            *out = data[start + i * stride].to_bf16_bits();
         }
     }
 }
@@ -656,6 +684,13 @@ mod tests {
                 let a_view = view(a, m, k, a_t);
                 let b_view = view(b, k, n, b_t);
                 let expected = reference(m, n, k, a_view, b_view);
+                // The same B given as bf16 bits (a mapped bf16 weight) gives the same result.
+                let b_bits: Vec<u16> = b_view.data.iter().map(|&x| to_bf16(x)).collect();
+                let b_bits_view = MatRef {
+                    data: b_bits.as_slice(),
+                    row_stride: b_view.row_stride,
+                    col_stride: b_view.col_stride,
+                };
                 for &unit in &units {
                     let mut c = vec![f32::NAN; m * n];
                     matmul(unit, (m, n, k), a_view, b_view, &mut c);
@@ -665,6 +700,9 @@ mod tests {
                             "{unit:?} {m}×{n}×{k} (a_t {a_t}, b_t {b_t}): {got} vs {want}"
                         );
                     }
+                    let mut from_bits = vec![f32::NAN; m * n];
+                    matmul(unit, (m, n, k), a_view, b_bits_view, &mut from_bits);
+                    assert_eq!(c, from_bits, "{unit:?}: bf16-bit input differs");
                 }
             }
         }

@@ -21,6 +21,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::ModelError;
+use super::bf16_gemm::{self, Bf16Unit, MatRef};
 use crate::path_error::AtPath;
 
 /// The element types a [`MappedMatrix`] holds.
@@ -172,11 +173,33 @@ impl MappedMatrix {
             .to_dtype(self.kind.dtype())
     }
 
+    /// The bf16 unit of this thread's `precision` scope, for a bf16 matrix.
+    fn bf16_unit(&self) -> Option<Bf16Unit> {
+        match self.kind {
+            HalfType::Bf16 => super::precision::bf16_unit(),
+            HalfType::F16 => None,
+        }
+    }
+
+    /// The matrix's bf16 bits in place (row-major `[rows, cols]`), when it is bf16 and
+    /// its offset in the file allows reading it as `u16` (safetensors aligns tensors).
+    fn bf16_bits(&self) -> Option<&[u16]> {
+        if self.kind != HalfType::Bf16 || cfg!(target_endian = "big") {
+            return None;
+        }
+        let bytes = &self.map[self.offset..self.offset + self.rows * self.cols * 2];
+        // SAFETY: any two bytes are a valid u16; align_to only reinterprets the aligned
+        // middle, and we use it only when nothing is left over.
+        let (head, bits, tail) = unsafe { bytes.align_to::<u16>() };
+        (head.is_empty() && tail.is_empty()).then_some(bits)
+    }
+
     /// `x · Wᵀ` for `x: [..., cols]` (f32): the `nn.Linear` product with `W: [out, in]`.
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1(Product {
             matrix: self.clone(),
             transposed: true,
+            unit: self.bf16_unit(),
         })
     }
 
@@ -185,6 +208,7 @@ impl MappedMatrix {
         x.contiguous()?.apply_op1(Product {
             matrix: self.clone(),
             transposed: false,
+            unit: self.bf16_unit(),
         })
     }
 
@@ -470,6 +494,9 @@ unsafe fn tile_product_t(
 struct Product {
     matrix: MappedMatrix,
     transposed: bool,
+    /// Products on this bf16 unit, reading the bf16 weights as they are (a
+    /// `precision: bf16` scope on a bf16 matrix), else widened to f32.
+    unit: Option<Bf16Unit>,
 }
 
 impl CustomOp1 for Product {
@@ -506,9 +533,33 @@ impl CustomOp1 for Product {
         }
         let x = &values[start..end];
         let m = x.len() / inner;
-        let y = match self.transposed {
-            true => self.matrix.product_t(x, m),
-            false => self.matrix.product(x, m),
+        let y = match (self.unit.zip(self.matrix.bf16_bits()), self.transposed) {
+            (Some((unit, w)), transposed) => {
+                let cols = self.matrix.cols;
+                // x·Wᵀ reads W [rows, cols] transposed; x·W reads it as stored.
+                let b = match transposed {
+                    true => MatRef {
+                        data: w,
+                        row_stride: 1,
+                        col_stride: cols,
+                    },
+                    false => MatRef {
+                        data: w,
+                        row_stride: cols,
+                        col_stride: 1,
+                    },
+                };
+                let a = MatRef {
+                    data: x,
+                    row_stride: inner,
+                    col_stride: 1,
+                };
+                let mut y = vec![0f32; m * outer];
+                bf16_gemm::matmul(unit, (m, outer, inner), a, b, &mut y);
+                y
+            }
+            (None, true) => self.matrix.product_t(x, m),
+            (None, false) => self.matrix.product(x, m),
         };
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
@@ -527,6 +578,7 @@ impl CustomOp1 for Product {
         let other = Product {
             matrix: self.matrix.clone(),
             transposed: !self.transposed,
+            unit: self.unit,
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&other)?))
     }
@@ -734,5 +786,53 @@ mod tests {
             assert_eq!(gathered, want);
             assert!(matrix.gather_rows(&[1500]).is_err());
         }
+    }
+
+    /// In a `precision: bf16` scope a mapped bf16 matrix multiplies on the bf16 unit,
+    /// reading its bits in place: forward and input gradient within bf16 rounding of the
+    /// input (the weights are bf16 already) of the f32 products.
+    #[test]
+    fn bf16_scope_products_read_the_weights_in_place() {
+        let Some(unit) = bf16_gemm::unit() else {
+            eprintln!("no bf16 unit on this CPU: nothing to compare");
+            return;
+        };
+        let (_dir, matrix, reference) = mapped(70, 45, DType::BF16, 3);
+        let x = Tensor::from_vec(
+            (0..5 * 45)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect::<Vec<_>>(),
+            (5, 45),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let grad = Tensor::from_vec(
+            (0..5 * 70)
+                .map(|i| ((i * 13 % 97) as f32 - 48.0) / 48.0)
+                .collect::<Vec<_>>(),
+            (5, 70),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (forward, backward) = {
+            let _scope = super::super::precision::BF16Scope::enter(Some(unit));
+            (matrix.matmul_t(&x).unwrap(), matrix.matmul(&grad).unwrap())
+        };
+        let expected_forward = x.matmul(&reference.t().unwrap()).unwrap();
+        let expected_backward = grad.matmul(&reference).unwrap();
+        // Inputs round to 8 bits of mantissa; sums of 45 and 70 terms below 1 in size.
+        assert!(
+            max_diff(&forward, &expected_forward) < 0.1,
+            "{}",
+            max_diff(&forward, &expected_forward)
+        );
+        assert!(max_diff(&backward, &expected_backward) < 0.1);
+        // Outside the scope the f32 path is exact on the widened weights.
+        let exact = matrix.matmul_t(&x).unwrap();
+        assert!(max_diff(&exact, &expected_forward) < 1e-4);
+        assert!(
+            max_diff(&forward, &exact) > 0.0,
+            "the bf16 path was not taken"
+        );
     }
 }
