@@ -146,17 +146,30 @@ pub fn matmul<A: Element, B: Element>(
         let mut buffers = buffers.borrow_mut();
         let (packed_a, packed_b) = &mut *buffers;
         pack_rows(a, m, k, 2 * row_pairs, k_steps, packed_a);
-        pack_columns(b, k, n, 2 * col_pairs, k_steps, packed_b);
-        compute(
-            unit,
-            (m, n),
-            (row_pairs, col_pairs, k_steps),
-            packed_a,
-            packed_b,
-            c,
-        );
+        // B is packed a group of columns at a time: a whole 151,936-token head would
+        // take hundreds of MB packed.
+        let group = (GROUP_ELEMS / (2 * k_steps * TILE_ELEMS)).max(1);
+        for first in (0..col_pairs).step_by(group) {
+            let pairs = group.min(col_pairs - first);
+            pack_columns(b, (k, n), (2 * first, 2 * pairs), k_steps, packed_b);
+            compute(
+                unit,
+                (m, n),
+                (row_pairs, first, pairs, k_steps),
+                packed_a,
+                packed_b,
+                c,
+            );
+        }
     });
 }
+
+/// Packed B elements per column group (8 MiB); tests use tiny groups, so that every
+/// product of theirs crosses group edges.
+#[cfg(not(test))]
+const GROUP_ELEMS: usize = 1 << 22;
+#[cfg(test)]
+const GROUP_ELEMS: usize = 1 << 11;
 
 thread_local! {
     /// The packed operands of this thread's last product, kept for the next: fresh
@@ -165,11 +178,12 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// `c = a · b` from the packed panels: blocks of 32 × 32 outputs spread over threads.
+/// `c = a · b` in the column pairs `first_col_pair..+col_pairs`, whose B panels
+/// `packed_b` holds, from the packed panels: blocks of 32 × 32 outputs spread over threads.
 fn compute(
     unit: Bf16Unit,
     (m, n): (usize, usize),
-    (row_pairs, col_pairs, k_steps): (usize, usize, usize),
+    (row_pairs, first_col_pair, col_pairs, k_steps): (usize, usize, usize, usize),
     packed_a: &[u16],
     packed_b: &[u16],
     c: &mut [f32],
@@ -187,10 +201,10 @@ fn compute(
             let mut session = Session::begin(unit);
             // Columns outside, rows inside: a pair of B panels stays in L1 while this
             // task's A panels (a few rows) stay in L2.
-            for col_pair in 0..col_pairs {
-                let b_left = &packed_b[(2 * col_pair) * k_steps * TILE_ELEMS..];
-                let b_right = &packed_b[(2 * col_pair + 1) * k_steps * TILE_ELEMS..];
-                let col0 = col_pair * 2 * TILE;
+            for index in 0..col_pairs {
+                let b_left = &packed_b[(2 * index) * k_steps * TILE_ELEMS..];
+                let b_right = &packed_b[(2 * index + 1) * k_steps * TILE_ELEMS..];
+                let col0 = (first_col_pair + index) * 2 * TILE;
                 let cols = (2 * TILE).min(n - col0);
                 for pair in first_pair..first_pair + pairs {
                     let a_top = &packed_a[(2 * pair) * k_steps * TILE_ELEMS..];
@@ -266,9 +280,8 @@ fn pack_rows<T: Element>(
 /// `k / 2`, position `2 j + k % 2`.
 fn pack_columns<T: Element>(
     b: MatRef<'_, T>,
-    k: usize,
-    n: usize,
-    col_blocks: usize,
+    (k, n): (usize, usize),
+    (first_block, col_blocks): (usize, usize),
     k_steps: usize,
     packed: &mut Vec<u16>,
 ) {
@@ -278,7 +291,7 @@ fn pack_columns<T: Element>(
         .par_chunks_mut(k_steps * TILE_ELEMS)
         .enumerate()
         .for_each(|(block, panel)| {
-            let first = block * TILE;
+            let first = (first_block + block) * TILE;
             let cols = TILE.min(n.saturating_sub(first));
             if cols == 0 {
                 return; // a padding block stays zero
