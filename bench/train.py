@@ -360,23 +360,22 @@ def report(args) -> None:
     pairs = [(mine_r, our_name, other, name)
              for mine_r, our_name in zip(mine, our_names)
              for other, name in zip(others, names[len(mine):])]
-    for ours, our_name, other, name in pairs:
+    for pair_ours, our_name, other, name in pairs:
         lines.append("")
         lines.append(f"{our_name} / {name}:")
-        lines.append(f"  throughput ratio        {ours['tokens_per_s'] / other['tokens_per_s']:.2f}x")
-        lines.append(f"  per CPU-second ratio    {per_cpu_second(ours) / per_cpu_second(other):.2f}x")
+        lines.append(f"  throughput ratio        {pair_ours['tokens_per_s'] / other['tokens_per_s']:.2f}x")
+        lines.append(f"  per CPU-second ratio    {per_cpu_second(pair_ours) / per_cpu_second(other):.2f}x")
         for phase in ("forward", "backward", "optimizer"):
-            lines.append(f"  {phase + ' time ratio':<24}{ours['phase_ms'][phase] / other['phase_ms'][phase]:.2f}x")
-        lines.append(f"  peak RSS ratio          {ours['peak_rss_mib'] / other['peak_rss_mib']:.2f}x")
+            lines.append(f"  {phase + ' time ratio':<24}{pair_ours['phase_ms'][phase] / other['phase_ms'][phase]:.2f}x")
+        lines.append(f"  peak RSS ratio          {pair_ours['peak_rss_mib'] / other['peak_rss_mib']:.2f}x")
         lines.append(
-            f"  peak RSS above baseline {(ours['peak_rss_mib'] - ours['rss_baseline_mib']):.0f} vs "
+            f"  peak RSS above baseline {(pair_ours['peak_rss_mib'] - pair_ours['rss_baseline_mib']):.0f} vs "
             f"{(other['peak_rss_mib'] - other['rss_baseline_mib']):.0f} MiB "
-            f"({(ours['peak_rss_mib'] - ours['rss_baseline_mib']) / (other['peak_rss_mib'] - other['rss_baseline_mib']):.2f}x)"
+            f"({(pair_ours['peak_rss_mib'] - pair_ours['rss_baseline_mib']) / (other['peak_rss_mib'] - other['rss_baseline_mib']):.2f}x)"
         )
-        gap = abs(ours["losses"][0] - other["losses"][0])
+        gap = abs(pair_ours["losses"][0] - other["losses"][0])
         verdict = "same model" if gap < 1e-3 else "MODELS DIFFER"
         lines.append(f"  first-step loss gap     {gap:.2e} ({verdict})")
-    ours = mine[0]
     cfg = ours["config"]
     print(
         f"model: llama vocab {cfg['vocab']}, {cfg['layers']} layers, {cfg['heads']} heads, d_model {cfg['hidden']}, "

@@ -96,7 +96,25 @@ pub struct MatRef<'a, T: Element = f32> {
     pub col_stride: usize,
 }
 
-impl<T: Element> MatRef<'_, T> {
+impl<'a, T: Element> MatRef<'a, T> {
+    /// A row-major `[_, cols]` matrix as stored.
+    pub fn row_major(data: &'a [T], cols: usize) -> MatRef<'a, T> {
+        MatRef {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major `[_, cols]` matrix: read as `[cols, _]`.
+    pub fn transposed(data: &'a [T], cols: usize) -> MatRef<'a, T> {
+        MatRef {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+
     #[cfg(test)]
     fn at(&self, i: usize, j: usize) -> T {
         self.data[i * self.row_stride + j * self.col_stride]
@@ -240,37 +258,52 @@ fn pack_rows<T: Element>(
     k_steps: usize,
     packed: &mut Vec<u16>,
 ) {
+    fill_panels(packed, (0, row_blocks), k_steps, m, |panel, first, rows| {
+        if a.col_stride == 1 {
+            // Each row is contiguous along k.
+            for r in 0..rows {
+                let start = (first + r) * a.row_stride;
+                for (step, chunk) in a.data[start..start + k].chunks(TILE_K).enumerate() {
+                    let at = step * TILE_ELEMS + r * TILE_K;
+                    T::convert(chunk, &mut panel[at..at + chunk.len()]);
+                }
+            }
+        } else {
+            // Each column is contiguous along the rows (a transposed view).
+            let mut column = [0u16; TILE];
+            for kk in 0..k {
+                let start = kk * a.col_stride + first * a.row_stride;
+                gather(a.data, start, a.row_stride, &mut column[..rows]);
+                let at = (kk / TILE_K) * TILE_ELEMS + kk % TILE_K;
+                for (r, &value) in column[..rows].iter().enumerate() {
+                    panel[at + r * TILE_K] = value;
+                }
+            }
+        }
+    });
+}
+
+/// Clears `packed` to `blocks` zeroed panels of `k_steps` tiles each and fills, in
+/// parallel, the panel of every block `first_block + i` that holds data:
+/// `fill(panel, first, count)` with its first row (or column) of `extent` and how many
+/// (at most 16) it holds. Padding blocks past `extent` stay zero.
+fn fill_panels(
+    packed: &mut Vec<u16>,
+    (first_block, blocks): (usize, usize),
+    k_steps: usize,
+    extent: usize,
+    fill: impl Fn(&mut [u16], usize, usize) + Sync,
+) {
     packed.clear();
-    packed.resize(row_blocks * k_steps * TILE_ELEMS, 0);
+    packed.resize(blocks * k_steps * TILE_ELEMS, 0);
     packed
         .par_chunks_mut(k_steps * TILE_ELEMS)
         .enumerate()
         .for_each(|(block, panel)| {
-            let first = block * TILE;
-            let rows = TILE.min(m.saturating_sub(first));
-            if rows == 0 {
-                return; // a padding block stays zero
-            }
-            if a.col_stride == 1 {
-                // Each row is contiguous along k.
-                for r in 0..rows {
-                    let start = (first + r) * a.row_stride;
-                    for (step, chunk) in a.data[start..start + k].chunks(TILE_K).enumerate() {
-                        let at = step * TILE_ELEMS + r * TILE_K;
-                        T::convert(chunk, &mut panel[at..at + chunk.len()]);
-                    }
-                }
-            } else {
-                // Each column is contiguous along the rows (a transposed view).
-                let mut column = [0u16; TILE];
-                for kk in 0..k {
-                    let start = kk * a.col_stride + first * a.row_stride;
-                    gather(a.data, start, a.row_stride, &mut column[..rows]);
-                    let at = (kk / TILE_K) * TILE_ELEMS + kk % TILE_K;
-                    for (r, &value) in column[..rows].iter().enumerate() {
-                        panel[at + r * TILE_K] = value;
-                    }
-                }
+            let first = (first_block + block) * TILE;
+            let count = TILE.min(extent.saturating_sub(first));
+            if count > 0 {
+                fill(panel, first, count);
             }
         });
 }
@@ -285,17 +318,12 @@ fn pack_columns<T: Element>(
     k_steps: usize,
     packed: &mut Vec<u16>,
 ) {
-    packed.clear();
-    packed.resize(col_blocks * k_steps * TILE_ELEMS, 0);
-    packed
-        .par_chunks_mut(k_steps * TILE_ELEMS)
-        .enumerate()
-        .for_each(|(block, panel)| {
-            let first = (first_block + block) * TILE;
-            let cols = TILE.min(n.saturating_sub(first));
-            if cols == 0 {
-                return; // a padding block stays zero
-            }
+    fill_panels(
+        packed,
+        (first_block, col_blocks),
+        k_steps,
+        n,
+        |panel, first, cols| {
             let place =
                 |kk: usize| (kk / TILE_K) * TILE_ELEMS + (kk % TILE_K / 2) * TILE_K + kk % 2;
             if b.row_stride == 1 {
@@ -321,7 +349,8 @@ fn pack_columns<T: Element>(
                     }
                 }
             }
-        });
+        },
+    );
 }
 
 /// `out[i] = bf16(src[i])`: 16 at a time with AVX512-BF16's conversion where the CPU
@@ -677,19 +706,9 @@ mod tests {
                 .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
                 .collect();
             // Each operand stored row-major or as its transpose: every packing path.
-            let view = |data: &'static [f32], rows: usize, cols: usize, stored_transposed: bool| {
-                match stored_transposed {
-                    false => MatRef {
-                        data,
-                        row_stride: cols,
-                        col_stride: 1,
-                    },
-                    true => MatRef {
-                        data,
-                        row_stride: 1,
-                        col_stride: rows,
-                    },
-                }
+            let view = |data, rows, cols, stored_transposed| match stored_transposed {
+                false => MatRef::row_major(data, cols),
+                true => MatRef::transposed(data, rows),
             };
             let (a, b): (&'static [f32], &'static [f32]) =
                 (Vec::leak(a.clone()), Vec::leak(b.clone()));

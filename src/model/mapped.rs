@@ -538,22 +538,10 @@ impl CustomOp1 for Product {
                 let cols = self.matrix.cols;
                 // x·Wᵀ reads W [rows, cols] transposed; x·W reads it as stored.
                 let b = match transposed {
-                    true => MatRef {
-                        data: w,
-                        row_stride: 1,
-                        col_stride: cols,
-                    },
-                    false => MatRef {
-                        data: w,
-                        row_stride: cols,
-                        col_stride: 1,
-                    },
+                    true => MatRef::transposed(w, cols),
+                    false => MatRef::row_major(w, cols),
                 };
-                let a = MatRef {
-                    data: x,
-                    row_stride: inner,
-                    col_stride: 1,
-                };
+                let a = MatRef::row_major(x, inner);
                 let mut y = vec![0f32; m * outer];
                 bf16_gemm::matmul(unit, (m, outer, inner), a, b, &mut y);
                 y

@@ -91,12 +91,9 @@ pub fn linear(x: &Tensor, w: &Tensor, unit: Bf16Unit) -> Result<Tensor> {
 /// `f` of a contiguous f32 CPU tensor's values, borrowed from its storage (no copy).
 fn with_values<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = tensor.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("linear-bf16: a backward input is not contiguous");
-    };
     match &*storage {
-        candle_core::Storage::Cpu(CpuStorage::F32(data)) => f(&data[start..end]),
-        _ => candle_core::bail!("linear-bf16: f32 CPU tensors only"),
+        candle_core::Storage::Cpu(storage) => f(contiguous_f32(storage, layout, "linear-bf16")?),
+        _ => candle_core::bail!("linear-bf16: CPU tensors only"),
     }
 }
 
@@ -114,22 +111,6 @@ fn product(
     let mut c = vec![0f32; m * n];
     bf16_gemm::matmul(unit, (m, n, k), a, b, &mut c);
     c
-}
-
-fn row_major(data: &[f32], cols: usize) -> MatRef<'_> {
-    MatRef {
-        data,
-        row_stride: cols,
-        col_stride: 1,
-    }
-}
-
-fn transposed(data: &[f32], cols: usize) -> MatRef<'_> {
-    MatRef {
-        data,
-        row_stride: 1,
-        col_stride: cols,
-    }
 }
 
 impl CustomOp2 for LinearOp {
@@ -156,8 +137,8 @@ impl CustomOp2 for LinearOp {
         let y = product(
             self.unit,
             (rows, out, inner),
-            row_major(x, inner),
-            transposed(w, inner),
+            MatRef::row_major(x, inner),
+            MatRef::transposed(w, inner),
         );
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
@@ -183,15 +164,15 @@ impl CustomOp2 for LinearOp {
                     let dx = product(
                         self.unit,
                         (rows, inner, out),
-                        row_major(g, out),
-                        row_major(ws, inner),
+                        MatRef::row_major(g, out),
+                        MatRef::row_major(ws, inner),
                     );
                     // dw = gᵀ · x: [out, rows] · [rows, in].
                     let dw = product(
                         self.unit,
                         (out, inner, rows),
-                        transposed(g, out),
-                        row_major(xs, inner),
+                        MatRef::transposed(g, out),
+                        MatRef::row_major(xs, inner),
                     );
                     Ok((dx, dw))
                 })
@@ -206,27 +187,11 @@ impl CustomOp2 for LinearOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed, 1);
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
+    use crate::model::testing::{max_diff, random};
 
     fn max_relative(got: &Tensor, want: &Tensor) -> f32 {
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.max(1e-12)
+        let scale = want.abs().unwrap().max_all().unwrap();
+        max_diff(got, want) / scale.to_scalar::<f32>().unwrap().max(1e-12)
     }
 
     /// The bf16 product and both its gradients agree with the f32 composition to bf16's
@@ -237,9 +202,9 @@ mod tests {
             eprintln!("no bf16 unit on this CPU: nothing to compare");
             return;
         };
-        let x = Var::from_tensor(&random(&[2, 7, 40], 1)).unwrap();
-        let w = Var::from_tensor(&random(&[24, 40], 2)).unwrap();
-        let upstream = random(&[2, 7, 24], 3);
+        let x = random(&[2, 7, 40], 1);
+        let w = random(&[24, 40], 2);
+        let upstream = random(&[2, 7, 24], 3).as_tensor().clone();
         let ours = linear(x.as_tensor(), w.as_tensor(), unit).unwrap();
         let reference = x
             .as_tensor()

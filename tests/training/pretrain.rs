@@ -467,7 +467,11 @@ fn auto_precision_learns_records_its_choice_and_resumes_bit_identically() {
     wait_for_checkpoint(&killed, "lm", 8);
     child.kill().unwrap();
     let _ = child.wait();
-    killed.ok(&["run", "p.yaml"]);
+    let console = killed.ok(&["run", "p.yaml"]);
+    assert!(
+        console.contains("resuming from checkpoint step-"),
+        "the rerun resumed:\n{console}"
+    );
     assert_eq!(
         file_hash(&output(&killed, "lm").join("model.safetensors")),
         expected,
