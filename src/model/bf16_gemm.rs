@@ -59,6 +59,9 @@ fn detect() -> Option<Bf16Unit> {
 /// An element a product reads: f32 (rounded to bf16 when packed) or bf16 bits as they
 /// are (a frozen base's weights read in place).
 pub trait Element: Copy + Send + Sync {
+    /// Whether the values are bf16 bits already (`u16`) rather than f32: the SIMD
+    /// packing reads the memory as one or the other.
+    const BF16_BITS: bool;
     /// The bf16 bits of the value.
     fn to_bf16_bits(self) -> u16;
     /// `out[i]` = the bf16 bits of `src[i]`.
@@ -66,6 +69,7 @@ pub trait Element: Copy + Send + Sync {
 }
 
 impl Element for f32 {
+    const BF16_BITS: bool = false;
     fn to_bf16_bits(self) -> u16 {
         to_bf16(self)
     }
@@ -76,6 +80,7 @@ impl Element for f32 {
 
 /// bf16 bits.
 impl Element for u16 {
+    const BF16_BITS: bool = true;
     fn to_bf16_bits(self) -> u16 {
         self
     }
@@ -258,35 +263,60 @@ fn pack_rows<T: Element>(
     k_steps: usize,
     packed: &mut Vec<u16>,
 ) {
-    fill_panels(packed, (0, row_blocks), k_steps, m, |panel, first, rows| {
-        if a.col_stride == 1 {
-            // Each row is contiguous along k.
-            for r in 0..rows {
-                let start = (first + r) * a.row_stride;
-                for (step, chunk) in a.data[start..start + k].chunks(TILE_K).enumerate() {
-                    let at = step * TILE_ELEMS + r * TILE_K;
-                    T::convert(chunk, &mut panel[at..at + chunk.len()]);
+    let simd = simd_packing() && (a.col_stride == 1 || a.row_stride == 1);
+    fill_panels(
+        packed,
+        (0, row_blocks),
+        k_steps,
+        m,
+        |panels, first, rows| {
+            if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd_packing` checked the CPU; `panels` holds whole panels of
+                // k_steps tiles, and the view holds rows `first..first + rows`, columns `..k`.
+                unsafe {
+                    avx512::pack_rows_panels(a, (first, rows), k, k_steps, panels)
+                };
+                return;
+            }
+            for (index, panel) in panels.chunks_mut(k_steps * TILE_ELEMS).enumerate() {
+                let first = first + index * TILE;
+                let rows = TILE.min(rows.saturating_sub(index * TILE));
+                panel.fill(0);
+                if a.col_stride == 1 {
+                    // Each row is contiguous along k.
+                    for r in 0..rows {
+                        let start = (first + r) * a.row_stride;
+                        for (step, chunk) in a.data[start..start + k].chunks(TILE_K).enumerate() {
+                            let at = step * TILE_ELEMS + r * TILE_K;
+                            T::convert(chunk, &mut panel[at..at + chunk.len()]);
+                        }
+                    }
+                } else {
+                    let mut column = [0u16; TILE];
+                    for kk in 0..k {
+                        let start = kk * a.col_stride + first * a.row_stride;
+                        gather(a.data, start, a.row_stride, &mut column[..rows]);
+                        let at = (kk / TILE_K) * TILE_ELEMS + kk % TILE_K;
+                        for (r, &value) in column[..rows].iter().enumerate() {
+                            panel[at + r * TILE_K] = value;
+                        }
+                    }
                 }
             }
-        } else {
-            // Each column is contiguous along the rows (a transposed view).
-            let mut column = [0u16; TILE];
-            for kk in 0..k {
-                let start = kk * a.col_stride + first * a.row_stride;
-                gather(a.data, start, a.row_stride, &mut column[..rows]);
-                let at = (kk / TILE_K) * TILE_ELEMS + kk % TILE_K;
-                for (r, &value) in column[..rows].iter().enumerate() {
-                    panel[at + r * TILE_K] = value;
-                }
-            }
-        }
-    });
+        },
+    );
 }
 
-/// Clears `packed` to `blocks` zeroed panels of `k_steps` tiles each and fills, in
-/// parallel, the panel of every block `first_block + i` that holds data:
-/// `fill(panel, first, count)` with its first row (or column) of `extent` and how many
-/// (at most 16) it holds. Padding blocks past `extent` stay zero.
+/// Panels one parallel task fills: a transposed view is read 128 values at a time.
+const PANELS_PER_TASK: usize = 8;
+
+/// Sizes `packed` to `blocks` panels of `k_steps` tiles each and fills them in
+/// parallel: `fill(panels, first, count)` gets up to [`PANELS_PER_TASK`] consecutive
+/// panels from block `first_block + i`, with their first row (or column) of `extent`
+/// and how many they hold (every panel holds some), and must write all their values.
+/// Panels past `extent` are zeroed here. Nothing is zeroed twice: the packed operands
+/// are too large for the caches, and every pass over them costs.
 fn fill_panels(
     packed: &mut Vec<u16>,
     (first_block, blocks): (usize, usize),
@@ -294,16 +324,20 @@ fn fill_panels(
     extent: usize,
     fill: impl Fn(&mut [u16], usize, usize) + Sync,
 ) {
-    packed.clear();
-    packed.resize(blocks * k_steps * TILE_ELEMS, 0);
-    packed
-        .par_chunks_mut(k_steps * TILE_ELEMS)
+    let panel = k_steps * TILE_ELEMS;
+    if packed.len() < blocks * panel {
+        packed.resize(blocks * panel, 0);
+    }
+    packed[..blocks * panel]
+        .par_chunks_mut(PANELS_PER_TASK * panel)
         .enumerate()
-        .for_each(|(block, panel)| {
-            let first = (first_block + block) * TILE;
-            let count = TILE.min(extent.saturating_sub(first));
+        .for_each(|(task, panels)| {
+            let first = (first_block + task * PANELS_PER_TASK) * TILE;
+            let count = (panels.len() / panel * TILE).min(extent.saturating_sub(first));
+            let (used, padding) = panels.split_at_mut(count.div_ceil(TILE) * panel);
+            padding.fill(0);
             if count > 0 {
-                fill(panel, first, count);
+                fill(used, first, count);
             }
         });
 }
@@ -318,34 +352,48 @@ fn pack_columns<T: Element>(
     k_steps: usize,
     packed: &mut Vec<u16>,
 ) {
+    let simd = simd_packing() && (b.col_stride == 1 || b.row_stride == 1);
     fill_panels(
         packed,
         (first_block, col_blocks),
         k_steps,
         n,
-        |panel, first, cols| {
+        |panels, first, cols| {
+            if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as in `pack_rows`, for columns `first..first + cols`.
+                unsafe {
+                    avx512::pack_columns_panels(b, (first, cols), k, k_steps, panels)
+                };
+                return;
+            }
             let place =
                 |kk: usize| (kk / TILE_K) * TILE_ELEMS + (kk % TILE_K / 2) * TILE_K + kk % 2;
-            if b.row_stride == 1 {
-                // Each column is contiguous along k (a transposed view of a row-major
-                // matrix, such as a weight `[out, in]` read as `[in, out]`).
-                let mut converted = vec![0u16; k];
-                for c in 0..cols {
-                    let start = (first + c) * b.col_stride;
-                    T::convert(&b.data[start..start + k], &mut converted);
-                    for (kk, &value) in converted.iter().enumerate() {
-                        panel[place(kk) + 2 * c] = value;
+            for (index, panel) in panels.chunks_mut(k_steps * TILE_ELEMS).enumerate() {
+                let first = first + index * TILE;
+                let cols = TILE.min(cols.saturating_sub(index * TILE));
+                panel.fill(0);
+                if b.row_stride == 1 {
+                    // Each column is contiguous along k (a transposed view of a row-major
+                    // matrix, such as a weight `[out, in]` read as `[in, out]`).
+                    let mut converted = vec![0u16; k];
+                    for c in 0..cols {
+                        let start = (first + c) * b.col_stride;
+                        T::convert(&b.data[start..start + k], &mut converted);
+                        for (kk, &value) in converted.iter().enumerate() {
+                            panel[place(kk) + 2 * c] = value;
+                        }
                     }
-                }
-            } else {
-                // Each row is contiguous along the columns.
-                let mut row = [0u16; TILE];
-                for kk in 0..k {
-                    let start = kk * b.row_stride + first * b.col_stride;
-                    gather(b.data, start, b.col_stride, &mut row[..cols]);
-                    let at = place(kk);
-                    for (c, &value) in row[..cols].iter().enumerate() {
-                        panel[at + 2 * c] = value;
+                } else {
+                    // Each row is contiguous along the columns.
+                    let mut row = [0u16; TILE];
+                    for kk in 0..k {
+                        let start = kk * b.row_stride + first * b.col_stride;
+                        gather(b.data, start, b.col_stride, &mut row[..cols]);
+                        let at = place(kk);
+                        for (c, &value) in row[..cols].iter().enumerate() {
+                            panel[at + 2 * c] = value;
+                        }
                     }
                 }
             }
@@ -367,6 +415,22 @@ fn convert(src: &[f32], out: &mut [u16]) {
     for (out, &value) in out[done..len].iter_mut().zip(&src[done..len]) {
         *out = to_bf16(value);
     }
+}
+
+/// Whether packing can use AVX-512 (BW and VL for the 16-bit moves, BF16 for the
+/// conversion): every CPU with a bf16 unit so far, checked anyway.
+fn simd_packing() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            has_avx512_bf16()
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -583,7 +647,235 @@ mod amx {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{TILE, TILE_ELEMS, TILE_K};
+    use super::{Element, MatRef, TILE, TILE_ELEMS, TILE_K};
+
+    /// A mask of the first `len` (≤ 16) lanes.
+    fn mask16(len: usize) -> __mmask16 {
+        ((1u32 << len.min(16)) - 1) as __mmask16
+    }
+
+    /// Elements `0..len` (≤ 32) from `src` as 32 bf16 in order, zero past `len`: one
+    /// tile row of A, or the 16 `k` pairs of one B column.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16; `src..src + len` readable.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn run32<T: Element>(src: *const T, len: usize) -> __m512i {
+        // SAFETY: masked-off lanes are not read.
+        unsafe {
+            if T::BF16_BITS {
+                let mask = ((1u64 << len.min(32)) - 1) as __mmask32;
+                _mm512_maskz_loadu_epi16(mask, src.cast())
+            } else {
+                let src = src.cast::<f32>();
+                let low = _mm512_maskz_loadu_ps(mask16(len), src);
+                let high = _mm512_maskz_loadu_ps(mask16(len.saturating_sub(16)), src.add(16));
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(high, low))
+            }
+        }
+    }
+
+    /// Lane `i` (< `len` ≤ 16) = bf16 `first[i]` in the low half, `second[i]` in the
+    /// high half (zero where `second` is None): AMX's pairs along `k`.
+    ///
+    /// # Safety
+    /// As [`run32`], for `len` elements of `first` and of `second`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn pairs16<T: Element>(
+        first: *const T,
+        second: Option<*const T>,
+        len: usize,
+    ) -> __m512i {
+        // SAFETY: masked-off lanes are not read.
+        unsafe {
+            let widen = |src: *const T| -> __m512i {
+                if T::BF16_BITS {
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask16(len), src.cast()))
+                } else {
+                    let values = _mm512_maskz_loadu_ps(mask16(len), src.cast());
+                    _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                        _mm512_cvtneps_pbh(values),
+                    ))
+                }
+            };
+            let low = widen(first);
+            match second {
+                Some(second) => _mm512_or_si512(low, _mm512_slli_epi32(widen(second), 16)),
+                None => low,
+            }
+        }
+    }
+
+    /// Transposes 16 × 16 32-bit lanes in place.
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(rows: &mut [__m512i; 16]) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+        }
+        for i in 0..4 {
+            rows[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            rows[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            rows[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            rows[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        for half in 0..2 {
+            for j in 0..4 {
+                let (x, y) = (rows[8 * half + j], rows[8 * half + j + 4]);
+                t[8 * half + j] = _mm512_shuffle_i32x4(x, y, 0x88);
+                t[8 * half + j + 4] = _mm512_shuffle_i32x4(x, y, 0xdd);
+            }
+        }
+        for j in 0..8 {
+            rows[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+            rows[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+        }
+    }
+
+    /// Stores 16 tile rows (64 bytes each) at `panel[at..]`.
+    ///
+    /// # Safety
+    /// AVX-512 F; `panel` holds `at + TILE_ELEMS` values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tile(rows: &[__m512i; 16], panel: &mut [u16], at: usize) {
+        assert!(panel.len() >= at + TILE_ELEMS);
+        for (r, row) in rows.iter().enumerate() {
+            // SAFETY: 32 u16 at `at + r·32` lie inside the tile checked above.
+            unsafe { _mm512_storeu_si512(panel.as_mut_ptr().add(at + r * TILE_K).cast(), *row) };
+        }
+    }
+
+    /// `super::pack_rows`'s panels of rows `first..first + rows`, 16 a panel, for a
+    /// view contiguous along rows or along columns. Every value of the panels is
+    /// written (zero past the matrix).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/BF16; the view holds the rows `first..first + rows` and columns
+    /// `0..k`, with `col_stride` or `row_stride` 1; `panels` holds exactly ⌈rows / 16⌉
+    /// panels of `k_steps` tiles.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn pack_rows_panels<T: Element>(
+        a: MatRef<'_, T>,
+        (first, rows): (usize, usize),
+        k: usize,
+        k_steps: usize,
+        panels: &mut [u16],
+    ) {
+        let data = a.data.as_ptr();
+        let panel_len = k_steps * TILE_ELEMS;
+        let mut tile = [_mm512_setzero_si512(); 16];
+        if a.col_stride == 1 {
+            // Each row's 32 values of a step are contiguous: one tile row.
+            for (index, panel) in panels.chunks_mut(panel_len).enumerate() {
+                let first = first + index * TILE;
+                let rows = TILE.min(rows - index * TILE);
+                for step in 0..k_steps {
+                    let k0 = step * TILE_K;
+                    let len = TILE_K.min(k.saturating_sub(k0));
+                    for (r, row) in tile.iter_mut().enumerate() {
+                        *row = if r < rows && len > 0 {
+                            // SAFETY: row first + r, columns k0..k0 + len, in the view.
+                            unsafe { run32(data.add((first + r) * a.row_stride + k0), len) }
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                    }
+                    // SAFETY: the panel holds k_steps tiles.
+                    unsafe { store_tile(&tile, panel, step * TILE_ELEMS) };
+                }
+            }
+            return;
+        }
+        // Each k's row values are contiguous: pair them along k, then turn the pairs
+        // (rows of the transposed tile) into tile rows. Steps outside, panels inside, so
+        // that each k's values are read in one sweep.
+        for step in 0..k_steps {
+            let k0 = step * TILE_K;
+            for (index, panel) in panels.chunks_mut(panel_len).enumerate() {
+                let first = first + index * TILE;
+                let rows = TILE.min(rows - index * TILE);
+                for (pair, units) in tile.iter_mut().enumerate() {
+                    let kk = k0 + 2 * pair;
+                    *units = if kk < k {
+                        let at = |kk: usize| data.wrapping_add(kk * a.col_stride + first);
+                        let second = (kk + 1 < k).then(|| at(kk + 1));
+                        // SAFETY: rows first..first + rows at k and k + 1, in the view.
+                        unsafe { pairs16(at(kk), second, rows) }
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                }
+                transpose16(&mut tile);
+                // SAFETY: the panel holds k_steps tiles.
+                unsafe { store_tile(&tile, panel, step * TILE_ELEMS) };
+            }
+        }
+    }
+
+    /// `super::pack_columns`'s panels of columns `first..first + cols`, 16 a panel, in
+    /// AMX's pair layout, for a view contiguous along rows or along columns.
+    ///
+    /// # Safety
+    /// As [`pack_rows_panels`], for the columns `first..first + cols` and rows `0..k`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn pack_columns_panels<T: Element>(
+        b: MatRef<'_, T>,
+        (first, cols): (usize, usize),
+        k: usize,
+        k_steps: usize,
+        panels: &mut [u16],
+    ) {
+        let data = b.data.as_ptr();
+        let panel_len = k_steps * TILE_ELEMS;
+        let mut tile = [_mm512_setzero_si512(); 16];
+        if b.row_stride == 1 {
+            // Each column's 32 values of a step are contiguous: its 16 pairs, turned
+            // into the tile's rows.
+            for (index, panel) in panels.chunks_mut(panel_len).enumerate() {
+                let first = first + index * TILE;
+                let cols = TILE.min(cols - index * TILE);
+                for step in 0..k_steps {
+                    let k0 = step * TILE_K;
+                    let len = TILE_K.min(k.saturating_sub(k0));
+                    for (c, units) in tile.iter_mut().enumerate() {
+                        *units = if c < cols && len > 0 {
+                            // SAFETY: column first + c, rows k0..k0 + len, in the view.
+                            unsafe { run32(data.add((first + c) * b.col_stride + k0), len) }
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                    }
+                    transpose16(&mut tile);
+                    // SAFETY: the panel holds k_steps tiles.
+                    unsafe { store_tile(&tile, panel, step * TILE_ELEMS) };
+                }
+            }
+            return;
+        }
+        // Each k's column values are contiguous: a pair of them is a tile row. Steps
+        // outside, panels inside, as in `pack_rows_panels`.
+        for step in 0..k_steps {
+            let k0 = step * TILE_K;
+            for (index, panel) in panels.chunks_mut(panel_len).enumerate() {
+                let first = first + index * TILE;
+                let cols = TILE.min(cols - index * TILE);
+                for (pair, row) in tile.iter_mut().enumerate() {
+                    let kk = k0 + 2 * pair;
+                    *row = if kk < k {
+                        let at = |kk: usize| data.wrapping_add(kk * b.row_stride + first);
+                        let second = (kk + 1 < k).then(|| at(kk + 1));
+                        // SAFETY: columns first..first + cols at k and k + 1, in the view.
+                        unsafe { pairs16(at(kk), second, cols) }
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                }
+                // SAFETY: the panel holds k_steps tiles.
+                unsafe { store_tile(&tile, panel, step * TILE_ELEMS) };
+            }
+        }
+    }
 
     /// `out[i] = bf16(src[i])` for lengths that are multiples of 16, rounding to nearest
     /// even as [`super::to_bf16`] does.
@@ -697,8 +989,15 @@ mod tests {
             return;
         }
         let mut rng = crate::rng::Rng::new(7, 0);
-        // Odd sizes cross every tile edge; the transposed view checks strides.
-        for (m, n, k) in [(1, 1, 1), (37, 45, 70), (64, 33, 96), (5, 100, 31)] {
+        // Odd sizes cross every tile edge; the transposed view checks strides;
+        // 200 × 150 spans more than one task of panels each way.
+        for (m, n, k) in [
+            (1, 1, 1),
+            (37, 45, 70),
+            (64, 33, 96),
+            (5, 100, 31),
+            (200, 150, 40),
+        ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
                 .collect();
