@@ -62,11 +62,7 @@ impl Gpt2Config {
 
     /// Checks that sizes are non-zero and heads divide the width.
     pub fn validate(&self, path: &std::path::Path) -> std::result::Result<(), ModelError> {
-        let bad = |key: &str, message: &str| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            message: message.to_string(),
-        };
+        let bad = |key: &str, message: &str| ModelError::unsupported(path, key, message);
         super::require_positive(
             path,
             &[

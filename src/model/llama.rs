@@ -197,11 +197,7 @@ impl LlamaConfig {
 
     /// Checks that sizes are non-zero and heads divide evenly.
     pub fn validate(&self, path: &std::path::Path) -> std::result::Result<(), ModelError> {
-        let bad = |key: &str, message: &str| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            message: message.to_string(),
-        };
+        let bad = |key: &str, message: &str| ModelError::unsupported(path, key, message);
         super::require_positive(
             path,
             &[

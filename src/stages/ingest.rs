@@ -36,7 +36,7 @@ use crate::data::stats::{Counts, SourceStats, Stats};
 use crate::data::synthetic::{AnswerStyle, SyntheticSettings};
 use crate::data::text::{self, Purpose};
 use crate::data::writer::JsonlWriter;
-use crate::path_error::AtPath;
+use crate::path_error::write_json;
 use crate::suggest::did_you_mean;
 
 /// Settings of an `ingest` stage.
@@ -511,9 +511,7 @@ impl StageKind for Ingest {
         });
         let stats = Stats::new(chat, per_source.collect());
         let path = context.out_dir.join("stats.json");
-        let mut json = serde_json::to_string_pretty(&stats)?;
-        json.push('\n');
-        std::fs::write(&path, json).at(path)?;
+        write_json(&path, &stats)?;
         stats
             .log(context.log)
             .map_err(|error| StageError::io("writing the stage log", error))?;

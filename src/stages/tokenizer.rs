@@ -110,9 +110,7 @@ impl StageKind for TokenizerStage {
                 adopt_stage(&from, context)?
             }
         };
-        let mut text = serde_json::to_string_pretty(&stats)?;
-        text.push('\n');
-        write_file(context, STATS_JSON, text.as_bytes())?;
+        crate::path_error::write_json(&context.out_dir.join(STATS_JSON), &stats)?;
         let mut outcome = StageOutcome::default();
         outcome
             .metrics
