@@ -666,26 +666,7 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed, 0);
-        let count = shape.iter().product();
-        let values: Vec<f64> = (0..count).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::model::testing::{max_diff, random_f64 as random};
 
     #[test]
     fn rms_norm_matches_candles_reference() {
