@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome};
+use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome, invalid};
 use crate::data::dedup::DedupSet;
 use crate::data::sample::BottomK;
 use crate::data::sources::jsonl::{ChunkMode, JsonlReader, TextField};
@@ -491,7 +491,7 @@ impl StageKind for Ingest {
         pass.read_all(settings, context, &progress)?;
         progress.finish();
         let Mode::Write(output) = pass.mode else {
-            return Err(StageError::Invalid("internal: not in write mode".into()));
+            return Err(invalid("internal: not in write mode"));
         };
         output.train.finish()?;
         output.eval.finish()?;
@@ -539,7 +539,7 @@ fn open_source<'a>(
 ) -> Result<DocumentStream<'a>, StageError> {
     let path = |input: &str| {
         inputs.get(input).cloned().ok_or_else(|| {
-            StageError::Invalid(format!(
+            invalid(format!(
                 "source {} reads input `{input}`, which the stage was not given",
                 source.label()
             ))
@@ -660,7 +660,7 @@ impl Pass {
                     }
                     Err(SourceError::Record { location, problem }) => {
                         if self.on_error == OnError::Fail {
-                            return Err(StageError::Invalid(format!(
+                            return Err(invalid(format!(
                                 "{location}: {problem} (source {}; set `on_error: skip` to skip such records)",
                                 source.label()
                             )));

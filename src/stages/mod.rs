@@ -457,9 +457,8 @@ fn run_erased<K: StageKind>(
     settings: &serde_json::Value,
     context: &mut StageContext<'_>,
 ) -> Result<StageOutcome, StageError> {
-    let settings: K::Settings = serde_json::from_value(settings.clone()).map_err(|error| {
-        StageError::Invalid(format!("settings of stage `{}`: {error}", context.stage))
-    })?;
+    let settings: K::Settings = serde_json::from_value(settings.clone())
+        .map_err(|error| invalid(format!("settings of stage `{}`: {error}", context.stage)))?;
     K::run(&settings, context)
 }
 

@@ -20,7 +20,9 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome, invalid,
+};
 use crate::path_error::AtPath;
 use crate::tokenize::corpus::{self, Progress};
 use crate::tokenize::learn::{self, Algorithm, EvalStats, TrainOptions};
@@ -90,13 +92,13 @@ impl StageKind for TokenizerStage {
     ) -> Result<StageOutcome, StageError> {
         let stats = match (context.inputs.get("text"), context.inputs.get("from")) {
             (Some(_), Some(_)) => {
-                return Err(StageError::Invalid(format!(
+                return Err(invalid(format!(
                     "stage `{}`: give `inputs.text` (a corpus to train on) or `inputs.from` (an existing tokenizer.json), not both",
                     context.stage
                 )));
             }
             (None, None) => {
-                return Err(StageError::Invalid(format!(
+                return Err(invalid(format!(
                     "stage `{}`: a tokenizer needs `inputs.text` (a corpus to train on, e.g. `corpus/train.jsonl`) or `inputs.from` (an existing tokenizer.json or a model directory holding one)",
                     context.stage
                 )));
@@ -163,7 +165,7 @@ fn train_stage(
 ) -> Result<TokenizerStats, StageError> {
     let min_frequency = match (settings.algorithm, settings.min_frequency) {
         (Algorithm::Unigram, Some(_)) => {
-            return Err(StageError::Invalid(format!(
+            return Err(invalid(format!(
                 "stage `{}`: `with.min_frequency` applies to `algorithm: bpe` only; remove it for unigram",
                 context.stage
             )));
