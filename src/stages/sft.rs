@@ -41,8 +41,8 @@ pub enum AdapterKind {
 
 /// The `adapter` setting: `none`, `lora`, or `{ kind: lora, rank, alpha, dropout,
 /// targets, modules_to_save }`.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct AdapterSetting {
     /// `none` (full fine-tune) or `lora`.
     pub kind: AdapterKind,
@@ -93,29 +93,18 @@ fn default_targets() -> Vec<String> {
         .collect()
 }
 
-/// The object form of [`AdapterSetting`], read with its own error messages.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AdapterFields {
-    kind: AdapterKind,
-    #[serde(default = "default_rank")]
-    rank: usize,
-    #[serde(default = "default_alpha")]
-    alpha: f64,
-    #[serde(default)]
-    dropout: f64,
-    #[serde(default = "default_targets")]
-    targets: Vec<String>,
-    #[serde(default)]
-    modules_to_save: Vec<String>,
+impl Serialize for AdapterSetting {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        AdapterSetting::serialize(self, serializer)
+    }
 }
 
+/// `none`/`lora` alone, or the object form (read by the derived, remote `deserialize`).
 impl<'de> Deserialize<'de> for AdapterSetting {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        let value = serde_json::Value::deserialize(deserializer)?;
-        let fields: AdapterFields = match value {
-            serde_json::Value::String(kind) => AdapterFields {
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(kind) => Ok(AdapterSetting {
                 kind: serde_json::from_value(serde_json::Value::String(kind.clone())).map_err(
                     |_| {
                         D::Error::custom(format!(
@@ -123,22 +112,10 @@ impl<'de> Deserialize<'de> for AdapterSetting {
                         ))
                     },
                 )?,
-                rank: default_rank(),
-                alpha: default_alpha(),
-                dropout: 0.0,
-                targets: default_targets(),
-                modules_to_save: Vec::new(),
-            },
-            other => serde_json::from_value(other).map_err(D::Error::custom)?,
-        };
-        Ok(AdapterSetting {
-            kind: fields.kind,
-            rank: fields.rank,
-            alpha: fields.alpha,
-            dropout: fields.dropout,
-            targets: fields.targets,
-            modules_to_save: fields.modules_to_save,
-        })
+                ..AdapterSetting::default()
+            }),
+            other => AdapterSetting::deserialize(other).map_err(D::Error::custom),
+        }
     }
 }
 
@@ -513,7 +490,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         packing: settings.packing,
         pad_id: cache.meta.pad_id,
     };
-    let summary = settings.training.train(
+    settings.training.train(
         context,
         steps,
         StageTrainJob {
@@ -524,10 +501,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             eval: &eval,
             device: &device,
             tokenizer: Some(&tokenizer),
+            baseline: None,
         },
-    )?;
-    training_stage::write_loss_curve(context.out_dir, None)?;
-    let metrics = training_stage::summary_metrics(&summary, parameters);
-    training_stage::log_summary(context, &summary);
-    Ok(StageOutcome { metrics })
+    )
 }
