@@ -185,10 +185,7 @@ fn loss_batches(
                 context,
                 false,
                 cache.meta.pad_id,
-                SftPosition {
-                    epoch: 0,
-                    cursor: 0,
-                },
+                SftPosition::default(),
             );
             let batches = settings
                 .eval_batches

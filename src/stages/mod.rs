@@ -276,6 +276,12 @@ impl From<crate::data::writer::WriteError> for StageError {
     }
 }
 
+/// Writes `line` to the stage log. Best effort: a full disk shows up when the outputs
+/// are written.
+fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(context.log, "{line}");
+}
+
 /// A [`StageError::Invalid`]: settings or inputs that do not allow the stage to run.
 fn invalid(message: impl std::fmt::Display) -> StageError {
     StageError::Invalid(message.to_string())

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::training_stage::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid,
+    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid, log,
 };
 use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
@@ -470,8 +470,4 @@ fn unigram_loss(counts: &[u64], eval: &[Batch]) -> Option<f64> {
         }
     }
     (n > 0.0).then(|| loss / n)
-}
-
-fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(context.log, "{line}");
 }

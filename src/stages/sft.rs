@@ -250,26 +250,14 @@ impl StageKind for Sft {
     }
 }
 
-/// Training batches from an [`SftBatcher`]; its epoch and cursor are the position.
-struct ExampleBatches<'a> {
-    examples: &'a SftExamples,
-    batcher: SftBatcher<'a>,
-    seed: u64,
-    batch_size: usize,
-    seq: usize,
-    packing: bool,
-    pad_id: u32,
-}
-
-impl BatchSource for ExampleBatches<'_> {
+/// Training batches; the epoch and cursor are the position.
+impl BatchSource for SftBatcher<'_> {
     fn next_batch(&mut self) -> Result<Batch, String> {
-        self.batcher
-            .next_batch()
-            .ok_or_else(|| "the SFT cache has no training examples".to_string())
+        SftBatcher::next_batch(self).ok_or_else(|| "the SFT cache has no training examples".into())
     }
 
     fn position(&self) -> (u64, serde_json::Value) {
-        let position = self.batcher.position();
+        let position = SftBatcher::position(self);
         (
             0,
             serde_json::json!({ "epoch": position.epoch, "cursor": position.cursor }),
@@ -279,15 +267,7 @@ impl BatchSource for ExampleBatches<'_> {
     fn restore(&mut self, _rng_state: u64, position: &serde_json::Value) -> Result<(), String> {
         let position: SftPosition = serde_json::from_value(position.clone())
             .map_err(|error| format!("checkpoint data position: {error}"))?;
-        self.batcher = SftBatcher::new(
-            self.examples,
-            self.seed,
-            self.batch_size,
-            self.seq,
-            self.packing,
-            self.pad_id,
-            position,
-        );
+        self.seek(position);
         Ok(())
     }
 }
@@ -444,10 +424,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
                 seq,
                 settings.packing,
                 cache.meta.pad_id,
-                SftPosition {
-                    epoch: 0,
-                    cursor: 0,
-                },
+                SftPosition::default(),
             );
             // At most one pass: evaluating an example twice would only weigh it double.
             let batches = settings
@@ -468,28 +445,15 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         if settings.packing { " (packed)" } else { "" },
         eval.len()
     );
-    let seed = context.seed ^ ORDER_STREAM;
-    let start = SftPosition {
-        epoch: 0,
-        cursor: 0,
-    };
-    let mut data = ExampleBatches {
-        examples: &examples,
-        batcher: SftBatcher::new(
-            &examples,
-            seed,
-            settings.training.batch_size,
-            seq,
-            settings.packing,
-            cache.meta.pad_id,
-            start,
-        ),
-        seed,
-        batch_size: settings.training.batch_size,
+    let mut data = SftBatcher::new(
+        &examples,
+        context.seed ^ ORDER_STREAM,
+        settings.training.batch_size,
         seq,
-        packing: settings.packing,
-        pad_id: cache.meta.pad_id,
-    };
+        settings.packing,
+        cache.meta.pad_id,
+        SftPosition::default(),
+    );
     settings.training.train(
         context,
         steps,

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome, invalid,
+    log,
 };
 use crate::path_error::AtPath;
 use crate::tokenize::corpus::{self, Progress};
@@ -320,11 +321,6 @@ fn eval_stage(
 fn write_file(context: &StageContext<'_>, name: &str, bytes: &[u8]) -> Result<(), StageError> {
     let path = context.out_dir.join(name);
     Ok(std::fs::write(&path, bytes).at(path)?)
-}
-
-fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
-    // The log is best effort: a full disk shows up when the outputs are written.
-    let _ = writeln!(context.log, "{line}");
 }
 
 /// Shows progress on a terminal (a bar per phase); silent otherwise.
