@@ -185,29 +185,21 @@ pub fn cache_dir_with(var: impl Fn(&str) -> Option<OsString>) -> Option<CacheDir
             _ => path,
         }
     };
-    if let Some(dir) = set("HF_HUB_CACHE") {
-        return Some(CacheDir {
-            path: expand(dir),
-            chosen_by: "$HF_HUB_CACHE",
-        });
-    }
-    if let Some(dir) = set("HUGGINGFACE_HUB_CACHE") {
-        return Some(CacheDir {
-            path: expand(dir),
-            chosen_by: "$HUGGINGFACE_HUB_CACHE",
-        });
-    }
-    if let Some(dir) = set("HF_HOME") {
-        return Some(CacheDir {
-            path: expand(dir).join("hub"),
-            chosen_by: "$HF_HOME/hub",
-        });
-    }
-    if let Some(dir) = set("XDG_CACHE_HOME") {
-        return Some(CacheDir {
-            path: expand(dir).join("huggingface").join("hub"),
-            chosen_by: "$XDG_CACHE_HOME/huggingface/hub",
-        });
+    let variables: [(&str, &[&str], &str); 4] = [
+        ("HF_HUB_CACHE", &[], "$HF_HUB_CACHE"),
+        ("HUGGINGFACE_HUB_CACHE", &[], "$HUGGINGFACE_HUB_CACHE"),
+        ("HF_HOME", &["hub"], "$HF_HOME/hub"),
+        (
+            "XDG_CACHE_HOME",
+            &["huggingface", "hub"],
+            "$XDG_CACHE_HOME/huggingface/hub",
+        ),
+    ];
+    for (name, below, chosen_by) in variables {
+        if let Some(dir) = set(name) {
+            let path = below.iter().fold(expand(dir), |path, part| path.join(part));
+            return Some(CacheDir { path, chosen_by });
+        }
     }
     home.map(|home| CacheDir {
         path: home.join(".cache").join("huggingface").join("hub"),

@@ -38,3 +38,12 @@ impl<T> AtPath<T> for io::Result<T> {
         self.map_err(|source| PathIoError::new(path.as_ref(), source))
     }
 }
+
+/// Writes `value` to `path` as pretty-printed JSON with a trailing newline.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), PathIoError> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(io::Error::other)
+        .at(path)?;
+    text.push('\n');
+    std::fs::write(path, text).at(path)
+}

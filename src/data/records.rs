@@ -131,13 +131,3 @@ pub struct QuestionRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
 }
-
-/// Any line of a corpus file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum CorpusRecord {
-    /// A conversation (has `messages`).
-    Chat(ChatRecord),
-    /// A document (has `text`).
-    Text(TextRecord),
-}

@@ -794,7 +794,7 @@ impl Batch {
 }
 
 /// Position of an [`SftBatcher`], saved in checkpoints for exact resume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SftPosition {
     /// Completed passes over the data.
     pub epoch: u64,
@@ -817,7 +817,7 @@ pub struct SftBatcher<'a> {
 }
 
 impl<'a> SftBatcher<'a> {
-    /// A batcher at `position` (use `SftPosition { epoch: 0, cursor: 0 }` to start).
+    /// A batcher at `position` (`SftPosition::default()` to start).
     pub fn new(
         examples: &'a SftExamples,
         seed: u64,
@@ -849,6 +849,12 @@ impl<'a> SftBatcher<'a> {
     /// Where the next batch starts.
     pub fn position(&self) -> SftPosition {
         self.position
+    }
+
+    /// Moves to `position`, as [`SftBatcher::new`] would have started there.
+    pub fn seek(&mut self, position: SftPosition) {
+        self.position = position;
+        self.shuffle();
     }
 
     /// The next example in order, without consuming it.

@@ -695,8 +695,15 @@ struct Planner {
 }
 
 impl Planner {
-    fn add(&mut self, hf: String, gguf: String, shape: Vec<usize>, transform: Transform) {
-        self.add_typed(hf, gguf, shape, transform, None);
+    fn new(dtype: GgufDtype) -> Planner {
+        Planner {
+            dtype,
+            plans: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, hf: impl Into<String>, gguf: impl Into<String>, shape: Vec<usize>) {
+        self.add_typed(hf.into(), gguf.into(), shape, Transform::None, None);
     }
 
     /// `forced`: a type this tensor always has (GPT-2's position table stays f32).
@@ -729,35 +736,29 @@ impl Planner {
         });
     }
 
-    /// A weight `[rows, cols]` and, when `bias`, its bias `[rows]`; `base` names are
-    /// without the `.weight`/`.bias` suffix.
+    /// A weight of `shape` (`[rows, cols]`, or `[rows]` for a norm) and, when `bias`,
+    /// its bias `[rows]`; `base` names are without the `.weight`/`.bias` suffix.
     fn linear(
         &mut self,
         hf_base: &str,
         gguf_base: &str,
-        (rows, cols): (usize, usize),
+        shape: Vec<usize>,
         bias: bool,
         transform: Transform,
     ) {
-        let weight_shape = vec![rows, cols];
-        self.add(
-            format!("{hf_base}.weight"),
-            format!("{gguf_base}.weight"),
-            weight_shape,
-            transform,
+        let rows = shape[0];
+        let (hf, gguf) = (
+            |part| format!("{hf_base}.{part}"),
+            |part| format!("{gguf_base}.{part}"),
         );
+        self.add_typed(hf("weight"), gguf("weight"), shape, transform, None);
         if bias {
             // A bias follows its weight's rows: permuted with them, never transposed.
             let bias_transform = match transform {
                 Transform::PermuteRope(heads) => Transform::PermuteRope(heads),
                 _ => Transform::None,
             };
-            self.add(
-                format!("{hf_base}.bias"),
-                format!("{gguf_base}.bias"),
-                vec![rows],
-                bias_transform,
-            );
+            self.add_typed(hf("bias"), gguf("bias"), vec![rows], bias_transform, None);
         }
     }
 }
@@ -770,97 +771,46 @@ fn llama_layout(config: &LlamaConfig, dtype: GgufDtype) -> Layout {
         config.intermediate_size,
         config.head_dim,
     );
-    let q_width = config.num_attention_heads * head_dim;
-    let kv_width = config.num_key_value_heads * head_dim;
+    let (d, f) = (hidden, inner);
+    let q = config.num_attention_heads * head_dim;
+    let kv = config.num_key_value_heads * head_dim;
     let rope = |heads: usize| match config.flavor {
         LlamaFlavor::Llama | LlamaFlavor::Mistral => Transform::PermuteRope(heads),
         LlamaFlavor::Qwen2 => Transform::None,
     };
-    let mut planner = Planner {
-        dtype,
-        plans: Vec::new(),
-    };
+    let mut planner = Planner::new(dtype);
     planner.add(
-        "model.embed_tokens.weight".into(),
-        "token_embd.weight".into(),
+        "model.embed_tokens.weight",
+        "token_embd.weight",
         vec![config.vocab_size, hidden],
-        Transform::None,
     );
+    let rope_q = rope(config.num_attention_heads);
+    let rope_k = rope(config.num_key_value_heads);
+    let (qkv, o, mlp) = (config.qkv_bias, config.o_bias, config.mlp_bias);
+    let none = Transform::None;
     for layer in 0..config.num_hidden_layers {
-        let hf = |name: &str| format!("model.layers.{layer}.{name}");
-        let gguf = |name: &str| format!("blk.{layer}.{name}");
-        planner.add(
-            hf("input_layernorm.weight"),
-            gguf("attn_norm.weight"),
-            vec![hidden],
-            Transform::None,
-        );
-        let attention = [
-            (
-                "self_attn.q_proj",
-                "attn_q",
-                (q_width, hidden),
-                config.qkv_bias,
-                rope(config.num_attention_heads),
-            ),
-            (
-                "self_attn.k_proj",
-                "attn_k",
-                (kv_width, hidden),
-                config.qkv_bias,
-                rope(config.num_key_value_heads),
-            ),
-            (
-                "self_attn.v_proj",
-                "attn_v",
-                (kv_width, hidden),
-                config.qkv_bias,
-                Transform::None,
-            ),
-            (
-                "self_attn.o_proj",
-                "attn_output",
-                (hidden, q_width),
-                config.o_bias,
-                Transform::None,
-            ),
+        let tensors = [
+            ("input_layernorm", "attn_norm", vec![d], false, none),
+            ("self_attn.q_proj", "attn_q", vec![q, d], qkv, rope_q),
+            ("self_attn.k_proj", "attn_k", vec![kv, d], qkv, rope_k),
+            ("self_attn.v_proj", "attn_v", vec![kv, d], qkv, none),
+            ("self_attn.o_proj", "attn_output", vec![d, q], o, none),
+            ("post_attention_layernorm", "ffn_norm", vec![d], false, none),
+            ("mlp.gate_proj", "ffn_gate", vec![f, d], mlp, none),
+            ("mlp.up_proj", "ffn_up", vec![f, d], mlp, none),
+            ("mlp.down_proj", "ffn_down", vec![d, f], mlp, none),
         ];
-        for (hf_base, gguf_base, shape, bias, transform) in attention {
-            planner.linear(&hf(hf_base), &gguf(gguf_base), shape, bias, transform);
-        }
-        planner.add(
-            hf("post_attention_layernorm.weight"),
-            gguf("ffn_norm.weight"),
-            vec![hidden],
-            Transform::None,
-        );
-        let mlp = [
-            ("mlp.gate_proj", "ffn_gate", (inner, hidden)),
-            ("mlp.up_proj", "ffn_up", (inner, hidden)),
-            ("mlp.down_proj", "ffn_down", (hidden, inner)),
-        ];
-        for (hf_base, gguf_base, shape) in mlp {
-            planner.linear(
-                &hf(hf_base),
-                &gguf(gguf_base),
-                shape,
-                config.mlp_bias,
-                Transform::None,
-            );
+        for (hf, gguf, shape, bias, transform) in tensors {
+            let hf = format!("model.layers.{layer}.{hf}");
+            planner.linear(&hf, &format!("blk.{layer}.{gguf}"), shape, bias, transform);
         }
     }
-    planner.add(
-        "model.norm.weight".into(),
-        "output_norm.weight".into(),
-        vec![hidden],
-        Transform::None,
-    );
+    planner.add("model.norm.weight", "output_norm.weight", vec![hidden]);
     if !config.tie_word_embeddings {
         planner.add(
-            "lm_head.weight".into(),
-            "output.weight".into(),
+            "lm_head.weight",
+            "output.weight",
             vec![config.vocab_size, hidden],
-            Transform::None,
         );
     }
     let ignorable: fn(&str) -> bool = if config.tie_word_embeddings {
@@ -923,15 +873,11 @@ fn llama_layout(config: &LlamaConfig, dtype: GgufDtype) -> Layout {
 /// `[out, in]`, and the output projection always tied to the embedding.
 fn gpt2_layout(config: &Gpt2Config, dtype: GgufDtype) -> Layout {
     let (width, inner) = (config.n_embd, config.n_inner);
-    let mut planner = Planner {
-        dtype,
-        plans: Vec::new(),
-    };
+    let mut planner = Planner::new(dtype);
     planner.add(
-        "transformer.wte.weight".into(),
-        "token_embd.weight".into(),
+        "transformer.wte.weight",
+        "token_embd.weight",
         vec![config.vocab_size, width],
-        Transform::None,
     );
     // The converter keeps position embeddings in f32 whatever the file type.
     planner.add_typed(
@@ -941,49 +887,22 @@ fn gpt2_layout(config: &Gpt2Config, dtype: GgufDtype) -> Layout {
         Transform::None,
         Some(GgmlDType::F32),
     );
-    let norm = |planner: &mut Planner, hf: &str, gguf: &str| {
-        for part in ["weight", "bias"] {
-            planner.add(
-                format!("{hf}.{part}"),
-                format!("{gguf}.{part}"),
-                vec![width],
-                Transform::None,
-            );
-        }
-    };
+    let (none, transpose) = (Transform::None, Transform::Transpose);
     for layer in 0..config.n_layer {
-        let hf = |name: &str| format!("transformer.h.{layer}.{name}");
-        let gguf = |name: &str| format!("blk.{layer}.{name}");
-        norm(&mut planner, &hf("ln_1"), &gguf("attn_norm"));
-        let conv1d = [
-            ("attn.c_attn", "attn_qkv", (3 * width, width)),
-            ("attn.c_proj", "attn_output", (width, width)),
+        let tensors = [
+            ("ln_1", "attn_norm", vec![width], none),
+            ("attn.c_attn", "attn_qkv", vec![3 * width, width], transpose),
+            ("attn.c_proj", "attn_output", vec![width, width], transpose),
+            ("ln_2", "ffn_norm", vec![width], none),
+            ("mlp.c_fc", "ffn_up", vec![inner, width], transpose),
+            ("mlp.c_proj", "ffn_down", vec![width, inner], transpose),
         ];
-        for (hf_base, gguf_base, shape) in conv1d {
-            planner.linear(
-                &hf(hf_base),
-                &gguf(gguf_base),
-                shape,
-                true,
-                Transform::Transpose,
-            );
-        }
-        norm(&mut planner, &hf("ln_2"), &gguf("ffn_norm"));
-        let conv1d = [
-            ("mlp.c_fc", "ffn_up", (inner, width)),
-            ("mlp.c_proj", "ffn_down", (width, inner)),
-        ];
-        for (hf_base, gguf_base, shape) in conv1d {
-            planner.linear(
-                &hf(hf_base),
-                &gguf(gguf_base),
-                shape,
-                true,
-                Transform::Transpose,
-            );
+        for (hf, gguf, shape, transform) in tensors {
+            let hf = format!("transformer.h.{layer}.{hf}");
+            planner.linear(&hf, &format!("blk.{layer}.{gguf}"), shape, true, transform);
         }
     }
-    norm(&mut planner, "transformer.ln_f", "output_norm");
+    planner.linear("transformer.ln_f", "output_norm", vec![width], true, none);
     Layout {
         arch: "gpt2",
         hyper: vec![

@@ -62,11 +62,7 @@ impl Gpt2Config {
 
     /// Checks that sizes are non-zero and heads divide the width.
     pub fn validate(&self, path: &std::path::Path) -> std::result::Result<(), ModelError> {
-        let bad = |key: &str, message: &str| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            message: message.to_string(),
-        };
+        let bad = |key: &str, message: &str| ModelError::unsupported(path, key, message);
         super::require_positive(
             path,
             &[
@@ -394,9 +390,7 @@ mod tests {
 
     #[test]
     fn layer_norm_matches_candles_reference() {
-        let mut rng = crate::rng::Rng::new(5, 0);
-        let values: Vec<f64> = (0..96).map(|_| rng.next_f64() * 4.0 - 2.0).collect();
-        let x = Tensor::from_vec(values, (2, 3, 16), &Device::Cpu).unwrap();
+        let x = crate::model::testing::random_f64(&[2, 3, 16], 5);
         let weight = Tensor::arange_step(0.5f64, 2.1, 0.1, &Device::Cpu)
             .unwrap()
             .narrow(0, 0, 16)
@@ -409,16 +403,8 @@ mod tests {
             eps: 1.0 / 65536.0,
         };
         let reference = candle_nn::ops::layer_norm_slow(&x, &weight, &bias, 1.0 / 65536.0).unwrap();
-        let diff = (norm.forward(&x, Kernels::Differentiable).unwrap() - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let normed = norm.forward(&x, Kernels::Differentiable).unwrap();
+        let diff = crate::model::testing::max_diff(&normed, &reference);
         assert!(diff < 1e-12, "{diff}");
     }
 

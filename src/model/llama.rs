@@ -197,11 +197,7 @@ impl LlamaConfig {
 
     /// Checks that sizes are non-zero and heads divide evenly.
     pub fn validate(&self, path: &std::path::Path) -> std::result::Result<(), ModelError> {
-        let bad = |key: &str, message: &str| ModelError::Unsupported {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            message: message.to_string(),
-        };
+        let bad = |key: &str, message: &str| ModelError::unsupported(path, key, message);
         super::require_positive(
             path,
             &[
@@ -670,26 +666,7 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed, 0);
-        let count = shape.iter().product();
-        let values: Vec<f64> = (0..count).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::model::testing::{max_diff, random_f64 as random};
 
     #[test]
     fn rms_norm_matches_candles_reference() {

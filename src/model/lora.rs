@@ -676,23 +676,16 @@ pub fn merge(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
     use super::*;
-
-    fn random(shape: (usize, usize), seed: u64) -> Tensor {
-        let mut rng = Rng::new(seed, 0);
-        let values: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| rng.next_f64() as f32 - 0.5)
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
+    use crate::model::testing::{max_diff, random};
 
     /// The fused projection gives the composed one's output and gradients (x, A, B),
     /// without and with a dropout mask on the branch's input.
     #[test]
     fn fused_projection_equals_the_composed_one() {
-        let mask = random((4, 5), 7)
+        let mask = random(&[4, 5], 7)
             .ge(0.0)
             .unwrap()
             .to_dtype(candle_core::DType::F32)
@@ -706,8 +699,8 @@ mod tests {
     }
 
     fn check_fused_projection(mask: Option<Tensor>) {
-        let w = random((6, 5), 1);
-        let bias = random((1, 6), 2).flatten_all().unwrap();
+        let w = random(&[6, 5], 1).into_inner();
+        let bias = random(&[6], 2).into_inner();
         let linear = Linear::load(
             5,
             6,
@@ -720,10 +713,12 @@ mod tests {
             ),
         )
         .unwrap();
-        let x = Var::from_tensor(&random((4, 5), 3).reshape((2, 2, 5)).unwrap()).unwrap();
-        let a = Var::from_tensor(&random((3, 5), 4)).unwrap();
-        let b = Var::from_tensor(&random((6, 3), 5)).unwrap();
-        let weights = random((4, 6), 6).reshape((2, 2, 6)).unwrap();
+        let (x, a, b) = (
+            random(&[2, 2, 5], 3),
+            random(&[3, 5], 4),
+            random(&[6, 3], 5),
+        );
+        let weights = random(&[2, 2, 6], 6).into_inner();
         let scale = 2.5;
         let fused = x
             .as_tensor()
@@ -748,22 +743,12 @@ mod tests {
             .unwrap();
         let composed =
             (linear.forward(x.as_tensor()).unwrap() + (update * scale).unwrap()).unwrap();
-        let diff = |p: &Tensor, q: &Tensor| {
-            (p - q)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(&fused, &composed) < 1e-6);
+        assert!(max_diff(&fused, &composed) < 1e-6);
         let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
         let got = loss(&fused).backward().unwrap();
         let want = loss(&composed).backward().unwrap();
         for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
-            let d = diff(
+            let d = max_diff(
                 got.get(var.as_tensor()).unwrap(),
                 want.get(var.as_tensor()).unwrap(),
             );

@@ -130,6 +130,32 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+impl ModelError {
+    /// [`ModelError::Unsupported`]: `key` of `path`, and why.
+    pub fn unsupported(path: &Path, key: impl Into<String>, message: impl Into<String>) -> Self {
+        let (path, key, message) = (path.to_path_buf(), key.into(), message.into());
+        ModelError::Unsupported { path, key, message }
+    }
+
+    /// [`ModelError::Json`] at `path`.
+    pub fn json(path: &Path, message: impl ToString) -> Self {
+        let (path, message) = (path.to_path_buf(), message.to_string());
+        ModelError::Json { path, message }
+    }
+
+    /// [`ModelError::MissingKey`] `key` of `path`.
+    pub fn missing_key(path: &Path, key: impl Into<String>) -> Self {
+        let (path, key) = (path.to_path_buf(), key.into());
+        ModelError::MissingKey { path, key }
+    }
+
+    /// [`ModelError::Safetensors`] at `path`.
+    pub fn safetensors(path: &Path, message: impl ToString) -> Self {
+        let (path, message) = (path.to_path_buf(), message.to_string());
+        ModelError::Safetensors { path, message }
+    }
+}
+
 /// The HF `model_type`s trainyard implements, with their `architectures` entry.
 pub const SUPPORTED_ARCHITECTURES: [(&str, &str); 4] = [
     ("llama", "LlamaForCausalLM"),
@@ -227,12 +253,7 @@ impl ModelConfig {
         let path = dir.join("config.json");
         let mut value = self.to_hf_json();
         set_torch_dtype(&mut value, dtype);
-        let mut text = serde_json::to_string_pretty(&value).map_err(|error| ModelError::Json {
-            path: path.clone(),
-            message: error.to_string(),
-        })?;
-        text.push('\n');
-        Ok(std::fs::write(&path, text).at(&path)?)
+        Ok(crate::path_error::write_json(&path, &value)?)
     }
 }
 
@@ -321,10 +342,7 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig, ModelError> {
 pub fn check_architecture(dir: &Path) -> Result<(), ModelError> {
     let path = config_path(dir);
     let text = std::fs::read_to_string(&path).at(&path)?;
-    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
-        path: path.clone(),
-        message: error.to_string(),
-    })?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| ModelError::json(&path, e))?;
     architecture_of(&value, &path).map(|_| ())
 }
 
@@ -339,28 +357,22 @@ pub fn check_model_dir(dir: &Path) -> Result<(), ModelError> {
 /// The supported `model_type` of a parsed `config.json`, or the error naming what is
 /// not supported.
 fn architecture_of<'a>(value: &'a Value, path: &Path) -> Result<&'a str, ModelError> {
-    let unsupported = |key: &str, name: &str, supported: Vec<&str>| ModelError::Unsupported {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-        message: format!(
+    let unsupported = |key: &str, name: &str, supported: Vec<&str>| {
+        let message = format!(
             "`{name}` is not supported (trainyard supports {})",
             supported.join(", ")
-        ),
+        );
+        ModelError::unsupported(path, key, message)
     };
     let model_type = match value.get("model_type") {
         Some(Value::String(model_type)) => model_type.as_str(),
         Some(_) => {
-            return Err(ModelError::Json {
-                path: path.to_path_buf(),
-                message: "key `model_type`: expected a string".to_string(),
-            });
+            return Err(ModelError::json(
+                path,
+                "key `model_type`: expected a string",
+            ));
         }
-        None => {
-            return Err(ModelError::MissingKey {
-                path: path.to_path_buf(),
-                key: "model_type".to_string(),
-            });
-        }
+        None => return Err(ModelError::missing_key(path, "model_type")),
     };
     if !SUPPORTED_ARCHITECTURES
         .iter()
@@ -407,21 +419,18 @@ fn rope_scaling_of(raw: &RawConfig, path: &Path) -> Result<Option<Llama3RopeScal
         "default" => return Ok(None),
         "llama3" => {}
         other => {
-            return Err(ModelError::Unsupported {
-                path: path.to_path_buf(),
-                key: format!("{key}.rope_type"),
-                message: format!("`{other}` is not supported (only `default` and `llama3`)"),
-            });
+            return Err(ModelError::unsupported(
+                path,
+                format!("{key}.rope_type"),
+                format!("`{other}` is not supported (only `default` and `llama3`)"),
+            ));
         }
     }
     let number = |field: &str| {
         object
             .get(field)
             .and_then(Value::as_f64)
-            .ok_or_else(|| ModelError::MissingKey {
-                path: path.to_path_buf(),
-                key: format!("{key}.{field}"),
-            })
+            .ok_or_else(|| ModelError::missing_key(path, format!("{key}.{field}")))
     };
     let scaling = Llama3RopeScaling {
         factor: number("factor")?,
@@ -430,38 +439,25 @@ fn rope_scaling_of(raw: &RawConfig, path: &Path) -> Result<Option<Llama3RopeScal
         original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
     };
     if scaling.high_freq_factor <= scaling.low_freq_factor || scaling.factor <= 0.0 {
-        return Err(ModelError::Unsupported {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            message: "llama3 scaling needs factor > 0 and high_freq_factor > low_freq_factor"
-                .to_string(),
-        });
+        return Err(ModelError::unsupported(
+            path,
+            key,
+            "llama3 scaling needs factor > 0 and high_freq_factor > low_freq_factor",
+        ));
     }
     Ok(Some(scaling))
 }
 
 /// Parses the text of an HF `config.json`; `path` is only used in error messages.
 pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ModelError> {
-    let value: Value = serde_json::from_str(text).map_err(|error| ModelError::Json {
-        path: path.to_path_buf(),
-        message: error.to_string(),
-    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| ModelError::json(path, e))?;
     architecture_of(&value, path)?;
     let deserializer = &mut serde_json::Deserializer::from_str(text);
-    let raw: RawConfig =
-        serde_path_to_error::deserialize(deserializer).map_err(|error| ModelError::Json {
-            path: path.to_path_buf(),
-            message: format!("key `{}`: {}", error.path(), error.inner()),
-        })?;
-    let missing = |key: &str| ModelError::MissingKey {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-    };
-    let unsupported = |key: &str, message: String| ModelError::Unsupported {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-        message,
-    };
+    let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        ModelError::json(path, format!("key `{}`: {}", error.path(), error.inner()))
+    })?;
+    let missing = |key: &str| ModelError::missing_key(path, key);
+    let unsupported = |key: &str, message: String| ModelError::unsupported(path, key, message);
     let model_type = raw
         .model_type
         .as_deref()
@@ -713,79 +709,75 @@ pub fn new_lora(
     seed: u64,
 ) -> Result<(CausalLm, VarMap, ModelConfig), ModelError> {
     let config = load_config(dir)?;
+    let config_path = dir.join("config.json");
+    let unsupported =
+        |key: &str, message: String| ModelError::unsupported(&config_path, key, message);
     let ModelConfig::Llama(llama_config) = &config else {
-        return Err(ModelError::Unsupported {
-            path: dir.join("config.json"),
-            key: "model_type".to_string(),
-            message: format!(
+        return Err(unsupported(
+            "model_type",
+            format!(
                 "LoRA adapters are implemented for the llama family (llama, qwen2), not {}",
                 config.model_type()
             ),
-        });
+        ));
     };
     if let Some(target) = spec
         .targets
         .iter()
         .find(|target| !lora::LLAMA_TARGETS.contains(&target.as_str()))
     {
-        return Err(ModelError::Unsupported {
-            path: dir.join("config.json"),
-            key: "targets".to_string(),
-            message: format!(
+        return Err(unsupported(
+            "targets",
+            format!(
                 "`{target}` is not a projection of this model (expected some of {})",
                 lora::LLAMA_TARGETS.join(", ")
             ),
-        });
+        ));
     }
     if let Some(module) = spec
         .modules_to_save
         .iter()
         .find(|module| !lora::SAVABLE_MODULES.contains(&module.as_str()))
     {
-        return Err(ModelError::Unsupported {
-            path: dir.join("config.json"),
-            key: "modules_to_save".to_string(),
-            message: format!(
+        return Err(unsupported(
+            "modules_to_save",
+            format!(
                 "`{module}` cannot be saved whole (expected some of {})",
                 lora::SAVABLE_MODULES.join(", ")
             ),
-        });
+        ));
     }
     if llama_config.tie_word_embeddings && spec.modules_to_save.iter().any(|m| m == "lm_head") {
-        return Err(ModelError::Unsupported {
-            path: dir.join("config.json"),
-            key: "modules_to_save".to_string(),
-            message: "this model's `lm_head` is tied to `embed_tokens`: list `embed_tokens` alone"
+        return Err(unsupported(
+            "modules_to_save",
+            "this model's `lm_head` is tied to `embed_tokens`: list `embed_tokens` alone"
                 .to_string(),
-        });
+        ));
     }
     for (module, ids) in &spec.trainable_tokens {
         let allowed =
             module == "embed_tokens" || (module == "lm_head" && !llama_config.tie_word_embeddings);
         if !allowed {
-            return Err(ModelError::Unsupported {
-                path: dir.join("config.json"),
-                key: "trainable_token_indices".to_string(),
-                message: format!(
+            return Err(unsupported(
+                "trainable_token_indices",
+                format!(
                     "token rows of `{module}` cannot be trained (expected `embed_tokens`, and `lm_head` when it is not tied)"
                 ),
-            });
+            ));
         }
         if spec.modules_to_save.contains(module) {
-            return Err(ModelError::Unsupported {
-                path: dir.join("config.json"),
-                key: "modules_to_save".to_string(),
-                message: format!(
+            return Err(unsupported(
+                "modules_to_save",
+                format!(
                     "`{module}` is saved whole and has trainable token rows; PEFT takes one or the other"
                 ),
-            });
+            ));
         }
         if ids.is_empty() {
-            return Err(ModelError::Unsupported {
-                path: dir.join("config.json"),
-                key: "trainable_token_indices".to_string(),
-                message: format!("`{module}` lists no token ids"),
-            });
+            return Err(unsupported(
+                "trainable_token_indices",
+                format!("`{module}` lists no token ids"),
+            ));
         }
     }
     let files = safetensors_files(dir)?;
@@ -839,10 +831,8 @@ pub fn ids_in(entry: &Value) -> Vec<u32> {
 pub fn read_adapter_spec(adapter_dir: &Path) -> Result<lora::LoraSpec, ModelError> {
     let config_path = adapter_dir.join(lora::ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&config_path).at(&config_path)?;
-    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
-        path: config_path.clone(),
-        message: error.to_string(),
-    })?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|error| ModelError::json(&config_path, error))?;
     lora::LoraSpec::from_adapter_config(&value).map_err(|message| ModelError::Json {
         path: config_path,
         message,
@@ -851,10 +841,8 @@ pub fn read_adapter_spec(adapter_dir: &Path) -> Result<lora::LoraSpec, ModelErro
 
 /// Every tensor of the safetensors file `path`, by name.
 pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
-    candle_core::safetensors::load(path, device).map_err(|error| ModelError::Safetensors {
-        path: path.to_path_buf(),
-        message: error.to_string(),
-    })
+    candle_core::safetensors::load(path, device)
+        .map_err(|error| ModelError::safetensors(path, error))
 }
 
 /// A base model from `base_dir` with the PEFT adapter in `adapter_dir` applied (not
@@ -870,19 +858,18 @@ pub fn load_lora(
     let weights_path = adapter_dir.join(lora::ADAPTER_WEIGHTS);
     let saved = load_tensors(&weights_path, device)?;
     for (name, var) in sorted_vars(&varmap) {
-        let tensor = saved.get(&name).ok_or_else(|| ModelError::Safetensors {
-            path: weights_path.clone(),
-            message: format!("no tensor `{name}`"),
-        })?;
+        let tensor = saved
+            .get(&name)
+            .ok_or_else(|| ModelError::safetensors(&weights_path, format!("no tensor `{name}`")))?;
         if tensor.dims() != var.dims() {
-            return Err(ModelError::Safetensors {
-                path: weights_path.clone(),
-                message: format!(
+            return Err(ModelError::safetensors(
+                &weights_path,
+                format!(
                     "tensor `{name}` has shape {:?}, the base model needs {:?}",
                     tensor.dims(),
                     var.dims()
                 ),
-            });
+            ));
         }
         var.set(&tensor.to_dtype(dtype)?)?;
     }
@@ -1036,21 +1023,13 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), Mod
     }
     let mut views = Vec::with_capacity(buffers.len());
     for (name, dtype, shape, bytes) in &buffers {
-        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map_err(
-            |error| ModelError::Safetensors {
-                path: path.to_path_buf(),
-                message: format!("tensor `{name}`: {error}"),
-            },
-        )?;
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+            .map_err(|error| ModelError::safetensors(path, format!("tensor `{name}`: {error}")))?;
         views.push((name.to_string(), view));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|error| {
-        ModelError::Safetensors {
-            path: path.to_path_buf(),
-            message: error.to_string(),
-        }
-    })?;
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path)
+        .map_err(|error| ModelError::safetensors(path, error))?;
     Ok(crate::atomic_file::use_default_permissions(path).at(path)?)
 }
 
@@ -1178,23 +1157,20 @@ pub fn load_trainable_with_tokens(
         };
         let tensor = tensors
             .load(file_name, device)
-            .map_err(|error| ModelError::Safetensors {
-                path: dir.to_path_buf(),
-                message: format!("tensor `{name}`: {error}"),
-            })?;
+            .map_err(|error| ModelError::safetensors(dir, format!("tensor `{name}`: {error}")))?;
         let mut tensor = tensor.to_dtype(dtype)?;
         if !added.is_empty() && is_table(&name) && tensor.dims() == [rows, var.dims()[1]] {
             tensor = vocab::grown_rows(&tensor, vocab, added)?;
         }
         if tensor.dims() != var.dims() {
-            return Err(ModelError::Safetensors {
-                path: dir.to_path_buf(),
-                message: format!(
+            return Err(ModelError::safetensors(
+                dir,
+                format!(
                     "tensor `{name}` has shape {:?}, the config needs {:?}",
                     tensor.dims(),
                     var.dims()
                 ),
-            });
+            ));
         }
         var.set(&tensor)?;
     }
@@ -1225,11 +1201,7 @@ pub(crate) fn require_positive(
     fields: &[(&str, usize)],
 ) -> std::result::Result<(), ModelError> {
     match fields.iter().find(|(_, value)| *value == 0) {
-        Some((key, _)) => Err(ModelError::Unsupported {
-            path: path.to_path_buf(),
-            key: key.to_string(),
-            message: "must be positive".to_string(),
-        }),
+        Some((key, _)) => Err(ModelError::unsupported(path, *key, "must be positive")),
         None => Ok(()),
     }
 }

@@ -50,24 +50,19 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 /// The `weight_map` of an index file: tensor name → shard file name.
 pub fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>, ModelError> {
     let text = std::fs::read_to_string(index).at(index)?;
-    let value: Value = serde_json::from_str(&text).map_err(|error| ModelError::Json {
-        path: index.to_path_buf(),
-        message: error.to_string(),
-    })?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|error| ModelError::json(index, error))?;
     let map = value
         .get("weight_map")
         .and_then(Value::as_object)
-        .ok_or_else(|| ModelError::MissingKey {
-            path: index.to_path_buf(),
-            key: "weight_map".to_string(),
-        })?;
+        .ok_or_else(|| ModelError::missing_key(index, "weight_map"))?;
     map.iter()
         .map(|(name, file)| match file.as_str() {
             Some(file) => Ok((name.clone(), file.to_string())),
-            None => Err(ModelError::Json {
-                path: index.to_path_buf(),
-                message: format!("key `weight_map.{name}`: expected a file name"),
-            }),
+            None => Err(ModelError::json(
+                index,
+                format!("key `weight_map.{name}`: expected a file name"),
+            )),
         })
         .collect()
 }
@@ -103,9 +98,8 @@ pub fn read_headers(files: &[PathBuf]) -> Result<Vec<TensorHeader>, ModelError> 
     for (index, path) in files.iter().enumerate() {
         let (_, metadata) = read_metadata(path)?;
         for (name, info) in metadata.tensors() {
-            let dtype = DType::try_from(info.dtype).map_err(|error| ModelError::Safetensors {
-                path: path.clone(),
-                message: format!("tensor `{name}`: {error}"),
+            let dtype = DType::try_from(info.dtype).map_err(|error| {
+                ModelError::safetensors(path, format!("tensor `{name}`: {error}"))
             })?;
             headers.push(TensorHeader {
                 name,
@@ -201,10 +195,5 @@ pub fn write_index(
         "metadata": { "total_size": total_size },
         "weight_map": weight_map,
     });
-    let mut text = serde_json::to_string_pretty(&value).map_err(|error| ModelError::Json {
-        path: path.clone(),
-        message: error.to_string(),
-    })?;
-    text.push('\n');
-    Ok(std::fs::write(&path, text).at(&path)?)
+    Ok(crate::path_error::write_json(&path, &value)?)
 }

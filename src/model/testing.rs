@@ -1,6 +1,6 @@
 //! Helpers shared by the unit tests of the model's ops.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 /// A variable of `shape` with values uniform in [-1, 1) from `seed`.
 pub fn random(shape: &[usize], seed: u64) -> Var {
@@ -12,7 +12,7 @@ pub fn random(shape: &[usize], seed: u64) -> Var {
     Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
 }
 
-/// max |a − b|.
+/// max |a − b| (of f32 or f64 tensors).
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -20,6 +20,13 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .max_all()
         .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// [`random`] as an f64 tensor.
+pub fn random_f64(shape: &[usize], seed: u64) -> Tensor {
+    random(shape, seed).to_dtype(DType::F64).unwrap()
 }

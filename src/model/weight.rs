@@ -41,14 +41,6 @@ impl Matrix {
         }
         Ok(Matrix::Tensor(vb.get(shape, name)?))
     }
-
-    /// The matrix as a tensor (a copy when mapped).
-    pub fn to_tensor(&self) -> Result<Tensor> {
-        match self {
-            Matrix::Tensor(tensor) => Ok(tensor.clone()),
-            Matrix::Mapped(matrix) => matrix.to_tensor(),
-        }
-    }
 }
 
 /// `y = x·Wᵀ + b` with `W: [out, in]` (`nn.Linear`).

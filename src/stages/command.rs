@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::containment::Containment;
 
-use super::{Artifact, InputRules, STAGE_LOG, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, STAGE_LOG, StageContext, StageError, StageKind, StageOutcome, invalid,
+};
 use crate::path_error::AtPath;
 
 /// Settings of a `command` stage.
@@ -144,7 +146,7 @@ impl StageKind for Command {
             .map(String::as_str)
             .collect();
         if !missing.is_empty() {
-            return Err(StageError::Invalid(format!(
+            return Err(invalid(format!(
                 "the command succeeded but did not create its declared outputs: {}",
                 missing.join(", ")
             )));

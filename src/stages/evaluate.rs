@@ -22,7 +22,7 @@ use crate::data::records::{ChatMessage, QuestionRecord, Role};
 use crate::data::token_cache::{Batch, CacheMode, SftBatcher, SftPosition, TokenCache};
 use crate::generate::{Generator, SamplingOptions};
 use crate::model;
-use crate::path_error::AtPath;
+use crate::path_error::{AtPath, write_json};
 use crate::train::trainer::evaluate;
 
 /// Settings of an `evaluate` stage.
@@ -185,10 +185,7 @@ fn loss_batches(
                 context,
                 false,
                 cache.meta.pad_id,
-                SftPosition {
-                    epoch: 0,
-                    cursor: 0,
-                },
+                SftPosition::default(),
             );
             let batches = settings
                 .eval_batches
@@ -359,9 +356,7 @@ fn run(
     }
 
     let path = context.out_dir.join("metrics.json");
-    let mut text = serde_json::to_string_pretty(&metrics)?;
-    text.push('\n');
-    std::fs::write(&path, text).at(path)?;
+    write_json(&path, &metrics)?;
     Ok(StageOutcome { metrics })
 }
 

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::export::gguf::{self, GgufDtype};
 use crate::model::{self, ModelConfig, ModelError, shards};
-use crate::path_error::AtPath;
+use crate::path_error::write_json;
 use crate::tokenize::chat::JINJA_TEMPLATE;
 use crate::tokenize::load::{check_special_ids, load_tokenizer, tokenizer_file};
 use crate::tokenize::special::{END_OF_TEXT, END_OF_TURN, PAD, SPECIAL_TOKENS};
@@ -148,12 +148,6 @@ fn copy(from: &Path, to: &Path) -> Result<(), StageError> {
             error,
         )
     })
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<(), StageError> {
-    let mut text = serde_json::to_string_pretty(value)?;
-    text.push('\n');
-    Ok(std::fs::write(path, text).at(path)?)
 }
 
 /// Whether the tokenizer has trainyard's special tokens at their fixed ids (then the
@@ -379,13 +373,8 @@ fn write_weights(
         (groups, names)
     };
     // SAFETY: the source files are mapped read-only and not written while mapped.
-    let mapped =
-        unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|error| {
-            ModelError::Safetensors {
-                path: source.to_path_buf(),
-                message: error.to_string(),
-            }
-        })?;
+    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|error| ModelError::safetensors(source, error))?;
     let mut weight_map = BTreeMap::new();
     for (group, name) in groups.iter().zip(&names) {
         if context.cancel.is_cancelled() {
@@ -399,9 +388,8 @@ fn write_weights(
                     Some(dtype) => tensor.to_dtype(dtype),
                     None => Ok(tensor),
                 })
-                .map_err(|error| ModelError::Safetensors {
-                    path: source.to_path_buf(),
-                    message: format!("`{tensor_name}`: {error}"),
+                .map_err(|error| {
+                    ModelError::safetensors(source, format!("`{tensor_name}`: {error}"))
                 })?;
             tensors.push((tensor_name.clone(), tensor));
             weight_map.insert(tensor_name.clone(), name.display().to_string());

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome};
+use super::{Artifact, InputRules, StageContext, StageError, StageKind, StageOutcome, invalid};
 use crate::data::dedup::DedupSet;
 use crate::data::sample::BottomK;
 use crate::data::sources::jsonl::{ChunkMode, JsonlReader, TextField};
@@ -36,7 +36,7 @@ use crate::data::stats::{Counts, SourceStats, Stats};
 use crate::data::synthetic::{AnswerStyle, SyntheticSettings};
 use crate::data::text::{self, Purpose};
 use crate::data::writer::JsonlWriter;
-use crate::path_error::AtPath;
+use crate::path_error::write_json;
 use crate::suggest::did_you_mean;
 
 /// Settings of an `ingest` stage.
@@ -491,7 +491,7 @@ impl StageKind for Ingest {
         pass.read_all(settings, context, &progress)?;
         progress.finish();
         let Mode::Write(output) = pass.mode else {
-            return Err(StageError::Invalid("internal: not in write mode".into()));
+            return Err(invalid("internal: not in write mode"));
         };
         output.train.finish()?;
         output.eval.finish()?;
@@ -511,9 +511,7 @@ impl StageKind for Ingest {
         });
         let stats = Stats::new(chat, per_source.collect());
         let path = context.out_dir.join("stats.json");
-        let mut json = serde_json::to_string_pretty(&stats)?;
-        json.push('\n');
-        std::fs::write(&path, json).at(path)?;
+        write_json(&path, &stats)?;
         stats
             .log(context.log)
             .map_err(|error| StageError::io("writing the stage log", error))?;
@@ -541,7 +539,7 @@ fn open_source<'a>(
 ) -> Result<DocumentStream<'a>, StageError> {
     let path = |input: &str| {
         inputs.get(input).cloned().ok_or_else(|| {
-            StageError::Invalid(format!(
+            invalid(format!(
                 "source {} reads input `{input}`, which the stage was not given",
                 source.label()
             ))
@@ -662,7 +660,7 @@ impl Pass {
                     }
                     Err(SourceError::Record { location, problem }) => {
                         if self.on_error == OnError::Fail {
-                            return Err(StageError::Invalid(format!(
+                            return Err(invalid(format!(
                                 "{location}: {problem} (source {}; set `on_error: skip` to skip such records)",
                                 source.label()
                             )));

@@ -276,6 +276,12 @@ impl From<crate::data::writer::WriteError> for StageError {
     }
 }
 
+/// Writes `line` to the stage log. Best effort: a full disk shows up when the outputs
+/// are written.
+fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(context.log, "{line}");
+}
+
 /// A [`StageError::Invalid`]: settings or inputs that do not allow the stage to run.
 fn invalid(message: impl std::fmt::Display) -> StageError {
     StageError::Invalid(message.to_string())
@@ -457,9 +463,8 @@ fn run_erased<K: StageKind>(
     settings: &serde_json::Value,
     context: &mut StageContext<'_>,
 ) -> Result<StageOutcome, StageError> {
-    let settings: K::Settings = serde_json::from_value(settings.clone()).map_err(|error| {
-        StageError::Invalid(format!("settings of stage `{}`: {error}", context.stage))
-    })?;
+    let settings: K::Settings = serde_json::from_value(settings.clone())
+        .map_err(|error| invalid(format!("settings of stage `{}`: {error}", context.stage)))?;
     K::run(&settings, context)
 }
 

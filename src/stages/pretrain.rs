@@ -14,12 +14,11 @@ use std::path::Path;
 use candle_core::DType;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::training_stage::{self, LoopDefaults, StageTrainJob, TrainingSettings};
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid,
+    StageOutcome, TOKEN_CACHE_SOURCES, TOKENIZER_SOURCES, invalid, log,
 };
 use crate::data::token_cache::{Batch, Mixture, TokenCache};
 use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
@@ -438,7 +437,7 @@ fn run(
         batch_size: settings.training.batch_size,
         window,
     };
-    let summary = settings.training.train(
+    settings.training.train(
         context,
         steps,
         StageTrainJob {
@@ -449,15 +448,9 @@ fn run(
             eval: &eval,
             device: &device,
             tokenizer: Some(&tokenizer),
+            baseline: unigram,
         },
-    )?;
-    training_stage::write_loss_curve(context.out_dir, unigram)?;
-    let mut metrics = training_stage::summary_metrics(&summary, parameters);
-    if let Some(loss) = unigram {
-        metrics.insert("unigram_eval_loss".into(), json!(loss));
-    }
-    training_stage::log_summary(context, &summary);
-    Ok(StageOutcome { metrics })
+    )
 }
 
 /// Eval cross-entropy of the unigram model fitted on the training tokens (add-one
@@ -477,8 +470,4 @@ fn unigram_loss(counts: &[u64], eval: &[Batch]) -> Option<f64> {
         }
     }
     (n > 0.0).then(|| loss / n)
-}
-
-fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
-    let _ = writeln!(context.log, "{line}");
 }

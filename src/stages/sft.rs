@@ -41,8 +41,8 @@ pub enum AdapterKind {
 
 /// The `adapter` setting: `none`, `lora`, or `{ kind: lora, rank, alpha, dropout,
 /// targets, modules_to_save }`.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct AdapterSetting {
     /// `none` (full fine-tune) or `lora`.
     pub kind: AdapterKind,
@@ -93,29 +93,18 @@ fn default_targets() -> Vec<String> {
         .collect()
 }
 
-/// The object form of [`AdapterSetting`], read with its own error messages.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AdapterFields {
-    kind: AdapterKind,
-    #[serde(default = "default_rank")]
-    rank: usize,
-    #[serde(default = "default_alpha")]
-    alpha: f64,
-    #[serde(default)]
-    dropout: f64,
-    #[serde(default = "default_targets")]
-    targets: Vec<String>,
-    #[serde(default)]
-    modules_to_save: Vec<String>,
+impl Serialize for AdapterSetting {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        AdapterSetting::serialize(self, serializer)
+    }
 }
 
+/// `none`/`lora` alone, or the object form (read by the derived, remote `deserialize`).
 impl<'de> Deserialize<'de> for AdapterSetting {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        let value = serde_json::Value::deserialize(deserializer)?;
-        let fields: AdapterFields = match value {
-            serde_json::Value::String(kind) => AdapterFields {
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(kind) => Ok(AdapterSetting {
                 kind: serde_json::from_value(serde_json::Value::String(kind.clone())).map_err(
                     |_| {
                         D::Error::custom(format!(
@@ -123,22 +112,10 @@ impl<'de> Deserialize<'de> for AdapterSetting {
                         ))
                     },
                 )?,
-                rank: default_rank(),
-                alpha: default_alpha(),
-                dropout: 0.0,
-                targets: default_targets(),
-                modules_to_save: Vec::new(),
-            },
-            other => serde_json::from_value(other).map_err(D::Error::custom)?,
-        };
-        Ok(AdapterSetting {
-            kind: fields.kind,
-            rank: fields.rank,
-            alpha: fields.alpha,
-            dropout: fields.dropout,
-            targets: fields.targets,
-            modules_to_save: fields.modules_to_save,
-        })
+                ..AdapterSetting::default()
+            }),
+            other => AdapterSetting::deserialize(other).map_err(D::Error::custom),
+        }
     }
 }
 
@@ -273,26 +250,14 @@ impl StageKind for Sft {
     }
 }
 
-/// Training batches from an [`SftBatcher`]; its epoch and cursor are the position.
-struct ExampleBatches<'a> {
-    examples: &'a SftExamples,
-    batcher: SftBatcher<'a>,
-    seed: u64,
-    batch_size: usize,
-    seq: usize,
-    packing: bool,
-    pad_id: u32,
-}
-
-impl BatchSource for ExampleBatches<'_> {
+/// Training batches; the epoch and cursor are the position.
+impl BatchSource for SftBatcher<'_> {
     fn next_batch(&mut self) -> Result<Batch, String> {
-        self.batcher
-            .next_batch()
-            .ok_or_else(|| "the SFT cache has no training examples".to_string())
+        SftBatcher::next_batch(self).ok_or_else(|| "the SFT cache has no training examples".into())
     }
 
     fn position(&self) -> (u64, serde_json::Value) {
-        let position = self.batcher.position();
+        let position = SftBatcher::position(self);
         (
             0,
             serde_json::json!({ "epoch": position.epoch, "cursor": position.cursor }),
@@ -302,15 +267,7 @@ impl BatchSource for ExampleBatches<'_> {
     fn restore(&mut self, _rng_state: u64, position: &serde_json::Value) -> Result<(), String> {
         let position: SftPosition = serde_json::from_value(position.clone())
             .map_err(|error| format!("checkpoint data position: {error}"))?;
-        self.batcher = SftBatcher::new(
-            self.examples,
-            self.seed,
-            self.batch_size,
-            self.seq,
-            self.packing,
-            self.pad_id,
-            position,
-        );
+        self.seek(position);
         Ok(())
     }
 }
@@ -467,10 +424,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
                 seq,
                 settings.packing,
                 cache.meta.pad_id,
-                SftPosition {
-                    epoch: 0,
-                    cursor: 0,
-                },
+                SftPosition::default(),
             );
             // At most one pass: evaluating an example twice would only weigh it double.
             let batches = settings
@@ -491,29 +445,16 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         if settings.packing { " (packed)" } else { "" },
         eval.len()
     );
-    let seed = context.seed ^ ORDER_STREAM;
-    let start = SftPosition {
-        epoch: 0,
-        cursor: 0,
-    };
-    let mut data = ExampleBatches {
-        examples: &examples,
-        batcher: SftBatcher::new(
-            &examples,
-            seed,
-            settings.training.batch_size,
-            seq,
-            settings.packing,
-            cache.meta.pad_id,
-            start,
-        ),
-        seed,
-        batch_size: settings.training.batch_size,
+    let mut data = SftBatcher::new(
+        &examples,
+        context.seed ^ ORDER_STREAM,
+        settings.training.batch_size,
         seq,
-        packing: settings.packing,
-        pad_id: cache.meta.pad_id,
-    };
-    let summary = settings.training.train(
+        settings.packing,
+        cache.meta.pad_id,
+        SftPosition::default(),
+    );
+    settings.training.train(
         context,
         steps,
         StageTrainJob {
@@ -524,10 +465,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             eval: &eval,
             device: &device,
             tokenizer: Some(&tokenizer),
+            baseline: None,
         },
-    )?;
-    training_stage::write_loss_curve(context.out_dir, None)?;
-    let metrics = training_stage::summary_metrics(&summary, parameters);
-    training_stage::log_summary(context, &summary);
-    Ok(StageOutcome { metrics })
+    )
 }

@@ -15,7 +15,7 @@ use tokenizers::Tokenizer;
 
 use super::{
     Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome,
-    TOKENIZER_SOURCES,
+    TOKENIZER_SOURCES, invalid,
 };
 use crate::data::Split;
 use crate::data::token_cache::{
@@ -324,9 +324,7 @@ fn chat_template(
         .map(|(key, value)| {
             serde_json::from_value::<minijinja::Value>(value.clone())
                 .map(|value| (key.clone(), value))
-                .map_err(|error| {
-                    StageError::Invalid(format!("key `template_kwargs.{key}`: {error}"))
-                })
+                .map_err(|error| invalid(format!("key `template_kwargs.{key}`: {error}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ChatTemplate::for_tokenizer(
@@ -354,10 +352,7 @@ fn corpus_files(
         (train_input.clone(), None)
     };
     if !train.is_file() {
-        return Err(StageError::Invalid(format!(
-            "no corpus file at {}",
-            train.display()
-        )));
+        return Err(invalid(format!("no corpus file at {}", train.display())));
     }
     let eval = match inputs.get("eval") {
         Some(eval) if eval.is_dir() => Some(eval.join("eval.jsonl")),
@@ -400,7 +395,7 @@ fn separator_id(
 ) -> Result<u32, StageError> {
     if let Some(token) = configured {
         return tokenizer.token_to_id(token).ok_or_else(|| {
-            StageError::Invalid(format!(
+            invalid(format!(
                 "separator `{token}` is not a token of this tokenizer"
             ))
         });
@@ -409,21 +404,34 @@ fn separator_id(
         .into_iter()
         .chain(config.special("eos_token"))
         .find_map(|token| tokenizer.token_to_id(token))
-        .ok_or_else(|| {
-            StageError::Invalid(
-                "the tokenizer has no end-of-text token; set `separator`".to_string(),
-            )
-        })
+        .ok_or_else(|| invalid("the tokenizer has no end-of-text token; set `separator`"))
 }
 
-/// Reads `file` in batches of non-empty lines (with their 1-based line numbers) and
-/// hands each batch to `handle`, so memory is bounded by the batch size.
-fn for_each_batch(
+/// Reads `file` in batches of non-empty lines, so memory is bounded by the batch size,
+/// encodes each batch's lines in parallel with `encode`, and hands the results to
+/// `handle` in file order, with a progress bar on a terminal.
+fn encode_lines<T: Send>(
     file: &Path,
     batch_records: usize,
     context: &StageContext<'_>,
-    mut handle: impl FnMut(Vec<(usize, String)>) -> Result<(), StageError>,
+    encode: impl Fn(&str) -> Result<T, EncodeError> + Sync,
+    mut handle: impl FnMut(T) -> Result<(), StageError>,
 ) -> Result<(), StageError> {
+    let bar = progress_bar(file);
+    let mut run = |batch: Vec<(usize, String)>| -> Result<(), StageError> {
+        let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();
+        let encoded: Vec<T> = batch
+            .par_iter()
+            .map(|(number, line)| encode(line).map_err(|error| at_line(file, *number, error)))
+            // Collected whole, then in order: the error names the first bad line of the
+            // file, not whichever thread failed first.
+            .collect::<Vec<Result<_, StageError>>>()
+            .into_iter()
+            .collect::<Result<_, StageError>>()?;
+        encoded.into_iter().try_for_each(&mut handle)?;
+        bar.inc(bytes);
+        Ok(())
+    };
     let reader = BufReader::with_capacity(1 << 20, File::open(file).at(file)?);
     let mut batch = Vec::with_capacity(batch_records);
     for (index, line) in reader.lines().enumerate() {
@@ -436,12 +444,13 @@ fn for_each_batch(
             if context.cancel.is_cancelled() {
                 return Err(StageError::Interrupted);
             }
-            handle(std::mem::take(&mut batch))?;
+            run(std::mem::take(&mut batch))?;
         }
     }
     if !batch.is_empty() {
-        handle(batch)?;
+        run(batch)?;
     }
+    bar.finish_and_clear();
     Ok(())
 }
 
@@ -483,35 +492,17 @@ fn build_pretrain(
     let mut writer = ShardWriter::new(out_dir, split, dtype, settings.shard_tokens)
         .map_err(|error| StageError::io(format!("creating {split} shards"), error))?;
     let mut info = SplitInfo::default();
-    let bar = progress_bar(file);
     let encoder = Encoder::new(tokenizer);
-    for_each_batch(file, settings.batch_records, context, |batch| {
-        let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();
-        let encoded: Vec<Vec<u32>> = batch
-            .par_iter()
-            .map(|(number, line)| {
-                let mut ids = encoder
-                    .pretraining_ids(line, template)
-                    .map_err(|error| at_line(file, *number, error))?;
-                ids.push(eos_id);
-                Ok(ids)
-            })
-            // Collected whole, then in order: the error names the first bad line of the
-            // file, not whichever thread failed first.
-            .collect::<Vec<Result<_, StageError>>>()
-            .into_iter()
-            .collect::<Result<_, StageError>>()?;
-        for ids in &encoded {
-            writer
-                .push(ids)
-                .map_err(|error| StageError::io(format!("writing {split} shards"), error))?;
-            info.tokens += ids.len() as u64;
-        }
-        info.documents += encoded.len() as u64;
-        bar.inc(bytes);
+    let encode = |line: &str| encoder.pretraining_ids(line, template);
+    encode_lines(file, settings.batch_records, context, encode, |mut ids| {
+        ids.push(eos_id);
+        writer
+            .push(&ids)
+            .map_err(|error| StageError::io(format!("writing {split} shards"), error))?;
+        info.tokens += ids.len() as u64;
+        info.documents += 1;
         Ok(())
     })?;
-    bar.finish_and_clear();
     info.shards = writer
         .finish()
         .map_err(|error| StageError::io(format!("writing {split} shards"), error))?;
@@ -532,40 +523,25 @@ fn build_sft(
     let mut writer = SftWriter::new(out_dir, split, dtype)
         .map_err(|error| StageError::io(format!("creating {split} files"), error))?;
     let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
-    let template = template
-        .ok_or_else(|| StageError::Invalid("an SFT cache needs a chat template".to_string()))?;
-    let bar = progress_bar(file);
-    for_each_batch(file, settings.batch_records, context, |batch| {
-        let bytes: u64 = batch.iter().map(|(_, line)| line.len() as u64 + 1).sum();
-        let encoded: Vec<Example> = batch
-            .par_iter()
-            .map(|(number, line)| {
-                encode::sft_example(
-                    tokenizer,
-                    template,
-                    line,
-                    settings.max_len,
-                    settings.truncation,
-                )
-                .map_err(|error| at_line(file, *number, error))
-            })
-            // Collected whole, then in order: the error names the first bad line of the
-            // file, not whichever thread failed first.
-            .collect::<Vec<Result<_, StageError>>>()
-            .into_iter()
-            .collect::<Result<_, StageError>>()?;
-        for example in encoded {
-            match example {
-                Example::Kept(ids, mask) => writer
-                    .push(&ids, &mask)
-                    .map_err(|error| StageError::io(format!("writing {split} examples"), error))?,
-                Example::Dropped(reason) => *dropped.entry(reason.to_string()).or_default() += 1,
-            }
+    let template = template.ok_or_else(|| invalid("an SFT cache needs a chat template"))?;
+    let encode = |line: &str| {
+        encode::sft_example(
+            tokenizer,
+            template,
+            line,
+            settings.max_len,
+            settings.truncation,
+        )
+    };
+    encode_lines(file, settings.batch_records, context, encode, |example| {
+        match example {
+            Example::Kept(ids, mask) => writer
+                .push(&ids, &mask)
+                .map_err(|error| StageError::io(format!("writing {split} examples"), error))?,
+            Example::Dropped(reason) => *dropped.entry(reason.to_string()).or_default() += 1,
         }
-        bar.inc(bytes);
         Ok(())
     })?;
-    bar.finish_and_clear();
     let (examples, tokens, trainable) = writer
         .finish()
         .map_err(|error| StageError::io(format!("writing {split} examples"), error))?;

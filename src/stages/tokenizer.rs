@@ -20,7 +20,10 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome};
+use super::{
+    Artifact, InputRules, InputSlot, StageContext, StageError, StageKind, StageOutcome, invalid,
+    log,
+};
 use crate::path_error::AtPath;
 use crate::tokenize::corpus::{self, Progress};
 use crate::tokenize::learn::{self, Algorithm, EvalStats, TrainOptions};
@@ -90,13 +93,13 @@ impl StageKind for TokenizerStage {
     ) -> Result<StageOutcome, StageError> {
         let stats = match (context.inputs.get("text"), context.inputs.get("from")) {
             (Some(_), Some(_)) => {
-                return Err(StageError::Invalid(format!(
+                return Err(invalid(format!(
                     "stage `{}`: give `inputs.text` (a corpus to train on) or `inputs.from` (an existing tokenizer.json), not both",
                     context.stage
                 )));
             }
             (None, None) => {
-                return Err(StageError::Invalid(format!(
+                return Err(invalid(format!(
                     "stage `{}`: a tokenizer needs `inputs.text` (a corpus to train on, e.g. `corpus/train.jsonl`) or `inputs.from` (an existing tokenizer.json or a model directory holding one)",
                     context.stage
                 )));
@@ -110,9 +113,7 @@ impl StageKind for TokenizerStage {
                 adopt_stage(&from, context)?
             }
         };
-        let mut text = serde_json::to_string_pretty(&stats)?;
-        text.push('\n');
-        write_file(context, STATS_JSON, text.as_bytes())?;
+        crate::path_error::write_json(&context.out_dir.join(STATS_JSON), &stats)?;
         let mut outcome = StageOutcome::default();
         outcome
             .metrics
@@ -165,7 +166,7 @@ fn train_stage(
 ) -> Result<TokenizerStats, StageError> {
     let min_frequency = match (settings.algorithm, settings.min_frequency) {
         (Algorithm::Unigram, Some(_)) => {
-            return Err(StageError::Invalid(format!(
+            return Err(invalid(format!(
                 "stage `{}`: `with.min_frequency` applies to `algorithm: bpe` only; remove it for unigram",
                 context.stage
             )));
@@ -320,11 +321,6 @@ fn eval_stage(
 fn write_file(context: &StageContext<'_>, name: &str, bytes: &[u8]) -> Result<(), StageError> {
     let path = context.out_dir.join(name);
     Ok(std::fs::write(&path, bytes).at(path)?)
-}
-
-fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
-    // The log is best effort: a full disk shows up when the outputs are written.
-    let _ = writeln!(context.log, "{line}");
 }
 
 /// Shows progress on a terminal (a bar per phase); silent otherwise.

@@ -12,7 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{StageContext, StageError};
+use super::{StageContext, StageError, StageOutcome};
 use crate::data::token_cache::Batch;
 use crate::model::CausalLm;
 use crate::model::precision::Precision;
@@ -209,13 +209,14 @@ impl<D: LoopDefaults> TrainingSettings<D> {
     }
 
     /// Trains `model` in the stage's scratch directory, with the optimizer, logging,
-    /// interruption and progress bar every training kind uses.
+    /// interruption and progress bar every training kind uses, then draws the loss
+    /// curve and gives the manifest metrics of the finished run.
     pub fn train(
         &self,
         context: &mut StageContext<'_>,
         steps: u64,
         job: StageTrainJob<'_>,
-    ) -> Result<TrainSummary, StageError> {
+    ) -> Result<StageOutcome, StageError> {
         let unit = self.precision.resolve().map_err(StageError::Invalid)?;
         if !self.precision.is_default() {
             let _ = writeln!(
@@ -229,7 +230,7 @@ impl<D: LoopDefaults> TrainingSettings<D> {
                     .unwrap_or_else(|| ", no native bf16 unit on this CPU".to_string()),
             );
         }
-        trainer::train(
+        let summary = trainer::train(
             TrainJob {
                 model: job.model,
                 files: job.files,
@@ -249,8 +250,14 @@ impl<D: LoopDefaults> TrainingSettings<D> {
                 precision: (!self.precision.is_default()).then_some((self.precision, unit)),
             },
             &self.loop_settings(steps),
-        )
-        .map_err(StageError::from)
+        )?;
+        write_loss_curve(context.out_dir, job.baseline)?;
+        let mut metrics = summary_metrics(&summary, parameter_count(job.varmap));
+        if let Some(loss) = job.baseline {
+            metrics.insert("unigram_eval_loss".into(), json!(loss));
+        }
+        log_summary(context, &summary);
+        Ok(StageOutcome { metrics })
     }
 }
 
@@ -271,6 +278,8 @@ pub struct StageTrainJob<'a> {
     pub device: &'a Device,
     /// A `tokenizer.json` copied into every model directory written.
     pub tokenizer: Option<&'a Path>,
+    /// The unigram eval loss, drawn in the loss curve and reported, when known.
+    pub baseline: Option<f64>,
 }
 
 /// Elements in the parameters of `varmap` (what is trained).
@@ -282,7 +291,7 @@ pub fn parameter_count(varmap: &VarMap) -> usize {
 }
 
 /// The manifest metrics of a finished run.
-pub fn summary_metrics(
+fn summary_metrics(
     summary: &TrainSummary,
     parameters: usize,
 ) -> serde_json::Map<String, serde_json::Value> {
@@ -307,7 +316,7 @@ pub fn summary_metrics(
 }
 
 /// The closing line of a training stage's log.
-pub fn log_summary(context: &mut StageContext<'_>, summary: &TrainSummary) {
+fn log_summary(context: &mut StageContext<'_>, summary: &TrainSummary) {
     let _ = writeln!(
         context.log,
         "done: {} steps, train loss {:.4}{}, {:.0} tokens/s",
@@ -323,7 +332,7 @@ pub fn log_summary(context: &mut StageContext<'_>, summary: &TrainSummary) {
 
 /// Draws train and eval loss from `metrics.jsonl` into [`LOSS_CURVE`], with a
 /// horizontal line at `baseline` (the unigram eval loss) when given.
-pub fn write_loss_curve(dir: &Path, baseline: Option<f64>) -> Result<(), StageError> {
+fn write_loss_curve(dir: &Path, baseline: Option<f64>) -> Result<(), StageError> {
     let metrics_path = dir.join(trainer::METRICS);
     let text = std::fs::read_to_string(&metrics_path).at(metrics_path)?;
     let mut train = Vec::new();
