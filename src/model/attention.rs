@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::contiguous_f32;
+use super::fused::{borrowed_f32, contiguous_f32};
 use super::kv_cache::LayerKv;
 
 /// Which kernels a forward pass may use.
@@ -352,11 +352,10 @@ impl CustomOp3 for CausalAttention {
                     for (r, row) in probs[..rows * keys].chunks_mut(keys).enumerate() {
                         let i = first + r;
                         let max = row[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        for p in &mut row[..=i] {
-                            *p = (*p - max).exp();
-                            sum += *p;
-                        }
+                        let live = &mut row[..=i];
+                        live.iter_mut().for_each(|p| *p -= max);
+                        super::exp::exp_in_place(live);
+                        let sum: f32 = live.iter().sum();
                         let inverse = 1.0 / sum;
                         for p in &mut row[..=i] {
                             *p *= inverse;
@@ -397,8 +396,11 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.shape;
         let (seq, dim, group) = (dims.seq, dims.dim, dims.group());
-        let read = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
-        let (qv, kv, vv, ov, gv) = (read(q)?, read(k)?, read(v)?, read(out)?, read(grad)?);
+        let grad = grad.contiguous()?;
+        let guards = [q, k, v, out, &grad].map(|t| t.storage_and_layout());
+        let [qv, kv, vv, ov, gv] = [0, 1, 2, 3, 4]
+            .map(|i| borrowed_f32(&guards[i].0, guards[i].1, "causal attention (backward)"));
+        let (qv, kv, vv, ov, gv) = (qv?, kv?, vv?, ov?, gv?);
         let lse = match self.log_sum_exp.lock() {
             Ok(saved) if saved.len() == dims.batch * dims.heads * seq => saved.clone(),
             _ => candle_core::bail!("causal attention: backward before forward"),
@@ -452,8 +454,10 @@ impl CustomOp3 for CausalAttention {
                             let i = first + r;
                             let delta =
                                 dot(&d_o[i * dim..(i + 1) * dim], &o[i * dim..(i + 1) * dim]);
-                            for (p, d) in p_row[..=i].iter_mut().zip(&mut d_row[..=i]) {
-                                *p = (*p - lse[i]).exp();
+                            let live = &mut p_row[..=i];
+                            live.iter_mut().for_each(|p| *p -= lse[i]);
+                            super::exp::exp_in_place(live);
+                            for (p, d) in p_row[..=i].iter().zip(&mut d_row[..=i]) {
                                 *d = *p * (*d - delta) * self.scale;
                             }
                             p_row[i + 1..].fill(0.0);

@@ -33,12 +33,29 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&values[start..end])
 }
 
+/// The values of a contiguous f32 CPU tensor, borrowed from its storage guard
+/// (`tensor.storage_and_layout()`): a backward pass reads its inputs without copying.
+pub(crate) fn borrowed_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(storage) => contiguous_f32(storage, layout, op),
+        _ => candle_core::bail!("{op}: CPU tensors only"),
+    }
+}
+
 fn values(tensor: &Tensor) -> Result<Vec<f32>> {
     tensor.detach().flatten_all()?.to_vec1::<f32>()
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// `out[i] = e^(−gate[i])`, the denominator of the sigmoid, for a whole chunk at once.
+fn exp_negated(gate: &[f32], out: &mut [f32]) {
+    for (out, &g) in out.iter_mut().zip(gate) {
+        *out = -g;
+    }
+    super::exp::exp_in_place(out);
 }
 
 /// `silu(gate) · up`, element-wise (the SwiGLU of llama-family MLPs).
@@ -75,8 +92,10 @@ impl CustomOp2 for SwiGlu {
         out.par_chunks_mut(1 << 14)
             .zip(gate.par_chunks(1 << 14).zip(up.par_chunks(1 << 14)))
             .for_each(|(out, (gate, up))| {
+                exp_negated(gate, out);
                 for ((out, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *out = g * sigmoid(g) * u;
+                    let s = 1.0 / (1.0 + *out);
+                    *out = g * s * u;
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -89,7 +108,13 @@ impl CustomOp2 for SwiGlu {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (g, u, d) = (values(gate)?, values(up)?, values(grad)?);
+        let grad = grad.contiguous()?;
+        let (gate_storage, gate_layout) = gate.storage_and_layout();
+        let (up_storage, up_layout) = up.storage_and_layout();
+        let (grad_storage, grad_layout) = grad.storage_and_layout();
+        let g = borrowed_f32(&gate_storage, gate_layout, "swiglu")?;
+        let u = borrowed_f32(&up_storage, up_layout, "swiglu")?;
+        let d = borrowed_f32(&grad_storage, grad_layout, "swiglu")?;
         let mut d_gate = vec![0f32; g.len()];
         let mut d_up = vec![0f32; g.len()];
         d_gate
@@ -98,8 +123,9 @@ impl CustomOp2 for SwiGlu {
             .zip(g.par_chunks(1 << 14).zip(u.par_chunks(1 << 14)))
             .zip(d.par_chunks(1 << 14))
             .for_each(|(((d_gate, d_up), (g, u)), d)| {
+                exp_negated(g, d_gate);
                 for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
+                    let s = 1.0 / (1.0 + d_gate[i]);
                     let silu = g[i] * s;
                     d_up[i] = d[i] * silu;
                     d_gate[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
@@ -170,7 +196,13 @@ impl CustomOp2 for RmsNorm {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xv, w, d) = (values(x)?, values(weight)?, values(grad)?);
+        let grad = grad.contiguous()?;
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = weight.storage_and_layout();
+        let (grad_storage, grad_layout) = grad.storage_and_layout();
+        let xv = borrowed_f32(&x_storage, x_layout, "rms_norm")?;
+        let w = borrowed_f32(&w_storage, w_layout, "rms_norm")?;
+        let d = borrowed_f32(&grad_storage, grad_layout, "rms_norm")?;
         let width = w.len();
         let mut dx = vec![0f32; xv.len()];
         // Row blocks, each with its own partial sum of the weight's gradient.
@@ -290,7 +322,9 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let rotated = self.rotate(&values(grad)?, true);
+        let grad = grad.contiguous()?;
+        let (storage, layout) = grad.storage_and_layout();
+        let rotated = self.rotate(borrowed_f32(&storage, layout, "rope")?, true);
         Ok(Some(Tensor::from_vec(rotated, x.shape(), x.device())?))
     }
 }

@@ -27,6 +27,7 @@
 
 pub mod attention;
 pub mod bf16_gemm;
+pub mod exp;
 pub mod fused;
 pub mod gpt2;
 pub mod kv_cache;

@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::bf16_gemm::{self, Bf16Unit, MatRef};
-use super::fused::contiguous_f32;
+use super::fused::{borrowed_f32, contiguous_f32};
 
 /// The `precision` setting of a training stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -88,15 +88,6 @@ pub fn linear(x: &Tensor, w: &Tensor, unit: Bf16Unit) -> Result<Tensor> {
         .apply_op2(&w.contiguous()?, LinearOp { unit })
 }
 
-/// `f` of a contiguous f32 CPU tensor's values, borrowed from its storage (no copy).
-fn with_values<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = tensor.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(storage) => f(contiguous_f32(storage, layout, "linear-bf16")?),
-        _ => candle_core::bail!("linear-bf16: CPU tensors only"),
-    }
-}
-
 struct LinearOp {
     unit: Bf16Unit,
 }
@@ -157,27 +148,23 @@ impl CustomOp2 for LinearOp {
         let (out, inner) = w.dims2()?;
         let rows = x.elem_count() / inner.max(1);
         let grad = grad.contiguous()?;
-        let (dx, dw) = with_values(&grad, |g| {
-            with_values(x, |xs| {
-                with_values(w, |ws| {
-                    // dx = g · w: [rows, out] · [out, in].
-                    let dx = product(
-                        self.unit,
-                        (rows, inner, out),
-                        MatRef::row_major(g, out),
-                        MatRef::row_major(ws, inner),
-                    );
-                    // dw = gᵀ · x: [out, rows] · [rows, in].
-                    let dw = product(
-                        self.unit,
-                        (out, inner, rows),
-                        MatRef::transposed(g, out),
-                        MatRef::row_major(xs, inner),
-                    );
-                    Ok((dx, dw))
-                })
-            })
-        })?;
+        let guards = [&grad, x, w].map(|t| t.storage_and_layout());
+        let [g, xs, ws] = [0, 1, 2].map(|i| borrowed_f32(&guards[i].0, guards[i].1, "linear-bf16"));
+        let (g, xs, ws) = (g?, xs?, ws?);
+        // dx = g · w: [rows, out] · [out, in].
+        let dx = product(
+            self.unit,
+            (rows, inner, out),
+            MatRef::row_major(g, out),
+            MatRef::row_major(ws, inner),
+        );
+        // dw = gᵀ · x: [out, rows] · [rows, in].
+        let dw = product(
+            self.unit,
+            (out, inner, rows),
+            MatRef::transposed(g, out),
+            MatRef::row_major(xs, inner),
+        );
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         Ok((Some(dx), Some(dw)))

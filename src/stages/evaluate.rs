@@ -80,7 +80,8 @@ const QUESTIONS_FILE: &str = "questions.jsonl";
 impl StageKind for Evaluate {
     type Settings = EvaluateSettings;
     const NAME: &'static str = "evaluate";
-    const VERSION: u32 = 2;
+    // 3: one vectorised exp (model::exp) in the loss and attention.
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str =
         "loss/perplexity on an eval cache and question accuracy from greedy answers";
     const OUTPUT: Artifact = Artifact::Metrics;

@@ -122,7 +122,8 @@ pub struct Pretrain;
 impl StageKind for Pretrain {
     type Settings = PretrainSettings;
     const NAME: &'static str = "pretrain";
-    const VERSION: u32 = 1;
+    // 2: one vectorised exp (model::exp) in the loss, attention and SwiGLU.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "train a llama/qwen2/gpt2 model on token caches (resumable, bit-exact)";
     const OUTPUT: Artifact = Artifact::Model;

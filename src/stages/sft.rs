@@ -178,7 +178,8 @@ pub struct Sft;
 impl StageKind for Sft {
     type Settings = SftSettings;
     const NAME: &'static str = "sft";
-    const VERSION: u32 = 3;
+    // 4: one vectorised exp (model::exp) in the loss, attention and SwiGLU.
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str =
         "fine-tune a model on chat examples, loss on the assistant's tokens (resumable)";
     const OUTPUT: Artifact = Artifact::Model;

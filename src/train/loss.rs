@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::data::token_cache::Batch;
 use crate::model::Kernels;
+use crate::model::exp::exp_in_place;
 
 /// A model seen by the loss: final hidden states for a batch, and the head's logits
 /// for any rows of them.
@@ -80,8 +81,8 @@ impl Counted {
     }
 }
 
-/// Σ weight·(−log p(target)) over the rows of `logits` (`[rows, V]` row-major), and,
-/// with `coefficient` = Some(c), the logits replaced by the loss's gradient
+/// Σ weight·(−log p(target)) over the rows of `logits` (`[rows, V]` row-major); the
+/// logits are overwritten: with `coefficient` = Some(c), by the loss's gradient
 /// `c·weight·(softmax − one_hot(target))`.
 fn chunk_loss(
     logits: &mut [f32],
@@ -98,14 +99,25 @@ fn chunk_loss(
         .zip(targets.par_iter().zip(weights))
         .map(|(row, (&target, &weight))| {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
+            let target_logit = row[target as usize];
+            // One exponential per logit, kept for the gradient: softmax = e / Σe.
+            row.iter_mut().for_each(|value| *value -= max);
+            exp_in_place(row);
+            // Eight partial sums in a fixed order: vectorised, and the same on every CPU.
+            let mut lanes = [0f64; 8];
+            for chunk in row.chunks(8) {
+                for (lane, &e) in lanes.iter_mut().zip(chunk) {
+                    *lane += f64::from(e);
+                }
+            }
+            let sum: f64 = lanes.iter().sum();
             let lse = f64::from(max) + sum.ln();
-            let loss = lse - f64::from(row[target as usize]);
+            let loss = lse - f64::from(target_logit);
             if let Some(coefficient) = coefficient {
                 let scale = coefficient * weight;
-                let lse = lse as f32;
+                let factor = (f64::from(scale) / sum) as f32;
                 for value in row.iter_mut() {
-                    *value = (*value - lse).exp() * scale;
+                    *value *= factor;
                 }
                 row[target as usize] -= scale;
             }
