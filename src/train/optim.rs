@@ -12,7 +12,8 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 /// Hyper-parameters other than the learning rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -128,6 +129,26 @@ impl AdamW {
             let grad = grads.get(theta).ok_or_else(|| {
                 candle_core::Error::Msg(format!("parameter `{}` received no gradient", param.name))
             })?;
+            if theta.device().is_cpu() && theta.dtype() == DType::F32 && theta.is_contiguous() {
+                let update = InPlaceUpdate {
+                    beta1: beta1 as f32,
+                    beta2: beta2 as f32,
+                    grad_scale: grad_scale as f32,
+                    correction1: correction1 as f32,
+                    correction2: correction2 as f32,
+                    eps: eps as f32,
+                    lr: lr as f32,
+                    decay: match param.decay {
+                        true => (1.0 - lr * weight_decay) as f32,
+                        false => 1.0,
+                    },
+                };
+                let grad = grad.contiguous()?;
+                param.m.inplace_op2(&grad, &FirstMoment(update))?;
+                param.v.inplace_op2(&grad, &SecondMoment(update))?;
+                theta.inplace_op3(&param.m, &param.v, &update)?;
+                continue;
+            }
             let grad = if grad_scale == 1.0 {
                 grad.clone()
             } else {
@@ -148,17 +169,15 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments, named `exp_avg.<param>` and `exp_avg_sq.<param>`, for checkpoints.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .flat_map(|param| {
-                [
-                    (format!("{FIRST_MOMENT}{}", param.name), param.m.clone()),
-                    (format!("{SECOND_MOMENT}{}", param.name), param.v.clone()),
-                ]
-            })
-            .collect()
+    /// The moments, named `exp_avg.<param>` and `exp_avg_sq.<param>`, for checkpoints
+    /// (copies: the optimizer updates its own in place).
+    pub fn state(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let mut state = Vec::with_capacity(2 * self.params.len());
+        for param in &self.params {
+            state.push((format!("{FIRST_MOMENT}{}", param.name), param.m.copy()?));
+            state.push((format!("{SECOND_MOMENT}{}", param.name), param.v.copy()?));
+        }
+        Ok(state)
     }
 
     /// Restores moments saved by [`AdamW::state`] and the step count.
@@ -180,10 +199,137 @@ impl AdamW {
                         slot.shape()
                     )));
                 }
-                *slot = saved.to_device(slot.device())?.to_dtype(slot.dtype())?;
+                // A copy of its own: the moments are updated in place.
+                *slot = saved
+                    .to_device(slot.device())?
+                    .to_dtype(slot.dtype())?
+                    .copy()?;
             }
         }
         self.step = step;
+        Ok(())
+    }
+}
+
+/// The coefficients of one AdamW step of one parameter, as f32.
+#[derive(Clone, Copy)]
+struct InPlaceUpdate {
+    beta1: f32,
+    beta2: f32,
+    grad_scale: f32,
+    correction1: f32,
+    correction2: f32,
+    eps: f32,
+    lr: f32,
+    /// `1 − lr·weight_decay`, or 1 for parameters without decay.
+    decay: f32,
+}
+
+/// Rows of this many values per parallel task.
+const CHUNK: usize = 1 << 14;
+
+/// The values of a contiguous f32 CPU storage, for the in-place ops.
+fn values_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(values), Some((start, end))) => Ok(&mut values[start..end]),
+        _ => candle_core::bail!("adamw: contiguous f32 state only"),
+    }
+}
+
+fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    crate::model::fused::contiguous_f32(storage, layout, "adamw")
+}
+
+/// `m = β₁·m + (1 − β₁)·g` in place, `g` the scaled gradient.
+struct FirstMoment(InPlaceUpdate);
+
+impl InplaceOp2 for FirstMoment {
+    fn name(&self) -> &'static str {
+        "adamw-first-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let InPlaceUpdate {
+            beta1, grad_scale, ..
+        } = self.0;
+        let (m, grad) = (values_mut(s1, l1)?, values(s2, l2)?);
+        m.par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(m, grad)| {
+                for (m, &g) in m.iter_mut().zip(grad) {
+                    *m = *m * beta1 + g * grad_scale * (1.0 - beta1);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `v = β₂·v + (1 − β₂)·g²` in place.
+struct SecondMoment(InPlaceUpdate);
+
+impl InplaceOp2 for SecondMoment {
+    fn name(&self) -> &'static str {
+        "adamw-second-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let InPlaceUpdate {
+            beta2, grad_scale, ..
+        } = self.0;
+        let (v, grad) = (values_mut(s1, l1)?, values(s2, l2)?);
+        v.par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(v, grad)| {
+                for (v, &g) in v.iter_mut().zip(grad) {
+                    let g = g * grad_scale;
+                    *v = *v * beta2 + g * g * (1.0 - beta2);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `θ = decay·θ − lr · m̂ / (√v̂ + ε)` in place, from the updated moments.
+impl InplaceOp3 for InPlaceUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (theta, m, v) = (values_mut(s1, l1)?, values(s2, l2)?, values(s3, l3)?);
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(theta, (m, v))| {
+                for ((theta, &m), &v) in theta.iter_mut().zip(m).zip(v) {
+                    let m_hat = m / self.correction1;
+                    let v_hat = v / self.correction2;
+                    *theta = *theta * self.decay - self.lr * (m_hat / (v_hat.sqrt() + self.eps));
+                }
+            });
         Ok(())
     }
 }
@@ -288,7 +434,7 @@ mod tests {
         for step in 0..3 {
             first.step(&grad_of(&resumed, step), 0.05, 1.0).unwrap();
         }
-        let saved: HashMap<String, Tensor> = first.state().into_iter().collect();
+        let saved: HashMap<String, Tensor> = first.state().unwrap().into_iter().collect();
         let mut second = AdamW::new(vec![("w".into(), resumed.clone())], config).unwrap();
         second.load_state(&saved, first.step_count()).unwrap();
         for step in 3..6 {

@@ -503,7 +503,7 @@ fn save_checkpoint(
         &Checkpoint {
             files,
             weights: &named_tensors(varmap),
-            optimizer: &optimizer.state(),
+            optimizer: &optimizer.state()?,
             state,
             tokenizer,
         },
