@@ -18,7 +18,7 @@ use crate::hf_cache::Snapshot;
 use crate::interrupt::CancelFlag;
 use crate::path_error::AtPath;
 use crate::runs::{self, RunRecord, RunRecorder, RunStatus, StageRunRecord, StageStatus};
-use crate::stages::{STAGE_LOG, StageContext, StageError};
+use crate::stages::{STAGE_LOG, StageContext, StageError, invalid};
 use crate::store::{self, LockError, MANIFEST, Manifest, Workspace};
 use crate::suggest::did_you_mean;
 
@@ -1159,7 +1159,7 @@ impl Engine<'_> {
         };
         let outcome = stage.kind.run(&stage.settings, &mut context)?;
         if scratch.join(MANIFEST).exists() {
-            return Err(StageError::Invalid(format!(
+            return Err(invalid(format!(
                 "`{MANIFEST}` in the output directory is reserved for trainyard"
             )));
         }

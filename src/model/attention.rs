@@ -514,7 +514,9 @@ impl CustomOp3 for CausalAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{max_diff, random};
+    use crate::model::testing::{
+        assert_finite_differences, assert_same_op, linear_loss, max_diff, random,
+    };
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
         let (_, heads, seq, _) = q.dims4().unwrap();
@@ -561,20 +563,13 @@ mod tests {
             random(&[2, 2, seq, 8], 2),
             random(&[2, 2, seq, 8], 3),
         );
-        let weights = random(&[2, 4, seq, 8], 4);
         let scale = 1.0 / 8f64.sqrt();
-        let fused = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
-        let reference = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
-        assert!(max_diff(&fused, &reference) < 1e-5, "T={seq}");
-        let loss = |out: &Tensor| (out * weights.as_tensor()).unwrap().sum_all().unwrap();
-        let fused_grads = loss(&fused).backward().unwrap();
-        let reference_grads = loss(&reference).backward().unwrap();
-        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-            let got = fused_grads.get(var.as_tensor()).unwrap();
-            let want = reference_grads.get(var.as_tensor()).unwrap();
-            let diff = max_diff(got, want);
-            assert!(diff < 1e-4, "T={seq}: d{name}: {diff}");
-        }
+        assert_same_op(
+            &[&q, &k, &v],
+            1e-5,
+            |t| causal_attention(&t[0], &t[1], &t[2], scale).unwrap(),
+            |t| composed(&t[0], &t[1], &t[2], scale),
+        );
     }
 
     /// The gradient of q agrees with central finite differences, in f64 on the composed
@@ -589,14 +584,8 @@ mod tests {
         let weights = random(&[1, 2, 5, 4], 8);
         let scale = 0.5;
         let loss = |q: &Tensor, k: &Tensor| {
-            f64::from(
-                (causal_attention(q, k, v.as_tensor(), scale).unwrap() * weights.as_tensor())
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap(),
-            )
+            let out = causal_attention(q, k, v.as_tensor(), scale).unwrap();
+            linear_loss(&out, weights.as_tensor())
         };
         let out = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
         let grads = (out * weights.as_tensor())
@@ -605,39 +594,9 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        let eps = 1e-2f32;
-        for (which, var) in [(0, &q), (1, &k)] {
-            let analytic = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let base = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            for index in [0, 3, 7, base.len() - 1] {
-                let nudged = |delta: f32| {
-                    let mut values = base.clone();
-                    values[index] += delta;
-                    let t = Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap();
-                    match which {
-                        0 => loss(&t, k.as_tensor()),
-                        _ => loss(q.as_tensor(), &t),
-                    }
-                };
-                let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * f64::from(eps));
-                let error = (numeric - f64::from(analytic[index])).abs();
-                assert!(
-                    error < 2e-3 * numeric.abs().max(1.0),
-                    "{which}[{index}]: analytic {} numeric {numeric}",
-                    analytic[index]
-                );
-            }
-        }
+        let (dq, dk) = (grads.get(&q).unwrap(), grads.get(&k).unwrap());
+        let indices = |x: &Tensor| [0, 3, 7, x.elem_count() - 1];
+        assert_finite_differences("q", &q, dq, &indices(&q), |q| loss(q, &k));
+        assert_finite_differences("k", &k, dk, &indices(&k), |k| loss(&q, k));
     }
 }

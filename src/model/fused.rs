@@ -331,42 +331,17 @@ impl CustomOp1 for Rope {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{D, Device, Var};
+    use candle_core::{D, Device};
 
     use super::*;
-    use crate::model::testing::{max_diff, random};
-
-    /// `fused` and `composed` of the same inputs give the same output and the same
-    /// gradients for every input, under a random linear loss.
-    fn check(
-        inputs: &[&Var],
-        fused: impl Fn(&[Tensor]) -> Tensor,
-        composed: impl Fn(&[Tensor]) -> Tensor,
-    ) {
-        let tensors: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
-        let (a, b) = (fused(&tensors), composed(&tensors));
-        assert!(
-            max_diff(&a, &b) < 1e-5,
-            "outputs differ by {}",
-            max_diff(&a, &b)
-        );
-        let weights = random(a.dims(), 99);
-        let loss = |t: &Tensor| (t * weights.as_tensor()).unwrap().sum_all().unwrap();
-        let (ga, gb) = (loss(&a).backward().unwrap(), loss(&b).backward().unwrap());
-        for (index, input) in inputs.iter().enumerate() {
-            let diff = max_diff(
-                ga.get(input.as_tensor()).unwrap(),
-                gb.get(input.as_tensor()).unwrap(),
-            );
-            assert!(diff < 1e-4, "gradient of input {index} differs by {diff}");
-        }
-    }
+    use crate::model::testing::{assert_finite_differences, assert_same_op, linear_loss, random};
 
     #[test]
     fn swiglu_equals_silu_times_up() {
         let (gate, up) = (random(&[3, 5, 7], 1), random(&[3, 5, 7], 2));
-        check(
+        assert_same_op(
             &[&gate, &up],
+            1e-5,
             |t| swiglu(&t[0], &t[1]).unwrap(),
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
         );
@@ -375,8 +350,9 @@ mod tests {
     #[test]
     fn rms_norm_equals_the_composed_norm() {
         let (x, weight) = (random(&[4, 3, 9], 3), random(&[9], 4));
-        check(
+        assert_same_op(
             &[&x, &weight],
+            1e-5,
             |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(),
             |t| {
                 let mean_square = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
@@ -401,8 +377,9 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        check(
+        assert_same_op(
             &[&x],
+            1e-5,
             |t| rope(&t[0], &cos, &sin).unwrap(),
             |t| crate::model::llama::apply_rope(&t[0], &cos, &sin).unwrap(),
         );
@@ -425,39 +402,16 @@ mod tests {
             ("swiglu", Box::new(|x| swiglu(x, up.as_tensor()).unwrap())),
         ];
         for (name, op) in ops {
-            let loss = |x: &Tensor| {
-                f64::from(
-                    (op(x) * probe.as_tensor())
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap(),
-                )
-            };
             let grads = (op(x.as_tensor()) * probe.as_tensor())
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .backward()
                 .unwrap();
-            let analytic = values(grads.get(x.as_tensor()).unwrap()).unwrap();
-            let base = values(x.as_tensor()).unwrap();
-            let eps = 1e-2f32;
-            for index in [0, 4, 9, 11] {
-                let at = |delta: f32| {
-                    let mut moved = base.clone();
-                    moved[index] += delta;
-                    loss(&Tensor::from_vec(moved, (2, 6), &Device::Cpu).unwrap())
-                };
-                let numeric = (at(eps) - at(-eps)) / (2.0 * f64::from(eps));
-                let error = (numeric - f64::from(analytic[index])).abs();
-                assert!(
-                    error < 2e-3 * numeric.abs().max(1.0),
-                    "{name}[{index}]: analytic {} numeric {numeric}",
-                    analytic[index]
-                );
-            }
+            let analytic = grads.get(x.as_tensor()).unwrap();
+            assert_finite_differences(name, x.as_tensor(), analytic, &[0, 4, 9, 11], |x| {
+                linear_loss(&op(x), probe.as_tensor())
+            });
         }
     }
 }

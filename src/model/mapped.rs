@@ -13,10 +13,10 @@
 //! themselves get no gradient), so LoRA adapters upstream of a mapped projection train.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use memmap2::Mmap;
 use rayon::prelude::*;
 
@@ -40,14 +40,6 @@ impl HalfType {
             // bf16 is the top half of an f32: widening is exact.
             HalfType::Bf16 => f32::from_bits(u32::from(bits) << 16),
             HalfType::F16 => half::f16::from_bits(bits).to_f32(),
-        }
-    }
-
-    /// The candle dtype.
-    pub fn dtype(self) -> DType {
-        match self {
-            HalfType::Bf16 => DType::BF16,
-            HalfType::F16 => DType::F16,
         }
     }
 }
@@ -106,22 +98,21 @@ impl MappedMatrix {
         (self.rows, self.cols)
     }
 
-    /// The element type.
-    pub fn kind(&self) -> HalfType {
-        self.kind
-    }
-
     fn tile_rows(&self) -> usize {
         (TILE_ELEMENTS / self.cols.max(1)).clamp(1, self.rows.max(1))
+    }
+
+    /// The stored bytes of rows `start..start + count`.
+    fn row_bytes(&self, start: usize, count: usize) -> &[u8] {
+        let row = self.cols * 2;
+        &self.map[self.offset + start * row..self.offset + (start + count) * row]
     }
 
     /// Rows `start..start + count` widened to f32 into `out` (`count · cols` values).
     fn widen_rows(&self, start: usize, count: usize, out: &mut [f32]) {
         let cols = self.cols;
-        let bytes =
-            &self.map[self.offset + start * cols * 2..self.offset + (start + count) * cols * 2];
         out.par_chunks_mut(cols)
-            .zip(bytes.par_chunks(cols * 2))
+            .zip(self.row_bytes(start, count).par_chunks(cols * 2))
             .for_each(|(row, source)| self.widen(source, row));
     }
 
@@ -165,14 +156,6 @@ impl MappedMatrix {
         Ok(out)
     }
 
-    /// The whole matrix as a tensor of its own dtype (a copy).
-    pub fn to_tensor(&self) -> candle_core::Result<Tensor> {
-        let mut values = vec![0f32; self.rows * self.cols];
-        self.widen_rows(0, self.rows, &mut values);
-        Tensor::from_vec(values, (self.rows, self.cols), &candle_core::Device::Cpu)?
-            .to_dtype(self.kind.dtype())
-    }
-
     /// The bf16 unit of this thread's `precision` scope, for a bf16 matrix.
     fn bf16_unit(&self) -> Option<Bf16Unit> {
         match self.kind {
@@ -187,27 +170,26 @@ impl MappedMatrix {
         if self.kind != HalfType::Bf16 || cfg!(target_endian = "big") {
             return None;
         }
-        let bytes = &self.map[self.offset..self.offset + self.rows * self.cols * 2];
         // SAFETY: any two bytes are a valid u16; align_to only reinterprets the aligned
         // middle, and we use it only when nothing is left over.
-        let (head, bits, tail) = unsafe { bytes.align_to::<u16>() };
+        let (head, bits, tail) = unsafe { self.row_bytes(0, self.rows).align_to::<u16>() };
         (head.is_empty() && tail.is_empty()).then_some(bits)
     }
 
     /// `x · Wᵀ` for `x: [..., cols]` (f32): the `nn.Linear` product with `W: [out, in]`.
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1(Product {
-            matrix: self.clone(),
-            transposed: true,
-            unit: self.bf16_unit(),
-        })
+        self.apply(x, true)
     }
 
     /// `x · W` for `x: [..., rows]` (f32): GPT-2's Conv1D product with `W: [in, out]`.
     pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    fn apply(&self, x: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1(Product {
             matrix: self.clone(),
-            transposed: false,
+            transposed,
             unit: self.bf16_unit(),
         })
     }
@@ -216,11 +198,10 @@ impl MappedMatrix {
     /// and input row, the weight row widened once, rows spread over threads.
     fn product_t_small(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
-        let bytes = &self.map[self.offset..self.offset + n * k * 2];
         let mut transposed = vec![0f32; n * m];
         transposed
             .par_chunks_mut(m)
-            .zip(bytes.par_chunks(k * 2))
+            .zip(self.row_bytes(0, n).par_chunks(k * 2))
             .for_each_init(
                 || vec![0f32; k],
                 |row, (out, source)| {
@@ -258,8 +239,7 @@ impl MappedMatrix {
             |buffer, index| {
                 let start = index * tile;
                 let count = tile.min(n - start);
-                let bytes =
-                    &self.map[self.offset + start * k * 2..self.offset + (start + count) * k * 2];
+                let bytes = self.row_bytes(start, count);
                 for (row, source) in buffer.chunks_mut(k).zip(bytes.chunks(k * 2)) {
                     self.widen(source, row);
                 }
@@ -685,19 +665,13 @@ impl MappedSafetensors {
             name: name.to_string(),
         }))
     }
-
-    /// The file that holds `name`.
-    pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries
-            .get(name)
-            .map(|entry| self.paths[entry.file].as_path())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::model::testing::{max_diff, random};
+    use candle_core::{DType, Device};
 
     /// A random `[rows, cols]` matrix saved in `dtype`, mapped back, and the same values
     /// as an f32 tensor.
@@ -707,33 +681,13 @@ mod tests {
         dtype: DType,
         seed: u64,
     ) -> (tempfile::TempDir, MappedMatrix, Tensor) {
-        let mut rng = crate::rng::Rng::new(seed, 0);
-        let values: Vec<f32> = (0..rows * cols)
-            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-            .collect();
-        let tensor = Tensor::from_vec(values, (rows, cols), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let tensor = random(&[rows, cols], seed).to_dtype(dtype).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
         super::super::save_tensors(&[("w".to_string(), tensor.clone())], &path).unwrap();
         let files = MappedSafetensors::open(&[path]).unwrap();
         let matrix = files.matrix("w", (rows, cols)).unwrap().unwrap();
         (dir, matrix, tensor.to_dtype(DType::F32).unwrap())
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]
@@ -744,19 +698,12 @@ mod tests {
             let (rows, cols) = (1500, 301);
             let (_dir, matrix, dense) = mapped(rows, cols, dtype, seed);
             for m in [1, 3, 8, 9, 40, 64, 130] {
-                let mut rng = crate::rng::Rng::new(seed, m as u64);
-                let x: Vec<f32> = (0..m * cols)
-                    .map(|_| (rng.next_f64() - 0.5) as f32)
-                    .collect();
-                let x = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
+                let x = (random(&[m, cols], 1000 * seed + m as u64).as_tensor() * 0.5).unwrap();
                 let want = x.matmul(&dense.t().unwrap()).unwrap();
                 let got = matrix.matmul_t(&x).unwrap();
                 let diff = max_diff(&got, &want);
                 assert!(diff < 1e-5, "{dtype:?} m={m}: x·Wᵀ off by {diff}");
-                let g: Vec<f32> = (0..m * rows)
-                    .map(|_| (rng.next_f64() - 0.5) as f32)
-                    .collect();
-                let g = Tensor::from_vec(g, (m, rows), &Device::Cpu).unwrap();
+                let g = (random(&[m, rows], 2000 * seed + m as u64).as_tensor() * 0.5).unwrap();
                 let want = g.matmul(&dense).unwrap();
                 let got = matrix.matmul(&g).unwrap();
                 // 1500-term sums (|y| up to ~10) in another order: a few f32 ulps.
@@ -786,22 +733,7 @@ mod tests {
             return;
         };
         let (_dir, matrix, reference) = mapped(70, 45, DType::BF16, 3);
-        let x = Tensor::from_vec(
-            (0..5 * 45)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                .collect::<Vec<_>>(),
-            (5, 45),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let grad = Tensor::from_vec(
-            (0..5 * 70)
-                .map(|i| ((i * 13 % 97) as f32 - 48.0) / 48.0)
-                .collect::<Vec<_>>(),
-            (5, 70),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let (x, grad) = (random(&[5, 45], 4), random(&[5, 70], 5));
         let (forward, backward) = {
             let _scope = super::super::precision::BF16Scope::enter(Some(unit));
             (matrix.matmul_t(&x).unwrap(), matrix.matmul(&grad).unwrap())

@@ -990,34 +990,18 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), Mod
     for (name, tensor) in sorted {
         let flat = tensor.flatten_all()?;
         let (dtype, bytes) = match flat.dtype() {
-            DType::F64 => (
-                safetensors::Dtype::F64,
-                flat.to_vec1::<f64>()?
-                    .iter()
-                    .flat_map(|value| value.to_le_bytes())
-                    .collect(),
-            ),
+            DType::F64 => (safetensors::Dtype::F64, le_bytes(&flat, f64::to_le_bytes)?),
             DType::BF16 => (
                 safetensors::Dtype::BF16,
-                flat.to_vec1::<half::bf16>()?
-                    .iter()
-                    .flat_map(|value| value.to_le_bytes())
-                    .collect(),
+                le_bytes(&flat, half::bf16::to_le_bytes)?,
             ),
             DType::F16 => (
                 safetensors::Dtype::F16,
-                flat.to_vec1::<half::f16>()?
-                    .iter()
-                    .flat_map(|value| value.to_le_bytes())
-                    .collect(),
+                le_bytes(&flat, half::f16::to_le_bytes)?,
             ),
             _ => (
                 safetensors::Dtype::F32,
-                flat.to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|value| value.to_le_bytes())
-                    .collect(),
+                le_bytes(&flat.to_dtype(DType::F32)?, f32::to_le_bytes)?,
             ),
         };
         buffers.push((name, dtype, tensor.dims().to_vec(), bytes));
@@ -1032,6 +1016,14 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), Mod
     safetensors::tensor::serialize_to_file(views, Some(metadata), path)
         .map_err(|error| ModelError::safetensors(path, error))?;
     Ok(crate::atomic_file::use_default_permissions(path).at(path)?)
+}
+
+/// The values of the 1-D `tensor` as little-endian bytes, by `bytes`.
+fn le_bytes<T: candle_core::WithDType, const N: usize>(
+    tensor: &Tensor,
+    bytes: fn(T) -> [u8; N],
+) -> candle_core::Result<Vec<u8>> {
+    Ok(tensor.to_vec1::<T>()?.into_iter().flat_map(bytes).collect())
 }
 
 /// Writes a checkpoint directory's model part from a `VarMap`: `config.json` and

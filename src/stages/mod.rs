@@ -283,7 +283,7 @@ fn log(context: &mut StageContext<'_>, line: std::fmt::Arguments<'_>) {
 }
 
 /// A [`StageError::Invalid`]: settings or inputs that do not allow the stage to run.
-fn invalid(message: impl std::fmt::Display) -> StageError {
+pub(crate) fn invalid(message: impl std::fmt::Display) -> StageError {
     StageError::Invalid(message.to_string())
 }
 

@@ -161,13 +161,7 @@ pub fn write_model(
         }
         ModelFiles::Adapter(config) => {
             fs::create_dir_all(dir).at(dir)?;
-            let config_path = dir.join(lora::ADAPTER_CONFIG);
-            let text =
-                serde_json::to_string_pretty(config).map_err(|error| CheckpointError::State {
-                    path: config_path.clone(),
-                    reason: error.to_string(),
-                })?;
-            fs::write(&config_path, text + "\n").at(&config_path)?;
+            crate::path_error::write_json(&dir.join(lora::ADAPTER_CONFIG), config)?;
             crate::model::save_tensors(weights, &dir.join(lora::ADAPTER_WEIGHTS))
                 .map_err(model_error)?;
         }

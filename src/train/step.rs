@@ -9,7 +9,7 @@ use super::optim::AdamW;
 use crate::data::token_cache::Batch;
 
 /// What one step did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepOutcome {
     /// Mean loss over the micro-batches.
     pub loss: f64,
@@ -75,11 +75,7 @@ pub fn train_step(
     }
     let loss = loss_sum * scale;
     let Some(grads) = accumulated else {
-        return Ok(StepOutcome {
-            loss: 0.0,
-            grad_norm: 0.0,
-            tokens: 0,
-        });
+        return Ok(StepOutcome::default());
     };
     let grad_norm = optimizer.grad_norm(&grads)?;
     if !loss.is_finite() || !grad_norm.is_finite() {
@@ -133,8 +129,32 @@ mod tests {
         }
     }
 
-    fn forward_of(table: &Var) -> Bigram<'_> {
-        Bigram(table)
+    fn optimizer(table: &Var) -> AdamW {
+        AdamW::new(
+            vec![("table".into(), table.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap()
+    }
+
+    /// One [`train_step`] of the bigram `table` on `data`.
+    fn step(
+        table: &Var,
+        optimizer: &mut AdamW,
+        data: &[Batch],
+        lr: f64,
+        clip: Option<f64>,
+    ) -> Result<StepOutcome, StepError> {
+        let params = std::slice::from_ref(table);
+        train_step(
+            &Bigram(table),
+            params,
+            optimizer,
+            data,
+            lr,
+            clip,
+            &Device::Cpu,
+        )
     }
 
     fn batch(rows: &[[u32; 5]]) -> Batch {
@@ -145,35 +165,12 @@ mod tests {
     #[test]
     fn loss_falls_on_a_learnable_sequence() {
         let table = bigram(4);
-        let mut optimizer = AdamW::new(
-            vec![("table".into(), table.clone())],
-            AdamWConfig::default(),
-        )
-        .unwrap();
+        let mut optimizer = optimizer(&table);
         let data = [batch(&[[0, 1, 2, 3, 0], [1, 2, 3, 0, 1]])];
-        let forward = forward_of(&table);
-        let first = train_step(
-            &forward,
-            std::slice::from_ref(&table),
-            &mut optimizer,
-            &data,
-            0.1,
-            Some(1.0),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let first = step(&table, &mut optimizer, &data, 0.1, Some(1.0)).unwrap();
         let mut last = first;
         for _ in 0..50 {
-            last = train_step(
-                &forward,
-                std::slice::from_ref(&table),
-                &mut optimizer,
-                &data,
-                0.1,
-                Some(1.0),
-                &Device::Cpu,
-            )
-            .unwrap();
+            last = step(&table, &mut optimizer, &data, 0.1, Some(1.0)).unwrap();
         }
         assert!(
             (first.loss - 4f64.ln()).abs() < 1e-6,
@@ -189,23 +186,9 @@ mod tests {
         let rows = [[0u32, 1, 2, 3, 0], [3, 2, 1, 0, 3]];
         let run = |micro: Vec<Batch>| {
             let table = bigram(4);
-            let mut optimizer = AdamW::new(
-                vec![("table".into(), table.clone())],
-                AdamWConfig::default(),
-            )
-            .unwrap();
-            let forward = forward_of(&table);
+            let mut optimizer = optimizer(&table);
             for _ in 0..3 {
-                train_step(
-                    &forward,
-                    std::slice::from_ref(&table),
-                    &mut optimizer,
-                    &micro,
-                    0.05,
-                    None,
-                    &Device::Cpu,
-                )
-                .unwrap();
+                step(&table, &mut optimizer, &micro, 0.05, None).unwrap();
             }
             table
                 .as_tensor()
@@ -227,20 +210,13 @@ mod tests {
         table
             .set(&Tensor::full(f32::NAN, (4, 4), &Device::Cpu).unwrap())
             .unwrap();
-        let mut optimizer = AdamW::new(
-            vec![("table".into(), table.clone())],
-            AdamWConfig::default(),
-        )
-        .unwrap();
-        let forward = forward_of(&table);
-        let error = train_step(
-            &forward,
-            std::slice::from_ref(&table),
+        let mut optimizer = optimizer(&table);
+        let error = step(
+            &table,
             &mut optimizer,
             &[batch(&[[0, 1, 2, 3, 0]])],
             0.1,
             None,
-            &Device::Cpu,
         )
         .unwrap_err();
         assert!(matches!(error, StepError::NotFinite { .. }), "{error}");

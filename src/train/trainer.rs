@@ -37,7 +37,7 @@ use crate::interrupt::CancelFlag;
 use crate::model::bf16_gemm::Bf16Unit;
 use crate::model::precision::{BF16Scope, Precision};
 use crate::model::{CausalLm, named_tensors, sorted_vars};
-use crate::path_error::{AtPath, PathIoError};
+use crate::path_error::{AtPath, PathIoError, write_json};
 
 /// Sub-directory of resumable checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
@@ -535,14 +535,6 @@ fn write_best(
         fs::remove_dir_all(&target).at(&target)?;
     }
     Ok(fs::rename(&temp, &target).at(&target)?)
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> {
-    let mut text = serde_json::to_string_pretty(value)
-        .map_err(io::Error::other)
-        .at(path)?;
-    text.push('\n');
-    Ok(fs::write(path, text).at(path)?)
 }
 
 fn write_row(file: &mut fs::File, path: &Path, row: &MetricsRow) -> Result<(), TrainError> {
