@@ -246,6 +246,9 @@ def run(args) -> None:
     torch.manual_seed(args.seed)
     rss_baseline = vm_rss_mib()
     model = build_model(args)
+    if args.compile:
+        # torch.compile's default (inductor) backend; the warm-up steps pay the compile.
+        model = torch.compile(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -284,7 +287,8 @@ def run(args) -> None:
     cpu_busy = (cpu_seconds() - cpu_start) / (sum(steps) / 1e3)
     tokens_per_step = args.batch * args.context
     report = {
-        "impl": f"PyTorch {torch.__version__} eager ({args.attention} attention)",
+        "impl": f"PyTorch {torch.__version__} {'torch.compile' if args.compile else 'eager'}"
+        f" ({args.attention}{' compiled' if args.compile else ''} attention)",
         "threads": torch.get_num_threads(),
         "config": {
             "vocab": args.vocab, "layers": args.layers, "heads": args.heads,
@@ -397,6 +401,8 @@ def main() -> None:
     runner.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
                         help="F.scaled_dot_product_attention, or matmul + mask + softmax as trainyard")
     runner.add_argument("--threads", type=int, default=2)
+    runner.add_argument("--compile", action="store_true",
+                        help="wrap the model in torch.compile (inductor)")
     for flag, default in [("warmup", 3), ("steps", 10), ("batch", 8), ("context", 256), ("vocab", 4096),
                           ("layers", 4), ("heads", 4), ("hidden", 256), ("intermediate", 688), ("seed", 0)]:
         runner.add_argument(f"--{flag}", type=int, default=default)

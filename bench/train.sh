@@ -4,7 +4,8 @@
 # same batches, same AdamW. Prints tokens/s, the trainyard/PyTorch ratio, per-phase ms
 # (forward + loss / backward / optimizer), peak RSS and the CPU model. PyTorch runs twice:
 # with F.scaled_dot_product_attention (what HF transformers uses) and with matmul + mask +
-# softmax, the way trainyard computes attention.
+# softmax, the way trainyard computes attention; and once more under torch.compile (inductor,
+# sdpa attention), reported beside eager.
 #
 #   bash bench/train.sh                # venv and results live in bench/.work/ (gitignored)
 #
@@ -73,6 +74,13 @@ run_at() { # threads
             --attention "$attention" --threads "$threads" "${shape[@]}" >"$out/torch-$attention.json"
         results+=("$out/torch-$attention.json")
     done
+    say "PyTorch torch.compile (inductor), sdpa attention, $threads thread(s) (load $(load))"
+    if OMP_NUM_THREADS="$threads" "$venv/bin/python" "$bench_dir/train.py" run --compile \
+            --attention sdpa --threads "$threads" "${shape[@]}" >"$out/torch-compiled.json" 2>"$out/torch-compiled.err"; then
+        results+=("$out/torch-compiled.json")
+    else
+        say "no torch.compile run: $(tail -1 "$out/torch-compiled.err")"
+    fi
     echo
     echo "=== $threads thread(s)"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores; load after: $(load)"
