@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Generation benchmark: decode tokens/s of `trainyard generate` (kv cache, batch 1,
 # greedy, f32) against Hugging Face `transformers` `model.generate` on CPU for the same
-# random weights: the design's reference model (llama, vocab 4096, 4 layers, 4 heads,
+# random weights (trainyard once more with `--bf16-weights`: f32 matrices kept as bf16):
+# the design's reference model (llama, vocab 4096, 4 layers, 4 heads,
 # d_model 256, context 256) and a ~58M-parameter llama (d 512, 8 layers, 8 heads, vocab
 # 32000). Not a test: it prints a table with the ratios and the CPU model.
 #

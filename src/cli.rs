@@ -198,6 +198,11 @@ pub struct ModelArgs {
     /// token) to standard error.
     #[arg(long)]
     pub stats: bool,
+    /// Keep f32 weight matrices as bf16 in memory, rounded once at load: half the bytes
+    /// each generated token reads (decoding is bound by them), at bf16's precision;
+    /// products still sum in f32. Matrices stored as bf16/f16 are read so anyway.
+    #[arg(long)]
+    pub bf16_weights: bool,
 }
 
 /// `trainyard generate`.
@@ -777,7 +782,7 @@ impl Session {
         };
         let model = in_workspace(&args.model, workspace);
         let device = args.device.device().map_err(anyhow::Error::msg)?;
-        let generator = Generator::load(&model, &device)?;
+        let generator = Generator::load_with(&model, &device, args.bf16_weights)?;
         Ok(Session {
             generator,
             system,

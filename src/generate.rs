@@ -340,6 +340,16 @@ impl Generator {
     /// Loads the model directory `path` (see [`resolve_model_dir`]): `config.json`,
     /// the safetensors weights (as f32) and `tokenizer.json`.
     pub fn load(path: &Path, device: &Device) -> Result<Generator, GenerateError> {
+        Generator::load_with(path, device, false)
+    }
+
+    /// As [`Generator::load`]; with `bf16_weights`, f32 weight matrices are kept as bf16
+    /// (rounded once at load; see [`model::load_pretrained_with`]).
+    pub fn load_with(
+        path: &Path,
+        device: &Device,
+        bf16_weights: bool,
+    ) -> Result<Generator, GenerateError> {
         let dir = resolve_model_dir(path)?;
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
@@ -359,7 +369,7 @@ impl Generator {
             });
         }
         let tokenizer = load_tokenizer(&tokenizer_path)?;
-        let (model, config) = model::load_pretrained(&dir, DType::F32, device)?;
+        let (model, config) = model::load_pretrained_with(&dir, DType::F32, device, bf16_weights)?;
         let vocab = config.vocab_size();
         let tokenizer_vocab = tokenizer.get_vocab_size(true);
         if tokenizer_vocab > vocab {

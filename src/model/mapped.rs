@@ -44,10 +44,29 @@ impl HalfType {
     }
 }
 
+/// Where a matrix's bytes live: in a mapped file, or made at load (f32 weights kept as
+/// bf16, see [`MappedSafetensors::with_f32_as_bf16`]).
+#[derive(Debug, Clone)]
+enum Bytes {
+    Mapped(Arc<Mmap>),
+    Owned(Arc<Vec<u8>>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(map) => map,
+            Bytes::Owned(bytes) => bytes,
+        }
+    }
+}
+
 /// A 2-D bf16/f16 tensor inside a mapped safetensors file.
 #[derive(Debug, Clone)]
 pub struct MappedMatrix {
-    map: Arc<Mmap>,
+    map: Bytes,
     offset: usize,
     rows: usize,
     cols: usize,
@@ -567,6 +586,10 @@ pub struct MappedSafetensors {
     maps: Vec<Arc<Mmap>>,
     paths: Vec<PathBuf>,
     entries: BTreeMap<String, Entry>,
+    /// Whether f32 matrices are served too, rounded to bf16 once at load.
+    f32_as_bf16: bool,
+    /// Those rounded matrices by name, made once (a tied head reads the embedding's).
+    rounded: Arc<std::sync::Mutex<BTreeMap<String, Arc<Vec<u8>>>>>,
 }
 
 impl MappedSafetensors {
@@ -604,14 +627,44 @@ impl MappedSafetensors {
     }
 
     /// Whether any tensor is stored as bf16 or f16 (then a frozen model reads those in
-    /// place rather than widening them).
+    /// place rather than widening them), or is an f32 matrix served as bf16.
     pub fn has_half_tensors(&self) -> bool {
-        self.entries.values().any(|entry| {
-            matches!(
-                entry.dtype,
-                safetensors::Dtype::BF16 | safetensors::Dtype::F16
-            )
+        self.entries.values().any(|entry| match entry.dtype {
+            safetensors::Dtype::BF16 | safetensors::Dtype::F16 => true,
+            safetensors::Dtype::F32 => self.f32_as_bf16 && entry.shape.len() == 2,
+            _ => false,
         })
+    }
+
+    /// These files with their f32 matrices served as bf16 too, rounded (to nearest
+    /// even) once when first asked for: half the bytes each product reads, which is what
+    /// bounds one-token decoding; products still widen them and sum in f32.
+    pub fn with_f32_as_bf16(mut self) -> MappedSafetensors {
+        self.f32_as_bf16 = true;
+        self
+    }
+
+    /// The f32 tensor `name` (`count` values at `entry`) as little-endian bf16 bytes.
+    fn rounded(&self, name: &str, entry: &Entry, count: usize) -> Arc<Vec<u8>> {
+        let mut rounded = self
+            .rounded
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let made = rounded.entry(name.to_string()).or_insert_with(|| {
+            let source = &self.maps[entry.file][entry.offset..entry.offset + count * 4];
+            let mut bytes = vec![0u8; count * 2];
+            bytes
+                .par_chunks_mut(2 << 14)
+                .zip(source.par_chunks(4 << 14))
+                .for_each(|(out, values)| {
+                    for (out, value) in out.chunks_exact_mut(2).zip(values.chunks_exact(4)) {
+                        let value = f32::from_le_bytes([value[0], value[1], value[2], value[3]]);
+                        out.copy_from_slice(&bf16_gemm::to_bf16(value).to_le_bytes());
+                    }
+                });
+            Arc::new(bytes)
+        });
+        made.clone()
     }
 
     /// Also answers to `prefix` + every name (GPT-2 files from the Hub name the base
@@ -645,6 +698,7 @@ impl MappedSafetensors {
         let kind = match entry.dtype {
             safetensors::Dtype::BF16 => HalfType::Bf16,
             safetensors::Dtype::F16 => HalfType::F16,
+            safetensors::Dtype::F32 if self.f32_as_bf16 => HalfType::Bf16,
             _ => return Ok(None),
         };
         if entry.shape != [rows, cols] {
@@ -656,9 +710,13 @@ impl MappedSafetensors {
                 ),
             });
         }
+        let (map, offset) = match entry.dtype {
+            safetensors::Dtype::F32 => (Bytes::Owned(self.rounded(name, entry, rows * cols)), 0),
+            _ => (Bytes::Mapped(self.maps[entry.file].clone()), entry.offset),
+        };
         Ok(Some(MappedMatrix {
-            map: self.maps[entry.file].clone(),
-            offset: entry.offset,
+            map,
+            offset,
             rows,
             cols,
             kind,
@@ -754,5 +812,45 @@ mod tests {
             max_diff(&forward, &exact) > 0.0,
             "the bf16 path was not taken"
         );
+    }
+
+    /// f32 matrices served as bf16: absent without the option; with it, the values are
+    /// the f32 ones rounded to bf16 (to nearest even), the same for a second reader (a
+    /// tied head), and products use them.
+    #[test]
+    fn f32_matrices_are_served_rounded_to_bf16_when_asked() {
+        let (rows, cols) = (40, 33);
+        let tensor = random(&[rows, cols], 9).as_tensor().clone();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        super::super::save_tensors(&[("w".to_string(), tensor.clone())], &path).unwrap();
+        let files = MappedSafetensors::open(std::slice::from_ref(&path)).unwrap();
+        assert!(!files.has_half_tensors());
+        assert!(files.matrix("w", (rows, cols)).unwrap().is_none());
+        let files = files.with_f32_as_bf16();
+        assert!(files.has_half_tensors());
+        let matrix = files.matrix("w", (rows, cols)).unwrap().unwrap();
+        let rounded = tensor
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let all: Vec<u32> = (0..rows as u32).collect();
+        let values = Tensor::from_vec(
+            matrix.gather_rows(&all).unwrap(),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(max_diff(&values, &rounded), 0.0);
+        let again = files.matrix("w", (rows, cols)).unwrap().unwrap();
+        assert_eq!(
+            again.gather_rows(&[3]).unwrap(),
+            matrix.gather_rows(&[3]).unwrap()
+        );
+        let x = random(&[2, cols], 10).as_tensor().clone();
+        let want = x.matmul(&rounded.t().unwrap()).unwrap();
+        assert!(max_diff(&matrix.matmul_t(&x).unwrap(), &want) < 1e-5);
+        assert!(files.matrix("w", (rows, cols + 1)).is_err());
     }
 }

@@ -782,7 +782,7 @@ pub fn new_lora(
         }
     }
     let files = safetensors_files(dir)?;
-    let frozen = frozen_builders(&files, dtype, device, false)?;
+    let frozen = frozen_builders(&files, dtype, device, false, false)?;
     let base = frozen.base.clone();
     let varmap = VarMap::new();
     let adapter = VarBuilder::from_varmap(&varmap, dtype, device)
@@ -1059,19 +1059,24 @@ pub fn save_model_dir(
 /// `dtype` (f32 weights, norms, biases) and, when computing in f32 on the CPU, the
 /// files' bf16/f16 matrices mapped in place ([`mapped`]) so that they are neither
 /// widened nor copied. `gpt2_unprefixed` makes the files' `wte.weight`, … answer to
-/// `transformer.wte.weight`, … (the original GPT-2 files on the Hub).
+/// `transformer.wte.weight`, … (the original GPT-2 files on the Hub). `f32_as_bf16`
+/// serves the f32 matrices as bf16 too (rounded once; generation's lighter weights).
 pub fn frozen_builders(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
     gpt2_unprefixed: bool,
+    f32_as_bf16: bool,
 ) -> Result<lora::Builders<'static>, ModelError> {
     // SAFETY: the files are mapped read-only; trainyard never writes to a model
     // directory it is reading, and candle copies each tensor out of the map on load.
     let mut vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? };
     let mut mapped = None;
     if dtype == DType::F32 && device.is_cpu() {
-        let files = MappedSafetensors::open(files)?;
+        let mut files = MappedSafetensors::open(files)?;
+        if f32_as_bf16 {
+            files = files.with_f32_as_bf16();
+        }
         if files.has_half_tensors() {
             mapped = Some(files);
         }
@@ -1096,13 +1101,24 @@ pub fn load_pretrained(
     dtype: DType,
     device: &Device,
 ) -> Result<(CausalLm, ModelConfig), ModelError> {
+    load_pretrained_with(dir, dtype, device, false)
+}
+
+/// As [`load_pretrained`]; with `f32_as_bf16` (f32 on the CPU), f32 matrices are kept
+/// as bf16 too ([`MappedSafetensors::with_f32_as_bf16`]): generation reads half the bytes.
+pub fn load_pretrained_with(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    f32_as_bf16: bool,
+) -> Result<(CausalLm, ModelConfig), ModelError> {
     let config = load_config(dir)?;
     let files = safetensors_files(dir)?;
     let unprefixed = matches!(config, ModelConfig::Gpt2(_)) && {
         let names = shards::tensor_names(&files)?;
         !names.contains("transformer.wte.weight") && names.contains("wte.weight")
     };
-    let builders = frozen_builders(&files, dtype, device, unprefixed)?;
+    let builders = frozen_builders(&files, dtype, device, unprefixed, f32_as_bf16)?;
     let model = CausalLm::with_builders(&config, builders)?;
     Ok((model, config))
 }
