@@ -74,6 +74,9 @@ pub struct MappedMatrix {
     name: String,
 }
 
+/// Weight rows per parallel task of a few-row product: enough to outweigh a task's cost.
+const SMALL_TASK_ROWS: usize = 64;
+
 /// Elements per widened tile: large enough for `gemm` to run at speed, small enough to
 /// stay in cache and never matter next to the weights.
 const TILE_ELEMENTS: usize = 1 << 18;
@@ -218,18 +221,32 @@ impl MappedMatrix {
     fn product_t_small(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         let mut transposed = vec![0f32; n * m];
-        transposed
-            .par_chunks_mut(m)
-            .zip(self.row_bytes(0, n).par_chunks(k * 2))
-            .for_each_init(
-                || vec![0f32; k],
-                |row, (out, source)| {
-                    self.widen(source, row);
+        if let Some(bits) = self.bf16_bits() {
+            // bf16 rows are widened inside the dot product (the same sums as widening
+            // first): each weight byte is read once, and nothing is written back.
+            transposed
+                .par_chunks_mut(m)
+                .zip(bits.par_chunks(k))
+                .with_min_len(SMALL_TASK_ROWS)
+                .for_each(|(out, row)| {
                     for (i, y) in out.iter_mut().enumerate() {
-                        *y = kernels::dot(&x[i * k..(i + 1) * k], row);
+                        *y = kernels::dot_bf16(&x[i * k..(i + 1) * k], row);
                     }
-                },
-            );
+                });
+        } else {
+            transposed
+                .par_chunks_mut(m)
+                .zip(self.row_bytes(0, n).par_chunks(k * 2))
+                .for_each_init(
+                    || vec![0f32; k],
+                    |row, (out, source)| {
+                        self.widen(source, row);
+                        for (i, y) in out.iter_mut().enumerate() {
+                            *y = kernels::dot(&x[i * k..(i + 1) * k], row);
+                        }
+                    },
+                );
+        }
         let mut y = vec![0f32; m * n];
         for (r, column) in transposed.chunks(m).enumerate() {
             for (i, value) in column.iter().enumerate() {
@@ -438,6 +455,29 @@ mod kernels {
 
     dispatched!(widen_bf16, widen_bf16_body, (values: &[u16], out: &mut [f32]) -> ());
     dispatched!(dot, dot_body, (a: &[f32], b: &[f32]) -> f32);
+
+    /// [`dot_body`] of `x` and bf16 bits `w` widened on the fly: the same products
+    /// summed in the same order as widening `w` first.
+    #[inline(always)]
+    fn dot_bf16_body(x: &[f32], w: &[u16]) -> f32 {
+        let widen = |bits: u16| f32::from_bits(u32::from(bits) << 16);
+        let mut sums = [0f32; 16];
+        let (x_chunks, w_chunks) = (x.chunks_exact(16), w.chunks_exact(16));
+        let tail: f32 = x_chunks
+            .remainder()
+            .iter()
+            .zip(w_chunks.remainder())
+            .map(|(a, &b)| a * widen(b))
+            .sum();
+        for (a, b) in x_chunks.zip(w_chunks) {
+            for lane in 0..16 {
+                sums[lane] += a[lane] * widen(b[lane]);
+            }
+        }
+        sums.iter().sum::<f32>() + tail
+    }
+
+    dispatched!(dot_bf16, dot_bf16_body, (x: &[f32], w: &[u16]) -> f32);
 }
 
 fn parallelism() -> gemm::Parallelism {
