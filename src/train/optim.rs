@@ -144,9 +144,8 @@ impl AdamW {
                     },
                 };
                 let grad = grad.contiguous()?;
-                let moment = |second| Moment { update, second };
-                param.m.inplace_op2(&grad, &moment(false))?;
-                param.v.inplace_op2(&grad, &moment(true))?;
+                param.m.inplace_op2(&grad, &FirstMoment(update))?;
+                param.v.inplace_op2(&grad, &SecondMoment(update))?;
                 theta.inplace_op3(&param.m, &param.v, &update)?;
                 continue;
             }
@@ -244,16 +243,12 @@ fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&
     crate::model::fused::contiguous_f32(storage, layout, "adamw")
 }
 
-/// One of the moments updated in place from the scaled gradient `g`:
-/// `m = β₁·m + (1 − β₁)·g`, or with `second`, `v = β₂·v + (1 − β₂)·g²`.
-struct Moment {
-    update: InPlaceUpdate,
-    second: bool,
-}
+/// `m = β₁·m + (1 − β₁)·g` in place, `g` the scaled gradient.
+struct FirstMoment(InPlaceUpdate);
 
-impl InplaceOp2 for Moment {
+impl InplaceOp2 for FirstMoment {
     fn name(&self) -> &'static str {
-        "adamw-moment"
+        "adamw-first-moment"
     }
 
     fn cpu_fwd(
@@ -264,23 +259,45 @@ impl InplaceOp2 for Moment {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         let InPlaceUpdate {
-            beta1,
-            beta2,
-            grad_scale,
-            ..
-        } = self.update;
-        let (moment, grad) = (values_mut(s1, l1)?, values(s2, l2)?);
-        moment
-            .par_chunks_mut(CHUNK)
+            beta1, grad_scale, ..
+        } = self.0;
+        let (m, grad) = (values_mut(s1, l1)?, values(s2, l2)?);
+        m.par_chunks_mut(CHUNK)
             .zip(grad.par_chunks(CHUNK))
-            .for_each(|(moment, grad)| {
-                for (moment, &g) in moment.iter_mut().zip(grad) {
-                    *moment = if self.second {
-                        let g = g * grad_scale;
-                        *moment * beta2 + g * g * (1.0 - beta2)
-                    } else {
-                        *moment * beta1 + g * grad_scale * (1.0 - beta1)
-                    };
+            .for_each(|(m, grad)| {
+                for (m, &g) in m.iter_mut().zip(grad) {
+                    *m = *m * beta1 + g * grad_scale * (1.0 - beta1);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `v = β₂·v + (1 − β₂)·g²` in place.
+struct SecondMoment(InPlaceUpdate);
+
+impl InplaceOp2 for SecondMoment {
+    fn name(&self) -> &'static str {
+        "adamw-second-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let InPlaceUpdate {
+            beta2, grad_scale, ..
+        } = self.0;
+        let (v, grad) = (values_mut(s1, l1)?, values(s2, l2)?);
+        v.par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(v, grad)| {
+                for (v, &g) in v.iter_mut().zip(grad) {
+                    let g = g * grad_scale;
+                    *v = *v * beta2 + g * g * (1.0 - beta2);
                 }
             });
         Ok(())
