@@ -3,9 +3,10 @@
 //! ([`super::mapped`]). [`Linear`] and [`Embedding`] hide which, so the families' code
 //! reads the same either way; on tensors they compute exactly as `candle_nn`'s layers.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+use super::fused::contiguous_f32;
 use super::mapped::{MappedMatrix, MappedSafetensors};
 use super::vocab::TokenRows;
 
@@ -119,6 +120,13 @@ impl Linear {
                         None => Ok(y),
                     }
                 }
+                _ if few_rows(x, weight) => {
+                    let y = x.contiguous()?.apply_op2_no_bwd(weight, &FewRowProduct)?;
+                    match &self.bias {
+                        Some(bias) => y.broadcast_add(bias),
+                        None => Ok(y),
+                    }
+                }
                 _ => candle_nn::Linear::new(weight.clone(), self.bias.clone()).forward(x),
             },
             Matrix::Mapped(matrix) => {
@@ -129,6 +137,50 @@ impl Linear {
                 }
             }
         }
+    }
+}
+
+/// Whether `x·Wᵀ` is an inference product of a few rows (one-token decoding) that
+/// [`FewRowProduct`] computes: f32 on the CPU, nothing to differentiate.
+fn few_rows(x: &Tensor, weight: &Tensor) -> bool {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let (Ok((_, inner)), Some(&last)) = (weight.dims2(), x.dims().last()) else {
+        return false;
+    };
+    f32_cpu(x)
+        && f32_cpu(weight)
+        && !x.track_op()
+        && !weight.track_op()
+        && weight.is_contiguous()
+        && last == inner
+        && x.elem_count() <= inner * super::mapped::SMALL_M
+}
+
+/// `x·Wᵀ` for the few rows [`few_rows`] allows, spread over threads by weight rows
+/// ([`super::mapped::few_row_product_t`]).
+struct FewRowProduct;
+
+impl CustomOp2 for FewRowProduct {
+    fn name(&self) -> &'static str {
+        "few-row-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        w_storage: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x_storage, x_layout, self.name())?;
+        let w = contiguous_f32(w_storage, w_layout, self.name())?;
+        let (n, k) = w_layout.shape().dims2()?;
+        let y = super::mapped::few_row_product_t(x, x.len() / k.max(1), w, n, k);
+        let mut shape = x_layout.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 }
 
@@ -195,5 +247,53 @@ impl Embedding {
                 Tensor::from_vec(rows, shape, ids.device())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::{max_diff, random};
+
+    /// One-token products of frozen f32 weights (spread over threads by weight rows)
+    /// equal candle's `Linear` within a few ulps, give the same bits at any thread count,
+    /// and a trainable weight still takes candle's differentiable product.
+    #[test]
+    fn few_row_products_match_candle_linear_at_any_thread_count() {
+        // Not a multiple of the 64-value steps nor of the 16 lanes.
+        let (rows, cols) = (150, 301);
+        let weight = random(&[rows, cols], 1).as_tensor().detach();
+        let bias = random(&[rows], 2).as_tensor().detach();
+        let layer = Linear {
+            weight: Matrix::Tensor(weight.clone()),
+            bias: Some(bias.clone()),
+            rows: None,
+        };
+        let reference = candle_nn::Linear::new(weight, Some(bias));
+        for m in [1, 3, 8] {
+            let x = random(&[1, m, cols], 10 + m as u64).as_tensor().detach();
+            assert!(few_rows(&x, reference.weight()));
+            let in_pool = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let y = pool.install(|| layer.forward(&x)).unwrap();
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let one = in_pool(1);
+            assert_eq!(one, in_pool(2), "m={m}: sums depend on the thread count");
+            let want = reference.forward(&x).unwrap();
+            let got = Tensor::from_vec(one, want.shape(), want.device()).unwrap();
+            // 301-term sums (|y| up to ~10) in another order: a few f32 ulps.
+            let diff = max_diff(&got, &want);
+            assert!(diff < 1e-5 * 10.0, "m={m}: off by {diff}");
+        }
+        let trainable = random(&[rows, cols], 3);
+        let x = random(&[1, cols], 4).as_tensor().detach();
+        assert!(!few_rows(&x, trainable.as_tensor()));
+        let y = Linear::new(Matrix::Tensor(trainable.as_tensor().clone())).forward(&x);
+        let grads = y.unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(trainable.as_tensor()).is_some());
     }
 }

@@ -81,7 +81,9 @@ impl StageKind for Evaluate {
     type Settings = EvaluateSettings;
     const NAME: &'static str = "evaluate";
     // 3: one vectorised exp (model::exp) in the loss and attention.
-    const VERSION: u32 = 3;
+    // 4: one-token products of f32 weights as per-row dot products (weight::FewRowProduct),
+    // four partial-sum chains in the mapped dot products: greedy answers may differ.
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str =
         "loss/perplexity on an eval cache and question accuracy from greedy answers";
     const OUTPUT: Artifact = Artifact::Metrics;
