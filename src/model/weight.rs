@@ -121,7 +121,7 @@ impl Linear {
                     }
                 }
                 _ if few_rows(x, weight) => {
-                    let y = x.contiguous()?.apply_op2_no_bwd(weight, &FewRowProduct)?;
+                    let y = x.contiguous()?.apply_op2(weight, FewRowProduct)?;
                     match &self.bias {
                         Some(bias) => y.broadcast_add(bias),
                         None => Ok(y),
@@ -140,8 +140,9 @@ impl Linear {
     }
 }
 
-/// Whether `x·Wᵀ` is an inference product of a few rows (one-token decoding) that
-/// [`FewRowProduct`] computes: f32 on the CPU, nothing to differentiate.
+/// Whether `x·Wᵀ` is a product of a few rows (one-token decoding) that
+/// [`FewRowProduct`] computes: f32 on the CPU. Trained or not, so that a model gives the
+/// same numbers whether gradients are tracked (a zero adapter changes nothing).
 fn few_rows(x: &Tensor, weight: &Tensor) -> bool {
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
     let (Ok((_, inner)), Some(&last)) = (weight.dims2(), x.dims().last()) else {
@@ -149,8 +150,6 @@ fn few_rows(x: &Tensor, weight: &Tensor) -> bool {
     };
     f32_cpu(x)
         && f32_cpu(weight)
-        && !x.track_op()
-        && !weight.track_op()
         && weight.is_contiguous()
         && last == inner
         && x.elem_count() <= inner * super::mapped::SMALL_M
@@ -181,6 +180,23 @@ impl CustomOp2 for FewRowProduct {
             *last = n;
         }
         Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _result: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = weight.dims2()?;
+        let grad_x = grad.broadcast_matmul(weight)?;
+        let rows = x.elem_count() / k.max(1);
+        let grad_weight = grad
+            .reshape((rows, n))?
+            .t()?
+            .matmul(&x.reshape((rows, k))?)?;
+        Ok((Some(grad_x), Some(grad_weight)))
     }
 }
 
@@ -255,9 +271,9 @@ mod tests {
     use super::*;
     use crate::model::testing::{max_diff, random};
 
-    /// One-token products of frozen f32 weights (spread over threads by weight rows)
-    /// equal candle's `Linear` within a few ulps, give the same bits at any thread count,
-    /// and a trainable weight still takes candle's differentiable product.
+    /// One-token products of f32 weights (spread over threads by weight rows) equal
+    /// candle's `Linear` within a few ulps and give the same bits at any thread count;
+    /// their gradients are candle's.
     #[test]
     fn few_row_products_match_candle_linear_at_any_thread_count() {
         // Not a multiple of the 64-value steps nor of the 16 lanes.
@@ -289,11 +305,31 @@ mod tests {
             let diff = max_diff(&got, &want);
             assert!(diff < 1e-5 * 10.0, "m={m}: off by {diff}");
         }
+        // Trainable: the gradients of weight and input are candle's.
         let trainable = random(&[rows, cols], 3);
-        let x = random(&[1, cols], 4).as_tensor().detach();
-        assert!(!few_rows(&x, trainable.as_tensor()));
-        let y = Linear::new(Matrix::Tensor(trainable.as_tensor().clone())).forward(&x);
-        let grads = y.unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(trainable.as_tensor()).is_some());
+        let x = random(&[1, 3, cols], 4);
+        let gradients = |y: Tensor| {
+            let loss = (y.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+            let grads = loss.backward().unwrap();
+            let of = |var: &candle_core::Var| grads.get(var.as_tensor()).unwrap().clone();
+            (of(&trainable), of(&x))
+        };
+        let ours = gradients(
+            Linear::new(Matrix::Tensor(trainable.as_tensor().clone()))
+                .forward(x.as_tensor())
+                .unwrap(),
+        );
+        let theirs = gradients(
+            candle_nn::Linear::new(trainable.as_tensor().clone(), None)
+                .forward(x.as_tensor())
+                .unwrap(),
+        );
+        for (name, got, want) in [
+            ("weight", &ours.0, &theirs.0),
+            ("input", &ours.1, &theirs.1),
+        ] {
+            let diff = max_diff(got, want);
+            assert!(diff < 1e-4 * 10.0, "{name} gradient off by {diff}");
+        }
     }
 }
