@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::fused::{borrowed_f32, contiguous_f32};
-use super::kv_cache::LayerKv;
+use super::kv_cache::{KvRows, LayerKv};
 
 /// Which kernels a forward pass may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,14 @@ pub fn attend(
     kernels: Kernels,
 ) -> Result<Tensor> {
     let (k, v) = match cache {
+        Some(cache)
+            if kernels == Kernels::Inference
+                && q.dim(2)? <= DECODE_QUERIES
+                && super::fused::applies(q)
+                && cache.takes_rows(k, v) =>
+        {
+            return decode_attention(q, cache.append_rows(k, v)?, scale);
+        }
         Some(cache) => cache.append(k, v)?,
         None => (k.clone(), v.clone()),
     };
@@ -80,6 +88,61 @@ pub fn attend(
             probs.matmul(&repeat_kv(&v, group)?)
         }
     }
+}
+
+/// Up to this many new positions (one-token decoding), cached attention is computed
+/// in one pass over the cache's rows ([`decode_attention`]); more (a prompt) take the
+/// matrix products.
+const DECODE_QUERIES: usize = 8;
+
+/// Attention of the `T` newest positions `q: [B, H, T, D]` over every position the
+/// cache `rows` holds (these `T` last), causally: new position `i` sees the cached ones
+/// and the new ones up to itself. One pass per query row, heads spread over threads:
+/// no score tensor, mask, softmax op, repeated key/value heads or concatenated cache.
+fn decode_attention(q: &Tensor, rows: &KvRows, scale: f64) -> Result<Tensor> {
+    let (batch, heads, new, dim) = q.dims4()?;
+    let (kv_batch, kv_heads, kv_dim) = rows.dims();
+    if (kv_batch, kv_dim) != (batch, dim)
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || rows.len() < new
+    {
+        candle_core::bail!(
+            "cached attention: q {:?} against a cache of [{kv_batch}, {kv_heads}, {}, {kv_dim}]",
+            q.dims(),
+            rows.len()
+        );
+    }
+    let group = heads / kv_heads;
+    let past = rows.len() - new;
+    let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let scale = scale as f32;
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(new * dim)
+        .zip(q.par_chunks(new * dim))
+        .enumerate()
+        .for_each(|(index, (out, q))| {
+            let (b, h) = (index / heads, index % heads);
+            let (keys, values) = rows.head(b, h / group);
+            let mut scores = vec![0f32; rows.len()];
+            for (i, (out, q)) in out.chunks_mut(dim).zip(q.chunks(dim)).enumerate() {
+                let visible = &mut scores[..past + i + 1];
+                for (score, key) in visible.iter_mut().zip(keys.chunks(dim)) {
+                    *score = dot(q, key) * scale;
+                }
+                let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                visible.iter_mut().for_each(|score| *score -= max);
+                super::exp::exp_in_place(visible);
+                let inverse = 1.0 / visible.iter().sum::<f32>();
+                for (weight, value) in visible.iter().zip(values.chunks(dim)) {
+                    let weight = weight * inverse;
+                    for (out, value) in out.iter_mut().zip(value) {
+                        *out += weight * value;
+                    }
+                }
+            }
+        });
+    Tensor::from_vec(out, (batch, heads, new, dim), &candle_core::Device::Cpu)
 }
 
 /// The additive mask `[T, P + T]` of `T` new positions after `P` cached ones: new
