@@ -23,34 +23,29 @@
 #   HF_VENV       a venv with torch 2.15.0, transformers 5.23.0, peft 0.21.2 (default /tmp/hf-venv,
 #                 as tests/fixtures/peft/README.md; installed there when missing)
 #   LLAMA_VENV    a venv with llama-cpp-python + gguf (default bench/.work/venv-llama-cpp, shared
-#                 with bench/gguf_llama_cpp.sh; installed when missing: llama.cpp compiles from
+#                 with bench/gguf_llama_cpp.sh and bench/generate.sh through
+#                 bench/lib_llama_cpp.sh; installed when missing: llama.cpp compiles from
 #                 source, ~20 minutes on 2 cores, once)
-#   LLAMA_CPP_PYTHON_VERSION, GGUF_VERSION, PYTHON, KEEP=1 (keep the temporary workspace)
+#   LLAMA_CPP_PYTHON_VERSION, GGUF_VERSION (defaults in bench/lib_llama_cpp.sh), PYTHON,
+#   KEEP=1 (keep the temporary workspace)
 set -euo pipefail
 
-LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-GGUF_VERSION="${GGUF_VERSION:-0.19.0}"
 TORCH_VERSION=2.15.0 TRANSFORMERS_VERSION=5.23.0 PEFT_VERSION=0.21.2
 PYTHON="${PYTHON:-python3}"
 bench_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$bench_dir/.." && pwd)"
 say() { printf '>> %s\n' "$*" >&2; }
+# shellcheck source=bench/lib_llama_cpp.sh
+source "$bench_dir/lib_llama_cpp.sh"
 
 # --- the two reference environments (the llama.cpp one builds in the background) ---
-llama_venv="${LLAMA_VENV:-$bench_dir/.work/venv-llama-cpp}"
+llama_venv="${LLAMA_VENV:-$LLAMA_CPP_VENV}"
 llama_log="$bench_dir/.work/venv-llama-cpp.install.log"
 llama_pid=""
-if [[ ! -x "$llama_venv/bin/python" ]] || ! "$llama_venv/bin/python" -c "
-import llama_cpp, importlib.metadata as m
-assert llama_cpp.__version__ == '$LLAMA_CPP_PYTHON_VERSION'
-assert m.version('gguf') == '$GGUF_VERSION'" 2>/dev/null; then
+if ! llama_cpp_venv_ready "$llama_venv"; then
     say "installing llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (builds llama.cpp) and gguf==$GGUF_VERSION into $llama_venv (log: $llama_log)"
     mkdir -p "$(dirname "$llama_log")"
-    "$PYTHON" -m venv "$llama_venv"
-    # Only the library: no multimodal tools, tests, examples or OpenMP runtime.
-    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF" \
-        "$llama_venv/bin/pip" install --disable-pip-version-check \
-        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" "gguf==$GGUF_VERSION" numpy >"$llama_log" 2>&1 &
+    install_llama_cpp_venv "$llama_venv" >"$llama_log" 2>&1 &
     llama_pid=$!
 fi
 

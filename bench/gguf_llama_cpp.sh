@@ -8,29 +8,19 @@
 #
 #   bash bench/gguf_llama_cpp.sh       # everything lives in bench/.work/ (gitignored)
 #
-# Knobs: LLAMA_CPP_PYTHON_VERSION, GGUF_VERSION (defaults below), PYTHON.
+# Knobs: LLAMA_CPP_PYTHON_VERSION, GGUF_VERSION (defaults in bench/lib_llama_cpp.sh,
+# which installs the venv that bench/generate.sh shares), PYTHON.
 set -euo pipefail
 
-LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-GGUF_VERSION="${GGUF_VERSION:-0.19.0}"
-PYTHON="${PYTHON:-python3}"
 bench_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$bench_dir/.." && pwd)"
 work="$bench_dir/.work/gguf_llama_cpp"
 say() { printf '>> %s\n' "$*" >&2; }
 
-venv="$bench_dir/.work/venv-llama-cpp"
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "
-import llama_cpp, importlib.metadata as m
-assert llama_cpp.__version__ == '$LLAMA_CPP_PYTHON_VERSION'
-assert m.version('gguf') == '$GGUF_VERSION'" 2>/dev/null; then
-    say "installing llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (builds llama.cpp) and gguf==$GGUF_VERSION into $venv"
-    "$PYTHON" -m venv "$venv"
-    # Only the library: no multimodal tools, tests, examples or OpenMP runtime.
-    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF" \
-        "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" "gguf==$GGUF_VERSION" numpy
-fi
+# shellcheck source=bench/lib_llama_cpp.sh
+source "$bench_dir/lib_llama_cpp.sh"
+ensure_llama_cpp_venv
+venv="$LLAMA_CPP_VENV"
 
 say "exporting the test models into $work"
 rm -rf "$work"
