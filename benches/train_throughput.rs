@@ -149,6 +149,11 @@ fn median(values: &[f64]) -> f64 {
 fn main() -> Result<()> {
     trainyard::memory::keep_freed_memory(); // as the trainyard binary does
     let args = Args::parse();
+    // On rayon's pool, as the trainer runs its steps (`trainyard::model::on_pool`).
+    trainyard::model::on_pool(|| run(args))
+}
+
+fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.steps > 0, "--steps must be positive");
     let rss_baseline_mib = proc_status_mib("VmRSS")?;
     let device = Device::Cpu;

@@ -315,14 +315,6 @@ pub struct Generator {
     trainyard_tokenizer: bool,
 }
 
-/// Runs `work` on a thread of rayon's pool and waits for it. A forward pass is some
-/// sixty parallel products and norms; started from a thread outside the pool, each would
-/// hand its work over and sleep until it is done (a futex wake-up both ways, ~17% of a
-/// one-token step at one thread), while from inside the pool they run in place.
-fn on_pool<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    rayon::scope(|_| work())
-}
-
 /// The stop tokens of a model directory: `eos_token_id` of `generation_config.json`
 /// (a number or a list), then of `config.json`, and `tokenizer_config.json`'s
 /// `eos_token`, as transformers' `generate` gathers them.
@@ -540,7 +532,7 @@ impl Generator {
 
         let started = Instant::now();
         let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        let logits = on_pool(|| {
+        let logits = crate::model::on_pool(|| {
             self.model
                 .forward(&input, Some(&mut cache), Kernels::Inference)
         })?;
@@ -572,7 +564,7 @@ impl Generator {
             }
             if tokens.len() < budget {
                 let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-                last = on_pool(|| {
+                last = crate::model::on_pool(|| {
                     self.model
                         .forward(&input, Some(&mut cache), Kernels::Inference)
                 })?

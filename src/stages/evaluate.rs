@@ -245,7 +245,7 @@ fn run(
                 cache.dir.display()
             )));
         }
-        let loss = evaluate(&model, &batches, &device)?;
+        let loss = crate::model::on_pool(|| evaluate(&model, &batches, &device))?;
         let _ = writeln!(
             context.log,
             "eval loss {loss:.4}, perplexity {:.2} over {} batches",

@@ -16,10 +16,10 @@
 //! point and continued from its latest checkpoint therefore ends with the same bytes as
 //! an uninterrupted run. Ctrl-C/SIGTERM write a checkpoint before stopping.
 
-use std::cell::Cell;
 use std::fs;
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
@@ -36,7 +36,7 @@ use crate::data::token_cache::Batch;
 use crate::interrupt::CancelFlag;
 use crate::model::bf16_gemm::Bf16Unit;
 use crate::model::precision::{BF16Scope, Precision};
-use crate::model::{CausalLm, named_tensors, sorted_vars};
+use crate::model::{CausalLm, named_tensors, on_pool, sorted_vars};
 use crate::path_error::{AtPath, PathIoError, write_json};
 
 /// Sub-directory of resumable checkpoints.
@@ -229,13 +229,12 @@ pub fn evaluate(model: &CausalLm, batches: &[Batch], device: &Device) -> candle_
 /// dropout masks of the next key.
 struct Keyed<'a> {
     model: &'a CausalLm,
-    micro_batch: &'a Cell<u64>,
+    micro_batch: &'a AtomicU64,
 }
 
 impl LanguageModel for Keyed<'_> {
     fn hidden(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
-        let key = self.micro_batch.get();
-        self.micro_batch.set(key + 1);
+        let key = self.micro_batch.fetch_add(1, Ordering::Relaxed);
         self.model.set_dropout_key(Some(key));
         let hidden = LanguageModel::hidden(self.model, input_ids);
         self.model.set_dropout_key(None);
@@ -268,8 +267,9 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         show_progress,
         precision,
     } = job;
-    // Forward and backward passes run on this thread: the scope covers them all.
-    let _precision = BF16Scope::enter(precision.and_then(|(_, unit)| unit));
+    // Forward and backward passes run on rayon's pool (`on_pool`), each under this
+    // precision scope.
+    let unit = precision.and_then(|(_, unit)| unit);
     let root = dir.join(CHECKPOINTS);
     fs::create_dir_all(&root).at(&root)?;
     let params = sorted_vars(varmap);
@@ -321,7 +321,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
     bar.set_position(state.step);
     // LoRA dropout masks are keyed by the micro-batch's index in the whole run, so a
     // resumed run draws the same masks as an uninterrupted one; evaluation never drops.
-    let micro_batch = Cell::new(0u64);
+    let micro_batch = AtomicU64::new(0);
     let forward = Keyed {
         model,
         micro_batch: &micro_batch,
@@ -360,17 +360,23 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
             .collect::<Result<Vec<_>, _>>()
             .map_err(TrainError::Data)?;
         let lr = settings.schedule.lr_at(state.step);
-        micro_batch.set(state.step * settings.grad_accum.max(1) as u64);
+        micro_batch.store(
+            state.step * settings.grad_accum.max(1) as u64,
+            Ordering::Relaxed,
+        );
         let started = Instant::now();
-        let outcome = match train_step(
-            &forward,
-            &vars,
-            &mut optimizer,
-            &micro_batches,
-            lr,
-            settings.clip,
-            device,
-        ) {
+        let outcome = match on_pool(|| {
+            let _precision = BF16Scope::enter(unit);
+            train_step(
+                &forward,
+                &vars,
+                &mut optimizer,
+                &micro_batches,
+                lr,
+                settings.clip,
+                device,
+            )
+        }) {
             Ok(outcome) => outcome,
             Err(StepError::NotFinite { loss }) => {
                 bar.abandon();
@@ -416,7 +422,10 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         let eval_due =
             last || (settings.eval_every > 0 && state.step.is_multiple_of(settings.eval_every));
         if eval_due && !eval.is_empty() {
-            let eval_loss = evaluate(model, eval, device)?;
+            let eval_loss = on_pool(|| {
+                let _precision = BF16Scope::enter(unit);
+                evaluate(model, eval, device)
+            })?;
             write_row(
                 &mut metrics,
                 &metrics_path,
