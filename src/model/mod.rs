@@ -35,6 +35,7 @@ pub mod llama;
 pub mod lora;
 pub mod mapped;
 pub mod precision;
+pub mod quant;
 pub mod shards;
 #[cfg(test)]
 mod testing;

@@ -13,4 +13,5 @@ mod gguf;
 mod kv_cache;
 mod model;
 mod parity;
+mod quant;
 mod sampler;

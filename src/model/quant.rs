@@ -1,0 +1,171 @@
+//! Block-wise 4-bit quantization of frozen weights, the base of QLoRA: NF4 ("4-bit
+//! NormalFloat", Dettmers et al. 2023) exactly as bitsandbytes computes it, so that a
+//! quantized base means the same numbers here as under PEFT + bitsandbytes.
+//!
+//! Each block of [`NF4_BLOCK`] consecutive values keeps its absolute maximum (f32) and
+//! one 4-bit code per value: the index of the nearest of the sixteen [`NF4_CODE`] levels
+//! to `value / absmax`. Two codes share a byte, the first in the high nibble. Following
+//! bitsandbytes' reference (`backends/default/ops.py`, `quantize_4bit`), a value exactly
+//! halfway between two levels takes the lower one, whole blocks are scaled by the
+//! reciprocal of their absmax and a last partial block by dividing by it; restoring is
+//! `code[q] · absmax` in f32.
+
+/// The sixteen NF4 levels, bitsandbytes' table (quantiles of a standard normal,
+/// normalised to [-1, 1], with an exact zero).
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Values per NF4 block, QLoRA's (and bitsandbytes' default for 4-bit weights).
+pub const NF4_BLOCK: usize = 64;
+
+/// Values quantized to NF4, block by block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4 {
+    /// Two codes a byte, the earlier value in the high nibble.
+    pub packed: Vec<u8>,
+    /// Each block's absolute maximum.
+    pub absmax: Vec<f32>,
+    /// How many values (the last block may be partial).
+    pub len: usize,
+    /// Values per block.
+    pub block: usize,
+}
+
+/// The fifteen boundaries between adjacent levels, halfway, computed in f32 as
+/// bitsandbytes does.
+fn boundaries() -> [f32; 15] {
+    std::array::from_fn(|i| (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0)
+}
+
+/// The code of a scaled value in [-1, 1]: how many boundaries lie below it (a value on a
+/// boundary takes the lower level).
+fn code_of(scaled: f32, bounds: &[f32; 15]) -> u8 {
+    bounds.iter().take_while(|&&bound| bound < scaled).count() as u8
+}
+
+/// `values` in NF4 with blocks of `block` values (`block` > 0).
+///
+/// # Panics
+/// If `block` is 0.
+pub fn quantize_nf4(values: &[f32], block: usize) -> Nf4 {
+    assert!(block > 0, "an NF4 block holds at least one value");
+    let bounds = boundaries();
+    let mut codes = Vec::with_capacity(values.len() + 1);
+    let mut absmax = Vec::with_capacity(values.len().div_ceil(block));
+    for chunk in values.chunks(block) {
+        let max = chunk.iter().fold(0f32, |max, value| max.max(value.abs()));
+        let scale = max.max(1e-38);
+        if chunk.len() == block {
+            let inverse = 1.0 / scale;
+            codes.extend(
+                chunk
+                    .iter()
+                    .map(|value| code_of((value * inverse).clamp(-1.0, 1.0), &bounds)),
+            );
+            absmax.push(max);
+        } else {
+            codes.extend(
+                chunk
+                    .iter()
+                    .map(|value| code_of((value / scale).clamp(-1.0, 1.0), &bounds)),
+            );
+            absmax.push(scale);
+        }
+    }
+    if !codes.len().is_multiple_of(2) {
+        codes.push(code_of(0.0, &bounds));
+    }
+    Nf4 {
+        packed: codes
+            .chunks_exact(2)
+            .map(|pair| (pair[0] << 4) | pair[1])
+            .collect(),
+        absmax,
+        len: values.len(),
+        block,
+    }
+}
+
+impl Nf4 {
+    /// Every value restored.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.len];
+        self.dequantize_into(0, &mut out);
+        out
+    }
+
+    /// Values `start..start + out.len()` restored into `out` (a tile of a matrix: the
+    /// rows a product needs, never the whole of it).
+    ///
+    /// # Panics
+    /// If the range goes past the last value.
+    pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
+        assert!(
+            start + out.len() <= self.len,
+            "values {start}..{} of {}",
+            start + out.len(),
+            self.len
+        );
+        for (offset, value) in out.iter_mut().enumerate() {
+            let index = start + offset;
+            let byte = self.packed[index / 2];
+            let code = if index.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
+            *value = NF4_CODE[usize::from(code)] * self.absmax[index / self.block];
+        }
+    }
+
+    /// Bytes held: codes and scales.
+    pub fn bytes(&self) -> usize {
+        self.packed.len() + 4 * self.absmax.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_round_trip_and_ties_take_the_lower_level() {
+        let bounds = boundaries();
+        for (index, level) in NF4_CODE.iter().enumerate() {
+            assert_eq!(usize::from(code_of(*level, &bounds)), index);
+        }
+        for (index, bound) in bounds.iter().enumerate() {
+            assert_eq!(usize::from(code_of(*bound, &bounds)), index);
+        }
+        let values: Vec<f32> = (0..150).map(|i| (i as f32 * 0.37).sin() * 2.5).collect();
+        let quantized = quantize_nf4(&values, NF4_BLOCK);
+        assert_eq!(quantized.packed.len(), 75);
+        assert_eq!(quantized.absmax.len(), 3);
+        let mut middle = vec![0f32; 20];
+        quantized.dequantize_into(60, &mut middle);
+        assert_eq!(middle, quantized.dequantize()[60..80]);
+        // Within half the widest gap between levels (0.15) of each block's absmax.
+        for (value, restored) in values.iter().zip(quantized.dequantize()) {
+            assert!(
+                (value - restored).abs() <= 0.16 * 2.5,
+                "{value} → {restored}"
+            );
+        }
+    }
+}
