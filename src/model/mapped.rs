@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use super::ModelError;
 use super::bf16_gemm::{self, Bf16Unit, MatRef};
+use super::quant::Nf4;
 use crate::path_error::AtPath;
 
 /// The element types a [`MappedMatrix`] holds.
@@ -72,6 +73,9 @@ pub struct MappedMatrix {
     cols: usize,
     kind: HalfType,
     name: String,
+    /// Held in NF4 instead (a QLoRA base): `map`, `offset` and `kind` are unused, rows
+    /// are restored from the codes.
+    quantized: Option<Arc<Nf4>>,
 }
 
 /// Weight rows per parallel task of a few-row product: enough to outweigh a task's cost.
@@ -115,6 +119,32 @@ impl OutPtr {
 pub(crate) const SMALL_M: usize = 8;
 
 impl MappedMatrix {
+    /// The row-major `[rows, cols]` matrix `values` held in NF4 (blocks of
+    /// [`super::quant::NF4_BLOCK`] along rows): a QLoRA base's projection. Its products
+    /// restore tiles of rows as they go, as for bf16 weights.
+    ///
+    /// # Panics
+    /// If `values` does not hold `rows × cols` values.
+    pub fn quantized_nf4(name: &str, (rows, cols): (usize, usize), values: &[f32]) -> MappedMatrix {
+        assert_eq!(
+            values.len(),
+            rows * cols,
+            "`{name}`: values for [{rows}, {cols}]"
+        );
+        MappedMatrix {
+            map: Bytes::Owned(Arc::new(Vec::new())),
+            offset: 0,
+            rows,
+            cols,
+            kind: HalfType::F16,
+            name: name.to_string(),
+            quantized: Some(Arc::new(super::quant::quantize_nf4(
+                values,
+                super::quant::NF4_BLOCK,
+            ))),
+        }
+    }
+
     /// `[rows, cols]`.
     pub fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)
@@ -130,12 +160,29 @@ impl MappedMatrix {
         &self.map[self.offset + start * row..self.offset + (start + count) * row]
     }
 
-    /// Rows `start..start + count` widened to f32 into `out` (`count · cols` values).
+    /// Rows `start..start + count` widened to f32 into `out` (`count · cols` values),
+    /// rows spread over threads.
     fn widen_rows(&self, start: usize, count: usize, out: &mut [f32]) {
+        out[..count * self.cols]
+            .par_chunks_mut(self.cols.max(1))
+            .enumerate()
+            .for_each(|(index, row)| self.widen_rows_here(start + index, 1, row));
+    }
+
+    /// [`MappedMatrix::widen_rows`] on this thread.
+    fn widen_rows_here(&self, start: usize, count: usize, out: &mut [f32]) {
         let cols = self.cols;
-        out.par_chunks_mut(cols)
-            .zip(self.row_bytes(start, count).par_chunks(cols * 2))
-            .for_each(|(row, source)| self.widen(source, row));
+        match &self.quantized {
+            Some(codes) => codes.dequantize_into(start * cols, &mut out[..count * cols]),
+            None => {
+                for (row, source) in out
+                    .chunks_mut(cols.max(1))
+                    .zip(self.row_bytes(start, count).chunks(cols * 2))
+                {
+                    self.widen(source, row);
+                }
+            }
+        }
     }
 
     /// One run of stored values widened to f32.
@@ -180,6 +227,9 @@ impl MappedMatrix {
 
     /// The bf16 unit of this thread's `precision` scope, for a bf16 matrix.
     fn bf16_unit(&self) -> Option<Bf16Unit> {
+        if self.quantized.is_some() {
+            return None;
+        }
         match self.kind {
             HalfType::Bf16 => super::precision::bf16_unit(),
             HalfType::F16 => None,
@@ -189,7 +239,7 @@ impl MappedMatrix {
     /// The matrix's bf16 bits in place (row-major `[rows, cols]`), when it is bf16 and
     /// its offset in the file allows reading it as `u16` (safetensors aligns tensors).
     fn bf16_bits(&self) -> Option<&[u16]> {
-        if self.kind != HalfType::Bf16 || cfg!(target_endian = "big") {
+        if self.kind != HalfType::Bf16 || self.quantized.is_some() || cfg!(target_endian = "big") {
             return None;
         }
         // SAFETY: any two bytes are a valid u16; align_to only reinterprets the aligned
@@ -234,18 +284,15 @@ impl MappedMatrix {
                     }
                 });
         } else {
-            transposed
-                .par_chunks_mut(m)
-                .zip(self.row_bytes(0, n).par_chunks(k * 2))
-                .for_each_init(
-                    || vec![0f32; k],
-                    |row, (out, source)| {
-                        self.widen(source, row);
-                        for (i, y) in out.iter_mut().enumerate() {
-                            *y = kernels::dot(&x[i * k..(i + 1) * k], row);
-                        }
-                    },
-                );
+            transposed.par_chunks_mut(m).enumerate().for_each_init(
+                || vec![0f32; k],
+                |row, (index, out)| {
+                    self.widen_rows_here(index, 1, row);
+                    for (i, y) in out.iter_mut().enumerate() {
+                        *y = kernels::dot(&x[i * k..(i + 1) * k], row);
+                    }
+                },
+            );
         }
         untranspose(&transposed, m, n)
     }
@@ -269,10 +316,7 @@ impl MappedMatrix {
             |buffer, index| {
                 let start = index * tile;
                 let count = tile.min(n - start);
-                let bytes = self.row_bytes(start, count);
-                for (row, source) in buffer.chunks_mut(k).zip(bytes.chunks(k * 2)) {
-                    self.widen(source, row);
-                }
+                self.widen_rows_here(start, count, buffer);
                 // SAFETY: y's columns start..start+count are written by this tile alone,
                 // and y outlives the parallel loop.
                 unsafe {
@@ -835,6 +879,7 @@ impl MappedSafetensors {
             cols,
             kind,
             name: name.to_string(),
+            quantized: None,
         }))
     }
 }
@@ -893,6 +938,48 @@ mod tests {
             assert_eq!(gathered, want);
             assert!(matrix.gather_rows(&[1500]).is_err());
         }
+    }
+
+    /// An NF4 matrix multiplies as its restored values do, in both products and at
+    /// every size path (few rows, tiles, batches), and the input gradient through it
+    /// agrees with finite differences.
+    #[test]
+    fn nf4_products_equal_matmuls_of_the_restored_weights() {
+        let (rows, cols) = (150, 301);
+        let values = random(&[rows, cols], 21)
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let matrix = MappedMatrix::quantized_nf4("w", (rows, cols), &values);
+        let restored =
+            crate::model::quant::quantize_nf4(&values, crate::model::quant::NF4_BLOCK).dequantize();
+        let dense = Tensor::from_vec(restored, (rows, cols), &Device::Cpu).unwrap();
+        for m in [1, 3, 9, 40, 130] {
+            let x = (random(&[m, cols], 30 + m as u64).as_tensor() * 0.5).unwrap();
+            let diff = max_diff(
+                &matrix.matmul_t(&x).unwrap(),
+                &x.matmul(&dense.t().unwrap()).unwrap(),
+            );
+            assert!(diff < 1e-4, "m={m}: x·Wᵀ off by {diff}");
+            let g = (random(&[m, rows], 60 + m as u64).as_tensor() * 0.5).unwrap();
+            let diff = max_diff(&matrix.matmul(&g).unwrap(), &g.matmul(&dense).unwrap());
+            assert!(diff < 1e-4, "m={m}: x·W off by {diff}");
+        }
+        let x = random(&[3, cols], 90);
+        let probe = random(&[3, rows], 91).as_tensor().clone();
+        let loss =
+            |x: &Tensor| crate::model::testing::linear_loss(&matrix.matmul_t(x).unwrap(), &probe);
+        let y = matrix.matmul_t(x.as_tensor()).unwrap();
+        let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        crate::model::testing::assert_finite_differences(
+            "x",
+            x.as_tensor(),
+            grads.get(x.as_tensor()).unwrap(),
+            &[0, 7, 300, 450, 902],
+            loss,
+        );
     }
 
     /// In a `precision: bf16` scope a mapped bf16 matrix multiplies on the bf16 unit,
