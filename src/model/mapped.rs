@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::ModelError;
 use super::bf16_gemm::{self, Bf16Unit, MatRef};
-use super::quant::Nf4;
+use super::quant::{QuantError, QuantKind, Quantized};
 use crate::path_error::AtPath;
 
 /// The element types a [`MappedMatrix`] holds.
@@ -73,9 +73,9 @@ pub struct MappedMatrix {
     cols: usize,
     kind: HalfType,
     name: String,
-    /// Held in NF4 instead (a QLoRA base): `map`, `offset` and `kind` are unused, rows
-    /// are restored from the codes.
-    quantized: Option<Arc<Nf4>>,
+    /// Held quantized instead (a QLoRA base): `map`, `offset` and `kind` are unused,
+    /// rows are restored from the blocks.
+    quantized: Option<Arc<Quantized>>,
 }
 
 /// Weight rows per parallel task of a few-row product: enough to outweigh a task's cost.
@@ -119,30 +119,32 @@ impl OutPtr {
 pub(crate) const SMALL_M: usize = 8;
 
 impl MappedMatrix {
-    /// The row-major `[rows, cols]` matrix `values` held in NF4 (blocks of
-    /// [`super::quant::NF4_BLOCK`] along rows): a QLoRA base's projection. Its products
-    /// restore tiles of rows as they go, as for bf16 weights.
+    /// The row-major `[rows, cols]` matrix `values` held as `kind` (blocks along rows):
+    /// a QLoRA base's projection. Its products restore tiles of rows as they go, as for
+    /// bf16 weights.
     ///
     /// # Panics
     /// If `values` does not hold `rows × cols` values.
-    pub fn quantized_nf4(name: &str, (rows, cols): (usize, usize), values: &[f32]) -> MappedMatrix {
+    pub fn quantized(
+        name: &str,
+        (rows, cols): (usize, usize),
+        values: &[f32],
+        kind: QuantKind,
+    ) -> Result<MappedMatrix, QuantError> {
         assert_eq!(
             values.len(),
             rows * cols,
             "`{name}`: values for [{rows}, {cols}]"
         );
-        MappedMatrix {
+        Ok(MappedMatrix {
             map: Bytes::Owned(Arc::new(Vec::new())),
             offset: 0,
             rows,
             cols,
             kind: HalfType::F16,
             name: name.to_string(),
-            quantized: Some(Arc::new(super::quant::quantize_nf4(
-                values,
-                super::quant::NF4_BLOCK,
-            ))),
-        }
+            quantized: Some(Arc::new(super::quant::quantize(kind, values, cols)?)),
+        })
     }
 
     /// `[rows, cols]`.
@@ -940,46 +942,52 @@ mod tests {
         }
     }
 
-    /// An NF4 matrix multiplies as its restored values do, in both products and at
-    /// every size path (few rows, tiles, batches), and the input gradient through it
-    /// agrees with finite differences.
+    /// A quantized matrix (each kind) multiplies as its restored values do, in both
+    /// products and at every size path (few rows, tiles, batches), and the input
+    /// gradient through it agrees with finite differences.
     #[test]
-    fn nf4_products_equal_matmuls_of_the_restored_weights() {
-        let (rows, cols) = (150, 301);
+    fn quantized_products_equal_matmuls_of_the_restored_weights() {
+        use crate::model::quant::{QuantKind, quantize};
+        let (rows, cols) = (150, 320);
         let values = random(&[rows, cols], 21)
             .as_tensor()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let matrix = MappedMatrix::quantized_nf4("w", (rows, cols), &values);
-        let restored =
-            crate::model::quant::quantize_nf4(&values, crate::model::quant::NF4_BLOCK).dequantize();
-        let dense = Tensor::from_vec(restored, (rows, cols), &Device::Cpu).unwrap();
-        for m in [1, 3, 9, 40, 130] {
-            let x = (random(&[m, cols], 30 + m as u64).as_tensor() * 0.5).unwrap();
-            let diff = max_diff(
-                &matrix.matmul_t(&x).unwrap(),
-                &x.matmul(&dense.t().unwrap()).unwrap(),
+        for kind in [QuantKind::Nf4, QuantKind::Q4_0, QuantKind::Q8_0] {
+            let matrix = MappedMatrix::quantized("w", (rows, cols), &values, kind).unwrap();
+            let mut restored = vec![0f32; rows * cols];
+            quantize(kind, &values, cols)
+                .unwrap()
+                .dequantize_into(0, &mut restored);
+            let dense = Tensor::from_vec(restored, (rows, cols), &Device::Cpu).unwrap();
+            for m in [1, 3, 9, 40, 130] {
+                let x = (random(&[m, cols], 30 + m as u64).as_tensor() * 0.5).unwrap();
+                let want = x.matmul(&dense.t().unwrap()).unwrap();
+                let diff = max_diff(&matrix.matmul_t(&x).unwrap(), &want);
+                assert!(diff < 1e-4, "{kind:?} m={m}: x·Wᵀ off by {diff}");
+                let g = (random(&[m, rows], 60 + m as u64).as_tensor() * 0.5).unwrap();
+                let want = g.matmul(&dense).unwrap();
+                let diff = max_diff(&matrix.matmul(&g).unwrap(), &want);
+                assert!(diff < 1e-4, "{kind:?} m={m}: x·W off by {diff}");
+            }
+            let x = random(&[3, cols], 90);
+            let probe = random(&[3, rows], 91).as_tensor().clone();
+            let loss = |x: &Tensor| {
+                crate::model::testing::linear_loss(&matrix.matmul_t(x).unwrap(), &probe)
+            };
+            let y = matrix.matmul_t(x.as_tensor()).unwrap();
+            let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            crate::model::testing::assert_finite_differences(
+                "x",
+                x.as_tensor(),
+                grads.get(x.as_tensor()).unwrap(),
+                &[0, 7, 300, 450, 902],
+                loss,
             );
-            assert!(diff < 1e-4, "m={m}: x·Wᵀ off by {diff}");
-            let g = (random(&[m, rows], 60 + m as u64).as_tensor() * 0.5).unwrap();
-            let diff = max_diff(&matrix.matmul(&g).unwrap(), &g.matmul(&dense).unwrap());
-            assert!(diff < 1e-4, "m={m}: x·W off by {diff}");
         }
-        let x = random(&[3, cols], 90);
-        let probe = random(&[3, rows], 91).as_tensor().clone();
-        let loss =
-            |x: &Tensor| crate::model::testing::linear_loss(&matrix.matmul_t(x).unwrap(), &probe);
-        let y = matrix.matmul_t(x.as_tensor()).unwrap();
-        let grads = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        crate::model::testing::assert_finite_differences(
-            "x",
-            x.as_tensor(),
-            grads.get(x.as_tensor()).unwrap(),
-            &[0, 7, 300, 450, 902],
-            loss,
-        );
+        assert!(MappedMatrix::quantized("w", (3, 30), &values[..90], QuantKind::Q8_0).is_err());
     }
 
     /// In a `precision: bf16` scope a mapped bf16 matrix multiplies on the bf16 unit,

@@ -9,6 +9,123 @@
 //! halfway between two levels takes the lower one, whole blocks are scaled by the
 //! reciprocal of their absmax and a last partial block by dividing by it; restoring is
 //! `code[q] · absmax` in f32.
+//!
+//! `q4_0` and `q8_0` are ggml's blocks of 32 (llama.cpp's formats, candle's code): one
+//! f16 scale and 4- or 8-bit integers. [`Quantized`] holds any of the three and restores
+//! ranges of whole rows.
+
+use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How a QLoRA base's projections are held (the `quant` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum QuantKind {
+    /// bitsandbytes' 4-bit NormalFloat, blocks of 64 (QLoRA's).
+    #[default]
+    #[serde(rename = "nf4")]
+    Nf4,
+    /// ggml's 4-bit blocks of 32 with an f16 scale.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// ggml's 8-bit blocks of 32 with an f16 scale.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl QuantKind {
+    /// The setting's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantKind::Nf4 => "nf4",
+            QuantKind::Q4_0 => "q4_0",
+            QuantKind::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// Why a matrix cannot be quantized.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    /// ggml's blocks run along rows and cannot straddle two.
+    #[error(
+        "{kind} quantizes rows in blocks of 32 values; rows of {cols} are not a multiple of 32 (use nf4)"
+    )]
+    RaggedRows {
+        /// `q4_0` or `q8_0`.
+        kind: &'static str,
+        /// The row length.
+        cols: usize,
+    },
+}
+
+/// A matrix's values in one of the [`QuantKind`]s.
+#[derive(Debug, Clone)]
+pub enum Quantized {
+    /// NF4 codes and block scales.
+    Nf4(Nf4),
+    /// ggml q4_0 blocks.
+    Q4_0(Vec<BlockQ4_0>),
+    /// ggml q8_0 blocks.
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// Values per ggml block.
+const GGML_BLOCK: usize = 32;
+
+/// `values` (rows of `cols`) quantized as `kind`.
+pub fn quantize(kind: QuantKind, values: &[f32], cols: usize) -> Result<Quantized, QuantError> {
+    fn blocks<T: GgmlType>(values: &[f32]) -> Vec<T> {
+        let mut out = vec![T::zeros(); values.len() / T::BLCK_SIZE];
+        T::from_float(values, &mut out);
+        out
+    }
+    if kind != QuantKind::Nf4 && !cols.is_multiple_of(GGML_BLOCK) {
+        return Err(QuantError::RaggedRows {
+            kind: kind.as_str(),
+            cols,
+        });
+    }
+    Ok(match kind {
+        QuantKind::Nf4 => Quantized::Nf4(quantize_nf4(values, NF4_BLOCK)),
+        QuantKind::Q4_0 => Quantized::Q4_0(blocks(values)),
+        QuantKind::Q8_0 => Quantized::Q8_0(blocks(values)),
+    })
+}
+
+impl Quantized {
+    /// Values `start..start + out.len()` restored into `out`; for the ggml kinds both
+    /// ends fall on block edges (whole rows do).
+    ///
+    /// # Panics
+    /// If the range goes past the end, or (ggml kinds) cuts a block.
+    pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
+        fn blocks<T: GgmlType>(blocks: &[T], start: usize, out: &mut [f32]) {
+            assert!(
+                start.is_multiple_of(T::BLCK_SIZE) && out.len().is_multiple_of(T::BLCK_SIZE),
+                "values {start}..{} cut a block of {}",
+                start + out.len(),
+                T::BLCK_SIZE
+            );
+            let first = start / T::BLCK_SIZE;
+            T::to_float(&blocks[first..first + out.len() / T::BLCK_SIZE], out);
+        }
+        match self {
+            Quantized::Nf4(codes) => codes.dequantize_into(start, out),
+            Quantized::Q4_0(q) => blocks(q, start, out),
+            Quantized::Q8_0(q) => blocks(q, start, out),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Quantized::Nf4(codes) => codes.bytes(),
+            Quantized::Q4_0(q) => std::mem::size_of_val(q.as_slice()),
+            Quantized::Q8_0(q) => std::mem::size_of_val(q.as_slice()),
+        }
+    }
+}
 
 /// The sixteen NF4 levels, bitsandbytes' table (quantiles of a standard normal,
 /// normalised to [-1, 1], with an exact zero).
@@ -166,6 +283,38 @@ mod tests {
                 (value - restored).abs() <= 0.16 * 2.5,
                 "{value} → {restored}"
             );
+        }
+    }
+    /// q4_0 and q8_0 restore rows to within their step (q8_0: half of absmax/127; q4_0:
+    /// absmax/8, a whole step where its 16 levels reach only -8/8..7/8 of the absmax),
+    /// refuse rows that are not whole blocks, and are the size ggml gives them.
+    #[test]
+    fn ggml_kinds_restore_rows_within_their_step() {
+        let (rows, cols) = (3, 64);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| (i as f32 * 0.91).cos() * 3.0)
+            .collect();
+        for (kind, bound, bytes) in [
+            (QuantKind::Q4_0, 1.0 / 8.0, 18 * 6),
+            (QuantKind::Q8_0, 0.51 / 127.0, 34 * 6),
+        ] {
+            let quantized = quantize(kind, &values, cols).unwrap();
+            assert_eq!(quantized.bytes(), bytes, "{kind:?}");
+            let mut row = vec![0f32; cols];
+            quantized.dequantize_into(cols, &mut row);
+            for (block, restored) in values[cols..2 * cols].chunks(32).zip(row.chunks(32)) {
+                let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (value, restored) in block.iter().zip(restored) {
+                    assert!(
+                        (value - restored).abs() <= absmax * bound + 1e-3,
+                        "{kind:?}: {value} → {restored}"
+                    );
+                }
+            }
+            assert!(matches!(
+                quantize(kind, &values[..90], 30),
+                Err(QuantError::RaggedRows { .. })
+            ));
         }
     }
 }
