@@ -66,6 +66,9 @@ pub struct LoraSpec {
     /// `lm_head` when the head is not tied): PEFT's `trainable_token_indices`, for the
     /// tokens `add_tokens` added.
     pub trainable_tokens: BTreeMap<String, Vec<u32>>,
+    /// QLoRA: the base's block projections held quantized this way while training
+    /// (`None`: as stored). The adapter written is the same PEFT LoRA adapter.
+    pub quant: Option<super::quant::QuantKind>,
 }
 
 /// The adapter tensor holding a module's trainable token rows (PEFT's name).
@@ -160,6 +163,7 @@ impl LoraSpec {
             modules_to_save,
             dropout,
             trainable_tokens,
+            quant: None,
         })
     }
 }

@@ -750,6 +750,8 @@ pub struct MappedSafetensors {
     f32_as_bf16: bool,
     /// Those rounded matrices by name, made once (a tied head reads the embedding's).
     rounded: Arc<std::sync::Mutex<BTreeMap<String, Arc<Vec<u8>>>>>,
+    /// Whether the blocks' projections are served quantized (a QLoRA base).
+    quantize: Option<QuantKind>,
 }
 
 impl MappedSafetensors {
@@ -793,6 +795,38 @@ impl MappedSafetensors {
             safetensors::Dtype::BF16 | safetensors::Dtype::F16 => true,
             safetensors::Dtype::F32 => self.f32_as_bf16 && entry.shape.len() == 2,
             _ => false,
+        }) || (self.quantize.is_some() && self.entries.keys().any(|name| is_projection(name)))
+    }
+
+    /// These files with the projections of their blocks (`….layers.N.….*_proj.weight`)
+    /// served as `kind`, quantized one matrix at a time as the model loads; embeddings,
+    /// norms and the head stay as stored (QLoRA's base).
+    pub fn with_quantized_projections(mut self, kind: QuantKind) -> MappedSafetensors {
+        self.quantize = Some(kind);
+        self
+    }
+
+    /// The values of tensor `name` (`count` of them at `entry`) as f32.
+    fn values_f32(&self, entry: &Entry, count: usize) -> Result<Vec<f32>, String> {
+        let width = match entry.dtype {
+            safetensors::Dtype::F32 => 4,
+            safetensors::Dtype::BF16 | safetensors::Dtype::F16 => 2,
+            other => return Err(format!("{other:?} weights cannot be quantized")),
+        };
+        let bytes = &self.maps[entry.file][entry.offset..entry.offset + count * width];
+        Ok(match entry.dtype {
+            safetensors::Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            safetensors::Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| HalfType::Bf16.widen([b[0], b[1]]))
+                .collect(),
+            _ => bytes
+                .chunks_exact(2)
+                .map(|b| HalfType::F16.widen([b[0], b[1]]))
+                .collect(),
         })
     }
 
@@ -855,6 +889,22 @@ impl MappedSafetensors {
         let Some(entry) = self.entries.get(name) else {
             return Ok(None);
         };
+        if let Some(quant) = self.quantize.filter(|_| is_projection(name)) {
+            let error = |message: String| ModelError::Safetensors {
+                path: self.paths[entry.file].clone(),
+                message: format!("tensor `{name}`: {message}"),
+            };
+            if entry.shape != [rows, cols] {
+                return Err(error(format!(
+                    "has shape {:?}, the config needs [{rows}, {cols}]",
+                    entry.shape
+                )));
+            }
+            let values = self.values_f32(entry, rows * cols).map_err(error)?;
+            return MappedMatrix::quantized(name, (rows, cols), &values, quant)
+                .map(Some)
+                .map_err(|quant_error| error(quant_error.to_string()));
+        }
         let kind = match entry.dtype {
             safetensors::Dtype::BF16 => HalfType::Bf16,
             safetensors::Dtype::F16 => HalfType::F16,
@@ -884,6 +934,12 @@ impl MappedSafetensors {
             quantized: None,
         }))
     }
+}
+
+/// Whether `name` is a projection inside a transformer block (what a QLoRA base
+/// quantizes): `….layers.N.self_attn.q_proj.weight`, `….layers.N.mlp.down_proj.weight`.
+fn is_projection(name: &str) -> bool {
+    name.contains(".layers.") && name.ends_with("_proj.weight")
 }
 
 #[cfg(test)]

@@ -794,7 +794,13 @@ pub fn new_lora(
         }
     }
     let files = safetensors_files(dir)?;
-    let frozen = frozen_builders(&files, dtype, device, false, false)?;
+    if spec.quant.is_some() && !(dtype == DType::F32 && device.is_cpu()) {
+        return Err(unsupported(
+            "quant",
+            "a quantized (QLoRA) base trains in f32 on the CPU only".to_string(),
+        ));
+    }
+    let frozen = frozen_builders(&files, dtype, device, (false, false), spec.quant)?;
     let base = frozen.base.clone();
     let varmap = VarMap::new();
     let adapter = VarBuilder::from_varmap(&varmap, dtype, device)
@@ -1073,12 +1079,13 @@ pub fn save_model_dir(
 /// widened nor copied. `gpt2_unprefixed` makes the files' `wte.weight`, … answer to
 /// `transformer.wte.weight`, … (the original GPT-2 files on the Hub). `f32_as_bf16`
 /// serves the f32 matrices as bf16 too (rounded once; generation's lighter weights).
+/// `quantize` holds the blocks' projections quantized (a QLoRA base; f32 on the CPU only).
 pub fn frozen_builders(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
-    gpt2_unprefixed: bool,
-    f32_as_bf16: bool,
+    (gpt2_unprefixed, f32_as_bf16): (bool, bool),
+    quantize: Option<quant::QuantKind>,
 ) -> Result<lora::Builders<'static>, ModelError> {
     // SAFETY: the files are mapped read-only; trainyard never writes to a model
     // directory it is reading, and candle copies each tensor out of the map on load.
@@ -1088,6 +1095,9 @@ pub fn frozen_builders(
         let mut files = MappedSafetensors::open(files)?;
         if f32_as_bf16 {
             files = files.with_f32_as_bf16();
+        }
+        if let Some(kind) = quantize {
+            files = files.with_quantized_projections(kind);
         }
         if files.has_half_tensors() {
             mapped = Some(files);
@@ -1130,7 +1140,7 @@ pub fn load_pretrained_with(
         let names = shards::tensor_names(&files)?;
         !names.contains("transformer.wte.weight") && names.contains("wte.weight")
     };
-    let builders = frozen_builders(&files, dtype, device, unprefixed, f32_as_bf16)?;
+    let builders = frozen_builders(&files, dtype, device, (unprefixed, f32_as_bf16), None)?;
     let model = CausalLm::with_builders(&config, builders)?;
     Ok((model, config))
 }

@@ -23,6 +23,7 @@ use crate::data::token_cache::{
     Batch, SftBatcher, SftExamples, SftPosition, TOKENIZER_DIR, TokenCache,
 };
 use crate::model;
+use crate::model::quant::QuantKind;
 use crate::path_error::AtPath;
 use crate::tokenize::load::tokenizer_file;
 use crate::train::checkpoint::ModelFiles;
@@ -37,14 +38,24 @@ pub enum AdapterKind {
     None,
     /// A LoRA adapter on a frozen base.
     Lora,
+    /// QLoRA: a LoRA adapter on a frozen base whose block projections are held
+    /// quantized (`quant`) while training; the adapter is the same PEFT LoRA adapter.
+    Qlora,
 }
 
-/// The `adapter` setting: `none`, `lora`, or `{ kind: lora, rank, alpha, dropout,
-/// targets, modules_to_save }`.
+impl AdapterKind {
+    /// Whether an adapter is trained (`lora`, `qlora`) rather than every weight.
+    pub fn is_adapter(self) -> bool {
+        self != AdapterKind::None
+    }
+}
+
+/// The `adapter` setting: `none`, `lora`, `qlora`, or `{ kind: lora | qlora, rank, alpha,
+/// dropout, targets, modules_to_save, quant }`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(remote = "Self", deny_unknown_fields)]
 pub struct AdapterSetting {
-    /// `none` (full fine-tune) or `lora`.
+    /// `none` (full fine-tune), `lora` or `qlora`.
     pub kind: AdapterKind,
     /// LoRA rank r.
     #[serde(default = "default_rank")]
@@ -65,6 +76,11 @@ pub struct AdapterSetting {
     /// are then untrained, and low-rank updates of the projections cannot fix them.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
+    /// `qlora` only: how the base's block projections are held while training, `nf4`
+    /// (bitsandbytes' 4-bit NormalFloat, the default), `q4_0` or `q8_0` (ggml's blocks).
+    /// Embeddings, norms and the head stay as stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<QuantKind>,
 }
 
 impl Default for AdapterSetting {
@@ -76,6 +92,7 @@ impl Default for AdapterSetting {
             dropout: 0.0,
             targets: default_targets(),
             modules_to_save: Vec::new(),
+            quant: None,
         }
     }
 }
@@ -108,7 +125,7 @@ impl<'de> Deserialize<'de> for AdapterSetting {
                 kind: serde_json::from_value(serde_json::Value::String(kind.clone())).map_err(
                     |_| {
                         D::Error::custom(format!(
-                            "unknown adapter `{kind}` (expected `none` or `lora`)"
+                            "unknown adapter `{kind}` (expected `none`, `lora` or `qlora`)"
                         ))
                     },
                 )?,
@@ -122,8 +139,8 @@ impl<'de> Deserialize<'de> for AdapterSetting {
 fn adapter_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let object = generator.subschema_for::<AdapterSetting>();
     schemars::json_schema!({
-        "description": "`none` (full fine-tune), `lora`, or `{ kind: lora, rank, alpha, dropout, targets, modules_to_save }`",
-        "anyOf": [ { "enum": ["none", "lora"] }, object ]
+        "description": "`none` (full fine-tune), `lora`, `qlora`, or `{ kind: lora | qlora, rank, alpha, dropout, targets, modules_to_save, quant }`",
+        "anyOf": [ { "enum": ["none", "lora", "qlora"] }, object ]
     })
 }
 
@@ -192,7 +209,10 @@ impl StageKind for Sft {
 
     fn check(settings: &SftSettings, _inputs: &[&str]) -> Result<(), String> {
         let adapter = &settings.adapter;
-        if adapter.kind == AdapterKind::Lora {
+        if adapter.quant.is_some() && adapter.kind != AdapterKind::Qlora {
+            return Err("`adapter.quant` applies to `kind: qlora` only".to_string());
+        }
+        if adapter.kind.is_adapter() {
             if adapter.rank == 0 {
                 return Err("`adapter.rank` must be positive".to_string());
             }
@@ -374,12 +394,18 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         modules_to_save: settings.adapter.modules_to_save.clone(),
         dropout: settings.adapter.dropout,
         trainable_tokens,
+        quant: match settings.adapter.kind {
+            AdapterKind::Qlora => Some(settings.adapter.quant.unwrap_or_default()),
+            _ => None,
+        },
     };
     let (model, varmap, config) = match settings.adapter.kind {
         AdapterKind::None => {
             model::load_trainable_with_tokens(base, DType::F32, &device, &added_ids)?
         }
-        AdapterKind::Lora => model::new_lora(base, &spec, DType::F32, &device, context.seed)?,
+        AdapterKind::Lora | AdapterKind::Qlora => {
+            model::new_lora(base, &spec, DType::F32, &device, context.seed)?
+        }
     };
     let base_name = context
         .input_names
@@ -389,7 +415,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
     let adapter_config = spec.adapter_config(&base_name);
     let files = match settings.adapter.kind {
         AdapterKind::None => ModelFiles::Full(&config),
-        AdapterKind::Lora => ModelFiles::Adapter(&adapter_config),
+        AdapterKind::Lora | AdapterKind::Qlora => ModelFiles::Adapter(&adapter_config),
     };
     if (cache.meta.vocab_size as usize) > config.vocab_size() {
         return Err(invalid(format!(

@@ -655,6 +655,7 @@ fn lora_on_a_bf16_base_gets_the_gradients_of_its_f32_widening() {
         modules_to_save: Vec::new(),
         dropout: 0.0,
         trainable_tokens: Default::default(),
+        quant: None,
     };
     let widened = tempfile::tempdir().unwrap();
     let (_, varmap, config) = model::load_trainable(&dir, DType::F32, &Device::Cpu).unwrap();
