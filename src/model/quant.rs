@@ -239,15 +239,35 @@ impl Nf4 {
             start + out.len(),
             self.len
         );
-        for (offset, value) in out.iter_mut().enumerate() {
-            let index = start + offset;
-            let byte = self.packed[index / 2];
-            let code = if index.is_multiple_of(2) {
-                byte >> 4
-            } else {
-                byte & 0x0f
-            };
-            *value = NF4_CODE[usize::from(code)] * self.absmax[index / self.block];
+        // Block by block: one scale each, codes two a byte.
+        let mut index = start;
+        let mut rest = out;
+        while !rest.is_empty() {
+            let block = index / self.block;
+            let take = (self.block - index % self.block).min(rest.len());
+            let (run, tail) = rest.split_at_mut(take);
+            let scale = self.absmax[block];
+            let level = |code: u8| NF4_CODE[usize::from(code)] * scale;
+            // An odd first value is its byte's low nibble; then whole bytes.
+            let mut at = index;
+            let mut values = &mut run[..];
+            if !at.is_multiple_of(2) {
+                values[0] = level(self.packed[at / 2] & 0x0f);
+                values = &mut values[1..];
+                at += 1;
+            }
+            let bytes = &self.packed[at / 2..];
+            let count = values.len();
+            let mut pairs = values.chunks_exact_mut(2);
+            for (pair, byte) in (&mut pairs).zip(bytes) {
+                pair[0] = level(byte >> 4);
+                pair[1] = level(byte & 0x0f);
+            }
+            if let [last] = pairs.into_remainder() {
+                *last = level(bytes[(count - 1) / 2] >> 4);
+            }
+            index += take;
+            rest = tail;
         }
     }
 
@@ -277,6 +297,12 @@ mod tests {
         let mut middle = vec![0f32; 20];
         quantized.dequantize_into(60, &mut middle);
         assert_eq!(middle, quantized.dequantize()[60..80]);
+        let whole = quantized.dequantize();
+        for (start, len) in [(1, 5), (63, 3), (61, 70), (149, 1), (0, 150), (64, 64)] {
+            let mut part = vec![0f32; len];
+            quantized.dequantize_into(start, &mut part);
+            assert_eq!(part, whole[start..start + len], "{start}+{len}");
+        }
         // Within half the widest gap between levels (0.15) of each block's absmax.
         for (value, restored) in values.iter().zip(quantized.dequantize()) {
             assert!(
