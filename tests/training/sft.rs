@@ -76,6 +76,16 @@ fn lora_with_dropout_killed_mid_way_resumes_bit_identically() {
     );
 }
 
+/// QLoRA: the base is quantized again on resume, to the same codes, so the resumed run
+/// is bit-identical too.
+#[test]
+fn qlora_killed_mid_way_resumes_bit_identically() {
+    killed_mid_way_resumes_bit_identically(
+        "{ adapter: { kind: qlora, quant: nf4, rank: 4, alpha: 8, dropout: 0.2 }, steps: 24, batch_size: 4, lr: 0.003, eval_every: 8, save_every: 4, context: 128 }",
+        "adapter_model.safetensors",
+    );
+}
+
 fn killed_mid_way_resumes_bit_identically(with: &str, weights: &str) {
     let straight = Sandbox::new();
     straight.write("p.yaml", &pipeline(with));
