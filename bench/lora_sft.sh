@@ -87,9 +87,10 @@ py="$venv/bin/python"
 
 # The bases: made once per size (transformers' seeded random init, bf16 shards), reused
 # while the generator, the tokenizer and the versions are unchanged.
-stamp="$(cat "$bench_dir/lora_sft.py" "$repo/data/models/tiny-qwen2/tokenizer.json" | sha256sum | cut -c1-16) $want"
+# bench/qlora.sh makes and reuses the same directories.
 make_base() {  # size → directory
-    local dir="$work/base-$1"
+    local dir="$work/base-$1" stamp
+    stamp="$("$py" "$bench_dir/lora_sft.py" base-stamp --size "$1") $want"
     if [[ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]]; then
         say "making the random $1 Qwen2-shaped base in $dir"
         "$py" "$bench_dir/lora_sft.py" make-base --size "$1" --out "$dir" >&2
