@@ -18,6 +18,16 @@ pub fn applies(x: &Tensor) -> bool {
     x.dtype() == candle_core::DType::F32 && x.device().is_cpu()
 }
 
+/// `dims` with the last dimension replaced by `last`: the output shape of a product
+/// `[…, in] → […, out]`.
+pub(crate) fn with_last_dim(dims: &[usize], last: usize) -> Shape {
+    let mut shape = dims.to_vec();
+    if let Some(end) = shape.last_mut() {
+        *end = last;
+    }
+    Shape::from(shape)
+}
+
 /// The values of a custom op's f32 input, which must be contiguous; errors name `op`.
 pub(crate) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,

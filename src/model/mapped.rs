@@ -272,30 +272,21 @@ impl MappedMatrix {
     /// and input row, the weight row widened once, rows spread over threads.
     fn product_t_small(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
-        let mut transposed = vec![0f32; n * m];
         if let Some(bits) = self.bf16_bits() {
             // bf16 rows are widened inside the dot product (the same sums as widening
             // first): each weight byte is read once, and nothing is written back.
-            transposed
-                .par_chunks_mut(m)
-                .zip(bits.par_chunks(k))
-                .with_min_len(SMALL_TASK_ROWS)
-                .for_each(|(out, row)| {
-                    for (i, y) in out.iter_mut().enumerate() {
-                        *y = kernels::dot_bf16(&x[i * k..(i + 1) * k], row);
-                    }
-                });
-        } else {
-            transposed.par_chunks_mut(m).enumerate().for_each_init(
-                || vec![0f32; k],
-                |row, (index, out)| {
-                    self.widen_rows_here(index, 1, row);
-                    for (i, y) in out.iter_mut().enumerate() {
-                        *y = kernels::dot(&x[i * k..(i + 1) * k], row);
-                    }
-                },
-            );
+            return few_rows_by_dots(x, m, bits, k, kernels::dot_bf16);
         }
+        let mut transposed = vec![0f32; n * m];
+        transposed.par_chunks_mut(m).enumerate().for_each_init(
+            || vec![0f32; k],
+            |row, (index, out)| {
+                self.widen_rows_here(index, 1, row);
+                for (i, y) in out.iter_mut().enumerate() {
+                    *y = kernels::dot(&x[i * k..(i + 1) * k], row);
+                }
+            },
+        );
         untranspose(&transposed, m, n)
     }
 
@@ -587,14 +578,27 @@ fn untranspose(transposed: &[f32], m: usize, n: usize) -> Vec<f32> {
 /// thread count.
 pub(crate) fn few_row_product_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k);
+    few_rows_by_dots(x, m, w, k, kernels::dot)
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ` for weights `w` stored as rows of `k` (f32 or bf16 bits),
+/// one `dot(x_row, w_row)` per pair, weight rows spread over threads.
+fn few_rows_by_dots<T: Sync>(
+    x: &[f32],
+    m: usize,
+    w: &[T],
+    k: usize,
+    dot: fn(&[f32], &[T]) -> f32,
+) -> Vec<f32> {
+    let n = w.len() / k.max(1);
     let mut transposed = vec![0f32; n * m];
     transposed
         .par_chunks_mut(m)
-        .zip(w.par_chunks(k))
+        .zip(w.par_chunks(k.max(1)))
         .with_min_len(SMALL_TASK_ROWS)
         .for_each(|(out, row)| {
             for (i, y) in out.iter_mut().enumerate() {
-                *y = kernels::dot(&x[i * k..(i + 1) * k], row);
+                *y = dot(&x[i * k..(i + 1) * k], row);
             }
         });
     untranspose(&transposed, m, n)
@@ -708,11 +712,7 @@ impl CustomOp1 for Product {
             (None, true) => self.matrix.product_t(x, m),
             (None, false) => self.matrix.product(x, m),
         };
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = outer;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        Ok((CpuStorage::F32(y), super::fused::with_last_dim(dims, outer)))
     }
 
     fn bwd(

@@ -65,10 +65,14 @@ pub use shards::safetensors_files;
 /// outside the pool, each hands its work over and sleeps until it is done (a futex
 /// wake-up both ways: ~17% of a one-token decoding step, and at 2 threads a training
 /// step ran 4,842–5,063 → 5,896–6,085 tok/s once inside), while from inside the pool
-/// they run in place. Thread-local settings (a [`precision::BF16Scope`]) must be
-/// entered inside `work`.
+/// they run in place. The caller's precision scope ([`precision::BF16Scope`], which is
+/// thread-local) holds inside `work` too.
 pub fn on_pool<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    rayon::scope(|_| work())
+    let unit = precision::bf16_unit();
+    rayon::scope(|_| {
+        let _precision = precision::BF16Scope::enter(unit);
+        work()
+    })
 }
 
 /// The rotary base HF uses when a config names none (neither `rope_theta` nor

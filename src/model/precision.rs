@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::bf16_gemm::{self, Bf16Unit, MatRef};
-use super::fused::{borrowed_f32, contiguous_f32};
+use super::fused::{borrowed_f32, contiguous_f32, with_last_dim};
 
 /// The `precision` setting of a training stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -131,11 +131,7 @@ impl CustomOp2 for LinearOp {
             MatRef::row_major(x, inner),
             MatRef::transposed(w, inner),
         );
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = out;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        Ok((CpuStorage::F32(y), with_last_dim(dims, out)))
     }
 
     fn bwd(

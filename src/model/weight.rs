@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::fused::contiguous_f32;
+use super::fused::{contiguous_f32, with_last_dim};
 use super::mapped::{MappedMatrix, MappedSafetensors};
 use super::vocab::TokenRows;
 
@@ -175,11 +175,7 @@ impl CustomOp2 for FewRowProduct {
         let w = contiguous_f32(w_storage, w_layout, self.name())?;
         let (n, k) = w_layout.shape().dims2()?;
         let y = super::mapped::few_row_product_t(x, x.len() / k.max(1), w, n, k);
-        let mut shape = x_layout.dims().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(shape)))
+        Ok((CpuStorage::F32(y), with_last_dim(x_layout.dims(), n)))
     }
 
     fn bwd(

@@ -267,9 +267,8 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         show_progress,
         precision,
     } = job;
-    // Forward and backward passes run on rayon's pool (`on_pool`), each under this
-    // precision scope.
-    let unit = precision.and_then(|(_, unit)| unit);
+    // Forward and backward passes run on rayon's pool (`on_pool`), under this scope.
+    let _precision = BF16Scope::enter(precision.and_then(|(_, unit)| unit));
     let root = dir.join(CHECKPOINTS);
     fs::create_dir_all(&root).at(&root)?;
     let params = sorted_vars(varmap);
@@ -366,7 +365,6 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         );
         let started = Instant::now();
         let outcome = match on_pool(|| {
-            let _precision = BF16Scope::enter(unit);
             train_step(
                 &forward,
                 &vars,
@@ -422,10 +420,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         let eval_due =
             last || (settings.eval_every > 0 && state.step.is_multiple_of(settings.eval_every));
         if eval_due && !eval.is_empty() {
-            let eval_loss = on_pool(|| {
-                let _precision = BF16Scope::enter(unit);
-                evaluate(model, eval, device)
-            })?;
+            let eval_loss = on_pool(|| evaluate(model, eval, device))?;
             write_row(
                 &mut metrics,
                 &metrics_path,
