@@ -17,7 +17,7 @@
 //! [`Kernels::Inference`] it takes candle's fused `layer_norm` and `softmax_last_dim`
 //! (no backward pass) and 2-D matmuls, and usually a [`KvCache`].
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::{Value, json};
 
@@ -332,6 +332,43 @@ impl Gpt2 {
     /// The config the model was built with.
     pub fn config(&self) -> &Gpt2Config {
         &self.config
+    }
+
+    /// The causal mask of a training forward pass over `len` positions, for
+    /// [`Gpt2::piece`].
+    pub fn training_mask(
+        &self,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        causal_mask(len, 0, dtype, device)
+    }
+
+    /// The token and position embeddings `[B, T, H]` of ids `[B, T]` at positions
+    /// `0..T`: the first piece of the body (see [`crate::model::body::Body`]).
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_batch, seq) = input_ids.dims2()?;
+        if seq > self.config.n_positions {
+            candle_core::bail!(
+                "{seq} positions are more than n_positions = {}",
+                self.config.n_positions
+            );
+        }
+        let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?;
+        self.wte
+            .forward(input_ids)?
+            .broadcast_add(&self.wpe.forward(&positions)?)
+    }
+
+    /// Block `index` of the body's training forward pass, or `ln_f` for `index == L`.
+    /// After [`Gpt2::embed`], these chained compute exactly what [`Gpt2::hidden`] does
+    /// without a cache.
+    pub fn piece(&self, index: usize, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        match self.h.get(index) {
+            Some(block) => block.forward(x, mask, None, Kernels::Differentiable),
+            None => self.ln_f.forward(x, Kernels::Differentiable),
+        }
     }
 
     /// The final hidden states `[B, T, H]` (after `ln_f`) for token ids `[B, T]`:

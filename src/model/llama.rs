@@ -638,6 +638,39 @@ impl Llama {
         self.lm_head.forward(hidden)
     }
 
+    /// The positions `0..len` of a training forward pass, for [`Llama::piece`].
+    pub fn training_positions(
+        &self,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Positions> {
+        Positions::new(
+            &self.inv_freqs,
+            0,
+            len,
+            Kernels::Differentiable,
+            dtype,
+            device,
+        )
+    }
+
+    /// The token embeddings `[B, T, H]` of ids `[B, T]`: the first piece of the body
+    /// (see [`crate::model::body::Body`]).
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(input_ids)
+    }
+
+    /// Block `index` of the body's training forward pass, or the final norm for
+    /// `index == L`. After [`Llama::embed`], these chained compute exactly what
+    /// [`Llama::hidden`] does without a cache.
+    pub fn piece(&self, index: usize, x: &Tensor, positions: &Positions) -> Result<Tensor> {
+        match self.layers.get(index) {
+            Some(layer) => layer.forward(x, positions, None, Kernels::Differentiable),
+            None => self.norm.forward(x, Kernels::Differentiable),
+        }
+    }
+
     /// The final hidden states `[B, T, H]` (after the last norm) for token ids `[B, T]`:
     /// positions `0..T`, or with a `cache` the `T` positions after those it holds (it
     /// then holds these too; after an error it must be cleared).

@@ -27,6 +27,7 @@
 
 pub mod attention;
 pub mod bf16_gemm;
+pub mod body;
 pub mod exp;
 pub mod fused;
 pub mod gpt2;
@@ -690,12 +691,17 @@ impl CausalLm {
         }
     }
 
-    /// An empty [`KvCache`] for this model.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(match self {
+    /// The number of blocks.
+    pub fn num_layers(&self) -> usize {
+        match self {
             CausalLm::Llama(model) => model.config().num_hidden_layers,
             CausalLm::Gpt2(model) => model.config().n_layer,
-        })
+        }
+    }
+
+    /// An empty [`KvCache`] for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.num_layers())
     }
 }
 

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 
 use crate::data::token_cache::Batch;
 use crate::model::Kernels;
+use crate::model::body::Body;
 use crate::model::exp::exp_in_place;
 
 /// A model seen by the loss: final hidden states for a batch, and the head's logits
@@ -29,6 +30,12 @@ pub trait LanguageModel {
     fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor>;
     /// `V`.
     fn vocab_size(&self) -> usize;
+    /// The body over `input_ids` in pieces whose activations are recomputed in the
+    /// backward pass (activation checkpointing); `None` runs it whole with
+    /// [`LanguageModel::hidden`].
+    fn body(&self, _input_ids: &Tensor) -> Option<Body<'_>> {
+        None
+    }
 }
 
 // The loss is the training path: only kernels with a backward pass.
@@ -225,7 +232,11 @@ fn chunked_loss_and_grads(
     }
     let started = std::time::Instant::now();
     let (inputs, _, _) = batch_tensors(batch, device)?;
-    let hidden = model.hidden(&inputs)?;
+    let body = model.body(&inputs);
+    let (hidden, piece_inputs) = match &body {
+        Some(body) => forward_keeping_piece_inputs(body)?,
+        None => (model.hidden(&inputs)?, Vec::new()),
+    };
     let forward_done = std::time::Instant::now();
     phases.forward += (forward_done - started).as_secs_f64();
     let shape = hidden.shape().clone();
@@ -258,10 +269,7 @@ fn chunked_loss_and_grads(
         // this chunk's share for x and the head's parameters.
         let upstream =
             Tensor::from_vec(values, logits.shape(), device)?.to_dtype(logits.dtype())?;
-        let grads = match logits.device().is_cpu() {
-            true => logits.apply_op1(Upstream(upstream))?.backward()?,
-            false => (logits * upstream)?.sum_all()?.backward()?,
-        };
+        let grads = backward_from(&logits, upstream)?;
         // Gradients are computed by tracked ops (g·W involves the head's weight):
         // detached, they neither carry that graph into the body's backward pass nor
         // keep this chunk's logits alive.
@@ -287,8 +295,10 @@ fn chunked_loss_and_grads(
         .zeros_like()?
         .index_add(&all_rows, &selected_grad, 0)?
         .reshape(shape)?;
-    // Σ hidden · dL/dhidden carries the gradient into the body.
-    let mut grads = (hidden * hidden_grad)?.sum_all()?.backward()?;
+    let mut grads = match &body {
+        Some(body) => backward_through_pieces(body, piece_inputs, hidden_grad, params)?,
+        None => backward_from(&hidden, hidden_grad)?,
+    };
     for (param, head) in params.iter().zip(head_grads) {
         if let Some(head) = head {
             let sum = match grads.get(param.as_tensor()) {
@@ -300,6 +310,80 @@ fn chunked_loss_and_grads(
     }
     phases.backward += head_done.elapsed().as_secs_f64();
     Ok(Some((sum / counted.total, grads)))
+}
+
+/// The gradients of `Σ output · upstream`: `upstream` pushed back from `output`.
+fn backward_from(output: &Tensor, upstream: Tensor) -> candle_core::Result<GradStore> {
+    match output.device().is_cpu() {
+        true => output.apply_op1(Upstream(upstream))?.backward(),
+        false => (output * upstream)?.sum_all()?.backward(),
+    }
+}
+
+/// Runs `body` piece by piece without keeping any piece's activations: returns the
+/// final hidden states and the input of every piece after the first (all detached).
+fn forward_keeping_piece_inputs(body: &Body) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+    let mut inputs = Vec::with_capacity(body.len());
+    // Detaching drops the tracked output and with it the piece's graph.
+    let mut x = body.run(0, body.input_ids())?.detach();
+    for index in 1..body.len() {
+        inputs.push(x.clone());
+        x = body.run(index, &x)?.detach();
+    }
+    Ok((x, inputs))
+}
+
+/// The backward pass of a body run by [`forward_keeping_piece_inputs`]: from the last
+/// piece to the first, each piece runs again from its kept input (now a variable) and
+/// the gradient of its output is pushed through it, giving the parameters' share and
+/// its input's gradient for the piece before. The gradients are those of the one-pass
+/// backward: each is the same sum of the same terms.
+fn backward_through_pieces(
+    body: &Body,
+    mut piece_inputs: Vec<Tensor>,
+    hidden_grad: Tensor,
+    params: &[Var],
+) -> candle_core::Result<GradStore> {
+    let mut upstream = hidden_grad;
+    let mut total: Option<GradStore> = None;
+    for index in (0..body.len()).rev() {
+        let input = match piece_inputs.pop() {
+            Some(input) if index > 0 => Some(Var::from_tensor(&input)?),
+            _ => None,
+        };
+        let output = body.run(
+            index,
+            input.as_ref().map_or(body.input_ids(), Var::as_tensor),
+        )?;
+        let mut grads = backward_from(&output, upstream)?;
+        drop(output);
+        upstream = match &input {
+            Some(input) => match grads.remove(input.as_tensor()) {
+                Some(grad) => grad,
+                None => input.as_tensor().zeros_like()?,
+            },
+            None => Tensor::zeros((), DType::F32, body.input_ids().device())?,
+        };
+        total = Some(match total {
+            None => grads,
+            Some(mut total) => {
+                for param in params {
+                    if let Some(grad) = grads.remove(param.as_tensor()) {
+                        let sum = match total.remove(param.as_tensor()) {
+                            Some(previous) => (previous + grad)?,
+                            None => grad,
+                        };
+                        total.insert(param.as_tensor(), sum);
+                    }
+                }
+                total
+            }
+        });
+    }
+    match total {
+        Some(total) => Ok(total),
+        None => candle_core::bail!("a body has at least one piece"),
+    }
 }
 
 /// A scalar node whose input's gradient is the given tensor: `Σ x·g` without computing
@@ -448,6 +532,74 @@ mod tests {
                 diff <= 1e-5 * size.max(1.0),
                 "{name} (tied {tied}): {diff} (scale {size})"
             );
+        }
+    }
+
+    /// A model whose body runs in checkpointed pieces.
+    struct Pieces<'a>(&'a crate::model::CausalLm);
+
+    impl LanguageModel for Pieces<'_> {
+        fn hidden(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+            LanguageModel::hidden(self.0, input_ids)
+        }
+
+        fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+            LanguageModel::logits(self.0, hidden)
+        }
+
+        fn vocab_size(&self) -> usize {
+            self.0.vocab_size()
+        }
+
+        fn body(&self, input_ids: &Tensor) -> Option<Body<'_>> {
+            Some(Body::new(self.0, input_ids, None))
+        }
+    }
+
+    /// Activation checkpointing changes where activations live, not the numbers: loss
+    /// and every gradient are bit-identical to the one-pass backward, for both families,
+    /// tied and untied heads.
+    #[test]
+    fn checkpointed_gradients_are_bit_identical_to_one_pass() {
+        use crate::model::{self, Gpt2Config, LlamaConfig, LlamaFlavor, ModelConfig};
+        let device = Device::Cpu;
+        let configs = [
+            ModelConfig::Llama(LlamaConfig::tiny(LlamaFlavor::Qwen2, true)),
+            ModelConfig::Llama(LlamaConfig::tiny(LlamaFlavor::Llama, false)),
+            ModelConfig::Gpt2(Gpt2Config::tiny()),
+        ];
+        for config in configs {
+            let (model, varmap) = model::new_trainable(&config, DType::F32, &device, 5).unwrap();
+            let params: Vec<Var> = model::sorted_vars(&varmap)
+                .into_iter()
+                .map(|(_, var)| var)
+                .collect();
+            let vocab = config.vocab_size() as u32;
+            let windows: Vec<Vec<u32>> = (0..2)
+                .map(|row| (0..11).map(|i| (row * 29 + i * 7 + 1) % vocab).collect())
+                .collect();
+            let batch = Batch::from_windows(&windows);
+            let run = |model: &dyn LanguageModel| {
+                loss_and_grads(model, &batch, 1.0, &params, &device)
+                    .unwrap()
+                    .unwrap()
+            };
+            let (whole_loss, whole) = run(&model);
+            let (pieces_loss, pieces) = run(&Pieces(&model));
+            assert_eq!(whole_loss.to_bits(), pieces_loss.to_bits());
+            for (name, var) in model::sorted_vars(&varmap) {
+                let want = whole.get(var.as_tensor()).unwrap();
+                let got = pieces.get(var.as_tensor()).unwrap();
+                let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(
+                    want.iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{} {name}: gradients differ",
+                    config.model_type()
+                );
+            }
         }
     }
 

@@ -35,6 +35,7 @@ use super::step::{StepError, train_step};
 use crate::data::token_cache::Batch;
 use crate::interrupt::CancelFlag;
 use crate::model::bf16_gemm::Bf16Unit;
+use crate::model::body::Body;
 use crate::model::precision::{BF16Scope, Precision};
 use crate::model::{CausalLm, named_tensors, on_pool, sorted_vars};
 use crate::path_error::{AtPath, PathIoError, write_json};
@@ -77,6 +78,8 @@ pub struct LoopSettings {
     pub keep_last: usize,
     /// Write a line to the stage log every this many steps.
     pub log_every: u64,
+    /// Recompute each block's activations in the backward pass instead of keeping them.
+    pub gradient_checkpointing: bool,
 }
 
 /// One line of [`METRICS`], tagged by `type`.
@@ -226,10 +229,11 @@ pub fn evaluate(model: &CausalLm, batches: &[Batch], device: &Device) -> candle_
 }
 
 /// The model during training: each forward pass over a micro-batch draws the LoRA
-/// dropout masks of the next key.
+/// dropout masks of the next key; with `checkpointing` the body runs in pieces.
 struct Keyed<'a> {
     model: &'a CausalLm,
     micro_batch: &'a AtomicU64,
+    checkpointing: bool,
 }
 
 impl LanguageModel for Keyed<'_> {
@@ -247,6 +251,13 @@ impl LanguageModel for Keyed<'_> {
 
     fn vocab_size(&self) -> usize {
         self.model.vocab_size()
+    }
+
+    fn body(&self, input_ids: &Tensor) -> Option<Body<'_>> {
+        self.checkpointing.then(|| {
+            let key = self.micro_batch.fetch_add(1, Ordering::Relaxed);
+            Body::new(self.model, input_ids, Some(key))
+        })
     }
 }
 
@@ -324,6 +335,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
     let forward = Keyed {
         model,
         micro_batch: &micro_batch,
+        checkpointing: settings.gradient_checkpointing,
     };
     let session = Instant::now();
     let elapsed_before = state.elapsed_s;
