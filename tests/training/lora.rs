@@ -214,6 +214,14 @@ fn qlora_trains_a_peft_adapter_as_good_as_loras() {
             "q8",
             &format!("{{ kind: qlora, quant: q8_0, rank: 8, alpha: 16, {modules} }}"),
         ),
+        stage(
+            "nf4-dropout",
+            "{ kind: qlora, rank: 8, alpha: 16, dropout: 0.1 }",
+        ),
+        stage(
+            "nf4-dropout-recomputed",
+            "{ kind: qlora, rank: 8, alpha: 16, dropout: 0.1 }, gradient_checkpointing: true",
+        ),
     ]
     .concat();
     sandbox.write("p.yaml", &common::chat_pipeline(&tail));
@@ -244,6 +252,15 @@ fn qlora_trains_a_peft_adapter_as_good_as_loras() {
         // Trained against other (quantized) base weights: not LoRA's run again.
         assert_ne!(qlora, lora, "{stage}: the base was not quantized");
     }
+    // Recomputing activations (with the dropout masks of the first pass) changes
+    // nothing: the adapters are the same bytes.
+    let weights = |stage: &str| {
+        std::fs::read(output(&sandbox, stage).join("adapter_model.safetensors")).unwrap()
+    };
+    assert!(
+        weights("nf4-dropout") == weights("nf4-dropout-recomputed"),
+        "gradient checkpointing changed the trained adapter"
+    );
 }
 
 #[test]
