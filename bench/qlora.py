@@ -123,7 +123,11 @@ def report(args) -> None:
     head = f"  {'':26} {'tokens/s':>8} {'s/step':>7} {'peak RSS':>11} {'anon':>8} {'file':>8} {'1st loss':>9}  status"
     print(head)
     print("  " + "-" * (len(head) - 2))
-    names = [("trainyard LoRA (bf16 base)", lora), (f"trainyard QLoRA ({quant})", qlora)]
+    lora_ckpt = results["trainyard"].get("lora_ckpt")
+    ckpt = " +ckpt" if results.get("qlora_checkpointing") else ""
+    names = [("trainyard LoRA (bf16 base)", lora)]
+    names += [("trainyard LoRA (bf16) +ckpt", lora_ckpt)] if lora_ckpt else []
+    names += [(f"trainyard QLoRA ({quant}){ckpt}", qlora)]
     names += [(r["side"], r) for r in results["peft"]]
     for name, r in names:
         at = r.get("at_peak") or {}
@@ -136,6 +140,7 @@ def report(args) -> None:
             rss = r.get("peak_rss_mb")
             print(f"  {name:26} {'-':>8} {'-':>7} {(f'{rss:8.0f} MB' if rss else f'{chr(45):>11}')} {anon} {file} "
                   f"{'-':>9}  {r.get('status') or 'FAILED'}")
+    print("  (+ckpt: gradient checkpointing, each block's activations recomputed in the backward pass)")
     print("  (anon / file: the largest VmRSS sample split into anonymous memory and mapped-file pages; 1st loss:")
     print("  the base's before any update, so the QLoRA sides agree when they hold the same NF4 codes)")
     if not results["peft"]:
@@ -149,6 +154,10 @@ def report(args) -> None:
         rows.append(("peak RSS, QLoRA / LoRA", rss_ratio, "<= 0.4", rss_ratio <= 0.4))
     if tps_ratio:
         rows.append(("tokens/s, QLoRA / LoRA", tps_ratio, ">= 0.7", tps_ratio >= 0.7))
+    if lora_ckpt and lora_ckpt.get("peak_rss_mb") and qlora.get("peak_rss_mb"):
+        rows.append(("peak RSS, QLoRA / LoRA, both +ckpt", qlora["peak_rss_mb"] / lora_ckpt["peak_rss_mb"], "", None))
+    if lora_ckpt and lora_ckpt.get("tokens_per_s") and qlora.get("tokens_per_s"):
+        rows.append(("tokens/s, QLoRA / LoRA, both +ckpt", qlora["tokens_per_s"] / lora_ckpt["tokens_per_s"], "", None))
     for ref in results["peft"]:
         if qlora.get("tokens_per_s") and ref.get("tokens_per_s"):
             rows.append((f"tokens/s, QLoRA / {ref['side']}", qlora["tokens_per_s"] / ref["tokens_per_s"], "", None))

@@ -7,6 +7,9 @@
 # (trainyard's default precision: a quantized base trains in f32). Then PEFT +
 # bitsandbytes QLoRA (BitsAndBytesConfig load_in_4bit, nf4, compute dtype float32 and
 # bfloat16) on the same weights, token ids, masks and batch order, if it runs on this CPU.
+# QLoRA runs with gradient checkpointing on both sides, as QLoRA is run (PEFT's
+# prepare_model_for_kbit_training turns it on); LoRA runs without it (the baseline of the
+# targets) and, for the same-settings ratio, with it.
 # Prints tokens/s and peak RSS of every side, the ratios against the issue's targets
 # (QLoRA / LoRA: peak RSS ≤ 0.4×, tokens/s ≥ 0.7×), and a memory account of the measured
 # QLoRA run projected to a 7B Qwen2 shape (target ≤ 8 GB; bench/qlora.py says how).
@@ -16,7 +19,9 @@
 # Knobs: BENCH_STEPS (default 5), BENCH_WARMUP (first steps not timed, default 2),
 # BENCH_BATCH (1), BENCH_SIZE (1.5b; 0.5b, or tiny: a 2-layer model with the same
 # vocabulary, to try the script out), BENCH_QUANT (nf4; q4_0, q8_0: trainyard only),
-# BENCH_PEFT_DTYPES (the reference's compute dtypes, default float32,bfloat16; "none"
+# BENCH_CHECKPOINTING (1: QLoRA sides recompute activations, and a LoRA side with it is
+# added; 0: no side does), BENCH_PEFT_DTYPES (the reference's compute dtypes, default
+# float32,bfloat16; "none"
 # skips PEFT), BENCH_THREADS (default nproc, every side), BENCH_RSS_LIMIT_MB (a measured
 # process is stopped above it; default 85% of the memory), BENCH_SEED (pipeline seed, 7),
 # BENCH_VENV (an existing venv with the pinned torch, transformers and peft, instead of
@@ -45,6 +50,7 @@ QUANT="${BENCH_QUANT:-nf4}"
 PEFT_DTYPES="${BENCH_PEFT_DTYPES:-float32,bfloat16}"
 THREADS="${BENCH_THREADS:-$(nproc)}"
 SEED="${BENCH_SEED:-7}"
+CHECKPOINTING="${BENCH_CHECKPOINTING:-1}"
 LIMIT_MB="${BENCH_RSS_LIMIT_MB:-$(awk '/MemTotal/ { printf "%d", $2 / 1024 * 0.85 }' /proc/meminfo)}"
 SEQ=512
 RANK=16
@@ -115,7 +121,7 @@ chats="$work/chats-$((BATCH * STEPS)).jsonl"
 
 # One workspace, one token cache, two SFT stages that differ only in the adapter kind.
 ws="$(mktemp -d "$work/ws.XXXXXX")"
-adapter_stage() {  # name adapter-kind extra
+adapter_stage() {  # name adapter-kind adapter-extra checkpointing
     cat <<YAML
   $1:
     kind: sft
@@ -135,6 +141,7 @@ adapter_stage() {  # name adapter-kind extra
       eval_batches: 0
       save_every: 0
       log_every: 1
+      gradient_checkpointing: $4
 YAML
 }
 {
@@ -147,8 +154,9 @@ stages:
     inputs: { train: $chats, tokenizer: $base }
     with: { mode: sft, chat_template: model, max_len: $SEQ, truncation: keep_start }
 YAML
-    adapter_stage lora lora ""
-    adapter_stage qlora qlora ", quant: $QUANT"
+    adapter_stage lora lora "" false
+    adapter_stage lora-ckpt lora "" true
+    adapter_stage qlora qlora ", quant: $QUANT" "$( ((CHECKPOINTING)) && echo true || echo false)"
 } >"$ws/pipeline.yaml"
 "$trainyard" run "$ws/pipeline.yaml" --workspace "$ws" --until chat-cache >&2
 cache="$(readlink -f "$ws/runs/latest/outputs/chat-cache")"
@@ -184,7 +192,7 @@ run_peft() {  # dtype out
             --timeline "$ws/rss-peft-$1.tsv" \
             "$py" "$bench_dir/qlora.py" peft --quant "$QUANT" --base "$base" --cache "$cache" --steps "$STEPS" \
             --warmup "$WARMUP" --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --alpha "$ALPHA" --dtype "$1" \
-            --threads "$THREADS" --order-seed "$SEED" --json "$2" 2>"$ws/peft-$1.log")"; then
+            --threads "$THREADS" --order-seed "$SEED" --json "$2" "${peft_checkpointing[@]}" 2>"$ws/peft-$1.log")"; then
         last="$(grep -v '^\s*$' "$ws/peft-$1.log" | tail -n 1 | cut -c1-200)"
         say "PEFT $1 failed: $last"
         "$py" -c 'import json, sys
@@ -204,7 +212,14 @@ json.dump({**r, "at_peak": m["at_peak"], "max_anon_mb": m["max_anon_mb"], "wall_
 busy="$(awk -v cores="$(nproc)" '$1 > 0.25 * cores { print $1 }' /proc/loadavg)"
 [[ -z "$busy" ]] || say "warning: load average $busy before the runs: other work shares the cores, figures will be noisy"
 load_before="$(load)"
+peft_checkpointing=()
+((CHECKPOINTING)) && peft_checkpointing=(--gradient-checkpointing)
 run_trainyard lora "$ws/lora.json"
+if ((CHECKPOINTING)); then
+    run_trainyard lora-ckpt "$ws/lora-ckpt.json"
+else
+    echo '{"skipped": true}' >"$ws/lora-ckpt.json"
+fi
 run_trainyard qlora "$ws/qlora.json"
 refs=()
 for dtype in "${peft_dtypes[@]}"; do
@@ -217,10 +232,10 @@ dirty="$(git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/nu
 "$py" - "$results" "$base" "$SIZE" "$QUANT" "$STEPS" "$WARMUP" "$BATCH" "$SEQ" "$RANK" "$ALPHA" "$THREADS" \
     "$load_before" "$(load)" "$("$trainyard" --version)" \
     "commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$dirty" "$peft_note" \
-    "$ws/lora.json" "$ws/qlora.json" "${refs[@]}" <<'PY'
+    "$ws/lora.json" "$ws/lora-ckpt.json" "$ws/qlora.json" "${refs[@]}" <<'PY'
 import json, os, pathlib, sys
 (out, base, size, quant, steps, warmup, batch, seq, rank, alpha, threads, before, after, version, commit, note,
- lora, qlora, *refs) = sys.argv[1:]
+ lora, lora_ckpt, qlora, *refs) = sys.argv[1:]
 cpuinfo = open("/proc/cpuinfo").read()
 model = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), "?")
 flags = cpuinfo.split("flags", 1)[1].split("\n", 1)[0].split()
@@ -228,7 +243,9 @@ json.dump({
     "size": size, "base": base, "config": json.loads((pathlib.Path(base) / "config.json").read_text()),
     "quant": quant, "steps": int(steps), "warmup": int(warmup), "batch": int(batch), "seq": int(seq),
     "rank": int(rank), "alpha": int(alpha), "threads": int(threads),
-    "trainyard": {"lora": json.load(open(lora)), "qlora": json.load(open(qlora))},
+    "trainyard": {"lora": json.load(open(lora)), "qlora": json.load(open(qlora)),
+                  **({} if json.load(open(lora_ckpt)).get("skipped") else {"lora_ckpt": json.load(open(lora_ckpt))})},
+    "qlora_checkpointing": os.environ.get("BENCH_CHECKPOINTING", "1") != "0",
     "peft": [json.load(open(r)) for r in refs], "peft_note": note or None,
     "trainyard_version": version, "trainyard_commit": commit,
     "cpu": {"model": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags},

@@ -238,8 +238,9 @@ def run_peft(args) -> None:
     if args.quant == "nf4":
         # QLoRA as PEFT users load it: the block projections as bitsandbytes Linear4bit
         # (NF4, blocks of 64, f32 absmax, no double quantization), computing in `dtype`;
-        # embeddings, norms and the head in `dtype`. No prepare_model_for_kbit_training:
-        # it turns on gradient checkpointing, which trainyard does not do either.
+        # embeddings, norms and the head in `dtype`. No prepare_model_for_kbit_training (it
+        # also upcasts the norms and embeddings to f32): gradient checkpointing is turned
+        # on below, when the trainyard side has it.
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                    bnb_4bit_use_double_quant=False)
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype, quantization_config=quant,
@@ -249,6 +250,10 @@ def run_peft(args) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
         footprint = None
     model.config.use_cache = False
+    if args.gradient_checkpointing:
+        # As trainyard's `gradient_checkpointing`: each decoder layer's input kept, its
+        # activations recomputed in the backward pass.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                                              target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"))
     model.train()
@@ -273,7 +278,8 @@ def run_peft(args) -> None:
     measured = [s["seconds"] for s in steps[args.warmup:]]
     tokens = args.batch * args.seq
     pathlib.Path(args.json).write_text(json.dumps({
-        "side": side,
+        "side": side + (" +ckpt" if args.gradient_checkpointing else ""),
+        "gradient_checkpointing": args.gradient_checkpointing,
         "dtype": args.dtype,
         "quant": None if args.quant == "none" else args.quant,
         "warmup": args.warmup,
@@ -398,6 +404,7 @@ def add_commands(sub) -> dict:
     p.add_argument("--quant", choices=["none", "nf4"], default="none",
                    help="nf4: QLoRA, the base's projections loaded 4-bit by bitsandbytes")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
     p.add_argument("--order-seed", type=int, required=True, help="the pipeline's seed")
     p.add_argument("--json", required=True, help="where the results go")
     p = sub.add_parser("trainyard-metrics")
