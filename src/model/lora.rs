@@ -68,7 +68,7 @@ pub struct LoraSpec {
     pub trainable_tokens: BTreeMap<String, Vec<u32>>,
     /// QLoRA: the base's block projections held quantized this way while training
     /// (`None`: as stored). The adapter written is the same PEFT LoRA adapter.
-    pub quant: Option<super::quant::QuantKind>,
+    pub quant: Option<super::quant::QuantSpec>,
 }
 
 /// The adapter tensor holding a module's trainable token rows (PEFT's name).

@@ -22,7 +22,8 @@ use rayon::prelude::*;
 
 use super::ModelError;
 use super::bf16_gemm::{self, Bf16Unit, MatRef};
-use super::quant::{QuantError, QuantKind, Quantized};
+use super::quant::{QuantError, QuantKind, QuantSpec, Quantized};
+use super::quantized_files::{StoredView, read_matrix};
 use crate::path_error::AtPath;
 
 /// The element types a [`MappedMatrix`] holds.
@@ -136,15 +137,28 @@ impl MappedMatrix {
             rows * cols,
             "`{name}`: values for [{rows}, {cols}]"
         );
-        Ok(MappedMatrix {
+        Ok(MappedMatrix::from_quantized(
+            name,
+            (rows, cols),
+            super::quant::quantize(kind, values, cols)?,
+        ))
+    }
+
+    /// The `[rows, cols]` matrix held as `quantized` (a stored QLoRA base).
+    pub fn from_quantized(
+        name: &str,
+        (rows, cols): (usize, usize),
+        quantized: Quantized,
+    ) -> MappedMatrix {
+        MappedMatrix {
             map: Bytes::Owned(Arc::new(Vec::new())),
             offset: 0,
             rows,
             cols,
             kind: HalfType::F16,
             name: name.to_string(),
-            quantized: Some(Arc::new(super::quant::quantize(kind, values, cols)?)),
-        })
+            quantized: Some(Arc::new(quantized)),
+        }
     }
 
     /// `[rows, cols]`.
@@ -740,6 +754,13 @@ struct Entry {
     dtype: safetensors::Dtype,
 }
 
+impl Entry {
+    /// The tensor's length in bytes.
+    fn bytes(&self) -> usize {
+        (self.shape.iter().product::<usize>() * self.dtype.bitsize()).div_ceil(8)
+    }
+}
+
 /// The tensors of a model's safetensors files, mapped read-only, by name.
 #[derive(Debug, Clone, Default)]
 pub struct MappedSafetensors {
@@ -751,7 +772,7 @@ pub struct MappedSafetensors {
     /// Those rounded matrices by name, made once (a tied head reads the embedding's).
     rounded: Arc<std::sync::Mutex<BTreeMap<String, Arc<Vec<u8>>>>>,
     /// Whether the blocks' projections are served quantized (a QLoRA base).
-    quantize: Option<QuantKind>,
+    quantize: Option<QuantSpec>,
 }
 
 impl MappedSafetensors {
@@ -796,12 +817,48 @@ impl MappedSafetensors {
             safetensors::Dtype::F32 => self.f32_as_bf16 && entry.shape.len() == 2,
             _ => false,
         }) || (self.quantize.is_some() && self.entries.keys().any(|name| is_projection(name)))
+            || self
+                .entries
+                .keys()
+                .any(|name| name.contains(".quant_state."))
+    }
+
+    /// Tensor `name` read in place.
+    fn view(&self, name: &str) -> Option<StoredView<'_>> {
+        let entry = self.entries.get(name)?;
+        let len = entry.bytes();
+        Some(StoredView {
+            dtype: entry.dtype,
+            shape: &entry.shape,
+            data: self.maps[entry.file].get(entry.offset..entry.offset + len)?,
+        })
+    }
+
+    /// Lets the kernel drop the mapped pages of `entry` (read once to quantize or copy
+    /// it): clean file pages, read again if ever needed, that would otherwise count in
+    /// the process's memory for as long as the file stays mapped.
+    fn release(&self, entry: &Entry) {
+        const PAGE: usize = 4096;
+        let bytes = entry.bytes();
+        let start = entry.offset.next_multiple_of(PAGE);
+        let end = (entry.offset + bytes) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the map is read-only and private: dropping its pages only makes the
+            // next read of them fetch the file again; a refused advice changes nothing.
+            let _ = unsafe {
+                self.maps[entry.file].unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
     }
 
     /// These files with the projections of their blocks (`….layers.N.….*_proj.weight`)
     /// served as `kind`, quantized one matrix at a time as the model loads; embeddings,
     /// norms and the head stay as stored (QLoRA's base).
-    pub fn with_quantized_projections(mut self, kind: QuantKind) -> MappedSafetensors {
+    pub fn with_quantized_projections(mut self, kind: QuantSpec) -> MappedSafetensors {
         self.quantize = Some(kind);
         self
     }
@@ -889,6 +946,20 @@ impl MappedSafetensors {
         let Some(entry) = self.entries.get(name) else {
             return Ok(None);
         };
+        let stored = read_matrix(name, (rows, cols), |key| self.view(key)).map_err(|message| {
+            ModelError::Safetensors {
+                path: self.paths[entry.file].clone(),
+                message,
+            }
+        })?;
+        if let Some(quantized) = stored {
+            self.release(entry);
+            return Ok(Some(MappedMatrix::from_quantized(
+                name,
+                (rows, cols),
+                quantized,
+            )));
+        }
         if let Some(quant) = self.quantize.filter(|_| is_projection(name)) {
             let error = |message: String| ModelError::Safetensors {
                 path: self.paths[entry.file].clone(),
@@ -901,9 +972,14 @@ impl MappedSafetensors {
                 )));
             }
             let values = self.values_f32(entry, rows * cols).map_err(error)?;
-            return MappedMatrix::quantized(name, (rows, cols), &values, quant)
-                .map(Some)
-                .map_err(|quant_error| error(quant_error.to_string()));
+            self.release(entry);
+            let (quantized, _) = super::quant::quantize_spec(quant, &values, cols)
+                .map_err(|quant_error| error(quant_error.to_string()))?;
+            return Ok(Some(MappedMatrix::from_quantized(
+                name,
+                (rows, cols),
+                quantized,
+            )));
         }
         let kind = match entry.dtype {
             safetensors::Dtype::BF16 => HalfType::Bf16,
@@ -938,7 +1014,7 @@ impl MappedSafetensors {
 
 /// Whether `name` is a projection inside a transformer block (what a QLoRA base
 /// quantizes): `….layers.N.self_attn.q_proj.weight`, `….layers.N.mlp.down_proj.weight`.
-fn is_projection(name: &str) -> bool {
+pub(crate) fn is_projection(name: &str) -> bool {
     name.contains(".layers.") && name.ends_with("_proj.weight")
 }
 

@@ -37,6 +37,7 @@ pub mod lora;
 pub mod mapped;
 pub mod precision;
 pub mod quant;
+pub mod quantized_files;
 pub mod shards;
 #[cfg(test)]
 mod testing;
@@ -59,6 +60,7 @@ pub use gpt2::{Gpt2, Gpt2Config};
 pub use kv_cache::KvCache;
 pub use llama::{Llama, Llama3RopeScaling, LlamaConfig, LlamaFlavor};
 pub use mapped::MappedSafetensors;
+pub use quantized_files::StoredTensor;
 pub use shards::safetensors_files;
 
 /// Runs `work` on a thread of rayon's pool and waits for it. A forward or backward pass
@@ -804,6 +806,40 @@ pub fn new_lora(
         }
     }
     let files = safetensors_files(dir)?;
+    match (quantized_base(dir)?, spec.quant) {
+        (Some(stored), None) => {
+            return Err(unsupported(
+                quantized_files::CONFIG_KEY,
+                format!(
+                    "the base holds {}-quantized weights: train on it with `adapter: {{ kind: \
+                     qlora }}` (LoRA adapts a full-precision base)",
+                    stored.kind.as_str()
+                ),
+            ));
+        }
+        (Some(stored), Some(wanted)) if stored != wanted => {
+            return Err(unsupported(
+                quantized_files::CONFIG_KEY,
+                format!(
+                    "the base is quantized as {}{}, the adapter asks for {}{}: leave \
+                     `adapter.quant` out to train on the stored codes",
+                    stored.kind.as_str(),
+                    if stored.double_quant {
+                        " (double_quant)"
+                    } else {
+                        ""
+                    },
+                    wanted.kind.as_str(),
+                    if wanted.double_quant {
+                        " (double_quant)"
+                    } else {
+                        ""
+                    },
+                ),
+            ));
+        }
+        _ => {}
+    }
     if spec.quant.is_some() && !(dtype == DType::F32 && device.is_cpu()) {
         return Err(unsupported(
             "quant",
@@ -1012,12 +1048,10 @@ pub fn save_safetensors(varmap: &VarMap, path: &Path) -> Result<(), ModelError> 
 /// A tied `lm_head` is not a separate parameter and is not written, as in
 /// transformers' own files.
 pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), ModelError> {
-    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut buffers: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, tensor) in sorted {
+    let mut stored = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
         let flat = tensor.flatten_all()?;
-        let (dtype, bytes) = match flat.dtype() {
+        let (dtype, data) = match flat.dtype() {
             DType::F64 => (safetensors::Dtype::F64, le_bytes(&flat, f64::to_le_bytes)?),
             DType::BF16 => (
                 safetensors::Dtype::BF16,
@@ -1032,18 +1066,58 @@ pub fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), Mod
                 le_bytes(&flat.to_dtype(DType::F32)?, f32::to_le_bytes)?,
             ),
         };
-        buffers.push((name, dtype, tensor.dims().to_vec(), bytes));
+        let shape = tensor.dims().to_vec();
+        stored.push((name.clone(), StoredTensor { dtype, shape, data }));
     }
-    let mut views = Vec::with_capacity(buffers.len());
-    for (name, dtype, shape, bytes) in &buffers {
-        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-            .map_err(|error| ModelError::safetensors(path, format!("tensor `{name}`: {error}")))?;
-        views.push((name.to_string(), view));
+    save_stored(&stored, path)
+}
+
+/// Writes tensors given as bytes to the safetensors file `path` (names sorted, as
+/// [`save_tensors`] does).
+pub fn save_stored(tensors: &[(String, StoredTensor)], path: &Path) -> Result<(), ModelError> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let view =
+            safetensors::tensor::TensorView::new(tensor.dtype, tensor.shape.clone(), &tensor.data)
+                .map_err(|error| {
+                    ModelError::safetensors(path, format!("tensor `{name}`: {error}"))
+                })?;
+        views.push((name.as_str(), view));
     }
+    views.sort_by(|a, b| a.0.cmp(b.0));
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::tensor::serialize_to_file(views, Some(metadata), path)
         .map_err(|error| ModelError::safetensors(path, error))?;
     Ok(crate::atomic_file::use_default_permissions(path).at(path)?)
+}
+
+/// How the model directory `dir` is quantized, from its `config.json`'s
+/// `quantization_config` (`None`: it is not).
+pub fn quantized_base(dir: &Path) -> Result<Option<quant::QuantSpec>, ModelError> {
+    let path = config_path(dir);
+    let text = std::fs::read_to_string(&path).at(&path)?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|error| ModelError::json(&path, error))?;
+    quantized_files::read_config_entry(&value)
+        .map_err(|message| ModelError::unsupported(&path, quantized_files::CONFIG_KEY, message))
+}
+
+/// An error unless `dir` holds full-precision weights: a quantized base (`kind:
+/// quantize`) only serves QLoRA.
+pub fn require_unquantized(dir: &Path) -> Result<(), ModelError> {
+    match quantized_base(dir)? {
+        None => Ok(()),
+        Some(base) => Err(ModelError::unsupported(
+            &config_path(dir),
+            quantized_files::CONFIG_KEY,
+            format!(
+                "{} holds {}-quantized weights: it is a base for `sft` with `adapter: {{ kind: \
+                 qlora }}` only; give this stage the full-precision model it was made from",
+                dir.display(),
+                base.kind.as_str()
+            ),
+        )),
+    }
 }
 
 /// The values of the 1-D `tensor` as little-endian bytes, by `bytes`.
@@ -1095,7 +1169,7 @@ pub fn frozen_builders(
     dtype: DType,
     device: &Device,
     (gpt2_unprefixed, f32_as_bf16): (bool, bool),
-    quantize: Option<quant::QuantKind>,
+    quantize: Option<quant::QuantSpec>,
 ) -> Result<lora::Builders<'static>, ModelError> {
     // SAFETY: the files are mapped read-only; trainyard never writes to a model
     // directory it is reading, and candle copies each tensor out of the map on load.
@@ -1144,6 +1218,7 @@ pub fn load_pretrained_with(
     device: &Device,
     f32_as_bf16: bool,
 ) -> Result<(CausalLm, ModelConfig), ModelError> {
+    require_unquantized(dir)?;
     let config = load_config(dir)?;
     let files = safetensors_files(dir)?;
     let unprefixed = matches!(config, ModelConfig::Gpt2(_)) && {
@@ -1175,6 +1250,7 @@ pub fn load_trainable_with_tokens(
     device: &Device,
     added: &[u32],
 ) -> Result<(CausalLm, VarMap, ModelConfig), ModelError> {
+    require_unquantized(dir)?;
     let config = load_config(dir)?;
     let rows = config.vocab_size();
     let vocab = vocab::grown_vocab(rows, added);

@@ -44,6 +44,36 @@ impl QuantKind {
     }
 }
 
+/// How a base's projections are quantized: the format and, for NF4, whether the block
+/// scales are quantized too (QLoRA's double quantization).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuantSpec {
+    /// The format.
+    pub kind: QuantKind,
+    /// NF4 only: block scales in 8 bits ([`NestedAbsmax`]).
+    pub double_quant: bool,
+}
+
+/// `values` (rows of `cols`) quantized as `spec` says, with the compressed scales when
+/// it asks for double quantization: the returned NF4 then holds the scales as they are
+/// restored from those, the numbers bitsandbytes computes with.
+pub fn quantize_spec(
+    spec: QuantSpec,
+    values: &[f32],
+    cols: usize,
+) -> Result<(Quantized, Option<NestedAbsmax>), QuantError> {
+    let mut quantized = quantize(spec.kind, values, cols)?;
+    let nested = match (&mut quantized, spec.double_quant) {
+        (Quantized::Nf4(codes), true) => {
+            let nested = NestedAbsmax::compress(&codes.absmax);
+            codes.absmax = nested.restore();
+            Some(nested)
+        }
+        _ => None,
+    };
+    Ok((quantized, nested))
+}
+
 /// Why a matrix cannot be quantized.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
@@ -275,6 +305,114 @@ impl Nf4 {
     pub fn bytes(&self) -> usize {
         self.packed.len() + 4 * self.absmax.len()
     }
+}
+
+/// Scales per block of double quantization (bitsandbytes' `nested_blocksize`).
+pub const NESTED_BLOCK: usize = 256;
+
+/// bitsandbytes' signed 8-bit "dynamic" code (`create_dynamic_map(signed=True)`):
+/// for each decade `10^-6 … 10^0`, the midpoints of `2^i + 1` points evenly spaced in
+/// [0.1, 1] times the decade, both signs, then 0 and 1, sorted; computed in f32 as torch
+/// does (`linspace`, the midpoints and the products), so the table is bit for bit the
+/// one bitsandbytes saves as `nested_quant_map`.
+pub fn dynamic_code() -> [f32; 256] {
+    let mut code: Vec<f32> = Vec::with_capacity(256);
+    for exponent in 0..7 {
+        let items = (1usize << exponent) + 1;
+        // torch.linspace(0.1, 1, items) in f32: start + i·step up to the middle, then from
+        // the end back.
+        let (start, end) = (0.1f32, 1.0f32);
+        let step = (end - start) / (items - 1) as f32;
+        let point = |i: usize| {
+            if i < items / 2 {
+                start + step * i as f32
+            } else {
+                end - step * (items - 1 - i) as f32
+            }
+        };
+        let scale = 10f64.powi(exponent - 6);
+        for i in 0..items - 1 {
+            let mean = (point(i) + point(i + 1)) / 2.0;
+            code.push(scale as f32 * mean);
+            code.push(-scale as f32 * mean);
+        }
+    }
+    code.push(0.0);
+    code.push(1.0);
+    code.sort_by(f32::total_cmp);
+    let mut out = [0f32; 256];
+    out.copy_from_slice(&code);
+    out
+}
+
+/// Block scales stored in 8 bits (QLoRA's double quantization): the scales less their
+/// mean, quantized block-wise with [`dynamic_code`], [`NESTED_BLOCK`] a block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NestedAbsmax {
+    /// One code per scale.
+    pub codes: Vec<u8>,
+    /// Each block's absolute maximum of the centred scales.
+    pub nested_absmax: Vec<f32>,
+    /// The mean subtracted before quantizing.
+    pub offset: f32,
+    /// The code the codes index.
+    pub code: Vec<f32>,
+}
+
+impl NestedAbsmax {
+    /// `absmax` compressed as bitsandbytes' `quantize_4bit(compress_statistics=True)`
+    /// does: nearest code to `(scale - mean) / block absmax`, ties to the lower one.
+    pub fn compress(absmax: &[f32]) -> NestedAbsmax {
+        NestedAbsmax::compress_with(absmax, &dynamic_code())
+    }
+
+    /// [`NestedAbsmax::compress`] with another sorted 256-entry `code` (bitsandbytes
+    /// computes its table at run time with torch, whose `linspace` may round the last bit
+    /// differently from one CPU to another; the table is saved with the scales).
+    pub fn compress_with(absmax: &[f32], code: &[f32]) -> NestedAbsmax {
+        let mean =
+            absmax.iter().map(|&value| f64::from(value)).sum::<f64>() / absmax.len().max(1) as f64;
+        let offset = mean as f32;
+        let mut codes = Vec::with_capacity(absmax.len());
+        let mut nested_absmax = Vec::with_capacity(absmax.len().div_ceil(NESTED_BLOCK));
+        for block in absmax.chunks(NESTED_BLOCK) {
+            let centred: Vec<f32> = block.iter().map(|&value| value - offset).collect();
+            let max = centred.iter().fold(0f32, |max, value| max.max(value.abs()));
+            nested_absmax.push(max);
+            codes.extend(centred.iter().map(|&value| nearest_code(code, value / max)));
+        }
+        NestedAbsmax {
+            codes,
+            nested_absmax,
+            offset,
+            code: code.to_vec(),
+        }
+    }
+
+    /// The scales as bitsandbytes restores them: `code[q] · nested absmax + offset`, in
+    /// f32.
+    pub fn restore(&self) -> Vec<f32> {
+        self.codes
+            .iter()
+            .enumerate()
+            .map(|(index, &q)| {
+                self.code[usize::from(q)] * self.nested_absmax[index / NESTED_BLOCK] + self.offset
+            })
+            .collect()
+    }
+}
+
+/// The index of the entry of the sorted `code` nearest to `value`: the last entry not
+/// above it, or the next one when that is strictly closer (bitsandbytes' CPU search).
+fn nearest_code(code: &[f32], value: f32) -> u8 {
+    let below = code
+        .partition_point(|&level| level <= value)
+        .saturating_sub(1);
+    let index = match code.get(below + 1) {
+        Some(&next) if (value - next).abs() < (value - code[below]).abs() => below + 1,
+        _ => below,
+    };
+    index as u8
 }
 
 #[cfg(test)]

@@ -13,11 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, invalid,
+    StageOutcome, copy_tokenizer, invalid,
 };
 use crate::model::{self, ModelError, lora, shards};
-use crate::path_error::AtPath;
-use crate::tokenize::load::tokenizer_file;
 
 /// Settings of a `lora-merge` stage (none yet; the adapter carries its own spec).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
@@ -46,6 +44,7 @@ impl StageKind for LoraMerge {
     ) -> Result<StageOutcome, StageError> {
         let base = &context.inputs["base"];
         let adapter = &context.inputs["adapter"];
+        model::require_unquantized(base)?;
         let config = model::load_config(base)?;
         if !adapter.join(lora::ADAPTER_CONFIG).exists() && adapter.join("config.json").is_file() {
             return Err(invalid(format!(
@@ -105,22 +104,7 @@ impl StageKind for LoraMerge {
         );
         config.save_with_dtype(context.out_dir, dtype)?;
         // The tokenizer travels with the model: the adapter's (what SFT used), else the base's.
-        let tokenizer = tokenizer_file(adapter)
-            .ok()
-            .filter(|path| path.is_file())
-            .or_else(|| tokenizer_file(base).ok().filter(|path| path.is_file()));
-        if let Some(tokenizer) = tokenizer {
-            let copy = context.out_dir.join("tokenizer.json");
-            std::fs::copy(&tokenizer, &copy).at(copy)?;
-            crate::tokenize::template::copy_companions(&tokenizer, context.out_dir).map_err(
-                |error| {
-                    StageError::io(
-                        format!("copying {}'s companions", tokenizer.display()),
-                        error,
-                    )
-                },
-            )?;
-        }
+        copy_tokenizer(&[adapter, base], context.out_dir)?;
         let _ = writeln!(
             context.log,
             "merged a rank-{} adapter (α {}) on {} into {changed} tensors of {} ({} shard(s), {})",

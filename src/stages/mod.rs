@@ -8,6 +8,7 @@ pub mod export;
 pub mod ingest;
 pub mod lora_merge;
 pub mod pretrain;
+pub mod quantize;
 pub mod sft;
 pub mod token_cache;
 pub mod tokenizer;
@@ -468,6 +469,29 @@ fn run_erased<K: StageKind>(
     K::run(&settings, context)
 }
 
+/// Copies the first `tokenizer.json` found in `sources` into `out_dir`, with its
+/// companions (`tokenizer_config.json`, the chat template, …): a model written by a
+/// stage carries the tokenizer it was trained with. Nothing when none has one.
+pub fn copy_tokenizer(sources: &[&Path], out_dir: &Path) -> Result<(), StageError> {
+    use crate::path_error::AtPath;
+    let Some(tokenizer) = sources.iter().find_map(|dir| {
+        crate::tokenize::load::tokenizer_file(dir)
+            .ok()
+            .filter(|path| path.is_file())
+    }) else {
+        return Ok(());
+    };
+    let copy = out_dir.join("tokenizer.json");
+    std::fs::copy(&tokenizer, &copy).at(copy)?;
+    crate::tokenize::template::copy_companions(&tokenizer, out_dir).map_err(|error| {
+        StageError::io(
+            format!("copying {}'s companions", tokenizer.display()),
+            error,
+        )
+    })?;
+    Ok(())
+}
+
 /// Every stage kind trainyard knows.
 pub static KINDS: &[KindEntry] = &[
     KindEntry::of::<command::Command>(),
@@ -477,6 +501,7 @@ pub static KINDS: &[KindEntry] = &[
     KindEntry::of::<pretrain::Pretrain>(),
     KindEntry::of::<sft::Sft>(),
     KindEntry::of::<lora_merge::LoraMerge>(),
+    KindEntry::of::<quantize::Quantize>(),
     KindEntry::of::<export::Export>(),
     KindEntry::of::<evaluate::Evaluate>(),
 ];

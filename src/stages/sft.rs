@@ -23,7 +23,7 @@ use crate::data::token_cache::{
     Batch, SftBatcher, SftExamples, SftPosition, TOKENIZER_DIR, TokenCache,
 };
 use crate::model;
-use crate::model::quant::QuantKind;
+use crate::model::quant::{QuantKind, QuantSpec};
 use crate::path_error::AtPath;
 use crate::tokenize::load::tokenizer_file;
 use crate::train::checkpoint::ModelFiles;
@@ -81,6 +81,10 @@ pub struct AdapterSetting {
     /// Embeddings, norms and the head stay as stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quant: Option<QuantKind>,
+    /// `qlora` with `nf4` only: the block scales quantized too (QLoRA's double
+    /// quantization).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub double_quant: bool,
 }
 
 impl Default for AdapterSetting {
@@ -93,6 +97,7 @@ impl Default for AdapterSetting {
             targets: default_targets(),
             modules_to_save: Vec::new(),
             quant: None,
+            double_quant: false,
         }
     }
 }
@@ -211,6 +216,15 @@ impl StageKind for Sft {
         let adapter = &settings.adapter;
         if adapter.quant.is_some() && adapter.kind != AdapterKind::Qlora {
             return Err("`adapter.quant` applies to `kind: qlora` only".to_string());
+        }
+        if adapter.double_quant
+            && (adapter.kind != AdapterKind::Qlora
+                || adapter.quant.is_some_and(|quant| quant != QuantKind::Nf4))
+        {
+            return Err(
+                "`adapter.double_quant` applies to `kind: qlora` with `quant: nf4` only"
+                    .to_string(),
+            );
         }
         if adapter.kind.is_adapter() {
             if adapter.rank == 0 {
@@ -394,8 +408,18 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         modules_to_save: settings.adapter.modules_to_save.clone(),
         dropout: settings.adapter.dropout,
         trainable_tokens,
+        // A base already quantized (a `quantize` stage) is trained on as stored.
         quant: match settings.adapter.kind {
-            AdapterKind::Qlora => Some(settings.adapter.quant.unwrap_or_default()),
+            AdapterKind::Qlora => Some(match settings.adapter.quant {
+                Some(kind) => QuantSpec {
+                    kind,
+                    double_quant: settings.adapter.double_quant,
+                },
+                None => model::quantized_base(base)?.unwrap_or(QuantSpec {
+                    kind: QuantKind::Nf4,
+                    double_quant: settings.adapter.double_quant,
+                }),
+            }),
             _ => None,
         },
     };
