@@ -22,19 +22,38 @@ pub struct Body<'a> {
     model: &'a CausalLm,
     input_ids: Tensor,
     dropout_key: Option<u64>,
+    recomputed_blocks: usize,
     shared: OnceCell<Shared>,
 }
 
 impl<'a> Body<'a> {
     /// The body of `model` over `input_ids` `[B, T]`; LoRA dropout masks keyed by
     /// `dropout_key` while a piece runs (`None`: no dropout), so that a piece recomputed
-    /// for its backward pass draws the masks its first run drew.
-    pub fn new(model: &'a CausalLm, input_ids: &Tensor, dropout_key: Option<u64>) -> Body<'a> {
+    /// for its backward pass draws the masks its first run drew. The first
+    /// `recomputed_blocks` blocks (all of them when it is at least their number) are
+    /// recomputed in the backward pass; the others keep their activations.
+    pub fn new(
+        model: &'a CausalLm,
+        input_ids: &Tensor,
+        dropout_key: Option<u64>,
+        recomputed_blocks: usize,
+    ) -> Body<'a> {
         Body {
             model,
             input_ids: input_ids.clone(),
             dropout_key,
+            recomputed_blocks,
             shared: OnceCell::new(),
+        }
+    }
+
+    /// How many leading pieces are recomputed: the embedding and the first
+    /// `recomputed_blocks` blocks, and the final norm too when every block is.
+    pub fn recomputed(&self) -> usize {
+        let blocks = self.model.num_layers();
+        match self.recomputed_blocks >= blocks {
+            true => blocks + 2,
+            false => 1 + self.recomputed_blocks,
         }
     }
 

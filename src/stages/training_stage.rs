@@ -134,16 +134,50 @@ pub struct TrainingSettings<D: LoopDefaults> {
     /// out of the fingerprint when `f32`.
     #[serde(default, skip_serializing_if = "Precision::is_default")]
     pub precision: Precision,
-    /// Activation checkpointing: keep only each block's input during the forward pass
-    /// and recompute the block's activations in the backward pass. Memory for
+    /// Activation checkpointing: `true` keeps only each block's input during the forward
+    /// pass and recomputes the block's activations in the backward pass (memory for
     /// activations drops from all of every block's to one hidden state per block, for
-    /// about a third more compute; the gradients are the same. Left out of the
-    /// fingerprint when off.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub gradient_checkpointing: bool,
+    /// one more forward pass of compute: a third more when every weight trains, half
+    /// more on a frozen base); a number N recomputes the first N blocks only and the
+    /// others keep their activations (between the two). The gradients are the same.
+    /// Left out of the fingerprint when off.
+    #[serde(default, skip_serializing_if = "Checkpointing::is_off")]
+    pub gradient_checkpointing: Checkpointing,
     #[serde(skip)]
     #[schemars(skip)]
     defaults: PhantomData<D>,
+}
+
+/// The `gradient_checkpointing` setting: on or off, or how many blocks recompute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Checkpointing {
+    /// Every block (`true`) or none (`false`).
+    All(bool),
+    /// The first this many blocks.
+    Blocks(usize),
+}
+
+impl Default for Checkpointing {
+    fn default() -> Self {
+        Checkpointing::All(false)
+    }
+}
+
+impl Checkpointing {
+    /// Whether nothing is recomputed.
+    pub fn is_off(&self) -> bool {
+        matches!(self, Checkpointing::All(false) | Checkpointing::Blocks(0))
+    }
+
+    /// Blocks recomputed (`usize::MAX`: all), `None` when off.
+    pub fn recomputed_blocks(&self) -> Option<usize> {
+        match *self {
+            _ if self.is_off() => None,
+            Checkpointing::All(_) => Some(usize::MAX),
+            Checkpointing::Blocks(blocks) => Some(blocks),
+        }
+    }
 }
 
 fn default_batch_size() -> usize {
@@ -185,7 +219,7 @@ impl<D: LoopDefaults> TrainingSettings<D> {
             save_every: self.save_every.unwrap_or(eval_every),
             keep_last: self.keep_last,
             log_every: self.log_every,
-            gradient_checkpointing: self.gradient_checkpointing,
+            gradient_checkpointing: self.gradient_checkpointing.recomputed_blocks(),
         }
     }
 

@@ -233,9 +233,12 @@ fn chunked_loss_and_grads(
     let started = std::time::Instant::now();
     let (inputs, _, _) = batch_tensors(batch, device)?;
     let body = model.body(&inputs);
-    let (hidden, piece_inputs) = match &body {
-        Some(body) => forward_keeping_piece_inputs(body)?,
-        None => (model.hidden(&inputs)?, Vec::new()),
+    let (hidden, kept) = match &body {
+        Some(body) => {
+            let (hidden, kept) = forward_keeping_piece_inputs(body)?;
+            (hidden, Some(kept))
+        }
+        None => (model.hidden(&inputs)?, None),
     };
     let forward_done = std::time::Instant::now();
     phases.forward += (forward_done - started).as_secs_f64();
@@ -295,9 +298,11 @@ fn chunked_loss_and_grads(
         .zeros_like()?
         .index_add(&all_rows, &selected_grad, 0)?
         .reshape(shape)?;
-    let mut grads = match &body {
-        Some(body) => backward_through_pieces(body, piece_inputs, hidden_grad, params)?,
-        None => backward_from(&hidden, hidden_grad)?,
+    let mut grads = match (&body, kept) {
+        (Some(body), Some(kept)) => {
+            backward_through_pieces(body, &hidden, kept, hidden_grad, params)?
+        }
+        _ => backward_from(&hidden, hidden_grad)?,
     };
     for (param, head) in params.iter().zip(head_grads) {
         if let Some(head) = head {
@@ -320,33 +325,88 @@ fn backward_from(output: &Tensor, upstream: Tensor) -> candle_core::Result<GradS
     }
 }
 
-/// Runs `body` piece by piece without keeping any piece's activations: returns the
-/// final hidden states and the input of every piece after the first (all detached).
-fn forward_keeping_piece_inputs(body: &Body) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
-    let mut inputs = Vec::with_capacity(body.len());
-    // Detaching drops the tracked output and with it the piece's graph.
-    let mut x = body.run(0, body.input_ids())?.detach();
-    for index in 1..body.len() {
-        inputs.push(x.clone());
-        x = body.run(index, &x)?.detach();
-    }
-    Ok((x, inputs))
+/// What the forward pass of a checkpointed body kept: the input of every recomputed
+/// piece after the first (detached) and, when the last pieces keep their activations,
+/// the variable their chain starts from.
+struct Kept {
+    piece_inputs: Vec<Tensor>,
+    tail_input: Option<Var>,
 }
 
-/// The backward pass of a body run by [`forward_keeping_piece_inputs`]: from the last
-/// piece to the first, each piece runs again from its kept input (now a variable) and
-/// the gradient of its output is pushed through it, giving the parameters' share and
-/// its input's gradient for the piece before. The gradients are those of the one-pass
-/// backward: each is the same sum of the same terms.
+/// Runs `body` piece by piece: the first [`Body::recomputed`] pieces without keeping
+/// their activations (each output detached, dropping its graph), the rest as one
+/// tracked chain. Returns the final hidden states (tracked when a tail was kept).
+fn forward_keeping_piece_inputs(body: &Body) -> candle_core::Result<(Tensor, Kept)> {
+    let recomputed = body.recomputed().max(1);
+    let mut kept = Kept {
+        piece_inputs: Vec::with_capacity(recomputed),
+        tail_input: None,
+    };
+    let mut x = body.run(0, body.input_ids())?.detach();
+    for index in 1..body.len() {
+        if index < recomputed {
+            kept.piece_inputs.push(x.clone());
+            x = body.run(index, &x)?.detach();
+            continue;
+        }
+        if kept.tail_input.is_none() {
+            let input = Var::from_tensor(&x)?;
+            x = input.as_tensor().clone();
+            kept.tail_input = Some(input);
+        }
+        x = body.run(index, &x)?;
+    }
+    Ok((x, kept))
+}
+
+/// The backward pass of a body run by [`forward_keeping_piece_inputs`]: first through
+/// the kept tail (its graph is there), then from the last recomputed piece to the first,
+/// each run again from its kept input (now a variable) with the gradient of its output
+/// pushed through it, giving the parameters' share and its input's gradient for the
+/// piece before. The gradients are those of the one-pass backward: each is the same sum
+/// of the same terms.
 fn backward_through_pieces(
     body: &Body,
-    mut piece_inputs: Vec<Tensor>,
+    hidden: &Tensor,
+    kept: Kept,
     hidden_grad: Tensor,
     params: &[Var],
 ) -> candle_core::Result<GradStore> {
+    let Kept {
+        mut piece_inputs,
+        tail_input,
+    } = kept;
     let mut upstream = hidden_grad;
     let mut total: Option<GradStore> = None;
-    for index in (0..body.len()).rev() {
+    let mut merge = |grads: GradStore| -> candle_core::Result<()> {
+        total = Some(match total.take() {
+            None => grads,
+            Some(mut total) => {
+                let mut grads = grads;
+                for param in params {
+                    if let Some(grad) = grads.remove(param.as_tensor()) {
+                        let sum = match total.remove(param.as_tensor()) {
+                            Some(previous) => (previous + grad)?,
+                            None => grad,
+                        };
+                        total.insert(param.as_tensor(), sum);
+                    }
+                }
+                total
+            }
+        });
+        Ok(())
+    };
+    if let Some(input) = &tail_input {
+        let mut grads = backward_from(hidden, upstream)?;
+        upstream = match grads.remove(input.as_tensor()) {
+            Some(grad) => grad,
+            None => input.as_tensor().zeros_like()?,
+        };
+        merge(grads)?;
+    }
+    let recomputed = body.recomputed().max(1).min(body.len());
+    for index in (0..recomputed).rev() {
         let input = match piece_inputs.pop() {
             Some(input) if index > 0 => Some(Var::from_tensor(&input)?),
             _ => None,
@@ -364,21 +424,7 @@ fn backward_through_pieces(
             },
             None => Tensor::zeros((), DType::F32, body.input_ids().device())?,
         };
-        total = Some(match total {
-            None => grads,
-            Some(mut total) => {
-                for param in params {
-                    if let Some(grad) = grads.remove(param.as_tensor()) {
-                        let sum = match total.remove(param.as_tensor()) {
-                            Some(previous) => (previous + grad)?,
-                            None => grad,
-                        };
-                        total.insert(param.as_tensor(), sum);
-                    }
-                }
-                total
-            }
-        });
+        merge(grads)?;
     }
     match total {
         Some(total) => Ok(total),
@@ -535,8 +581,8 @@ mod tests {
         }
     }
 
-    /// A model whose body runs in checkpointed pieces.
-    struct Pieces<'a>(&'a crate::model::CausalLm);
+    /// A model whose body runs in checkpointed pieces, that many blocks recomputed.
+    struct Pieces<'a>(&'a crate::model::CausalLm, usize);
 
     impl LanguageModel for Pieces<'_> {
         fn hidden(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
@@ -552,7 +598,7 @@ mod tests {
         }
 
         fn body(&self, input_ids: &Tensor) -> Option<Body<'_>> {
-            Some(Body::new(self.0, input_ids, None))
+            Some(Body::new(self.0, input_ids, None, self.1))
         }
     }
 
@@ -585,20 +631,23 @@ mod tests {
                     .unwrap()
             };
             let (whole_loss, whole) = run(&model);
-            let (pieces_loss, pieces) = run(&Pieces(&model));
-            assert_eq!(whole_loss.to_bits(), pieces_loss.to_bits());
-            for (name, var) in model::sorted_vars(&varmap) {
-                let want = whole.get(var.as_tensor()).unwrap();
-                let got = pieces.get(var.as_tensor()).unwrap();
-                let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-                assert!(
-                    want.iter()
-                        .zip(&got)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{} {name}: gradients differ",
-                    config.model_type()
-                );
+            // Every block recomputed, one of them, none (only the embedding).
+            for blocks in [usize::MAX, 1, 0] {
+                let (pieces_loss, pieces) = run(&Pieces(&model, blocks));
+                assert_eq!(whole_loss.to_bits(), pieces_loss.to_bits());
+                for (name, var) in model::sorted_vars(&varmap) {
+                    let want = whole.get(var.as_tensor()).unwrap();
+                    let got = pieces.get(var.as_tensor()).unwrap();
+                    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                    assert!(
+                        want.iter()
+                            .zip(&got)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{} {name}, {blocks} blocks recomputed: gradients differ",
+                        config.model_type()
+                    );
+                }
             }
         }
     }

@@ -78,8 +78,9 @@ pub struct LoopSettings {
     pub keep_last: usize,
     /// Write a line to the stage log every this many steps.
     pub log_every: u64,
-    /// Recompute each block's activations in the backward pass instead of keeping them.
-    pub gradient_checkpointing: bool,
+    /// Activation checkpointing: how many blocks (the first ones) recompute their
+    /// activations in the backward pass instead of keeping them; `None`: none.
+    pub gradient_checkpointing: Option<usize>,
 }
 
 /// One line of [`METRICS`], tagged by `type`.
@@ -233,7 +234,7 @@ pub fn evaluate(model: &CausalLm, batches: &[Batch], device: &Device) -> candle_
 struct Keyed<'a> {
     model: &'a CausalLm,
     micro_batch: &'a AtomicU64,
-    checkpointing: bool,
+    checkpointing: Option<usize>,
 }
 
 impl LanguageModel for Keyed<'_> {
@@ -254,9 +255,9 @@ impl LanguageModel for Keyed<'_> {
     }
 
     fn body(&self, input_ids: &Tensor) -> Option<Body<'_>> {
-        self.checkpointing.then(|| {
+        self.checkpointing.map(|blocks| {
             let key = self.micro_batch.fetch_add(1, Ordering::Relaxed);
-            Body::new(self.model, input_ids, Some(key))
+            Body::new(self.model, input_ids, Some(key), blocks)
         })
     }
 }
