@@ -124,7 +124,8 @@ def report(args) -> None:
     print(head)
     print("  " + "-" * (len(head) - 2))
     lora_ckpt = results["trainyard"].get("lora_ckpt")
-    ckpt = " +ckpt" if results.get("qlora_checkpointing") else ""
+    setting = str(results.get("qlora_checkpointing", "false")).lower()
+    ckpt = {"false": "", "0": "", "true": " +ckpt", "1": " +ckpt"}.get(setting, f" +ckpt {setting} blocks")
     names = [("trainyard LoRA (bf16 base)", lora)]
     names += [("trainyard LoRA (bf16) +ckpt", lora_ckpt)] if lora_ckpt else []
     names += [(f"trainyard QLoRA ({quant}){ckpt}", qlora)]
@@ -140,7 +141,8 @@ def report(args) -> None:
             rss = r.get("peak_rss_mb")
             print(f"  {name:26} {'-':>8} {'-':>7} {(f'{rss:8.0f} MB' if rss else f'{chr(45):>11}')} {anon} {file} "
                   f"{'-':>9}  {r.get('status') or 'FAILED'}")
-    print("  (+ckpt: gradient checkpointing, each block's activations recomputed in the backward pass)")
+    print("  (+ckpt: gradient checkpointing, each block's activations recomputed in the backward pass; N blocks: the")
+    print("  first N only)")
     print("  (anon / file: the largest VmRSS sample split into anonymous memory and mapped-file pages; 1st loss:")
     print("  the base's before any update, so the QLoRA sides agree when they hold the same NF4 codes)")
     if not results["peft"]:

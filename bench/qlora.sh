@@ -19,8 +19,9 @@
 # Knobs: BENCH_STEPS (default 5), BENCH_WARMUP (first steps not timed, default 2),
 # BENCH_BATCH (1), BENCH_SIZE (1.5b; 0.5b, or tiny: a 2-layer model with the same
 # vocabulary, to try the script out), BENCH_QUANT (nf4; q4_0, q8_0: trainyard only),
-# BENCH_CHECKPOINTING (1: QLoRA sides recompute activations, and a LoRA side with it is
-# added; 0: no side does), BENCH_PEFT_DTYPES (the reference's compute dtypes, default
+# BENCH_CHECKPOINTING (true: the QLoRA sides recompute every block's activations, and a
+# LoRA side with it is added; N: trainyard's QLoRA side recomputes the first N blocks
+# only (PEFT's, all of them); false: no side does), BENCH_PEFT_DTYPES (the reference's compute dtypes, default
 # float32,bfloat16; "none"
 # skips PEFT), BENCH_THREADS (default nproc, every side), BENCH_RSS_LIMIT_MB (a measured
 # process is stopped above it; default 85% of the memory), BENCH_SEED (pipeline seed, 7),
@@ -50,7 +51,13 @@ QUANT="${BENCH_QUANT:-nf4}"
 PEFT_DTYPES="${BENCH_PEFT_DTYPES:-float32,bfloat16}"
 THREADS="${BENCH_THREADS:-$(nproc)}"
 SEED="${BENCH_SEED:-7}"
-CHECKPOINTING="${BENCH_CHECKPOINTING:-1}"
+CHECKPOINTING="${BENCH_CHECKPOINTING:-true}"
+case "$CHECKPOINTING" in
+    1) CHECKPOINTING=true ;; 0) CHECKPOINTING=false ;;
+    true|false|[1-9]*) ;;
+    *) echo "BENCH_CHECKPOINTING must be true, false or a number of blocks" >&2; exit 2 ;;
+esac
+checkpointing_on() { [[ "$CHECKPOINTING" != false ]]; }
 LIMIT_MB="${BENCH_RSS_LIMIT_MB:-$(awk '/MemTotal/ { printf "%d", $2 / 1024 * 0.85 }' /proc/meminfo)}"
 SEQ=512
 RANK=16
@@ -156,7 +163,7 @@ stages:
 YAML
     adapter_stage lora lora "" false
     adapter_stage lora-ckpt lora "" true
-    adapter_stage qlora qlora ", quant: $QUANT" "$( ((CHECKPOINTING)) && echo true || echo false)"
+    adapter_stage qlora qlora ", quant: $QUANT" "$CHECKPOINTING"
 } >"$ws/pipeline.yaml"
 "$trainyard" run "$ws/pipeline.yaml" --workspace "$ws" --until chat-cache >&2
 cache="$(readlink -f "$ws/runs/latest/outputs/chat-cache")"
@@ -213,9 +220,9 @@ busy="$(awk -v cores="$(nproc)" '$1 > 0.25 * cores { print $1 }' /proc/loadavg)"
 [[ -z "$busy" ]] || say "warning: load average $busy before the runs: other work shares the cores, figures will be noisy"
 load_before="$(load)"
 peft_checkpointing=()
-((CHECKPOINTING)) && peft_checkpointing=(--gradient-checkpointing)
+checkpointing_on && peft_checkpointing=(--gradient-checkpointing)
 run_trainyard lora "$ws/lora.json"
-if ((CHECKPOINTING)); then
+if checkpointing_on; then
     run_trainyard lora-ckpt "$ws/lora-ckpt.json"
 else
     echo '{"skipped": true}' >"$ws/lora-ckpt.json"
@@ -232,10 +239,10 @@ dirty="$(git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/nu
 "$py" - "$results" "$base" "$SIZE" "$QUANT" "$STEPS" "$WARMUP" "$BATCH" "$SEQ" "$RANK" "$ALPHA" "$THREADS" \
     "$load_before" "$(load)" "$("$trainyard" --version)" \
     "commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$dirty" "$peft_note" \
-    "$ws/lora.json" "$ws/lora-ckpt.json" "$ws/qlora.json" "${refs[@]}" <<'PY'
+    "$ws/lora.json" "$ws/lora-ckpt.json" "$ws/qlora.json" "${refs[@]}" "$CHECKPOINTING" <<'PY'
 import json, os, pathlib, sys
 (out, base, size, quant, steps, warmup, batch, seq, rank, alpha, threads, before, after, version, commit, note,
- lora, lora_ckpt, qlora, *refs) = sys.argv[1:]
+ lora, lora_ckpt, qlora, *refs) = sys.argv[1:-1]
 cpuinfo = open("/proc/cpuinfo").read()
 model = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), "?")
 flags = cpuinfo.split("flags", 1)[1].split("\n", 1)[0].split()
@@ -245,7 +252,7 @@ json.dump({
     "rank": int(rank), "alpha": int(alpha), "threads": int(threads),
     "trainyard": {"lora": json.load(open(lora)), "qlora": json.load(open(qlora)),
                   **({} if json.load(open(lora_ckpt)).get("skipped") else {"lora_ckpt": json.load(open(lora_ckpt))})},
-    "qlora_checkpointing": os.environ.get("BENCH_CHECKPOINTING", "1") != "0",
+    "qlora_checkpointing": sys.argv[-1],
     "peft": [json.load(open(r)) for r in refs], "peft_note": note or None,
     "trainyard_version": version, "trainyard_commit": commit,
     "cpu": {"model": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags},
