@@ -214,6 +214,13 @@ fn qlora_trains_a_peft_adapter_as_good_as_loras() {
             "q8",
             &format!("{{ kind: qlora, quant: q8_0, rank: 8, alpha: 16, {modules} }}"),
         ),
+        // A QLoRA base made once by a `quantize` stage: the same codes, read as stored.
+        "  base-nf4: { kind: quantize, inputs: { model: base } }\n".to_string(),
+        stage(
+            "nf4-stored",
+            &format!("{{ kind: qlora, rank: 8, alpha: 16, {modules} }}"),
+        )
+        .replace("base: base }", "base: base-nf4 }"),
         stage(
             "nf4-dropout",
             "{ kind: qlora, rank: 8, alpha: 16, dropout: 0.1 }",
@@ -252,11 +259,16 @@ fn qlora_trains_a_peft_adapter_as_good_as_loras() {
         // Trained against other (quantized) base weights: not LoRA's run again.
         assert_ne!(qlora, lora, "{stage}: the base was not quantized");
     }
-    // Recomputing activations (with the dropout masks of the first pass) changes
-    // nothing: the adapters are the same bytes.
     let weights = |stage: &str| {
         std::fs::read(output(&sandbox, stage).join("adapter_model.safetensors")).unwrap()
     };
+    // On the stored base the adapter is the one trained while quantizing on load.
+    assert!(
+        weights("nf4") == weights("nf4-stored"),
+        "the stored NF4 base trained another adapter"
+    );
+    // Recomputing activations (with the dropout masks of the first pass) changes
+    // nothing: the adapters are the same bytes.
     assert!(
         weights("nf4-dropout") == weights("nf4-dropout-recomputed"),
         "gradient checkpointing changed the trained adapter"
