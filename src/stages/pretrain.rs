@@ -414,6 +414,9 @@ fn run(
             ),
         );
     }
+    if let Some(note) = settings.training.checkpointing_note(config.num_layers()) {
+        log(context, format_args!("{note}"));
+    }
     let mixture = Mixture::new(sources).map_err(invalid)?;
     let unigram = unigram_loss(&unigram_counts, &eval);
     let parameters = training_stage::parameter_count(&varmap);

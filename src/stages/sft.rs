@@ -496,6 +496,27 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         if settings.packing { " (packed)" } else { "" },
         eval.len()
     );
+    if let Some(quant) = spec.quant {
+        let stored = model::quantized_base(base)?.is_some();
+        let _ = writeln!(
+            context.log,
+            "QLoRA: the base's block projections held as {}{}, {}",
+            quant.kind.as_str(),
+            if quant.double_quant {
+                " (double_quant)"
+            } else {
+                ""
+            },
+            if stored {
+                "as stored"
+            } else {
+                "quantized while loading"
+            }
+        );
+    }
+    if let Some(note) = settings.training.checkpointing_note(config.num_layers()) {
+        let _ = writeln!(context.log, "{note}");
+    }
     let mut data = SftBatcher::new(
         &examples,
         context.seed ^ ORDER_STREAM,

@@ -223,6 +223,17 @@ impl<D: LoopDefaults> TrainingSettings<D> {
         }
     }
 
+    /// The stage-log line saying how many of a model's `layers` blocks recompute their
+    /// activations, when any do.
+    pub fn checkpointing_note(&self, layers: usize) -> Option<String> {
+        self.gradient_checkpointing.recomputed_blocks().map(|blocks| {
+            format!(
+                "gradient checkpointing: {} of {layers} blocks recompute their activations in the backward pass",
+                blocks.min(layers)
+            )
+        })
+    }
+
     /// Checks the settings every training kind validates the same way; `context` is the
     /// kind's sequence length, when it has one.
     pub fn check(&self, context: Option<usize>) -> Result<(), String> {

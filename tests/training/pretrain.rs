@@ -191,8 +191,21 @@ fn same_seed_and_settings_give_the_same_weights_and_sigkill_resume_is_bit_identi
     straight.ok(&["run", "p.yaml"]);
     let expected = file_hash(&output(&straight, "lm").join("model.safetensors"));
 
-    let again = sandbox_with(with);
+    // Again, recomputing every block's activations in the backward pass: the gradients,
+    // and so the weights, are the same.
+    let recomputing = with.replacen(
+        "keep_last: 2 }",
+        "keep_last: 2, gradient_checkpointing: true }",
+        1,
+    );
+    assert_ne!(recomputing, with);
+    let again = sandbox_with(&recomputing);
     again.ok(&["run", "p.yaml"]);
+    let log = std::fs::read_to_string(output(&again, "lm").join("stage.log")).unwrap();
+    assert!(
+        log.contains("gradient checkpointing: 2 of 2 blocks"),
+        "{log}"
+    );
     assert_eq!(
         file_hash(&output(&again, "lm").join("model.safetensors")),
         expected,
