@@ -9,7 +9,7 @@
 # bfloat16) on the same weights, token ids, masks and batch order, if it runs on this CPU.
 # QLoRA runs with gradient checkpointing on both sides, as QLoRA is run (PEFT's
 # prepare_model_for_kbit_training turns it on); LoRA runs without it (the baseline of the
-# targets) and, for the same-settings ratio, with it.
+# targets) and, for the same-settings ratio, with it on every block.
 # Prints tokens/s and peak RSS of every side, the ratios against the targets
 # (QLoRA / LoRA: peak RSS ≤ 0.4×, tokens/s ≥ 0.7×), and a memory account of the measured
 # QLoRA run projected to a 7B Qwen2 shape (target ≤ 8 GB; bench/qlora.py says how).
@@ -19,9 +19,10 @@
 # Knobs: BENCH_STEPS (default 5), BENCH_WARMUP (first steps not timed, default 2),
 # BENCH_BATCH (1), BENCH_SIZE (1.5b; 0.5b, or tiny: a 2-layer model with the same
 # vocabulary, to try the script out), BENCH_QUANT (nf4; q4_0, q8_0: trainyard only),
-# BENCH_CHECKPOINTING (true: the QLoRA sides recompute every block's activations, and a
-# LoRA side with it is added; N: trainyard's QLoRA side recomputes the first N blocks
-# only (PEFT's, all of them); false: no side does), BENCH_PEFT_DTYPES (the reference's compute dtypes, default
+# BENCH_CHECKPOINTING (N, default 22: trainyard's QLoRA side recomputes the first N
+# blocks only, PEFT's all of them, and a LoRA side recomputing all is added; 22 of the
+# 1.5B shape's 28 blocks is where both targets held on a 2-core Xeon; true: every block;
+# false: no side recomputes), BENCH_PEFT_DTYPES (the reference's compute dtypes, default
 # float32,bfloat16; "none"
 # skips PEFT), BENCH_THREADS (default nproc, every side), BENCH_RSS_LIMIT_MB (a measured
 # process is stopped above it; default 85% of the memory), BENCH_SEED (pipeline seed, 7),
@@ -51,7 +52,7 @@ QUANT="${BENCH_QUANT:-nf4}"
 PEFT_DTYPES="${BENCH_PEFT_DTYPES:-float32,bfloat16}"
 THREADS="${BENCH_THREADS:-$(nproc)}"
 SEED="${BENCH_SEED:-7}"
-CHECKPOINTING="${BENCH_CHECKPOINTING:-true}"
+CHECKPOINTING="${BENCH_CHECKPOINTING:-22}"
 case "$CHECKPOINTING" in
     1) CHECKPOINTING=true ;; 0) CHECKPOINTING=false ;;
     true|false|[1-9]*) ;;

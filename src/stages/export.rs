@@ -204,6 +204,7 @@ fn run(
     context: &mut StageContext<'_>,
 ) -> Result<StageOutcome, StageError> {
     let source = &context.inputs["model"];
+    model::require_unquantized(source)?;
     let config = model::load_config(source)?;
     let tokenizer_path = tokenizer_file(context.inputs.get("tokenizer").unwrap_or(source))?;
     let tokenizer = load_tokenizer(&tokenizer_path)?;

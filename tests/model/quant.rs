@@ -143,6 +143,22 @@ stages:
             "{variant}"
         );
     }
+    // Exported as it is, a quantized directory would be u8 codes posing as weights.
+    sandbox.write(
+        "export.yaml",
+        &format!(
+            "name: e
+stages:
+  out: {{ kind: export, inputs: {{ model: {} }}, with: {{ gguf: [] }} }}
+",
+            bnb_fixture("nf4").display()
+        ),
+    );
+    let error = sandbox.fails(&["run", "export.yaml"]);
+    assert!(
+        error.contains("quantization_config") && error.contains("qlora"),
+        "{error}"
+    );
 }
 
 /// bitsandbytes' 4-bit checkpoints load as QLoRA bases: a fresh (zero) adapter on them
