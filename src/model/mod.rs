@@ -918,7 +918,9 @@ pub fn load_lora(
     dtype: DType,
     device: &Device,
 ) -> Result<(CausalLm, ModelConfig), ModelError> {
-    let spec = read_adapter_spec(adapter_dir)?;
+    let mut spec = read_adapter_spec(adapter_dir)?;
+    // On a quantized base (QLoRA's), the adapter runs over the stored codes.
+    spec.quant = quantized_base(base_dir)?;
     let (model, varmap, config) = new_lora(base_dir, &spec, dtype, device, 0)?;
     let weights_path = adapter_dir.join(lora::ADAPTER_WEIGHTS);
     let saved = load_tensors(&weights_path, device)?;

@@ -288,6 +288,55 @@ pub fn read_matrix<'a>(
     }))
 }
 
+/// A quantized matrix read with what its state says of it.
+#[derive(Debug, Clone)]
+pub struct StoredMatrix {
+    /// Its values.
+    pub quantized: Quantized,
+    /// `[rows, cols]`.
+    pub dims: (usize, usize),
+    /// The dtype it was quantized from (torch's name: `bfloat16`, …).
+    pub dtype: String,
+}
+
+/// The quantized matrix `name` as stored, its shape and dtype read from its state;
+/// `Ok(None)` when `name` is not stored quantized.
+pub fn read_stored_matrix<'a>(
+    name: &str,
+    get: impl Fn(&str) -> Option<StoredView<'a>>,
+) -> Result<Option<StoredMatrix>, String> {
+    let Some(kind) = [QuantKind::Nf4, QuantKind::Q4_0, QuantKind::Q8_0]
+        .into_iter()
+        .find(|&kind| get(&state_name(name, kind)).is_some())
+    else {
+        return Ok(None);
+    };
+    let state_key = state_name(name, kind);
+    let state: Value = get(&state_key)
+        .map(|view| serde_json::from_slice(view.data))
+        .transpose()
+        .map_err(|error| format!("`{state_key}` is not JSON: {error}"))?
+        .unwrap_or(Value::Null);
+    let shape: Option<[usize; 2]> = state
+        .get("shape")
+        .and_then(|shape| serde_json::from_value(shape.clone()).ok());
+    let Some([rows, cols]) = shape else {
+        return Err(format!("`{state_key}` gives no 2-D shape"));
+    };
+    let dtype = state
+        .get("dtype")
+        .and_then(Value::as_str)
+        .unwrap_or("float32")
+        .to_string();
+    Ok(
+        read_matrix(name, (rows, cols), get)?.map(|quantized| StoredMatrix {
+            quantized,
+            dims: (rows, cols),
+            dtype,
+        }),
+    )
+}
+
 /// An f32 vector tensor's values.
 fn f32_values(view: StoredView<'_>) -> Option<Vec<f32>> {
     (view.dtype == safetensors::Dtype::F32).then(|| {

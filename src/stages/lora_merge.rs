@@ -15,11 +15,38 @@ use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, copy_tokenizer, invalid,
 };
+use crate::model::quantized_files::{self, StoredView};
 use crate::model::{self, ModelError, lora, shards};
+use crate::path_error::AtPath;
 
-/// Settings of a `lora-merge` stage (none yet; the adapter carries its own spec).
+/// Settings of a `lora-merge` stage (the adapter carries its own spec).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
-pub struct LoraMergeSettings {}
+#[serde(deny_unknown_fields)]
+pub struct LoraMergeSettings {
+    /// `base` (the default): `base` is the full-precision model, as PEFT users merge after
+    /// QLoRA. `dequantized`: `base` is a quantized one (a `quantize` stage's output or a
+    /// bitsandbytes 4-bit checkpoint) and the adapter is merged into its restored weights,
+    /// the ones it was trained against. Left out of the fingerprint when `base`.
+    #[serde(default, skip_serializing_if = "MergeInto::is_base")]
+    pub merge_into: MergeInto,
+}
+
+/// What a LoRA adapter is merged into.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeInto {
+    /// The full-precision base.
+    #[default]
+    Base,
+    /// A quantized base's restored weights.
+    Dequantized,
+}
+
+impl MergeInto {
+    fn is_base(&self) -> bool {
+        *self == MergeInto::Base
+    }
+}
 
 /// The `lora-merge` stage kind.
 pub struct LoraMerge;
@@ -39,12 +66,31 @@ impl StageKind for LoraMerge {
     ]);
 
     fn run(
-        _settings: &LoraMergeSettings,
+        settings: &LoraMergeSettings,
         context: &mut StageContext<'_>,
     ) -> Result<StageOutcome, StageError> {
         let base = &context.inputs["base"];
         let adapter = &context.inputs["adapter"];
-        model::require_unquantized(base)?;
+        let quantized = model::quantized_base(base)?;
+        match (settings.merge_into, quantized) {
+            (MergeInto::Base, Some(quant)) => {
+                return Err(invalid(format!(
+                    "{} holds {}-quantized weights: give `base` the full-precision model it \
+                     was made from (PEFT users merge a QLoRA adapter into that), or set \
+                     `merge_into: dequantized` to merge into the restored weights",
+                    base.display(),
+                    quant.kind.as_str()
+                )));
+            }
+            (MergeInto::Dequantized, None) => {
+                return Err(invalid(format!(
+                    "`merge_into: dequantized` merges into a quantized base's restored \
+                     weights, and {} is not quantized (no quantization_config)",
+                    base.display()
+                )));
+            }
+            _ => {}
+        }
         let config = model::load_config(base)?;
         if !adapter.join(lora::ADAPTER_CONFIG).exists() && adapter.join("config.json").is_file() {
             return Err(invalid(format!(
@@ -77,31 +123,33 @@ impl StageKind for LoraMerge {
         };
         let mut changed = 0;
         let mut total_bytes = 0;
+        let mut written = Vec::new();
         for (index, file) in files.iter().enumerate() {
             if context.cancel.is_cancelled() {
                 return Err(StageError::Interrupted);
             }
-            let mut tensors = model::load_tensors(file, &device)?;
+            let mut tensors = match quantized {
+                Some(_) => dequantized_shard(file, &device)?,
+                None => model::load_tensors(file, &device)?,
+            };
             changed += lora::merge_shard(&mut tensors, &adapter_weights, &spec).map_err(misfit)?;
             let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
-            total_bytes += tensors
-                .iter()
-                .map(|(_, tensor)| (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64)
-                .sum::<u64>();
+            for (_, tensor) in &tensors {
+                let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
+                total_bytes += bytes as u64;
+                written.push((tensor.dtype(), bytes));
+            }
             model::save_tensors(&tensors, &context.out_dir.join(file_name(index)))?;
         }
         if files.len() > 1 {
             let weight_map: BTreeMap<String, String> = headers
                 .iter()
+                .filter(|header| !quantized_files::is_quant_part(&header.name))
                 .map(|header| (header.name.clone(), file_name(header.file)))
                 .collect();
             shards::write_index(context.out_dir, total_bytes, &weight_map)?;
         }
-        let dtype = shards::main_dtype(
-            headers
-                .iter()
-                .map(|h| (h.dtype, h.bytes_in(h.dtype) as usize)),
-        );
+        let dtype = shards::main_dtype(written);
         config.save_with_dtype(context.out_dir, dtype)?;
         // The tokenizer travels with the model: the adapter's (what SFT used), else the base's.
         copy_tokenizer(&[adapter, base], context.out_dir)?;
@@ -120,4 +168,51 @@ impl StageKind for LoraMerge {
         metrics.insert("alpha".into(), serde_json::json!(spec.alpha));
         Ok(StageOutcome { metrics })
     }
+}
+
+/// The tensors of a quantized base's shard `file` with every quantized matrix restored
+/// (in the dtype it was quantized from) and the tensors that stored it dropped.
+fn dequantized_shard(
+    file: &std::path::Path,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>, StageError> {
+    let mut tensors = model::load_tensors(file, device)?;
+    let bytes = std::fs::read(file).at(file)?;
+    let stored = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|error| ModelError::safetensors(file, error))?;
+    let views: BTreeMap<String, (safetensors::Dtype, Vec<usize>, &[u8])> = stored
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec(), view.data())))
+        .collect();
+    let get = |key: &str| {
+        views.get(key).map(|(dtype, shape, data)| StoredView {
+            dtype: *dtype,
+            shape,
+            data,
+        })
+    };
+    let matrices: BTreeSet<&str> = views
+        .keys()
+        .filter_map(|name| name.split_once(".quant_state.").map(|(matrix, _)| matrix))
+        .collect();
+    for name in matrices {
+        let Some(matrix) = quantized_files::read_stored_matrix(name, get)
+            .map_err(|message| ModelError::safetensors(file, message))?
+        else {
+            continue;
+        };
+        let (rows, cols) = matrix.dims;
+        let mut values = vec![0f32; rows * cols];
+        matrix.quantized.dequantize_into(0, &mut values);
+        let dtype = match matrix.dtype.as_str() {
+            "bfloat16" => candle_core::DType::BF16,
+            "float16" => candle_core::DType::F16,
+            _ => candle_core::DType::F32,
+        };
+        let restored = Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)?;
+        tensors.insert(name.to_string(), restored);
+    }
+    tensors.retain(|name, _| !quantized_files::is_quant_part(name));
+    Ok(tensors)
 }

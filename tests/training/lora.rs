@@ -221,6 +221,12 @@ fn qlora_trains_a_peft_adapter_as_good_as_loras() {
             &format!("{{ kind: qlora, rank: 8, alpha: 16, {modules} }}"),
         )
         .replace("base: base }", "base: base-nf4 }"),
+        "  merged-dequantized:
+    kind: lora-merge
+    inputs: { base: base-nf4, adapter: nf4-stored }
+    with: { merge_into: dequantized }
+"
+        .to_string(),
         stage(
             "nf4-dropout",
             "{ kind: qlora, rank: 8, alpha: 16, dropout: 0.1 }",
@@ -260,19 +266,57 @@ fn qlora_trains_a_peft_adapter_as_good_as_loras() {
         assert_ne!(qlora, lora, "{stage}: the base was not quantized");
     }
     let weights = |stage: &str| {
-        std::fs::read(output(&sandbox, stage).join("adapter_model.safetensors")).unwrap()
+        let path = output(&sandbox, stage).join("adapter_model.safetensors");
+        std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
     };
     // On the stored base the adapter is the one trained while quantizing on load.
     assert!(
         weights("nf4") == weights("nf4-stored"),
         "the stored NF4 base trained another adapter"
     );
+    // Merged into the restored NF4 weights, the model computes what the quantized base
+    // and the adapter compute together.
+    let ids = Tensor::new(&[[3u32, 17, 42, 5, 9, 64, 11, 2]], &Device::Cpu).unwrap();
+    let (qlora_model, _) = trainyard::model::load_lora(
+        &output(&sandbox, "base-nf4"),
+        &output(&sandbox, "nf4-stored"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (merged, _) = trainyard::model::load_pretrained(
+        &output(&sandbox, "merged-dequantized"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let forward = |model: &trainyard::model::CausalLm| {
+        model
+            .forward(&ids, None, trainyard::model::Kernels::Differentiable)
+            .unwrap()
+    };
+    let diff = max_diff(&forward(&qlora_model), &forward(&merged));
+    assert!(diff < 1e-4, "merged into the dequantized base: {diff}");
     // Recomputing activations (with the dropout masks of the first pass) changes
     // nothing: the adapters are the same bytes.
     assert!(
         weights("nf4-dropout") == weights("nf4-dropout-recomputed"),
         "gradient checkpointing changed the trained adapter"
     );
+    // Merging into the quantized base needs saying so (last: a new run becomes `latest`).
+    sandbox.write(
+        "merge.yaml",
+        &format!(
+            "name: m
+stages:
+  m: {{ kind: lora-merge, inputs: {{ base: {}, adapter: {} }} }}
+",
+            output(&sandbox, "base-nf4").display(),
+            output(&sandbox, "nf4-stored").display()
+        ),
+    );
+    let error = sandbox.fails(&["run", "merge.yaml"]);
+    assert!(error.contains("merge_into: dequantized"), "{error}");
 }
 
 #[test]
