@@ -119,6 +119,7 @@ def report(args) -> None:
           f"batch {batch} x {seq}")
     print(f"{results['steps']} steps per side, the first {results['warmup']} not timed; AdamW lr 2e-4 constant, clip 1.0; "
           f"tokens/s = batch x seq positions per second; RSS in MB = MiB; GB = 10^9 bytes")
+    print(f"trainyard computes in {results.get('precision', 'f32')} (`precision`)")
     print()
     head = f"  {'':26} {'tokens/s':>8} {'s/step':>7} {'peak RSS':>11} {'anon':>8} {'file':>8} {'1st loss':>9}  status"
     print(head)

@@ -4,7 +4,7 @@
 # Qwen2-shaped bf16 base (Qwen2.5-1.5B's config, made by bench/sft_common.py and shared
 # with bench/lora_sft.sh), batch 1 × 512, rank 16, alpha 32, dropout 0 on
 # q/k/v/o/gate/up/down, AdamW lr 2e-4 (constant, weight decay 0), clip 1.0; both in f32
-# (trainyard's default precision: a quantized base trains in f32). Then PEFT +
+# (trainyard's default precision; BENCH_PRECISION=bf16 below). Then PEFT +
 # bitsandbytes QLoRA (BitsAndBytesConfig load_in_4bit, nf4, compute dtype float32 and
 # bfloat16) on the same weights, token ids, masks and batch order, if it runs on this CPU.
 # QLoRA runs with gradient checkpointing on both sides, as QLoRA is run (PEFT's
@@ -19,7 +19,8 @@
 # Knobs: BENCH_STEPS (default 5), BENCH_WARMUP (first steps not timed, default 2),
 # BENCH_BATCH (1), BENCH_SIZE (1.5b; 0.5b, or tiny: a 2-layer model with the same
 # vocabulary, to try the script out), BENCH_QUANT (nf4; q4_0, q8_0: trainyard only),
-# BENCH_CHECKPOINTING (N, default 22: trainyard's QLoRA side recomputes the first N
+# BENCH_PRECISION (f32, the default, or bf16: every trainyard side's products on the
+# CPU's bf16 unit, a QLoRA base's tiles restored as bf16), BENCH_CHECKPOINTING (N, default 22: trainyard's QLoRA side recomputes the first N
 # blocks only, PEFT's all of them, and a LoRA side recomputing all is added; 22 of the
 # 1.5B shape's 28 blocks is where both targets held on a 2-core Xeon; true: every block;
 # false: no side recomputes), BENCH_PEFT_DTYPES (the reference's compute dtypes, default
@@ -52,6 +53,7 @@ QUANT="${BENCH_QUANT:-nf4}"
 PEFT_DTYPES="${BENCH_PEFT_DTYPES:-float32,bfloat16}"
 THREADS="${BENCH_THREADS:-$(nproc)}"
 SEED="${BENCH_SEED:-7}"
+PRECISION="${BENCH_PRECISION:-f32}"
 CHECKPOINTING="${BENCH_CHECKPOINTING:-22}"
 case "$CHECKPOINTING" in
     1) CHECKPOINTING=true ;; 0) CHECKPOINTING=false ;;
@@ -149,6 +151,7 @@ adapter_stage() {  # name adapter-kind adapter-extra checkpointing
       eval_batches: 0
       save_every: 0
       log_every: 1
+      precision: $PRECISION
       gradient_checkpointing: $4
 YAML
 }
@@ -251,6 +254,7 @@ json.dump({
     "size": size, "base": base, "config": json.loads((pathlib.Path(base) / "config.json").read_text()),
     "quant": quant, "steps": int(steps), "warmup": int(warmup), "batch": int(batch), "seq": int(seq),
     "rank": int(rank), "alpha": int(alpha), "threads": int(threads),
+    "precision": os.environ.get("BENCH_PRECISION", "f32"),
     "trainyard": {"lora": json.load(open(lora)), "qlora": json.load(open(qlora)),
                   **({} if json.load(open(lora_ckpt)).get("skipped") else {"lora_ckpt": json.load(open(lora_ckpt))})},
     "qlora_checkpointing": sys.argv[-1],
