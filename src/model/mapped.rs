@@ -270,7 +270,6 @@ impl MappedMatrix {
     ) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         let tile = (QUANTIZED_BF16_TILE_ELEMENTS / cols.max(1)).clamp(1, rows.max(1));
-        let mut widened = vec![0f32; tile * cols];
         let mut bits = vec![0u16; tile * cols];
         let mut y = vec![0f32; m * if transposed { rows } else { cols }];
         let mut part = vec![0f32; m * if transposed { tile } else { cols }];
@@ -278,15 +277,20 @@ impl MappedMatrix {
         while start < rows {
             let count = tile.min(rows - start);
             let len = count * cols;
-            self.widen_rows(start, count, &mut widened[..len]);
+            // Each row restored into a thread's own cache-sized buffer and rounded from
+            // there: one pass over the tile's memory.
             bits[..len]
-                .par_chunks_mut(1 << 14)
-                .zip(widened[..len].par_chunks(1 << 14))
-                .for_each(|(bits, values)| {
-                    for (bits, &value) in bits.iter_mut().zip(values) {
-                        *bits = bf16_gemm::to_bf16(value);
-                    }
-                });
+                .par_chunks_mut(cols.max(1))
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; cols],
+                    |row, (index, bits)| {
+                        self.widen_rows_here(start + index, 1, row);
+                        for (bits, &value) in bits.iter_mut().zip(row.iter()) {
+                            *bits = bf16_gemm::to_bf16(value);
+                        }
+                    },
+                );
             if transposed {
                 // Columns start..start+count of y.
                 let part = &mut part[..m * count];
