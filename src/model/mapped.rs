@@ -944,20 +944,7 @@ impl MappedSafetensors {
             other => return Err(format!("{other:?} weights cannot be quantized")),
         };
         let bytes = &self.maps[entry.file][entry.offset..entry.offset + count * width];
-        Ok(match entry.dtype {
-            safetensors::Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            safetensors::Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| HalfType::Bf16.widen([b[0], b[1]]))
-                .collect(),
-            _ => bytes
-                .chunks_exact(2)
-                .map(|b| HalfType::F16.widen([b[0], b[1]]))
-                .collect(),
-        })
+        float_values(entry.dtype, bytes)
     }
 
     /// These files with their f32 matrices served as bf16 too, rounded (to nearest
@@ -1083,6 +1070,25 @@ impl MappedSafetensors {
             quantized: None,
         }))
     }
+}
+
+/// Little-endian f32, bf16 or f16 bytes as f32 values; an error naming any other dtype.
+pub(crate) fn float_values(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
+    Ok(match dtype {
+        safetensors::Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        safetensors::Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| HalfType::Bf16.widen([b[0], b[1]]))
+            .collect(),
+        safetensors::Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| HalfType::F16.widen([b[0], b[1]]))
+            .collect(),
+        other => return Err(format!("{other:?} weights cannot be quantized")),
+    })
 }
 
 /// Whether `name` is a projection inside a transformer block (what a QLoRA base

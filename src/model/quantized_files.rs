@@ -240,14 +240,12 @@ fn blocks_from<T: GgmlType>(bytes: &[u8]) -> Option<Vec<T>> {
     Some(blocks)
 }
 
-/// Matrix `name` (`[rows, cols]`) restored from its stored tensors, which `get` finds by
-/// name; `Ok(None)` when it is not stored quantized, an error (the message) when its
-/// tensors are inconsistent.
-pub fn read_matrix<'a>(
+/// The format, state tensor name and JSON state of matrix `name`; `Ok(None)` when it
+/// has no state (it is not stored quantized).
+fn read_state<'a>(
     name: &str,
-    (rows, cols): (usize, usize),
-    get: impl Fn(&str) -> Option<StoredView<'a>>,
-) -> Result<Option<Quantized>, String> {
+    get: &impl Fn(&str) -> Option<StoredView<'a>>,
+) -> Result<Option<(QuantKind, String, Value)>, String> {
     let Some(kind) = [QuantKind::Nf4, QuantKind::Q4_0, QuantKind::Q8_0]
         .into_iter()
         .find(|&kind| get(&state_name(name, kind)).is_some())
@@ -260,6 +258,20 @@ pub fn read_matrix<'a>(
         .transpose()
         .map_err(|error| format!("`{state_key}` is not JSON: {error}"))?
         .unwrap_or(Value::Null);
+    Ok(Some((kind, state_key, state)))
+}
+
+/// Matrix `name` (`[rows, cols]`) restored from its stored tensors, which `get` finds by
+/// name; `Ok(None)` when it is not stored quantized, an error (the message) when its
+/// tensors are inconsistent.
+pub fn read_matrix<'a>(
+    name: &str,
+    (rows, cols): (usize, usize),
+    get: impl Fn(&str) -> Option<StoredView<'a>>,
+) -> Result<Option<Quantized>, String> {
+    let Some((kind, state_key, state)) = read_state(name, &get)? else {
+        return Ok(None);
+    };
     let shape: Option<Vec<usize>> = state
         .get("shape")
         .and_then(|shape| serde_json::from_value(shape.clone()).ok());
@@ -305,18 +317,9 @@ pub fn read_stored_matrix<'a>(
     name: &str,
     get: impl Fn(&str) -> Option<StoredView<'a>>,
 ) -> Result<Option<StoredMatrix>, String> {
-    let Some(kind) = [QuantKind::Nf4, QuantKind::Q4_0, QuantKind::Q8_0]
-        .into_iter()
-        .find(|&kind| get(&state_name(name, kind)).is_some())
-    else {
+    let Some((_, state_key, state)) = read_state(name, &get)? else {
         return Ok(None);
     };
-    let state_key = state_name(name, kind);
-    let state: Value = get(&state_key)
-        .map(|view| serde_json::from_slice(view.data))
-        .transpose()
-        .map_err(|error| format!("`{state_key}` is not JSON: {error}"))?
-        .unwrap_or(Value::Null);
     let shape: Option<[usize; 2]> = state
         .get("shape")
         .and_then(|shape| serde_json::from_value(shape.clone()).ok());

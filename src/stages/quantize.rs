@@ -16,7 +16,7 @@ use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, copy_tokenizer, invalid,
 };
-use crate::model::mapped::is_projection;
+use crate::model::mapped::{float_values, is_projection};
 use crate::model::quant::{self, QuantKind, QuantSpec};
 use crate::model::quantized_files::{self, StoredTensor};
 use crate::model::{self, ModelConfig, ModelError, shards};
@@ -180,7 +180,9 @@ fn quantize_file(
         }
         let (rows, cols) = (shape[0], shape[1]);
         quantized_values.push(rows * cols);
-        let values = widen(view.dtype(), view.data());
+        let values = float_values(view.dtype(), view.data()).map_err(|message| {
+            ModelError::safetensors(path, format!("tensor `{name}`: {message}"))
+        })?;
         let (quantized, nested) = quant::quantize_spec(settings.spec(), &values, cols)
             .map_err(|error| ModelError::safetensors(path, format!("tensor `{name}`: {error}")))?;
         out.extend(quantized_files::stored_tensors(
@@ -192,24 +194,6 @@ fn quantize_file(
         ));
     }
     Ok((out, quantized_values))
-}
-
-/// Little-endian f32/bf16/f16 bytes as f32 values.
-fn widen(dtype: safetensors::Dtype, bytes: &[u8]) -> Vec<f32> {
-    match dtype {
-        safetensors::Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        safetensors::Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-    }
 }
 
 /// torch's name of a float dtype, as bitsandbytes records a matrix's original dtype.
