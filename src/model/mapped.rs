@@ -86,9 +86,10 @@ const SMALL_TASK_ROWS: usize = 64;
 /// stay in cache and never matter next to the weights.
 const TILE_ELEMENTS: usize = 1 << 18;
 
-/// Elements per restored tile of a quantized matrix multiplied on the bf16 unit (4 MB
-/// of f32, 2 MB of bf16): a 1.5B model's `down_proj` in seven tiles.
-const QUANTIZED_BF16_TILE_ELEMENTS: usize = 1 << 20;
+/// Elements per restored tile of a quantized matrix multiplied on the bf16 unit (8 MB
+/// of bf16): a 1.5B model's `down_proj` in four tiles. A quarter of this was 16%
+/// slower on the 1.5B QLoRA benchmark (per-tile packing and calls).
+const QUANTIZED_BF16_TILE_ELEMENTS: usize = 1 << 22;
 
 /// Elements per tile when every thread widens and multiplies its own tiles: small
 /// enough that a tile stays in a core's L2 cache.
