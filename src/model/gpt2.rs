@@ -348,14 +348,21 @@ impl Gpt2 {
     /// The token and position embeddings `[B, T, H]` of ids `[B, T]` at positions
     /// `0..T`: the first piece of the body (see [`crate::model::body::Body`]).
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.embed_after(input_ids, 0)
+    }
+
+    /// Token and position embeddings of ids `[B, T]` at positions `past..past + T`;
+    /// positions past `n_positions` are an error.
+    fn embed_after(&self, input_ids: &Tensor, past: usize) -> Result<Tensor> {
         let (_batch, seq) = input_ids.dims2()?;
-        if seq > self.config.n_positions {
+        if past + seq > self.config.n_positions {
             candle_core::bail!(
-                "{seq} positions are more than n_positions = {}",
+                "{} positions are more than n_positions = {}",
+                past + seq,
                 self.config.n_positions
             );
         }
-        let positions = Tensor::arange(0u32, seq as u32, input_ids.device())?;
+        let positions = Tensor::arange(past as u32, (past + seq) as u32, input_ids.device())?;
         self.wte
             .forward(input_ids)?
             .broadcast_add(&self.wpe.forward(&positions)?)
@@ -383,16 +390,7 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let (_batch, seq) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |cache| cache.len());
-        if past + seq > self.config.n_positions {
-            candle_core::bail!(
-                "{} positions are more than n_positions = {}",
-                past + seq,
-                self.config.n_positions
-            );
-        }
-        let positions = Tensor::arange(past as u32, (past + seq) as u32, input_ids.device())?;
-        let tokens = self.wte.forward(input_ids)?;
-        let mut x = tokens.broadcast_add(&self.wpe.forward(&positions)?)?;
+        let mut x = self.embed_after(input_ids, past)?;
         let mask = causal_mask(seq, past, x.dtype(), x.device())?;
         for (index, block) in self.h.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(index)).transpose()?;

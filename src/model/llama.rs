@@ -682,7 +682,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (_batch, seq) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |cache| cache.len());
-        let mut x = self.embed_tokens.forward(input_ids)?;
+        let mut x = self.embed(input_ids)?;
         let (dtype, device) = (x.dtype(), x.device().clone());
         let positions = Positions::new(&self.inv_freqs, past, seq, kernels, dtype, &device)?;
         for (index, layer) in self.layers.iter().enumerate() {

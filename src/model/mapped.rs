@@ -903,7 +903,6 @@ impl MappedSafetensors {
         let len = entry.bytes();
         Some(StoredView {
             dtype: entry.dtype,
-            shape: &entry.shape,
             data: self.maps[entry.file].get(entry.offset..entry.offset + len)?,
         })
     }

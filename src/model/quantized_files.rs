@@ -36,13 +36,11 @@ pub struct StoredTensor {
     pub data: Vec<u8>,
 }
 
-/// A stored tensor read in place.
+/// A stored tensor read in place (its shape is the quant state's business).
 #[derive(Debug, Clone, Copy)]
 pub struct StoredView<'a> {
     /// Its dtype.
     pub dtype: safetensors::Dtype,
-    /// Its shape.
-    pub shape: &'a [usize],
     /// Its bytes.
     pub data: &'a [u8],
 }
@@ -272,6 +270,18 @@ pub fn read_matrix<'a>(
     let Some((kind, state_key, state)) = read_state(name, &get)? else {
         return Ok(None);
     };
+    restore(name, (rows, cols), kind, (&state_key, &state), &get).map(Some)
+}
+
+/// Matrix `name` from its stored tensors and its parsed state, checked against the
+/// `[rows, cols]` the caller expects.
+fn restore<'a>(
+    name: &str,
+    (rows, cols): (usize, usize),
+    kind: QuantKind,
+    (state_key, state): (&str, &Value),
+    get: &impl Fn(&str) -> Option<StoredView<'a>>,
+) -> Result<Quantized, String> {
     let shape: Option<Vec<usize>> = state
         .get("shape")
         .and_then(|shape| serde_json::from_value(shape.clone()).ok());
@@ -285,8 +295,8 @@ pub fn read_matrix<'a>(
         .ok_or_else(|| format!("`{name}` is missing (its quant state is there)"))?
         .data;
     let count = rows * cols;
-    Ok(Some(match kind {
-        QuantKind::Nf4 => Quantized::Nf4(read_nf4(name, count, &state, data, &get)?),
+    Ok(match kind {
+        QuantKind::Nf4 => Quantized::Nf4(read_nf4(name, count, state, data, get)?),
         QuantKind::Q4_0 => Quantized::Q4_0(
             blocks_from::<BlockQ4_0>(data)
                 .filter(|blocks| blocks.len() * BlockQ4_0::BLCK_SIZE == count)
@@ -297,7 +307,7 @@ pub fn read_matrix<'a>(
                 .filter(|blocks| blocks.len() * BlockQ8_0::BLCK_SIZE == count)
                 .ok_or_else(|| format!("`{name}` does not hold {count} values of q8_0"))?,
         ),
-    }))
+    })
 }
 
 /// A quantized matrix read with what its state says of it.
@@ -317,7 +327,7 @@ pub fn read_stored_matrix<'a>(
     name: &str,
     get: impl Fn(&str) -> Option<StoredView<'a>>,
 ) -> Result<Option<StoredMatrix>, String> {
-    let Some((_, state_key, state)) = read_state(name, &get)? else {
+    let Some((kind, state_key, state)) = read_state(name, &get)? else {
         return Ok(None);
     };
     let shape: Option<[usize; 2]> = state
@@ -331,13 +341,11 @@ pub fn read_stored_matrix<'a>(
         .and_then(Value::as_str)
         .unwrap_or("float32")
         .to_string();
-    Ok(
-        read_matrix(name, (rows, cols), get)?.map(|quantized| StoredMatrix {
-            quantized,
-            dims: (rows, cols),
-            dtype,
-        }),
-    )
+    Ok(Some(StoredMatrix {
+        quantized: restore(name, (rows, cols), kind, (&state_key, &state), &get)?,
+        dims: (rows, cols),
+        dtype,
+    }))
 }
 
 /// An f32 vector tensor's values.

@@ -177,23 +177,20 @@ fn dequantized_shard(
     device: &Device,
 ) -> Result<std::collections::HashMap<String, Tensor>, StageError> {
     let mut tensors = model::load_tensors(file, device)?;
-    let bytes = std::fs::read(file).at(file)?;
-    let stored = safetensors::SafeTensors::deserialize(&bytes)
+    let file_handle = std::fs::File::open(file).at(file)?;
+    // SAFETY: mapped read-only; a stage never writes its inputs.
+    let map = unsafe { memmap2::Mmap::map(&file_handle) }.at(file)?;
+    let stored = safetensors::SafeTensors::deserialize(&map)
         .map_err(|error| ModelError::safetensors(file, error))?;
-    let views: BTreeMap<String, (safetensors::Dtype, Vec<usize>, &[u8])> = stored
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec(), view.data())))
-        .collect();
     let get = |key: &str| {
-        views.get(key).map(|(dtype, shape, data)| StoredView {
-            dtype: *dtype,
-            shape,
-            data,
+        stored.tensor(key).ok().map(|view| StoredView {
+            dtype: view.dtype(),
+            data: view.data(),
         })
     };
-    let matrices: BTreeSet<&str> = views
-        .keys()
+    let matrices: BTreeSet<&str> = stored
+        .names()
+        .into_iter()
         .filter_map(|name| name.split_once(".quant_state.").map(|(matrix, _)| matrix))
         .collect();
     for name in matrices {

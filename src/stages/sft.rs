@@ -401,6 +401,10 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             trainable_tokens.insert("lm_head".to_string(), added_ids.clone());
         }
     }
+    let stored_quant = match settings.adapter.kind {
+        AdapterKind::Qlora => model::quantized_base(base)?,
+        _ => None,
+    };
     let spec = model::lora::LoraSpec {
         rank: settings.adapter.rank,
         alpha: settings.adapter.alpha,
@@ -410,15 +414,16 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         trainable_tokens,
         // A base already quantized (a `quantize` stage) is trained on as stored.
         quant: match settings.adapter.kind {
-            AdapterKind::Qlora => Some(match settings.adapter.quant {
-                Some(kind) => QuantSpec {
+            AdapterKind::Qlora => Some(match (settings.adapter.quant, stored_quant) {
+                (Some(kind), _) => QuantSpec {
                     kind,
                     double_quant: settings.adapter.double_quant,
                 },
-                None => model::quantized_base(base)?.unwrap_or(QuantSpec {
+                (None, Some(stored)) => stored,
+                (None, None) => QuantSpec {
                     kind: QuantKind::Nf4,
                     double_quant: settings.adapter.double_quant,
-                }),
+                },
             }),
             _ => None,
         },
@@ -497,7 +502,7 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         eval.len()
     );
     if let Some(quant) = spec.quant {
-        let stored = model::quantized_base(base)?.is_some();
+        let stored = stored_quant.is_some();
         let _ = writeln!(
             context.log,
             "QLoRA: the base's block projections held as {}{}, {}",

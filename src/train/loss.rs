@@ -232,11 +232,10 @@ fn chunked_loss_and_grads(
     }
     let started = std::time::Instant::now();
     let (inputs, _, _) = batch_tensors(batch, device)?;
-    let body = model.body(&inputs);
-    let (hidden, kept) = match &body {
+    let (hidden, checkpointed) = match model.body(&inputs) {
         Some(body) => {
-            let (hidden, kept) = forward_keeping_piece_inputs(body)?;
-            (hidden, Some(kept))
+            let (hidden, kept) = forward_keeping_piece_inputs(&body)?;
+            (hidden, Some((body, kept)))
         }
         None => (model.hidden(&inputs)?, None),
     };
@@ -298,11 +297,9 @@ fn chunked_loss_and_grads(
         .zeros_like()?
         .index_add(&all_rows, &selected_grad, 0)?
         .reshape(shape)?;
-    let mut grads = match (&body, kept) {
-        (Some(body), Some(kept)) => {
-            backward_through_pieces(body, &hidden, kept, hidden_grad, params)?
-        }
-        _ => backward_from(&hidden, hidden_grad)?,
+    let mut grads = match checkpointed {
+        Some((body, kept)) => backward_through_pieces(&body, &hidden, kept, hidden_grad, params)?,
+        None => backward_from(&hidden, hidden_grad)?,
     };
     for (param, head) in params.iter().zip(head_grads) {
         if let Some(head) = head {
@@ -337,7 +334,7 @@ struct Kept {
 /// their activations (each output detached, dropping its graph), the rest as one
 /// tracked chain. Returns the final hidden states (tracked when a tail was kept).
 fn forward_keeping_piece_inputs(body: &Body) -> candle_core::Result<(Tensor, Kept)> {
-    let recomputed = body.recomputed().max(1);
+    let recomputed = body.recomputed();
     let mut kept = Kept {
         piece_inputs: Vec::with_capacity(recomputed),
         tail_input: None,
@@ -376,60 +373,54 @@ fn backward_through_pieces(
         mut piece_inputs,
         tail_input,
     } = kept;
+    // The gradient reaching a piece's input variable: the next upstream gradient.
+    let input_grad = |grads: &mut GradStore, input: &Var| match grads.remove(input.as_tensor()) {
+        Some(grad) => Ok(grad),
+        None => input.as_tensor().zeros_like(),
+    };
     let mut upstream = hidden_grad;
     let mut total: Option<GradStore> = None;
-    let mut merge = |grads: GradStore| -> candle_core::Result<()> {
-        total = Some(match total.take() {
-            None => grads,
-            Some(mut total) => {
-                let mut grads = grads;
-                for param in params {
-                    if let Some(grad) = grads.remove(param.as_tensor()) {
-                        let sum = match total.remove(param.as_tensor()) {
-                            Some(previous) => (previous + grad)?,
-                            None => grad,
-                        };
-                        total.insert(param.as_tensor(), sum);
-                    }
-                }
-                total
-            }
-        });
-        Ok(())
-    };
     if let Some(input) = &tail_input {
         let mut grads = backward_from(hidden, upstream)?;
-        upstream = match grads.remove(input.as_tensor()) {
-            Some(grad) => grad,
-            None => input.as_tensor().zeros_like()?,
-        };
-        merge(grads)?;
+        upstream = input_grad(&mut grads, input)?;
+        total = Some(grads);
     }
-    let recomputed = body.recomputed().max(1).min(body.len());
-    for index in (0..recomputed).rev() {
+    // Pieces recomputed after the first take their kept input as a variable; the first
+    // reads the token ids and ends the chain.
+    for index in (1..body.recomputed()).rev() {
         let input = match piece_inputs.pop() {
-            Some(input) if index > 0 => Some(Var::from_tensor(&input)?),
-            _ => None,
+            Some(input) => Var::from_tensor(&input)?,
+            None => candle_core::bail!("piece {index} of a body has no kept input"),
         };
-        let output = body.run(
-            index,
-            input.as_ref().map_or(body.input_ids(), Var::as_tensor),
-        )?;
-        let mut grads = backward_from(&output, upstream)?;
-        drop(output);
-        upstream = match &input {
-            Some(input) => match grads.remove(input.as_tensor()) {
-                Some(grad) => grad,
-                None => input.as_tensor().zeros_like()?,
-            },
-            None => Tensor::zeros((), DType::F32, body.input_ids().device())?,
-        };
-        merge(grads)?;
+        let mut grads = backward_from(&body.run(index, input.as_tensor())?, upstream)?;
+        upstream = input_grad(&mut grads, &input)?;
+        total = Some(add_param_grads(total, grads, params)?);
     }
-    match total {
-        Some(total) => Ok(total),
-        None => candle_core::bail!("a body has at least one piece"),
+    let grads = backward_from(&body.run(0, body.input_ids())?, upstream)?;
+    add_param_grads(total, grads, params)
+}
+
+/// `grads` added into `total` for each of `params` (`total + grads`, in that order), or
+/// `grads` itself when there is no total yet.
+pub(crate) fn add_param_grads(
+    total: Option<GradStore>,
+    grads: GradStore,
+    params: &[Var],
+) -> candle_core::Result<GradStore> {
+    let Some(mut total) = total else {
+        return Ok(grads);
+    };
+    for param in params {
+        let tensor = param.as_tensor();
+        if let Some(grad) = grads.get(tensor) {
+            let sum = match total.get(tensor) {
+                Some(previous) => (previous + grad)?,
+                None => grad.clone(),
+            };
+            total.insert(tensor, sum);
+        }
     }
+    Ok(total)
 }
 
 /// A scalar node whose input's gradient is the given tensor: `Σ x·g` without computing

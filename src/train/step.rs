@@ -4,7 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Var};
 
-use super::loss::{LanguageModel, loss_and_grads};
+use super::loss::{LanguageModel, add_param_grads, loss_and_grads};
 use super::optim::AdamW;
 use crate::data::token_cache::Batch;
 
@@ -56,22 +56,7 @@ pub fn train_step(
         };
         loss_sum += loss;
         tokens += batch.weights.iter().filter(|&&weight| weight > 0.0).count() as u64;
-        accumulated = Some(match accumulated {
-            None => grads,
-            Some(mut total) => {
-                for param in params {
-                    let tensor = param.as_tensor();
-                    if let Some(grad) = grads.get(tensor) {
-                        let sum = match total.get(tensor) {
-                            Some(previous) => (previous + grad)?,
-                            None => grad.clone(),
-                        };
-                        total.insert(tensor, sum);
-                    }
-                }
-                total
-            }
-        });
+        accumulated = Some(add_param_grads(accumulated, grads, params)?);
     }
     let loss = loss_sum * scale;
     let Some(grads) = accumulated else {
