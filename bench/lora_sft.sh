@@ -55,35 +55,14 @@ repo="$(cd "$bench_dir/.." && pwd)"
 work="$bench_dir/.work/lora_sft"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 mkdir -p "$work"
-say() { printf '>> %s\n' "$*" >&2; }
-load() { cut -d' ' -f1-3 /proc/loadavg; }
+# shellcheck source=bench/lib_sft.sh
+source "$bench_dir/lib_sft.sh"
 (( STEPS >= 4 )) || { echo "BENCH_STEPS must be at least 4 (the first step is warm-up)" >&2; exit 2; }
 
-trainyard="$work/trainyard"
-if [[ -n "${TRAINYARD_BIN:-}" ]]; then
-    [[ "$(readlink -f "$TRAINYARD_BIN")" == "$(readlink -f "$trainyard")" ]] || cp "$TRAINYARD_BIN" "$trainyard"
-else
-    say "building trainyard (release)"
-    (cd "$repo" && cargo build --release --quiet)
-    # A copy: a shared target directory's binary may be rebuilt from another checkout meanwhile.
-    cp "$CARGO_TARGET_DIR/release/trainyard" "$trainyard"
-fi
+sft_trainyard_binary "$work"
 
 # The reference's venv: pinned versions, reused when they match.
-venv="${BENCH_VENV:-$bench_dir/.work/venv-lora-sft}"
-want="$TORCH_VERSION $TRANSFORMERS_VERSION $PEFT_VERSION"
-have="$("$venv/bin/python" -c 'import torch, transformers, peft; print(torch.__version__.split("+")[0], transformers.__version__, peft.__version__)' 2>/dev/null || true)"
-if [[ "$have" != "$want" ]]; then
-    [[ -z "${BENCH_VENV:-}" ]] || { echo "BENCH_VENV=$BENCH_VENV has '$have', not torch/transformers/peft $want" >&2; exit 2; }
-    say "installing torch==$TORCH_VERSION transformers==$TRANSFORMERS_VERSION peft==$PEFT_VERSION into $venv"
-    [[ -x "$venv/bin/python" ]] || "$PYTHON" -m venv "$venv"
-    pip=("$venv/bin/pip" install --quiet --disable-pip-version-check)
-    if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
-        "${pip[@]}" --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
-    fi
-    "${pip[@]}" numpy "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION" "peft==$PEFT_VERSION"
-fi
-py="$venv/bin/python"
+sft_venv
 
 # The bases: made once per size (transformers' seeded random init, bf16 shards), reused
 # while the generator, the tokenizer and the versions are unchanged.
