@@ -140,6 +140,11 @@ pub fn stored_tensors(
         shape,
         data,
     };
+    // A flat byte tensor: ggml blocks, the JSON state.
+    let bytes_tensor = |data: Vec<u8>| {
+        let len = data.len();
+        u8_tensor(data, vec![len])
+    };
     let f32_tensor = |values: &[f32]| StoredTensor {
         dtype: safetensors::Dtype::F32,
         shape: vec![values.len()],
@@ -173,17 +178,8 @@ pub fn stored_tensors(
             }
             out.push((format!("{name}.quant_map"), f32_tensor(&NF4_CODE)));
         }
-        Quantized::Q4_0(blocks) => {
-            out.push((name.to_string(), u8_tensor(block_bytes(blocks), vec![])))
-        }
-        Quantized::Q8_0(blocks) => {
-            out.push((name.to_string(), u8_tensor(block_bytes(blocks), vec![])))
-        }
-    }
-    if let Some((_, tensor)) = out.first_mut()
-        && tensor.shape.is_empty()
-    {
-        tensor.shape = vec![tensor.data.len()];
+        Quantized::Q4_0(blocks) => out.push((name.to_string(), bytes_tensor(block_bytes(blocks)))),
+        Quantized::Q8_0(blocks) => out.push((name.to_string(), bytes_tensor(block_bytes(blocks)))),
     }
     state["dtype"] = json!(dtype);
     state["shape"] = json!([rows, cols]);
@@ -192,11 +188,9 @@ pub fn stored_tensors(
         state["nested_dtype"] = json!("float32");
         state["nested_offset"] = json!(f64::from(nested.offset));
     }
-    let text = state.to_string().into_bytes();
-    let len = text.len();
     out.push((
         state_name(name, kind_of(quantized)),
-        u8_tensor(text, vec![len]),
+        bytes_tensor(state.to_string().into_bytes()),
     ));
     out
 }
@@ -449,4 +443,46 @@ pub fn is_quant_part(name: &str) -> bool {
     .iter()
     .any(|suffix| name.ends_with(suffix))
         || name.contains(".quant_state.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::quant::quantize_spec;
+
+    /// Every kind (and NF4 with double quantization) reads back from the tensors it is
+    /// stored as to the same restored values; a wrong shape is refused.
+    #[test]
+    fn stored_matrices_read_back_to_the_same_values() {
+        let (rows, cols) = (6, 64);
+        let values: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let specs = [
+            (QuantKind::Nf4, false),
+            (QuantKind::Nf4, true),
+            (QuantKind::Q4_0, false),
+            (QuantKind::Q8_0, false),
+        ];
+        for (kind, double_quant) in specs {
+            let spec = QuantSpec { kind, double_quant };
+            let (quantized, nested) = quantize_spec(spec, &values, cols).unwrap();
+            let stored = stored_tensors("w", &quantized, (rows, cols), "bfloat16", nested.as_ref());
+            let get = |key: &str| {
+                stored
+                    .iter()
+                    .find(|(name, _)| name == key)
+                    .map(|(_, tensor)| StoredView {
+                        dtype: tensor.dtype,
+                        data: &tensor.data,
+                    })
+            };
+            let read = read_stored_matrix("w", get).unwrap().unwrap();
+            assert_eq!((read.dims, read.dtype.as_str()), ((rows, cols), "bfloat16"));
+            let (mut want, mut got) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            quantized.dequantize_into(0, &mut want);
+            read.quantized.dequantize_into(0, &mut got);
+            assert_eq!(want, got, "{spec:?}");
+            assert!(read_matrix("w", (cols, rows), get).is_err(), "{spec:?}");
+            assert!(read_matrix("v", (rows, cols), get).unwrap().is_none());
+        }
+    }
 }
