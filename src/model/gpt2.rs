@@ -9,7 +9,8 @@
 //! HF's GPT-2 uses `Conv1D` layers whose weight is `[in, out]` (the transpose of
 //! `nn.Linear`). trainyard keeps that layout in memory too and computes `x·W + b`, so a
 //! checkpoint loads and saves without any transposition and the parameters in a
-//! `VarMap` have exactly HF's names and shapes. LayerNorm is composed from
+//! `VarMap` have exactly HF's names and shapes (a QLoRA base holds the transpose
+//! quantized, as bitsandbytes does; LoRA adapters are PEFT's, see [`super::lora`]). LayerNorm is composed from
 //! differentiable primitives (`mean_keepdim`, `sqr`, `sqrt`, `broadcast_*`); GELU is
 //! candle's tanh approximation, which is HF's `gelu_new`.
 //!
@@ -24,7 +25,7 @@ use serde_json::{Value, json};
 use super::ModelError;
 use super::attention::{Kernels, attend, causal_mask};
 use super::kv_cache::{KvCache, LayerKv};
-use super::lora::Builders;
+use super::lora::{Builders, Proj};
 use super::weight::{Embedding, Matrix};
 
 /// Hyper-parameters of a GPT-2 model (HF key names).
@@ -137,45 +138,11 @@ impl LayerNorm {
     }
 }
 
-/// HF's `Conv1D`: `y = x·W + b` with `W: [in, out]`.
-#[derive(Debug, Clone)]
-pub struct Conv1D {
-    weight: Matrix,
-    bias: Tensor,
-}
-
-impl Conv1D {
-    /// Fetches `{vb}.weight` `[in, out]` and `{vb}.bias` `[out]`.
-    pub fn new(in_dim: usize, out_dim: usize, vb: &Builders) -> Result<Conv1D> {
-        Ok(Conv1D {
-            weight: Matrix::load(vb.mapped.as_deref(), &vb.base, "weight", (in_dim, out_dim))?,
-            bias: vb
-                .base
-                .get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?,
-        })
-    }
-
-    /// `x·W + b` for `x: [B, T, in]`; for inference as one 2-D matmul over all positions.
-    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
-        match &self.weight {
-            Matrix::Tensor(weight) if kernels == Kernels::Inference => {
-                let (batch, seq, width) = x.dims3()?;
-                x.reshape((batch * seq, width))?
-                    .matmul(weight)?
-                    .broadcast_add(&self.bias)?
-                    .reshape((batch, seq, ()))
-            }
-            Matrix::Tensor(weight) => x.broadcast_matmul(weight)?.broadcast_add(&self.bias),
-            Matrix::Mapped(weight) => weight.matmul(x)?.broadcast_add(&self.bias),
-        }
-    }
-}
-
 /// Causal multi-head self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    c_attn: Conv1D,
-    c_proj: Conv1D,
+    c_attn: Proj,
+    c_proj: Proj,
     n_head: usize,
 }
 
@@ -184,8 +151,8 @@ impl Attention {
     pub fn new(config: &Gpt2Config, vb: &Builders) -> Result<Attention> {
         let width = config.n_embd;
         Ok(Attention {
-            c_attn: Conv1D::new(width, 3 * width, &vb.pp("c_attn"))?,
-            c_proj: Conv1D::new(width, width, &vb.pp("c_proj"))?,
+            c_attn: Proj::conv1d(width, 3 * width, vb, "c_attn")?,
+            c_proj: Proj::conv1d(width, width, vb, "c_proj")?,
             n_head: config.n_head,
         })
     }
@@ -202,7 +169,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (batch, seq, width) = x.dims3()?;
         let head_dim = width / self.n_head;
-        let qkv = self.c_attn.forward(x, kernels)?;
+        let qkv = self.c_attn.forward(x)?;
         // [B, T, C] slice → [B, H, T, D]
         let heads = |index: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, index * width, width)?
@@ -214,31 +181,31 @@ impl Attention {
         let scale = 1.0 / (head_dim as f64).sqrt();
         let y = attend(&q, &k, &v, mask, scale, cache, kernels)?;
         let y = y.transpose(1, 2)?.reshape((batch, seq, width))?;
-        self.c_proj.forward(&y, kernels)
+        self.c_proj.forward(&y)
     }
 }
 
 /// The feed-forward network: `c_proj(gelu_new(c_fc(x)))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    c_fc: Conv1D,
-    c_proj: Conv1D,
+    c_fc: Proj,
+    c_proj: Proj,
 }
 
 impl Mlp {
     /// Fetches `{vb}.c_fc` and `{vb}.c_proj`.
     pub fn new(config: &Gpt2Config, vb: &Builders) -> Result<Mlp> {
         Ok(Mlp {
-            c_fc: Conv1D::new(config.n_embd, config.n_inner, &vb.pp("c_fc"))?,
-            c_proj: Conv1D::new(config.n_inner, config.n_embd, &vb.pp("c_proj"))?,
+            c_fc: Proj::conv1d(config.n_embd, config.n_inner, vb, "c_fc")?,
+            c_proj: Proj::conv1d(config.n_inner, config.n_embd, vb, "c_proj")?,
         })
     }
 
     /// `c_proj(gelu_new(c_fc(x)))`.
-    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation, i.e. HF's `gelu_new`.
-        let hidden = self.c_fc.forward(x, kernels)?.gelu()?;
-        self.c_proj.forward(&hidden, kernels)
+        let hidden = self.c_fc.forward(x)?.gelu()?;
+        self.c_proj.forward(&hidden)
     }
 }
 
@@ -273,9 +240,7 @@ impl Block {
     ) -> Result<Tensor> {
         let normed = self.ln_1.forward(x, kernels)?;
         let x = (x + self.attn.forward(&normed, mask, cache, kernels)?)?;
-        let mlp = self
-            .mlp
-            .forward(&self.ln_2.forward(&x, kernels)?, kernels)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&x, kernels)?)?;
         x + mlp
     }
 }
@@ -288,6 +253,8 @@ pub struct Gpt2 {
     h: Vec<Block>,
     ln_f: LayerNorm,
     config: Gpt2Config,
+    /// The LoRA adapter of the blocks' projections, if any.
+    adapter: Option<std::sync::Arc<super::lora::Adapter>>,
 }
 
 impl Gpt2 {
@@ -326,7 +293,13 @@ impl Gpt2 {
             h,
             ln_f,
             config: config.clone(),
+            adapter: builders.lora.as_ref().map(|(_, adapter)| adapter.clone()),
         })
+    }
+
+    /// The LoRA adapter of the blocks' projections, if any.
+    pub fn adapter(&self) -> Option<&std::sync::Arc<super::lora::Adapter>> {
+        self.adapter.as_ref()
     }
 
     /// The config the model was built with.

@@ -1,4 +1,4 @@
-//! LoRA adapters for the llama family, in PEFT's layout.
+//! LoRA adapters for both families, in PEFT's layout.
 //!
 //! A targeted projection `y = x·Wᵀ + b` becomes `y = x·Wᵀ + b + (α/r)·(x·Aᵀ)·Bᵀ` with
 //! `A: [r, in]` (uniform ±1/√in, as PEFT's Kaiming init) and `B: [out, r]` (zeros, so an
@@ -7,6 +7,10 @@
 //! PEFT's names (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`), so
 //! `adapter_model.safetensors` is written without renaming and other tools read it.
 //! [`merge`] folds an adapter into the base: `W' = W + (α/r)·B·A`.
+//!
+//! GPT-2's `Conv1D` layers compute `x·W + b` with `W: [in, out]`: the adapter is the same
+//! (`A: [r, in]`, `B: [out, r]`), and PEFT marks it `fan_in_fan_out`, so a merge adds the
+//! transpose, `W' = W + (α/r)·(B·A)ᵀ`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -36,6 +40,10 @@ pub const LLAMA_TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
+
+/// Every projection of a GPT-2 block an adapter can target (`c_proj` names both the
+/// attention's output and the MLP's, as in PEFT's suffix matching).
+pub const GPT2_TARGETS: [&str; 3] = ["c_attn", "c_proj", "c_fc"];
 
 /// The whole modules an adapter may train and save alongside its LoRA pairs (PEFT's
 /// `modules_to_save`): the embeddings and the output head, which a chat fine-tune needs
@@ -69,6 +77,10 @@ pub struct LoraSpec {
     /// QLoRA: the base's block projections held quantized this way while training
     /// (`None`: as stored). The adapter written is the same PEFT LoRA adapter.
     pub quant: Option<super::quant::QuantSpec>,
+    /// The adapted weights are stored `[in, out]` (GPT-2's `Conv1D`; PEFT's
+    /// `fan_in_fan_out`): a merge adds `(B·A)ᵀ`. PEFT sets it from the layer type, and
+    /// so does trainyard ([`LoraSpec::for_family`]), whatever a config file says.
+    pub fan_in_fan_out: bool,
 }
 
 /// The adapter tensor holding a module's trainable token rows (PEFT's name).
@@ -78,6 +90,15 @@ impl LoraSpec {
     /// α/r.
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
+    }
+
+    /// The spec for a model whose blocks are GPT-2's `Conv1D` layers (`conv1d`) or
+    /// `nn.Linear` ones: `fan_in_fan_out` follows the layers, as PEFT makes it.
+    pub fn for_family(self, conv1d: bool) -> LoraSpec {
+        LoraSpec {
+            fan_in_fan_out: conv1d,
+            ..self
+        }
     }
 
     /// PEFT's `adapter_config.json` for this adapter on the base model `base`.
@@ -91,7 +112,7 @@ impl LoraSpec {
             "lora_dropout": self.dropout,
             "target_modules": self.targets,
             "bias": "none",
-            "fan_in_fan_out": false,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": true,
             "init_lora_weights": true,
             "modules_to_save": (!self.modules_to_save.is_empty()).then_some(&self.modules_to_save),
@@ -129,6 +150,12 @@ impl LoraSpec {
                 .ok_or("`modules_to_save` must be a list of names")?,
             Some(_) => return Err("`modules_to_save` must be a list of names or null".to_string()),
         };
+        let fan_in_fan_out = match value.get("fan_in_fan_out") {
+            None | Some(Value::Null) => false,
+            Some(value) => value
+                .as_bool()
+                .ok_or("`fan_in_fan_out` must be true or false")?,
+        };
         let dropout = match value.get("lora_dropout") {
             None | Some(Value::Null) => 0.0,
             Some(value) => value.as_f64().ok_or("`lora_dropout` must be a number")?,
@@ -164,6 +191,7 @@ impl LoraSpec {
             dropout,
             trainable_tokens,
             quant: None,
+            fan_in_fan_out,
         })
     }
 }
@@ -318,6 +346,34 @@ impl Proj {
             builders.mapped.as_deref(),
             builders.base.pp(name),
         )?;
+        Proj::with_branch(linear, in_dim, out_dim, builders, name)
+    }
+
+    /// GPT-2's `Conv1D` `{name}.weight` `[in, out]` and `{name}.bias` from the base
+    /// (see [`Linear::load_conv1d`]); `lora_A`/`lora_B` as for [`Proj::new`].
+    pub fn conv1d(
+        in_dim: usize,
+        out_dim: usize,
+        builders: &Builders<'_>,
+        name: &str,
+    ) -> Result<Proj> {
+        let linear = Linear::load_conv1d(
+            in_dim,
+            out_dim,
+            builders.mapped.as_deref(),
+            builders.base.pp(name),
+        )?;
+        Proj::with_branch(linear, in_dim, out_dim, builders, name)
+    }
+
+    /// `linear` with a LoRA branch when the adapter targets `name`.
+    fn with_branch(
+        linear: Linear,
+        in_dim: usize,
+        out_dim: usize,
+        builders: &Builders<'_>,
+        name: &str,
+    ) -> Result<Proj> {
         let lora = match &builders.lora {
             Some((vb, adapter)) if adapter.spec.targets.iter().any(|target| target == name) => {
                 let vb = vb.pp(name);
@@ -544,6 +600,18 @@ fn merge_target(name: &str) -> std::result::Result<Option<(String, Change)>, Str
     Ok(Some((base_name.to_string(), Change::Whole)))
 }
 
+/// The name the base's files give `base_name`: itself, or without GPT-2's
+/// `transformer.` prefix (the original GPT-2 files on the Hub store `h.0.…`, while
+/// PEFT names the module tree, `transformer.h.0.…`).
+fn stored_name(base_name: &str, stored: impl Fn(&str) -> bool) -> Option<&str> {
+    if stored(base_name) {
+        return Some(base_name);
+    }
+    base_name
+        .strip_prefix("transformer.")
+        .filter(|unprefixed| stored(unprefixed))
+}
+
 /// The token ids of the trainable rows of the base tensor `base_name`
 /// (`model.embed_tokens.weight`): the spec's list for its module's last name part.
 fn token_ids<'s>(spec: &'s LoraSpec, base_name: &str) -> std::result::Result<&'s [u32], String> {
@@ -579,7 +647,7 @@ pub fn check_merge<'n>(
         let Some((base_name, change)) = merge_target(name)? else {
             continue;
         };
-        if !base_names(&base_name) {
+        if stored_name(&base_name, &base_names).is_none() {
             return Err(format!(
                 "the base model has no `{base_name}` for adapter tensor `{name}`"
             ));
@@ -616,9 +684,11 @@ pub fn merge_shard(
         let Some((base_name, change)) = merge_target(name)? else {
             continue;
         };
-        let Some(weight) = shard.get(&base_name) else {
+        let Some(base_name) = stored_name(&base_name, |name| shard.contains_key(name)) else {
             continue;
         };
+        let base_name = base_name.to_string();
+        let weight = &shard[&base_name];
         let updated = if change == Change::TokenRows {
             let ids = token_ids(spec, &base_name)?;
             let rows = weight
@@ -638,6 +708,10 @@ pub fn merge_shard(
             let f32 = candle_core::DType::F32;
             (b.to_dtype(f32)
                 .and_then(|b| b.matmul(&a.to_dtype(f32)?))
+                .and_then(|delta| match spec.fan_in_fan_out {
+                    true => delta.t(),
+                    false => Ok(delta),
+                })
                 .and_then(|delta| delta * spec.scale())
                 .and_then(|delta| weight.to_dtype(f32)? + delta)
                 .and_then(|sum| sum.to_dtype(weight.dtype())))

@@ -1003,16 +1003,48 @@ impl MappedSafetensors {
         name: &str,
         (rows, cols): (usize, usize),
     ) -> Result<Option<MappedMatrix>, ModelError> {
+        if let Some(quantized) = self.quantized_matrix(name, (rows, cols), false)? {
+            return Ok(Some(quantized));
+        }
+        self.half_matrix(name, (rows, cols))
+    }
+
+    /// GPT-2's `Conv1D` weight `name`, stored `[in_dim, out_dim]`: held quantized, it
+    /// is the transpose `[out_dim, in_dim]` (`true`), as bitsandbytes quantizes it;
+    /// otherwise as [`MappedSafetensors::matrix`] gives it (`false`).
+    pub fn conv1d_matrix(
+        &self,
+        name: &str,
+        (in_dim, out_dim): (usize, usize),
+    ) -> Result<Option<(MappedMatrix, bool)>, ModelError> {
+        if let Some(quantized) = self.quantized_matrix(name, (out_dim, in_dim), true)? {
+            return Ok(Some((quantized, true)));
+        }
+        Ok(self
+            .half_matrix(name, (in_dim, out_dim))?
+            .map(|matrix| (matrix, false)))
+    }
+
+    /// Matrix `name` held quantized as `[rows, cols]`: its stored codes (a quantized
+    /// base), or, when these files quantize their blocks' projections, quantized now
+    /// from the stored values — which are `[cols, rows]` when `transposed` (Conv1D).
+    /// `Ok(None)` when it is neither.
+    fn quantized_matrix(
+        &self,
+        name: &str,
+        (rows, cols): (usize, usize),
+        transposed: bool,
+    ) -> Result<Option<MappedMatrix>, ModelError> {
         let Some(entry) = self.entries.get(name) else {
             return Ok(None);
         };
-        let stored = read_matrix(name, (rows, cols), |key| self.view(key)).map_err(|message| {
-            ModelError::Safetensors {
-                path: self.paths[entry.file].clone(),
-                message,
-            }
-        })?;
-        if let Some(quantized) = stored {
+        let error = |message: String| ModelError::Safetensors {
+            path: self.paths[entry.file].clone(),
+            message,
+        };
+        if let Some(quantized) =
+            read_matrix(name, (rows, cols), |key| self.view(key)).map_err(error)?
+        {
             self.release(entry);
             return Ok(Some(MappedMatrix::from_quantized(
                 name,
@@ -1020,27 +1052,46 @@ impl MappedSafetensors {
                 quantized,
             )));
         }
-        if let Some(quant) = self.quantize.filter(|_| is_projection(name)) {
-            let error = |message: String| ModelError::Safetensors {
-                path: self.paths[entry.file].clone(),
-                message: format!("tensor `{name}`: {message}"),
-            };
-            if entry.shape != [rows, cols] {
-                return Err(error(format!(
-                    "has shape {:?}, the config needs [{rows}, {cols}]",
-                    entry.shape
-                )));
-            }
-            let values = self.values_f32(entry, rows * cols).map_err(error)?;
-            self.release(entry);
-            let (quantized, _) = super::quant::quantize_spec(quant, &values, cols)
-                .map_err(|quant_error| error(quant_error.to_string()))?;
-            return Ok(Some(MappedMatrix::from_quantized(
-                name,
-                (rows, cols),
-                quantized,
+        let Some(quant) = self.quantize.filter(|_| is_projection(name)) else {
+            return Ok(None);
+        };
+        let stored_shape = if transposed {
+            [cols, rows]
+        } else {
+            [rows, cols]
+        };
+        if entry.shape != stored_shape {
+            return Err(error(format!(
+                "tensor `{name}` has shape {:?}, the config needs {stored_shape:?}",
+                entry.shape
             )));
         }
+        let mut values = self
+            .values_f32(entry, rows * cols)
+            .map_err(|message| error(format!("tensor `{name}`: {message}")))?;
+        self.release(entry);
+        if transposed {
+            values = transpose(&values, (cols, rows));
+        }
+        let (quantized, _) = super::quant::quantize_spec(quant, &values, cols)
+            .map_err(|quant_error| error(format!("tensor `{name}`: {quant_error}")))?;
+        Ok(Some(MappedMatrix::from_quantized(
+            name,
+            (rows, cols),
+            quantized,
+        )))
+    }
+
+    /// Matrix `name` `[rows, cols]` read in place when stored as bf16/f16 (or rounded
+    /// to bf16 from f32, see [`MappedSafetensors::with_f32_as_bf16`]).
+    fn half_matrix(
+        &self,
+        name: &str,
+        (rows, cols): (usize, usize),
+    ) -> Result<Option<MappedMatrix>, ModelError> {
+        let Some(entry) = self.entries.get(name) else {
+            return Ok(None);
+        };
         let kind = match entry.dtype {
             safetensors::Dtype::BF16 => HalfType::Bf16,
             safetensors::Dtype::F16 => HalfType::F16,
@@ -1092,9 +1143,34 @@ pub(crate) fn float_values(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Ve
 }
 
 /// Whether `name` is a projection inside a transformer block (what a QLoRA base
-/// quantizes): `….layers.N.self_attn.q_proj.weight`, `….layers.N.mlp.down_proj.weight`.
+/// quantizes): `….layers.N.self_attn.q_proj.weight`, `….layers.N.mlp.down_proj.weight`,
+/// or GPT-2's Conv1D weights ([`is_conv1d`]).
 pub(crate) fn is_projection(name: &str) -> bool {
-    name.contains(".layers.") && name.ends_with("_proj.weight")
+    (name.contains(".layers.") && name.ends_with("_proj.weight")) || is_conv1d(name)
+}
+
+/// Whether `name` is a GPT-2 block's `Conv1D` weight, stored `[in, out]` (the transpose
+/// of `nn.Linear`'s): `[transformer.]h.N.attn.c_attn.weight`, `….attn.c_proj.weight`,
+/// `….mlp.c_fc.weight`, `….mlp.c_proj.weight`.
+pub(crate) fn is_conv1d(name: &str) -> bool {
+    let parts: Vec<&str> = name.rsplit('.').take(5).collect();
+    matches!(
+        parts.as_slice(),
+        ["weight", "c_attn" | "c_proj", "attn", index, "h"]
+            | ["weight", "c_fc" | "c_proj", "mlp", index, "h"]
+            if index.parse::<usize>().is_ok()
+    )
+}
+
+/// The `[rows, cols]` row-major `values` transposed (`[cols, rows]`).
+pub(crate) fn transpose(values: &[f32], (rows, cols): (usize, usize)) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for (row, chunk) in values.chunks_exact(cols).enumerate().take(rows) {
+        for (col, &value) in chunk.iter().enumerate() {
+            out[col * rows + row] = value;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

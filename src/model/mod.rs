@@ -622,10 +622,17 @@ impl CausalLm {
     /// Turns the LoRA adapters' dropout on with masks keyed by `key` (one key per training
     /// micro-batch), or off with `None`. A model without adapters ignores it.
     pub fn set_dropout_key(&self, key: Option<u64>) {
-        if let CausalLm::Llama(model) = self
-            && let Some(adapter) = model.adapter()
-        {
+        if let Some(adapter) = self.adapter() {
             adapter.set_dropout_key(key);
+        }
+    }
+
+    /// The LoRA adapter the model was built with, if any (its spec as settled for the
+    /// family).
+    pub fn adapter(&self) -> Option<&std::sync::Arc<lora::Adapter>> {
+        match self {
+            CausalLm::Llama(model) => model.adapter(),
+            CausalLm::Gpt2(model) => model.adapter(),
         }
     }
 }
@@ -725,7 +732,7 @@ pub fn new_trainable(
 /// base weights are plain tensors (no gradient) or, stored as bf16/f16, read in place
 /// (see [`frozen_builders`]); the adapter's `lora_A`/`lora_B` (and the whole modules of
 /// `modules_to_save`, copied from the base) live in the returned [`VarMap`] under PEFT's
-/// names in `dtype`, initialised from `seed` (llama family only).
+/// names in `dtype`, initialised from `seed`.
 pub fn new_lora(
     dir: &Path,
     spec: &lora::LoraSpec,
@@ -737,74 +744,8 @@ pub fn new_lora(
     let config_path = dir.join("config.json");
     let unsupported =
         |key: &str, message: String| ModelError::unsupported(&config_path, key, message);
-    let ModelConfig::Llama(llama_config) = &config else {
-        return Err(unsupported(
-            "model_type",
-            format!(
-                "LoRA adapters are implemented for the llama family (llama, qwen2), not {}",
-                config.model_type()
-            ),
-        ));
-    };
-    if let Some(target) = spec
-        .targets
-        .iter()
-        .find(|target| !lora::LLAMA_TARGETS.contains(&target.as_str()))
-    {
-        return Err(unsupported(
-            "targets",
-            format!(
-                "`{target}` is not a projection of this model (expected some of {})",
-                lora::LLAMA_TARGETS.join(", ")
-            ),
-        ));
-    }
-    if let Some(module) = spec
-        .modules_to_save
-        .iter()
-        .find(|module| !lora::SAVABLE_MODULES.contains(&module.as_str()))
-    {
-        return Err(unsupported(
-            "modules_to_save",
-            format!(
-                "`{module}` cannot be saved whole (expected some of {})",
-                lora::SAVABLE_MODULES.join(", ")
-            ),
-        ));
-    }
-    if llama_config.tie_word_embeddings && spec.modules_to_save.iter().any(|m| m == "lm_head") {
-        return Err(unsupported(
-            "modules_to_save",
-            "this model's `lm_head` is tied to `embed_tokens`: list `embed_tokens` alone"
-                .to_string(),
-        ));
-    }
-    for (module, ids) in &spec.trainable_tokens {
-        let allowed =
-            module == "embed_tokens" || (module == "lm_head" && !llama_config.tie_word_embeddings);
-        if !allowed {
-            return Err(unsupported(
-                "trainable_token_indices",
-                format!(
-                    "token rows of `{module}` cannot be trained (expected `embed_tokens`, and `lm_head` when it is not tied)"
-                ),
-            ));
-        }
-        if spec.modules_to_save.contains(module) {
-            return Err(unsupported(
-                "modules_to_save",
-                format!(
-                    "`{module}` is saved whole and has trainable token rows; PEFT takes one or the other"
-                ),
-            ));
-        }
-        if ids.is_empty() {
-            return Err(unsupported(
-                "trainable_token_indices",
-                format!("`{module}` lists no token ids"),
-            ));
-        }
-    }
+    let spec =
+        &adapter_for(&config, spec.clone()).map_err(|(key, message)| unsupported(key, message))?;
     let files = safetensors_files(dir)?;
     match (quantized_base(dir)?, spec.quant) {
         (Some(stored), None) => {
@@ -846,7 +787,8 @@ pub fn new_lora(
             "a quantized (QLoRA) base trains in f32 on the CPU only".to_string(),
         ));
     }
-    let frozen = frozen_builders(&files, dtype, device, (false, false), spec.quant)?;
+    let unprefixed = gpt2_unprefixed(&config, &files)?;
+    let frozen = frozen_builders(&files, dtype, device, (unprefixed, false), spec.quant)?;
     let base = frozen.base.clone();
     let varmap = VarMap::new();
     let adapter = VarBuilder::from_varmap(&varmap, dtype, device)
@@ -860,11 +802,125 @@ pub fn new_lora(
             std::sync::Arc::new(lora::Adapter::new(spec.clone(), seed)),
         )),
     };
-    let model = Llama::with_adapters(llama_config, builders)?;
+    let model = CausalLm::with_builders(&config, builders)?;
     lora::init_adapter(&varmap, seed, &base)?;
     // Trainable token rows may have grown the vocabulary.
-    let config = ModelConfig::Llama(model.config().clone());
-    Ok((CausalLm::Llama(model), varmap, config))
+    let config = match &model {
+        CausalLm::Llama(llama) => ModelConfig::Llama(llama.config().clone()),
+        CausalLm::Gpt2(_) => config,
+    };
+    Ok((model, varmap, config))
+}
+
+/// `spec` checked against the family of `config` and settled for it: the default
+/// targets (every llama projection) become every projection of a GPT-2 block, and
+/// `fan_in_fan_out` follows the layers. An error names the setting and says why.
+fn adapter_for(
+    config: &ModelConfig,
+    spec: lora::LoraSpec,
+) -> Result<lora::LoraSpec, (&'static str, String)> {
+    let llama_config = match config {
+        ModelConfig::Llama(llama_config) => llama_config,
+        ModelConfig::Gpt2(_) => {
+            let mut spec = spec.for_family(true);
+            if spec.targets == lora::LLAMA_TARGETS {
+                spec.targets = lora::GPT2_TARGETS.map(str::to_string).to_vec();
+            }
+            if let Some(target) = spec
+                .targets
+                .iter()
+                .find(|target| !lora::GPT2_TARGETS.contains(&target.as_str()))
+            {
+                return Err((
+                    "targets",
+                    format!(
+                        "`{target}` is not a projection of a GPT-2 block (expected some of {})",
+                        lora::GPT2_TARGETS.join(", ")
+                    ),
+                ));
+            }
+            if !spec.modules_to_save.is_empty() || !spec.trainable_tokens.is_empty() {
+                return Err((
+                    "modules_to_save",
+                    "GPT-2 adapters train the blocks' projections only: saving whole \
+                     modules or training new tokens' rows (`add_tokens`) is implemented for \
+                     the llama family"
+                        .to_string(),
+                ));
+            }
+            return Ok(spec);
+        }
+    };
+    let spec = spec.for_family(false);
+    if let Some(target) = spec
+        .targets
+        .iter()
+        .find(|target| !lora::LLAMA_TARGETS.contains(&target.as_str()))
+    {
+        return Err((
+            "targets",
+            format!(
+                "`{target}` is not a projection of this model (expected some of {})",
+                lora::LLAMA_TARGETS.join(", ")
+            ),
+        ));
+    }
+    if let Some(module) = spec
+        .modules_to_save
+        .iter()
+        .find(|module| !lora::SAVABLE_MODULES.contains(&module.as_str()))
+    {
+        return Err((
+            "modules_to_save",
+            format!(
+                "`{module}` cannot be saved whole (expected some of {})",
+                lora::SAVABLE_MODULES.join(", ")
+            ),
+        ));
+    }
+    if llama_config.tie_word_embeddings && spec.modules_to_save.iter().any(|m| m == "lm_head") {
+        return Err((
+            "modules_to_save",
+            "this model's `lm_head` is tied to `embed_tokens`: list `embed_tokens` alone"
+                .to_string(),
+        ));
+    }
+    for (module, ids) in &spec.trainable_tokens {
+        let allowed =
+            module == "embed_tokens" || (module == "lm_head" && !llama_config.tie_word_embeddings);
+        if !allowed {
+            return Err((
+                "trainable_token_indices",
+                format!(
+                    "token rows of `{module}` cannot be trained (expected `embed_tokens`, and `lm_head` when it is not tied)"
+                ),
+            ));
+        }
+        if spec.modules_to_save.contains(module) {
+            return Err((
+                "modules_to_save",
+                format!(
+                    "`{module}` is saved whole and has trainable token rows; PEFT takes one or the other"
+                ),
+            ));
+        }
+        if ids.is_empty() {
+            return Err((
+                "trainable_token_indices",
+                format!("`{module}` lists no token ids"),
+            ));
+        }
+    }
+    Ok(spec)
+}
+
+/// Whether `config` is GPT-2's and `files` name its tensors without `transformer.`
+/// (the original GPT-2 files on the Hub).
+fn gpt2_unprefixed(config: &ModelConfig, files: &[PathBuf]) -> Result<bool, ModelError> {
+    Ok(matches!(config, ModelConfig::Gpt2(_)) && {
+        let names = shards::tensor_names(files)?;
+        !names.contains("transformer.wte.weight") && names.contains("wte.weight")
+    })
 }
 
 /// The non-null `key` entries (`bos_token_id`, `eos_token_id`, `pad_token_id`: a number,
@@ -1223,10 +1279,7 @@ pub fn load_pretrained_with(
     require_unquantized(dir)?;
     let config = load_config(dir)?;
     let files = safetensors_files(dir)?;
-    let unprefixed = matches!(config, ModelConfig::Gpt2(_)) && {
-        let names = shards::tensor_names(&files)?;
-        !names.contains("transformer.wte.weight") && names.contains("wte.weight")
-    };
+    let unprefixed = gpt2_unprefixed(&config, &files)?;
     let builders = frozen_builders(&files, dtype, device, (unprefixed, f32_as_bf16), None)?;
     let model = CausalLm::with_builders(&config, builders)?;
     Ok((model, config))

@@ -28,29 +28,35 @@ impl Matrix {
         name: &str,
         shape: (usize, usize),
     ) -> Result<Matrix> {
-        if let Some(mapped) = mapped {
-            let full = match vb.prefix() {
-                prefix if prefix.is_empty() => name.to_string(),
-                prefix => format!("{prefix}.{name}"),
-            };
-            if let Some(matrix) = mapped
-                .matrix(&full, shape)
+        if let Some(mapped) = mapped
+            && let Some(matrix) = mapped
+                .matrix(&full_name(vb, name), shape)
                 .map_err(|error| candle_core::Error::Msg(error.to_string()))?
-            {
-                return Ok(Matrix::Mapped(matrix));
-            }
+        {
+            return Ok(Matrix::Mapped(matrix));
         }
         Ok(Matrix::Tensor(vb.get(shape, name)?))
     }
 }
 
-/// `y = x·Wᵀ + b` with `W: [out, in]` (`nn.Linear`).
+/// `{vb's prefix}.{name}`.
+fn full_name(vb: &VarBuilder<'_>, name: &str) -> String {
+    match vb.prefix() {
+        prefix if prefix.is_empty() => name.to_string(),
+        prefix => format!("{prefix}.{name}"),
+    }
+}
+
+/// `y = x·Wᵀ + b` with `W: [out, in]` (`nn.Linear`), or `y = x·W + b` with `W: [in, out]`
+/// (HF's `Conv1D`, GPT-2's layers: see [`Linear::load_conv1d`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Matrix,
     bias: Option<Tensor>,
     /// Trainable token rows (a head over a grown vocabulary).
     rows: Option<TokenRows>,
+    /// `weight` is `[in, out]` (a `Conv1D` kept in its stored layout).
+    in_out: bool,
 }
 
 impl Linear {
@@ -72,6 +78,36 @@ impl Linear {
             weight,
             bias,
             rows: None,
+            in_out: false,
+        })
+    }
+
+    /// HF's `Conv1D` `{vb}.weight` `[in, out]` and `{vb}.bias` `[out]`: `y = x·W + b`.
+    /// The weight stays in its stored layout, so a trainable one has HF's name and
+    /// shape; held quantized (a QLoRA base), it is the transpose `[out, in]`, as
+    /// bitsandbytes quantizes a `Conv1D`.
+    pub fn load_conv1d(
+        in_dim: usize,
+        out_dim: usize,
+        mapped: Option<&MappedSafetensors>,
+        vb: VarBuilder<'_>,
+    ) -> Result<Linear> {
+        let held = match mapped {
+            Some(mapped) => mapped
+                .conv1d_matrix(&full_name(&vb, "weight"), (in_dim, out_dim))
+                .map_err(|error| candle_core::Error::Msg(error.to_string()))?,
+            None => None,
+        };
+        let (weight, in_out) = match held {
+            Some((matrix, transposed)) => (Matrix::Mapped(matrix), !transposed),
+            None => (Matrix::Tensor(vb.get((in_dim, out_dim), "weight")?), true),
+        };
+        let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Linear {
+            weight,
+            bias: Some(bias),
+            rows: None,
+            in_out,
         })
     }
 
@@ -81,6 +117,7 @@ impl Linear {
             weight,
             bias: None,
             rows: None,
+            in_out: false,
         }
     }
 
@@ -102,15 +139,40 @@ impl Module for Linear {
 }
 
 impl Linear {
-    /// The gradient of the input of the frozen product `x·Wᵀ`: `g·W` for `g: […, out]`.
+    /// The gradient of the input of the frozen product `x·Wᵀ`: `g·W` for `g: […, out]`
+    /// (`g·Wᵀ` for a `Conv1D`'s `x·W`).
     pub fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            Matrix::Tensor(weight) => grad.broadcast_matmul(weight),
-            Matrix::Mapped(matrix) => matrix.matmul(grad),
+        match (&self.weight, self.in_out) {
+            (Matrix::Tensor(weight), false) => grad.broadcast_matmul(weight),
+            (Matrix::Tensor(weight), true) => grad.broadcast_matmul(&weight.t()?),
+            (Matrix::Mapped(matrix), false) => matrix.matmul(grad),
+            (Matrix::Mapped(matrix), true) => matrix.matmul_t(grad),
+        }
+    }
+
+    /// `x·W` (+ bias) of a `Conv1D` layer, `W: [in, out]`.
+    fn forward_in_out(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            // One 2-D product over every position (a batched one would run per row).
+            Matrix::Tensor(weight) => {
+                let width = x.dim(candle_core::D::Minus1)?;
+                let leading = &x.dims()[..x.rank() - 1];
+                let mut shape = leading.to_vec();
+                shape.push(weight.dim(1)?);
+                x.reshape(((), width))?.matmul(weight)?.reshape(shape)?
+            }
+            Matrix::Mapped(matrix) => matrix.matmul(x)?,
+        };
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
         }
     }
 
     fn forward_table(&self, x: &Tensor) -> Result<Tensor> {
+        if self.in_out {
+            return self.forward_in_out(x);
+        }
         match &self.weight {
             Matrix::Tensor(weight) => match super::precision::bf16_unit() {
                 Some(unit) if super::fused::applies(x) && super::fused::applies(weight) => {
@@ -280,6 +342,7 @@ mod tests {
             weight: Matrix::Tensor(weight.clone()),
             bias: Some(bias.clone()),
             rows: None,
+            in_out: false,
         };
         let reference = candle_nn::Linear::new(weight, Some(bias));
         for m in [1, 3, 8] {

@@ -15,6 +15,7 @@ use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
     StageOutcome, copy_tokenizer, invalid,
 };
+use crate::model::mapped::is_conv1d;
 use crate::model::quantized_files::{self, StoredView};
 use crate::model::{self, ModelError, lora, shards};
 use crate::path_error::AtPath;
@@ -100,7 +101,9 @@ impl StageKind for LoraMerge {
                 lora::ADAPTER_CONFIG
             )));
         }
-        let spec = model::read_adapter_spec(adapter)?;
+        // PEFT's `fan_in_fan_out` follows the base's layers (GPT-2's Conv1D), as in PEFT.
+        let spec = model::read_adapter_spec(adapter)?
+            .for_family(matches!(config, model::ModelConfig::Gpt2(_)));
         // Token rows past the base's table (`add_tokens`) grow the vocabulary.
         let config = config.with_vocab_size(lora::merged_vocab(&spec, config.vocab_size()));
         let device = Device::Cpu;
@@ -207,7 +210,12 @@ fn dequantized_shard(
             "float16" => candle_core::DType::F16,
             _ => candle_core::DType::F32,
         };
-        let restored = Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)?;
+        let mut restored = Tensor::from_vec(values, (rows, cols), device)?;
+        // GPT-2's Conv1D was quantized as its transpose: back to its [in, out].
+        if is_conv1d(name) {
+            restored = restored.t()?.contiguous()?;
+        }
+        let restored = restored.to_dtype(dtype)?;
         tensors.insert(name.to_string(), restored);
     }
     tensors.retain(|name, _| !quantized_files::is_quant_part(name));

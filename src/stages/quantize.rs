@@ -1,5 +1,6 @@
 //! The `quantize` kind: a QLoRA base made once and kept in the store. The projections
-//! of the model's blocks (`model.layers.N.….*_proj.weight`) are quantized (`nf4`, with
+//! of the model's blocks (`model.layers.N.….*_proj.weight`; GPT-2's Conv1D weights,
+//! transposed first as bitsandbytes does) are quantized (`nf4`, with
 //! `double_quant` optional, or ggml's `q4_0`/`q8_0`); embeddings, norms, biases and the
 //! head are copied as stored. The output is a model directory in bitsandbytes' 4-bit
 //! serialization (see [`crate::model::quantized_files`]): every `sft` stage with
@@ -14,12 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Artifact, InputRules, InputSlot, MODEL_SOURCES, StageContext, StageError, StageKind,
-    StageOutcome, copy_tokenizer, invalid,
+    StageOutcome, copy_tokenizer,
 };
-use crate::model::mapped::{float_values, is_projection};
+use crate::model::mapped::{float_values, is_conv1d, is_projection, transpose};
 use crate::model::quant::{self, QuantKind, QuantSpec};
 use crate::model::quantized_files::{self, StoredTensor};
-use crate::model::{self, ModelConfig, ModelError, shards};
+use crate::model::{self, ModelError, shards};
 use crate::path_error::{AtPath, write_json};
 
 /// Settings of a `quantize` stage.
@@ -73,15 +74,8 @@ impl StageKind for Quantize {
     ) -> Result<StageOutcome, StageError> {
         let source = &context.inputs["model"];
         model::require_unquantized(source)?;
-        let config = model::load_config(source)?;
-        if !matches!(config, ModelConfig::Llama(_)) {
-            return Err(invalid(format!(
-                "{} is a {} model: QLoRA adapters train on the llama family (llama, qwen2, \
-                 mistral), so only those are quantized",
-                source.display(),
-                config.model_type()
-            )));
-        }
+        // A model of a family trainyard implements (the error names the config's key).
+        model::load_config(source)?;
         let files = model::safetensors_files(source)?;
         let mut weight_map = BTreeMap::new();
         let (mut matrices, mut values, mut stored_bytes, mut total_bytes) =
@@ -178,11 +172,17 @@ fn quantize_file(
             ));
             continue;
         }
-        let (rows, cols) = (shape[0], shape[1]);
+        let (mut rows, mut cols) = (shape[0], shape[1]);
         quantized_values.push(rows * cols);
-        let values = float_values(view.dtype(), view.data()).map_err(|message| {
+        let mut values = float_values(view.dtype(), view.data()).map_err(|message| {
             ModelError::safetensors(path, format!("tensor `{name}`: {message}"))
         })?;
+        // GPT-2's Conv1D is stored [in, out]: quantized as its transpose, the nn.Linear
+        // layout, as bitsandbytes does (its blocks then run along the input).
+        if is_conv1d(&name) {
+            values = transpose(&values, (rows, cols));
+            (rows, cols) = (cols, rows);
+        }
         let (quantized, nested) = quant::quantize_spec(settings.spec(), &values, cols)
             .map_err(|error| ModelError::safetensors(path, format!("tensor `{name}`: {error}")))?;
         out.extend(quantized_files::stored_tensors(

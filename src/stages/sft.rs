@@ -67,7 +67,9 @@ pub struct AdapterSetting {
     /// `lora_dropout`); masks are reproducible, so resume stays exact.
     #[serde(default)]
     pub dropout: f64,
-    /// The projections adapted.
+    /// The projections adapted: by default every projection of a block (llama family:
+    /// `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`;
+    /// GPT-2: `c_attn`, `c_proj`, `c_fc`).
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
     /// Whole modules trained with the adapter and saved in it (PEFT's `modules_to_save`):
@@ -245,14 +247,17 @@ impl StageKind for Sft {
             if adapter.targets.is_empty() {
                 return Err("`adapter.targets` is empty".to_string());
             }
-            if let Some(target) = adapter
-                .targets
-                .iter()
-                .find(|target| !model::lora::LLAMA_TARGETS.contains(&target.as_str()))
-            {
+            // Which family's names apply is known once the base is read (`new_lora`).
+            let known = |target: &str| {
+                model::lora::LLAMA_TARGETS.contains(&target)
+                    || model::lora::GPT2_TARGETS.contains(&target)
+            };
+            if let Some(target) = adapter.targets.iter().find(|target| !known(target)) {
                 return Err(format!(
-                    "`adapter.targets`: unknown projection `{target}` (expected some of {})",
-                    model::lora::LLAMA_TARGETS.join(", ")
+                    "`adapter.targets`: unknown projection `{target}` (expected some of {} \
+                     for the llama family, of {} for GPT-2)",
+                    model::lora::LLAMA_TARGETS.join(", "),
+                    model::lora::GPT2_TARGETS.join(", ")
                 ));
             }
             if let Some(module) = adapter
@@ -427,6 +432,8 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
             }),
             _ => None,
         },
+        // Settled for the base's family by `new_lora`.
+        fan_in_fan_out: false,
     };
     let (model, varmap, config) = match settings.adapter.kind {
         AdapterKind::None => {
@@ -441,6 +448,8 @@ fn run(settings: &SftSettings, context: &mut StageContext<'_>) -> Result<StageOu
         .get("base")
         .cloned()
         .unwrap_or_else(|| base.display().to_string());
+    // As settled for the base's family (GPT-2's targets and `fan_in_fan_out`).
+    let spec = model.adapter().map_or(spec, |adapter| adapter.spec.clone());
     let adapter_config = spec.adapter_config(&base_name);
     let files = match settings.adapter.kind {
         AdapterKind::None => ModelFiles::Full(&config),

@@ -656,6 +656,7 @@ fn lora_on_a_bf16_base_gets_the_gradients_of_its_f32_widening() {
         dropout: 0.0,
         trainable_tokens: Default::default(),
         quant: None,
+        fan_in_fan_out: false,
     };
     let widened = tempfile::tempdir().unwrap();
     let (_, varmap, config) = model::load_trainable(&dir, DType::F32, &Device::Cpu).unwrap();

@@ -54,6 +54,7 @@ fn rank4_spec(
         dropout,
         trainable_tokens: Default::default(),
         quant: None,
+        fan_in_fan_out: false,
     }
 }
 
@@ -916,4 +917,99 @@ fn add_tokens_mistakes_are_reported() {
         "stages.chatml-cache.with.add_tokens=[]",
     ]);
     assert!(message.contains("was built without them"), "{message}");
+}
+
+/// GPT-2 (Conv1D layers): LoRA and QLoRA train PEFT adapters on `c_attn`, `c_proj` and
+/// `c_fc` (the default targets, `fan_in_fan_out` as PEFT sets it), QLoRA about as well as
+/// LoRA, and the merged model (`W + s·(B·A)ᵀ`) computes what base + adapter compute.
+#[test]
+fn gpt2_lora_and_qlora_train_peft_adapters_that_merge() {
+    let sandbox = Sandbox::new();
+    let tail = "  lora:
+    kind: sft
+    inputs: { data: chat-cache, base: base }
+    with: { adapter: { kind: lora, rank: 8, alpha: 16 }, epochs: 2, batch_size: 8, lr: 0.003 }
+  qlora:
+    kind: sft
+    inputs: { data: chat-cache, base: base }
+    with: { adapter: { kind: qlora, rank: 8, alpha: 16 }, epochs: 2, batch_size: 8, lr: 0.003 }
+  merged:
+    kind: lora-merge
+    inputs: { base: base, adapter: lora }
+";
+    // GPT-2's learned positions stop at the pretraining context: 128, as the SFT rows.
+    let pipeline = common::chat_pipeline(tail).replace(
+        "family: llama, layers: 2, heads: 4, dim: 64 }, context: 64",
+        "family: gpt2, layers: 2, heads: 4, dim: 64 }, context: 128",
+    );
+    assert!(pipeline.contains("family: gpt2"));
+    sandbox.write("p.yaml", &pipeline);
+    sandbox.ok(&["run", "p.yaml"]);
+
+    let base_dir = output(&sandbox, "base");
+    let cache = output(&sandbox, "chat-cache");
+    let (base, _) = trainyard::model::load_pretrained(&base_dir, DType::F32, &Device::Cpu).unwrap();
+    let before = common::assistant_loss(&base, &cache);
+    let mut losses = Vec::new();
+    for stage in ["lora", "qlora"] {
+        let config: serde_json::Value = serde_json::from_str(
+            &sandbox.read(&format!("runs/latest/outputs/{stage}/adapter_config.json")),
+        )
+        .unwrap();
+        assert_eq!(config["fan_in_fan_out"], true, "{stage}");
+        assert_eq!(
+            config["target_modules"],
+            serde_json::json!(["c_attn", "c_proj", "c_fc"]),
+            "{stage}"
+        );
+        let tensors = candle_core::safetensors::load(
+            output(&sandbox, stage).join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        // 2 blocks × 4 Conv1D layers (`c_proj` in attention and MLP) × (A, B).
+        assert_eq!(tensors.len(), 16, "{stage}");
+        let c_fc_b = &tensors["base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"];
+        assert_eq!(c_fc_b.dims(), [256, 8], "{stage}: B is [out, r]");
+        let (model, _) = trainyard::model::load_lora(
+            &base_dir,
+            &output(&sandbox, stage),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        losses.push(common::assistant_loss(&model, &cache));
+    }
+    let (lora, qlora) = (losses[0], losses[1]);
+    // Less than the llama test's 0.3: GPT-2 adapters cannot train the chat tokens'
+    // untrained embeddings (no `modules_to_save`), only the projections.
+    assert!(
+        lora < before - 0.1 && qlora < before - 0.1 && qlora <= lora * 1.1,
+        "base {before}, LoRA {lora}, QLoRA {qlora}"
+    );
+    assert_ne!(lora, qlora, "the QLoRA base was not quantized");
+
+    let (with_adapter, _) = trainyard::model::load_lora(
+        &base_dir,
+        &output(&sandbox, "lora"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (merged, _) =
+        trainyard::model::load_pretrained(&output(&sandbox, "merged"), DType::F32, &Device::Cpu)
+            .unwrap();
+    let ids = Tensor::new(&[[4u32, 30, 31, 200, 5, 17, 2]], &Device::Cpu).unwrap();
+    let forward = |model: &trainyard::model::CausalLm| {
+        model.forward(&ids, None, Kernels::Differentiable).unwrap()
+    };
+    let diff = max_diff(&forward(&with_adapter), &forward(&merged));
+    assert!(
+        diff < 1e-4,
+        "merged logits differ from base + adapter by {diff}"
+    );
+    assert!(
+        max_diff(&forward(&base), &forward(&merged)) > 1e-3,
+        "the merge changed the model"
+    );
 }
