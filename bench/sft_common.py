@@ -51,6 +51,11 @@ SIZES = {
                  num_key_value_heads=2, max_window_layers=24, shard="400MB"),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, max_window_layers=28, shard="1GB"),
+    # Qwen/Qwen2.5-7B: untied head, a larger vocabulary (15 GB of bf16; BENCH_SIZE=7b
+    # BENCH_PEFT_DTYPES=none runs QLoRA at the size the issue projects to).
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, max_window_layers=28, shard="2GB", vocab_size=152064,
+               tie_word_embeddings=False),
     # For trying the script out in seconds (BENCH_SIZE=tiny BENCH_BIG_SIZE=tiny).
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_window_layers=2, shard="10MB"),
@@ -80,12 +85,12 @@ def make_base(args) -> None:
     tok = json.loads((TINY_QWEN2 / "tokenizer_config.json").read_text())
     gen = json.loads((TINY_QWEN2 / "generation_config.json").read_text())
     torch.manual_seed(args.seed)
+    size.setdefault("vocab_size", 151936)
+    size.setdefault("tie_word_embeddings", True)
     config = Qwen2Config(
-        vocab_size=151936,
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True,
         use_sliding_window=False,
         sliding_window=32768,
         bos_token_id=gen["bos_token_id"],
