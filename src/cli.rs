@@ -327,6 +327,11 @@ pub struct RunArgs {
     /// from its manifest is moved to `.trainyard/quarantine/` and its stage reruns.
     #[arg(long)]
     pub verify: bool,
+    /// When stderr is not a terminal (a log file, a service), print a progress line
+    /// this often: the running stages, their elapsed time and training step, loss and
+    /// speed. 0 turns it off.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub progress_every: u64,
 }
 
 /// `trainyard audit`.
@@ -968,6 +973,8 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
         resume: !args.no_resume,
         verify: args.verify,
         progress: !args.dry_run,
+        progress_every: (args.progress_every > 0)
+            .then(|| std::time::Duration::from_secs(args.progress_every)),
         command_line: std::env::args().collect(),
     };
     print_header(&pipeline);

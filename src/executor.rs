@@ -6,6 +6,7 @@
 //! `cached`, or `will run` with the reasons from [`crate::fingerprint::explain`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
@@ -49,6 +50,9 @@ pub struct RunOptions {
     pub verify: bool,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// With `progress`, when stderr is not a terminal: a line this often saying what
+    /// runs (a terminal gets progress bars instead).
+    pub progress_every: Option<std::time::Duration>,
     /// The command line, for the run record.
     pub command_line: Vec<String>,
 }
@@ -67,6 +71,7 @@ impl Default for RunOptions {
             resume: true,
             verify: false,
             progress: false,
+            progress_every: None,
             command_line: Vec::new(),
         }
     }
@@ -276,6 +281,7 @@ pub fn run(
         },
         recorder: recorder.as_ref(),
         console: Mutex::default(),
+        running: Mutex::default(),
     };
     let started = SystemTime::now();
     // Built once and finished at the end: the settings and origins of a big pipeline
@@ -292,7 +298,19 @@ pub fn run(
             .map_err(io_error("writing resolved_settings.json"))?;
         record = Some(started_record);
     }
-    let reports = engine.walk()?;
+    let stop_ticker = std::sync::atomic::AtomicBool::new(false);
+    let reports = std::thread::scope(|scope| {
+        if let Some(every) = options
+            .progress_every
+            .filter(|_| options.progress && !options.dry_run && !std::io::stderr().is_terminal())
+        {
+            let (engine, stop) = (&engine, &stop_ticker);
+            scope.spawn(move || engine.tick(every, stop));
+        }
+        let reports = engine.walk();
+        stop_ticker.store(true, std::sync::atomic::Ordering::Relaxed);
+        reports
+    })?;
     engine
         .hasher
         .save()
@@ -351,6 +369,7 @@ pub fn status(
         hasher: ContentHasher::open(&workspace.stat_cache()),
         recorder: None,
         console: Mutex::default(),
+        running: Mutex::default(),
     };
     let stages = engine.walk()?;
     // Saving is only an optimisation; a read-only workspace must not fail `status`.
@@ -372,6 +391,16 @@ struct Engine<'a> {
     recorder: Option<&'a RunRecorder>,
     /// Lines of cached stages not yet written (see [`Engine::progress_batched`]).
     console: Mutex<BatchedLines>,
+    /// The stages running now, for the periodic progress line (see [`Engine::tick`]).
+    running: Mutex<BTreeMap<String, Activity>>,
+}
+
+/// A running stage as the periodic progress line shows it.
+struct Activity {
+    /// When it started.
+    since: Instant,
+    /// Its last training step, as `step 120/600, loss 2.345, 1.2k tokens/s`.
+    detail: Option<String>,
 }
 
 /// Console lines written together: a no-op run of a big pipeline prints one line per
@@ -445,6 +474,72 @@ impl Engine<'_> {
             batch.text.clear();
         }
         batch.since = None;
+    }
+
+    /// Until `stop`, every `every`: one line on stderr naming each running stage, how
+    /// long it has run and its last training step. For runs whose stderr is a file or a
+    /// service's log, where progress bars are not drawn and a long stage would
+    /// otherwise print nothing between "running" and "done".
+    fn tick(&self, every: Duration, stop: &std::sync::atomic::AtomicBool) {
+        let mut last = Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100).min(every));
+            if last.elapsed() < every {
+                continue;
+            }
+            last = Instant::now();
+            let Ok(running) = self.running.lock() else {
+                return;
+            };
+            if running.is_empty() {
+                continue;
+            }
+            let stages: Vec<String> = running
+                .iter()
+                .map(|(name, activity)| {
+                    let elapsed = humantime::format_duration(Duration::from_secs(
+                        activity.since.elapsed().as_secs(),
+                    ));
+                    match &activity.detail {
+                        Some(detail) => format!("{name} ({elapsed}, {detail})"),
+                        None => format!("{name} ({elapsed})"),
+                    }
+                })
+                .collect();
+            drop(running);
+            self.progress(format_args!("  ...      running {}", stages.join("; ")));
+        }
+    }
+
+    /// An event a running stage reports (a training step, an evaluation): into the
+    /// run's `logs.jsonl` with the stage's name, and a training step into the periodic
+    /// progress line.
+    fn stage_event(&self, stage: &str, event: &str, fields: serde_json::Value) {
+        if event == "train_step"
+            && let Ok(mut running) = self.running.lock()
+            && let Some(activity) = running.get_mut(stage)
+        {
+            let number = |key: &str| fields.get(key).and_then(serde_json::Value::as_f64);
+            let mut detail = match (number("step"), number("steps")) {
+                (Some(step), Some(steps)) => format!("step {step}/{steps}"),
+                (Some(step), None) => format!("step {step}"),
+                _ => String::new(),
+            };
+            if let Some(loss) = number("loss") {
+                detail.push_str(&format!(", loss {loss:.4}"));
+            }
+            if let Some(speed) = number("tokens_per_s") {
+                detail.push_str(&format!(", {speed:.0} tokens/s"));
+            }
+            activity.detail = Some(detail);
+        }
+        let mut fields = fields;
+        if let serde_json::Value::Object(map) = &mut fields {
+            map.insert("stage".to_string(), serde_json::json!(stage));
+        }
+        if let Some(recorder) = self.recorder {
+            recorder.event(event, fields);
+        }
     }
 
     /// Records a stage event in the run's `logs.jsonl`, and logs it (`-v` shows them).
@@ -1062,7 +1157,19 @@ impl Engine<'_> {
         self.event("stage_started", serde_json::json!({ "stage": stage.name, "fingerprint": job.fingerprint, "reasons": reasons }));
         let started_at = SystemTime::now();
         let clock = Instant::now();
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(
+                stage.name.clone(),
+                Activity {
+                    since: clock,
+                    detail: None,
+                },
+            );
+        }
         let result = self.execute_in(stage, &job, &scratch, started_at, &clock);
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&stage.name);
+        }
         report.duration_s = Some(clock.elapsed().as_secs_f64());
         match result {
             Ok((dir, manifest)) => {
@@ -1148,6 +1255,9 @@ impl Engine<'_> {
             .open(&log_path)
             .at(log_path)?;
         let input_names = self.portable_names(job.index, &job.inputs);
+        let events = |event: &str, fields: serde_json::Value| {
+            self.stage_event(&stage.name, event, fields);
+        };
         let mut context = StageContext {
             stage: &stage.name,
             inputs: &job.inputs,
@@ -1156,6 +1266,7 @@ impl Engine<'_> {
             seed: self.pipeline.seed,
             cancel: self.cancel,
             log: &mut log,
+            events: &events,
         };
         let outcome = stage.kind.run(&stage.settings, &mut context)?;
         if scratch.join(MANIFEST).exists() {

@@ -138,6 +138,9 @@ pub struct StageContext<'a> {
     pub cancel: &'a CancelFlag,
     /// The stage's log (also kept in the output as [`STAGE_LOG`]).
     pub log: &'a mut (dyn Write + Send),
+    /// Structured events for the run's `logs.jsonl` (`train_step`, `eval`): an event
+    /// name and its fields; the executor adds the stage's name.
+    pub events: &'a (dyn Fn(&str, serde_json::Value) + Sync),
 }
 
 /// The name an output records for an input at `path`: the Hugging Face id of a hub

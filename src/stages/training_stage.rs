@@ -283,6 +283,22 @@ impl<D: LoopDefaults> TrainingSettings<D> {
                     .unwrap_or_else(|| ", no native bf16 unit on this CPU".to_string()),
             );
         }
+        // Every metrics row, live, as an event of the run: `train_step` (with the
+        // run's total steps) or `eval`.
+        let events = context.events;
+        let on_row = |row: &trainer::MetricsRow| {
+            let (event, mut fields) = match row {
+                trainer::MetricsRow::Train { .. } => ("train_step", json!(row)),
+                trainer::MetricsRow::Eval { .. } => ("eval", json!(row)),
+            };
+            if let Some(fields) = fields.as_object_mut() {
+                fields.remove("type");
+                if event == "train_step" {
+                    fields.insert("steps".into(), json!(steps));
+                }
+            }
+            events(event, fields);
+        };
         let summary = trainer::train(
             TrainJob {
                 model: job.model,
@@ -300,6 +316,7 @@ impl<D: LoopDefaults> TrainingSettings<D> {
                 cancel: context.cancel,
                 log: &mut *context.log,
                 show_progress: std::io::stderr().is_terminal(),
+                on_row: &on_row,
                 precision: (!self.precision.is_default()).then_some((self.precision, unit)),
             },
             &self.loop_settings(steps),

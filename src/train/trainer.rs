@@ -143,6 +143,8 @@ pub struct TrainJob<'a> {
     pub log: &'a mut (dyn Write + Send),
     /// Draw a progress bar on stderr.
     pub show_progress: bool,
+    /// Told every row written to [`METRICS`], as it is written (a run's live event log).
+    pub on_row: &'a (dyn Fn(&MetricsRow) + Sync),
     /// A `precision` other than the default f32: the setting and the bf16 unit it
     /// resolved to (`None`: f32). Recorded in `training.json`.
     pub precision: Option<(Precision, Option<Bf16Unit>)>,
@@ -277,6 +279,7 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         cancel,
         log,
         show_progress,
+        on_row,
         precision,
     } = job;
     // Forward and backward passes run on rayon's pool (`on_pool`), under this scope.
@@ -409,19 +412,17 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
         state.elapsed_s = elapsed_before + session.elapsed().as_secs_f64();
         final_loss = outcome.loss;
         let tokens_per_s = outcome.tokens as f64 / seconds.max(1e-9);
-        write_row(
-            &mut metrics,
-            &metrics_path,
-            &MetricsRow::Train {
-                step: state.step,
-                loss: outcome.loss,
-                lr,
-                grad_norm: outcome.grad_norm,
-                tokens: state.tokens_seen,
-                tokens_per_s: round3(tokens_per_s),
-                elapsed_s: round3(state.elapsed_s),
-            },
-        )?;
+        let row = MetricsRow::Train {
+            step: state.step,
+            loss: outcome.loss,
+            lr,
+            grad_norm: outcome.grad_norm,
+            tokens: state.tokens_seen,
+            tokens_per_s: round3(tokens_per_s),
+            elapsed_s: round3(state.elapsed_s),
+        };
+        write_row(&mut metrics, &metrics_path, &row)?;
+        on_row(&row);
         if settings.log_every > 0 && state.step.is_multiple_of(settings.log_every) {
             let _ = writeln!(
                 log,
@@ -434,16 +435,14 @@ pub fn train(job: TrainJob<'_>, settings: &LoopSettings) -> Result<TrainSummary,
             last || (settings.eval_every > 0 && state.step.is_multiple_of(settings.eval_every));
         if eval_due && !eval.is_empty() {
             let eval_loss = on_pool(|| evaluate(model, eval, device))?;
-            write_row(
-                &mut metrics,
-                &metrics_path,
-                &MetricsRow::Eval {
-                    step: state.step,
-                    eval_loss,
-                    perplexity: eval_loss.exp(),
-                    elapsed_s: round3(state.elapsed_s),
-                },
-            )?;
+            let row = MetricsRow::Eval {
+                step: state.step,
+                eval_loss,
+                perplexity: eval_loss.exp(),
+                elapsed_s: round3(state.elapsed_s),
+            };
+            write_row(&mut metrics, &metrics_path, &row)?;
+            on_row(&row);
             let _ = writeln!(
                 log,
                 "eval at step {}: loss {:.4}, perplexity {:.2}",

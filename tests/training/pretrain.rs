@@ -491,3 +491,53 @@ fn auto_precision_learns_records_its_choice_and_resumes_bit_identically() {
         "a resumed bf16 run ends bit-identical to an uninterrupted one"
     );
 }
+
+/// Without a terminal (a log file, a service), a run puts every training step and
+/// evaluation in `logs.jsonl` as it happens, and prints a progress line every
+/// `--progress-every` seconds naming the running stage and its last step.
+#[test]
+fn a_run_without_a_terminal_logs_every_step_and_prints_progress_lines() {
+    let sandbox = sandbox_with(&SMALL.replace("steps: 40", "steps: 200"));
+    let printed = sandbox.ok(&["run", "p.yaml", "--progress-every", "1"]);
+    let events: Vec<serde_json::Value> = sandbox
+        .read("runs/latest/logs.jsonl")
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let of = |name: &str| {
+        events
+            .iter()
+            .filter(|event| event["event"] == name)
+            .collect::<Vec<_>>()
+    };
+    let steps = of("train_step");
+    assert_eq!(steps.len(), 200);
+    for (index, event) in steps.iter().enumerate() {
+        assert_eq!(event["stage"], "lm");
+        assert_eq!(event["step"], index as u64 + 1);
+        assert_eq!(event["steps"], 200);
+        assert!(event["loss"].as_f64().unwrap().is_finite());
+        assert!(event["tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let evals: Vec<u64> = of("eval")
+        .iter()
+        .map(|event| event["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, (1..=20).map(|i| i * 10).collect::<Vec<_>>());
+    // Between the stage's start and its end, in order.
+    let position = |name: &str| events.iter().position(|event| event["event"] == name);
+    assert!(position("stage_started") < position("train_step"));
+    assert!(
+        events
+            .iter()
+            .rposition(|event| event["event"] == "train_step")
+            < events
+                .iter()
+                .rposition(|event| event["event"] == "stage_finished")
+    );
+    let line = printed
+        .lines()
+        .find(|line| line.contains("running lm (") && line.contains("step "))
+        .unwrap_or_else(|| panic!("no progress line:\n{printed}"));
+    assert!(line.contains("/200") && line.contains("loss "), "{line}");
+}
