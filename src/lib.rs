@@ -33,6 +33,7 @@ pub mod path_error;
 pub mod retrieve;
 pub mod rng;
 pub mod runs;
+pub mod serve;
 pub mod stages;
 pub mod store;
 pub mod suggest;
