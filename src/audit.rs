@@ -209,7 +209,7 @@ impl Run {
     /// Per recorded stage, the stages it reads: from its recorded inputs and, for
     /// stages that never got that far (skipped, not selected), from the inputs the
     /// recorded settings declare, read by the DAG's own rule.
-    fn upstream_stages(&self) -> BTreeMap<&str, BTreeSet<&str>> {
+    pub fn upstream_stages(&self) -> BTreeMap<&str, BTreeSet<&str>> {
         let stages = &self.record.stages;
         let names: BTreeSet<&str> = stages.keys().map(String::as_str).collect();
         stages

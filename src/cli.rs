@@ -116,6 +116,102 @@ pub enum Command {
     /// Chat with a model: a REPL over standard input that keeps the conversation
     /// (`/reset` clears it, `/exit` or end of input quits), or one answer with `--prompt`.
     Chat(ChatArgs),
+    /// Serve the workspace: a durable job queue, an HTTP API with live events, and a
+    /// dashboard; worker processes run the queued jobs.
+    Serve(ServeArgs),
+    /// Queue a pipeline run for `serve`'s workers (the same flags as `run`); prints the
+    /// job id.
+    Submit(SubmitArgs),
+    /// List the jobs of the workspace's queue.
+    Jobs {
+        /// Only jobs in this state (queued, running, succeeded, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job: a queued one at once, a running one by SIGTERM to its run (a
+    /// training stage checkpoints first).
+    Cancel {
+        /// The job id.
+        id: i64,
+    },
+    /// Print the events (`logs.jsonl`) of a run (`runs/<id>`, or its id) or of a job's
+    /// latest run; `--follow` waits for more until the run (or job) is over.
+    Logs {
+        /// A run directory, a run id, or a job id.
+        target: String,
+        /// Keep printing new events until the run or job finishes.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// A worker of `serve` (started by it): runs queued jobs.
+    #[command(hide = true)]
+    Worker {
+        /// Its name in the queue.
+        #[arg(long)]
+        name: String,
+        /// Heartbeat period in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
+    },
+}
+
+/// `trainyard serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (localhost by default; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8377")]
+    pub listen: std::net::SocketAddr,
+    /// Worker processes running jobs.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Read the bearer token from this file instead of `.trainyard/serve/token` (made,
+    /// mode 0600, on first start).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Workers' heartbeat period in milliseconds (a job whose worker is silent for ten
+    /// of them goes back to the queue).
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+}
+
+/// `trainyard submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The pipeline file (inside the workspace).
+    pub file: PathBuf,
+    /// Profiles to apply, in order.
+    #[arg(long, short, value_name = "NAME")]
+    pub profile: Vec<String>,
+    /// Override a setting (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Rerun this stage even if cached (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// Rerun every stage.
+    #[arg(long)]
+    pub force_all: bool,
+    /// Run only this stage.
+    #[arg(long, value_name = "STAGE", conflicts_with = "until")]
+    pub only: Option<String>,
+    /// Run this stage and what it depends on.
+    #[arg(long, value_name = "STAGE")]
+    pub until: Option<String>,
+    /// After a failure, keep running stages that do not depend on it.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Start interrupted training stages over.
+    #[arg(long)]
+    pub no_resume: bool,
+    /// Re-read every input and stored output before using it.
+    #[arg(long)]
+    pub verify: bool,
+    /// Queue a failed run again up to this many times.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
 }
 
 /// Retrieval from a dataset: the flags `verify-question` and `chat` share.
@@ -416,7 +512,11 @@ pub fn main() -> ExitCode {
     end_cleanly_when_output_fails();
     crate::memory::keep_freed_memory();
     let cli = Cli::parse();
-    if !matches!(&cli.command, Command::Run(args) if !args.dry_run) {
+    // Not for the server and its workers either: a client that goes away mid-response
+    // (a closed dashboard tab) must cost a connection, not the server.
+    let long_running = matches!(&cli.command, Command::Run(args) if !args.dry_run)
+        || matches!(&cli.command, Command::Serve(_) | Command::Worker { .. });
+    if !long_running {
         end_quietly_on_a_broken_pipe();
     }
     tracing_subscriber::fmt()
@@ -579,6 +679,47 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit(args) => audit_command(&args, &workspace),
         Command::Gc { dry_run } => gc_command(&workspace, dry_run),
+        Command::Serve(args) => {
+            let options = crate::serve::server::ServeOptions {
+                listen: args.listen,
+                workers: args.workers,
+                token_file: args.token_file,
+                heartbeat: std::time::Duration::from_millis(args.heartbeat_ms.max(50)),
+            };
+            crate::serve::server::serve(&workspace.root, &options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Submit(args) => submit_command(args, &workspace),
+        Command::Jobs { state, json } => jobs_command(&workspace, state.as_deref(), json),
+        Command::Cancel { id } => {
+            let queue = crate::serve::queue::Queue::open(&workspace.root)?;
+            let state = queue.cancel(id)?;
+            println!(
+                "job {id}: {}",
+                if state == crate::serve::queue::JobState::Running {
+                    "cancelling (its run was told to stop)"
+                } else {
+                    state.as_str()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { target, follow } => logs_command(&workspace, &target, follow),
+        Command::Worker { name, heartbeat_ms } => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, stop.clone())?;
+            }
+            let heartbeat = std::time::Duration::from_millis(heartbeat_ms.max(50));
+            let options = crate::serve::worker::WorkerOptions {
+                name,
+                heartbeat,
+                poll: heartbeat.min(std::time::Duration::from_millis(500)),
+                progress_every: std::time::Duration::from_secs(30),
+            };
+            crate::serve::worker::work(&workspace.root, &options, &stop)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dag {
             pipeline: args,
             format,
@@ -1106,5 +1247,141 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, Strin
             }
         }
         other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+fn submit_command(args: SubmitArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
+    let pipeline = if args.file.is_absolute() {
+        args.file.clone()
+    } else {
+        std::env::current_dir()?.join(&args.file)
+    };
+    let root = workspace.root.canonicalize()?;
+    let pipeline = pipeline
+        .canonicalize()
+        .map_err(|error| anyhow::anyhow!("{}: {error}", args.file.display()))?;
+    let relative = pipeline.strip_prefix(&root).map_err(|_| {
+        anyhow::anyhow!(
+            "{} is outside the workspace {}: a job's pipeline must live inside it",
+            args.file.display(),
+            root.display()
+        )
+    })?;
+    let spec = crate::serve::queue::JobSpec {
+        pipeline: relative.to_string_lossy().into_owned(),
+        profiles: args.profile,
+        set: args.set,
+        force: args.force,
+        force_all: args.force_all,
+        only: args.only,
+        until: args.until,
+        keep_going: args.keep_going,
+        no_resume: args.no_resume,
+        verify: args.verify,
+        retries: args.retries,
+    };
+    let queue = crate::serve::queue::Queue::open(&workspace.root)?;
+    let id = queue.submit(&spec)?;
+    println!("{id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn jobs_command(
+    workspace: &Workspace,
+    state: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::serve::queue::{JobState, Queue};
+    let filter = match state {
+        Some(name) => Some(JobState::parse(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--state {name}: expected queued, running, succeeded, failed or cancelled"
+            )
+        })?),
+        None => None,
+    };
+    let jobs = Queue::open(&workspace.root)?.list(filter)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:>5}  {:<10}  {:<24}  pipeline", "id", "state", "last run");
+    for job in jobs {
+        let profiles = if job.spec.profiles.is_empty() {
+            String::new()
+        } else {
+            format!(" --profile {}", job.spec.profiles.join(","))
+        };
+        println!(
+            "{:>5}  {:<10}  {:<24}  {}{profiles}",
+            job.id,
+            job.state.as_str(),
+            job.runs.last().map_or("-", String::as_str),
+            job.spec.pipeline
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trainyard logs`: the events of a run, or of a job's latest run.
+fn logs_command(workspace: &Workspace, target: &str, follow: bool) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let job = target
+        .parse::<i64>()
+        .ok()
+        .map(|id| -> anyhow::Result<_> {
+            Ok((id, crate::serve::queue::Queue::open(&workspace.root)?))
+        })
+        .transpose()?;
+    let run_dir = |run: &str| -> std::path::PathBuf {
+        let as_path = std::path::Path::new(run);
+        if as_path.join("logs.jsonl").is_file() {
+            as_path.to_path_buf()
+        } else {
+            workspace.runs_dir().join(run)
+        }
+    };
+    let mut printed = 0usize;
+    let mut current: Option<std::path::PathBuf> = None;
+    loop {
+        let (dir, over) = match &job {
+            Some((id, queue)) => {
+                let job = queue.get(*id)?;
+                (
+                    job.runs.last().map(|run| run_dir(run)),
+                    job.state.is_final(),
+                )
+            }
+            None => (Some(run_dir(target)), false),
+        };
+        if dir != current {
+            current = dir.clone();
+            printed = 0;
+        }
+        let mut finished = over;
+        if let Some(dir) = &dir {
+            let path = dir.join("logs.jsonl");
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(error) if job.is_none() => {
+                    anyhow::bail!("{}: {error}", path.display())
+                }
+                Err(_) => String::new(),
+            };
+            let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+            let mut out = std::io::stdout().lock();
+            for line in complete.lines().skip(printed) {
+                writeln!(out, "{line}")?;
+                printed += 1;
+                if job.is_none() && line.contains("\"run_finished\"") {
+                    finished = true;
+                }
+            }
+            out.flush()?;
+        }
+        if !follow || finished {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }

@@ -201,6 +201,10 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecEr
     move |source| ExecError::Io { context, source }
 }
 
+/// When set, [`run`] writes the id of the run it records to this file as soon as
+/// `runs/<id>/` exists (a `serve` worker follows the run's events from there).
+pub const RUN_ID_FILE_ENV: &str = "TRAINYARD_RUN_ID_FILE";
+
 /// Runs `pipeline` in `workspace`.
 pub fn run(
     workspace: &Workspace,
@@ -283,6 +287,13 @@ pub fn run(
         console: Mutex::default(),
         running: Mutex::default(),
     };
+    if let (Some(recorder), Some(path)) = (&recorder, std::env::var_os(RUN_ID_FILE_ENV)) {
+        // A `serve` worker follows this run's events from the start.
+        std::fs::write(&path, &recorder.id).map_err(io_error(format!(
+            "writing the run id to {}",
+            std::path::Path::new(&path).display()
+        )))?;
+    }
     let started = SystemTime::now();
     // Built once and finished at the end: the settings and origins of a big pipeline
     // are most of the record and do not change during the run.

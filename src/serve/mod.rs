@@ -4,4 +4,7 @@
 //! from the command line, resumes the same way after a crash, and adds no second way
 //! of running a stage.
 
+pub mod api;
 pub mod queue;
+pub mod server;
+pub mod worker;
