@@ -441,3 +441,117 @@ fn a_running_job_and_a_queued_one_can_be_cancelled() {
     assert_eq!(server.post(&format!("/api/jobs/{first}/cancel"), "").0, 409);
     assert_eq!(server.get("/api/jobs/999").0, 404);
 }
+
+/// `kill -9` of the server mid-training: its workers stop their runs (a checkpoint) and
+/// requeue the job; a restarted server finishes it, with weights bit-identical to an
+/// uninterrupted run's.
+#[test]
+fn a_job_survives_kill_9_of_its_server_with_bit_identical_weights() {
+    let steps = 300;
+    let reference = Sandbox::new();
+    reference.write("p.yaml", &pipeline(steps));
+    reference.ok(&["run", "p.yaml"]);
+    let expected =
+        crate::common::file_hash(&reference.path("runs/latest/outputs/lm/model.safetensors"));
+
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", &pipeline(steps));
+    let mut server = Server::start(&sandbox);
+    let (_, created) = server.post("/api/jobs", r#"{"pipeline": "p.yaml"}"#);
+    let id = created["id"].as_i64().unwrap();
+    server.events(id, None, |name, data| {
+        name == "train_step" && data["step"] == 25
+    });
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+
+    let server = Server::start(&sandbox);
+    let detail = server.wait_for_state(id, "succeeded");
+    let job = &detail["job"];
+    assert!(job["starts"].as_u64().unwrap() >= 2, "{job}");
+    assert!(job["runs"].as_array().unwrap().len() >= 2, "{job}");
+    let events = server.events(id, None, |name, _| name == "end");
+    assert!(
+        events
+            .iter()
+            .any(|(_, name, data)| name == "stage_interrupted" && data["stage"] == "lm"),
+        "the first run stopped with a checkpoint"
+    );
+    let last_run = job["runs"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_str()
+        .unwrap();
+    let got = crate::common::file_hash(
+        &sandbox.path(&format!("runs/{last_run}/outputs/lm/model.safetensors")),
+    );
+    assert_eq!(
+        got, expected,
+        "resumed weights differ from an uninterrupted run's"
+    );
+}
+
+/// 100 submits at once: every one queued with its own id, none lost, each run once.
+#[test]
+fn a_hundred_concurrent_submits_are_all_queued_and_each_runs_once() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "p.yaml",
+        "name: small
+stages:
+  corpus:
+    kind: ingest
+    with: { source: { synthetic: { part: documents, documents: 20 } } }
+",
+    );
+    let server = Server::start(&sandbox);
+    let ids: Vec<i64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..100)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (status, created) = server.post("/api/jobs", r#"{"pipeline": "p.yaml"}"#);
+                    assert_eq!(status, 201, "{created}");
+                    created["id"].as_i64().unwrap()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap())
+            .collect()
+    });
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (1..=100).collect::<Vec<i64>>(),
+        "ids are distinct, none lost"
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let jobs = loop {
+        let (_, listed) = server.get("/api/jobs");
+        let jobs = listed["jobs"].as_array().unwrap().clone();
+        if jobs.iter().all(|job| job["state"] == "succeeded") {
+            break jobs;
+        }
+        assert!(Instant::now() < deadline, "not all jobs finished: {listed}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(jobs.len(), 100);
+    let mut runs = std::collections::BTreeSet::new();
+    for job in &jobs {
+        assert_eq!(job["starts"], 1, "{job}");
+        let job_runs = job["runs"].as_array().unwrap();
+        assert_eq!(job_runs.len(), 1, "{job}");
+        runs.insert(job_runs[0].as_str().unwrap().to_string());
+    }
+    assert_eq!(runs.len(), 100, "each job has its own run");
+    let recorded = std::fs::read_dir(sandbox.path("runs"))
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name() != "latest")
+        .count();
+    assert_eq!(recorded, 100, "no job ran twice");
+}
