@@ -245,10 +245,7 @@ async fn job_detail(
     let job = with_queue(&state, move |queue| queue.get(id)).await?;
     let root = state.root.clone();
     let stages = tokio::task::spawn_blocking(move || {
-        job.runs
-            .last()
-            .map(|run| run_stages(&root, run))
-            .unwrap_or_default()
+        run_stages(&root, job.runs.last().map(String::as_str), &job.spec)
     })
     .await
     .unwrap_or_default();
@@ -257,17 +254,17 @@ async fn job_detail(
     Ok(axum::Json(json!({ "job": job, "stages": stages })).into_response())
 }
 
-/// The stages of run `run_id`, upstream first: the record's, with the live states its
-/// events give and the metrics of finished outputs.
-pub fn run_stages(root: &Path, run_id: &str) -> Vec<Value> {
-    if !is_plain_name(run_id) {
-        return Vec::new();
-    }
+/// The stages of run `run_id` (none yet: all pending) of a job running `spec`, upstream
+/// first: the run's
+/// record once it lists them (at the run's end), else the pipeline as the job resolves
+/// it; with the live states and fingerprints the run's events give, and the metrics of
+/// finished outputs.
+pub fn run_stages(root: &Path, run_id: Option<&str>, spec: &JobSpec) -> Vec<Value> {
+    // A job not started yet: its pipeline's stages, all pending.
+    let run_id = run_id.filter(|run| is_plain_name(run)).unwrap_or(".none");
     let dir = root.join("runs").join(run_id);
-    let Ok(run) = crate::audit::Run::open(&dir) else {
-        return Vec::new();
-    };
-    let mut live: BTreeMap<String, (String, Option<f64>)> = BTreeMap::new();
+    // name → (status, fingerprint, duration)
+    let mut live: BTreeMap<String, (String, Option<String>, Option<f64>)> = BTreeMap::new();
     if let Ok(text) = std::fs::read_to_string(dir.join("logs.jsonl")) {
         for line in text.lines() {
             let Ok(event) = serde_json::from_str::<Value>(line) else {
@@ -287,40 +284,121 @@ pub fn run_stages(root: &Path, run_id: &str) -> Vec<Value> {
                 "stage_interrupted" => "interrupted",
                 _ => continue,
             };
-            live.insert(
-                stage.to_string(),
-                (
-                    status.to_string(),
-                    event.get("duration_s").and_then(Value::as_f64),
-                ),
-            );
+            let entry = live.entry(stage.to_string()).or_default();
+            entry.0 = status.to_string();
+            if let Some(fingerprint) = event.get("fingerprint").and_then(Value::as_str) {
+                entry.1 = Some(fingerprint.to_string());
+            }
+            if let Some(duration) = event.get("duration_s").and_then(Value::as_f64) {
+                entry.2 = Some(duration);
+            }
         }
     }
-    let upstream = run.upstream_stages();
-    run.stage_order()
-        .into_iter()
-        .filter_map(|name| {
-            let record = run.record.stages.get(&name)?;
-            let recorded = serde_json::to_value(record.status).unwrap_or(Value::Null);
-            let (status, duration) = match live.get(&name) {
-                Some((status, duration)) => (json!(status), duration.or(record.duration_s)),
-                None => (recorded, record.duration_s),
-            };
-            let metrics = std::fs::read_to_string(
-                dir.join("outputs").join(&name).join(crate::store::MANIFEST),
-            )
+    let metrics = |name: &str| {
+        std::fs::read_to_string(dir.join("outputs").join(name).join(crate::store::MANIFEST))
             .ok()
             .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            .and_then(|manifest| manifest.get("metrics").cloned());
-            Some(json!({
-                "name": name,
-                "kind": record.kind,
-                "status": status,
-                "fingerprint": record.fingerprint,
-                "duration_s": duration,
-                "upstream": upstream.get(name.as_str()).cloned().unwrap_or_default(),
-                "metrics": metrics,
-            }))
+            .and_then(|manifest| manifest.get("metrics").cloned())
+    };
+    let stage = |name: &str,
+                 kind: &str,
+                 recorded: Option<(Value, Option<String>, Option<f64>)>,
+                 upstream: Vec<String>| {
+        let (status, fingerprint, duration) = match (live.get(name), recorded) {
+            (Some((status, fingerprint, duration)), recorded) => {
+                let recorded_fingerprint = recorded.as_ref().and_then(|r| r.1.clone());
+                let recorded_duration = recorded.as_ref().and_then(|r| r.2);
+                (
+                    json!(status),
+                    fingerprint.clone().or(recorded_fingerprint),
+                    duration.or(recorded_duration),
+                )
+            }
+            (None, Some(recorded)) => recorded,
+            (None, None) => (json!("pending"), None, None),
+        };
+        json!({
+            "name": name,
+            "kind": kind,
+            "status": status,
+            "fingerprint": fingerprint,
+            "duration_s": duration,
+            "upstream": upstream,
+            "metrics": metrics(name),
+        })
+    };
+    if let Ok(run) = crate::audit::Run::open(&dir)
+        && !run.record.stages.is_empty()
+    {
+        let upstream = run.upstream_stages();
+        return run
+            .stage_order()
+            .into_iter()
+            .filter_map(|name| {
+                let record = run.record.stages.get(&name)?;
+                let recorded = (
+                    serde_json::to_value(record.status).unwrap_or(Value::Null),
+                    record.fingerprint.clone(),
+                    record.duration_s,
+                );
+                let up = upstream
+                    .get(name.as_str())
+                    .map(|set| set.iter().map(|s| s.to_string()).collect())
+                    .unwrap_or_default();
+                Some(stage(&name, &record.kind, Some(recorded), up))
+            })
+            .collect();
+    }
+    planned_stages(root, spec)
+        .into_iter()
+        .map(|(name, kind, upstream)| stage(&name, &kind, None, upstream))
+        .collect()
+}
+
+/// The stages `spec` runs, upstream first: name, kind and the stages each reads, as
+/// its pipeline resolves now.
+fn planned_stages(root: &Path, spec: &JobSpec) -> Vec<(String, String, Vec<String>)> {
+    let options = crate::config::LoadOptions {
+        profiles: spec.profiles.clone(),
+        overrides: spec.set.clone(),
+        env: std::env::vars().collect(),
+        profile_dirs: vec![root.join("profiles")],
+    };
+    let Ok(pipeline) = crate::config::load(&root.join(&spec.pipeline), &options) else {
+        return Vec::new();
+    };
+    let Ok(dag) = crate::dag::build(&pipeline) else {
+        return Vec::new();
+    };
+    let count = pipeline.stages.len();
+    let upstream: Vec<Vec<usize>> = (0..count).map(|index| dag.upstream(index)).collect();
+    // Kahn's order, ties by position in the file.
+    let mut placed = vec![false; count];
+    let mut order = Vec::with_capacity(count);
+    while order.len() < count {
+        let before = order.len();
+        for index in 0..count {
+            if !placed[index] && upstream[index].iter().all(|&up| placed[up]) {
+                placed[index] = true;
+                order.push(index);
+            }
+        }
+        if order.len() == before {
+            break;
+        }
+    }
+    order
+        .into_iter()
+        .map(|index| {
+            let stage = &pipeline.stages[index];
+            (
+                stage.name.clone(),
+                stage.kind.name.to_string(),
+                upstream[index]
+                    .iter()
+                    .map(|&up| pipeline.stages[up].name.clone())
+                    .collect(),
+            )
         })
         .collect()
 }

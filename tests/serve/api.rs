@@ -33,14 +33,15 @@ stages:
 }
 
 /// A running `trainyard serve` on a free port; killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    token: String,
+pub struct Server {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    pub token: String,
 }
 
 impl Server {
-    fn start(sandbox: &Sandbox) -> Server {
+    pub fn start(sandbox: &Sandbox) -> Server {
         let mut child = sandbox
             .command(&["serve", "--listen", "127.0.0.1:0", "--heartbeat-ms", "200"])
             .stdout(Stdio::piped())
@@ -88,7 +89,7 @@ impl Server {
     }
 
     /// `(status, JSON body)` of a POST of `body` with the token.
-    fn post(&self, path: &str, body: &str) -> (u16, Value) {
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
         let request = Server::agent()
             .post(&self.url(path))
             .header("Authorization", &format!("Bearer {}", self.token))
@@ -147,7 +148,7 @@ impl Server {
         events
     }
 
-    fn wait_for_state(&self, job: i64, state: &str) -> Value {
+    pub fn wait_for_state(&self, job: i64, state: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let (_, body) = self.get(&format!("/api/jobs/{job}"));
