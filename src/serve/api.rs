@@ -422,11 +422,13 @@ async fn retry_job(
 }
 
 /// Where an event stream is: run `run` of the job (its index in the job's runs), line
-/// `line` of its `logs.jsonl` (the next to send). An event's id is `run:line`.
+/// `line` of its `logs.jsonl` (the next to send), which starts at byte `offset` when
+/// known (0: not known, count lines from the start). An event's id is `run:line`.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cursor {
     run: usize,
     line: usize,
+    offset: u64,
 }
 
 impl Cursor {
@@ -436,6 +438,7 @@ impl Cursor {
         Some(Cursor {
             run: run.parse().ok()?,
             line: line.parse::<usize>().ok()? + 1,
+            offset: 0,
         })
     }
 }
@@ -519,21 +522,37 @@ fn event_stream(
 }
 
 /// The events of `job`'s runs from `cursor` on (the whole lines written so far), and
-/// the cursor after them.
+/// the cursor after them. Only the bytes past the cursor are read. A run is left for the
+/// next one once that exists and nothing new was read (a run killed outright never
+/// writes `run_finished`).
 async fn read_events(root: &Path, job: &Job, mut cursor: Cursor) -> (Vec<Event>, Cursor) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut events = Vec::new();
     while let Some(run) = job.runs.get(cursor.run) {
         let path = root.join("runs").join(run).join("logs.jsonl");
-        let text = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+        let mut bytes = Vec::new();
+        if let Ok(mut file) = tokio::fs::File::open(&path).await
+            && file
+                .seek(std::io::SeekFrom::Start(cursor.offset))
+                .await
+                .is_ok()
+        {
+            let _ = file.read_to_end(&mut bytes).await;
+        }
         // Only whole lines: the last one may be half written.
-        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-        let lines: Vec<&str> = if complete.is_empty() {
-            Vec::new()
-        } else {
-            complete.split('\n').collect()
-        };
-        for (index, line) in lines.iter().enumerate().skip(cursor.line) {
-            let name = serde_json::from_str::<Value>(line)
+        let complete = bytes
+            .iter()
+            .rposition(|&byte| byte == b'\n')
+            .map_or(0, |end| end + 1);
+        let mut lines: Vec<&[u8]> = bytes[..complete].split(|&byte| byte == b'\n').collect();
+        lines.pop(); // after the last newline
+        // Resuming by line number alone: skip the lines already sent.
+        let skip = if cursor.offset == 0 { cursor.line } else { 0 };
+        let first = if cursor.offset == 0 { 0 } else { cursor.line };
+        let mut sent = 0;
+        for (index, line) in lines.iter().enumerate().skip(skip) {
+            let line = String::from_utf8_lossy(line);
+            let name = serde_json::from_str::<Value>(&line)
                 .ok()
                 .and_then(|event| {
                     event
@@ -544,17 +563,23 @@ async fn read_events(root: &Path, job: &Job, mut cursor: Cursor) -> (Vec<Event>,
                 .unwrap_or_else(|| "message".to_string());
             events.push(
                 Event::default()
-                    .id(format!("{}:{index}", cursor.run))
+                    .id(format!("{}:{}", cursor.run, first + index))
                     .event(name)
-                    .data(*line),
+                    .data(line),
             );
+            sent += 1;
         }
-        cursor.line = cursor.line.max(lines.len());
-        let finished = lines.iter().any(|line| line.contains("\"run_finished\""));
-        if finished && cursor.run + 1 < job.runs.len() {
+        if cursor.offset == 0 && lines.len() < skip {
+            // Not that many lines yet (an id from elsewhere): count again next time.
+        } else {
+            cursor.line = first + lines.len();
+            cursor.offset += complete as u64;
+        }
+        if sent == 0 && cursor.run + 1 < job.runs.len() {
             cursor = Cursor {
                 run: cursor.run + 1,
                 line: 0,
+                offset: 0,
             };
         } else {
             break;

@@ -160,7 +160,13 @@ fn spawn_worker(root: &Path, name: &str, heartbeat: Duration) -> std::io::Result
 /// then stops the workers (each puts its job back in the queue) and waits for them.
 fn supervise(root: &Path, workers: &mut [Worker], heartbeat: Duration, stop: &AtomicBool) {
     let silent = heartbeat * 10;
+    let mut queue = None;
     while !stop.load(Ordering::Relaxed) {
+        if queue.is_none() {
+            queue = Queue::open(root)
+                .map_err(|error| eprintln!("the job queue: {error}"))
+                .ok();
+        }
         let exited: Vec<usize> = workers
             .iter_mut()
             .enumerate()
@@ -177,7 +183,7 @@ fn supervise(root: &Path, workers: &mut [Worker], heartbeat: Duration, stop: &At
                 .filter(|(index, _)| !exited.contains(index))
                 .map(|(_, worker)| worker.name.clone())
                 .collect();
-            if let Ok(queue) = Queue::open(root) {
+            if let Some(queue) = &queue {
                 let _ = queue.requeue_stale(Duration::from_secs(1 << 40), Some(&alive));
             }
             for index in exited {
@@ -187,7 +193,7 @@ fn supervise(root: &Path, workers: &mut [Worker], heartbeat: Duration, stop: &At
                     .ok();
             }
         }
-        if let Ok(queue) = Queue::open(root) {
+        if let Some(queue) = &queue {
             let _ = queue.requeue_stale(silent, None);
         }
         std::thread::sleep(Duration::from_millis(250));
