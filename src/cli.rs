@@ -180,35 +180,12 @@ pub struct ServeArgs {
 /// `trainyard submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// The pipeline file (inside the workspace).
-    pub file: PathBuf,
-    /// Profiles to apply, in order.
-    #[arg(long, short, value_name = "NAME")]
-    pub profile: Vec<String>,
-    /// Override a setting (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Rerun this stage even if cached (repeatable).
-    #[arg(long, value_name = "STAGE")]
-    pub force: Vec<String>,
-    /// Rerun every stage.
-    #[arg(long)]
-    pub force_all: bool,
-    /// Run only this stage.
-    #[arg(long, value_name = "STAGE", conflicts_with = "until")]
-    pub only: Option<String>,
-    /// Run this stage and what it depends on.
-    #[arg(long, value_name = "STAGE")]
-    pub until: Option<String>,
-    /// After a failure, keep running stages that do not depend on it.
-    #[arg(long)]
-    pub keep_going: bool,
-    /// Start interrupted training stages over.
-    #[arg(long)]
-    pub no_resume: bool,
-    /// Re-read every input and stored output before using it.
-    #[arg(long)]
-    pub verify: bool,
+    /// The pipeline file (inside the workspace) and its overrides.
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Which stages run and how, as for `run`.
+    #[command(flatten)]
+    pub selection: RunSelection,
     /// Queue a failed run again up to this many times.
     #[arg(long, default_value_t = 0)]
     pub retries: u32,
@@ -384,12 +361,9 @@ pub struct PipelineArgs {
     pub set: Vec<String>,
 }
 
-/// `trainyard run`.
+/// The flags of `run` that a queued job (`submit`) takes too: which stages run, and how.
 #[derive(Debug, Args)]
-pub struct RunArgs {
-    /// The pipeline file and its overrides.
-    #[command(flatten)]
-    pub pipeline: PipelineArgs,
+pub struct RunSelection {
     /// Rerun this stage even if cached (repeatable).
     #[arg(long, value_name = "STAGE")]
     pub force: Vec<String>,
@@ -402,18 +376,9 @@ pub struct RunArgs {
     /// Run this stage and what it depends on, nothing downstream.
     #[arg(long, value_name = "STAGE")]
     pub until: Option<String>,
-    /// Show what would run, run nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Stages to run at the same time.
-    #[arg(long, short, default_value_t = 1)]
-    pub jobs: usize,
     /// After a failure, keep running stages that do not depend on it.
     #[arg(long)]
     pub keep_going: bool,
-    /// Fail at once if another run holds the workspace lock, instead of waiting.
-    #[arg(long)]
-    pub no_wait: bool,
     /// Start interrupted training stages over instead of resuming from their last
     /// checkpoint (which is discarded).
     #[arg(long)]
@@ -423,6 +388,26 @@ pub struct RunArgs {
     /// from its manifest is moved to `.trainyard/quarantine/` and its stage reruns.
     #[arg(long)]
     pub verify: bool,
+}
+
+/// `trainyard run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline file and its overrides.
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Which stages run, and how.
+    #[command(flatten)]
+    pub selection: RunSelection,
+    /// Show what would run, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stages to run at the same time.
+    #[arg(long, short, default_value_t = 1)]
+    pub jobs: usize,
+    /// Fail at once if another run holds the workspace lock, instead of waiting.
+    #[arg(long)]
+    pub no_wait: bool,
     /// When stderr is not a terminal (a log file, a service), print a progress line
     /// this often: the running stages, their elapsed time and training step, loss and
     /// speed. 0 turns it off.
@@ -1103,16 +1088,16 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
     let cancel = CancelFlag::new();
     cancel.install_signal_handlers()?;
     let options = RunOptions {
-        force: args.force,
-        force_all: args.force_all,
-        only: args.only,
-        until: args.until,
+        force: args.selection.force,
+        force_all: args.selection.force_all,
+        only: args.selection.only,
+        until: args.selection.until,
         dry_run: args.dry_run,
         jobs: args.jobs,
-        keep_going: args.keep_going,
+        keep_going: args.selection.keep_going,
         wait_for_lock: !args.no_wait,
-        resume: !args.no_resume,
-        verify: args.verify,
+        resume: !args.selection.no_resume,
+        verify: args.selection.verify,
         progress: !args.dry_run,
         progress_every: (args.progress_every > 0)
             .then(|| std::time::Duration::from_secs(args.progress_every)),
@@ -1251,33 +1236,34 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, Strin
 }
 
 fn submit_command(args: SubmitArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
-    let pipeline = if args.file.is_absolute() {
-        args.file.clone()
+    let file = &args.pipeline.file;
+    let pipeline = if file.is_absolute() {
+        file.clone()
     } else {
-        std::env::current_dir()?.join(&args.file)
+        std::env::current_dir()?.join(file)
     };
     let root = workspace.root.canonicalize()?;
     let pipeline = pipeline
         .canonicalize()
-        .map_err(|error| anyhow::anyhow!("{}: {error}", args.file.display()))?;
+        .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
     let relative = pipeline.strip_prefix(&root).map_err(|_| {
         anyhow::anyhow!(
             "{} is outside the workspace {}: a job's pipeline must live inside it",
-            args.file.display(),
+            file.display(),
             root.display()
         )
     })?;
     let spec = crate::serve::queue::JobSpec {
         pipeline: relative.to_string_lossy().into_owned(),
-        profiles: args.profile,
-        set: args.set,
-        force: args.force,
-        force_all: args.force_all,
-        only: args.only,
-        until: args.until,
-        keep_going: args.keep_going,
-        no_resume: args.no_resume,
-        verify: args.verify,
+        profiles: args.pipeline.profile,
+        set: args.pipeline.set,
+        force: args.selection.force,
+        force_all: args.selection.force_all,
+        only: args.selection.only,
+        until: args.selection.until,
+        keep_going: args.selection.keep_going,
+        no_resume: args.selection.no_resume,
+        verify: args.selection.verify,
         retries: args.retries,
     };
     let queue = crate::serve::queue::Queue::open(&workspace.root)?;

@@ -210,20 +210,7 @@ fn bitsandbytes_4bit_checkpoints_give_transformers_logits() {
         };
         let (model, _, _) =
             trainyard::model::new_lora(&dir, &spec, DType::F32, &Device::Cpu, 1).unwrap();
-        let ids = Tensor::new(expected.input_ids.clone(), &Device::Cpu).unwrap();
-        let logits = model
-            .forward(&ids, None, Kernels::Differentiable)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let worst = logits
-            .iter()
-            .flatten()
-            .zip(rows.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = logits_diff(&model, &expected.input_ids[0], rows);
         assert!(worst < 1e-4, "{variant}: logits differ by {worst}");
         // A full-precision loader refuses the directory rather than misreading it.
         let error = trainyard::model::load_pretrained(&dir, DType::F32, &Device::Cpu)
