@@ -826,19 +826,7 @@ fn adapter_for(
             if spec.targets == lora::LLAMA_TARGETS {
                 spec.targets = lora::GPT2_TARGETS.map(str::to_string).to_vec();
             }
-            if let Some(target) = spec
-                .targets
-                .iter()
-                .find(|target| !lora::GPT2_TARGETS.contains(&target.as_str()))
-            {
-                return Err((
-                    "targets",
-                    format!(
-                        "`{target}` is not a projection of a GPT-2 block (expected some of {})",
-                        lora::GPT2_TARGETS.join(", ")
-                    ),
-                ));
-            }
+            check_targets(&spec.targets, &lora::GPT2_TARGETS, "a GPT-2 block")?;
             if !spec.modules_to_save.is_empty() || !spec.trainable_tokens.is_empty() {
                 return Err((
                     "modules_to_save",
@@ -852,19 +840,7 @@ fn adapter_for(
         }
     };
     let spec = spec.for_family(false);
-    if let Some(target) = spec
-        .targets
-        .iter()
-        .find(|target| !lora::LLAMA_TARGETS.contains(&target.as_str()))
-    {
-        return Err((
-            "targets",
-            format!(
-                "`{target}` is not a projection of this model (expected some of {})",
-                lora::LLAMA_TARGETS.join(", ")
-            ),
-        ));
-    }
+    check_targets(&spec.targets, &lora::LLAMA_TARGETS, "this model")?;
     if let Some(module) = spec
         .modules_to_save
         .iter()
@@ -912,6 +888,28 @@ fn adapter_for(
         }
     }
     Ok(spec)
+}
+
+/// Every target is one of `allowed` (the projections of `what`); else the error
+/// [`adapter_for`] gives.
+fn check_targets(
+    targets: &[String],
+    allowed: &[&str],
+    what: &str,
+) -> Result<(), (&'static str, String)> {
+    match targets
+        .iter()
+        .find(|target| !allowed.contains(&target.as_str()))
+    {
+        Some(target) => Err((
+            "targets",
+            format!(
+                "`{target}` is not a projection of {what} (expected some of {})",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Whether `config` is GPT-2's and `files` name its tensors without `transformer.`

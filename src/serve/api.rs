@@ -407,17 +407,24 @@ async fn cancel_job(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let job_state = with_queue(&state, move |queue| queue.cancel(id)).await?;
-    Ok(axum::Json(json!({ "id": id, "state": job_state })).into_response())
+    job_action(&state, &id, Queue::cancel).await
 }
 
 async fn retry_job(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let job_state = with_queue(&state, move |queue| queue.retry(id)).await?;
+    job_action(&state, &id, Queue::retry).await
+}
+
+/// `action` on job `id` (as the URL gives it) → `{id, state}`, the state it left.
+async fn job_action(
+    state: &AppState,
+    id: &str,
+    action: fn(&Queue, i64) -> Result<JobState, QueueError>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(id)?;
+    let job_state = with_queue(state, move |queue| action(queue, id)).await?;
     Ok(axum::Json(json!({ "id": id, "state": job_state })).into_response())
 }
 

@@ -527,17 +527,18 @@ impl Queue {
     }
 
     /// Puts back in the queue every running job whose worker has not beaten its
-    /// heartbeat for `max_age`, or whose worker is not among `alive` when given (a
-    /// server that restarted knows its old workers are gone). Returns their ids.
+    /// heartbeat for `max_age` (when given), or whose worker is not among `alive` (when
+    /// given: a server that restarted knows its old workers are gone). Returns their
+    /// ids.
     pub fn requeue_stale(
         &self,
-        max_age: Duration,
+        max_age: Option<Duration>,
         alive: Option<&[String]>,
     ) -> Result<Vec<i64>, QueueError> {
-        let limit = now() - max_age.as_secs_f64();
+        let limit = max_age.map(|age| now() - age.as_secs_f64());
         let mut requeued = Vec::new();
         for job in self.list(Some(JobState::Running))? {
-            let silent = job.heartbeat.is_none_or(|beat| beat < limit);
+            let silent = limit.is_some_and(|limit| job.heartbeat.is_none_or(|beat| beat < limit));
             let gone = alive.is_some_and(|alive| {
                 job.worker
                     .as_ref()
@@ -655,12 +656,12 @@ mod tests {
         queue.claim("live").unwrap();
         assert!(
             queue
-                .requeue_stale(Duration::from_secs(60), None)
+                .requeue_stale(Some(Duration::from_secs(60)), None)
                 .unwrap()
                 .is_empty()
         );
         let requeued = queue
-            .requeue_stale(Duration::from_secs(60), Some(&["live".to_string()]))
+            .requeue_stale(Some(Duration::from_secs(60)), Some(&["live".to_string()]))
             .unwrap();
         assert_eq!(requeued, [first]);
         assert_eq!(queue.get(first).unwrap().state, JobState::Queued);

@@ -184,7 +184,7 @@ fn supervise(root: &Path, workers: &mut [Worker], heartbeat: Duration, stop: &At
                 .map(|(_, worker)| worker.name.clone())
                 .collect();
             if let Some(queue) = &queue {
-                let _ = queue.requeue_stale(Duration::from_secs(1 << 40), Some(&alive));
+                let _ = queue.requeue_stale(None, Some(&alive));
             }
             for index in exited {
                 let worker = &mut workers[index];
@@ -194,7 +194,7 @@ fn supervise(root: &Path, workers: &mut [Worker], heartbeat: Duration, stop: &At
             }
         }
         if let Some(queue) = &queue {
-            let _ = queue.requeue_stale(silent, None);
+            let _ = queue.requeue_stale(Some(silent), None);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -224,7 +224,7 @@ pub fn serve(root: &Path, options: &ServeOptions) -> Result<(), ServeError> {
     let token = load_token(&root, options.token_file.as_deref())?;
     let queue = Queue::open(&root)?;
     // An earlier server's workers are gone (they stop with it).
-    let requeued = queue.requeue_stale(Duration::ZERO, Some(&[]))?;
+    let requeued = queue.requeue_stale(None, Some(&[]))?;
     drop(queue);
     if !requeued.is_empty() {
         eprintln!(

@@ -12,7 +12,6 @@
 //!
 //! Each attempt's output goes to `.trainyard/serve/jobs/<id>/attempt-<n>.log`.
 
-use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -163,7 +162,7 @@ fn run_job(
         (None, true) => Outcome::Succeeded,
         (None, false) => Outcome::Failed(format!(
             "`trainyard run` exited with {status}:\n{}",
-            log_tail(&log_path, 4096)
+            crate::stages::command::tail_of(&log_path, 40)
         )),
     })
 }
@@ -221,25 +220,4 @@ fn terminate(child: &Child) {
             libc::kill(pid, libc::SIGTERM);
         }
     }
-}
-
-/// The last `bytes` of the file at `path` (from a line start), or a note.
-pub fn log_tail(path: &Path, bytes: u64) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return format!("(no log at {})", path.display());
-    };
-    let len = file.metadata().map(|meta| meta.len()).unwrap_or(0);
-    let start = len.saturating_sub(bytes);
-    let mut text = String::new();
-    if file.seek(std::io::SeekFrom::Start(start)).is_ok() {
-        let mut raw = Vec::new();
-        let _ = file.read_to_end(&mut raw);
-        text = String::from_utf8_lossy(&raw).into_owned();
-    }
-    if start > 0
-        && let Some(newline) = text.find('\n')
-    {
-        text = text[newline + 1..].to_string();
-    }
-    text.trim_end().to_string()
 }

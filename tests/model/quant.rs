@@ -375,8 +375,8 @@ stages:
             "{stage}: {diff} (logits up to {scale})"
         );
     }
-    // Without fan_in_fan_out the update would be added untransposed: the square
-    // attention c_proj would take Bᵀ·Aᵀ's transpose, a different model.
+    // Without fan_in_fan_out the update is not transposed, and the first Conv1D met
+    // (c_attn, [64, 192] against B·A's [192, 64]) refuses it.
     let wrong = trainyard::model::lora::merge(
         &tensors(base.join("model.safetensors")),
         &tensors(adapter.join("adapter_model.safetensors")),

@@ -524,17 +524,20 @@ fn a_run_without_a_terminal_logs_every_step_and_prints_progress_lines() {
         .map(|event| event["step"].as_u64().unwrap())
         .collect();
     assert_eq!(evals, (1..=20).map(|i| i * 10).collect::<Vec<_>>());
-    // Between the stage's start and its end, in order.
-    let position = |name: &str| events.iter().position(|event| event["event"] == name);
-    assert!(position("stage_started") < position("train_step"));
-    assert!(
-        events
-            .iter()
-            .rposition(|event| event["event"] == "train_step")
-            < events
-                .iter()
-                .rposition(|event| event["event"] == "stage_finished")
-    );
+    // Between the training stage's start and its end, in order.
+    let of_lm =
+        |name: &str, event: &serde_json::Value| event["event"] == name && event["stage"] == "lm";
+    let started = events
+        .iter()
+        .position(|e| of_lm("stage_started", e))
+        .unwrap();
+    let finished = events
+        .iter()
+        .position(|e| of_lm("stage_finished", e))
+        .unwrap();
+    let first_step = events.iter().position(|e| of_lm("train_step", e)).unwrap();
+    let last_step = events.iter().rposition(|e| of_lm("train_step", e)).unwrap();
+    assert!(started < first_step && last_step < finished);
     let line = printed
         .lines()
         .find(|line| line.contains("running lm (") && line.contains("step "))
