@@ -1333,20 +1333,10 @@ fn reproduction_values(run: &Run) -> Result<serde_json::Value, String> {
     }
     // The values are resolved: a `${` left in them is literal text and must not be read
     // as a variable when the pipeline is loaded again.
-    if let Some(stages) = values
-        .get_mut("stages")
-        .and_then(serde_json::Value::as_object_mut)
-    {
-        for stage in stages.values_mut() {
-            for section in ["with", "inputs"] {
-                if let Some(value) = stage.get_mut(section) {
-                    config::vars::escape_json(value);
-                }
-            }
-        }
-    }
-    if let Some(vars) = values.get_mut("vars") {
-        config::vars::escape_json(vars);
+    config::vars::escape_resolved(&mut values);
+    // A reproduction runs here, whatever executor the run used.
+    if let Some(values) = values.as_object_mut() {
+        values.remove("executor");
     }
     Ok(values)
 }

@@ -146,6 +146,13 @@ pub enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Run one stage of a run submitted to Slurm, on the node its job landed on (the
+    /// batch scripts that `run --executor slurm` submits call this).
+    #[command(hide = true)]
+    ExecStage {
+        /// The stage job's id: `.trainyard/slurm/jobs/<JOB>.json`.
+        job: String,
+    },
     /// A worker of `serve` (started by it): runs queued jobs.
     #[command(hide = true)]
     Worker {
@@ -413,6 +420,23 @@ pub struct RunArgs {
     /// speed. 0 turns it off.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub progress_every: u64,
+    /// Where stages run: here (`local`) or as Slurm jobs (`slurm`); overrides the
+    /// pipeline's and profiles' `executor.kind`.
+    #[arg(long, value_enum, value_name = "EXECUTOR")]
+    pub executor: Option<ExecutorFlag>,
+    /// With the Slurm executor: return once the jobs are submitted; `trainyard status`
+    /// follows them.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// `--executor`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExecutorFlag {
+    /// On this machine.
+    Local,
+    /// One Slurm job per stage.
+    Slurm,
 }
 
 /// `trainyard audit`.
@@ -500,7 +524,10 @@ pub fn main() -> ExitCode {
     // Not for the server and its workers either: a client that goes away mid-response
     // (a closed dashboard tab) must cost a connection, not the server.
     let long_running = matches!(&cli.command, Command::Run(args) if !args.dry_run)
-        || matches!(&cli.command, Command::Serve(_) | Command::Worker { .. });
+        || matches!(
+            &cli.command,
+            Command::Serve(_) | Command::Worker { .. } | Command::ExecStage { .. }
+        );
     if !long_running {
         end_quietly_on_a_broken_pipe();
     }
@@ -653,11 +680,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let workspace = workspace(&cli.workspace)?;
     match cli.command {
         Command::Run(args) => run(args, &workspace),
+        Command::ExecStage { job } => exec_stage_command(&workspace, &job),
         Command::Status(args) => {
             let pipeline = load(&args, &workspace)?;
             let dag = dag::build(&pipeline)?;
             let report = executor::status(&workspace, &pipeline, &dag)?;
             print_header(&pipeline);
+            print_detached_runs(&workspace);
             print_report(&report.stages, &pipeline);
             left_for_exit((pipeline, dag, report));
             Ok(ExitCode::SUCCESS)
@@ -1082,8 +1111,20 @@ fn audit_command(args: &AuditArgs, workspace: &Workspace) -> anyhow::Result<Exit
     )
 }
 
-fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
+fn run(mut args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
+    if let Some(executor) = args.executor {
+        let kind = match executor {
+            ExecutorFlag::Local => "local",
+            ExecutorFlag::Slurm => "slurm",
+        };
+        args.pipeline.set.push(format!("executor.kind={kind}"));
+    }
     let pipeline = load(&args.pipeline, workspace)?;
+    if args.detach && pipeline.executor.kind != config::ExecutorKind::Slurm {
+        anyhow::bail!(
+            "--detach needs the Slurm executor (--executor slurm, or `executor: {{ kind: slurm }}`)"
+        );
+    }
     let dag = dag::build(&pipeline)?;
     let cancel = CancelFlag::new();
     cancel.install_signal_handlers()?;
@@ -1102,6 +1143,7 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
         progress_every: (args.progress_every > 0)
             .then(|| std::time::Duration::from_secs(args.progress_every)),
         command_line: std::env::args().collect(),
+        detach: args.detach,
     };
     print_header(&pipeline);
     let report = executor::run(workspace, &pipeline, &dag, &options, &cancel)?;
@@ -1110,12 +1152,20 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
     }
     let executed = report.with_status(StageStatus::Executed).len();
     let cached = report.with_status(StageStatus::Cached).len();
+    let submitted = report.with_status(StageStatus::Submitted).len();
     if let Some(run_dir) = &report.run_dir {
         let shown = run_dir.strip_prefix(&workspace.root).unwrap_or(run_dir);
-        crate::console::line(format_args!(
-            "{executed} executed, {cached} cached; run recorded in {}",
-            shown.display()
-        ));
+        if submitted > 0 {
+            crate::console::line(format_args!(
+                "{submitted} submitted to Slurm, {cached} cached; run recorded in {} (`trainyard status` follows the jobs)",
+                shown.display()
+            ));
+        } else {
+            crate::console::line(format_args!(
+                "{executed} executed, {cached} cached; run recorded in {}",
+                shown.display()
+            ));
+        }
     }
     for stage in &report.stages {
         if stage.status == StageStatus::Failed
@@ -1134,6 +1184,44 @@ fn run(args: RunArgs, workspace: &Workspace) -> anyhow::Result<ExitCode> {
     };
     left_for_exit((pipeline, dag, report));
     Ok(code)
+}
+
+/// `trainyard exec-stage JOB`: exit 0 when the stage is in the store (or its job was
+/// requeued to resume), 1 when it failed, 130 when it was stopped.
+fn exec_stage_command(workspace: &Workspace, job: &str) -> anyhow::Result<ExitCode> {
+    let cancel = CancelFlag::new();
+    cancel.install_signal_handlers()?;
+    // Slurm's warning before the time limit (`--signal=B:USR1@N`): checkpoint, requeue.
+    let requeue = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, requeue.clone())?;
+    cancel.cancel_on(signal_hook::consts::SIGUSR1)?;
+    let outcome = executor::slurm::exec_stage(workspace, job, &cancel, &requeue)?;
+    Ok(match outcome {
+        executor::slurm::ExecOutcome::Done | executor::slurm::ExecOutcome::Requeued => {
+            ExitCode::SUCCESS
+        }
+        executor::slurm::ExecOutcome::Failed => ExitCode::FAILURE,
+        executor::slurm::ExecOutcome::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
+    })
+}
+
+/// The jobs of runs submitted with `--detach` whose records are not complete yet.
+fn print_detached_runs(workspace: &Workspace) {
+    for (run_id, jobs) in executor::slurm::detached_status(workspace) {
+        crate::console::line(format_args!("Slurm run {run_id}:"));
+        let width = jobs.iter().map(|job| job.stage.len()).max().unwrap_or(0);
+        for job in jobs {
+            crate::console::line(format_args!(
+                "  {:<width$}  job {:<8} {}{}",
+                job.stage,
+                job.job_id,
+                job.state.to_lowercase(),
+                job.node
+                    .map(|node| format!(" on {node}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
 }
 
 /// Leaves `value` to the end of the process instead of freeing it: the command is about

@@ -30,6 +30,11 @@ impl CancelFlag {
         self.0.load(Ordering::SeqCst)
     }
 
+    /// Also sets this flag on `signal` (Slurm's SIGUSR1 before a job's time limit).
+    pub fn cancel_on(&self, signal: i32) -> std::io::Result<()> {
+        signal_hook::flag::register(signal, Arc::clone(&self.0)).map(|_| ())
+    }
+
     /// Sets this flag on SIGINT, SIGTERM and SIGHUP; a second signal terminates the
     /// process.
     pub fn install_signal_handlers(&self) -> std::io::Result<()> {

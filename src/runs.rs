@@ -83,6 +83,9 @@ pub enum StageStatus {
     Interrupted,
     /// Outside `--only` / `--until`.
     NotSelected,
+    /// Its Slurm job was submitted and had not finished when `run --detach` returned;
+    /// `trainyard status` settles it later.
+    Submitted,
 }
 
 impl StageStatus {
@@ -96,6 +99,7 @@ impl StageStatus {
             StageStatus::Skipped => "skipped",
             StageStatus::Interrupted => "interrupted",
             StageStatus::NotSelected => "not selected",
+            StageStatus::Submitted => "submitted",
         }
     }
 
@@ -196,6 +200,55 @@ pub struct StageRunRecord {
     pub reasons: Vec<String>,
     /// The error, if it failed.
     pub error: Option<String>,
+    /// Where it ran, for a stage that ran (or was submitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution: Option<StageExecution>,
+}
+
+/// Where and how a stage ran.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageExecution {
+    /// `local` or `slurm`.
+    pub executor: String,
+    /// The Slurm job id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// The host it ran on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// What its Slurm job asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<crate::config::Resources>,
+    /// What it used, as far as it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<ResourcesUsed>,
+}
+
+/// What a stage's job used: measured by the stage's own process, and what Slurm
+/// reported (`sacct` where accounting is on, else `scontrol show job`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourcesUsed {
+    /// Wall time of the stage in the job, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_s: Option<f64>,
+    /// Peak resident memory of the `exec-stage` process, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rss_bytes: Option<u64>,
+    /// CPUs Slurm allocated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory Slurm allocated, as it reports it (`1G`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem: Option<String>,
+    /// The job's final state (`COMPLETED`, `FAILED`, `CANCELLED`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The job's exit code as Slurm reports it (`0:0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<String>,
+    /// Times Slurm started it (more than 1 after a requeue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starts: Option<u32>,
 }
 
 /// The machine a run used.
@@ -244,7 +297,7 @@ impl MachineRecord {
             Some(kib * 1024)
         });
         MachineRecord {
-            host: read("/proc/sys/kernel/hostname").trim().to_string(),
+            host: host_name(),
             os: match pretty {
                 Some(name) => format!("{} ({name})", std::env::consts::OS),
                 None => std::env::consts::OS.to_string(),
@@ -255,6 +308,14 @@ impl MachineRecord {
             memory_bytes,
         }
     }
+}
+
+/// This machine's host name.
+pub fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// HEAD commit of the git repository containing `dir`, read from `.git` directly
@@ -430,6 +491,26 @@ impl RunRecorder {
         Ok(RunRecorder {
             id,
             dir,
+            log: Mutex::new(EventLog {
+                file,
+                pending: Vec::new(),
+            }),
+        })
+    }
+
+    /// Opens the existing run directory `dir` to append events to its `logs.jsonl` and
+    /// link outputs into it (a Slurm job's `exec-stage` on a node).
+    pub fn open(dir: &Path) -> io::Result<RunRecorder> {
+        let id = dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .ok_or_else(|| io::Error::other(format!("{} is not a run directory", dir.display())))?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("logs.jsonl"))?;
+        Ok(RunRecorder {
+            id,
+            dir: dir.to_path_buf(),
             log: Mutex::new(EventLog {
                 file,
                 pending: Vec::new(),

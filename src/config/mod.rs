@@ -6,6 +6,7 @@
 //! that was set).
 
 pub mod diagnostic;
+pub mod executor;
 pub mod key_lines;
 pub mod schema;
 pub mod source;
@@ -21,6 +22,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 pub use diagnostic::{Diagnostic, Location};
+pub use executor::{ExecutorKind, ExecutorSettings, Resources};
 pub use source::SourceFile;
 
 use crate::stages::{self, KindEntry};
@@ -31,7 +33,7 @@ use crate::suggest::did_you_mean;
 pub const ENV_PREFIX: &str = "TRAINYARD_";
 /// Separator of key path components inside an environment variable name.
 pub const ENV_SEPARATOR: &str = "__";
-const TOP_LEVEL_KEYS: &[&str] = &["name", "seed", "description", "vars", "stages"];
+const TOP_LEVEL_KEYS: &[&str] = &["name", "seed", "description", "vars", "executor", "stages"];
 
 /// How to resolve a pipeline: which profiles, overrides and environment to apply.
 #[derive(Debug, Clone, Default)]
@@ -154,6 +156,9 @@ pub struct ResolvedStage {
     pub settings: serde_json::Value,
     /// Optional description.
     pub description: Option<String>,
+    /// What its Slurm job asks for, as the stage (or `kinds.K.resources` of a profile)
+    /// sets it; [`ResolvedPipeline::resources_of`] adds the executor's defaults.
+    pub resources: Resources,
 }
 
 /// A fully resolved pipeline: everything needed to plan and run it, and to audit it.
@@ -173,6 +178,8 @@ pub struct ResolvedPipeline {
     pub profiles: Vec<ProfileRecord>,
     /// Stages in file order.
     pub stages: Vec<ResolvedStage>,
+    /// `executor:`: where stages run.
+    pub executor: ExecutorSettings,
     /// `vars:` after merging and resolving (an empty object when there are none).
     pub vars: serde_json::Value,
     /// Origin of every resolved leaf value, by dotted key path.
@@ -185,27 +192,38 @@ impl ResolvedPipeline {
         self.stages.iter().find(|stage| stage.name == name)
     }
 
-    /// The resolved values as one JSON document (`name`, `seed`, `stages`, and `vars`
-    /// when there are any), keys sorted.
+    /// What the Slurm job of `stage` asks for: its own resources over the executor's.
+    pub fn resources_of(&self, stage: &ResolvedStage) -> Resources {
+        stage.resources.or(&self.executor.resources)
+    }
+
+    /// The resolved values as one JSON document (`name`, `seed`, `stages`, and `vars`,
+    /// `executor` and a stage's `resources` when there are any), keys sorted.
     pub fn values_json(&self) -> serde_json::Value {
         let stages: serde_json::Map<String, serde_json::Value> = self
             .stages
             .iter()
             .map(|stage| {
-                (
-                    stage.name.clone(),
-                    serde_json::json!({
-                        "kind": stage.kind.name,
-                        "inputs": stage.inputs,
-                        "with": stage.settings,
-                    }),
-                )
+                let mut values = serde_json::json!({
+                    "kind": stage.kind.name,
+                    "inputs": stage.inputs,
+                    "with": stage.settings,
+                });
+                if !stage.resources.is_empty() {
+                    values["resources"] =
+                        serde_json::to_value(&stage.resources).unwrap_or(serde_json::Value::Null);
+                }
+                (stage.name.clone(), values)
             })
             .collect();
         let mut values =
             serde_json::json!({ "name": self.name, "seed": self.seed, "stages": stages });
         if self.vars.as_object().is_some_and(|vars| !vars.is_empty()) {
             values["vars"] = self.vars.clone();
+        }
+        if !self.executor.is_default() {
+            values["executor"] =
+                serde_json::to_value(&self.executor).unwrap_or(serde_json::Value::Null);
         }
         values
     }
@@ -405,7 +423,7 @@ impl Layer {
             return Some(position);
         }
         let mut parts = key_path.splitn(4, '.');
-        if let (Some("stages"), Some(stage), Some("with")) =
+        if let (Some("stages"), Some(stage), Some(section @ ("with" | "resources"))) =
             (parts.next(), parts.next(), parts.next())
             && let Some(kind) = stage_kinds.get(stage)
         {
@@ -413,7 +431,16 @@ impl Layer {
                 .next()
                 .map(|rest| format!(".{rest}"))
                 .unwrap_or_default();
-            if let Some(position) = file.lines.find(&in_file(&format!("kinds.{kind}{rest}"))) {
+            // `kinds.K.x` is `with.x` of each such stage; `kinds.K.resources` its resources.
+            let section = if section == "resources" {
+                ".resources"
+            } else {
+                ""
+            };
+            if let Some(position) = file
+                .lines
+                .find(&in_file(&format!("kinds.{kind}{section}{rest}")))
+            {
                 return Some(position);
             }
         }
@@ -745,11 +772,25 @@ fn load_profile(
                 .map(|(s, _)| s)
                 .collect();
             stage_names.sort();
+            // `resources` is the stage's (where its Slurm job runs), not a setting.
+            let (resources, settings) = match settings {
+                Value::Dict(tag, mut dict) => {
+                    let resources = dict.remove("resources");
+                    (resources, Value::Dict(tag, dict))
+                }
+                other => (None, other),
+            };
             for stage in stage_names {
                 deep_merge(
                     &mut expanded,
                     nest(&["stages", stage, "with"], settings.clone()),
                 );
+                if let Some(resources) = &resources {
+                    deep_merge(
+                        &mut expanded,
+                        nest(&["stages", stage, "resources"], resources.clone()),
+                    );
+                }
             }
         }
     }
@@ -872,6 +913,8 @@ struct PipelineSpec {
     #[serde(default, rename = "vars")]
     _vars: Option<Dict>,
     #[serde(default)]
+    executor: ExecutorSettings,
+    #[serde(default)]
     stages: BTreeMap<String, StageSpec>,
 }
 
@@ -885,6 +928,8 @@ struct StageSpec {
     _with: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     description: Option<String>,
+    #[serde(default)]
+    resources: Resources,
 }
 
 /// Where `key_path` stands in one layer's values.
@@ -1258,7 +1303,18 @@ impl Resolver {
             .collect();
         ordered.extend(unplaced);
 
+        if let Err((key, problem)) = spec.executor.resources.check() {
+            let key = format!("executor.resources.{key}");
+            return Err(self.error_at(&key, Diagnostic::new(format!("`{key}`: {problem}"))));
+        }
         let mut origins = BTreeMap::new();
+        if let Ok(executor) = serde_json::to_value(&spec.executor) {
+            collect_origins(&executor, "executor", &mut |key| {
+                if setting_layer(&self.layers, key).is_some() {
+                    origins.insert(key.to_string(), self.origin(key));
+                }
+            });
+        }
         for key in ["name", "seed", "description"] {
             if setting_layer(&self.layers, key).is_some() {
                 origins.insert(key.to_string(), self.origin(key));
@@ -1352,12 +1408,24 @@ impl Resolver {
             collect_origins(&settings, &with_path, &mut |key| {
                 origins.insert(key.to_string(), self.origin(key));
             });
+            if let Err((key, problem)) = spec_stage.resources.check() {
+                let key = format!("{prefix}.resources.{key}");
+                return Err(self.error_at(&key, Diagnostic::new(format!("`{key}`: {problem}"))));
+            }
+            if let Ok(resources) = serde_json::to_value(&spec_stage.resources) {
+                collect_origins(&resources, &format!("{prefix}.resources"), &mut |key| {
+                    if setting_layer(&self.layers, key).is_some() {
+                        origins.insert(key.to_string(), self.origin(key));
+                    }
+                });
+            }
             stages.push(ResolvedStage {
                 name: name.clone(),
                 kind,
                 inputs: spec_stage.inputs.clone(),
                 settings,
                 description: spec_stage.description.clone(),
+                resources: spec_stage.resources.clone(),
             });
         }
         Ok(ResolvedPipeline {
@@ -1371,6 +1439,7 @@ impl Resolver {
             base_dir: parent_dir(&self.file.path),
             profiles,
             stages,
+            executor: spec.executor,
             vars: self.vars.clone(),
             origins,
         })

@@ -54,6 +54,7 @@ pub fn pipeline_schema() -> Value {
                 "description": { "type": "string" },
                 "inputs": { "$ref": "#/$defs/Inputs" },
                 "with": { "type": "object", "description": "The kind's settings." },
+                "resources": { "$ref": "#/$defs/Resources" },
             },
             "required": ["kind"],
             "additionalProperties": false,
@@ -77,6 +78,7 @@ pub fn pipeline_schema() -> Value {
             "description": { "type": "string" },
             "seed": { "type": "integer", "minimum": 0 },
             "vars": { "$ref": "#/$defs/Vars" },
+            "executor": { "$ref": "#/$defs/ExecutorSettings" },
             "stages": { "type": "object", "additionalProperties": { "$ref": "#/$defs/Stage" } },
             "profiles": { "type": "object", "additionalProperties": { "$ref": "#/$defs/Overlay" } },
         },
@@ -96,7 +98,16 @@ pub fn profile_schema() -> Value {
     let kinds: Vec<(&str, Value)> = KINDS
         .iter()
         .zip(settings)
-        .map(|(kind, settings)| (kind.name, settings))
+        .map(|(kind, mut settings)| {
+            // `kinds.K.resources` sets the resources of every stage of the kind.
+            if let Some(Value::Object(properties)) = settings.get_mut("properties") {
+                properties.insert(
+                    "resources".to_string(),
+                    json!({ "$ref": "#/$defs/Resources" }),
+                );
+            }
+            (kind.name, settings)
+        })
         .collect();
     let mut schema = overlay(&kinds);
     defs.insert("PipelineOverlay".to_string(), pipeline_overlay());
@@ -120,6 +131,8 @@ fn kind_settings() -> (Map<String, Value>, Vec<Value>) {
         .iter()
         .map(|kind| kind.schema(&mut generator).to_value())
         .collect();
+    generator.subschema_for::<crate::config::ExecutorSettings>();
+    generator.subschema_for::<crate::config::Resources>();
     let mut defs = Map::new();
     for (name, mut schema) in generator.take_definitions(true) {
         accept_var_refs(&mut schema);
@@ -157,6 +170,7 @@ fn kind_settings() -> (Map<String, Value>, Vec<Value>) {
                 "description": { "type": "string" },
                 "inputs": { "$ref": "#/$defs/Inputs" },
                 "with": { "type": "object", "description": "Settings, merged over the stage's own." },
+                "resources": { "$ref": "#/$defs/Resources" },
             },
             "additionalProperties": false,
         }),
@@ -178,6 +192,7 @@ fn overlay(kinds: &[(&str, Value)]) -> Value {
             "description": { "type": "string" },
             "seed": { "type": "integer", "minimum": 0 },
             "vars": { "$ref": "#/$defs/Vars" },
+            "executor": { "$ref": "#/$defs/ExecutorSettings" },
             "stages": { "type": "object", "additionalProperties": { "$ref": "#/$defs/StageOverlay" } },
             "kinds": { "type": "object", "properties": kinds, "additionalProperties": false },
             "pipelines": { "type": "object", "additionalProperties": { "$ref": "#/$defs/PipelineOverlay" } },

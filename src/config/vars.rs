@@ -111,6 +111,27 @@ pub fn type_name(value: &Value) -> &'static str {
     }
 }
 
+/// Escapes the resolved values of a whole pipeline (`values_json`: every stage's `with`
+/// and `inputs`, and `vars`) so that, written as a pipeline file, they load unchanged: a
+/// `${` left in them is literal text, not a variable.
+pub fn escape_resolved(values: &mut serde_json::Value) {
+    if let Some(stages) = values
+        .get_mut("stages")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for stage in stages.values_mut() {
+            for section in ["with", "inputs"] {
+                if let Some(value) = stage.get_mut(section) {
+                    escape_json(value);
+                }
+            }
+        }
+    }
+    if let Some(vars) = values.get_mut("vars") {
+        escape_json(vars);
+    }
+}
+
 /// Re-escapes every `${` in the strings of `value` as `$${`, so that resolved values
 /// written back into a pipeline file (`audit --reproduce`) read back unchanged.
 pub fn escape_json(value: &mut serde_json::Value) {

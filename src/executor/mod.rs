@@ -4,6 +4,12 @@
 //!
 //! The same walk, without executing, answers `status` and `--dry-run`: a stage is
 //! `cached`, or `will run` with the reasons from [`crate::fingerprint::explain`].
+//!
+//! Where a stage executes is the executor's choice: here, in this process, or as a
+//! Slurm job running `trainyard exec-stage` on a node ([`slurm`]); the walk that decides
+//! what must run is the same.
+
+pub mod slurm;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
@@ -18,7 +24,9 @@ use crate::hashing::ContentHasher;
 use crate::hf_cache::Snapshot;
 use crate::interrupt::CancelFlag;
 use crate::path_error::AtPath;
-use crate::runs::{self, RunRecord, RunRecorder, RunStatus, StageRunRecord, StageStatus};
+use crate::runs::{
+    self, RunRecord, RunRecorder, RunStatus, StageExecution, StageRunRecord, StageStatus,
+};
 use crate::stages::{STAGE_LOG, StageContext, StageError, invalid};
 use crate::store::{self, LockError, MANIFEST, Manifest, Workspace};
 use crate::suggest::did_you_mean;
@@ -55,6 +63,9 @@ pub struct RunOptions {
     pub progress_every: Option<std::time::Duration>,
     /// The command line, for the run record.
     pub command_line: Vec<String>,
+    /// With the Slurm executor: return once the jobs are submitted (`trainyard status`
+    /// follows them) instead of waiting for them.
+    pub detach: bool,
 }
 
 impl Default for RunOptions {
@@ -73,6 +84,7 @@ impl Default for RunOptions {
             progress: false,
             progress_every: None,
             command_line: Vec::new(),
+            detach: false,
         }
     }
 }
@@ -100,6 +112,8 @@ pub struct StageReport {
     pub duration_s: Option<f64>,
     /// Why it failed or was skipped.
     pub error: Option<String>,
+    /// Where it ran, once it ran (or was submitted).
+    pub execution: Option<StageExecution>,
 }
 
 impl StageReport {
@@ -115,6 +129,7 @@ impl StageReport {
             output: None,
             duration_s: None,
             error: None,
+            execution: None,
         }
     }
 
@@ -165,6 +180,19 @@ pub enum ExecError {
         name: String,
         /// A suggestion.
         help: Option<String>,
+    },
+    /// Slurm refused a command, or a job could not be read back.
+    #[error("{0}")]
+    Slurm(String),
+    /// Jobs of an earlier `run --detach` are still queued or running.
+    #[error(
+        "run {run} still has Slurm jobs queued or running ({jobs}); `trainyard status` follows them: wait for them to finish, or scancel them"
+    )]
+    SlurmBusy {
+        /// The detached run.
+        run: String,
+        /// Its live jobs, `stage=id` each.
+        jobs: String,
     },
     /// Workspace I/O.
     #[error("{context}: {source}")]
@@ -232,6 +260,17 @@ pub fn run(
         };
         Some(workspace.lock(options.wait_for_lock, &mut on_wait, Some(cancel))?)
     };
+    if !options.dry_run {
+        // Their records say `running` until settled, which a killed run's would too.
+        for settled in slurm::settle_detached(workspace)? {
+            if options.progress {
+                crate::console::line(format_args!(
+                    "note: the Slurm jobs of run {} finished ({}); its record is complete",
+                    settled.run_id, settled.status
+                ));
+            }
+        }
+    }
     if !options.dry_run
         && let Some(killed) = crate::runs::mark_killed_run(workspace)
             .map_err(io_error("reading the last run record"))?
@@ -286,6 +325,7 @@ pub fn run(
         recorder: recorder.as_ref(),
         console: Mutex::default(),
         running: Mutex::default(),
+        plan_only: pipeline.executor.kind == crate::config::ExecutorKind::Slurm,
     };
     if let (Some(recorder), Some(path)) = (&recorder, std::env::var_os(RUN_ID_FILE_ENV)) {
         // A `serve` worker follows this run's events from the start.
@@ -318,7 +358,12 @@ pub fn run(
             let (engine, stop) = (&engine, &stop_ticker);
             scope.spawn(move || engine.tick(every, stop));
         }
-        let reports = engine.walk();
+        let reports = match (engine.plan_only && !options.dry_run, &recorder) {
+            (true, Some(recorder)) => engine
+                .walk()
+                .and_then(|planned| slurm::submit_and_wait(&engine, recorder, planned)),
+            _ => engine.walk(),
+        };
         stop_ticker.store(true, std::sync::atomic::Ordering::Relaxed);
         reports
     })?;
@@ -327,6 +372,11 @@ pub fn run(
         .save()
         .map_err(io_error("saving the stat cache"))?;
     let outcome = if reports
+        .iter()
+        .any(|report| report.status == StageStatus::Submitted)
+    {
+        RunStatus::Running
+    } else if reports
         .iter()
         .any(|report| report.status == StageStatus::Interrupted)
         || cancel.is_cancelled()
@@ -343,12 +393,19 @@ pub fn run(
     if let (Some(recorder), Some(mut record)) = (&recorder, record) {
         let status = outcome;
         record.status = status;
-        record.finished_at = Some(runs::timestamp(SystemTime::now()));
+        if status != RunStatus::Running {
+            record.finished_at = Some(runs::timestamp(SystemTime::now()));
+        }
         record.stages = engine.stage_records(&reports);
         recorder
             .write_record(&record, true)
             .map_err(io_error("writing resolved_settings.json"))?;
-        recorder.event("run_finished", serde_json::json!({ "status": status }));
+        if status == RunStatus::Running {
+            // Detached: `settle_detached` finishes the record once the jobs are done.
+            slurm::mark_detached(workspace, &recorder.id, &reports)?;
+        } else {
+            recorder.event("run_finished", serde_json::json!({ "status": status }));
+        }
         recorder
             .mark_latest()
             .map_err(io_error("updating runs/latest"))?;
@@ -381,6 +438,7 @@ pub fn status(
         recorder: None,
         console: Mutex::default(),
         running: Mutex::default(),
+        plan_only: false,
     };
     let stages = engine.walk()?;
     // Saving is only an optimisation; a read-only workspace must not fail `status`.
@@ -404,6 +462,9 @@ struct Engine<'a> {
     console: Mutex<BatchedLines>,
     /// The stages running now, for the periodic progress line (see [`Engine::tick`]).
     running: Mutex<BTreeMap<String, Activity>>,
+    /// Decide without executing: a stage that must run is reported `will run` (with its
+    /// fingerprint when its inputs are known), for the Slurm executor to submit.
+    plan_only: bool,
 }
 
 /// A running stage as the periodic progress line shows it.
@@ -891,7 +952,7 @@ impl Engine<'_> {
             return Decision::Done(Box::new(report));
         }
         report.identity = Some(identity.clone());
-        if self.options.dry_run {
+        if self.options.dry_run || self.plan_only {
             report.status = StageStatus::WillRun;
             return Decision::Done(Box::new(report));
         }
@@ -1182,6 +1243,11 @@ impl Engine<'_> {
             running.remove(&stage.name);
         }
         report.duration_s = Some(clock.elapsed().as_secs_f64());
+        report.execution = Some(StageExecution {
+            executor: "local".to_string(),
+            node: Some(runs::host_name()),
+            ..StageExecution::default()
+        });
         match result {
             Ok((dir, manifest)) => {
                 report.status = StageStatus::Executed;
@@ -1405,6 +1471,7 @@ impl Engine<'_> {
                     duration_s: report.duration_s,
                     reasons: report.reasons.iter().map(ToString::to_string).collect(),
                     error: report.error.clone(),
+                    execution: report.execution.clone(),
                 };
                 (report.name.clone(), record)
             })
