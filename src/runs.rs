@@ -487,7 +487,12 @@ impl RunRecorder {
             Path::new("../../..").join(STORE_FROM_ROOT),
             dir.join("outputs").join(STORE_LINK),
         )?;
-        let file = File::create(dir.join("logs.jsonl"))?;
+        // Appending: on the Slurm executor, jobs on other nodes append their stages'
+        // events to the same file while this process still writes its own.
+        let file = fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(dir.join("logs.jsonl"))?;
         Ok(RunRecorder {
             id,
             dir,

@@ -13,5 +13,6 @@ mod crash_safety;
 mod errors;
 mod scale;
 mod shipped_pipelines;
+mod slurm;
 mod special_files;
 mod store_integrity;
