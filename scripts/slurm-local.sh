@@ -40,7 +40,7 @@ write_config() {
     cat >"$conf" <<CONF
 # Written by scripts/slurm-local.sh: one node, this machine.
 ClusterName=trainyard-local
-SlurmctldHost=$node
+SlurmctldHost=$node(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
