@@ -605,6 +605,8 @@ fn workspace(cli_workspace: &Option<PathBuf>) -> anyhow::Result<Workspace> {
 /// `trainyard gc`: under the lock (fails at once if a run holds it: exit 3).
 fn gc_command(workspace: &Workspace, dry_run: bool) -> anyhow::Result<ExitCode> {
     let _lock = workspace.lock(false, &mut |_| {}, None)?;
+    // Scratch that a detached run's Slurm jobs are writing is not garbage.
+    executor::slurm::settle_detached(workspace)?;
     let plan = crate::gc::plan(workspace)?;
     let shown = |path: &std::path::Path| {
         path.strip_prefix(&workspace.root)

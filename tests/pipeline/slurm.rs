@@ -332,15 +332,22 @@ fn wait_until_training(sandbox: &Sandbox, stage: &str) -> String {
     }
 }
 
+/// The weights of an uninterrupted local run of [`TRAINING`], computed once.
+fn uninterrupted_weights() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        let straight = Sandbox::new();
+        straight.write("p.yaml", TRAINING);
+        straight.ok(&["run", "p.yaml"]);
+        file_hash(&straight.path("runs/latest/outputs/lm/model.safetensors"))
+    })
+}
+
 #[test]
 fn scancel_of_a_training_job_then_a_rerun_resumes_bit_identically() {
     let _turn = cluster();
     let _end = EmptyQueueAtEnd;
-    let straight = Sandbox::new();
-    straight.write("p.yaml", TRAINING);
-    straight.ok(&["run", "p.yaml"]);
-    let expected = file_hash(&straight.path("runs/latest/outputs/lm/model.safetensors"));
-
+    let expected = uninterrupted_weights();
     let sandbox = Sandbox::new();
     sandbox.write("p.yaml", TRAINING);
     let submitter = sandbox.spawn(&["run", "p.yaml", "--executor", "slurm"]);
@@ -363,6 +370,59 @@ fn scancel_of_a_training_job_then_a_rerun_resumes_bit_identically() {
         file_hash(&sandbox.path("runs/latest/outputs/lm/model.safetensors")),
         expected,
         "resumed on Slurm = uninterrupted local run"
+    );
+}
+
+#[test]
+fn the_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically() {
+    let _turn = cluster();
+    let _end = EmptyQueueAtEnd;
+    let expected = uninterrupted_weights();
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", TRAINING);
+    let submitter = sandbox.spawn(&["run", "p.yaml", "--executor", "slurm"]);
+    let job = wait_until_training(&sandbox, "lm");
+    // What `--signal=B:USR1@N` sends N seconds before the time limit.
+    let signalled = Command::new("scancel")
+        .args(["--signal=USR1", "--batch", &job])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    // Slurm holds a requeued job back for a while; let it start again now.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let queue = squeue();
+        if queue.contains(&format!("{job} ")) && queue.contains("PENDING") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job} was not requeued:\n{queue}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let released = Command::new("scontrol")
+        .args(["update", &format!("JobId={job}"), "StartTime=now"])
+        .status()
+        .unwrap();
+    assert!(released.success());
+    let output = submitter.wait_with_output().unwrap();
+    let out = text(&output);
+    assert!(output.status.success(), "{out}");
+    let slurm_log = sandbox.read("runs/latest/slurm/lm.log");
+    assert!(slurm_log.contains("requeueing Slurm job"), "{slurm_log}");
+    let log = sandbox.read("runs/latest/outputs/lm/stage.log");
+    assert!(log.contains("resuming from"), "{out}\n{log}");
+    assert_eq!(
+        file_hash(&sandbox.path("runs/latest/outputs/lm/model.safetensors")),
+        expected,
+        "requeued and resumed = uninterrupted"
+    );
+    let record = sandbox.latest_record();
+    assert_eq!(
+        record["stages"]["lm"]["execution"]["used"]["starts"], 2,
+        "{}",
+        record["stages"]["lm"]
     );
 }
 
