@@ -320,6 +320,11 @@ const SHARED_FILESYSTEMS: &[(i64, &str)] = &[
     (0xAAD7_AAEA, "panfs"),
 ];
 
+/// Whether statfs type `magic` is a filesystem other machines mount.
+fn is_shared(magic: Option<i64>) -> bool {
+    magic.is_some_and(|magic| SHARED_FILESYSTEMS.iter().any(|(known, _)| *known == magic))
+}
+
 /// The statfs magic of the filesystem holding `path`.
 fn filesystem_magic(path: &Path) -> Option<i64> {
     use std::os::unix::ffi::OsStrExt;
@@ -346,9 +351,8 @@ pub fn check_shared_store(
     partitions: &BTreeSet<String>,
 ) -> Result<(), ExecError> {
     let magic = filesystem_magic(&workspace.root);
-    if let Some(magic) = magic
-        && SHARED_FILESYSTEMS.iter().any(|(known, _)| *known == magic)
-    {
+    if is_shared(magic) {
+        // No need to ask Slurm for its nodes.
         return Ok(());
     }
     let mut args = vec!["--noheader".to_string(), "--format=%N".to_string()];
@@ -372,28 +376,46 @@ pub fn check_shared_store(
         .map_err(ExecError::Slurm)?;
         nodes.extend(expanded.split_whitespace().map(str::to_string));
     }
-    let host = runs::host_name();
-    let short = host.split('.').next().unwrap_or_default().to_string();
-    let others: Vec<&String> = nodes
+    match unseen_by(&workspace.root, magic, &nodes, &runs::host_name()) {
+        None => Ok(()),
+        Some(problem) => Err(ExecError::Slurm(problem)),
+    }
+}
+
+/// Why nodes other than `host` cannot see `root`, on a filesystem of statfs type
+/// `magic`: `None` when it is a shared filesystem or every node is `host`.
+fn unseen_by(
+    root: &Path,
+    magic: Option<i64>,
+    nodes: &BTreeSet<String>,
+    host: &str,
+) -> Option<String> {
+    if is_shared(magic) {
+        return None;
+    }
+    let short = host.split('.').next().unwrap_or_default();
+    let others: Vec<&str> = nodes
         .iter()
-        .filter(|node| **node != host && **node != short && node.as_str() != "localhost")
+        .map(String::as_str)
+        .filter(|node| *node != host && *node != short && *node != "localhost")
         .collect();
     if others.is_empty() {
-        return Ok(());
+        return None;
     }
-    Err(ExecError::Slurm(format!(
-        "the workspace {} is on a local filesystem (statfs type {}), which the cluster's other nodes ({}) cannot see; \
+    Some(format!(
+        "the workspace {} is on a local filesystem (statfs type {}), which the cluster's other nodes ({}{}) cannot see; \
          the Slurm executor needs the workspace and its store on a filesystem every node mounts at the same path \
          (NFS, Lustre, GPFS, BeeGFS, CephFS, …). If the nodes do mount it, set `executor.check_shared_store: false`",
-        workspace.root.display(),
+        root.display(),
         magic.map_or_else(|| "unknown".to_string(), |magic| format!("{magic:#x}")),
         others
             .iter()
             .take(5)
-            .map(|node| node.as_str())
+            .copied()
             .collect::<Vec<_>>()
-            .join(", ")
-    )))
+            .join(", "),
+        if others.len() > 5 { ", …" } else { "" }
+    ))
 }
 
 /// Writes the run's frozen pipeline: every resolved value, external inputs made
@@ -1270,4 +1292,33 @@ fn peak_rss_bytes() -> Option<u64> {
         usage.assume_init()
     };
     u64::try_from(usage.ru_maxrss).ok().map(|kib| kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_disk_is_refused_only_when_another_node_could_run_the_jobs() {
+        let root = Path::new("/scratch/ws");
+        let ext4 = Some(0xEF53);
+        let nodes = |names: &[&str]| names.iter().map(ToString::to_string).collect();
+        assert_eq!(unseen_by(root, ext4, &nodes(&["vm"]), "vm"), None);
+        assert_eq!(
+            unseen_by(root, ext4, &nodes(&["vm"]), "vm.cluster.example"),
+            None
+        );
+        let refused = unseen_by(root, ext4, &nodes(&["vm", "gpu01", "gpu02"]), "vm")
+            .expect("a local disk on a cluster of three nodes is refused");
+        assert!(refused.contains("gpu01, gpu02"), "{refused}");
+        assert!(refused.contains("0xef53"), "{refused}");
+        assert!(refused.contains("check_shared_store"), "{refused}");
+        let nfs = Some(0x6969);
+        assert_eq!(
+            unseen_by(root, nfs, &nodes(&["gpu01", "gpu02"]), "login"),
+            None
+        );
+        let lustre = Some(0x0BD0_0BD0);
+        assert_eq!(unseen_by(root, lustre, &nodes(&["gpu01"]), "login"), None);
+    }
 }
