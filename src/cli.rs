@@ -570,10 +570,13 @@ fn exit_code(error: &anyhow::Error) -> u8 {
             _ => cause.downcast_ref::<LockError>(),
         }
     }
-    if error
-        .chain()
-        .any(|cause| matches!(lock(cause), Some(LockError::Busy { .. })))
-    {
+    if error.chain().any(|cause| {
+        matches!(lock(cause), Some(LockError::Busy { .. }))
+            || matches!(
+                cause.downcast_ref::<ExecError>(),
+                Some(ExecError::SlurmBusy { .. })
+            )
+    }) {
         return EXIT_BUSY;
     }
     if error
@@ -606,7 +609,7 @@ fn workspace(cli_workspace: &Option<PathBuf>) -> anyhow::Result<Workspace> {
 fn gc_command(workspace: &Workspace, dry_run: bool) -> anyhow::Result<ExitCode> {
     let _lock = workspace.lock(false, &mut |_| {}, None)?;
     // Scratch that a detached run's Slurm jobs are writing is not garbage.
-    executor::slurm::settle_detached(workspace)?;
+    executor::slurm::settle_unfollowed(workspace)?;
     let plan = crate::gc::plan(workspace)?;
     let shown = |path: &std::path::Path| {
         path.strip_prefix(&workspace.root)
@@ -688,7 +691,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let dag = dag::build(&pipeline)?;
             let report = executor::status(&workspace, &pipeline, &dag)?;
             print_header(&pipeline);
-            print_detached_runs(&workspace);
+            print_unfollowed_slurm_runs(&workspace);
             print_report(&report.stages, &pipeline);
             left_for_exit((pipeline, dag, report));
             Ok(ExitCode::SUCCESS)
@@ -1207,9 +1210,10 @@ fn exec_stage_command(workspace: &Workspace, job: &str) -> anyhow::Result<ExitCo
     })
 }
 
-/// The jobs of runs submitted with `--detach` whose records are not complete yet.
-fn print_detached_runs(workspace: &Workspace) {
-    for (run_id, jobs) in executor::slurm::detached_status(workspace) {
+/// The Slurm jobs of runs submitted with `--detach` (or whose submitter was killed)
+/// whose records are not complete yet.
+fn print_unfollowed_slurm_runs(workspace: &Workspace) {
+    for (run_id, jobs) in executor::slurm::unfollowed_status(workspace) {
         crate::console::line(format_args!("Slurm run {run_id}:"));
         let width = jobs.iter().map(|job| job.stage.len()).max().unwrap_or(0);
         for job in jobs {

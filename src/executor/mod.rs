@@ -262,7 +262,7 @@ pub fn run(
     };
     if !options.dry_run {
         // Their records say `running` until settled, which a killed run's would too.
-        for settled in slurm::settle_detached(workspace)? {
+        for settled in slurm::settle_unfollowed(workspace)? {
             if options.progress {
                 crate::console::line(format_args!(
                     "note: the Slurm jobs of run {} finished ({}); its record is complete",
@@ -300,6 +300,11 @@ pub fn run(
             }
         }
     }
+    let on_slurm = pipeline.executor.kind == crate::config::ExecutorKind::Slurm;
+    if on_slurm && !options.dry_run {
+        // Before anything is recorded: a store the nodes cannot see is a setup error.
+        slurm::check_pipeline_store(workspace, pipeline)?;
+    }
     let recorder = if options.dry_run {
         None
     } else {
@@ -325,7 +330,7 @@ pub fn run(
         recorder: recorder.as_ref(),
         console: Mutex::default(),
         running: Mutex::default(),
-        plan_only: pipeline.executor.kind == crate::config::ExecutorKind::Slurm,
+        plan_only: on_slurm,
     };
     if let (Some(recorder), Some(path)) = (&recorder, std::env::var_os(RUN_ID_FILE_ENV)) {
         // A `serve` worker follows this run's events from the start.
@@ -400,10 +405,8 @@ pub fn run(
         recorder
             .write_record(&record, true)
             .map_err(io_error("writing resolved_settings.json"))?;
-        if status == RunStatus::Running {
-            // Detached: `settle_detached` finishes the record once the jobs are done.
-            slurm::mark_detached(workspace, &recorder.id, &reports)?;
-        } else {
+        // Detached: `settle_unfollowed` finishes the record once the jobs are done.
+        if status != RunStatus::Running {
             recorder.event("run_finished", serde_json::json!({ "status": status }));
         }
         recorder

@@ -105,16 +105,27 @@ pub struct StageOutcome {
     pub requeued: bool,
 }
 
-/// The jobs of a detached run (`.trainyard/slurm/detached/<run-id>.json`).
+/// The jobs of a run that no process follows (`.trainyard/slurm/submitted/<run-id>.json`):
+/// written as soon as the jobs are submitted and removed once the submitter has read
+/// their results, so it outlives `--detach` and a killed submitter alike.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct DetachedRun {
+struct SubmittedRun {
     format: u32,
     run_id: String,
-    /// Stage → Slurm job id.
-    jobs: BTreeMap<String, String>,
+    /// Stage → its job.
+    jobs: BTreeMap<String, SubmittedJob>,
 }
 
-/// A detached run whose jobs finished, and how it ended.
+/// One job of a [`SubmittedRun`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SubmittedJob {
+    job_id: String,
+    kind: String,
+    kind_version: u32,
+    resources: Resources,
+}
+
+/// A run whose jobs finished while no process followed them, and how it ended.
 #[derive(Debug, Clone)]
 pub struct Settled {
     /// The run.
@@ -131,8 +142,12 @@ fn jobs_dir(workspace: &Workspace) -> PathBuf {
     slurm_state_dir(workspace).join("jobs")
 }
 
-fn detached_dir(workspace: &Workspace) -> PathBuf {
-    slurm_state_dir(workspace).join("detached")
+fn submitted_dir(workspace: &Workspace) -> PathBuf {
+    slurm_state_dir(workspace).join("submitted")
+}
+
+fn submitted_marker(workspace: &Workspace, run_id: &str) -> PathBuf {
+    submitted_dir(workspace).join(format!("{run_id}.json"))
 }
 
 /// `runs/<id>/slurm/`: the frozen pipeline, the batch scripts, the Slurm logs and the
@@ -340,6 +355,23 @@ fn filesystem_magic(path: &Path) -> Option<i64> {
     };
     #[allow(clippy::unnecessary_cast)]
     Some(stat.f_type as i64)
+}
+
+/// [`check_shared_store`] for the partitions `pipeline`'s stages may use, unless its
+/// `executor.check_shared_store` is off.
+pub(super) fn check_pipeline_store(
+    workspace: &Workspace,
+    pipeline: &config::ResolvedPipeline,
+) -> Result<(), ExecError> {
+    if !pipeline.executor.check_shared_store {
+        return Ok(());
+    }
+    let partitions: BTreeSet<String> = pipeline
+        .stages
+        .iter()
+        .filter_map(|stage| pipeline.resources_of(stage).partition)
+        .collect();
+    check_shared_store(workspace, &partitions)
 }
 
 /// Refuses a workspace that the cluster's nodes cannot see: on a local filesystem while
@@ -550,16 +582,6 @@ pub(super) fn submit_and_wait(
         .enumerate()
         .map(|(index, stage)| (stage.name.as_str(), index))
         .collect();
-    if pipeline.executor.check_shared_store {
-        let partitions: BTreeSet<String> = to_run
-            .iter()
-            .filter_map(|&at| {
-                let index = index_of[reports[at].name.as_str()];
-                pipeline.resources_of(&pipeline.stages[index]).partition
-            })
-            .collect();
-        check_shared_store(engine.workspace, &partitions)?;
-    }
     let frozen = freeze_pipeline(engine, &recorder.dir)?;
     let frozen = frozen
         .strip_prefix(&engine.workspace.root)
@@ -617,9 +639,25 @@ pub(super) fn submit_and_wait(
                 // What was already submitted must not run unattended.
                 let ids: Vec<&str> = submitted.values().map(|job| job.job_id.as_str()).collect();
                 scancel(&ids);
-                return Err(ExecError::Slurm(format!(
-                    "submitting stage `{name}`: {error}"
-                )));
+                let message = format!("submitting its Slurm job failed: {error}");
+                engine.progress(format_args!("  FAILED   {name}: {message}"));
+                reports[at].status = StageStatus::Failed;
+                reports[at].error = Some(message);
+                for report in reports.iter_mut() {
+                    if matches!(report.status, StageStatus::WillRun) {
+                        report.status = StageStatus::Skipped;
+                        report.error =
+                            Some(format!("not run: submitting `{name}` to Slurm failed"));
+                        report.execution = None;
+                    }
+                }
+                for &earlier in submitted.keys() {
+                    reports[earlier].status = StageStatus::Skipped;
+                    reports[earlier].error = Some(format!(
+                        "its Slurm job was cancelled: submitting `{name}` failed"
+                    ));
+                }
+                return Ok(reports);
             }
         };
         engine.progress(format_args!(
@@ -651,6 +689,22 @@ pub(super) fn submit_and_wait(
             },
         );
     }
+    let marker: BTreeMap<String, SubmittedJob> = submitted
+        .iter()
+        .map(|(&at, job)| {
+            let stage = &pipeline.stages[index_of[reports[at].name.as_str()]];
+            (
+                stage.name.clone(),
+                SubmittedJob {
+                    job_id: job.job_id.clone(),
+                    kind: stage.kind.name.to_string(),
+                    kind_version: stage.kind.version,
+                    resources: job.resources.clone(),
+                },
+            )
+        })
+        .collect();
+    mark_submitted(engine.workspace, &recorder.id, marker)?;
     if engine.options.detach && !engine.cancel.is_cancelled() {
         for &at in submitted.keys() {
             reports[at].status = StageStatus::Submitted;
@@ -658,6 +712,9 @@ pub(super) fn submit_and_wait(
         return Ok(reports);
     }
     wait_for_jobs(engine, recorder, &mut reports, &mut submitted);
+    // Followed to the end: the run's own record says how each job ended.
+    let marker = submitted_marker(engine.workspace, &recorder.id);
+    std::fs::remove_file(&marker).map_err(io_error(format!("removing {}", marker.display())))?;
     Ok(reports)
 }
 
@@ -948,40 +1005,32 @@ fn read_outcome(run_dir: &Path, stage: &str) -> Option<StageOutcome> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Records that `run_id` returned with jobs still submitted (`run --detach`).
-pub(super) fn mark_detached(
+/// Records the jobs of `run_id` (see [`SubmittedRun`]).
+fn mark_submitted(
     workspace: &Workspace,
     run_id: &str,
-    reports: &[StageReport],
+    jobs: BTreeMap<String, SubmittedJob>,
 ) -> Result<(), ExecError> {
-    let jobs: BTreeMap<String, String> = reports
-        .iter()
-        .filter(|report| report.status == StageStatus::Submitted)
-        .filter_map(|report| {
-            let job = report.execution.as_ref()?.job_id.clone()?;
-            Some((report.name.clone(), job))
-        })
-        .collect();
-    let detached = DetachedRun {
+    let marker = SubmittedRun {
         format: FORMAT,
         run_id: run_id.to_string(),
         jobs,
     };
-    let dir = detached_dir(workspace);
+    let dir = submitted_dir(workspace);
     std::fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
-    let path = dir.join(format!("{run_id}.json"));
-    let bytes = serde_json::to_vec_pretty(&detached)
-        .map_err(|error| ExecError::Slurm(error.to_string()))?;
+    let path = submitted_marker(workspace, run_id);
+    let bytes =
+        serde_json::to_vec_pretty(&marker).map_err(|error| ExecError::Slurm(error.to_string()))?;
     crate::atomic_file::write_synced(&path, &bytes)
         .map_err(io_error(format!("writing {}", path.display())))
 }
 
-/// The detached runs of the workspace, oldest first.
-fn detached_runs(workspace: &Workspace) -> Vec<DetachedRun> {
-    let Ok(entries) = std::fs::read_dir(detached_dir(workspace)) else {
+/// The runs of the workspace whose jobs no process follows, oldest first.
+fn submitted_runs(workspace: &Workspace) -> Vec<SubmittedRun> {
+    let Ok(entries) = std::fs::read_dir(submitted_dir(workspace)) else {
         return Vec::new();
     };
-    let mut runs: Vec<DetachedRun> = entries
+    let mut runs: Vec<SubmittedRun> = entries
         .flatten()
         .filter_map(|entry| serde_json::from_slice(&std::fs::read(entry.path()).ok()?).ok())
         .collect();
@@ -989,9 +1038,10 @@ fn detached_runs(workspace: &Workspace) -> Vec<DetachedRun> {
     runs
 }
 
-/// One job of a detached run, as `trainyard status` shows it.
+/// One job of a run submitted with `--detach` (or whose submitter was killed), as
+/// `trainyard status` shows it.
 #[derive(Debug, Clone)]
-pub struct DetachedJob {
+pub struct UnfollowedJob {
     /// The stage.
     pub stage: String,
     /// Its Slurm job.
@@ -1002,18 +1052,21 @@ pub struct DetachedJob {
     pub node: Option<String>,
 }
 
-/// The jobs of every detached run still recorded `running`, for `trainyard status`.
-pub fn detached_status(workspace: &Workspace) -> Vec<(String, Vec<DetachedJob>)> {
-    detached_runs(workspace)
+/// The jobs of every run whose jobs no process follows (`--detach`, or a killed
+/// submitter), for `trainyard status`. A run still being followed is not listed: its
+/// submitter holds the workspace lock.
+pub fn unfollowed_status(workspace: &Workspace) -> Vec<(String, Vec<UnfollowedJob>)> {
+    submitted_runs(workspace)
         .into_iter()
         .map(|run| {
-            let ids: Vec<&str> = run.jobs.values().map(String::as_str).collect();
+            let ids: Vec<&str> = run.jobs.values().map(|job| job.job_id.as_str()).collect();
             let states = job_states(&ids).unwrap_or_default();
             let run_dir = workspace.runs_dir().join(&run.run_id);
             let jobs = run
                 .jobs
                 .iter()
-                .map(|(stage, job_id)| {
+                .map(|(stage, job)| {
+                    let job_id = &job.job_id;
                     let known = states.get(job_id);
                     let outcome = read_outcome(&run_dir, stage).filter(|outcome| !outcome.requeued);
                     let state = match (known, &outcome) {
@@ -1022,7 +1075,7 @@ pub fn detached_status(workspace: &Workspace) -> Vec<(String, Vec<DetachedJob>)>
                         (Some(state), None) => state.state.clone(),
                         (None, None) => "unknown".to_string(),
                     };
-                    DetachedJob {
+                    UnfollowedJob {
                         stage: stage.clone(),
                         job_id: job_id.clone(),
                         state,
@@ -1035,19 +1088,21 @@ pub fn detached_status(workspace: &Workspace) -> Vec<(String, Vec<DetachedJob>)>
         .collect()
 }
 
-/// Completes the records of detached runs whose jobs have all left the queue; fails
-/// with [`ExecError::SlurmBusy`] while one still has a job queued or running (a new run
-/// must not touch stages those jobs are writing).
-pub fn settle_detached(workspace: &Workspace) -> Result<Vec<Settled>, ExecError> {
+/// Completes the records of runs whose jobs no process followed to the end (`--detach`,
+/// or a submitter that was killed) once those jobs have all left the queue; fails with
+/// [`ExecError::SlurmBusy`] while one still has a job queued or running: a new run must
+/// not submit or run again the stages those jobs are writing. Called under the
+/// workspace lock.
+pub fn settle_unfollowed(workspace: &Workspace) -> Result<Vec<Settled>, ExecError> {
     let mut settled = Vec::new();
-    for run in detached_runs(workspace) {
-        let ids: Vec<&str> = run.jobs.values().map(String::as_str).collect();
+    for run in submitted_runs(workspace) {
+        let ids: Vec<&str> = run.jobs.values().map(|job| job.job_id.as_str()).collect();
         let states = job_states(&ids).map_err(ExecError::Slurm)?;
         let live: Vec<String> = run
             .jobs
             .iter()
-            .filter(|(_, id)| states.get(*id).is_some_and(JobState::is_active))
-            .map(|(stage, id)| format!("{stage}={id}"))
+            .filter(|(_, job)| states.get(&job.job_id).is_some_and(JobState::is_active))
+            .map(|(stage, job)| format!("{stage}={}", job.job_id))
             .collect();
         if !live.is_empty() {
             return Err(ExecError::SlurmBusy {
@@ -1061,15 +1116,28 @@ pub fn settle_detached(workspace: &Workspace) -> Result<Vec<Settled>, ExecError>
             .map_err(io_error(format!("reading {}", record_path.display())))?;
         let mut record: RunRecord = serde_json::from_str(&text)
             .map_err(|error| ExecError::Slurm(format!("{}: {error}", record_path.display())))?;
-        for (stage, job_id) in &run.jobs {
-            let Some(entry) = record.stages.get_mut(stage) else {
-                continue;
-            };
-            let resources = entry
-                .execution
-                .as_ref()
-                .and_then(|execution| execution.resources.clone());
+        for (stage, job) in &run.jobs {
+            let job_id = &job.job_id;
             let mut used = job_usage(job_id);
+            // A killed submitter's record lists no stages yet.
+            let entry = record
+                .stages
+                .entry(stage.clone())
+                .or_insert_with(|| StageRunRecord {
+                    kind: job.kind.clone(),
+                    kind_version: job.kind_version,
+                    status: StageStatus::Submitted,
+                    fingerprint: None,
+                    inputs: BTreeMap::new(),
+                    input_paths: BTreeMap::new(),
+                    hub_models: BTreeMap::new(),
+                    output: None,
+                    output_hash: None,
+                    duration_s: None,
+                    reasons: Vec::new(),
+                    error: None,
+                    execution: None,
+                });
             match read_outcome(&run_dir, stage).filter(|outcome| !outcome.requeued) {
                 Some(outcome) => {
                     let node_execution = outcome.record.execution.clone().unwrap_or_default();
@@ -1082,19 +1150,31 @@ pub fn settle_detached(workspace: &Workspace) -> Result<Vec<Settled>, ExecError>
                         executor: ExecutorKind::Slurm.as_str().to_string(),
                         job_id: Some(job_id.clone()),
                         node: node_execution.node,
-                        resources,
+                        resources: Some(job.resources.clone()),
                         used: Some(used),
                     });
                 }
                 None => {
                     let log = log_path(&run_dir, stage);
-                    entry.status = StageStatus::Failed;
+                    let dependency = used.state.as_deref() == Some("CANCELLED");
+                    entry.status = if dependency {
+                        StageStatus::Skipped
+                    } else {
+                        StageStatus::Failed
+                    };
                     entry.error = Some(format!(
                         "its Slurm job {job_id} ended {} without a result\n(Slurm log: {})\n{}",
                         used.state.as_deref().unwrap_or("(unknown)"),
                         log.display(),
                         crate::stages::command::tail_of(&log, LOG_TAIL_LINES)
                     ));
+                    entry.execution = Some(StageExecution {
+                        executor: ExecutorKind::Slurm.as_str().to_string(),
+                        job_id: Some(job_id.clone()),
+                        node: None,
+                        resources: Some(job.resources.clone()),
+                        used: Some(used),
+                    });
                 }
             }
         }
@@ -1119,7 +1199,7 @@ pub fn settle_detached(workspace: &Workspace) -> Result<Vec<Settled>, ExecError>
             "run_finished",
             serde_json::json!({ "status": record.status }),
         );
-        let marker = detached_dir(workspace).join(format!("{}.json", run.run_id));
+        let marker = submitted_marker(workspace, &run.run_id);
         std::fs::remove_file(&marker)
             .map_err(io_error(format!("removing {}", marker.display())))?;
         settled.push(Settled {

@@ -488,6 +488,61 @@ fn detach_returns_at_once_and_status_and_the_next_run_follow_the_jobs() {
 }
 
 #[test]
+fn a_killed_submitter_leaves_its_jobs_to_finish_and_the_next_run_settles_them() {
+    let _turn = cluster();
+    let _end = EmptyQueueAtEnd;
+    let expected = uninterrupted_weights();
+    let sandbox = Sandbox::new();
+    sandbox.write("p.yaml", TRAINING);
+    let mut submitter = sandbox.spawn(&["run", "p.yaml", "--executor", "slurm"]);
+    wait_until_training(&sandbox, "lm");
+    submitter.kill().unwrap();
+    submitter.wait().unwrap();
+
+    // Its job goes on; nothing may run or submit `lm` again meanwhile.
+    let busy = sandbox
+        .command(&["run", "p.yaml", "--executor", "slurm"])
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(3), "{}", text(&busy));
+    assert!(
+        text(&busy).contains("still has Slurm jobs queued or running (lm="),
+        "{}",
+        text(&busy)
+    );
+    let status = sandbox.ok(&["status", "p.yaml"]);
+    assert!(
+        status.contains("Slurm run") && status.contains("running"),
+        "{status}"
+    );
+
+    assert_queue_empty("once the orphaned job is done");
+    let next = sandbox.ok(&["run", "p.yaml", "--executor", "slurm"]);
+    assert!(next.contains("finished (succeeded)"), "{next}");
+    assert!(next.contains("0 executed, 4 cached"), "{next}");
+    assert!(!next.contains("submitted"), "{next}");
+    assert_eq!(
+        file_hash(&sandbox.path("runs/latest/outputs/lm/model.safetensors")),
+        expected
+    );
+    // The killed submitter's record now says what its jobs did.
+    let first = std::fs::read_dir(sandbox.path("runs"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| !path.is_symlink())
+        .min()
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(first.join("resolved_settings.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["status"], "succeeded", "{record}");
+    assert_eq!(record["stages"]["lm"]["status"], "executed", "{record}");
+    assert_eq!(record["stages"]["lm"]["execution"]["executor"], "slurm");
+}
+
+#[test]
 fn resources_from_the_stage_and_a_profile_reach_sbatch_and_the_record() {
     let _turn = cluster();
     let _end = EmptyQueueAtEnd;
