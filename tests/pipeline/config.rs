@@ -276,7 +276,12 @@ fn the_schema_keys_stages_on_their_kind() {
     assert_eq!(stage["required"], serde_json::json!(["kind"]));
     assert_eq!(stage["additionalProperties"], false);
     let keys: Vec<&String> = stage["properties"].as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["kind", "description", "inputs", "with"]);
+    assert_eq!(keys, ["kind", "description", "inputs", "with", "resources"]);
+    assert_eq!(
+        stage["properties"]["resources"]["$ref"], "#/$defs/Resources",
+        "where its Slurm job runs"
+    );
+    assert_eq!(schema["$defs"]["Resources"]["additionalProperties"], false);
     let names: Vec<&str> = trainyard::stages::KINDS
         .iter()
         .map(|kind| kind.name)
