@@ -972,7 +972,51 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+/// Copies `n_blocks` blocks of `block_len` elements into `dst` back to back, block `i`
+/// from `src[src_start(i)..]`; large copies are split over the barrier pool (trainyard
+/// patch: the attention heads' `contiguous()` and their backward were serial copies).
+fn copy_blocks<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    n_blocks: usize,
+    block_len: usize,
+    src_start: impl Fn(usize) -> usize + Sync,
+) {
+    let total = n_blocks * block_len;
+    let dst = &mut dst[..total];
+    if total < utils::PAR_ELEMWISE_MIN || n_blocks < 2 {
+        for (i, dst) in dst.chunks_exact_mut(block_len).enumerate() {
+            let start = src_start(i);
+            dst.copy_from_slice(&src[start..start + block_len]);
+        }
+        return;
+    }
+    let dst_ptr = dst.as_mut_ptr() as usize;
+    let blocks_per_unit = (utils::PAR_ELEMWISE_CHUNK / block_len).max(1);
+    let n_units = n_blocks.div_ceil(blocks_per_unit);
+    crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+        for unit in range {
+            let lo = unit * blocks_per_unit;
+            let hi = n_blocks.min(lo + blocks_per_unit);
+            for i in lo..hi {
+                let start = src_start(i);
+                // SAFETY: block `i` is `dst[i * block_len..(i + 1) * block_len]`, inside
+                // `dst` (`total` elements), and only the unit that owns `i` writes it.
+                let block = unsafe {
+                    std::slice::from_raw_parts_mut((dst_ptr as *mut T).add(i * block_len), block_len)
+                };
+                block.copy_from_slice(&src[start..start + block_len]);
+            }
+        }
+    });
+}
+
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
@@ -982,16 +1026,9 @@ fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l
             block_len,
             count,
             src_stride,
-        } => copy2d_(
-            src,
-            dst,
-            count,
-            block_len,
-            src_stride,
-            block_len,
-            start_offset,
-            dst_offset,
-        ),
+        } => copy_blocks(src, &mut dst[dst_offset..], count, block_len, |i| {
+            start_offset + i * src_stride
+        }),
         crate::StridedBlocks::MultipleBlocks {
             block_start_index,
             block_len: 1,
@@ -1006,14 +1043,10 @@ fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l
             block_start_index,
             block_len,
         } => {
-            let n_blocks = block_start_index.len();
-            let dst = &mut dst[dst_offset..dst_offset + n_blocks * block_len];
-            let mut dst_index = 0;
-            for src_index in block_start_index {
-                dst[dst_index..dst_index + block_len]
-                    .copy_from_slice(&src[src_index..src_index + block_len]);
-                dst_index += block_len;
-            }
+            let starts: Vec<usize> = block_start_index.collect();
+            copy_blocks(src, &mut dst[dst_offset..], starts.len(), block_len, |i| {
+                starts[i]
+            })
         }
     }
 }
@@ -1478,7 +1511,16 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // trainyard patch: with `read_dst` false gemm writes every element of `dst`
+        // (when k > 0), so it is not zero-filled first: the fill was a serial memset of
+        // every product's output, 2.5% of a training step at 2 threads.
+        let len = b * m * n;
+        let mut dst: Vec<T> = if k == 0 {
+            vec![T::zero(); len]
+        } else {
+            Vec::with_capacity(len)
+        };
+        let dst_base = dst.as_mut_ptr();
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1502,13 +1544,14 @@ impl Map2 for MatMul {
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
+            // SAFETY: `step * c_skip + m * n <= len`, inside `dst`'s allocation.
+            let dst_p = unsafe { dst_base.add(step * c_skip) };
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1527,6 +1570,8 @@ impl Map2 for MatMul {
                 )
             }
         }
+        // SAFETY: every element was written by gemm (or zero-filled when k == 0).
+        unsafe { dst.set_len(len) };
         Ok(dst)
     }
 

@@ -363,9 +363,9 @@ pub fn unary_map_vec<T: Copy, U: Copy, F: FnMut(T) -> U, FV: FnMut(&[T], &mut [U
 }
 
 // Below this many logical elements the barrier-pool split costs more than it saves.
-const PAR_ELEMWISE_MIN: usize = 64 * 1024;
+pub(crate) const PAR_ELEMWISE_MIN: usize = 64 * 1024;
 // Per-unit span: big enough to amortize dispatch, small enough to balance.
-const PAR_ELEMWISE_CHUNK: usize = 16 * 1024;
+pub(crate) const PAR_ELEMWISE_CHUNK: usize = 16 * 1024;
 
 pub fn unary_map_vec_par<
     T: Copy + Send + Sync,
