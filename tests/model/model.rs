@@ -696,3 +696,38 @@ fn lora_on_a_bf16_base_gets_the_gradients_of_its_f32_widening() {
         );
     }
 }
+
+/// The vendored candle's parallel copies (`contiguous()` of transposed matrices and of
+/// block layouts, split over its thread pool when large) give exactly the elements a
+/// plain index walk gives, offsets and odd sizes included.
+#[test]
+fn large_strided_copies_match_an_index_walk() {
+    let (rows, cols) = (301, 517); // > 64k elements, not multiples of the 32-wide tiles
+    let data: Vec<f32> = (0..(rows + 3) * cols).map(|i| i as f32).collect();
+    let full = Tensor::from_vec(data.clone(), (rows + 3, cols), &Device::Cpu).unwrap();
+    // A transposed view with a start offset: [cols, rows], strides [1, cols].
+    let view = full.narrow(0, 3, rows).unwrap().t().unwrap();
+    let copied: Vec<Vec<f32>> = view.contiguous().unwrap().to_vec2().unwrap();
+    for (c, row) in copied.iter().enumerate() {
+        for (r, value) in row.iter().enumerate() {
+            assert_eq!(*value, data[(r + 3) * cols + c], "at [{c}, {r}]");
+        }
+    }
+    // Blocks of 64 (attention heads): [B, T, H, D] -> [B, H, T, D].
+    let (b, t, h, d) = (3, 129, 4, 64);
+    let data: Vec<f32> = (0..b * t * h * d).map(|i| i as f32).collect();
+    let x = Tensor::from_vec(data.clone(), (b, t, h, d), &Device::Cpu).unwrap();
+    let heads = x.transpose(1, 2).unwrap().contiguous().unwrap();
+    let heads: Vec<f32> = heads.flatten_all().unwrap().to_vec1().unwrap();
+    let mut at = 0;
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                for di in 0..d {
+                    assert_eq!(heads[at], data[((bi * t + ti) * h + hi) * d + di]);
+                    at += 1;
+                }
+            }
+        }
+    }
+}

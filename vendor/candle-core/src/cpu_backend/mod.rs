@@ -1011,6 +1011,44 @@ fn copy_blocks<T: Copy + Send + Sync>(
     });
 }
 
+/// Copies a large 2-D layout whose rows are not contiguous (a transposed matrix, as
+/// matmul gradients are) into `dst` row by row, in tiles over candle's barrier pool;
+/// `false` (nothing done) for other layouts. The element-by-element gather it replaces
+/// was serial and walked the source a column at a time (trainyard patch).
+fn transpose_2d<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], src_l: &Layout) -> bool {
+    const TILE: usize = 32;
+    let (&[rows, cols], &[row_stride, col_stride]) = (src_l.dims(), src_l.stride()) else {
+        return false;
+    };
+    let total = rows * cols;
+    if total < utils::PAR_ELEMWISE_MIN || col_stride == 1 || dst.len() < total {
+        return false;
+    }
+    let offset = src_l.start_offset();
+    let dst_ptr = dst.as_mut_ptr() as usize;
+    let row_tiles = rows.div_ceil(TILE);
+    crate::utils::barrier_pool().execute_chunked(row_tiles, |range| {
+        let dst_ptr = dst_ptr as *mut T;
+        for tile in range {
+            let (r0, r1) = (tile * TILE, rows.min(tile * TILE + TILE));
+            for c0 in (0..cols).step_by(TILE) {
+                let c1 = cols.min(c0 + TILE);
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        // SAFETY: `r * cols + c < total <= dst.len()`; row tile `tile`
+                        // is written by one unit only.
+                        unsafe {
+                            *dst_ptr.add(r * cols + c) =
+                                src[offset + r * row_stride + c * col_stride];
+                        }
+                    }
+                }
+            }
+        }
+    });
+    true
+}
+
 fn copy_strided_src_<T: Copy + Send + Sync>(
     src: &[T],
     dst: &mut [T],
@@ -1029,6 +1067,8 @@ fn copy_strided_src_<T: Copy + Send + Sync>(
         } => copy_blocks(src, &mut dst[dst_offset..], count, block_len, |i| {
             start_offset + i * src_stride
         }),
+        crate::StridedBlocks::MultipleBlocks { block_len: 1, .. }
+            if transpose_2d(src, &mut dst[dst_offset..], src_l) => {}
         crate::StridedBlocks::MultipleBlocks {
             block_start_index,
             block_len: 1,
