@@ -590,6 +590,18 @@ impl Engine<'_> {
     /// run's `logs.jsonl` with the stage's name, and a training step into the periodic
     /// progress line.
     fn stage_event(&self, stage: &str, event: &str, fields: serde_json::Value) {
+        self.note_activity(stage, event, &fields);
+        let mut fields = fields;
+        if let serde_json::Value::Object(map) = &mut fields {
+            map.insert("stage".to_string(), serde_json::json!(stage));
+        }
+        if let Some(recorder) = self.recorder {
+            recorder.event(event, fields);
+        }
+    }
+
+    /// Keeps a running stage's last training step for the periodic progress line.
+    fn note_activity(&self, stage: &str, event: &str, fields: &serde_json::Value) {
         if event == "train_step"
             && let Ok(mut running) = self.running.lock()
             && let Some(activity) = running.get_mut(stage)
@@ -607,13 +619,6 @@ impl Engine<'_> {
                 detail.push_str(&format!(", {speed:.0} tokens/s"));
             }
             activity.detail = Some(detail);
-        }
-        let mut fields = fields;
-        if let serde_json::Value::Object(map) = &mut fields {
-            map.insert("stage".to_string(), serde_json::json!(stage));
-        }
-        if let Some(recorder) = self.recorder {
-            recorder.event(event, fields);
         }
     }
 

@@ -728,7 +728,17 @@ fn wait_for_jobs(
     let mut cancelled_at: Option<Instant> = None;
     let mut stopped_by: Option<String> = None;
     let mut squeue_failing_since: Option<Instant> = None;
+    let mut events = EventTail::new(recorder.dir.join("logs.jsonl"));
     loop {
+        // The jobs' training steps, for the periodic progress line.
+        for event in events.read_new() {
+            if let (Some(stage), Some(name)) = (
+                event.get("stage").and_then(serde_json::Value::as_str),
+                event.get("event").and_then(serde_json::Value::as_str),
+            ) {
+                engine.note_activity(stage, name, &event);
+            }
+        }
         let open: Vec<&str> = submitted
             .values()
             .filter(|job| !job.done)
@@ -853,6 +863,43 @@ fn wait_for_jobs(
     }
 }
 
+/// New lines of the run's `logs.jsonl`, which the jobs append to.
+struct EventTail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl EventTail {
+    /// Follows `path` from its current end.
+    fn new(path: PathBuf) -> EventTail {
+        let offset = std::fs::metadata(&path).map_or(0, |metadata| metadata.len());
+        EventTail { path, offset }
+    }
+
+    /// The complete lines written since the last call, as JSON (others skipped).
+    fn read_new(&mut self) -> Vec<serde_json::Value> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return Vec::new();
+        };
+        let mut bytes = Vec::new();
+        if file.seek(SeekFrom::Start(self.offset)).is_err() || file.read_to_end(&mut bytes).is_err()
+        {
+            return Vec::new();
+        }
+        // A line still being written is read next time.
+        let complete = bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |at| at + 1);
+        self.offset += complete as u64;
+        bytes[..complete]
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice(line).ok())
+            .collect()
+    }
+}
+
 /// The final report of a job that left the queue, from the result its `exec-stage`
 /// wrote or, without one, from Slurm's state and the job's log.
 fn settle_report(
@@ -930,9 +977,14 @@ fn settle_report(
         .map(|node| format!(" on {node}"))
         .unwrap_or_default();
     match report.status {
-        StageStatus::Executed | StageStatus::Cached => engine.progress(format_args!(
+        StageStatus::Executed => engine.progress(format_args!(
             "  done     {name} in {:.2}s (Slurm job {}{on})",
             report.duration_s.unwrap_or_default(),
+            job.job_id
+        )),
+        // Its upstream stages reran and gave the bytes they had before.
+        StageStatus::Cached => engine.progress(format_args!(
+            "  cached   {name} (its inputs came out unchanged; Slurm job {}{on})",
             job.job_id
         )),
         StageStatus::Interrupted => engine.progress(format_args!(

@@ -380,7 +380,14 @@ fn the_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically() {
     let expected = uninterrupted_weights();
     let sandbox = Sandbox::new();
     sandbox.write("p.yaml", TRAINING);
-    let submitter = sandbox.spawn(&["run", "p.yaml", "--executor", "slurm"]);
+    let submitter = sandbox.spawn(&[
+        "run",
+        "p.yaml",
+        "--executor",
+        "slurm",
+        "--progress-every",
+        "1",
+    ]);
     let job = wait_until_training(&sandbox, "lm");
     // What `--signal=B:USR1@N` sends N seconds before the time limit.
     let signalled = Command::new("scancel")
@@ -409,6 +416,12 @@ fn the_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically() {
     let output = submitter.wait_with_output().unwrap();
     let out = text(&output);
     assert!(output.status.success(), "{out}");
+    // The submitter's progress line follows the job's training steps.
+    assert!(
+        out.lines()
+            .any(|line| line.contains("running lm (") && line.contains("step ")),
+        "{out}"
+    );
     let slurm_log = sandbox.read("runs/latest/slurm/lm.log");
     assert!(slurm_log.contains("requeueing Slurm job"), "{slurm_log}");
     let log = sandbox.read("runs/latest/outputs/lm/stage.log");
