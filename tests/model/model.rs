@@ -731,3 +731,74 @@ fn large_strided_copies_match_an_index_walk() {
         }
     }
 }
+
+/// The vendored candle's products split over threads (each thread one single-threaded
+/// gemm on its block of the output: a slice of rows or of columns, or whole batches)
+/// cover every element exactly: checked against an f64 product on a 3-thread pool, with
+/// sizes that do not divide evenly, transposed operands and batches.
+#[test]
+fn products_split_over_threads_match_a_plain_product() {
+    fn values(count: usize, seed: usize) -> Vec<f32> {
+        (0..count)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+    // (batch, m, k, n, rhs stored transposed)
+    let cases = [
+        (1, 515, 300, 131, false),
+        (1, 37, 300, 1029, false),
+        (1, 515, 300, 131, true),
+        (5, 70, 200, 90, false),
+        (2, 150, 300, 77, true),
+    ];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    for (case, &(b, m, k, n, transposed)) in cases.iter().enumerate() {
+        let a = values(b * m * k, case);
+        let w = values(b * k * n, case + 10);
+        let lhs = Tensor::from_vec(a.clone(), (b, m, k), &Device::Cpu).unwrap();
+        // `w` holds rhs[batch][row][col] at batch·k·n + row·n + col either way.
+        let rhs = if transposed {
+            let mut stored = vec![0f32; b * k * n];
+            for batch in 0..b {
+                for row in 0..k {
+                    for col in 0..n {
+                        stored[batch * k * n + col * k + row] = w[batch * k * n + row * n + col];
+                    }
+                }
+            }
+            Tensor::from_vec(stored, (b, n, k), &Device::Cpu)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        } else {
+            Tensor::from_vec(w.clone(), (b, k, n), &Device::Cpu).unwrap()
+        };
+        let product: Vec<f32> = pool
+            .install(|| lhs.matmul(&rhs))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for batch in 0..b {
+            for row in 0..m {
+                for col in 0..n {
+                    let expected: f64 = (0..k)
+                        .map(|i| {
+                            f64::from(a[batch * m * k + row * k + i])
+                                * f64::from(w[batch * k * n + i * n + col])
+                        })
+                        .sum();
+                    let got = f64::from(product[(batch * m + row) * n + col]);
+                    assert!(
+                        (got - expected).abs() < 1e-4 * (1.0 + expected.abs()),
+                        "case {case}: [{batch}, {row}, {col}] = {got}, expected {expected}"
+                    );
+                }
+            }
+        }
+    }
+}
