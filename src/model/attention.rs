@@ -130,10 +130,10 @@ fn decode_attention(q: &Tensor, rows: &KvRows, scale: f64) -> Result<Tensor> {
                 for (score, key) in visible.iter_mut().zip(keys.chunks(dim)) {
                     *score = dot(q, key) * scale;
                 }
-                let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = super::exp::max_of(visible);
                 visible.iter_mut().for_each(|score| *score -= max);
                 super::exp::exp_in_place(visible);
-                let inverse = 1.0 / visible.iter().sum::<f32>();
+                let inverse = 1.0 / super::exp::sum_of(visible);
                 for (weight, value) in visible.iter().zip(values.chunks(dim)) {
                     let weight = weight * inverse;
                     for (out, value) in out.iter_mut().zip(value) {
@@ -414,11 +414,11 @@ impl CustomOp3 for CausalAttention {
                     self.block_scores(q, k, first, rows, dim, &mut probs);
                     for (r, row) in probs[..rows * keys].chunks_mut(keys).enumerate() {
                         let i = first + r;
-                        let max = row[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let max = super::exp::max_of(&row[..=i]);
                         let live = &mut row[..=i];
                         live.iter_mut().for_each(|p| *p -= max);
                         super::exp::exp_in_place(live);
-                        let sum: f32 = live.iter().sum();
+                        let sum = super::exp::sum_of(live);
                         let inverse = 1.0 / sum;
                         for p in &mut row[..=i] {
                             *p *= inverse;

@@ -1,4 +1,5 @@
-//! `exp` for the training kernels' softmaxes and sigmoids: one polynomial (Cephes'
+//! `exp` for the training kernels' softmaxes and sigmoids, and the row reductions
+//! (maximum, sums) of their softmaxes and norms. `exp` is one polynomial (Cephes'
 //! `expf`, ~1 ulp), run over whole slices with the widest vectors the CPU has
 //! (AVX-512, AVX2 + FMA, or one value at a time), picked at run time. Every path does
 //! the same fused multiply-adds in the same order, so the bits are the same on every
@@ -41,6 +42,51 @@ pub fn exp(x: f32) -> f32 {
     let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
     let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if x < LOWEST { 0.0 } else { e * scale }
+}
+
+/// The largest of `values` (NaN ignored, as by `f32::max`; −∞ when empty), over 16
+/// lanes: a single running maximum waits on each comparison in turn (its latency per
+/// value), and the softmaxes take the maximum of every row first.
+pub fn max_of(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut blocks = values.chunks_exact(16);
+    for block in &mut blocks {
+        for (lane, &value) in lanes.iter_mut().zip(block) {
+            *lane = lane.max(value);
+        }
+    }
+    let rest = blocks.remainder().iter().copied();
+    lanes
+        .into_iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum of `values` over 16 lanes added in a fixed order (vectorised, and the same
+/// bits on every CPU), where a single running sum waits on each addition in turn.
+pub fn sum_of(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut blocks = values.chunks_exact(16);
+    for block in &mut blocks {
+        for (lane, &value) in lanes.iter_mut().zip(block) {
+            *lane += value;
+        }
+    }
+    let rest: f32 = blocks.remainder().iter().sum();
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// The sum of the squares of `values`, in the lanes and order of [`sum_of`].
+pub fn sum_of_squares(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut blocks = values.chunks_exact(16);
+    for block in &mut blocks {
+        for (lane, &value) in lanes.iter_mut().zip(block) {
+            *lane += value * value;
+        }
+    }
+    let rest: f32 = blocks.remainder().iter().map(|value| value * value).sum();
+    lanes.iter().sum::<f32>() + rest
 }
 
 /// `values[i] = e^values[i]`.
@@ -98,6 +144,30 @@ unsafe fn exp_avx2(values: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lane reductions give the maximum, sum and sum of squares of slices of every
+    /// length around their 16-lane blocks (the maximum exactly, NaN ignored).
+    #[test]
+    fn row_reductions_cover_every_value() {
+        for len in [0usize, 1, 15, 16, 17, 33, 1000] {
+            let values: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&values), max, "len {len}");
+            let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
+            let squares: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            assert!((f64::from(sum_of(&values)) - sum).abs() < 1e-3, "len {len}");
+            assert!(
+                (f64::from(sum_of_squares(&values)) - squares).abs() < 1e-2,
+                "len {len}"
+            );
+        }
+        let mut with_nan = vec![1.0f32; 40];
+        with_nan[3] = f32::NAN;
+        with_nan[37] = 2.5;
+        assert_eq!(max_of(&with_nan), 2.5);
+    }
 
     /// Within 2 ulp-ish (relative 4e-7) of f64's exp over the range softmaxes use, 0
     /// below it, NaN kept; the vector paths give the bits of the one-value path.

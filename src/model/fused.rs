@@ -230,7 +230,7 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn inverse_root(&self, row: &[f32]) -> f32 {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let mean = super::exp::sum_of_squares(row) / row.len() as f32;
         1.0 / (mean + self.eps).sqrt()
     }
 }

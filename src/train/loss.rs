@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::data::token_cache::Batch;
 use crate::model::Kernels;
 use crate::model::body::Body;
-use crate::model::exp::exp_in_place;
+use crate::model::exp::{exp_in_place, max_of};
 
 /// A model seen by the loss: final hidden states for a batch, and the head's logits
 /// for any rows of them.
@@ -108,7 +108,7 @@ fn chunk_loss(
         .par_chunks_mut(vocab)
         .zip(targets.par_iter().zip(weights))
         .map(|(row, (&target, &weight))| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = max_of(row);
             let target_logit = row[target as usize];
             // One exponential per logit, kept for the gradient: softmax = e / Σe.
             row.iter_mut().for_each(|value| *value -= max);
