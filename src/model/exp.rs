@@ -48,45 +48,72 @@ pub fn exp(x: f32) -> f32 {
 /// lanes: a single running maximum waits on each comparison in turn (its latency per
 /// value), and the softmaxes take the maximum of every row first.
 pub fn max_of(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut blocks = values.chunks_exact(16);
-    for block in &mut blocks {
-        for (lane, &value) in lanes.iter_mut().zip(block) {
-            *lane = lane.max(value);
+    on_widest(|| {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut blocks = values.chunks_exact(16);
+        for block in &mut blocks {
+            for (lane, &value) in lanes.iter_mut().zip(block) {
+                *lane = lane.max(value);
+            }
         }
-    }
-    let rest = blocks.remainder().iter().copied();
-    lanes
-        .into_iter()
-        .chain(rest)
-        .fold(f32::NEG_INFINITY, f32::max)
+        let rest = blocks.remainder().iter().copied();
+        lanes
+            .into_iter()
+            .chain(rest)
+            .fold(f32::NEG_INFINITY, f32::max)
+    })
 }
 
 /// The sum of `values` over 16 lanes added in a fixed order (vectorised, and the same
 /// bits on every CPU), where a single running sum waits on each addition in turn.
 pub fn sum_of(values: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut blocks = values.chunks_exact(16);
-    for block in &mut blocks {
-        for (lane, &value) in lanes.iter_mut().zip(block) {
-            *lane += value;
-        }
-    }
-    let rest: f32 = blocks.remainder().iter().sum();
-    lanes.iter().sum::<f32>() + rest
+    on_widest(|| sum_of_lanes(values, |value| value))
 }
 
 /// The sum of the squares of `values`, in the lanes and order of [`sum_of`].
 pub fn sum_of_squares(values: &[f32]) -> f32 {
+    on_widest(|| sum_of_lanes(values, |value| value * value))
+}
+
+#[inline(always)]
+fn sum_of_lanes(values: &[f32], term: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0f32; 16];
     let mut blocks = values.chunks_exact(16);
     for block in &mut blocks {
         for (lane, &value) in lanes.iter_mut().zip(block) {
-            *lane += value * value;
+            *lane += term(value);
         }
     }
-    let rest: f32 = blocks.remainder().iter().map(|value| value * value).sum();
+    let rest: f32 = blocks.remainder().iter().map(|&value| term(value)).sum();
     lanes.iter().sum::<f32>() + rest
+}
+
+/// Runs `work` compiled for the widest vectors this CPU has. The lanes of the
+/// reductions above are the same on every path (no fused multiply-add is formed from
+/// separate operations), so the bits are too.
+#[inline(always)]
+fn on_widest<R>(work: impl FnOnce() -> R) -> R {
+    match width() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `width` saw AVX-512 F on this CPU.
+        Width::Avx512 => unsafe { on_avx512(work) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `width` saw AVX2 and FMA on this CPU.
+        Width::Avx2 => unsafe { on_avx2(work) },
+        Width::Scalar => work(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn on_avx512<R>(work: impl FnOnce() -> R) -> R {
+    work()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn on_avx2<R>(work: impl FnOnce() -> R) -> R {
+    work()
 }
 
 /// `values[i] = e^values[i]`.
