@@ -318,6 +318,20 @@ mod tests {
         let mut child = process.spawn().unwrap();
         containment.started(child.id());
         child.wait().unwrap();
+        // As above: on a loaded machine the backgrounded `setsid sleep` may not be
+        // running (or be mid-exec, its environment unreadable) when `sh` has exited.
+        let token = containment.token.clone();
+        for _ in 0..500 {
+            let marked = scan_processes(&token)
+                .unwrap()
+                .iter()
+                .filter(|process| process.marked)
+                .count();
+            if marked == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // The run "dies" here: the record stays, and the next run finds it.
         std::mem::forget(containment);
         assert_eq!(kill_leftovers(dir.path()).unwrap(), 1);
