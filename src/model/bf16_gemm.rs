@@ -926,10 +926,14 @@ mod avx512 {
                         let b_at = offset + pair * TILE_K;
                         // SAFETY: 32 u16 at b_at lie inside each panel (step < k_steps,
                         // pair < 16); __m512i and __m512bh are both 64 bytes of plain bits.
-                        let (left, right): (__m512bh, __m512bh) = unsafe {
+                        let (left, right) = unsafe {
                             (
-                                std::mem::transmute(_mm512_loadu_si512(b_left.add(b_at).cast())),
-                                std::mem::transmute(_mm512_loadu_si512(b_right.add(b_at).cast())),
+                                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                                    b_left.add(b_at).cast(),
+                                )),
+                                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                                    b_right.add(b_at).cast(),
+                                )),
                             )
                         };
                         for (row, sums) in sums.iter_mut().enumerate() {
@@ -937,8 +941,9 @@ mod avx512 {
                             // SAFETY: the pair at a_at lies inside the panel's tile.
                             let bits = unsafe { a_panel.add(a_at).cast::<i32>().read_unaligned() };
                             // SAFETY: as above, plain bits.
-                            let a_pair: __m512bh =
-                                unsafe { std::mem::transmute(_mm512_set1_epi32(bits)) };
+                            let a_pair = unsafe {
+                                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(bits))
+                            };
                             sums[0] = _mm512_dpbf16_ps(sums[0], left, a_pair);
                             sums[1] = _mm512_dpbf16_ps(sums[1], right, a_pair);
                         }
