@@ -408,6 +408,10 @@ fn the_time_limit_warning_checkpoints_requeues_and_resumes_bit_identically() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Slurm revokes the first run's job credential when it requeues the job, to the
+    // second; a restart within that second is refused ("Job credential revoked") and
+    // the job FAILS (seen once in CI). Slurm's own hold (BeginTime) exists for this.
+    std::thread::sleep(Duration::from_secs(2));
     let released = Command::new("scontrol")
         .args(["update", &format!("JobId={job}"), "StartTime=now"])
         .status()
