@@ -896,9 +896,16 @@ mod avx512 {
 
     /// Rows of the block whose accumulators are held in registers at once: 8 rows × 2
     /// vectors = 16 of the 32 zmm registers, enough independent `vdpbf16ps` chains to
-    /// hide its latency (6 cycles on Zen 4, 2 issues a cycle on Intel), while each pair
-    /// of B vectors loaded serves 16 of them.
+    /// hide its latency, while each pair of B vectors loaded serves 16 of them.
     const ROWS: usize = 8;
+
+    /// The same 512 bits as 32 bf16: the dot-product intrinsics take `__m512bh`, loads
+    /// and broadcasts give `__m512i`.
+    #[inline(always)]
+    fn as_bf16(bits: __m512i) -> __m512bh {
+        // SAFETY: both types are 64 bytes of plain bits.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(bits) }
+    }
 
     /// The same block as the AMX kernel: per pair of `k`, the two 16-column B vectors
     /// are loaded once and multiplied with 8 rows' broadcast A pairs into 16 accumulators.
@@ -925,25 +932,18 @@ mod avx512 {
                     for pair in 0..TILE_K / 2 {
                         let b_at = offset + pair * TILE_K;
                         // SAFETY: 32 u16 at b_at lie inside each panel (step < k_steps,
-                        // pair < 16); __m512i and __m512bh are both 64 bytes of plain bits.
+                        // pair < 16).
                         let (left, right) = unsafe {
                             (
-                                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                                    b_left.add(b_at).cast(),
-                                )),
-                                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                                    b_right.add(b_at).cast(),
-                                )),
+                                as_bf16(_mm512_loadu_si512(b_left.add(b_at).cast())),
+                                as_bf16(_mm512_loadu_si512(b_right.add(b_at).cast())),
                             )
                         };
                         for (row, sums) in sums.iter_mut().enumerate() {
                             let a_at = offset + (group * ROWS + row) * TILE_K + 2 * pair;
                             // SAFETY: the pair at a_at lies inside the panel's tile.
                             let bits = unsafe { a_panel.add(a_at).cast::<i32>().read_unaligned() };
-                            // SAFETY: as above, plain bits.
-                            let a_pair = unsafe {
-                                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(bits))
-                            };
+                            let a_pair = as_bf16(_mm512_set1_epi32(bits));
                             sums[0] = _mm512_dpbf16_ps(sums[0], left, a_pair);
                             sums[1] = _mm512_dpbf16_ps(sums[1], right, a_pair);
                         }
